@@ -1,0 +1,424 @@
+"""The typed schema of params.yaml.
+
+Every knob a user can turn lives here once, with its meaning in the field's description; the
+README's params reference and `wanlora init` are generated from these classes. Sections are named
+after AI Toolkit's panels so its users find their way. Models are strict: an unknown key is an
+error with a did-you-mean, never a silent default, because a misspelt knob that is ignored costs a
+day of GPU time.
+
+DVC reads params.yaml itself (for `dvc params diff` and `-S` overrides), so every value is a plain
+scalar, list or mapping: no class paths, no code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem a person must fix; the message says where and how."""
+
+
+class Section(BaseModel):
+    """Base of every section: strict keys, validated on assignment, no coercion of garbage."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- job
+class JobConfig(Section):
+    name: str = Field("wan22_lora", description="Run name; used in exported file names.")
+    trigger_word: str = Field(
+        "sks", description="Word that names the concept; replaces [trigger] in captions and prompts."
+    )
+    output_dir: str = Field("exports", description="Folder that `wanlora export` writes to.")
+    seed: int = Field(42, ge=0, description="Seed for data order, timesteps, noise and sampling.")
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda or cuda:N.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+# ------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        DEFAULT_MODEL,
+        description="Local diffusers folder or hub id of Wan 2.2 T2V A14B (two experts, VAE, UMT5).",
+    )
+    revision: str = Field("main", description="Hub revision (branch, tag or commit) to pin.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute dtype of the base.")
+    flow_shift: float = Field(
+        5.0, gt=0, description="Training shift of the flow-match schedule (5 for Wan 2.2 T2V)."
+    )
+    low_vram: bool = Field(
+        False, description="Keep only the active expert on the GPU; the other waits in CPU memory."
+    )
+    layer_offloading: bool = Field(
+        False, description="Stream transformer blocks from CPU memory during each step."
+    )
+    layer_offloading_fraction: float = Field(
+        1.0, ge=0, le=1, description="Share of blocks that live in CPU memory when offloading."
+    )
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
+        "auto", description="SDPA backend; auto lets PyTorch choose."
+    )
+    compile: bool = Field(False, description="torch.compile each transformer block (GPU only).")
+
+
+# ------------------------------------------------------------------------------ quantization
+TransformerQType = Literal["none", "float8", "qfloat8", "nf4", "uint4"]
+
+
+class RecoveryConfig(Section):
+    """Accuracy recovery for 4-bit bases: a frozen low-rank correction beside the LoRA."""
+
+    source: str = Field(
+        "fitted",
+        description="'fitted' (calibrated locally on your cached data), 'none', or the path / "
+        "hub path of an AI Toolkit adapter (.safetensors).",
+    )
+    rank: int = Field(16, ge=1, le=512, description="Rank of a locally fitted correction.")
+    calibration_samples: int = Field(8, ge=1, description="Cached samples used for calibration.")
+    distill_steps: int = Field(0, ge=0, description="Optional block-distillation refinement steps.")
+
+
+class QuantizationConfig(Section):
+    transformer: TransformerQType = Field(
+        "none", description="Base weights of both experts: none (bf16), float8, qfloat8, nf4, uint4."
+    )
+    group_size: int = Field(64, ge=16, description="Group size for uint4 / nf4 blocks.")
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    text_encoder: Literal["none", "float8", "qfloat8"] = Field(
+        "none", description="UMT5 weights while caching text embeddings."
+    )
+    cache_dir: str = Field(
+        "scratch/quant", description="Where quantized weights are cached, keyed by source and settings."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aitk_qtype(cls, data: Any) -> Any:
+        """Accept AI Toolkit's 'uint4|<adapter>' spelling for the transformer type."""
+        if isinstance(data, dict) and isinstance(data.get("transformer"), str) and "|" in data["transformer"]:
+            qtype, adapter = data["transformer"].split("|", 1)
+            data = {**data, "transformer": qtype}
+            data["recovery"] = {**dict(data.get("recovery") or {}), "source": adapter}
+        return data
+
+
+# -------------------------------------------------------------------------------- multistage
+class MultistageConfig(Section):
+    train_high_noise: bool = Field(True, description="Train a LoRA for the high-noise expert.")
+    train_low_noise: bool = Field(True, description="Train a LoRA for the low-noise expert.")
+    switch_every: int = Field(
+        10, ge=1, description="Micro-steps one expert trains before the other takes over."
+    )
+    expert_choice: Literal["alternate", "proportional"] = Field(
+        "alternate",
+        description="alternate: switch_every blocks in turn; proportional: pick each step's expert "
+        "with the probability of its timestep band.",
+    )
+    boundary_ratio: float | None = Field(
+        None, gt=0, lt=1, description="Expert boundary as a share of 1000 steps; null reads model_index.json."
+    )
+
+    @model_validator(mode="after")
+    def _one_expert(self) -> "MultistageConfig":
+        if not (self.train_high_noise or self.train_low_noise):
+            raise ValueError(
+                "train_high_noise and train_low_noise are both false: nothing to train; "
+                "set at least one to true"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------- network
+class NetworkConfig(Section):
+    type: Literal["lora"] = Field("lora", description="Adapter type.")
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (16-32 for characters).")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description="diffusers module names to adapt in every block (self- and cross-attention, FFN).",
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_warn(cls, v: int) -> int:
+        if v > 64:
+            warnings.warn(f"network.rank={v} is above 64: big files, slow steps, rarely better", stacklevel=2)
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one module, e.g. " + ", ".join(DEFAULT_TARGETS))
+        return v
+
+
+# -------------------------------------------------------------------------------------- save
+class SaveConfig(Section):
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of saved LoRA tensors.")
+    every: int = Field(250, ge=1, description="Save a checkpoint pair every this many steps.")
+    keep_last: int = Field(4, ge=1, description="How many checkpoint pairs to keep.")
+
+
+# ------------------------------------------------------------------------------------- train
+class DopConfig(Section):
+    """Differential Output Preservation: keep the class prompt's output as the base model gives it."""
+
+    enabled: bool = Field(False, description="Add the preservation loss.")
+    multiplier: float = Field(1.0, ge=0, description="Weight of the preservation loss.")
+    preservation_class: str = Field("person", description="Word that replaces the trigger.")
+
+
+class DifferentialGuidanceConfig(Section):
+    enabled: bool = Field(False, description="Push the target past the prediction.")
+    scale: float = Field(3.0, gt=0, description="target := pred + scale*(target - pred).")
+
+
+class EmaConfig(Section):
+    enabled: bool = Field(False, description="Keep an exponential moving average of LoRA weights.")
+    decay: float = Field(0.99, gt=0, lt=1, description="EMA decay per optimizer step.")
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(1, ge=1, le=8, description="Samples per micro-step (same bucket).")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    steps: int = Field(2000, ge=1, description="Optimizer steps in total, both experts together.")
+    optimizer: Literal["adamw8bit", "adamw", "adafactor"] = Field("adamw8bit", description="Optimizer.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
+    loss: Literal["mse"] = Field("mse", description="Loss against the velocity target.")
+    timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = Field(
+        "linear", description="Distribution of training timesteps (README has plots)."
+    )
+    timestep_bias: Literal["balanced", "high_noise", "low_noise"] = Field(
+        "balanced", description="Skew of the timestep draw."
+    )
+    caption_dropout: float = Field(0.05, ge=0, le=1, description="Probability of the empty caption.")
+    gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward.")
+    cache_text_embeddings: bool = Field(True, description="Train from cached UMT5 embeddings.")
+    unload_text_encoder: bool = Field(True, description="Never keep UMT5 loaded during training.")
+    dop: DopConfig = Field(default_factory=DopConfig)
+    differential_guidance: DifferentialGuidanceConfig = Field(default_factory=DifferentialGuidanceConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    max_bad_steps: int = Field(5, ge=1, description="Stop after this many NaN/inf losses in a row.")
+
+
+# ---------------------------------------------------------------------------------- datasets
+class TrimConfig(Section):
+    enabled: bool = Field(True, description="Cut static intros and outros.")
+    black_level: float = Field(16.0, ge=0, le=255, description="Mean luma at or below which a frame is black.")
+    motion_threshold: float = Field(
+        2.0, ge=0, description="Mean absolute frame difference (0-255) above which the picture moves."
+    )
+    min_static_seconds: float = Field(0.25, ge=0, description="Shortest still run that counts as static.")
+    max_scan_seconds: float = Field(20.0, gt=0, description="Stop scanning an end after this long.")
+    letterbox: bool = Field(True, description="Detect letterbox / pillarbox bars and crop them.")
+
+
+class BucketConfig(Section):
+    resolutions: list[int] = Field(
+        default_factory=lambda: [512], description="Target areas as side lengths (512 means 512x512 pixels)."
+    )
+    num_frames: list[int] = Field(
+        default_factory=lambda: [33], description="Allowed frame counts, each 4n+1; a clip gets the largest that fits."
+    )
+    frame_sampling: Literal["spread", "window"] = Field(
+        "spread", description="spread: evenly across the kept range; window: contiguous at fps."
+    )
+    windows_per_clip: int = Field(1, ge=1, description="Windows per clip in window mode.")
+    fps: float = Field(16.0, gt=0, description="Model frame rate for window mode.")
+    allow_upscale: bool = Field(False, description="Allow buckets larger than the source.")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _four_n_plus_one(cls, v: list[int]) -> list[int]:
+        bad = [n for n in v if n < 1 or (n - 1) % 4]
+        if bad or not v:
+            raise ValueError(
+                f"frame counts must be 4n+1 (1, 5, 9, ..., 33, 41, 81); got {bad or v}: "
+                f"use {[((n - 1) // 4) * 4 + 1 for n in bad] or [33]}"
+            )
+        return sorted(set(v))
+
+    @field_validator("resolutions")
+    @classmethod
+    def _res(cls, v: list[int]) -> list[int]:
+        bad = [r for r in v if r < 16 or r % 16]
+        if bad or not v:
+            raise ValueError(f"resolutions must be multiples of 16, at least 16; got {bad or v}")
+        return sorted(set(v))
+
+
+class CaptionConfig(Section):
+    extension: str = Field("txt", description="Caption file extension beside each clip.")
+    default_caption: str = Field("", description="Caption for clips that have none ('' reports them).")
+    trigger_position: Literal["start", "end", "none"] = Field(
+        "start", description="Where to insert the trigger when a caption lacks it."
+    )
+    non_utf8: Literal["error", "decode_latin1"] = Field(
+        "error", description="error: report non-UTF-8 captions; decode_latin1: decode with a warning."
+    )
+    max_tokens: int = Field(512, ge=1, le=512, description="UMT5 keeps this many tokens.")
+
+
+class DatasetConfig(Section):
+    folder: str = Field("data/raw", description="Folder of clips, images and same-stem captions.")
+    trim: TrimConfig = Field(default_factory=TrimConfig)
+    bucket: BucketConfig = Field(default_factory=BucketConfig)
+    captions: CaptionConfig = Field(default_factory=CaptionConfig)
+    flip_horizontal: bool = Field(False, description="Add mirrored copies (not for text or asymmetry).")
+    cache_latents: bool = Field(True, description="Encode windows once with the VAE.")
+    latent_mode: Literal["distribution", "mode"] = Field(
+        "distribution", description="Cache mean+logvar and sample each step, or the deterministic mode."
+    )
+    on_error: Literal["skip", "fail"] = Field("skip", description="Bad input: report and skip, or stop.")
+
+
+# ------------------------------------------------------------------------------------ sample
+class SampleConfig(Section):
+    prompts: list[str] = Field(
+        default_factory=lambda: ["[trigger] walking through a park"], description="Prompts per checkpoint."
+    )
+    negative_prompt: str = Field("", description="Negative prompt for classifier-free guidance.")
+    steps: int = Field(25, ge=1, description="Sampler steps.")
+    guidance_scale: float = Field(3.5, ge=1, description="Classifier-free guidance scale (2-4 works).")
+    num_frames: int = Field(33, ge=1, description="Frames per sample, 4n+1.")
+    width: int = Field(512, ge=16, description="Sample width, multiple of 16.")
+    height: int = Field(512, ge=16, description="Sample height, multiple of 16.")
+    fps: int = Field(16, ge=1, description="Frame rate of written videos.")
+    seed: int = Field(42, ge=0, description="Seed of the first prompt.")
+    walk_seed: bool = Field(True, description="Prompt i uses seed + i.")
+    every_checkpoint: int = Field(1, ge=1, description="Sample every Nth saved checkpoint.")
+    baseline: bool = Field(True, description="Also sample without the LoRA at the same seeds.")
+    validation_samples: int = Field(2, ge=0, description="Held-out samples for validation loss.")
+    validation_timesteps: list[int] = Field(
+        default_factory=lambda: [100, 300, 500, 700, 900, 950], description="Fixed timesteps of validation loss."
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SampleConfig":
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames={self.num_frames} must be 4n+1, e.g. {((self.num_frames - 1) // 4) * 4 + 1}")
+        if self.width % 16 or self.height % 16:
+            raise ValueError(f"width and height must be multiples of 16, got {self.width}x{self.height}")
+        return self
+
+
+class ExportConfig(Section):
+    step: str = Field("best", description="'best' (lowest validation loss), 'last', or a step number.")
+    formats: list[Literal["comfyui", "diffusers"]] = Field(
+        default_factory=lambda: ["comfyui", "diffusers"], description="File formats to write."
+    )
+
+    @field_validator("step")
+    @classmethod
+    def _step(cls, v: str) -> str:
+        if v not in ("best", "last") and not str(v).isdigit():
+            raise ValueError("must be 'best', 'last' or a step number")
+        return str(v)
+
+
+# ------------------------------------------------------------------------------------ params
+class Params(Section):
+    job: JobConfig = Field(default_factory=JobConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    multistage: MultistageConfig = Field(default_factory=MultistageConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    save: SaveConfig = Field(default_factory=SaveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    datasets: dict[str, DatasetConfig] = Field(
+        default_factory=lambda: {"main": DatasetConfig()},
+        description="Named datasets; each reads its own folder with its own settings.",
+    )
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("datasets")
+    @classmethod
+    def _some_dataset(cls, v: dict[str, DatasetConfig]) -> dict[str, DatasetConfig]:
+        if not v:
+            raise ValueError("needs at least one dataset, e.g. {main: {folder: data/raw}}")
+        return v
+
+
+# ------------------------------------------------------------------------------- loading
+def _known_keys(loc: tuple) -> list[str]:
+    """Field names valid where an unknown key was found (a pydantic error location), for did-you-mean."""
+    cls: Any = Params
+    in_mapping = False
+    for part in loc[:-1]:
+        if in_mapping:  # a free name such as a dataset's: its value has the mapping's value type
+            in_mapping = False
+            continue
+        ann = cls.model_fields[part].annotation
+        if getattr(ann, "__origin__", None) is dict:
+            cls, in_mapping = ann.__args__[1], True
+        else:
+            cls = ann
+    return list(cls.model_fields)
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    """Turn pydantic's errors into lines a person can act on: where, what, and the fix."""
+    lines = [f"{source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(known)
+            lines.append(f"  {where}: unknown key; {hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a params mapping; raise ParamsError with every problem listed."""
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as err:
+        raise ParamsError(format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; a missing or malformed file names itself in the error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run `wanlora init` to write one")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return parse_params(data, str(path))
+
+
+def dump_params(params: Params) -> str:
+    """params.yaml text for a Params: every field written out, so nothing is a hidden default."""
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)

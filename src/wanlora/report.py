@@ -1,0 +1,51 @@
+"""Bad input: one record shape for every problem, and the skip-or-stop policy.
+
+A problem names the file, what is wrong and what the person should do. Stages collect problems,
+write them as an output (so the report is versioned with the data), and either continue without
+the bad item (`on_error: skip`) or stop with every problem listed (`on_error: fail`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
+
+from wanlora.io import atomic_write_json
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    reason: str
+    fix: str
+    stage: str = ""
+
+    def line(self) -> str:
+        return f"{self.path}: {self.reason}. Fix: {self.fix}"
+
+
+class InputError(RuntimeError):
+    """Raised when a stage stops on bad input; its message lists every problem."""
+
+
+def settle(problems: list[Problem], on_error: Literal["skip", "fail"], stage: str) -> None:
+    """Print problems; raise InputError if the dataset policy says bad input stops the stage."""
+    for p in problems:
+        console.print(f"[yellow]{stage}: skipped[/] {p.line()}")
+    if problems and on_error == "fail":
+        listing = "\n".join("  " + p.line() for p in problems)
+        raise InputError(
+            f"{stage}: {len(problems)} bad input(s), and on_error is 'fail':\n{listing}\n"
+            "Fix them, or set datasets.<name>.on_error: skip to train without them."
+        )
+
+
+def write_problems(path: str | Path, problems: list[Problem]) -> None:
+    """The problems report, an output of the stage; sorted so reruns write identical bytes."""
+    rows = sorted((asdict(p) for p in problems), key=lambda r: (r["path"], r["reason"]))
+    atomic_write_json(path, {"count": len(rows), "problems": rows})
