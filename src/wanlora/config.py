@@ -24,6 +24,11 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
 
+def nearest_4n1(n: int) -> int:
+    """The valid Wan frame count (4n+1, at least 1) closest to n; the VAE needs 4n+1 frames."""
+    return max(1, round((n - 1) / 4) * 4 + 1)
+
+
 class ParamsError(ValueError):
     """A params.yaml problem a person must fix; the message says where and how."""
 
@@ -214,6 +219,9 @@ class TrainConfig(Section):
     timestep_bias: Literal["balanced", "high_noise", "low_noise"] = Field(
         "balanced", description="Skew of the timestep draw."
     )
+    latent_mode: Literal["distribution", "mode"] = Field(
+        "distribution", description="Cache VAE mean+logvar and sample each step, or cache the deterministic mode."
+    )
     caption_dropout: float = Field(0.05, ge=0, le=1, description="Probability of the empty caption.")
     gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward.")
     cache_text_embeddings: bool = Field(True, description="Train from cached UMT5 embeddings.")
@@ -257,7 +265,7 @@ class BucketConfig(Section):
         if bad or not v:
             raise ValueError(
                 f"frame counts must be 4n+1 (1, 5, 9, ..., 33, 41, 81); got {bad or v}: "
-                f"use {[((n - 1) // 4) * 4 + 1 for n in bad] or [33]}"
+                f"use {[nearest_4n1(n) for n in bad] or [33]}"
             )
         return sorted(set(v))
 
@@ -289,9 +297,6 @@ class DatasetConfig(Section):
     captions: CaptionConfig = Field(default_factory=CaptionConfig)
     flip_horizontal: bool = Field(False, description="Add mirrored copies (not for text or asymmetry).")
     cache_latents: bool = Field(True, description="Encode windows once with the VAE.")
-    latent_mode: Literal["distribution", "mode"] = Field(
-        "distribution", description="Cache mean+logvar and sample each step, or the deterministic mode."
-    )
     on_error: Literal["skip", "fail"] = Field("skip", description="Bad input: report and skip, or stop.")
 
 
@@ -319,7 +324,7 @@ class SampleConfig(Section):
     @model_validator(mode="after")
     def _shape(self) -> "SampleConfig":
         if (self.num_frames - 1) % 4:
-            raise ValueError(f"num_frames={self.num_frames} must be 4n+1, e.g. {((self.num_frames - 1) // 4) * 4 + 1}")
+            raise ValueError(f"num_frames={self.num_frames} must be 4n+1: use {nearest_4n1(self.num_frames)}")
         if self.width % 16 or self.height % 16:
             raise ValueError(f"width and height must be multiples of 16, got {self.width}x{self.height}")
         return self

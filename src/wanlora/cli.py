@@ -1,0 +1,145 @@
+"""The `wanlora` command: what a person does by hand. Each command wraps one library function.
+
+Heavy imports (torch, diffusers, cv2) happen inside the commands so `wanlora --help` is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from wanlora.config import ParamsError, load_params
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
+console = Console()
+
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Folder holding params.yaml and dvc.yaml.")]
+
+
+@app.command()
+def init(
+    recipe: Annotated[str, typer.Option(help="character, style or motion.")] = "character",
+    vram: Annotated[int, typer.Option(help="GPU memory in GB: 24, 48, 80 or 141.")] = 24,
+    model: Annotated[Optional[str], typer.Option(help="Local diffusers folder or hub id.")] = None,
+    trigger: Annotated[Optional[str], typer.Option(help="Trigger word.")] = None,
+    workspace: WorkspaceOpt = Path("."),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing params.yaml.")] = False,
+) -> None:
+    """Write params.yaml from a recipe and hardware tier, plus dvc.yaml and stages/."""
+    from wanlora.presets import make_params, write_params
+    from wanlora.workspace import prepare
+
+    target = workspace / "params.yaml"
+    if target.exists() and not force:
+        raise typer.BadParameter(f"{target} exists; pass --force to overwrite it")
+    params = make_params(recipe, vram, model=model, trigger=trigger)  # type: ignore[arg-type]
+    write_params(target, params, f"wanlora init --recipe {recipe} --vram {vram}")
+    prepare(workspace, params)
+    console.print(f"wrote {target}, dvc.yaml and stages/; put clips in {params.datasets['main'].folder} and run `dvc repro`")
+
+
+@app.command()
+def sync(workspace: WorkspaceOpt = Path(".")) -> None:
+    """Regenerate dvc.yaml and stages/ after adding or renaming datasets in params.yaml."""
+    from wanlora.pipeline import is_repo_checkout
+    from wanlora.pipeline import sync as do_sync
+
+    changed = do_sync(workspace, load_params(workspace / "params.yaml"), is_repo_checkout(workspace))
+    console.print("\n".join(f"updated {p}" for p in changed) or "dvc.yaml and stages/ are up to date")
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Argument(help="New folder for the demo workspace.")],
+    steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 120,
+    run: Annotated[bool, typer.Option(help="Run `dvc repro` after setting up.")] = True,
+) -> None:
+    """Generate clips and a tiny model in a new workspace, then run the whole pipeline there."""
+    from wanlora.demo import make_demo, repro
+
+    make_demo(folder, steps=steps)
+    console.print(f"demo workspace ready in {folder}")
+    if run:
+        repro(folder)
+        console.print(f"done: see {folder}/data/eval/report.html and {folder}/data/exports/")
+
+
+@app.command("make-tiny")
+def make_tiny(out: Annotated[Path, typer.Argument(help="Folder to write the tiny model to.")], seed: int = 0) -> None:
+    """Write a tiny random Wan 2.2 T2V model in the real diffusers layout (tests, demo)."""
+    from wanlora.models.tiny import make_tiny as build
+
+    console.print(f"tiny model written to {build(out, seed=seed)}")
+
+
+@app.command("import-aitk")
+def import_aitk(
+    config: Annotated[Path, typer.Argument(help="AI Toolkit job config (.yaml or .json).")],
+    out: Annotated[Path, typer.Option(help="params.yaml to write.")] = Path("params.yaml"),
+    force: bool = False,
+) -> None:
+    """Convert an AI Toolkit job config into params.yaml; lists every key it could not map."""
+    from wanlora.aitk import import_config
+    from wanlora.presets import write_params
+
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists; pass --force to overwrite it")
+    params, unmapped = import_config(config)
+    write_params(out, params, f"wanlora import-aitk {config}")
+    console.print(f"wrote {out}")
+    for line in unmapped:
+        console.print(f"[yellow]not mapped:[/] {line}")
+
+
+@app.command()
+def plan(
+    gpu_gib: Annotated[float, typer.Option("--gpu-gib", help="GPU memory in GiB.")] = 80.0,
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Predict peak memory and step time for params.yaml on a GPU of this size."""
+    from wanlora.plan import plan as predict
+    from wanlora.plan import render
+
+    console.print(render(predict(load_params(workspace / "params.yaml"), gpu_gib)))
+
+
+@app.command()
+def audit(
+    file: Annotated[Path, typer.Argument(help="A LoRA or exported .safetensors file.")],
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Which clips and captions made this file, and do they still match the workspace?"""
+    from wanlora.export.audit import audit as run_audit
+
+    result = run_audit(file, workspace)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def export(
+    step: Annotated[str, typer.Option(help="'best', 'last' or a step number.")] = "best",
+    out: Annotated[Optional[Path], typer.Option(help="Folder; default job.output_dir.")] = None,
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Write a checkpoint pair as ComfyUI and diffusers files."""
+    from wanlora.export import run_stage
+
+    params = load_params(workspace / "params.yaml")
+    params.export.step = step
+    run_stage(params, workspace, out or workspace / params.job.output_dir)
+
+
+def main() -> None:
+    """Console entry: params problems print as a readable message, not a traceback."""
+    try:
+        app()
+    except ParamsError as err:
+        console.print(f"[red]{err}[/]")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The stage table: one place that says what each DVC stage runs, reads and writes.
+
+`dvc.yaml` and the three-line scripts in `stages/` are generated from this table (`wanlora sync`),
+and a test checks the checked-in copies match, so the declared dependencies cannot drift from the
+code. Params are listed per leaf key (expanded from the schema), so editing a knob reruns exactly
+the stages that read it. Per-dataset keys carry a `{ds}` placeholder expanded for every dataset
+in params.yaml; that is why adding a dataset needs `wanlora sync`.
+
+Inside this repository code deps name the package files each stage imports. In a user workspace
+(made by `wanlora init` or `wanlora demo`) the package lives in site-packages, so the stage script
+itself carries the wanlora version: upgrading wanlora changes the script and reruns the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from wanlora import __version__
+from wanlora.config import Params
+from wanlora.io import atomic_write_text
+
+BASE_CODE = ("src/wanlora/config.py", "src/wanlora/io.py", "src/wanlora/report.py")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    doc: str
+    deps: tuple[str, ...]
+    code: tuple[str, ...]
+    params: tuple[str, ...]
+    outs: tuple[str, ...]
+    metrics: tuple[str, ...] = ()
+    plots: tuple[dict[str, Any], ...] = field(default=())
+    dataset_folders: bool = False  # the stage reads every dataset folder (deps on each)
+
+
+MODEL_KEYS = ("model.name_or_path", "model.revision")
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "scan", "index raw files and their hashes, media apart from captions",
+        deps=(), code=("src/wanlora/data/scan.py",),
+        params=("datasets.{ds}.folder", "datasets.{ds}.captions.extension"),
+        outs=("data/index",), dataset_folders=True,
+    ),
+    Stage(
+        "trim", "find static intros/outros and letterbox bars",
+        deps=("data/index/media.jsonl",), code=("src/wanlora/media",),
+        params=("datasets.{ds}.folder", "datasets.{ds}.trim", "datasets.{ds}.on_error"),
+        outs=("data/trimmed",),
+    ),
+    Stage(
+        "bucket", "choose resolution and frame buckets, place frame windows",
+        deps=("data/trimmed/clips.jsonl",), code=("src/wanlora/data/buckets.py",),
+        params=("datasets.{ds}.bucket", "datasets.{ds}.flip_horizontal", "datasets.{ds}.on_error"),
+        outs=("data/buckets",),
+        plots=({"data/buckets/histogram.json": {"x": "bucket", "y": "count", "template": "bar_horizontal"}},),
+    ),
+    Stage(
+        "captions", "validate captions, inject the trigger, write DOP variants",
+        deps=("data/index/captions.jsonl", "data/trimmed/clips.jsonl", "data/buckets/samples.jsonl"),
+        code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py"),
+        params=("job.trigger_word", "datasets.{ds}.captions", "datasets.{ds}.on_error",
+                "train.dop.preservation_class", *MODEL_KEYS),
+        outs=("data/captions",),
+    ),
+    Stage(
+        "text_cache", "encode captions, DOP variants and prompts with UMT5 once",
+        deps=("data/captions/captions.jsonl",),
+        code=("src/wanlora/models",),
+        params=(*MODEL_KEYS, "quantization.text_encoder", "sample.prompts", "sample.negative_prompt",
+                "job.trigger_word", "job.device"),
+        outs=("data/cache/text",),
+    ),
+    Stage(
+        "latent_cache", "encode every sample window with the VAE once",
+        deps=("data/buckets/samples.jsonl",),
+        code=("src/wanlora/models",),
+        params=(*MODEL_KEYS, "datasets.{ds}.cache_latents", "train.latent_mode", "job.device"),
+        outs=("data/cache/latents",), dataset_folders=True,
+    ),
+    Stage(
+        "train", "train the high-noise and low-noise LoRAs",
+        deps=("data/captions/captions.jsonl", "data/buckets/samples.jsonl", "data/cache/text", "data/cache/latents"),
+        code=("src/wanlora/train", "src/wanlora/models", "src/wanlora/data/dataset.py", "src/wanlora/export/lineage.py"),
+        params=("job.seed", "job.device", "job.trigger_word", "model", "quantization", "multistage", "network",
+                "save", "train", "datasets.{ds}.cache_latents"),
+        outs=("data/lora", "data/train_live"),
+        plots=({"data/train_live/plots/metrics": {"x": "step"}},),
+    ),
+    Stage(
+        "evaluate", "sample every checkpoint, validation loss, report page",
+        deps=("data/lora", "data/cache/text", "data/cache/latents", "data/buckets/samples.jsonl",
+              "data/trimmed/clips.jsonl", "data/captions/problems.json"),
+        code=("src/wanlora/evaluate", "src/wanlora/models", "src/wanlora/train"),
+        params=("job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.dtype", "model.flow_shift",
+                "quantization", "multistage.boundary_ratio", "sample"),
+        outs=("data/eval",), metrics=("data/eval/metrics.json",),
+        plots=({"data/eval/val_loss.json": {"x": "step", "y": ["val_loss_high", "val_loss_low"]}},),
+    ),
+    Stage(
+        "export", "write the chosen checkpoint for ComfyUI and diffusers",
+        deps=("data/lora", "data/eval/metrics.json"),
+        code=("src/wanlora/export",),
+        params=("export", "job.name"),
+        outs=("data/exports",),
+    ),
+)
+
+
+def leaf_keys(key: str, params: Params) -> list[str]:
+    """Expand a section key into its leaf keys (a list or mapping of scalars counts as a leaf)."""
+    node: Any = params
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    if isinstance(node, BaseModel):
+        return [k for name in type(node).model_fields for k in leaf_keys(f"{key}.{name}", params)]
+    return [key]
+
+
+def stage_params(stage: Stage, params: Params) -> list[str]:
+    keys: list[str] = []
+    for key in stage.params:
+        for ds in params.datasets if "{ds}" in key else [None]:
+            keys += leaf_keys(key.format(ds=ds) if ds else key, params)
+    return keys
+
+
+def stage_script(stage: Stage) -> str:
+    return (
+        f'"""DVC stage {stage.name}: {stage.doc}. Generated by `wanlora sync` (wanlora {__version__})."""\n'
+        f"from wanlora.stages import {stage.name}\n\n"
+        f'if __name__ == "__main__":\n'
+        f"    {stage.name}.main()\n"
+    )
+
+
+def dvc_yaml(params: Params, in_repo: bool) -> str:
+    """dvc.yaml text for these params; `in_repo` adds the package files as code deps."""
+    stages: dict[str, Any] = {}
+    for stage in STAGES:
+        deps = [f"stages/{stage.name}.py"]
+        if in_repo:
+            deps += [*BASE_CODE, f"src/wanlora/stages/{stage.name}.py", *stage.code]
+        if stage.dataset_folders:
+            deps += sorted({ds.folder for ds in params.datasets.values()})
+        deps += list(stage.deps)
+        entry: dict[str, Any] = {
+            "cmd": f"python stages/{stage.name}.py",
+            "deps": deps,
+            "params": stage_params(stage, params),
+            "outs": list(stage.outs),
+        }
+        if stage.metrics:
+            entry["metrics"] = [{m: {"cache": False}} for m in stage.metrics]
+        if stage.plots:
+            entry["plots"] = list(stage.plots)
+        stages[stage.name] = entry
+    return "# Generated by `wanlora sync` from src/wanlora/pipeline.py: edit that, then resync.\n" + yaml.safe_dump(
+        {"stages": stages}, sort_keys=False, width=120
+    )
+
+
+def sync(workspace: Path, params: Params, in_repo: bool) -> list[Path]:
+    """Write dvc.yaml and stages/*.py for a workspace; returns the files that changed."""
+    files = {workspace / "dvc.yaml": dvc_yaml(params, in_repo)}
+    files |= {workspace / "stages" / f"{s.name}.py": stage_script(s) for s in STAGES}
+    changed = []
+    for path, text in files.items():
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            atomic_write_text(path, text)
+            changed.append(path)
+    return changed
+
+
+def is_repo_checkout(workspace: Path) -> bool:
+    """True inside wanlora's own source tree, where package files are code deps."""
+    return (workspace / "src" / "wanlora" / "pipeline.py").is_file()

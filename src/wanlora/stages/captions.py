@@ -1,0 +1,18 @@
+from wanlora.data.captions import run_stage
+from wanlora.models.loading import make_token_counter, resolve_model
+from wanlora.stages._common import WORKSPACE, load
+
+
+def main() -> None:
+    params = load()
+    root = resolve_model(params.model.name_or_path, params.model.revision, parts=("tokenizer",))
+    run_stage(
+        job=params.job,
+        datasets=params.datasets,
+        dop=params.train.dop,
+        clips_manifest=WORKSPACE / "data/trimmed/clips.jsonl",
+        samples_manifest=WORKSPACE / "data/buckets/samples.jsonl",
+        workspace=WORKSPACE,
+        out_dir=WORKSPACE / "data/captions",
+        count_tokens=make_token_counter(root),
+    )

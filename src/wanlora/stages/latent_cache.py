@@ -1,0 +1,18 @@
+from wanlora.models.latents import run_stage
+from wanlora.models.loading import resolve_model
+from wanlora.stages._common import WORKSPACE, load, resolve_device
+
+
+def main() -> None:
+    params = load()
+    root = resolve_model(params.model.name_or_path, params.model.revision, parts=("vae",))
+    run_stage(
+        root=root,
+        samples_manifest=WORKSPACE / "data/buckets/samples.jsonl",
+        workspace=WORKSPACE,
+        out_dir=WORKSPACE / "data/cache/latents",
+        mode=params.train.latent_mode,
+        dtype="fp32",
+        device=resolve_device(params.job.device),
+        enabled_datasets={name for name, ds in params.datasets.items() if ds.cache_latents},
+    )

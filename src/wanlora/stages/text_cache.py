@@ -1,0 +1,18 @@
+from wanlora.models.loading import resolve_model
+from wanlora.models.text import run_stage
+from wanlora.stages._common import WORKSPACE, load, resolve_device
+
+
+def main() -> None:
+    params = load()
+    root = resolve_model(params.model.name_or_path, params.model.revision, parts=("text_encoder", "tokenizer"))
+    run_stage(
+        root=root,
+        captions_manifest=WORKSPACE / "data/captions/captions.jsonl",
+        prompts=[*params.sample.prompts, params.sample.negative_prompt],
+        trigger=params.job.trigger_word,
+        out_dir=WORKSPACE / "data/cache/text",
+        dtype=params.model.dtype,
+        quant=params.quantization.text_encoder,
+        device=resolve_device(params.job.device),
+    )

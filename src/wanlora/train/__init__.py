@@ -1,0 +1,1 @@
+"""Training: flow matching, timestep distributions, two experts with their own LoRAs, exact resume."""

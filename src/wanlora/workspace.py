@@ -1,0 +1,34 @@
+"""Setting up a workspace: git + DVC initialised, dvc.yaml and stages/ written, scratch ignored."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from wanlora.config import Params
+from wanlora.io import atomic_write_text
+from wanlora.pipeline import is_repo_checkout, sync
+
+GITIGNORE = "/scratch/\n/models/\n__pycache__/\n"
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed in {cwd}:\n{result.stdout}{result.stderr}")
+
+
+def prepare(workspace: Path, params: Params) -> None:
+    """Make `workspace` runnable with `dvc repro`; idempotent, never touches data/raw."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    if not (workspace / ".git").exists():
+        _run(["git", "init", "-q"], workspace)
+    if not (workspace / ".dvc").exists():
+        _run(["dvc", "init", "-q"], workspace)
+        _run(["dvc", "config", "core.autostage", "true"], workspace)
+    gitignore = workspace / ".gitignore"
+    if not gitignore.exists():
+        atomic_write_text(gitignore, GITIGNORE)
+    for ds in params.datasets.values():
+        (workspace / ds.folder).mkdir(parents=True, exist_ok=True)
+    sync(workspace, params, in_repo=is_repo_checkout(workspace))
