@@ -151,7 +151,7 @@ def dvc_yaml(params: Params, in_repo: bool) -> str:
             deps += sorted({ds.folder for ds in params.datasets.values()})
         deps += list(stage.deps)
         entry: dict[str, Any] = {
-            "cmd": f"python stages/{stage.name}.py",
+            "cmd": f"python -P stages/{stage.name}.py",  # -P: the stages/ folder must not shadow packages
             "deps": deps,
             "params": stage_params(stage, params),
             "outs": list(stage.outs),
