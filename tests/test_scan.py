@@ -1,0 +1,60 @@
+"""The raw-file index: hashes, caption pairing, unsafe links, and raw data left untouched."""
+
+import os
+from pathlib import Path
+
+from wanlora.config import parse_params
+from wanlora.data.scan import run_stage
+from wanlora.io import read_jsonl, sha256_file
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def test_scan_indexes_media_and_captions_and_reports_unsafe_links(tmp_path: Path):
+    raw = tmp_path / "data/raw"
+    (raw / "sub").mkdir(parents=True)
+    (raw / "a.mp4").write_bytes(b"video-a")
+    (raw / "a.txt").write_text("a caption")
+    (raw / "sub/b.png").write_bytes(b"png-b")
+    (raw / "empty.mp4").write_bytes(b"")
+    (raw / "notes.doc").write_bytes(b"x")
+    outside = tmp_path / "outside.mp4"
+    outside.write_bytes(b"secret")
+    os.symlink(outside, raw / "escape.mp4")
+    os.symlink(raw / "loop1.mp4", raw / "loop2.mp4")
+    os.symlink(raw / "loop2.mp4", raw / "loop1.mp4")
+    before = _tree(raw)
+
+    params = parse_params({})
+    run_stage(params.datasets, tmp_path, tmp_path / "data/index")
+
+    media = {r["id"]: r for r in read_jsonl(tmp_path / "data/index/media.jsonl")}
+    assert sorted(media) == ["main/a.mp4", "main/empty.mp4", "main/sub/b.png"]
+    assert media["main/a.mp4"]["caption_path"] == "data/raw/a.txt"
+    assert media["main/a.mp4"]["sha256"] == sha256_file(raw / "a.mp4")
+    assert media["main/sub/b.png"]["caption_path"] is None
+    caps = read_jsonl(tmp_path / "data/index/captions.jsonl")
+    assert [c["path"] for c in caps] == ["data/raw/a.txt"]
+
+    import json
+    problems = json.loads((tmp_path / "data/index/problems.json").read_text())["problems"]
+    reasons = {Path(p["path"]).name: p["reason"] for p in problems}
+    assert "outside the dataset folder" in reasons["escape.mp4"]
+    assert "loop" in reasons["loop1.mp4"] and "loop" in reasons["loop2.mp4"]
+    assert "unsupported file type" in reasons["notes.doc"]
+    assert reasons["empty.mp4"].startswith("empty file")
+    assert _tree(raw) == before
+
+
+def test_scan_output_is_byte_stable(tmp_path: Path):
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    for i in range(5):
+        (raw / f"c{i}.mp4").write_bytes(bytes([i]) * 10)
+    params = parse_params({})
+    run_stage(params.datasets, tmp_path, tmp_path / "out1")
+    run_stage(params.datasets, tmp_path, tmp_path / "out2")
+    for name in ("media.jsonl", "captions.jsonl", "problems.json"):
+        assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes()
