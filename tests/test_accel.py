@@ -1,0 +1,116 @@
+"""The speed levers must not change what the expert computes: same outputs, same LoRA grads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from peft import LoraConfig
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from wanlora.config import DEFAULT_TARGETS, parse_params
+from wanlora.models.accel import AccelSettings, apply_accel, settings_from_params
+
+
+def _tiny_expert(seed: int = 0) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    )
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=DEFAULT_TARGETS, init_lora_weights=False))
+    return model
+
+
+def _inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(1, 4, 3, 8, 8, generator=g),
+        "timestep": torch.tensor([700.0]),
+        "encoder_hidden_states": torch.randn(1, 7, 32, generator=g),
+    }
+
+
+def _out_and_grads(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, return_dict=False)[0]
+    (out.float() ** 2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), grads
+
+
+class _CountAttention(TorchDispatchMode):
+    """Counts SDPA kernel launches (forward kernels only) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in str(func) and "backward" not in str(func):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_levers_keep_outputs_and_grads_identical(mode: str) -> None:
+    plain = _tiny_expert()
+    fast = apply_accel(copy.deepcopy(plain), AccelSettings(checkpointing=mode))
+    ref_out, ref_grads = _out_and_grads(plain, _inputs())
+    out, grads = _out_and_grads(fast, _inputs())
+    assert torch.equal(out, ref_out)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 10 * 2  # blocks x adapted linears (4+4+2) x (A, B)
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+
+
+def test_state_dict_keys_unchanged() -> None:
+    plain = _tiny_expert()
+    keys = list(plain.state_dict())
+    fast = apply_accel(plain, AccelSettings(checkpointing="selective"))
+    assert list(fast.state_dict()) == keys
+    assert type(fast.blocks[0]).__name__ == "AcceleratedWanTransformerBlock"
+    assert type(fast.blocks[0]) is type(fast.blocks[1])  # one class: one compiled graph for all blocks
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("none", 0), ("full", 4), ("selective", 2)])
+def test_backward_recomputes_only_what_the_mode_says(mode: str, expected: int) -> None:
+    """2 blocks x (self + cross) attention = 4 forward SDPA calls; backward reruns those not kept.
+
+    selective keeps both self-attentions and recomputes both cross-attentions.
+    """
+    model = apply_accel(_tiny_expert(), AccelSettings(checkpointing=mode))
+    out = model(**_inputs(), return_dict=False)[0]
+    with _CountAttention() as counter:
+        out.float().pow(2).mean().backward()
+    assert counter.calls == expected
+
+
+def test_apply_twice_is_idempotent_and_replaces_diffusers_checkpointing() -> None:
+    model = _tiny_expert()
+    model.enable_gradient_checkpointing()
+    apply_accel(model, AccelSettings(checkpointing="full"))
+    apply_accel(model, AccelSettings(checkpointing="selective"))
+    assert model.gradient_checkpointing is False
+    assert type(model.blocks[0]).__mro__[1].__name__ == "WanTransformerBlock"
+    assert model.blocks[0]._wanlora_checkpointing == "selective"
+
+
+def test_rejects_a_model_without_blocks() -> None:
+    with pytest.raises(ValueError, match="no transformer `blocks`"):
+        apply_accel(torch.nn.Linear(2, 2), AccelSettings())
+
+
+def test_bad_settings_name_the_choices() -> None:
+    with pytest.raises(ValueError, match="use none, full or selective"):
+        AccelSettings(checkpointing="some")  # type: ignore[arg-type]
+
+
+def test_settings_follow_params() -> None:
+    p = parse_params({"model": {"compile": True, "attention_backend": "cudnn"}, "train": {"gradient_checkpointing": True}})
+    assert settings_from_params(p) == AccelSettings("selective", True, "cudnn")
+    p = parse_params({"train": {"gradient_checkpointing": False}})
+    assert settings_from_params(p).checkpointing == "none"
+    assert settings_from_params(p, checkpointing="full").checkpointing == "full"
