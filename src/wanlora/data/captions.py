@@ -1,0 +1,256 @@
+"""Stage captions: one checked caption per clip that made it into a bucket, with the trigger in it.
+
+Captions are the only human-written input that reaches the text encoder, and the mistakes in them
+are quiet: a file saved by a Windows editor in UTF-16, a caption that is empty, one so long that
+UMT5 cuts the end off, a caption beside a video that was renamed. Each of these becomes a
+`Problem` that names the file and the fix, instead of a LoRA that learned the wrong thing.
+
+The DOP variant (trigger replaced by the preservation class) is written for every clip whether or
+not DOP is on: it costs nothing here, and turning DOP on later then reruns only the text cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.progress import track
+
+from wanlora.config import CaptionConfig, DatasetConfig, DopConfig, JobConfig
+from wanlora.io import read_jsonl, sha256_text, write_jsonl
+from wanlora.report import Problem, console, settle, write_problems
+
+STAGE = "captions"
+PLACEHOLDER = "[trigger]"
+
+# Byte-order marks, longest first: the UTF-32 LE mark starts with the UTF-16 LE one.
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+class CaptionError(ValueError):
+    """A caption that cannot be used; the message is the Problem's reason, `fix` what to do."""
+
+    def __init__(self, reason: str, fix: str):
+        super().__init__(reason)
+        self.fix = fix
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    dop: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def normalize_whitespace(text: str) -> str:
+    """One space between words, none at the ends: line breaks and tabs mean nothing to UMT5,
+    and a caption that differs only in spacing must hash (and cache) the same."""
+    return " ".join(text.split())
+
+
+def word_pattern(word: str) -> re.Pattern[str]:
+    """`word` as a whole word, case-sensitive: 'sks' matches in 'a sks dog' and 'sks,' but not in 'sksy'."""
+    return re.compile(r"(?<!\w)" + re.escape(word) + r"(?!\w)")
+
+
+def decode_caption(data: bytes, non_utf8: str) -> tuple[str, list[str]]:
+    """Text of a caption file and any warnings; raises CaptionError for bytes we will not guess at.
+
+    A byte-order mark is trusted (Notepad writes UTF-16 with one); without one the file must be
+    UTF-8, or Latin-1 when the dataset allows it, because guessing encodings turns typos into
+    silently different prompts.
+    """
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec), []
+            except UnicodeDecodeError as err:
+                raise CaptionError(
+                    f"starts with a {codec.upper()} byte-order mark but is not valid {codec.upper()} ({err.reason})",
+                    "re-save the file as UTF-8",
+                ) from None
+    if b"\x00" in data:
+        raise CaptionError(
+            "contains NUL bytes (UTF-16 saved without a byte-order mark?)", "re-save the file as UTF-8"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if non_utf8 != "decode_latin1":
+            raise CaptionError(
+                f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})",
+                "re-save the file as UTF-8, or set datasets.<name>.captions.non_utf8: decode_latin1",
+            ) from None
+        return data.decode("latin-1"), [f"not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); decoded as Latin-1"]
+    return text, []
+
+
+def apply_trigger(text: str, trigger: str, position: str) -> str:
+    """Replace [trigger] with the trigger word; add the word at `position` when the caption lacks it.
+
+    A caption that had the placeholder counts as having the trigger even when the replacement is
+    glued to other letters ('[trigger]man'), so the word is never injected twice.
+    """
+    had_placeholder = PLACEHOLDER in text
+    text = normalize_whitespace(text.replace(PLACEHOLDER, trigger))
+    if not trigger or had_placeholder or word_pattern(trigger).search(text) or position == "none":
+        return text
+    if not text:
+        return trigger
+    if position == "start":
+        return f"{trigger}, {text}"
+    # end: a sentence keeps its full stop, a tag list gets one more tag
+    return f"{text} {trigger}" if text[-1] in ".!?" else f"{text.rstrip(',;')}, {trigger}"
+
+
+def dop_variant(caption: str, trigger: str, preservation_class: str) -> str:
+    """The caption with every whole-word trigger replaced by the class ('sks dog' -> 'person dog')."""
+    if not trigger:
+        return caption
+    return normalize_whitespace(word_pattern(trigger).sub(lambda _: preservation_class, caption))
+
+
+def build_caption(
+    raw: str, trigger: str, cfg: CaptionConfig, preservation_class: str, count_tokens: Callable[[str], int]
+) -> Caption:
+    """A usable caption from decoded text, or CaptionError saying why not."""
+    trigger = normalize_whitespace(trigger)
+    if not normalize_whitespace(raw.replace(PLACEHOLDER, "")) and PLACEHOLDER not in raw:
+        raise CaptionError("caption is empty", "write a caption, or delete the file to use datasets.<name>.captions.default_caption")
+    text = apply_trigger(raw, trigger, cfg.trigger_position)
+    if not text:
+        raise CaptionError("caption is empty after replacing [trigger]", "write a caption or set job.trigger_word")
+    warnings = []
+    if trigger and text == trigger:
+        warnings.append("caption is only the trigger word; describing the scene teaches the trigger better")
+    n = count_tokens(text)
+    if n > cfg.max_tokens:
+        raise CaptionError(
+            f"caption has {n} tokens, over the limit of {cfg.max_tokens}",
+            f"shorten it to at most {cfg.max_tokens} tokens; the text encoder drops the rest",
+        )
+    return Caption(text, dop_variant(text, trigger, preservation_class), warnings)
+
+
+def orphan_captions(folder: Path, extension: str, used: set[Path]) -> list[Path]:
+    """Caption files in `folder` (recursively, hidden entries skipped) that no clip claims."""
+    ext = "." + extension.lstrip(".")
+    found = (p for p in folder.rglob("*" + ext) if p.is_file())
+    return sorted(
+        p for p in found
+        if not any(part.startswith(".") for part in p.relative_to(folder).parts) and p.resolve() not in used
+    )
+
+
+def _relative(path: Path, workspace: Path) -> str:
+    """Workspace-relative posix path as manifests write it; absolute when the folder lies elsewhere."""
+    try:
+        return path.relative_to(workspace).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _clip_caption(
+    clip: dict, ds: DatasetConfig, job: JobConfig, dop: DopConfig, workspace: Path, count_tokens: Callable[[str], int]
+) -> dict:
+    """The captions.jsonl record of one clip; raises CaptionError with the reason and fix."""
+    cfg = ds.captions
+    rel = clip.get("caption_path")
+    if rel and (workspace / rel).is_file():
+        data = (workspace / rel).read_bytes()
+        raw, warnings = decode_caption(data, cfg.non_utf8)
+        source, source_sha = rel, hashlib.sha256(data).hexdigest()
+    elif rel:
+        raise CaptionError(
+            "caption file listed by the trim stage no longer exists", "restore it, or rerun `dvc repro` to rescan"
+        )
+    elif cfg.default_caption.strip():
+        raw, warnings = cfg.default_caption, []
+        source, source_sha = "default", sha256_text(cfg.default_caption)
+    else:
+        stem = Path(clip["path"]).with_suffix("." + cfg.extension.lstrip(".")).name
+        raise CaptionError(
+            f"no caption file (expected {stem} beside it)",
+            f"write {stem}, or set datasets.{clip['dataset']}.captions.default_caption",
+        )
+    caption = build_caption(raw, job.trigger_word, cfg, dop.preservation_class, count_tokens)
+    return {
+        "id": clip["id"],
+        "caption": caption.text,
+        "caption_dop": caption.dop,
+        "caption_sha256": sha256_text(caption.text),
+        "source": source,
+        "source_sha256": source_sha,
+        "warnings": warnings + caption.warnings,
+    }
+
+
+def run_stage(
+    job: JobConfig,
+    datasets: dict[str, DatasetConfig],
+    dop: DopConfig,
+    clips_manifest: Path,
+    samples_manifest: Path,
+    workspace: Path,
+    out_dir: Path,
+    count_tokens: Callable[[str], int],
+) -> None:
+    """Write out_dir/captions.jsonl (clips that have samples) and out_dir/problems.json.
+
+    Both files are written before any dataset's on_error policy can stop the stage, so a failed
+    run still leaves the report that says what to fix.
+    """
+    clips = {c["id"]: c for c in read_jsonl(clips_manifest)}
+    wanted = sorted({s["clip_id"] for s in read_jsonl(samples_manifest)})
+    trigger = normalize_whitespace(job.trigger_word)
+    if trigger and word_pattern(trigger).search(dop.preservation_class):
+        console.print(
+            f"[yellow]captions:[/] train.dop.preservation_class '{dop.preservation_class}' contains the trigger "
+            f"word '{trigger}': the DOP captions keep the trigger; choose a class without it"
+        )
+    records: list[dict] = []
+    problems: dict[str, list[Problem]] = {name: [] for name in datasets}
+    for clip_id in track(wanted, description="captions", console=console, transient=True):
+        clip = clips.get(clip_id)
+        if clip is None:
+            raise ValueError(
+                f"{samples_manifest}: sample of clip '{clip_id}' that {clips_manifest} does not list; "
+                "the manifests are out of step, rerun `dvc repro`"
+            )
+        ds = datasets.get(clip["dataset"])
+        if ds is None:
+            raise ValueError(
+                f"{clips_manifest}: clip '{clip_id}' belongs to dataset '{clip['dataset']}', which params.yaml "
+                "no longer has; rerun `dvc repro` after `wanlora sync`"
+            )
+        try:
+            records.append(_clip_caption(clip, ds, job, dop, workspace, count_tokens))
+        except CaptionError as err:
+            where = clip.get("caption_path") or clip["path"]
+            fix = err.fix.replace("datasets.<name>", f"datasets.{clip['dataset']}")
+            problems[clip["dataset"]].append(Problem(where, str(err), fix, STAGE))
+    claimed = {(workspace / c["caption_path"]).resolve() for c in clips.values() if c.get("caption_path")}
+    for name, ds in datasets.items():
+        for path in orphan_captions(workspace / ds.folder, ds.captions.extension, claimed):
+            problems[name].append(
+                Problem(
+                    _relative(path, workspace),
+                    "caption file with no clip or image of the same name",
+                    "rename it to match its clip, add the clip, or delete it",
+                    STAGE,
+                )
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "captions.jsonl", records)
+    write_problems(out_dir / "problems.json", [p for ps in problems.values() for p in ps])
+    for name, ds in datasets.items():
+        settle(problems[name], ds.on_error, STAGE)
