@@ -1,0 +1,169 @@
+"""`wanlora init` presets: a training recipe (what you teach) on a hardware tier (what you own).
+
+The presets are data, not branches: each tier and each recipe is a list of settings, every one
+with the reason it is there, and `make_params` lays the recipe over the tier over the schema
+defaults. `describe` prints the same reasons into the header of the params.yaml it writes, so a
+person reading the file learns why a value is what it is before changing it.
+
+Memory figures in the reasons come from bench measurements on one H100 (docs in STACK.md): a
+14B expert is ~27 GiB in bf16, ~13 GiB in float8 and ~7 GiB in uint4; with full gradient
+checkpointing 33 frames at 512x512 (9,216 tokens) need ~9 GiB of activations and 81 frames at
+832x480 (32,760 tokens) ~27 GiB, growing about linearly with the token count
+((frames-1)/4+1 latent frames x (side/16)^2 patches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from wanlora.config import Params, ParamsError, dump_params, parse_params
+from wanlora.io import atomic_write_text
+
+Recipe = Literal["character", "style", "motion"]
+Vram = Literal[24, 48, 80, 141]
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # dotted params key; datasets.main.* is the default dataset
+    value: Any
+    why: str
+
+
+def _tier_resolutions(sides: list[int], frames: list[int], why: str) -> tuple[Setting, ...]:
+    return (
+        Setting("datasets.main.bucket.resolutions", sides, why),
+        Setting("datasets.main.bucket.num_frames", frames, why),
+    )
+
+
+TIERS: dict[int, tuple[Setting, ...]] = {
+    24: (
+        Setting("quantization.transformer", "uint4", "a bf16 expert is ~27 GiB; uint4 is ~7 GiB"),
+        Setting("quantization.recovery.source", "fitted", "a fitted low-rank correction wins back most of the 4-bit error"),
+        Setting("quantization.text_encoder", "float8", "UMT5-XXL is ~11 GiB in bf16; float8 halves it while caching"),
+        Setting("model.low_vram", True, "only the expert being trained sits on the GPU; the other waits in CPU memory"),
+        Setting("model.layer_offloading", False, "uint4 weights (~7 GiB) + 33f@512 activations (~9 GiB) fit 24 GB without it"),
+        *_tier_resolutions([512], [33], "33 frames at 512x512 is the largest window whose activations fit beside a uint4 expert"),
+        Setting("multistage.switch_every", 10, "with low_vram each switch moves an expert over PCIe; 10 steps amortise it"),
+        Setting("sample.width", 512, "samples at the training size cost no extra memory"),
+        Setting("sample.height", 512, "samples at the training size cost no extra memory"),
+        Setting("sample.num_frames", 33, "samples at the training length cost no extra memory"),
+    ),
+    48: (
+        Setting("quantization.transformer", "float8", "a float8 expert (~13 GiB) keeps near-bf16 quality; 4-bit is not needed"),
+        Setting("quantization.text_encoder", "float8", "UMT5-XXL in float8 leaves room to cache with the VAE loaded"),
+        Setting("model.low_vram", True, "two float8 experts (~26 GiB) plus 41f@768 activations (~21 GiB) overflow 48 GB"),
+        Setting("model.layer_offloading", False, "one float8 expert and its activations fit; streaming blocks would only slow steps"),
+        *_tier_resolutions([512, 768], [33, 41], "41 frames at 768x768 (25k tokens) is the largest window that fits beside one float8 expert"),
+        Setting("multistage.switch_every", 10, "low_vram moves a 13 GiB expert per switch (~0.5 s); every 10 steps keeps that near 1%"),
+        Setting("sample.width", 832, "Wan 2.2's native 16:9 480p"),
+        Setting("sample.height", 480, "Wan 2.2's native 16:9 480p"),
+        Setting("sample.num_frames", 41, "the longest training window"),
+    ),
+    80: (
+        Setting("quantization.transformer", "float8", "float8 frees ~14 GiB per expert for long, large windows"),
+        Setting("quantization.text_encoder", "float8", "UMT5-XXL in float8 leaves room to cache with the VAE loaded"),
+        Setting("model.low_vram", True, "two float8 experts (~26 GiB) plus 61f@1024 activations (~54 GiB) overflow 80 GB"),
+        Setting("model.layer_offloading", False, "one float8 expert and its activations fit"),
+        *_tier_resolutions([512, 768, 1024], [41, 61], "81 frames at 1024x1024 (86k tokens, ~71 GiB of activations) would not fit; 61 does"),
+        Setting("multistage.switch_every", 1, "a ~0.5 s expert swap is small beside a ~20 s step; alternating every step balances both"),
+        Setting("sample.width", 832, "Wan 2.2's native 16:9 480p"),
+        Setting("sample.height", 480, "Wan 2.2's native 16:9 480p"),
+        Setting("sample.num_frames", 81, "Wan 2.2's native 5 s clip"),
+    ),
+    141: (
+        Setting("quantization.transformer", "none", "bf16 weights: no quantization error at all, memory allows it"),
+        Setting("quantization.text_encoder", "none", "bf16 UMT5 fits easily"),
+        Setting("model.low_vram", False, "both bf16 experts (~54 GiB) plus 81f@1024 activations (~71 GiB) fit 141 GB"),
+        Setting("model.layer_offloading", False, "everything fits on the GPU"),
+        *_tier_resolutions([512, 768, 1024], [41, 61, 81], "81 frames at 1024x1024 fits beside a bf16 expert"),
+        Setting("multistage.switch_every", 1, "both experts stay on the GPU, so switching costs nothing"),
+        Setting("sample.width", 1280, "Wan 2.2's 720p, which fits easily here"),
+        Setting("sample.height", 720, "Wan 2.2's 720p, which fits easily here"),
+        Setting("sample.num_frames", 81, "Wan 2.2's native 5 s clip"),
+    ),
+}
+
+RECIPES: dict[str, tuple[Setting, ...]] = {
+    "character": (
+        Setting("network.rank", 16, "16 holds a face and build; go to 32 only for many outfits or angles"),
+        Setting("network.alpha", 16, "alpha = rank keeps the update scale at 1, so lr means the same at any rank"),
+        Setting("train.steps", 2500, "characters converge in 2000-3000 steps on 10-30 clips"),
+        Setting("train.timestep_type", "linear", "identity lives at every noise level: sample them evenly"),
+        Setting("train.timestep_bias", "balanced", "both experts matter: layout (high noise) and face detail (low noise)"),
+        Setting("train.dop.enabled", False, "off until you see the trigger leak into every person; costs a second forward pass"),
+        Setting("train.dop.preservation_class", "person", "what the trigger is an instance of, for DOP"),
+        Setting("sample.prompts", ["[trigger] walking through a park, medium shot",
+                                   "close-up of [trigger] smiling, soft window light",
+                                   "[trigger] running on a beach at sunset, tracking shot"],
+                "the same person across framing, light and motion shows identity is learned, not memorised"),
+    ),
+    "style": (
+        Setting("network.rank", 16, "a look needs few directions; higher ranks start copying content"),
+        Setting("network.alpha", 16, "alpha = rank keeps the update scale at 1"),
+        Setting("train.steps", 2000, "styles converge in 1500-2500 steps"),
+        Setting("train.timestep_type", "shift", "the flow shift puts more draws at high noise, where palette and composition form"),
+        Setting("train.timestep_bias", "high_noise", "Wan 2.2's high-noise expert sets the global look; the low-noise one refines texture"),
+        Setting("train.dop.enabled", False, "off by default; turn on if unstyled prompts start taking the style"),
+        Setting("train.dop.preservation_class", "scene", "a style applies to whole scenes, so DOP preserves plain scenes"),
+        Setting("sample.prompts", ["a city street at night, [trigger] style",
+                                   "a portrait of an old fisherman, [trigger] style",
+                                   "a forest river in spring, [trigger] style"],
+                "varied subjects show the style transfers instead of its training content"),
+    ),
+    "motion": (
+        Setting("network.rank", 16, "a motion is a small change to the model; 16 holds it"),
+        Setting("network.alpha", 16, "alpha = rank keeps the update scale at 1"),
+        Setting("train.steps", 2000, "motions converge in 1500-2500 steps"),
+        Setting("train.timestep_type", "linear", "motion is set early and refined late: sample every level evenly"),
+        Setting("train.timestep_bias", "balanced", "both experts carry motion: trajectory at high noise, timing detail at low"),
+        Setting("train.dop.enabled", False, "a motion has no class to preserve"),
+        Setting("sample.prompts", ["a woman doing [trigger] in a kitchen",
+                                   "an astronaut doing [trigger] on the moon",
+                                   "a dog doing [trigger] in a meadow"],
+                "different subjects show the motion is learned, not the people who performed it"),
+    ),
+}
+
+
+def _settings(recipe: str, vram: int) -> tuple[Setting, ...]:
+    if recipe not in RECIPES:
+        raise ParamsError(f"recipe '{recipe}' is unknown; choose one of: {', '.join(RECIPES)}")
+    if vram not in TIERS:
+        fits = [t for t in TIERS if t <= vram]
+        hint = f"use {max(fits)} (the largest tier at or below your card)" if fits else "24 GB is the smallest tier"
+        raise ParamsError(f"vram {vram} is not a tier ({', '.join(map(str, TIERS))}); {hint}")
+    return TIERS[vram] + RECIPES[recipe]
+
+
+def _put(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree[part]
+    tree[leaf] = value
+
+
+def make_params(recipe: Recipe, vram: Vram, model: str | None = None, trigger: str | None = None) -> Params:
+    """Validated params for a recipe on a tier: schema defaults, then the tier, then the recipe."""
+    tree = Params().model_dump(mode="json")
+    for s in _settings(recipe, vram):
+        _put(tree, s.key, s.value)
+    if model is not None:
+        tree["model"]["name_or_path"] = model
+    if trigger is not None:
+        tree["job"]["trigger_word"] = trigger
+    return parse_params(tree, f"preset {recipe}/{vram}GB")
+
+
+def describe(recipe: Recipe, vram: Vram) -> str:
+    """One line per preset setting, `key: value  (why)`, for the header of the written params.yaml."""
+    return "\n".join(f"{s.key}: {s.value}  ({s.why})" for s in _settings(recipe, vram))
+
+
+def write_params(path: str | Path, params: Params, header_comment: str) -> None:
+    """params.yaml with `header_comment` as YAML comment lines above every key written out."""
+    header = "".join(f"# {line}".rstrip() + "\n" for line in header_comment.splitlines())
+    atomic_write_text(path, header + dump_params(params))

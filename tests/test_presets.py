@@ -1,0 +1,76 @@
+"""`wanlora init` presets: every recipe x tier parses, round-trips, and carries its stated values."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import yaml
+
+from wanlora.config import Params, ParamsError, load_params, parse_params
+from wanlora.presets import RECIPES, TIERS, describe, make_params, write_params
+
+ALL = list(itertools.product(["character", "style", "motion"], [24, 48, 80, 141]))
+
+# What the brief states per tier: (transformer qtype, text encoder, low_vram, resolutions, frames, switch_every)
+TIER_FACTS = {
+    24: ("uint4", "float8", True, [512], [33], 10),
+    48: ("float8", "float8", True, [512, 768], [33, 41], 10),
+    80: ("float8", "float8", True, [512, 768, 1024], [41, 61], 1),
+    141: ("none", "none", False, [512, 768, 1024], [41, 61, 81], 1),
+}
+SAMPLE_SIZE = {24: (512, 512, 33), 48: (832, 480, 41), 80: (832, 480, 81), 141: (1280, 720, 81)}
+# recipe: (rank, steps, timestep_type, timestep_bias, dop enabled, dop class)
+RECIPE_FACTS = {
+    "character": (16, 2500, "linear", "balanced", False, "person"),
+    "style": (16, 2000, "shift", "high_noise", False, "scene"),
+    "motion": (16, 2000, "linear", "balanced", False, "person"),  # DOP off; class left at the default
+}
+
+
+@pytest.mark.parametrize(("recipe", "vram"), ALL)
+def test_preset_values_and_round_trip(recipe, vram, tmp_path):
+    p = make_params(recipe, vram)
+    qt, te, low, res, frames, switch = TIER_FACTS[vram]
+    ds = p.datasets["main"]
+    assert (p.quantization.transformer, p.quantization.text_encoder, p.model.low_vram) == (qt, te, low)
+    assert (ds.bucket.resolutions, ds.bucket.num_frames, p.multistage.switch_every) == (res, frames, switch)
+    rank, steps, ttype, bias, dop_on, dop_cls = RECIPE_FACTS[recipe]
+    assert (p.network.rank, p.network.alpha, p.train.steps) == (rank, rank, steps)
+    assert (p.train.timestep_type, p.train.timestep_bias) == (ttype, bias)
+    assert (p.train.dop.enabled, p.train.dop.preservation_class) == (dop_on, dop_cls)
+    assert all("[trigger]" in prompt for prompt in p.sample.prompts)
+    if vram == 24:
+        assert p.quantization.recovery.source == "fitted"
+    assert (p.sample.width, p.sample.height, p.sample.num_frames) == SAMPLE_SIZE[vram]
+
+    path = tmp_path / "params.yaml"
+    write_params(path, p, f"wanlora init --recipe {recipe} --vram {vram}\n" + describe(recipe, vram))
+    text = path.read_text()
+    assert text.startswith(f"# wanlora init --recipe {recipe} --vram {vram}\n# quantization.transformer: {qt}  (")
+    assert load_params(path) == p
+    assert parse_params(yaml.safe_load(text)) == p
+
+
+def test_model_and_trigger_override():
+    p = make_params("style", 48, model="/models/wan22", trigger="ohwx")
+    assert (p.model.name_or_path, p.job.trigger_word) == ("/models/wan22", "ohwx")
+    assert make_params("style", 48).model.name_or_path == Params().model.name_or_path
+
+
+def test_every_setting_has_a_reason_and_a_real_key():
+    for s in itertools.chain(*TIERS.values(), *RECIPES.values()):
+        assert len(s.why) > 15, s.key
+        node = Params().model_dump()
+        for part in s.key.split("."):
+            assert part in node, f"{s.key}: no such params key"
+            node = node[part]
+
+
+def test_bad_recipe_and_tier_messages():
+    with pytest.raises(ParamsError, match="recipe 'portrait' is unknown; choose one of: character, style, motion"):
+        make_params("portrait", 24)  # type: ignore[arg-type]
+    with pytest.raises(ParamsError, match=r"vram 32 is not a tier \(24, 48, 80, 141\); use 24"):
+        make_params("character", 32)  # type: ignore[arg-type]
+    with pytest.raises(ParamsError, match="24 GB is the smallest tier"):
+        make_params("character", 16)  # type: ignore[arg-type]
