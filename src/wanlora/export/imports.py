@@ -1,0 +1,98 @@
+"""Bringing LoRAs made elsewhere (AI Toolkit, musubi-tuner, ComfyUI files) into our format.
+
+AI Toolkit saves Wan 2.2 LoRAs in native Wan names with peft spelling and no alpha
+(`diffusion_model.blocks.0.self_attn.q.lora_A.weight`; its alpha is always the rank), one file per
+expert (`<name>_high_noise.safetensors`, `<name>_low_noise.safetensors`), or, with split files off,
+one combined file whose keys carry `.transformer_1.` (high noise) / `.transformer_2.` (low noise).
+musubi-tuner writes kohya names with alphas, one expert per file. An import is checked against the
+base model's shapes, so a LoRA for another Wan (2.1, 5B, I2V) is refused instead of half-applied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from wanlora.export import formats
+from wanlora.export.formats import Lora, LoraFormatError
+from wanlora.io import sha256_file
+
+Expert = Literal["high", "low"]
+_AITK_EXPERT = {"high": ".transformer_1.", "low": ".transformer_2."}
+
+
+def expert_from_name(path: Path) -> Expert | None:
+    """AI Toolkit's and common naming: `..._high_noise.safetensors` / `..._low_noise.safetensors`."""
+    stem = path.stem.lower()
+    if re.search(r"(^|[_.-])high([_-]?noise)?$", stem):
+        return "high"
+    if re.search(r"(^|[_.-])low([_-]?noise)?$", stem):
+        return "low"
+    return None
+
+
+def _split_combined(sd: dict[str, torch.Tensor], expert: Expert | None, path: Path) -> dict[str, torch.Tensor]:
+    """Pick one expert's keys out of an AI Toolkit combined file and drop the marker."""
+    marked = {e: [k for k in sd if m in k] for e, m in _AITK_EXPERT.items()}
+    if not any(marked.values()):
+        return sd
+    if expert is None:
+        raise LoraFormatError(
+            f"{path}: holds both experts (AI Toolkit combined file); say which one to import "
+            "(expert='high' for transformer_1, 'low' for transformer_2)"
+        )
+    marker = _AITK_EXPERT[expert]
+    unmarked = [k for k in sd if not any(m in k for m in _AITK_EXPERT.values())]
+    if unmarked:
+        raise LoraFormatError(f"{path}: keys without an expert marker in a combined file: {unmarked[:10]}")
+    return {k.replace(marker, "."): v for k, v in sd.items() if marker in k}
+
+
+def read_lora(path: Path, expert: Expert | None = None) -> tuple[Lora, dict[str, str], str]:
+    """(Lora, header metadata, format) of any supported file: 'ours', 'native' or 'kohya'."""
+    sd, metadata = formats.load_safetensors(path)
+    if not sd:
+        raise LoraFormatError(f"{path}: holds no tensors")
+    fmt = formats.detect_format(list(sd))
+    try:
+        if fmt == "ours":
+            lora = formats.read_ours(sd, metadata)
+        elif fmt == "native":
+            lora = formats.read_native(_split_combined(sd, expert, path))
+        else:
+            lora = formats.read_kohya(sd)
+    except LoraFormatError as err:
+        raise LoraFormatError(f"{path}: {err}") from None
+    return lora, metadata, fmt
+
+
+def import_lora(
+    path: Path, base_config: Mapping[str, Any], expert: Expert | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A peer's LoRA file as our state dict (peft keys) + metadata, checked against the base model.
+
+    `expert` picks one half of an AI Toolkit combined file; otherwise it is read from the file
+    name when it says high/low noise, and recorded in the metadata.
+    """
+    path = Path(path)
+    lora, source_meta, fmt = read_lora(path, expert)
+    formats.check_against_base(lora, formats.base_shapes(base_config), str(path))
+    sd, meta = formats.write_ours(lora)
+    meta.update(
+        {
+            "wanlora.imported_from": path.name,
+            "wanlora.imported_sha256": sha256_file(path),
+            "wanlora.imported_format": {"ours": "wanlora/diffusers", "native": "comfyui/ai-toolkit",
+                                        "kohya": "musubi-tuner"}[fmt],
+            "wanlora.imported_metadata": json.dumps(source_meta, sort_keys=True),
+        }
+    )
+    found = expert or expert_from_name(path)
+    if found:
+        meta["wanlora.expert"] = found
+    return sd, meta
