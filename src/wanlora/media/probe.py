@@ -1,0 +1,176 @@
+"""What a media file is: kind, frame rate, frame count, displayed size and rotation.
+
+Probing decodes the first frame instead of trusting the container header alone: a text file
+renamed to .mp4, an audio-only file or a stream whose codec is missing all open "fine" as
+containers and only fail when a frame is asked for. A failure becomes a `MediaError` carrying a
+reason and a fix, which the trim stage turns into a reported skip.
+
+PyAV is the main backend; OpenCV is the fallback for the rare file PyAV refuses but OpenCV's own
+demuxers read. Images go through Pillow, which applies EXIF orientation like every viewer does.
+
+Rotation is recorded as PyAV reports it (`VideoFrame.rotation`, the ffmpeg display matrix):
+degrees counter-clockwise that the coded frame turns for display, normalised to 0/90/180/270.
+A phone's portrait clip (legacy `rotate=90` tag) reads as 270. Sizes are after that rotation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import av
+import cv2
+from PIL import Image, UnidentifiedImageError
+
+VIDEO_EXT = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi"})
+IMAGE_EXT = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+
+# EXIF orientation tag -> counter-clockwise display rotation (mirrored variants keep their turn;
+# decoding applies the full transpose through Pillow, so the mirror is still honoured).
+_EXIF_ROTATION = {1: 0, 2: 0, 3: 180, 4: 180, 5: 270, 6: 270, 7: 90, 8: 90}
+
+REENCODE_FIX = "re-export it as H.264 .mp4 (e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`) or delete it"
+
+
+class MediaError(ValueError):
+    """A file that cannot be used, with why and what to do about it."""
+
+    def __init__(self, reason: str, fix: str) -> None:
+        super().__init__(f"{reason}. Fix: {fix}")
+        self.reason = reason
+        self.fix = fix
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    kind: Literal["video", "image"]
+    fps: float
+    frames: int
+    width: int  # displayed, after rotation
+    height: int
+    rotation: int  # degrees counter-clockwise, 0/90/180/270
+    backend: Literal["pyav", "opencv", "pillow"]
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.fps if self.fps else 0.0
+
+
+def media_kind(path: Path) -> Literal["video", "image"] | None:
+    ext = path.suffix.lower()
+    return "video" if ext in VIDEO_EXT else "image" if ext in IMAGE_EXT else None
+
+
+def normalise_rotation(degrees: float) -> int:
+    """Snap a display-matrix angle to 0/90/180/270 (phones write exact multiples; -90 means 270)."""
+    return int(round(degrees / 90.0)) % 4 * 90
+
+
+def displayed_size(width: int, height: int, rotation: int) -> tuple[int, int]:
+    return (height, width) if rotation in (90, 270) else (width, height)
+
+
+def probe(path: str | Path, backend: Literal["auto", "pyav", "opencv"] = "auto") -> MediaInfo:
+    """Probe one file; raise MediaError (reason, fix) if it is unusable."""
+    path = Path(path)
+    kind = media_kind(path)
+    if kind is None:
+        raise MediaError(
+            f"unsupported file type '{path.suffix or '(none)'}'",
+            "convert videos to .mp4 and images to .png/.jpg, or move the file out of the dataset folder",
+        )
+    size = path.stat().st_size
+    if size == 0:
+        raise MediaError("empty file (0 bytes)", "copy the file again from its source, or delete it")
+    if kind == "image":
+        return _probe_image(path)
+    if backend in ("auto", "pyav"):
+        try:
+            return _probe_pyav(path)
+        except MediaError as err:
+            if backend == "pyav":
+                raise
+            first = err
+    else:
+        first = None
+    try:
+        return _probe_opencv(path)
+    except MediaError:
+        if first is not None:
+            raise first from None  # PyAV's message is the more precise one
+        raise
+
+
+def _probe_image(path: Path) -> MediaInfo:
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the whole stream: catches truncated files
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise MediaError(f"not a readable image ({err})", "re-save it as .png or .jpg, or delete it") from None
+    rotation = _EXIF_ROTATION.get(int(orientation), 0)
+    dw, dh = displayed_size(w, h, rotation)
+    return MediaInfo("image", 0.0, 1, dw, dh, rotation, "pillow")
+
+
+def _probe_pyav(path: Path) -> MediaInfo:
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as err:
+        raise MediaError(_ffmpeg_reason(err), REENCODE_FIX) from None
+    with container:
+        if not container.streams.video:
+            what = "audio-only file" if container.streams.audio else "no video stream"
+            raise MediaError(what, "export the video track as .mp4, or delete the file")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        if not (fps > 0 and math.isfinite(fps)):
+            raise MediaError("frame rate unknown", REENCODE_FIX)
+        try:
+            first = next(container.decode(stream), None)
+        except av.error.FFmpegError as err:
+            raise MediaError(f"first frame cannot be decoded ({_ffmpeg_reason(err)})", REENCODE_FIX) from None
+        if first is None:
+            raise MediaError("video stream has no decodable frames (truncated?)", REENCODE_FIX)
+        frames = stream.frames
+        if not frames:  # mkv/webm carry no count: estimate; the trim scan of the end corrects it
+            seconds = (
+                float(stream.duration * stream.time_base)
+                if stream.duration
+                else (container.duration or 0) / av.time_base
+            )
+            frames = max(1, int(round(seconds * fps)))
+        rotation = normalise_rotation(first.rotation or 0)
+        w, h = displayed_size(first.width, first.height, rotation)
+    return MediaInfo("video", fps, int(frames), w, h, rotation, "pyav")
+
+
+def _probe_opencv(path: Path) -> MediaInfo:
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise MediaError("not a readable video (neither PyAV nor OpenCV can open it)", REENCODE_FIX)
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        ok, frame = cap.read()
+        if not ok or frame is None:
+            raise MediaError("video opens but no frame can be decoded", REENCODE_FIX)
+        if not (fps > 0 and frames > 0):
+            raise MediaError("frame rate or frame count unknown", REENCODE_FIX)
+        # OpenCV turns frames upright itself (CAP_PROP_ORIENTATION_AUTO), so the decoded size is displayed.
+        rotation = normalise_rotation(-cap.get(cv2.CAP_PROP_ORIENTATION_META))
+        h, w = frame.shape[:2]
+    finally:
+        cap.release()
+    return MediaInfo("video", fps, frames, w, h, rotation, "opencv")
+
+
+def _ffmpeg_reason(err: Exception) -> str:
+    """FFmpeg's own words, shortened: 'Invalid data found when processing input' and the like."""
+    msg = getattr(err, "strerror", None) or str(err)
+    return f"cannot be decoded: {msg}"
