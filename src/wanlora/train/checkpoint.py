@@ -1,0 +1,163 @@
+"""Training state on disk: safetensors for tensors, JSON for everything else, never pickle.
+
+Layout of `scratch/train/<key>/` (key = hash of the resolved params and the input manifests):
+  latest.json                  {"step": N, "dir": "state_NNNNNN"}: the one valid state
+  state_NNNNNN/tensors.safetensors, state_NNNNNN/state.json
+  lora/{high,low}/step_NNNNNN.safetensors   the last `save.keep_last` LoRA pairs
+
+A state is written into a hidden temporary folder, renamed into place as a whole, and only then
+named by latest.json (itself replaced atomically); older states are deleted afterwards. A kill
+or a full disk at any point leaves the previous state intact and no partial folder behind.
+The LoRA history lives here too and is mirrored to `data/lora/`, because DVC deletes a stage's
+outputs before rerunning it: a resumed run republishes the files an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_bytes
+
+from wanlora.io import atomic_write_bytes, atomic_write_json
+
+LATEST = "latest.json"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}.safetensors"
+
+
+# ----------------------------------------------------------------------------- optimizer
+def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state_dict into tensors (for safetensors) and plain values (JSON)."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for idx, slots in sd["state"].items():
+        plain["state"][str(idx)] = {}
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{idx}.{name}"] = value.detach().cpu().contiguous()
+                plain["state"][str(idx)][name] = {"tensor": f"{prefix}.{idx}.{name}"}
+            else:
+                plain["state"][str(idx)][name] = {"value": value}
+    return tensors, plain
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    state = {
+        int(idx): {name: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for name, v in slots.items()}
+        for idx, slots in plain["state"].items()
+    }
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in plain["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------------- RNG
+def capture_rng(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random stream a step can touch: ours, torch's, numpy's, Python's, CUDA's."""
+    tensors = {"rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    plain = {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "python": [py_version, list(py_state), py_gauss]}
+    return tensors, plain
+
+
+def restore_rng(generator: torch.Generator, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+# --------------------------------------------------------------------------------- state
+def save_state(folder: Path, step: int, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    """Write one complete state atomically (see module doc), then drop older ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"state_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
+    try:
+        atomic_write_bytes(tmp / "tensors.safetensors",
+                           safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+        atomic_write_json(tmp / "state.json", {"step": step, **plain})
+        final = folder / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_json(folder / LATEST, {"step": step, "dir": name})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in folder.glob("state_*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The state latest.json names, or None when there is none yet."""
+    pointer = folder / LATEST
+    if not pointer.is_file():
+        return None
+    name = json.loads(pointer.read_text(encoding="utf-8"))["dir"]
+    tensors = safetensors_load((folder / name / "tensors.safetensors").read_bytes())
+    plain = json.loads((folder / name / "state.json").read_text(encoding="utf-8"))
+    return tensors, plain
+
+
+# ---------------------------------------------------------------------------- LoRA files
+def save_lora_pair(folder: Path, step: int, files: dict[str, bytes], keep_last: int) -> None:
+    """Write `files` ({expert: bytes}) as lora/<expert>/step_N.safetensors, all or none, and
+    keep only the newest `keep_last` steps."""
+    written: list[Path] = []
+    try:
+        for expert, data in files.items():
+            path = folder / "lora" / expert / step_name(step)
+            atomic_write_bytes(path, data)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        raise
+    for expert in files:
+        steps = sorted((folder / "lora" / expert).glob("step_*.safetensors"))
+        for old in steps[:-keep_last]:
+            old.unlink()
+
+
+def publish_loras(folder: Path, out: Path) -> list[Path]:
+    """Make `out/{high,low}/` hold exactly the LoRA files of `folder/lora/` (byte copies)."""
+    published = []
+    for expert in ("high", "low"):
+        src = folder / "lora" / expert
+        wanted = {p.name: p for p in sorted(src.glob("step_*.safetensors"))} if src.is_dir() else {}
+        dst = out / expert
+        for stale in dst.glob("step_*.safetensors") if dst.is_dir() else []:
+            if stale.name not in wanted:
+                stale.unlink()
+        for name, path in wanted.items():
+            target = dst / name
+            data = path.read_bytes()
+            if not target.is_file() or target.read_bytes() != data:
+                atomic_write_bytes(target, data)
+            published.append(target)
+    return published

@@ -1,0 +1,149 @@
+"""Which expert trains at each step, and where each expert's weights live.
+
+Schedule. `alternate`: the active experts take turns, each for `switch_every` micro-steps. The
+switch happens at an optimizer-step boundary (an accumulation window never mixes experts: each
+expert has its own LoRA and optimizer), so with gradient accumulation a turn lasts
+ceil(switch_every / accumulation) optimizer steps. The state is two integers (whose turn, and
+micro-steps done in it), saved in every checkpoint. `proportional`: each optimizer step picks
+the high-noise expert with the probability of its timestep band, from the trainer's generator.
+
+Placement. On a CPU device both experts simply stay where they are. On a GPU, when both fit
+(and `model.low_vram` is off) both stay on the GPU; otherwise the inactive expert waits in pinned
+host memory. At a switch the outgoing expert is copied back to host memory and the incoming one
+is copied to the GPU on a side stream (`non_blocking` from pinned memory), and the first forward
+of the new turn waits for that stream; the copy of the incoming expert is started right after
+the outgoing expert's last backward, so it overlaps the optimizer step. Only frozen base weights
+travel; the small LoRA parameters and their optimizer state stay on the GPU, so the optimizer's
+references remain valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from wanlora.train.timesteps import Expert
+
+Choice = Literal["alternate", "proportional"]
+ORDER: tuple[Expert, ...] = ("high", "low")
+
+
+@dataclass
+class ExpertSchedule:
+    """Turn-taking between the active experts; `turn` and `done` are the resumable state."""
+
+    active: tuple[Expert, ...]
+    switch_every: int
+    choice: Choice = "alternate"
+    high_probability: float = 0.5
+    turn: int = 0
+    done: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.active:
+            raise ValueError(
+                "no expert selected: set multistage.train_high_noise or multistage.train_low_noise to true"
+            )
+        self.active = tuple(e for e in ORDER if e in self.active)
+
+    def next_expert(self, generator: torch.Generator) -> Expert:
+        """The expert for the next optimizer step (call once per optimizer step)."""
+        if len(self.active) == 1:
+            return self.active[0]
+        if self.choice == "proportional":
+            r = float(torch.rand((), generator=generator, dtype=torch.float64))
+            return "high" if r < self.high_probability else "low"
+        if self.done >= self.switch_every:
+            self.turn, self.done = (self.turn + 1) % len(self.active), 0
+        return self.active[self.turn]
+
+    def record(self, micro_steps: int) -> None:
+        """Count the micro-steps the current turn just ran."""
+        self.done += micro_steps
+
+    def upcoming(self) -> Expert | None:
+        """The expert of the next turn when the current turn is complete (after `record`), so its
+        weights can be fetched while the optimizer steps; None when nothing changes."""
+        if self.choice == "alternate" and len(self.active) > 1 and self.done >= self.switch_every:
+            return self.active[(self.turn + 1) % len(self.active)]
+        return None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"turn": self.turn, "done": self.done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.turn, self.done = int(state["turn"]), int(state["done"])
+
+
+def plan_placement(active: Expert, experts: tuple[Expert, ...], device: torch.device,
+                   both_fit: bool) -> dict[Expert, str]:
+    """Where each loaded expert's base weights should be while `active` trains: 'device' or 'host'."""
+    if device.type == "cpu" or both_fit:
+        return {e: "device" for e in experts}
+    return {e: ("device" if e == active else "host") for e in experts}
+
+
+def both_fit(models: dict[Expert, torch.nn.Module], device: torch.device, low_vram: bool,
+             reserve_fraction: float = 0.35) -> bool:
+    """Whether every loaded expert can stay on the GPU, leaving `reserve_fraction` of its memory
+    for activations, the optimizer and the allocator's slack."""
+    if device.type != "cuda" or low_vram:
+        return device.type != "cuda"
+    need = sum(p.numel() * p.element_size() for m in models.values() for p in m.parameters())
+    total = torch.cuda.get_device_properties(device).total_memory
+    return need <= total * (1 - reserve_fraction)
+
+
+Mover = Callable[[torch.nn.Module, str, bool], None]
+
+
+def move_frozen(module: torch.nn.Module, where: str, device: torch.device, non_blocking: bool) -> None:
+    """Move a module's frozen parameters and buffers between the device and pinned host memory."""
+    target = device if where == "device" else torch.device("cpu")
+    for t in [p for p in module.parameters() if not p.requires_grad] + list(module.buffers()):
+        if t.device == target:
+            continue
+        data = t.data.to(target, non_blocking=non_blocking)
+        if target.type == "cpu" and torch.cuda.is_available():
+            data = data.pin_memory()
+        t.data = data
+
+
+@dataclass
+class ExpertPlacer:
+    """Applies `plan_placement` to the loaded experts, prefetching on a side stream on CUDA."""
+
+    models: dict[Expert, torch.nn.Module]
+    device: torch.device
+    fit: bool
+    mover: Mover | None = None
+    where: dict[Expert, str] = field(default_factory=dict)
+    _stream: object = None
+
+    def __post_init__(self) -> None:
+        if self.mover is None:
+            self.mover = lambda m, w, nb: move_frozen(m, w, self.device, nb)
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)
+
+    def prepare(self, expert: Expert) -> None:
+        """Start moving weights so that `expert` can train next (asynchronous on CUDA)."""
+        plan = plan_placement(expert, tuple(self.models), self.device, self.fit)
+        for e in sorted(plan, key=lambda e: plan[e] == "device"):  # free memory before filling it
+            if self.where.get(e) != plan[e]:
+                if self._stream is not None and plan[e] == "device":
+                    with torch.cuda.stream(self._stream):
+                        self.mover(self.models[e], plan[e], True)
+                else:
+                    self.mover(self.models[e], plan[e], False)
+                self.where[e] = plan[e]
+
+    def activate(self, expert: Expert) -> torch.nn.Module:
+        """Make sure `expert` is on the device (waiting for a prefetch) and return it."""
+        self.prepare(expert)
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        return self.models[expert]

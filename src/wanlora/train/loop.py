@@ -1,0 +1,337 @@
+"""The train stage: setup, train, save_checkpoint, load_checkpoint. The loop reads top to bottom.
+
+One `Trainer` (a plain dataclass, no hierarchy) holds everything a step touches; the helpers
+beside the loop are small and named. Per optimizer step: the schedule picks an expert, its
+weights come to the device, `gradient_accumulation` micro-batches of one bucket run through
+`training_step`, the expert's own optimizer steps at the scheduled learning rate, and every
+`save.every` steps both LoRA files and the full training state are written. A run that finds a
+state for the same resolved params and inputs in `scratch/train/<key>/` continues from it and
+produces the same losses and the same LoRA bytes as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wanlora import __version__
+from wanlora.config import Params
+from wanlora.data.dataset import TrainData, build_dataset, epoch_batches, small_buckets
+from wanlora.io import sha256_file, sha256_json
+from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
+from wanlora.report import InputError, console, write_problems
+from wanlora.train import checkpoint as ckpt
+from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit
+from wanlora.train.lora import Ema, add_lora, load_lora_state_dict, lora_file_bytes, lora_state_dict
+from wanlora.train.monitor import Monitor, peak_memory_gib
+from wanlora.train.offload import BlockOffload
+from wanlora.train.optim import build_optimizer, lr_at, set_lr
+from wanlora.train.step import StepBatch, training_step
+from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TEXT_DIR = "data/cache/text"
+
+
+class BadLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclass
+class Trainer:
+    params: Params
+    workspace: Path
+    device: torch.device
+    dtype: torch.dtype
+    data: TrainData
+    experts: dict[Expert, torch.nn.Module]
+    optimizers: dict[Expert, torch.optim.Optimizer]
+    emas: dict[Expert, Ema]
+    dists: dict[Expert, TimestepDistribution]
+    schedule: ExpertSchedule
+    placer: ExpertPlacer
+    offloads: list[BlockOffload]
+    state_dir: Path
+    lineage: dict[str, str]
+    expect_encoder: str | None
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    bad_steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    _batches: tuple[int, list[list[int]]] | None = None
+
+
+# ------------------------------------------------------------------------------ helpers
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def run_key(params: Params, workspace: Path) -> str:
+    """Folder name of this run's resumable state: the resolved params and the input manifests."""
+    inputs = {p: sha256_file(workspace / p) for p in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl")}
+    return sha256_json({"params": params.model_dump(mode="json"), "inputs": inputs})[:16]
+
+
+def _load_expert(root: Path, expert: Expert, params: Params, device: torch.device, dtype: torch.dtype,
+                 where: torch.device) -> tuple[torch.nn.Module, list[BlockOffload]]:
+    """Load into `where` (the device, or host memory for an expert that waits), quantize, add the
+    LoRA (always on the device), checkpointing and block offloading: in that order."""
+    from wanlora.models.accel import apply_accel, settings_from_params
+    from wanlora.models.loading import load_transformer
+
+    model = load_transformer(root, expert, dtype, str(where))
+    if params.quantization.transformer != "none":
+        from wanlora.models.quant import quantize_transformer
+
+        quantize_transformer(model, params.quantization.transformer, params.quantization.group_size)
+    for p in add_lora(model, params.network, dtype):
+        p.data = p.data.to(device)
+    apply_accel(model, settings_from_params(params))
+    offloads = []
+    if params.model.layer_offloading and device.type == "cuda":
+        offloads.append(BlockOffload(model, device, params.model.layer_offloading_fraction))
+    return model.train(), offloads
+
+
+def _lineage(params: Params, workspace: Path, root: Path, dists: dict[Expert, TimestepDistribution]) -> dict[str, str]:
+    """LoRA header metadata: what made the file. Deterministic (no clock), so a resumed run
+    writes the same bytes."""
+    from wanlora.models.loading import model_identity
+
+    return {
+        "wanlora.version": __version__,
+        "wanlora.params": json.dumps(params.model_dump(mode="json"), sort_keys=True),
+        "wanlora.samples_sha256": sha256_file(workspace / "data/buckets/samples.jsonl"),
+        "wanlora.captions_sha256": sha256_file(workspace / "data/captions/captions.jsonl"),
+        "wanlora.base_model": json.dumps({e: model_identity(root, part) for e, part in
+                                          (("high", "transformer"), ("low", "transformer_2"))}),
+        "wanlora.timesteps": json.dumps({e: d.describe() for e, d in dists.items()}, sort_keys=True),
+    }
+
+
+def next_batch(tr: Trainer) -> list[int]:
+    """Item indices of the next batch; advances (epoch, position)."""
+    if tr._batches is None or tr._batches[0] != tr.epoch:
+        tr._batches = (tr.epoch, epoch_batches(tr.data.buckets(), tr.params.train.batch_size,
+                                               tr.params.job.seed, tr.epoch))
+    batches = tr._batches[1]
+    batch = batches[tr.position]
+    tr.position += 1
+    if tr.position == len(batches):
+        tr.epoch, tr.position = tr.epoch + 1, 0
+    return batch
+
+
+def make_batch(tr: Trainer, indices: list[int], expert: Expert) -> StepBatch:
+    """Draw everything random for one micro-batch from the trainer's generator, in a fixed order."""
+    g, cfg = tr.generator, tr.params.train
+    latents = torch.stack([tr.data.latent(i, g) for i in indices])
+    t = tr.dists[expert].sample(len(indices), g)
+    noise = torch.randn(latents.shape, generator=g)
+    dropped = (torch.rand(len(indices), generator=g) < cfg.caption_dropout).tolist()
+    items = [tr.data.items[i] for i in indices]
+    text = tr.workspace / TEXT_DIR
+
+    def embeds(texts: list[str]) -> torch.Tensor:
+        return pad_embeds([load_text_embeds(text, s, tr.expect_encoder) for s in texts])
+
+    captions = ["" if d else it.caption for it, d in zip(items, dropped)]
+    class_embeds = None
+    if cfg.dop.enabled:
+        class_embeds = embeds([it.caption_dop if it.caption_dop is not None else it.caption for it in items])
+    dev = tr.device
+    return StepBatch(latents.to(dev), noise.to(dev), t.to(dev), embeds(captions).to(dev),
+                     None if class_embeds is None else class_embeds.to(dev),
+                     None if (w := tr.dists[expert].loss_weights(t)) is None else w.to(dev))
+
+
+# ---------------------------------------------------------------------------- lifecycle
+def setup(params: Params, workspace: Path) -> Trainer:
+    """Load data, experts (only the active ones), LoRAs and optimizers; nothing trained yet."""
+    from wanlora.models.loading import boundary_ratio, model_identity, resolve_model
+
+    workspace = Path(workspace)
+    ms = params.multistage
+    active: tuple[Expert, ...] = tuple(e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on)
+    if not active:
+        raise InputError("multistage: train_high_noise and train_low_noise are both false. "
+                         "Fix: set at least one of them to true in params.yaml")
+    root = resolve_model(params.model.name_or_path, params.model.revision)
+    device, dtype = resolve_device(params.job.device), DTYPES[params.model.dtype]
+    vae_config = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
+    data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
+                         cached_datasets={n for n, d in params.datasets.items() if d.cache_latents})
+    problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
+    for p in problems:
+        console.print(f"[yellow]train:[/] {p.line()}")
+    write_problems(workspace / "data/train_live/data_problems.json", problems)
+
+    boundary = ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root)
+    cfg = params.train
+    dists = {e: TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band(e, boundary),
+                                     params.model.flow_shift) for e in active}
+    experts, offloads, where = {}, [], {}
+    for e in active:  # the first expert loads onto the device, the other waits in host memory
+        where[e] = "device" if e == active[0] or device.type == "cpu" else "host"
+        experts[e], off = _load_expert(root, e, params, device, dtype,
+                                       device if where[e] == "device" else torch.device("cpu"))
+        offloads += off
+    placer = ExpertPlacer(experts, device, both_fit(experts, device, params.model.low_vram), where=where)
+    placer.prepare(active[0])
+    trainable = {e: [p for p in m.parameters() if p.requires_grad] for e, m in experts.items()}
+    high_mass = TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band("high", boundary),
+                                     params.model.flow_shift).band_mass()
+    tr = Trainer(
+        params=params, workspace=workspace, device=device, dtype=dtype, data=data, experts=experts,
+        optimizers={e: build_optimizer(trainable[e], cfg) for e in active},
+        emas={e: Ema(m, cfg.ema.decay) for e, m in experts.items()} if cfg.ema.enabled else {},
+        dists=dists,
+        schedule=ExpertSchedule(active, ms.switch_every, ms.expert_choice, high_mass),
+        placer=placer, offloads=offloads,
+        state_dir=workspace / "scratch/train" / run_key(params, workspace),
+        lineage=_lineage(params, workspace, root, dists),
+        expect_encoder=encoder_identity(root),
+    )
+    tr.generator.manual_seed(params.job.seed)
+    _check_shapes(tr)
+    return tr
+
+
+def _check_shapes(tr: Trainer) -> None:
+    """A cache made for another model shows up as a width mismatch: say so before the first step."""
+    item = tr.data.items[0]
+    emb = load_text_embeds(tr.workspace / TEXT_DIR, item.caption, tr.expect_encoder)
+    for e, m in tr.experts.items():
+        if emb.shape[-1] != m.config.text_dim:
+            raise InputError(f"{tr.workspace / TEXT_DIR}: embeddings are {emb.shape[-1]} wide but the {e}-noise "
+                             f"expert expects {m.config.text_dim}. Fix: rerun the text_cache stage")
+        if tr.data.latents_mean.numel() != m.config.in_channels:
+            raise InputError(f"the VAE has {tr.data.latents_mean.numel()} latent channels but the {e}-noise expert "
+                             f"takes {m.config.in_channels}. Fix: use one model folder for both")
+
+
+def train(tr: Trainer) -> None:
+    """Run optimizer steps until `train.steps`, saving every `save.every` and at the end."""
+    cfg = tr.params.train
+    accum = cfg.gradient_accumulation
+    monitor = Monitor(tr.workspace / "data/train_live", cfg.steps, tr.step, tr.history)
+    try:
+        while tr.step < cfg.steps:
+            started = time.perf_counter()
+            expert = tr.schedule.next_expert(tr.generator)
+            model = tr.placer.activate(expert)
+            opt = tr.optimizers[expert]
+            lr = lr_at(tr.step, cfg)
+            set_lr(opt, lr)
+            main, finite = 0.0, True
+            for _ in range(accum):
+                batch = make_batch(tr, next_batch(tr), expert)
+                out = training_step(
+                    model, batch, dtype=tr.dtype,
+                    dop_multiplier=cfg.dop.multiplier if cfg.dop.enabled else 0.0,
+                    guidance_scale=cfg.differential_guidance.scale if cfg.differential_guidance.enabled else None,
+                    loss_scale=1 / accum,
+                )
+                main += out.total / accum
+                finite = finite and out.finite
+            tr.schedule.record(accum)
+            if (upcoming := tr.schedule.upcoming()) is not None:
+                tr.placer.prepare(upcoming)  # overlap the next expert's copy with this optimizer step
+            params = [p for group in opt.param_groups for p in group["params"]]
+            if finite:
+                tr.bad_steps = 0
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                opt.step()
+                if expert in tr.emas:
+                    tr.emas[expert].update(model)
+            else:
+                tr.bad_steps += 1
+                norm = torch.tensor(float("nan"))
+                console.print(f"[red]train: step {tr.step + 1}: loss is not finite on the {expert}-noise expert; "
+                              f"skipped ({tr.bad_steps} in a row)[/]")
+                if tr.bad_steps >= cfg.max_bad_steps:
+                    raise BadLossError(
+                        f"{tr.bad_steps} non-finite losses in a row (train.max_bad_steps={cfg.max_bad_steps}). "
+                        "Fix: lower train.lr, keep train.max_grad_norm > 0, or use model.dtype bf16 instead of fp16"
+                    )
+            opt.zero_grad(set_to_none=True)
+            for off in tr.offloads:
+                off.release()
+            tr.step += 1
+            row = {"step": float(tr.step), f"loss_{expert}": main, "lr": lr, "grad_norm": float(norm),
+                   "step_time": time.perf_counter() - started, "peak_mem": peak_memory_gib(tr.device)}
+            tr.history.append(row)
+            monitor.log(row)
+            if tr.step % tr.params.save.every == 0 or tr.step == cfg.steps:
+                save_checkpoint(tr)
+    finally:
+        monitor.close()
+
+
+def _lora_tensors(tr: Trainer, expert: Expert) -> dict[str, torch.Tensor]:
+    """What the LoRA file holds: the EMA weights when EMA is on, else the trained ones."""
+    if expert in tr.emas:
+        return tr.emas[expert].state_dict()
+    return lora_state_dict(tr.experts[expert])
+
+
+def save_checkpoint(tr: Trainer) -> None:
+    """LoRA pair for this step, then the full training state (see `wanlora.train.checkpoint`)."""
+    files = {}
+    for e in tr.experts:
+        meta = {**tr.lineage, "wanlora.expert": e, "wanlora.step": str(tr.step)}
+        files[e] = lora_file_bytes(_lora_tensors(tr, e), DTYPES[tr.params.save.dtype], tr.params.network, meta)
+    ckpt.save_lora_pair(tr.state_dir, tr.step, files, tr.params.save.keep_last)
+
+    tensors, rng = ckpt.capture_rng(tr.generator)
+    plain: dict = {"epoch": tr.epoch, "position": tr.position, "bad_steps": tr.bad_steps, "rng": rng,
+                   "schedule": tr.schedule.state_dict(), "history": tr.history, "optimizers": {}}
+    for e, model in tr.experts.items():
+        tensors.update({f"lora.{e}.{k}": v for k, v in lora_state_dict(model).items()})
+        opt_tensors, plain["optimizers"][e] = ckpt.flatten_optimizer(tr.optimizers[e], f"optim.{e}")
+        tensors.update(opt_tensors)
+        if e in tr.emas:
+            tensors.update({f"ema.{e}.{k}": v for k, v in tr.emas[e].state_dict().items()})
+    ckpt.save_state(tr.state_dir, tr.step, tensors, plain)
+    ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
+
+
+def load_checkpoint(tr: Trainer) -> bool:
+    """Continue from this run's last state, if any; True when one was loaded."""
+    found = ckpt.load_state(tr.state_dir)
+    if found is None:
+        return False
+    tensors, plain = found
+    for e, model in tr.experts.items():
+        prefix = f"lora.{e}."
+        load_lora_state_dict(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        ckpt.restore_optimizer(tr.optimizers[e], tensors, plain["optimizers"][e])
+        if e in tr.emas:
+            prefix = f"ema.{e}."
+            tr.emas[e].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    ckpt.restore_rng(tr.generator, tensors, plain["rng"])
+    tr.schedule.load_state_dict(plain["schedule"])
+    tr.step, tr.epoch, tr.position = int(plain["step"]), int(plain["epoch"]), int(plain["position"])
+    tr.bad_steps, tr.history = int(plain["bad_steps"]), list(plain["history"])
+    console.print(f"train: resuming at step {tr.step} from {tr.state_dir}")
+    return True
+
+
+def run_stage(params: Params, workspace: Path) -> None:
+    """DVC stage `train`: reads the manifests and caches under `workspace`, writes data/lora and
+    data/train_live, resuming from scratch/train/<key>/ when a previous run was interrupted."""
+    tr = setup(params, Path(workspace))
+    load_checkpoint(tr)
+    if tr.step >= params.train.steps:
+        ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
+        Monitor(tr.workspace / "data/train_live", params.train.steps, tr.step, tr.history).close()
+        return
+    train(tr)

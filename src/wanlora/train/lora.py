@@ -1,0 +1,127 @@
+"""One peft LoRA per expert: inject, read out under diffusers key names, save, scale, EMA.
+
+The two experts never share an adapter: each gets its own `LoraConfig` injection and its own
+file, so the low-noise file loads with diffusers' `load_lora_weights(..., load_into_transformer_2=True)`
+and the high-noise file with the plain call. Keys are what diffusers' `save_lora_weights` writes:
+peft's names (`blocks.0.attn1.to_q.lora_A.weight`) behind the `transformer.` prefix, and the
+adapter config goes in the `lora_adapter_metadata` header so loaders apply alpha/rank exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save as safetensors_bytes
+
+from wanlora.config import NetworkConfig
+from wanlora.io import atomic_write_bytes
+
+PREFIX = "transformer."
+ADAPTER = "default"
+
+
+def add_lora(expert: torch.nn.Module, net: NetworkConfig, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Inject a fresh LoRA into `expert` (base frozen) and return its trainable parameters.
+
+    LoRA weights are kept in `dtype` (bf16 on GPU) whatever the base's quantization; peft's
+    default init makes B zero, so the untrained adapter leaves the expert's output unchanged.
+    """
+    expert.requires_grad_(False)
+    expert.add_adapter(
+        LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout,
+                   target_modules=list(net.target_modules), init_lora_weights=True),
+        adapter_name=ADAPTER,
+    )
+    params = [p for n, p in expert.named_parameters() if "lora_" in n]
+    if not params:
+        raise ValueError(
+            f"network.target_modules={net.target_modules} matched no module of the expert; "
+            "use diffusers names such as to_q, to_k, to_v, to_out.0, ffn.net.0.proj, ffn.net.2"
+        )
+    for p in params:
+        p.data = p.data.to(dtype)
+        p.requires_grad_(True)
+    return params
+
+
+def adapter_metadata(net: NetworkConfig) -> dict[str, object]:
+    """The LoraConfig fields diffusers rebuilds the adapter from on load."""
+    return {"r": net.rank, "lora_alpha": net.alpha, "lora_dropout": net.dropout,
+            "target_modules": sorted(net.target_modules), "use_dora": False, "bias": "none"}
+
+
+def lora_state_dict(expert: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The expert's LoRA tensors under diffusers file names (`transformer.` + peft name)."""
+    sd = get_peft_model_state_dict(expert, adapter_name=ADAPTER)
+    return {PREFIX + k: v for k, v in sd.items()}
+
+
+def load_lora_state_dict(expert: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put LoRA tensors (file names, as `lora_state_dict` gives them) back into the expert."""
+    unprefixed = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    result = set_peft_model_state_dict(expert, unprefixed, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"LoRA tensors do not fit this expert: unexpected keys {sorted(unexpected)[:4]}")
+
+
+def lora_file_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype, net: NetworkConfig,
+                    metadata: dict[str, str]) -> bytes:
+    """A LoRA .safetensors file as bytes: tensors cast to `dtype`, diffusers' header keys plus ours."""
+    header = {"format": "pt",
+              "lora_adapter_metadata": json.dumps({PREFIX + k: v for k, v in adapter_metadata(net).items()},
+                                                  indent=2, sort_keys=True),
+              **metadata}
+    out = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(tensors.items())}
+    return safetensors_bytes(out, metadata=header)
+
+
+def save_lora_file(path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, net: NetworkConfig,
+                   metadata: dict[str, str]) -> None:
+    atomic_write_bytes(path, lora_file_bytes(tensors, dtype, net, metadata))
+
+
+@contextmanager
+def lora_disabled(expert: torch.nn.Module) -> Iterator[None]:
+    """Run the frozen base: DOP's prior prediction, and the scale-0 check."""
+    expert.disable_adapters()
+    try:
+        yield
+    finally:
+        expert.enable_adapters()
+
+
+def set_lora_scale(expert: torch.nn.Module, scale: float) -> None:
+    """Multiply the adapter's update by `scale` (0 gives the base model's output)."""
+    expert.set_adapters([ADAPTER], weights=[scale])
+
+
+class Ema:
+    """Exponential moving average of one expert's LoRA tensors (fp32 shadows on the same device).
+
+    Updated after each optimizer step of its own expert, so an expert that waits while the other
+    trains does not decay toward a stale copy.
+    """
+
+    def __init__(self, expert: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in lora_state_dict(expert).items()}
+
+    @torch.no_grad()
+    def update(self, expert: torch.nn.Module) -> None:
+        for k, v in lora_state_dict(expert).items():
+            self.shadow[k].lerp_(v.detach().float().to(self.shadow[k].device), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise ValueError(f"EMA state does not match the LoRA: keys {sorted(missing)[:4]}")
+        self.shadow = {k: state[k].float().clone() for k in self.shadow}

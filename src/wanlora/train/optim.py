@@ -1,0 +1,59 @@
+"""Optimizers and the learning-rate schedule.
+
+Each expert has its own optimizer over its own LoRA (an optimizer step of one expert must not
+apply weight decay or stale momentum to the other). The schedule is a pure function of the
+global optimizer step, written into each optimizer's param groups before its step, so it needs
+no saved state of its own and resumes exactly.
+
+adamw8bit: bitsandbytes' AdamW8bit. It runs on CPU too with bitsandbytes >= 0.45 (measured with
+0.50.2; tensors under 4096 elements keep 32-bit state there, as on GPU). If bitsandbytes cannot be
+imported we stop with a message naming the fix rather than silently training with another
+optimizer, since the two differ in memory and, slightly, in results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from wanlora.config import TrainConfig
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer params.train names, at the peak learning rate."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # explicit LR (our schedule drives it), no relative step / warm-up init of its own
+        return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    try:
+        import bitsandbytes as bnb
+    except Exception as err:  # ImportError, or a broken native library
+        raise RuntimeError(
+            f"train.optimizer is adamw8bit but bitsandbytes cannot be loaded ({err}); "
+            "install it (pip install bitsandbytes) or set train.optimizer: adamw"
+        ) from None
+    return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant, cosine
+    or linear decay to zero at `train.steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_scheduler == "constant":
+        return cfg.lr
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.lr_scheduler == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,86 @@
+"""A tiny trainable workspace: tiny Wan model, two clips' manifests, text and latent caches."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from wanlora.config import Params, parse_params
+from wanlora.io import atomic_write_bytes, write_jsonl
+from wanlora.models.loading import model_identity
+from wanlora.models.text import run_stage as text_cache
+from wanlora.models.tiny import make_tiny
+
+BUCKET = "32x32x5"
+LATENT_SHAPE = (16, 2, 4, 4)  # 5 frames at 32x32 through the Wan VAE
+
+
+def tiny_model(folder: Path) -> Path:
+    if not (folder / "model_index.json").is_file():
+        make_tiny(folder)
+    return folder
+
+
+def write_inputs(ws: Path, n_clips: int = 2, buckets: list[str] | None = None) -> None:
+    """Manifests for `n_clips` clips (one sample each) in the given buckets."""
+    buckets = buckets or [BUCKET] * n_clips
+    captions, samples = [], []
+    for i in range(n_clips):
+        cid = f"main/clip{i}.mp4"
+        cap = f"sks person walking in the park {i}"
+        captions.append({"id": cid, "caption": cap, "caption_dop": cap.replace("sks", "person"),
+                         "caption_sha256": "", "source": "default", "source_sha256": "", "warnings": []})
+        w, h, f = (int(x) for x in buckets[i].split("x"))
+        samples.append({"id": f"{cid}#0", "clip_id": cid, "dataset": "main", "path": f"data/raw/clip{i}.mp4",
+                        "sha256": f"{i:064d}", "kind": "video", "width": w, "height": h, "num_frames": f,
+                        "bucket": buckets[i], "frame_indices": list(range(f)), "crop": [0, 0, w, h], "flip": False})
+    write_jsonl(ws / "data/captions/captions.jsonl", captions)
+    write_jsonl(ws / "data/buckets/samples.jsonl", samples)
+
+
+def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0) -> None:
+    """Latent cache files as the latent_cache stage writes them (distribution mode)."""
+    from wanlora.io import read_jsonl
+
+    g = torch.Generator().manual_seed(seed)
+    vae = vae or model_identity(root, "vae")
+    for k, rec in enumerate(read_jsonl(ws / "data/buckets/samples.jsonl")):
+        w, h, f = (int(x) for x in rec["bucket"].split("x"))
+        shape = (16, (f - 1) // 4 + 1, h // 8, w // 8)
+        tensors = {"mean": torch.randn(shape, generator=g) * 2, "logvar": torch.full(shape, -6.0)}
+        meta = {"vae": vae, "sample_id": rec["id"], "bucket": rec["bucket"], "dtype": "fp32", "mode": "distribution"}
+        atomic_write_bytes(ws / f"data/cache/latents/sample{k}.safetensors", save(tensors, meta))
+
+
+def make_workspace(ws: Path, model_dir: Path, n_clips: int = 2) -> Path:
+    root = tiny_model(model_dir)
+    ws.mkdir(parents=True, exist_ok=True)
+    write_inputs(ws, n_clips)
+    text_cache(root=root, captions_manifest=ws / "data/captions/captions.jsonl", prompts=[], trigger="sks",
+               out_dir=ws / "data/cache/text", dtype="fp32", quant="none", device="cpu")
+    write_latents(ws, root)
+    return ws
+
+
+def tiny_params(root: Path, **sections) -> Params:
+    """Params for fast CPU runs; `sections` override whole leaf values, e.g. train={'steps': 5}."""
+    base = {
+        "job": {"device": "cpu", "seed": 3},
+        "model": {"name_or_path": str(root), "dtype": "fp32"},
+        "network": {"rank": 4, "alpha": 4},
+        "train": {"steps": 6, "optimizer": "adamw", "lr": 1e-3, "caption_dropout": 0.0,
+                  "gradient_checkpointing": False},
+        "multistage": {"switch_every": 2},
+        "save": {"every": 2, "keep_last": 2, "dtype": "fp32"},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return parse_params(base)
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
