@@ -62,6 +62,6 @@ def make_demo(folder: Path, steps: int = 120) -> Params:
 def repro(folder: Path) -> None:
     """Run `dvc repro` in the workspace with this interpreter's environment first on PATH."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run(["dvc", "repro"], cwd=folder, env=env)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=folder, env=env)
     if result.returncode:
         raise SystemExit(f"`dvc repro` failed in {folder} (exit {result.returncode}); the log above names the stage")

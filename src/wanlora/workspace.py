@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 from wanlora.config import Params
@@ -24,8 +25,8 @@ def prepare(workspace: Path, params: Params) -> None:
     if not (workspace / ".git").exists():
         _run(["git", "init", "-q"], workspace)
     if not (workspace / ".dvc").exists():
-        _run(["dvc", "init", "-q"], workspace)
-        _run(["dvc", "config", "core.autostage", "true"], workspace)
+        _run([sys.executable, "-m", "dvc", "init", "-q"], workspace)
+        _run([sys.executable, "-m", "dvc", "config", "core.autostage", "true"], workspace)
     gitignore = workspace / ".gitignore"
     if not gitignore.exists():
         atomic_write_text(gitignore, GITIGNORE)
