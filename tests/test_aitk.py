@@ -1,0 +1,240 @@
+"""`wanlora import-aitk`: AI Toolkit Wan 2.2 configs become params; every unmapped key is listed."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wanlora.aitk import import_config
+from wanlora.config import ParamsError, dump_params, parse_params
+
+NETWORK_NOTE = ("network (AI Toolkit also adapts the time/text embedders and proj_out; wanlora adapts "
+                "network.target_modules: attention and FFN of every block)")
+
+# Written for this test in the shape of AI Toolkit's 24 GB Wan 2.2 example (values our own).
+CONFIG_24GB = """\
+job: extension
+config:
+  name: "tabby_cat_v2"
+  process:
+    - type: 'sd_trainer'
+      training_folder: "runs"
+      device: cuda:0
+      trigger_word: "t4bby"
+      performance_log_every: 50
+      network:
+        type: "lora"
+        linear: 24
+        linear_alpha: 12
+      save:
+        dtype: float16
+        save_every: 200
+        max_step_saves_to_keep: 3
+      datasets:
+        - folder_path: "/clips/tabby"
+          caption_ext: "txt"
+          caption_dropout_rate: 0.1
+          num_frames: 33
+          resolution: [512, 768]
+      train:
+        batch_size: 1
+        steps: 1800
+        gradient_accumulation: 2
+        train_unet: true
+        train_text_encoder: false
+        gradient_checkpointing: true
+        noise_scheduler: "flowmatch"
+        timestep_type: 'linear'
+        optimizer: "adamw8bit"
+        lr: 2e-4
+        optimizer_params:
+          weight_decay: 1e-3
+        dtype: bf16
+        switch_boundary_every: 10
+        cache_text_embeddings: true
+        noise_offset: 0.1
+      model:
+        name_or_path: "ai-toolkit/Wan2.2-T2V-A14B-Diffusers-bf16"
+        arch: 'wan22_14b'
+        quantize: true
+        qtype: "uint4|ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors"
+        quantize_te: true
+        qtype_te: "qfloat8"
+        low_vram: true
+        model_kwargs:
+          train_high_noise: true
+          train_low_noise: false
+      sample:
+        sampler: "flowmatch"
+        sample_every: 400
+        width: 832
+        height: 480
+        num_frames: 33
+        fps: 16
+        prompts:
+          - "[trigger] sleeping on a windowsill"
+          - "[trigger] chasing a red ball"
+        neg: "blurry"
+        seed: 7
+        walk_seed: true
+        guidance_scale: 4
+        sample_steps: 30
+meta:
+  name: "[name]"
+  version: '2.0'
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_24gb_example_maps_every_key(tmp_path):
+    params, unmapped = import_config(write(tmp_path, CONFIG_24GB))
+    assert (params.job.name, params.job.trigger_word, params.job.device, params.job.output_dir) == (
+        "tabby_cat_v2", "t4bby", "cuda:0", "runs")
+    assert (params.network.rank, params.network.alpha) == (24, 12.0)
+    assert (params.save.dtype, params.save.every, params.save.keep_last) == ("fp16", 200, 3)
+    assert list(params.datasets) == ["tabby"]
+    ds = params.datasets["tabby"]
+    assert (ds.folder, ds.captions.extension, ds.bucket.resolutions, ds.bucket.num_frames) == (
+        "/clips/tabby", "txt", [512, 768], [33])
+    t = params.train
+    assert (t.steps, t.batch_size, t.gradient_accumulation, t.optimizer, t.lr, t.weight_decay) == (
+        1800, 1, 2, "adamw8bit", 2e-4, 1e-3)
+    assert (t.timestep_type, t.timestep_bias, t.caption_dropout, t.cache_text_embeddings) == (
+        "linear", "balanced", 0.1, True)
+    assert (t.dop.enabled, t.ema.enabled, t.differential_guidance.enabled) == (False, False, False)
+    assert params.multistage.switch_every == 10
+    assert (params.multistage.train_high_noise, params.multistage.train_low_noise) == (True, False)
+    q = params.quantization
+    assert (q.transformer, q.text_encoder) == ("uint4", "qfloat8")
+    assert q.recovery.source == "ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors"
+    m = params.model
+    assert (m.name_or_path, m.low_vram, m.dtype) == ("ai-toolkit/Wan2.2-T2V-A14B-Diffusers-bf16", True, "bf16")
+    s = params.sample
+    assert s.prompts == ["[trigger] sleeping on a windowsill", "[trigger] chasing a red ball"]
+    assert (s.width, s.height, s.num_frames, s.fps, s.seed, s.walk_seed) == (832, 480, 33, 16, 7, True)
+    assert (s.guidance_scale, s.steps, s.negative_prompt, s.every_checkpoint, s.baseline) == (4.0, 30, "blurry", 2, True)
+    assert unmapped == [
+        NETWORK_NOTE,
+        "train.noise_offset=0.1 (not supported)",
+        "meta.name='[name]' (not used: wanlora writes its own lineage metadata)",
+        "meta.version='2.0' (not used: wanlora writes its own lineage metadata)",
+    ]
+    # the result is a normal params file
+    assert parse_params(yaml.safe_load(dump_params(params))) == params
+
+
+CONFIG_TWO_DATASETS_DOP = {
+    "job": "extension",
+    "config": {
+        "name": "anna",
+        "process": [{
+            "type": "diffusion_trainer",
+            "sqlite_db_path": "./aitk_db.db",
+            "trigger_word": None,
+            "network": {"type": "lora", "linear": 16, "linear_alpha": 16, "conv": 16, "conv_alpha": 16,
+                        "network_kwargs": {"ignore_if_contains": []}},
+            "save": {"dtype": "bf16", "save_every": 250, "max_step_saves_to_keep": 4, "save_format": "diffusers",
+                     "push_to_hub": False},
+            "datasets": [
+                {"folder_path": "data/anna", "caption_ext": ".txt", "caption_dropout_rate": 0.05, "num_frames": 41,
+                 "resolution": 512, "trigger_word": "anna_w", "flip_x": True, "is_reg": False, "num_repeats": 1,
+                 "default_caption": "a photo of [trigger]"},
+                {"folder_path": "data/anna/", "caption_dropout_rate": 0.2, "num_frames": 1, "resolution": [768],
+                 "trigger_word": "annie", "num_repeats": 3, "shrink_video_to_frames": False, "fps": 16},
+            ],
+            "train": {"steps": 2500, "optimizer": "prodigy", "lr": 1.0, "timestep_type": "weighted",
+                      "content_or_style": "style", "diff_output_preservation": True,
+                      "diff_output_preservation_multiplier": 0.5, "diff_output_preservation_class": "woman",
+                      "ema_config": {"use_ema": True, "ema_decay": 0.995}, "do_differential_guidance": True,
+                      "differential_guidance_scale": 2.0, "skip_first_sample": True, "unload_text_encoder": True,
+                      "lr_scheduler": "cosine_with_restarts"},
+            "model": {"name_or_path": "/weights/wan22", "arch": "wan22_14b", "quantize": True, "qtype": "qfloat8",
+                      "quantize_te": False, "layer_offloading": True, "layer_offloading_transformer_percent": 0.5,
+                      "model_kwargs": {}},
+            "sample": {"sample_every": 250, "samples": [{"prompt": "[trigger] at a desk"},
+                                                        {"prompt": "[trigger] on a bike", "seed": 3}],
+                       "num_frames": 41},
+        }],
+    },
+}
+
+
+def test_two_datasets_and_dop(tmp_path):
+    params, unmapped = import_config(write(tmp_path, json.dumps(CONFIG_TWO_DATASETS_DOP), "job.json"))
+    assert list(params.datasets) == ["anna", "ds1"]  # same folder name twice: the second is numbered
+    a, b = params.datasets["anna"], params.datasets["ds1"]
+    assert (a.folder, a.bucket.num_frames, a.bucket.resolutions, a.flip_horizontal) == ("data/anna", [41], [512], True)
+    assert a.captions.default_caption == "a photo of [trigger]"
+    assert (b.bucket.num_frames, b.bucket.resolutions, b.bucket.frame_sampling, b.bucket.fps) == (
+        [1], [768], "window", 16.0)
+    assert params.job.trigger_word == "anna_w"  # no global trigger: the first dataset's
+    t = params.train
+    assert (t.dop.enabled, t.dop.multiplier, t.dop.preservation_class) == (True, 0.5, "woman")
+    assert (t.ema.enabled, t.ema.decay) == (True, 0.995)
+    assert (t.differential_guidance.enabled, t.differential_guidance.scale) == (True, 2.0)
+    assert (t.timestep_type, t.timestep_bias, t.caption_dropout) == ("weighted", "low_noise", 0.05)
+    assert (t.optimizer, t.lr, t.lr_scheduler) == ("adamw8bit", 1e-4, "constant")  # prodigy's lr not carried over
+    assert params.multistage.switch_every == 1  # AI Toolkit's default when absent
+    assert (params.network.rank, params.network.alpha) == (16, 16.0)
+    assert (params.quantization.transformer, params.quantization.text_encoder) == ("qfloat8", "none")
+    assert (params.model.layer_offloading, params.model.layer_offloading_fraction) == (True, 0.5)
+    assert params.sample.prompts == ["[trigger] at a desk", "[trigger] on a bike"]
+    assert (params.sample.baseline, params.sample.every_checkpoint, params.sample.num_frames) == (False, 1, 41)
+    assert (params.sample.guidance_scale, params.sample.steps, params.sample.seed) == (7.0, 20, 0)  # AI Toolkit defaults
+    assert unmapped == [
+        NETWORK_NOTE,
+        "train.optimizer='prodigy' (not supported: use adamw8bit, adamw, adafactor; kept adamw8bit)",
+        "train.lr=1.0 (belongs to prodigy; kept wanlora's default)",
+        "train.lr_scheduler='cosine_with_restarts' (not supported: use constant, cosine, linear; kept constant)",
+        "train.unload_text_encoder=True (not supported: AI Toolkit then trains on the trigger word alone and "
+        "ignores captions; wanlora trains on captions)",
+        "datasets[1].caption_dropout_rate=0.2 (one rate for all datasets: kept 0.05 from datasets[0].caption_dropout_rate)",
+        "datasets[1].trigger_word='annie' (one trigger word for all datasets: kept job.trigger_word 'anna_w')",
+        "sample.samples[1].seed=3 (per-prompt settings not supported: every prompt uses the sample.* values)",
+        "datasets[1].num_repeats=3 (not supported)",
+    ]
+
+
+def test_out_of_range_names_both_keys(tmp_path):
+    text = CONFIG_24GB.replace("linear: 24", "linear: 2048").replace("num_frames: 33\n          resolution",
+                                                                       "num_frames: 32\n          resolution")
+    with pytest.raises(ParamsError) as err:
+        import_config(write(tmp_path, text))
+    msg = str(err.value)
+    assert "network.rank: Input should be less than or equal to 1024 (got 2048)" in msg
+    assert "network.rank came from AI Toolkit network.linear=2048" in msg
+    assert "datasets.tabby.bucket.num_frames: frame counts must be 4n+1" in msg
+    assert "datasets.tabby.bucket.num_frames came from AI Toolkit datasets[0].num_frames=[32]" in msg
+
+
+def test_wrong_arch_and_bad_files(tmp_path):
+    with pytest.raises(ParamsError, match="model.arch='flux': wanlora trains Wan 2.2 T2V A14B only"):
+        import_config(write(tmp_path, CONFIG_24GB.replace("arch: 'wan22_14b'", "arch: 'flux'")))
+    with pytest.raises(ParamsError, match="no config.process list; expected an AI Toolkit job config"):
+        import_config(write(tmp_path, "job: extension\nconfig: {name: x}\n"))
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        import_config(write(tmp_path, "config: [unclosed\n"))
+    with pytest.raises(ParamsError, match=r"model.qtype='nf3': no wanlora equivalent; use one of qfloat8, float8, uint4"):
+        import_config(write(tmp_path, CONFIG_24GB.replace('qtype: "uint4|', 'qtype: "nf3|')))
+
+
+def test_nearest_qtype_and_missing_adapter(tmp_path):
+    params, unmapped = import_config(write(tmp_path, CONFIG_24GB.replace(
+        'qtype: "uint4|ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors"', 'qtype: "uint3"')))
+    assert (params.quantization.transformer, params.quantization.recovery.source) == ("uint4", "none")
+    assert "model.qtype='uint3' (not supported: imported as the nearest wanlora type, uint4)" in unmapped
+
+
+@pytest.mark.parametrize(("aitk", "ours"), [("balanced", "balanced"), ("content", "high_noise"), ("style", "low_noise")])
+def test_content_or_style_is_noise_level(tmp_path, aitk, ours):
+    text = CONFIG_24GB.replace("timestep_type: 'linear'", f"timestep_type: 'linear'\n        content_or_style: {aitk}")
+    assert import_config(write(tmp_path, text))[0].train.timestep_bias == ours
