@@ -1,0 +1,219 @@
+"""Stage text_cache: every caption, DOP variant, sample prompt and "" encoded by UMT5 once.
+
+The embeddings are bit-for-bit what `WanPipeline.encode_prompt` computes (same cleaning, same
+tokenizer call padded to 512, same attention mask, trimmed to the real length), so training on
+cached text and sampling through the pipeline condition the transformer identically. One file per
+text, named by a key that covers everything the embedding depends on (text, encoder and
+tokenizer identity, max length, dtype, quantization, ftfy cleaning): a rerun encodes only new
+texts, and a different encoder makes new files instead of silently reusing old ones.
+
+Contract (docs/architecture.md): `<out>/<key>.safetensors` holds `prompt_embeds` [L, D] with
+metadata text/encoder/dtype/quant/max_length/tokens; `<out>/index.json` maps text -> key and
+records the encoder identity.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+from pathlib import Path
+
+import torch
+from rich.progress import track
+from safetensors import safe_open
+from safetensors.torch import save
+
+from wanlora.io import atomic_write_bytes, atomic_write_json, read_jsonl, sha256_json
+from wanlora.models.loading import (
+    clean_prompt,
+    load_text_encoder,
+    load_tokenizer,
+    model_identity,
+    to_dtype,
+)
+
+MAX_LENGTH = 512
+INDEX = "index.json"
+TRIGGER_PLACEHOLDER = "[trigger]"
+_RERUN = "Fix: rerun the text_cache stage (`dvc repro text_cache`)"
+
+
+class TextCacheError(RuntimeError):
+    """A text cache that does not match the request; the message says which stage to rerun."""
+
+
+def encoder_identity(root: str | Path) -> str:
+    """Identity of what turns text into embeddings: the UMT5 weights and the tokenizer."""
+    return f"{model_identity(root, 'text_encoder')}+{model_identity(root, 'tokenizer')}"
+
+
+def _ftfy() -> bool:
+    from diffusers.utils import is_ftfy_available
+
+    return bool(is_ftfy_available())
+
+
+def cache_key(text: str, encoder: str, dtype: str, quant: str, max_length: int = MAX_LENGTH) -> str:
+    """File stem of a text's embedding: changes whenever the embedding could change."""
+    return sha256_json(
+        {"text": text, "encoder": encoder, "max_length": max_length, "dtype": dtype, "quant": quant, "ftfy": _ftfy()}
+    )
+
+
+def needed_texts(captions: list[dict], prompts: list[str], trigger: str) -> list[str]:
+    """Every distinct text the trainer and sampler will ask for, sorted: captions, their DOP
+    variants, the empty caption (caption dropout, unconditional branch) and the sample prompts
+    with [trigger] filled in."""
+    texts = {""}
+    for rec in captions:
+        texts.add(rec["caption"])
+        if rec.get("caption_dop") is not None:
+            texts.add(rec["caption_dop"])
+    texts.update(p.replace(TRIGGER_PLACEHOLDER, trigger) for p in prompts)
+    return sorted(texts)
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, text: str, max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """[L, D] embedding of one text, trimmed to its real token count, exactly as WanPipeline's
+    `_get_t5_prompt_embeds` computes it before padding (one text per call: batching changes
+    the bits of the result through BLAS blocking)."""
+    inputs = tokenizer(
+        [clean_prompt(text)],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    device = next(text_encoder.parameters()).device
+    ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+    hidden = text_encoder(ids, mask).last_hidden_state
+    length = int(mask.gt(0).sum())
+    return hidden[0, :length].cpu().contiguous()
+
+
+def _valid(path: Path, encoder: str) -> bool:
+    """An existing cache file whose header is readable and names this encoder."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("encoder") == encoder and "prompt_embeds" in f.keys()
+    except Exception:  # a torn or foreign file is simply re-encoded
+        return False
+
+
+def _quantize(model: torch.nn.Module, quant: str) -> None:
+    if quant == "none":
+        return
+    try:
+        from wanlora.models.quant import quantize_module
+    except ImportError:
+        raise TextCacheError(
+            f"quantization.text_encoder={quant!r} needs wanlora.models.quant, which this install "
+            "lacks. Fix: set quantization.text_encoder: none"
+        ) from None
+    quantize_module(model, quant)
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_stage(
+    root: Path,
+    captions_manifest: Path,
+    prompts: list[str],
+    trigger: str,
+    out_dir: Path,
+    dtype: str,
+    quant: str,
+    device: str,
+) -> None:
+    """Encode the texts that have no valid cache file, remove files no longer needed, write index.json."""
+    out_dir = Path(out_dir)
+    texts = needed_texts(read_jsonl(captions_manifest), prompts, trigger)
+    encoder = encoder_identity(root)
+    keys = {t: cache_key(t, encoder, dtype, quant) for t in texts}
+    todo = [t for t in texts if not _valid(out_dir / f"{keys[t]}.safetensors", encoder)]
+
+    if todo:
+        tokenizer = load_tokenizer(root)
+        model = load_text_encoder(root, to_dtype(dtype), device)
+        _quantize(model, quant)
+        try:
+            for text in track(todo, description=f"text_cache: encoding {len(todo)} text(s)"):
+                embeds = encode_text(tokenizer, model, text)
+                meta = {
+                    "text": text, "encoder": encoder, "dtype": dtype, "quant": quant,
+                    "max_length": str(MAX_LENGTH), "tokens": str(embeds.shape[0]),
+                }
+                atomic_write_bytes(out_dir / f"{keys[text]}.safetensors", save({"prompt_embeds": embeds}, meta))
+        finally:
+            del model
+            _free(device)
+
+    wanted = {f"{k}.safetensors" for k in keys.values()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.safetensors"):
+        if stale.name not in wanted:
+            stale.unlink()
+    atomic_write_json(
+        out_dir / INDEX,
+        {"encoder": encoder, "dtype": dtype, "quant": quant, "max_length": MAX_LENGTH, "texts": keys},
+    )
+
+
+def load_text_embeds(cache_dir: str | Path, text: str, expect_encoder: str | None = None) -> torch.Tensor:
+    """The cached [L, D] embedding of `text`. With `expect_encoder` (see `encoder_identity`), a
+    cache made by another text encoder is an error rather than a silent mismatch."""
+    cache_dir = Path(cache_dir)
+    index = _read_index(cache_dir)
+    if expect_encoder is not None and index.get("encoder") != expect_encoder:
+        raise TextCacheError(
+            f"{cache_dir}: made with text encoder {index.get('encoder')}, but the model now is "
+            f"{expect_encoder}. {_RERUN}"
+        )
+    key = index["texts"].get(text)
+    if key is None:
+        raise TextCacheError(f"{cache_dir}: no embedding for {text!r} (a caption or prompt changed?). {_RERUN}")
+    path = cache_dir / f"{key}.safetensors"
+    if not path.is_file():
+        raise TextCacheError(f"{path}: missing. {_RERUN}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("text") != text or meta.get("encoder") != index.get("encoder"):
+            raise TextCacheError(f"{path}: does not hold the embedding of {text!r} for this encoder. {_RERUN}")
+        return f.get_tensor("prompt_embeds")
+
+
+def _read_index(cache_dir: Path) -> dict:
+    """index.json, parsed once per version of the file (the trainer asks for every step)."""
+    path = cache_dir / INDEX
+    try:
+        stamp = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise TextCacheError(f"{path}: missing. {_RERUN}") from None
+    return _parse_index(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_index(path: str, stamp: int) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def pad_embeds(embeds: list[torch.Tensor], max_len: int = MAX_LENGTH) -> torch.Tensor:
+    """Stack [L_i, D] embeddings into [B, max_len, D] with zero padding, as WanPipeline does
+    after trimming (the transformer sees zeros, not the encoder's padding outputs)."""
+    if not embeds:
+        raise ValueError("pad_embeds needs at least one embedding")
+    longest = max(e.shape[0] for e in embeds)
+    if longest > max_len:
+        raise ValueError(f"an embedding has {longest} tokens, more than max_len={max_len}")
+    out = embeds[0].new_zeros(len(embeds), max_len, embeds[0].shape[1])
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e
+    return out

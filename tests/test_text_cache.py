@@ -1,0 +1,132 @@
+"""text_cache: bit-exact agreement with WanPipeline.encode_prompt, incremental reruns, identity checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _model_helpers import one_thread, tiny_model, write_captions  # noqa: F401 (fixture)
+from diffusers import WanPipeline
+
+from wanlora.models import text
+from wanlora.models.text import (
+    TextCacheError,
+    encoder_identity,
+    load_text_embeds,
+    pad_embeds,
+    run_stage,
+)
+
+CAPTIONS = {
+    "main/a.mp4": ("sks  walking through a park &amp; smiling", "person walking through a park &amp; smiling"),
+    "main/b.mp4": ("sks dancing on the beach, slowly", "person dancing on the beach, slowly"),
+    "main/c.png": ("sks dancing on the beach, slowly", None),  # same caption twice: encoded once
+}
+PROMPTS = ["[trigger] holding a red cat", ""]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts calls of the encoder so reruns can be checked."""
+    calls: list[str] = []
+    real = text.encode_text
+
+    def spy(tokenizer, model, t, max_length=text.MAX_LENGTH):
+        calls.append(t)
+        return real(tokenizer, model, t, max_length)
+
+    monkeypatch.setattr(text, "encode_text", spy)
+    return calls
+
+
+def _run(root, tmp_path, captions=CAPTIONS, prompts=PROMPTS):
+    manifest = write_captions(tmp_path / "captions.jsonl", captions)
+    out = tmp_path / "cache"
+    run_stage(root, manifest, prompts, "sks", out, dtype="fp32", quant="none", device="cpu")
+    return out
+
+
+def test_cache_equals_pipeline_encode_prompt_bitwise(tmp_path_factory, tmp_path, counted):
+    root = tiny_model(tmp_path_factory)
+    out = _run(root, tmp_path)
+    expected = sorted({
+        "", "sks  walking through a park &amp; smiling", "person walking through a park &amp; smiling",
+        "sks dancing on the beach, slowly", "person dancing on the beach, slowly", "sks holding a red cat",
+    })
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(index["texts"]) == expected
+    assert sorted(counted) == expected
+    assert len(list(out.glob("*.safetensors"))) == 6
+
+    pipe = WanPipeline.from_pretrained(root, torch_dtype=torch.float32)
+    for t in expected:
+        with torch.no_grad():  # as in WanPipeline.__call__ (grad mode changes the last bits)
+            ref, _ = pipe.encode_prompt(t, do_classifier_free_guidance=False, max_sequence_length=512, device="cpu")
+        cached = load_text_embeds(out, t, expect_encoder=encoder_identity(root))
+        assert cached.dtype == torch.float32 and cached.shape[1] == 32
+        assert torch.equal(pad_embeds([cached]), ref), t
+    # the empty caption is the EOS token alone; trimming keeps exactly the real tokens
+    assert load_text_embeds(out, "").shape == (1, 32)
+    n = len(pipe.tokenizer("sks holding a red cat")["input_ids"])
+    assert load_text_embeds(out, "sks holding a red cat").shape == (n, 32)
+
+
+def test_rerun_encodes_only_new_texts_and_removes_stale(tmp_path_factory, tmp_path, counted):
+    root = tiny_model(tmp_path_factory)
+    out = _run(root, tmp_path)
+    assert len(counted) == 6
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    _run(root, tmp_path)
+    assert len(counted) == 6  # nothing encoded again
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
+
+    changed = {**CAPTIONS, "main/a.mp4": ("sks sitting in a room", "person sitting in a room")}
+    _run(root, tmp_path, captions=changed)
+    assert counted[6:] == ["person sitting in a room", "sks sitting in a room"]
+    texts = json.loads((out / "index.json").read_text())["texts"]
+    assert "sks  walking through a park &amp; smiling" not in texts
+    assert {p.stem for p in out.glob("*.safetensors")} == set(texts.values())
+
+
+def test_torn_file_is_reencoded(tmp_path_factory, tmp_path, counted):
+    root = tiny_model(tmp_path_factory)
+    out = _run(root, tmp_path)
+    key = json.loads((out / "index.json").read_text())["texts"]["sks holding a red cat"]
+    (out / f"{key}.safetensors").write_bytes(b"\x08\x00")
+    _run(root, tmp_path)
+    assert counted[6:] == ["sks holding a red cat"]
+    assert load_text_embeds(out, "sks holding a red cat").shape[1] == 32
+
+
+def test_other_encoder_is_detected(tmp_path_factory, tmp_path, counted):
+    root, other = tiny_model(tmp_path_factory), tiny_model(tmp_path_factory, seed=1)
+    assert encoder_identity(root) != encoder_identity(other)
+    out = _run(root, tmp_path)
+    with pytest.raises(TextCacheError, match=r"made with text encoder .* rerun the text_cache stage"):
+        load_text_embeds(out, "", expect_encoder=encoder_identity(other))
+    old_files = {p.name for p in out.glob("*.safetensors")}
+    _run(other, tmp_path)  # a new encoder re-encodes everything and replaces every file
+    assert len(counted) == 12
+    assert old_files.isdisjoint(p.name for p in out.glob("*.safetensors"))
+    assert len(list(out.glob("*.safetensors"))) == 6
+    assert load_text_embeds(out, "", expect_encoder=encoder_identity(other)).shape == (1, 32)
+
+
+def test_unknown_text_names_the_stage(tmp_path_factory, tmp_path):
+    out = _run(tiny_model(tmp_path_factory), tmp_path)
+    with pytest.raises(TextCacheError, match="no embedding for 'a brand new prompt'.*text_cache"):
+        load_text_embeds(out, "a brand new prompt")
+    with pytest.raises(TextCacheError, match="index.json: missing"):
+        load_text_embeds(tmp_path / "nowhere", "")
+
+
+def test_pad_embeds_zero_pads_to_512():
+    a, b = torch.ones(3, 4), torch.full((5, 4), 2.0)
+    padded = pad_embeds([a, b])
+    assert padded.shape == (2, 512, 4)
+    assert padded[0, :3].eq(1).all() and padded[0, 3:].eq(0).all()
+    assert padded[1, :5].eq(2).all() and padded[1, 5:].eq(0).all()
+    with pytest.raises(ValueError, match="600 tokens, more than max_len=512"):
+        pad_embeds([torch.zeros(600, 4)])
