@@ -95,3 +95,41 @@ def merged(model: WanTransformer3DModel, lora: dict[str, LoraModule]) -> WanTran
             delta = m.up.float().flatten(1) @ m.down.float().flatten(1)
             w += (m.scale * delta).reshape(w.shape).to(w.dtype)
     return out
+
+
+def make_lineage_workspace(root: Path, n_clips: int = 2) -> Path:
+    """A workspace with raw clips (bytes only), caption files, the three manifests and params.yaml.
+
+    Clip 0..n-2 have caption files; the last clip uses the dataset's default caption.
+    """
+    import json
+
+    from wanlora.config import dump_params, parse_params
+    from wanlora.io import sha256_file, sha256_text, write_jsonl
+
+    params = parse_params({"datasets": {"main": {"captions": {"default_caption": "a clip"}}}})
+    (root / "params.yaml").write_text(dump_params(params))
+    raw = root / "data/raw"
+    raw.mkdir(parents=True)
+    clips, samples, captions = [], [], []
+    for i in range(n_clips):
+        clip = raw / f"c{i}.mp4"
+        clip.write_bytes(f"video bytes {i}".encode())
+        cid, rel = f"main/c{i}.mp4", f"data/raw/c{i}.mp4"
+        has_file = i < n_clips - 1
+        if has_file:
+            (raw / f"c{i}.txt").write_text(f"sks clip number {i}")
+        clips.append({"id": cid, "dataset": "main", "path": rel, "sha256": sha256_file(clip),
+                      "caption_path": f"data/raw/c{i}.txt" if has_file else None, "status": "ok"})
+        for k in range(2):
+            samples.append({"id": f"{cid}#{k}", "clip_id": cid, "dataset": "main", "path": rel,
+                            "sha256": sha256_file(clip), "kind": "video"})
+        text = f"sks clip number {i}" if has_file else "sks a clip"
+        captions.append({"id": cid, "caption": text, "caption_sha256": sha256_text(text),
+                         "source": f"data/raw/c{i}.txt" if has_file else "default",
+                         "source_sha256": sha256_file(raw / f"c{i}.txt") if has_file else sha256_text("a clip")})
+    write_jsonl(root / "data/trimmed/clips.jsonl", clips)
+    write_jsonl(root / "data/buckets/samples.jsonl", samples)
+    write_jsonl(root / "data/captions/captions.jsonl", captions)
+    (root / "dvc.lock").write_text(json.dumps({"schema": "2.0"}))
+    return root
