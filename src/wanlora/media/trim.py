@@ -56,13 +56,13 @@ def find_keep_range(path: Path, info: MediaInfo, cfg: TrimConfig) -> KeepRange:
     head_idx: list[int] = []
 
     def head() -> Iterator[Analysed]:
-        for idx, gray in iter_frames(path, info, 0, limit + params.min_static_frames, gray=True, size=size):
+        for idx, gray in iter_frames(path, info, 0, limit, gray=True, size=size):
             head_idx.append(idx)
             yield analyse(gray)
 
     intro = static_prefix(head(), params)
     if not intro.moving_found:
-        if len(head_idx) < limit + params.min_static_frames:  # the decode ran out: the whole clip was seen
+        if len(head_idx) < limit:  # the decode ran out before the limit: the whole clip was seen
             raise MediaError(
                 f"no motion anywhere in the clip ({intro.black} black, {intro.fade + intro.still} still frames)",
                 "delete it, or lower datasets.<name>.trim.motion_threshold if it does move",

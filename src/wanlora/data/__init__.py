@@ -1,0 +1,1 @@
+"""Data: buckets and frame sampling, captions, manifests, and the training dataset."""

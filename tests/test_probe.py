@@ -1,0 +1,128 @@
+"""Probing and decoding: sizes, rates, rotation, and a clear MediaError for every kind of bad file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _media_helpers import write_audio_only
+from wanlora.media.decode import iter_frames, read_frames
+from wanlora.media.probe import MediaError, normalise_rotation, probe
+from wanlora.media.synth import ClipSpec, make_clip, write_image, write_video
+
+
+def test_probe_reads_rate_count_and_size(tmp_path: Path) -> None:
+    make_clip(tmp_path / "a.mp4", ClipSpec(width=96, height=64, fps=24, moving=30))
+    info = probe(tmp_path / "a.mp4")
+    assert (info.kind, info.fps, info.frames, info.width, info.height, info.rotation) == ("video", 24.0, 30, 96, 64, 0)
+    assert info.backend == "pyav"
+    assert info.duration == pytest.approx(1.25)
+
+
+def test_odd_size_probes_and_decodes(tmp_path: Path) -> None:
+    make_clip(tmp_path / "odd.mp4", ClipSpec(width=97, height=61, fps=16, moving=10))
+    info = probe(tmp_path / "odd.mp4")
+    assert (info.width, info.height, info.frames) == (97, 61, 10)
+    assert read_frames(tmp_path / "odd.mp4", [0, 9], info).shape == (2, 61, 97, 3)
+
+
+def test_rotation_metadata_gives_displayed_size_and_upright_frames(tmp_path: Path) -> None:
+    # coded 64 wide x 32 high, a white stripe on the left 8 columns; displayed turned 90 deg CCW
+    coded = np.zeros((32, 64, 3), np.uint8)
+    coded[:, :8] = 255
+    write_video(tmp_path / "r.mp4", [coded] * 5, 24, rotation=90)
+    info = probe(tmp_path / "r.mp4")
+    assert (info.rotation, info.width, info.height) == (90, 32, 64)
+    frame = read_frames(tmp_path / "r.mp4", [2], info)[0]
+    assert frame.shape == (64, 32, 3)
+    # a CCW turn moves the left columns to the bottom rows
+    assert frame[-6:].mean() > 200 and frame[:-10].mean() < 30
+
+
+@pytest.mark.parametrize(("angle", "expected"), [(0, 0), (90, 90), (-90, 270), (180, 180), (-180, 180), (269.6, 270)])
+def test_normalise_rotation(angle: float, expected: int) -> None:
+    assert normalise_rotation(angle) == expected
+
+
+def test_exif_orientation_of_images(tmp_path: Path) -> None:
+    img = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "p.jpg", exif=exif)
+    info = probe(tmp_path / "p.jpg")
+    assert (info.kind, info.width, info.height, info.rotation, info.frames) == ("image", 20, 40, 270, 1)
+    assert read_frames(tmp_path / "p.jpg", [0], info).shape == (1, 40, 20, 3)
+
+
+def test_read_frames_follows_requested_order_and_repeats(tmp_path: Path) -> None:
+    # frame i is uniformly grey level 10*i, so each returned frame names its own index
+    frames = [np.full((32, 32, 3), 10 * i, np.uint8) for i in range(20)]
+    write_video(tmp_path / "g.mp4", frames, 16, gop=4)
+    got = read_frames(tmp_path / "g.mp4", [15, 3, 3, 19])
+    assert [round(float(f.mean()) / 10) for f in got] == [15, 3, 3, 19]
+
+
+def test_seeking_gives_the_same_numbering_as_decoding_from_the_start(tmp_path: Path) -> None:
+    frames = [np.full((32, 32, 3), 5 * i, np.uint8) for i in range(40)]
+    write_video(tmp_path / "s.mp4", frames, 24, gop=6)
+    info = probe(tmp_path / "s.mp4")
+    whole = dict(iter_frames(tmp_path / "s.mp4", info, gray=True))
+    tail = dict(iter_frames(tmp_path / "s.mp4", info, 27, 33, gray=True))
+    assert sorted(tail) == list(range(27, 33))
+    for i, g in tail.items():
+        assert np.array_equal(g, whole[i])
+
+
+def test_opencv_backend_agrees_with_pyav(tmp_path: Path) -> None:
+    make_clip(tmp_path / "a.mp4", ClipSpec(width=64, height=48, fps=24, moving=12))
+    av_info = probe(tmp_path / "a.mp4")
+    cv_info = probe(tmp_path / "a.mp4", backend="opencv")
+    assert cv_info.backend == "opencv"
+    assert (cv_info.fps, cv_info.frames, cv_info.width, cv_info.height) == (24.0, 12, 64, 48)
+    a = read_frames(tmp_path / "a.mp4", [0, 5, 11], av_info).astype(int)
+    b = read_frames(tmp_path / "a.mp4", [0, 5, 11], cv_info).astype(int)
+    assert np.abs(a - b).mean() < 3  # same decoder underneath; only colour conversion differs
+
+
+def test_webm_without_frame_count_is_estimated(tmp_path: Path) -> None:
+    frames = [np.full((32, 32, 3), 4 * i, np.uint8) for i in range(24)]
+    write_video(tmp_path / "w.webm", frames, 24, codec="libvpx-vp9")
+    info = probe(tmp_path / "w.webm")
+    assert abs(info.frames - 24) <= 1
+    assert len(list(iter_frames(tmp_path / "w.webm", info, gray=True))) == 24
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "reason"),
+    [
+        ("zero.mp4", lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+        ("text.mp4", lambda p: p.write_text("just some notes\n"), "cannot be decoded"),
+        ("audio.mp4", write_audio_only, "audio-only file"),
+        ("clip.gif", lambda p: p.write_bytes(b"GIF89a"), "unsupported file type '.gif'"),
+        ("bad.png", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\nnot really"), "not a readable image"),
+    ],
+)
+def test_bad_files_raise_media_error_with_reason_and_fix(tmp_path: Path, name: str, make, reason: str) -> None:
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(MediaError) as err:
+        probe(path)
+    assert reason in err.value.reason
+    assert err.value.fix  # every problem says what to do
+
+
+def test_truncated_mp4_without_index_is_reported(tmp_path: Path) -> None:
+    make_clip(tmp_path / "a.mp4", ClipSpec(moving=30))
+    data = (tmp_path / "a.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # the index ('moov') sits at the end
+    with pytest.raises(MediaError, match="cannot be decoded"):
+        probe(tmp_path / "cut.mp4")
+
+
+def test_images_probe_with_size(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", np.zeros((30, 50, 3), np.uint8))
+    info = probe(tmp_path / "a.png")
+    assert (info.kind, info.width, info.height, info.frames, info.rotation) == ("image", 50, 30, 1, 0)
