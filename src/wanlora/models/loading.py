@@ -271,6 +271,14 @@ def load_scheduler_config(root: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def load_vae_config(root: str | Path) -> dict[str, Any]:
+    """vae/config.json: latents_mean / latents_std for (de)normalising without loading the VAE."""
+    path = Path(root) / "vae" / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: missing. Fix: download vae/ of the model")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 # ---------------------------------------------------------------------------------- loaders
 def load_transformer(
     root: str | Path, expert: Literal["high", "low"], dtype: str | torch.dtype, device: str = "cpu"

@@ -1,0 +1,234 @@
+"""Stage latent_cache: every training sample's frames encoded by the Wan VAE once.
+
+A sample (data/buckets/samples.jsonl) names source frames, a crop, a bucket size and a flip.
+`load_frames` turns it into pixels exactly one way (decode those frames upright, crop, resize with
+area averaging when shrinking, flip, scale to [-1, 1]); `encode_frames` turns pixels into the
+VAE's Gaussian. The trainer uses the same two functions when a dataset is not cached, so cached
+and uncached training see identical latents.
+
+Normalisation: the cache stores the VAE's *raw* distribution (mean and logvar, or the mode),
+exactly what `vae.encode` returns. The trainer draws z = mean + exp(logvar / 2) * eps (see
+`draw_latent`) and then calls `normalize_latents(z, vae_config)` = (z - latents_mean) /
+latents_std per channel, which is the space the transformer works in (WanPipeline's decode path
+undoes it with `denormalize_latents` before `vae.decode`). Storing raw values keeps the cache a
+plain function of the VAE, lets the noise be drawn in the space the VAE defined, and leaves the
+constants in one place (vae/config.json).
+
+Contract: `<out>/<key>.safetensors` with `mean` and `logvar` [16, F', H/8, W/8] (distribution)
+or `latent` (mode); metadata vae, sample_id, bucket, dtype, mode, sha256, frames;
+`<out>/index.json` maps sample id -> key and records the VAE identity. The key covers the
+source bytes, frames, crop, size, flip, VAE identity, mode and dtype.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+from rich.progress import track
+from safetensors import safe_open
+from safetensors.torch import save
+
+from wanlora.io import atomic_write_bytes, atomic_write_json, read_jsonl, sha256_json
+from wanlora.models.geometry import TEMPORAL_FACTOR, latent_shape
+from wanlora.models.loading import load_vae, model_identity, to_dtype
+
+INDEX = "index.json"
+#: Frames larger than this (in pixels) are encoded in overlapping tiles to bound VAE memory.
+#: Up to 720p the Wan VAE encodes whole frames on a 24 GB card; tiles change the last bits.
+TILING_MIN_PIXELS = 1280 * 720
+_KEY_FIELDS = ("id", "sha256", "kind", "frame_indices", "crop", "width", "height", "flip")
+_RERUN = "Fix: rerun the latent_cache stage (`dvc repro latent_cache`)"
+_REBUCKET = "Fix: rerun the bucket stage (`dvc repro bucket`)"
+
+
+class LatentCacheError(RuntimeError):
+    """A latent cache that does not match the request; the message says which stage to rerun."""
+
+
+def _check_frame_count(n: int, what: str) -> None:
+    if n < 1 or (n - 1) % TEMPORAL_FACTOR:
+        near = max(1, ((n - 1) // TEMPORAL_FACTOR) * TEMPORAL_FACTOR + 1)
+        raise ValueError(
+            f"{what}: {n} frames, but the Wan VAE needs 4n+1 (1, 5, 9, ..., 81) and would silently "
+            f"drop the rest; use {near} frames (datasets.<name>.bucket.num_frames)"
+        )
+
+
+# ------------------------------------------------------------------------------- pixels
+def load_frames(sample: Mapping[str, Any], workspace: str | Path) -> torch.Tensor:
+    """The sample's pixels as float32 [C, F, H, W] in [-1, 1]: its source frames decoded
+    upright, cropped to `crop`, resized to the bucket (area averaging when shrinking, bicubic when
+    enlarging), mirrored when `flip`."""
+    from wanlora.media.decode import read_frames
+
+    sid = sample["id"]
+    indices = list(sample["frame_indices"])
+    _check_frame_count(len(indices), f"sample {sid}")
+    if len(indices) != sample["num_frames"]:
+        raise ValueError(f"sample {sid}: {len(indices)} frame_indices but num_frames={sample['num_frames']}. {_REBUCKET}")
+    path = Path(workspace) / sample["path"]
+    frames = read_frames(path, indices)  # [F, H, W, 3] uint8 RGB, displayed orientation
+    x, y, w, h = sample["crop"]
+    if x < 0 or y < 0 or w < 1 or h < 1 or x + w > frames.shape[2] or y + h > frames.shape[1]:
+        raise ValueError(
+            f"sample {sid}: crop {sample['crop']} lies outside the {frames.shape[2]}x{frames.shape[1]} "
+            f"frames of {path}. {_REBUCKET}"
+        )
+    size = (int(sample["width"]), int(sample["height"]))
+    shrink = w >= size[0] and h >= size[1]
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
+    out = np.stack([cv2.resize(np.ascontiguousarray(f[y : y + h, x : x + w]), size, interpolation=interp) for f in frames])
+    if sample.get("flip"):
+        out = out[:, :, ::-1]
+    pixels = torch.from_numpy(np.ascontiguousarray(out)).permute(3, 0, 1, 2).float()
+    return pixels / 127.5 - 1.0
+
+
+
+@torch.no_grad()
+def encode_frames(vae, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) of the VAE posterior of [C, F, H, W] (or batched [B, C, F, H, W]) pixels
+    in [-1, 1], on the VAE's device and dtype. Refuses a frame count that is not 4n+1, which the
+    VAE itself would silently truncate."""
+    batched = frames.dim() == 5
+    x = frames if batched else frames.unsqueeze(0)
+    _check_frame_count(x.shape[2], "encode_frames")
+    param = next(vae.parameters())
+    dist = vae.encode(x.to(param.device, param.dtype)).latent_dist
+    mean, logvar = dist.mean, dist.logvar
+    return (mean, logvar) if batched else (mean[0], logvar[0])
+
+
+# -------------------------------------------------------------------------- normalisation
+def _stats(latents: torch.Tensor, vae_config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = len(vae_config["latents_mean"])
+    if latents.dim() < 4 or latents.shape[-4] != channels:
+        raise ValueError(f"latents {tuple(latents.shape)}: expected [..., {channels}, F, H, W]")
+    shape = (channels, 1, 1, 1)
+    mean = torch.tensor(vae_config["latents_mean"]).view(shape).to(latents.device, latents.dtype)
+    std = torch.tensor(vae_config["latents_std"]).view(shape).to(latents.device, latents.dtype)
+    return mean, std
+
+
+def normalize_latents(latents: torch.Tensor, vae_config: Mapping[str, Any]) -> torch.Tensor:
+    """Raw VAE latents -> the transformer's space: (z - latents_mean) / latents_std per channel."""
+    mean, std = _stats(latents, vae_config)
+    return (latents - mean) / std
+
+
+def denormalize_latents(latents: torch.Tensor, vae_config: Mapping[str, Any]) -> torch.Tensor:
+    """The transformer's space -> raw VAE latents (WanPipeline does this before vae.decode)."""
+    mean, std = _stats(latents, vae_config)
+    return latents * std + mean
+
+
+def draw_latent(cached: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+    """A raw latent from a cache entry: the stored mode, or a sample of the stored Gaussian."""
+    if "latent" in cached:
+        return cached["latent"]
+    mean, logvar = cached["mean"], cached["logvar"]
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    return mean + torch.exp(0.5 * logvar.float()).to(mean.dtype) * eps.to(mean.dtype)
+
+
+# --------------------------------------------------------------------------------- stage
+def sample_key(sample: Mapping[str, Any], vae: str, mode: str, dtype: str) -> str:
+    """File stem of a sample's latents: changes whenever its pixels or the encoding could."""
+    return sha256_json({"sample": {k: sample.get(k) for k in _KEY_FIELDS}, "vae": vae, "mode": mode, "dtype": dtype})
+
+
+def _valid(path: Path, vae: str) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("vae") == vae
+    except Exception:  # a torn or foreign file is simply encoded again
+        return False
+
+
+def _encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) -> dict[str, torch.Tensor]:
+    pixels = load_frames(sample, workspace)
+    _, frames, height, width = pixels.shape
+    latent_shape(frames, height, width)  # checks the bucket's sides before the VAE sees them
+    if height * width > TILING_MIN_PIXELS:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    mean, logvar = encode_frames(vae, pixels)
+    if mode == "mode":
+        return {"latent": mean.cpu().contiguous()}
+    return {"mean": mean.cpu().contiguous(), "logvar": logvar.cpu().contiguous()}
+
+
+def run_stage(
+    root: Path,
+    samples_manifest: Path,
+    workspace: Path,
+    out_dir: Path,
+    mode: Literal["distribution", "mode"],
+    dtype: str,
+    device: str,
+    enabled_datasets: set[str],
+) -> None:
+    """Encode the samples of `enabled_datasets` that have no valid cache file, remove files no
+    longer needed, write index.json."""
+    if mode not in ("distribution", "mode"):
+        raise ValueError(f"latent mode {mode!r}: use 'distribution' or 'mode'")
+    out_dir, workspace = Path(out_dir), Path(workspace)
+    samples = [s for s in read_jsonl(samples_manifest) if s["dataset"] in enabled_datasets]
+    vae_id = model_identity(root, "vae")
+    keys = {s["id"]: sample_key(s, vae_id, mode, dtype) for s in samples}
+    todo = [s for s in samples if not _valid(out_dir / f"{keys[s['id']]}.safetensors", vae_id)]
+
+    if todo:
+        vae = load_vae(root, to_dtype(dtype), device)
+        try:
+            for s in track(todo, description=f"latent_cache: encoding {len(todo)} sample(s)"):
+                try:
+                    tensors = _encode_sample(vae, s, workspace, mode)
+                except (ValueError, OSError) as err:
+                    raise LatentCacheError(f"{s['path']} (sample {s['id']}): {err}") from err
+                meta = {
+                    "vae": vae_id, "sample_id": s["id"], "bucket": s["bucket"], "dtype": dtype,
+                    "mode": mode, "sha256": s["sha256"], "frames": str(len(s["frame_indices"])),
+                }
+                atomic_write_bytes(out_dir / f"{keys[s['id']]}.safetensors", save(tensors, meta))
+        finally:
+            del vae
+            gc.collect()
+            if str(device).startswith("cuda") and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    wanted = {f"{k}.safetensors" for k in keys.values()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.safetensors"):
+        if stale.name not in wanted:
+            stale.unlink()
+    atomic_write_json(out_dir / INDEX, {"vae": vae_id, "mode": mode, "dtype": dtype, "samples": keys})
+
+
+def load_latents(cache_dir: str | Path, sample_id: str, expect_vae: str | None = None) -> dict[str, torch.Tensor]:
+    """The cached tensors of one sample (`mean`+`logvar`, or `latent`). With `expect_vae`
+    (`model_identity(root, "vae")`), a cache made by another VAE is an error."""
+    cache_dir = Path(cache_dir)
+    try:
+        index = json.loads((cache_dir / INDEX).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LatentCacheError(f"{cache_dir / INDEX}: missing. {_RERUN}") from None
+    if expect_vae is not None and index.get("vae") != expect_vae:
+        raise LatentCacheError(f"{cache_dir}: made with VAE {index.get('vae')}, but the model now has {expect_vae}. {_RERUN}")
+    key = index["samples"].get(sample_id)
+    path = cache_dir / f"{key}.safetensors"
+    if key is None or not path.is_file():
+        raise LatentCacheError(f"{cache_dir}: no latents for sample {sample_id!r}. {_RERUN}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("sample_id") != sample_id or meta.get("vae") != index.get("vae"):
+            raise LatentCacheError(f"{path}: does not hold sample {sample_id!r} for this VAE. {_RERUN}")
+        return {k: f.get_tensor(k) for k in f.keys()}
