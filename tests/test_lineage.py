@@ -65,6 +65,6 @@ def test_large_sample_list_goes_to_a_content_addressed_sidecar(tmp_path: Path):
     sidecar = ws / "data/lora/high" / name
     text = sidecar.read_text()
     assert len(text) > lineage.INLINE_LIMIT
-    assert sha256_text(text) == meta["wanlora.samples_sha256"] and name == f"lineage-{meta['wanlora.samples_sha256'][:16]}.json"
+    assert sha256_text(text) == meta["wanlora.samples_sidecar_sha256"] and name == f"lineage-{meta['wanlora.samples_sidecar_sha256'][:16]}.json"
     assert len(json.loads(text)) == 800
     assert lineage.sidecar_names(meta) == [name]

@@ -90,7 +90,7 @@ def _load_samples(file: Path, fields: dict[str, str]) -> tuple[list[dict[str, An
     if not sidecar.is_file():
         return None, f"sidecar {name} is missing: copy it from the training run's data/lora/<expert>/ next to {file.name}"
     text = sidecar.read_text(encoding="utf-8")
-    if sha256_text(text) != fields.get("samples_sha256"):
+    if sha256_text(text) != fields.get("samples_sidecar_sha256"):
         return None, f"sidecar {name} does not match the hash in the header: it was altered or belongs to another run"
     return json.loads(text), ""
 

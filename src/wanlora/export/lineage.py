@@ -125,7 +125,7 @@ def lineage_metadata(
         if not (target / name).is_file():
             atomic_write_text(target / name, samples_json)
         meta["samples_sidecar"] = name
-        meta["samples_sha256"] = digest
+        meta["samples_sidecar_sha256"] = digest
     return {PREFIX + k: v for k, v in meta.items()}
 
 
