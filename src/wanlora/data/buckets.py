@@ -56,14 +56,15 @@ def choose_bucket(width: int, height: int, resolutions: list[int], allow_upscale
         w, h = _nearest_aspect(bucket_sizes(res * res), width, height)
         if allow_upscale or (w <= width and h <= height):
             return w, h
-    # smaller than every resolution: the sizes that fit inside the source, not much below its area
-    most = (width // STEP * STEP) * (height // STEP * STEP)
-    fitting = [
+    # smaller than every resolution: aligned sizes inside the source, not much below the largest one
+    inside = [
         (w, h)
         for w in range(STEP, width + 1, STEP)
         for h in range(STEP, height + 1, STEP)
-        if 2 * w * h >= most and max(w / h, h / w) <= MAX_ASPECT
+        if max(w / h, h / w) <= MAX_ASPECT
     ]
+    most = max(w * h for w, h in inside)
+    fitting = [(w, h) for w, h in inside if 2 * w * h >= most]
     return _nearest_aspect(fitting, width, height)
 
 
