@@ -116,25 +116,39 @@ def tokens(num_frames: int, height: int, width: int, patch: tuple[int, int, int]
     return (f // patch[0]) * (h // patch[1]) * (w // patch[2])
 
 
-def train_flops(config: dict[str, Any], tokens: int, text_len: int = 512) -> float:
-    """FLOPs of one LoRA training step of one expert on one sample, for MFU.
+def forward_flops(config: dict[str, Any], tokens: int, text_len: int = 512) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of one forward pass on one sample, by part.
 
-    Counted: every matmul of the forward pass (2 FLOPs per multiply-add); the backward pass
-    through the video-token path, which for a frozen base needs only input gradients (one more
-    matmul of the same size per linear layer, weight gradients skipped); and the attention
-    backward (two matmuls for each of QK^T and PV, twice the forward). Not counted: LoRA's own
-    matmuls and weight gradients (rank << dim), elementwise work, norms, the per-sample time
-    embedding, and recomputation by gradient checkpointing (MFU counts useful work only). The
-    text path (text embedder, cross-attention K/V) runs forward only: nothing upstream of it trains.
-    Wan pads the text to `text_len` = 512 tokens, so cross-attention always sees 512 keys.
+    `video_linear`: projections and FFN of every block on the video tokens; `attention`: QK^T and
+    PV of self-attention (tokens x tokens) and cross-attention (tokens x text); `text_linear`:
+    the text embedder and every block's cross-attention K/V on the text; `time_embed`: the
+    timestep MLP and modulation projection; `patch_in` / `patch_out`: the patch embedding and the
+    output projection. Norms, softmax, rotary and modulation arithmetic are elementwise, not counted.
     """
     d = config["num_attention_heads"] * config["attention_head_dim"]
     n, length, layers = tokens, text_len, config["num_layers"]
     patch = config["patch_size"][0] * config["patch_size"][1] * config["patch_size"][2]
+    return {
+        "video_linear": float(layers * 2 * n * (6 * d * d + 2 * d * config["ffn_dim"])),
+        "attention": float(layers * 2 * (2 * n * n * d + 2 * n * length * d)),
+        "text_linear": float(2 * length * (config["text_dim"] * d + d * d) + layers * 2 * length * 2 * d * d),
+        "time_embed": float(2 * (config["freq_dim"] * d + d * d + d * 6 * d)),
+        "patch_in": float(2 * n * patch * config["in_channels"] * d),
+        "patch_out": float(2 * n * d * patch * config["out_channels"]),
+    }
 
-    linear_video = layers * 2 * n * (4 * d * d + 2 * d * d + 2 * d * config["ffn_dim"])
-    attention = layers * 2 * (2 * n * n * d + 2 * n * length * d)
-    text_path = 2 * length * (config["text_dim"] * d + d * d) + layers * 2 * length * 2 * d * d
-    patch_in = 2 * n * patch * config["in_channels"] * d  # forward only: its input is data
-    patch_out = 2 * n * d * patch * config["out_channels"]
-    return float(2 * linear_video + 3 * attention + text_path + patch_in + 2 * patch_out)
+
+def train_flops(config: dict[str, Any], tokens: int, text_len: int = 512) -> float:
+    """FLOPs of one LoRA training step of one expert on one sample, for MFU.
+
+    Forward: every matmul (`forward_flops`). Backward with a frozen base: each linear layer on the
+    video path needs only its input gradient (one matmul the size of its forward; weight
+    gradients are skipped), and attention needs dQ, dK, dV (twice its forward: the default LoRA
+    targets include cross-attention to_k/to_v, so the text-side K and V need gradients too). The
+    text path, time embedding and patch embedding run forward only: nothing upstream of them
+    trains. Not counted: LoRA's own matmuls (rank << dim), elementwise work, and recomputation by
+    gradient checkpointing (MFU counts useful work once). Wan pads text to `text_len` = 512
+    tokens, so cross-attention always sees 512 keys.
+    """
+    f = forward_flops(config, tokens, text_len)
+    return sum(f.values()) + f["video_linear"] + 2 * f["attention"] + f["patch_out"]

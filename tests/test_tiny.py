@@ -1,0 +1,109 @@
+"""Tiny model builder and geometry: real layout, loadable by diffusers, deterministic; shapes and FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _model_helpers import one_thread, tiny_model  # noqa: F401 (fixture)
+from diffusers import UniPCMultistepScheduler, WanPipeline
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from wanlora.models.geometry import TINY, WAN22_A14B, build_transformer, forward_flops, tokens, train_flops
+from wanlora.models.tiny import make_tiny, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYOUT = {
+    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+    "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+    "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+    "transformer_2/config.json", "transformer_2/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+}
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_and_determinism(tmp_path_factory, tmp_path):
+    root = tiny_model(tmp_path_factory)
+    files = _files(root)
+    assert set(files) == LAYOUT
+    assert _files(make_tiny(tmp_path / "again", seed=0)) == files  # same seed, same bytes
+    other = _files(make_tiny(tmp_path / "seed1", seed=1))
+    assert other["transformer/diffusion_pytorch_model.safetensors"] != files["transformer/diffusion_pytorch_model.safetensors"]
+    assert files["transformer/diffusion_pytorch_model.safetensors"] != files["transformer_2/diffusion_pytorch_model.safetensors"]
+
+    index = json.loads(files["model_index.json"])
+    assert index["boundary_ratio"] == 0.875
+    assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    sched = json.loads(files["scheduler/scheduler_config.json"])
+    assert (sched["_class_name"], sched["prediction_type"], sched["use_flow_sigmas"]) == (
+        "UniPCMultistepScheduler", "flow_prediction", True)
+    config = json.loads(files["transformer/config.json"])
+    assert {k: config[k] for k in TINY} == {**TINY, "patch_size": [1, 2, 2]}
+
+
+def test_diffusers_pipeline_loads_and_generates(tmp_path_factory):
+    pipe = WanPipeline.from_pretrained(tiny_model(tmp_path_factory), torch_dtype=torch.float32)
+    assert isinstance(pipe.scheduler, UniPCMultistepScheduler) and pipe.transformer_2 is not None
+    run = dict(num_inference_steps=2, num_frames=5, height=32, width=32, output_type="np")
+    a = pipe("sks walking in a park", generator=torch.Generator().manual_seed(0), **run).frames
+    b = pipe("sks walking in a park", generator=torch.Generator().manual_seed(0), **run).frames
+    assert a.shape == (1, 5, 32, 32, 3)
+    assert (a == b).all() and 0 <= a.min() and a.max() <= 1 and a.std() > 0
+
+
+def test_tokenizer_covers_arbitrary_english():
+    tok = tiny_tokenizer()
+    ids = tok("The quick brown fox jumps over 13 lazy dogs; isn't it odd? (yes!)")["input_ids"]
+    assert tok.unk_token_id not in ids and ids[-1] == tok.eos_token_id == 1
+    assert tok.pad_token_id == 0
+    assert tok("")["input_ids"] == [1]
+    assert tok.convert_ids_to_tokens(tok("sks walking")["input_ids"]) == ["\u2581sks", "\u2581walking", "</s>"]
+
+
+def test_full_size_config_has_14b_parameters():
+    with torch.device("meta"):
+        model = build_transformer(WAN22_A14B, torch.bfloat16, "meta")
+    assert sum(p.numel() for p in model.parameters()) == 14_288_491_584
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].scale_shift_table.dtype == torch.float32  # as from_pretrained keeps it
+    assert len(model.blocks) == 40 and model.blocks[0].attn1.to_q.weight.shape == (5120, 5120)
+
+
+def test_build_transformer_is_seeded():
+    a, b = build_transformer(TINY, torch.float32, seed=3), build_transformer(TINY, torch.float32, seed=3)
+    c = build_transformer(TINY, torch.float32, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.blocks[0].attn1.to_q.weight, c.blocks[0].attn1.to_q.weight)
+
+
+def test_flops_match_pytorch_flop_counter():
+    """forward_flops and train_flops equal PyTorch's count on the tiny model (math attention so
+    every matmul is visible), with gradients needed exactly where LoRA training needs them:
+    from the first block on, and through cross-attention K/V (default LoRA targets)."""
+    model = build_transformer(TINY, torch.float32)
+    latents, text, t = torch.randn(1, 16, 3, 8, 12), torch.randn(1, 512, 32), torch.tensor([500.0])
+    n = 3 * 4 * 6
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fwd, torch.no_grad():
+            model(latents, t, text)
+        model.patch_embedding.bias.requires_grad_(True)
+        for block in model.blocks:
+            block.attn2.to_k.bias.requires_grad_(True)
+            block.attn2.to_v.bias.requires_grad_(True)
+        with FlopCounterMode(display=False) as step:
+            model(latents, t, text).sample.square().mean().backward()
+    assert fwd.get_total_flops() == sum(forward_flops(TINY, n, 512).values())
+    assert step.get_total_flops() == train_flops(TINY, n, 512)
+
+
+def test_full_size_step_flops():
+    # 33 frames at 512x512: 663 TFLOP per step; 2.77 s/step on an H100 (STACK.md) is ~30% MFU at 790 TFLOP/s
+    assert tokens(33, 512, 512) == 9216
+    assert train_flops(WAN22_A14B, 9216) == pytest.approx(663.21e12, rel=1e-4)
