@@ -1,0 +1,76 @@
+"""The reference a user gets by wiring diffusers + peft by hand: what wanlora's step must beat.
+
+One full-size Wan 2.2 A14B expert in bf16 (random weights), peft LoRA rank 16 / alpha 16 on
+to_q, to_k, to_v, to_out.0, ffn.net.0.proj, ffn.net.2, diffusers' `enable_gradient_checkpointing()`
+(full recomputation), PyTorch's default SDPA choice, `torch.optim.AdamW`, a flow-matching MSE step
+written inline. Nothing of wanlora's training code is used, on purpose.
+
+    python bench/baseline_naive.py --frames 33 --height 512 --width 512 [--tiny] [--profile]
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+
+from bench.common import (
+    Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row, profile_step,
+    random_batch, reset_peak, time_steps,
+)
+from wanlora.io import atomic_write_text
+from wanlora.models.geometry import build_transformer
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+def naive_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer):
+    """A hand-written flow-matching LoRA step: uniform t, x_t = (1-s) x0 + s eps, MSE on eps - x0."""
+    latent, text = batch["latent"], batch["text"]
+
+    def step(i: int) -> float:
+        g = torch.Generator(device=latent.device).manual_seed(i)
+        t = torch.rand(1, device=latent.device, generator=g) * 1000
+        noise = torch.randn(latent.shape, device=latent.device, dtype=latent.dtype, generator=g)
+        sigma = (t / 1000).to(latent.dtype).view(-1, 1, 1, 1, 1)
+        noisy = (1 - sigma) * latent + sigma * noise
+        pred = model(hidden_states=noisy, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), (noise - latent).float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def main() -> None:
+    p = common_args(__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    args = p.parse_args()
+    cfg = geometry(args.tiny)
+    device, dtype = device_and_dtype(args.tiny)
+    shape = Shape(args.frames, args.height, args.width)
+    name = "naive diffusers+peft (1 expert, full ckpt)"
+    try:
+        model = build_transformer(cfg, dtype, device)
+        model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS))
+        model.enable_gradient_checkpointing()
+        model.train()
+        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+        step = naive_step_fn(model, random_batch(cfg, shape, device, dtype), opt)
+        reset_peak(device)
+        times = time_steps(step, args.warmup, args.steps, device)
+        row = make_row(name, cfg, shape, times, device)
+        if args.profile:
+            summary = profile_step(step, device)
+            atomic_write_text(args.out / f"profile_naive_{shape.slug}.md", summary + "\n")
+            print(summary)
+    except torch.OutOfMemoryError as err:
+        row = failed_row(name, cfg, shape, device, err)
+    append_row(args.out, row)
+
+
+if __name__ == "__main__":
+    main()

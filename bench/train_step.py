@@ -1,0 +1,230 @@
+"""wanlora's own training step at full Wan 2.2 A14B size, one configuration per process.
+
+The step is the train stage's code path: `wanlora.train.lora.add_lora` on each expert,
+`wanlora.models.accel.apply_accel` (checkpointing mode, regional compile, SDPA backend),
+`wanlora.train.optim.build_optimizer` (params' optimizer, adamw8bit by default),
+`wanlora.train.experts.ExpertSchedule` / `ExpertPlacer` (which expert trains, where the other
+waits), `wanlora.train.step.training_step` (noise, predict, loss, backward), gradient clipping
+and the optimizer step. Weights are random (`wanlora.models.geometry.build_transformer`), inputs
+are random latents and a 512-token padded text embedding.
+
+    python -m bench.train_step CONFIG [--tiny] [--profile] [--steps N] [--warmup N]
+    python -m bench.train_step --list
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from bench.common import (
+    Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row, profile_step,
+    random_batch, reset_peak, sync, time_steps,
+)
+from wanlora.config import parse_params
+from wanlora.io import atomic_write_text
+from wanlora.models.accel import AccelSettings, apply_accel
+from wanlora.models.geometry import build_transformer
+from wanlora.models.quant import quantize_transformer
+from wanlora.train.experts import ExpertPlacer, ExpertSchedule, move_frozen
+from wanlora.train.lora import add_lora
+from wanlora.train.optim import build_optimizer
+from wanlora.train.step import StepBatch, training_step
+from wanlora.train.timesteps import expert_band
+
+BOUNDARY = 0.875
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row of the table: clip size, experts, where they live, and the levers."""
+
+    shape: Shape
+    experts: tuple[str, ...] = ("high", "low")
+    switch_every: int = 1
+    low_vram: bool = False
+    quant: str = "none"
+    checkpointing: str = "selective"
+    compile: bool = True
+    warmup: int | None = None
+    steps: int | None = None
+    note: str = ""
+
+
+S33 = Shape(33, 512, 512)
+S81 = Shape(81, 480, 832)
+S81_1024 = Shape(81, 1024, 1024)
+
+CONFIGS: dict[str, BenchConfig] = {
+    # the naive baseline's setting with our step and levers: one expert, apples to apples
+    "ours_33f_1expert": BenchConfig(S33, experts=("high",)),
+    "ours_33f_1expert_nocompile": BenchConfig(S33, experts=("high",), compile=False),
+    "ours_33f_1expert_fullckpt": BenchConfig(S33, experts=("high",), checkpointing="full"),
+    # issue 7 targets
+    "33f_bf16_both_sw1": BenchConfig(S33, note="both experts resident, switch_every 1"),
+    "33f_bf16_sw10_host": BenchConfig(S33, switch_every=10, low_vram=True, warmup=2, steps=20,
+                                      note="inactive expert in pinned host memory"),
+    "81f_bf16_1expert": BenchConfig(S81, experts=("high",), warmup=2, steps=3),
+    "81f_bf16_1expert_fullckpt": BenchConfig(S81, experts=("high",), checkpointing="full", warmup=2, steps=3),
+    "81f_1024_bf16_fullckpt": BenchConfig(S81_1024, experts=("high",), checkpointing="full", warmup=1, steps=1),
+    "81f_1024_float8_fullckpt": BenchConfig(S81_1024, experts=("high",), quant="float8", checkpointing="full",
+                                            warmup=1, steps=1),
+    "81f_float8_both_sw1": BenchConfig(S81, quant="float8", warmup=2, steps=4, note="both experts resident"),
+    # 24 GB tier: one expert on the card (the other waits in host memory), 4-bit or float8 base
+    "33f_float8_1expert_fullckpt": BenchConfig(S33, experts=("high",), quant="float8", checkpointing="full"),
+    "33f_uint4_1expert_fullckpt": BenchConfig(S33, experts=("high",), quant="uint4", checkpointing="full"),
+    "33f_float8_1expert": BenchConfig(S33, experts=("high",), quant="float8"),
+}
+
+
+def _batch(cfg: dict, shape: Shape, expert: str, step: int, device: torch.device, dtype: torch.dtype,
+           clean: dict[str, torch.Tensor]) -> StepBatch:
+    """Fresh noise and an in-band timestep each step, drawn on the device (no host round trip)."""
+    g = torch.Generator(device=device).manual_seed(1000 + step)
+    lo, hi = expert_band(expert, BOUNDARY)  # type: ignore[arg-type]
+    t = lo + (hi - lo) * torch.rand(1, device=device, generator=g)
+    noise = torch.randn(clean["latent"].shape, device=device, dtype=dtype, generator=g)
+    return StepBatch(latents=clean["latent"], noise=noise, timesteps=t, embeds=clean["text"])
+
+
+def build(name: str, bc: BenchConfig, tiny: bool):
+    """Experts with LoRA and levers, their optimizers, schedule and placer; and the step function."""
+    cfg = geometry(tiny)
+    device, dtype = device_and_dtype(tiny)
+    params = parse_params({
+        "model": {"low_vram": bc.low_vram, "compile": bc.compile and device.type == "cuda"},
+        "quantization": {"transformer": bc.quant},
+        "multistage": {"train_high_noise": "high" in bc.experts, "train_low_noise": "low" in bc.experts,
+                       "switch_every": bc.switch_every},
+    })
+    settings = AccelSettings(checkpointing=bc.checkpointing, compile=params.model.compile)  # type: ignore[arg-type]
+    models, optims, lora = {}, {}, {}
+    for i, e in enumerate(bc.experts):
+        m = build_transformer(cfg, dtype, device, seed=i)
+        quantize_transformer(m, bc.quant, params.quantization.group_size)  # a no-op for "none"
+        lora[e] = add_lora(m, params.network, dtype)
+        apply_accel(m, settings)
+        m.train()
+        optims[e] = build_optimizer(lora[e], params.train)
+        models[e] = m
+        if bc.low_vram and i == 0 and len(bc.experts) > 1 and device.type == "cuda":
+            move_frozen(m, "host", device, False)  # make room for the next one
+    # Residency is the configuration's, not `both_fit`'s guess (a fixed 35% reserve says two bf16
+    # experts never fit on 80 GB, though at 33f they do): the table measures what each setting costs.
+    placer = ExpertPlacer(models, device, fit=not bc.low_vram)
+    schedule = ExpertSchedule(tuple(bc.experts), bc.switch_every)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    clean = random_batch(cfg, bc.shape, device, dtype)
+    max_norm = params.train.max_grad_norm
+
+    def step(i: int) -> None:
+        e = schedule.next_expert(gen)
+        model = placer.activate(e)
+        training_step(model, _batch(cfg, bc.shape, e, i, device, dtype, clean), dtype=dtype)
+        schedule.record(1)
+        if (upcoming := schedule.upcoming()) is not None:
+            placer.prepare(upcoming)  # as the train loop: overlap the copy with the optimizer step
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(lora[e], max_norm)
+        optims[e].step()
+        optims[e].zero_grad(set_to_none=True)
+
+    return cfg, device, step, len(bc.experts)
+
+
+def run(name: str, bc: BenchConfig, args) -> None:
+    cfg = geometry(args.tiny)
+    device, _ = device_and_dtype(args.tiny)
+    shape = bc.shape if not args.tiny else Shape(5, 32, 32)
+    bc = replace(bc, shape=shape)
+    warmup = bc.warmup if bc.warmup is not None else args.warmup
+    steps = bc.steps if bc.steps is not None else args.steps
+    t0 = time.perf_counter()
+    try:
+        cfg, device, step, n_experts = build(name, bc, args.tiny)
+        sync(device)
+        build_s = time.perf_counter() - t0
+        print(f"{name}: built in {build_s:.1f} s", flush=True)
+        reset_peak(device)
+        times = time_steps(step, warmup, steps, device)
+        compiled = bc.compile and device.type == "cuda"
+        levers = f"ckpt={bc.checkpointing} compile={compiled} quant={bc.quant} experts={'+'.join(bc.experts)}"
+        row = make_row(name, cfg, shape, times, device, note="; ".join(x for x in (levers, bc.note) if x),
+                       extra={"build_s": build_s, "mean_s": sum(times) / len(times)})
+        if args.profile:
+            summary = profile_step(step, device)
+            atomic_write_text(args.out / f"profile_{name}.md", summary + "\n")
+            print(summary)
+    except torch.OutOfMemoryError as err:
+        row = failed_row(name, cfg, shape, device, err)
+    append_row(args.out, row)
+
+
+def quant_cache(mode: str, args) -> None:
+    """Seconds to quantize one expert on the GPU, write the cache, and load it back into a fresh
+    expert (the loader's bf16 build is not timed: with real weights it is a disk read of 28 GB).
+
+    The page cache is dropped before the load when the OS lets us, so the read comes from disk.
+    """
+    import tempfile
+
+    from wanlora.models.quant import DEFAULT_EXCLUDE, cache_key, load_quantized, save_quantized
+
+    cfg = geometry(args.tiny)
+    device, dtype = device_and_dtype(args.tiny)
+    key = cache_key({"source": "random", "seed": 0}, mode, 64, DEFAULT_EXCLUDE, None)
+    with tempfile.TemporaryDirectory(dir=args.cache_dir) as folder:
+        m = build_transformer(cfg, dtype, device)
+        sync(device)
+        t0 = time.perf_counter()
+        quantize_transformer(m, mode)
+        sync(device)
+        t1 = time.perf_counter()
+        save_quantized(m, folder, key)
+        t2 = time.perf_counter()
+        del m
+        fresh = build_transformer(cfg, dtype, device, seed=1)
+        dropped = "page cache kept"
+        if device.type == "cuda":  # the lent GPU machine only: never on a shared workstation
+            try:
+                os.system("sync")
+                Path("/proc/sys/vm/drop_caches").write_text("1\n")
+                dropped = "page cache dropped"
+            except OSError:
+                pass
+        sync(device)
+        t3 = time.perf_counter()
+        load_quantized(fresh, folder, key)
+        sync(device)
+        t4 = time.perf_counter()
+    times = {"quantize_s": t1 - t0, "save_s": t2 - t1, "load_s": t4 - t3}
+    note = f"quantize {times['quantize_s']:.1f} s, save {times['save_s']:.1f} s, load {times['load_s']:.1f} s ({dropped})"
+    row = make_row(f"quant_cache_{mode}", cfg, Shape(1, 16, 16), [times["quantize_s"] + times["load_s"]], device,
+                   note=note, extra=times)
+    append_row(args.out, replace(row, shape="-", tokens=0, mfu=None))
+
+
+def main() -> None:
+    p = common_args(__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", help="configuration name (--list shows them)")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--cache-dir", default=None, help="where quant_cache_* writes its temporary cache")
+    args = p.parse_args()
+    if args.list or not args.config:
+        print("\n".join(f"{k}: {v}" for k, v in CONFIGS.items()))
+        return
+    if args.config.startswith("quant_cache_"):
+        quant_cache(args.config.removeprefix("quant_cache_"), args)
+        return
+    if args.config not in CONFIGS:
+        sys.exit(f"unknown configuration {args.config!r}; known: {', '.join(CONFIGS)}")
+    run(args.config, CONFIGS[args.config], args)
+
+
+if __name__ == "__main__":
+    main()
