@@ -118,8 +118,9 @@ def test_truncated_mp4_without_index_is_reported(tmp_path: Path) -> None:
     make_clip(tmp_path / "a.mp4", ClipSpec(moving=30))
     data = (tmp_path / "a.mp4").read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # the index ('moov') sits at the end
-    with pytest.raises(MediaError, match="cannot be decoded"):
+    with pytest.raises(MediaError, match="incomplete MP4") as err:
         probe(tmp_path / "cut.mp4")
+    assert err.value.fix == "copy or download the file again"
 
 
 def test_images_probe_with_size(tmp_path: Path) -> None:

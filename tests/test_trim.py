@@ -181,7 +181,7 @@ def test_stage_on_demo_dataset(tmp_path: Path) -> None:
 
     reasons = {p["path"]: p["reason"] for p in problems["problems"]}
     assert reasons["data/raw/empty.mp4"] == "empty file (0 bytes)"
-    assert "cannot be decoded" in reasons["data/raw/truncated.mp4"]
+    assert reasons["data/raw/truncated.mp4"].startswith("incomplete MP4")
     assert "cannot be decoded" in reasons["data/raw/notes.mp4"]
     assert reasons["data/raw/sub/music.mp4"] == "audio-only file"
     assert reasons["data/raw/orphan.txt"] == "caption without a matching clip or image"
@@ -240,3 +240,20 @@ def test_manifest_is_deterministic(tmp_path: Path) -> None:
     trim.run_stage(ds, tmp_path, tmp_path / "b")
     for name in ("clips.jsonl", "problems.json", "report.md"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_stage_reads_the_scan_index_when_given(tmp_path: Path) -> None:
+    """With the scan stage's index, trim takes its media list, hashes and captions from it."""
+    from wanlora.data.scan import run_stage as scan
+
+    raw = tmp_path / "data" / "raw"
+    make_clip(raw / "a.mp4", ClipSpec(intro="black", intro_frames=6, seed=1))
+    make_clip(raw / "b.mp4", ClipSpec(seed=2))
+    (raw / "a.txt").write_text("[trigger] a\n")
+    ds = {"main": DatasetConfig(folder="data/raw")}
+    scan(ds, tmp_path, tmp_path / "data" / "index")
+    trim.run_stage(ds, tmp_path, tmp_path / "walked")
+    trim.run_stage(ds, tmp_path, tmp_path / "indexed", index=tmp_path / "data" / "index" / "media.jsonl")
+    assert (tmp_path / "walked" / "clips.jsonl").read_bytes() == (tmp_path / "indexed" / "clips.jsonl").read_bytes()
+    clips = by_id(read_jsonl(tmp_path / "indexed" / "clips.jsonl"))
+    assert clips["main/a.mp4"]["keep_start"] == 6 and clips["main/a.mp4"]["caption_path"] == "data/raw/a.txt"

@@ -10,6 +10,7 @@ reported, because a clip in an unsupported format is usually a clip the user exp
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ class Listing:
     problems: list[Problem]  # links out of the folder, loops, unknown files, orphan captions
 
 
-def list_dataset(folder: Path, caption_ext: str, show: callable = str) -> Listing:
+def list_dataset(folder: Path, caption_ext: str, show: Callable[[Path], str] = str) -> Listing:
     """Walk `folder`; `show` turns a path into the form used in problem reports."""
     root = folder.resolve()
     caption_suffix = "." + caption_ext.lstrip(".").lower()

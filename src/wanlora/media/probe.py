@@ -121,6 +121,12 @@ def _probe_pyav(path: Path) -> MediaInfo:
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as err:
+        if _mp4_cut_short(path):
+            raise MediaError(
+                "incomplete MP4: a box runs past the end of the file or the index ('moov') is missing, "
+                "so the copy or download was cut short",
+                "copy or download the file again",
+            ) from None
         raise MediaError(_ffmpeg_reason(err), REENCODE_FIX) from None
     with container:
         if not container.streams.video:
@@ -168,6 +174,32 @@ def _probe_opencv(path: Path) -> MediaInfo:
     finally:
         cap.release()
     return MediaInfo("video", fps, frames, w, h, rotation, "opencv")
+
+
+def _mp4_cut_short(path: Path) -> bool:
+    """True if `path` starts like an MP4/MOV but its top-level boxes end early or lack 'moov'.
+
+    Reads only the 8-16 byte box headers, hopping from box to box, so it costs nothing on big files.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8 or head[4:8] != b"ftyp":
+            return False
+        pos, seen = 0, set()
+        while pos + 8 <= size:
+            f.seek(pos)
+            header = f.read(16)
+            box, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if box == 1 and len(header) == 16:
+                box = int.from_bytes(header[8:16], "big")
+            elif box == 0:
+                box = size - pos
+            if box < 8 or pos + box > size:
+                return True
+            seen.add(kind)
+            pos += box
+    return b"moov" not in seen
 
 
 def _ffmpeg_reason(err: Exception) -> str:

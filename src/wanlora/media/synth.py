@@ -114,6 +114,7 @@ def write_video(
     truncated copy still opens and fails only when decoding reaches the missing part.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.synth{path.suffix}")
     options = {"movflags": "faststart"} if faststart else {}
     count = 0
@@ -198,7 +199,7 @@ def make_clip(path: str | Path, spec: ClipSpec, *, codec: str = "mpeg4", gop: in
         crop = _rotate_box(crop, spec.width, spec.height, spec.rotation)
     return {
         "frames": n,
-        "fps": spec.fps,
+        "fps": float(spec.fps),
         "width": width,
         "height": height,
         "rotation": spec.rotation,
@@ -277,7 +278,7 @@ def make_demo_raw(folder: Path, trigger: str = "[trigger]", seed: int = 0) -> di
     atomic_write_text(folder / "orphan.txt", f"{trigger} a clip that was deleted\n")
     truth["bad"] = {
         "empty.mp4": "empty file",
-        "truncated.mp4": "cannot be decoded",
+        "truncated.mp4": "incomplete MP4",
         "notes.mp4": "cannot be decoded",
         "too_short.mp4": "too short",
         "orphan.txt": "caption without",

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.progress import track
 
 from wanlora.config import DatasetConfig, TrimConfig
-from wanlora.io import atomic_write_text, sha256_file, write_jsonl
+from wanlora.io import atomic_write_text, read_jsonl, sha256_file, write_jsonl
 from wanlora.media.decode import iter_frames
 from wanlora.media.letterbox import detect_crop
 from wanlora.media.listing import STAGE, list_dataset
@@ -135,10 +135,13 @@ class ClipOutcome:
     keep: KeepRange | None = None
 
 
-def analyse_file(path: Path, ds: DatasetConfig, rel: str, record_base: dict) -> ClipOutcome:
-    """Probe, trim and crop one media file; a bad file becomes a skipped record plus a Problem."""
+def analyse_file(path: Path, ds: DatasetConfig, base: dict) -> ClipOutcome:
+    """Probe, trim and crop one media file; a bad file becomes a skipped record plus a Problem.
+
+    `base` holds the record's identity fields (id, dataset, path, sha256, caption_path).
+    """
     record = {
-        **record_base,
+        **base,
         "kind": None, "fps": None, "frames": None, "width": None, "height": None, "rotation": None,
         "keep_start": None, "keep_end": None, "keep_start_s": None, "keep_end_s": None, "crop": None,
         "status": "ok", "reason": "", "fix": "",
@@ -170,39 +173,29 @@ def analyse_file(path: Path, ds: DatasetConfig, rel: str, record_base: dict) -> 
         return ClipOutcome(record, None, keep)
     except MediaError as err:
         record.update(status="skipped", reason=err.reason, fix=err.fix)
-        return ClipOutcome(record, Problem(rel, err.reason, err.fix, STAGE))
+        return ClipOutcome(record, Problem(base["path"], err.reason, err.fix, STAGE))
 
 
-def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path) -> None:
-    """Write out_dir/clips.jsonl, report.md and problems.json for every dataset's raw folder."""
+def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path, index: Path | None = None) -> None:
+    """Write out_dir/clips.jsonl, report.md and problems.json for every dataset's raw folder.
+
+    With `index` (the scan stage's data/index/media.jsonl) the media list, hashes and caption
+    paths come from it, so trim depends only on what DVC tracks and hashes nothing twice; without
+    it, each dataset folder is walked here (standalone use, benchmarks).
+    """
     workspace = Path(workspace)
+    rows = read_jsonl(index) if index is not None else None
     records: list[dict] = []
     outcomes: dict[str, list[ClipOutcome]] = {}
     problems: dict[str, list[Problem]] = {}
-
-    def show(p: Path) -> str:
-        return os.path.relpath(p, workspace)
-
     for name, ds in datasets.items():
-        folder = workspace / ds.folder
-        if not folder.is_dir():
-            problems[name] = [Problem(show(folder), "dataset folder not found", f"create it or fix datasets.{name}.folder in params.yaml", STAGE)]
-            outcomes[name] = []
-            continue
-        listing = list_dataset(folder, ds.captions.extension, show)
-        problems[name] = list(listing.problems)
+        if rows is None:
+            entries, problems[name] = _walk_entries(name, ds, workspace)
+        else:
+            entries, problems[name] = [(workspace / r["path"], _identity(r)) for r in rows if r["dataset"] == name], []
         outcomes[name] = []
-        for path in track(listing.media, description=f"trim {name}", console=console, transient=True):
-            rel = path.relative_to(folder).as_posix()
-            caption = listing.captions.get(path)
-            base = {
-                "id": f"{name}/{rel}",
-                "dataset": name,
-                "path": show(path),
-                "sha256": sha256_file(path),
-                "caption_path": show(caption) if caption else None,
-            }
-            outcome = analyse_file(path, ds, show(path), base)
+        for path, base in track(entries, description=f"trim {name}", console=console, transient=True):
+            outcome = analyse_file(path, ds, base)
             outcomes[name].append(outcome)
             records.append(outcome.record)
             if outcome.problem:
@@ -210,11 +203,39 @@ def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path
 
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "clips.jsonl", records)
-    all_problems = [p for ps in problems.values() for p in ps]
-    write_problems(out_dir / "problems.json", all_problems)
+    write_problems(out_dir / "problems.json", [p for ps in problems.values() for p in ps])
     atomic_write_text(out_dir / "report.md", render_report(outcomes, problems))
     for name, ds in datasets.items():
         settle(problems[name], ds.on_error, STAGE)
+
+
+def _identity(row: dict) -> dict:
+    """The identity fields of a clips.jsonl record, from a scan index row."""
+    return {k: row[k] for k in ("id", "dataset", "path", "sha256", "caption_path")}
+
+
+def _walk_entries(name: str, ds: DatasetConfig, workspace: Path) -> tuple[list[tuple[Path, dict]], list[Problem]]:
+    """(path, identity) of each media file in the dataset folder, and the listing's problems."""
+
+    def show(p: Path) -> str:
+        return Path(os.path.relpath(p, workspace)).as_posix()
+
+    folder = workspace / ds.folder
+    if not folder.is_dir():
+        fix = f"create it or fix datasets.{name}.folder in params.yaml"
+        return [], [Problem(show(folder), "dataset folder not found", fix, STAGE)]
+    listing = list_dataset(folder, ds.captions.extension, show)
+    entries = []
+    for path in listing.media:
+        caption = listing.captions.get(path)
+        entries.append((path, {
+            "id": f"{name}/{path.relative_to(folder).as_posix()}",
+            "dataset": name,
+            "path": show(path),
+            "sha256": sha256_file(path),
+            "caption_path": show(caption) if caption else None,
+        }))  # fmt: skip
+    return entries, list(listing.problems)
 
 
 def render_report(outcomes: dict[str, list[ClipOutcome]], problems: dict[str, list[Problem]]) -> str:
