@@ -231,7 +231,8 @@ def _quantization(imp: _Import) -> None:
             # Without an adapter AI Toolkit trains on the plain 4-bit base; keep that, not our fitted default.
             imp.put("quantization.recovery.source", adapter or "none", "model.qtype")
         elif adapter:
-            imp.note("model.accuracy_recovery_adapter", adapter, f"not used: recovery applies to 4-bit bases, not {ours}")
+            imp.note("model.accuracy_recovery_adapter", adapter,
+                     f"not used: recovery applies to 4-bit bases, not {ours}")
     quantize_te = imp.take("model.quantize_te", quantize)
     qtype_te = imp.take("model.qtype_te", "qfloat8")
     if not quantize_te:

@@ -85,12 +85,13 @@ def decode_caption(data: bytes, non_utf8: str) -> tuple[str, list[str]]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
+        where = f"byte 0x{data[err.start]:02x} at offset {err.start}"
         if non_utf8 != "decode_latin1":
             raise CaptionError(
-                f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})",
+                f"not UTF-8 text ({where})",
                 "re-save the file as UTF-8, or set datasets.<name>.captions.non_utf8: decode_latin1",
             ) from None
-        return data.decode("latin-1"), [f"not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); decoded as Latin-1"]
+        return data.decode("latin-1"), [f"not UTF-8 ({where}); decoded as Latin-1"]
     return text, []
 
 
@@ -125,7 +126,9 @@ def build_caption(
     """A usable caption from decoded text, or CaptionError saying why not."""
     trigger = normalize_whitespace(trigger)
     if not normalize_whitespace(raw.replace(PLACEHOLDER, "")) and PLACEHOLDER not in raw:
-        raise CaptionError("caption is empty", "write a caption, or delete the file to use datasets.<name>.captions.default_caption")
+        raise CaptionError(
+            "caption is empty", "write a caption, or delete the file to use datasets.<name>.captions.default_caption"
+        )
     text = apply_trigger(raw, trigger, cfg.trigger_position)
     if not text:
         raise CaptionError("caption is empty after replacing [trigger]", "write a caption or set job.trigger_word")
