@@ -233,3 +233,20 @@ def test_caption_properties(pair, position, cls):
         assert text == " ".join(raw.split())
     assert not is_word(trigger, cap.dop)
     assert cap.dop == text if not is_word(trigger, text) else cls in cap.dop
+
+
+def test_empty_trigger_uses_captions_as_written():
+    """An AI Toolkit import without a trigger word: [trigger] vanishes, nothing is injected."""
+    cfg = CaptionConfig()
+    cap = build_caption("[trigger] dog  runs", "", cfg, "person", words)
+    assert (cap.text, cap.dop, cap.warnings) == ("dog runs", "dog runs", [])
+    with pytest.raises(CaptionError, match="caption is empty once the trigger placeholder is replaced"):
+        build_caption("[trigger]", "", cfg, "person", words)
+
+
+def test_class_containing_trigger_is_flagged(tmp_path, capsys):
+    ws = make_workspace(tmp_path, {"a": b"a dog"})
+    records, _ = run(ws, dop_class="sks [person]")
+    assert records["main/a.mp4"]["caption_dop"] == "sks [person], a dog"
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.dop.preservation_class 'sks [person]' contains the trigger word 'sks'" in err

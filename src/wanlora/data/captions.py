@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
 from rich.progress import track
 
 from wanlora.config import CaptionConfig, DatasetConfig, DopConfig, JobConfig
@@ -131,7 +132,8 @@ def build_caption(
         )
     text = apply_trigger(raw, trigger, cfg.trigger_position)
     if not text:
-        raise CaptionError("caption is empty after replacing [trigger]", "write a caption or set job.trigger_word")
+        raise CaptionError("caption is empty once the trigger placeholder is replaced",
+                           "write a caption or set job.trigger_word")
     warnings = []
     if trigger and text == trigger:
         warnings.append("caption is only the trigger word; describing the scene teaches the trigger better")
@@ -217,8 +219,8 @@ def run_stage(
     trigger = normalize_whitespace(job.trigger_word)
     if trigger and word_pattern(trigger).search(dop.preservation_class):
         console.print(
-            f"[yellow]captions:[/] train.dop.preservation_class '{dop.preservation_class}' contains the trigger "
-            f"word '{trigger}': the DOP captions keep the trigger; choose a class without it"
+            f"[yellow]captions:[/] train.dop.preservation_class '{escape(dop.preservation_class)}' contains the "
+            f"trigger word '{escape(trigger)}': the DOP captions keep the trigger; choose a class without it"
         )
     records: list[dict] = []
     problems: dict[str, list[Problem]] = {name: [] for name in datasets}
