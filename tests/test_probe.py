@@ -127,3 +127,25 @@ def test_images_probe_with_size(tmp_path: Path) -> None:
     write_image(tmp_path / "a.png", np.zeros((30, 50, 3), np.uint8))
     info = probe(tmp_path / "a.png")
     assert (info.kind, info.width, info.height, info.frames, info.rotation) == ("image", 50, 30, 1, 0)
+
+
+def test_keyframe_near_returns_a_keyframe_inside_the_range(tmp_path: Path) -> None:
+    import av
+
+    from wanlora.media.decode import keyframe_near
+
+    make_clip(tmp_path / "k.mp4", ClipSpec(width=48, height=32, moving=60, seed=3), gop=10)
+    info = probe(tmp_path / "k.mp4")
+    with av.open(str(tmp_path / "k.mp4")) as c:
+        keys = [i for i, f in enumerate(c.decode(video=0)) if f.key_frame]
+    assert len(keys) >= 4 and keys[0] == 0  # the encoder may add keyframes at scene changes
+    full = dict(iter_frames(tmp_path / "k.mp4", info, gray=True))
+    for target in (15, 33, 47):
+        before = max(k for k in keys if k <= target)
+        idx, gray = keyframe_near(tmp_path / "k.mp4", info, target, 0, 60)
+        assert idx == before
+        assert np.array_equal(gray, full[idx])
+        # the keyframe before is outside [before + 1, 60): the next one is returned, or None
+        after = [k for k in keys if k > before]
+        got = keyframe_near(tmp_path / "k.mp4", info, target, before + 1, 60)
+        assert (got[0] if got else None) == (after[0] if after else None)

@@ -48,6 +48,35 @@ def iter_frames(
         yield from _iter_pyav(path, info, start, stop, gray, size)
 
 
+def keyframe_near(path: str | Path, info: MediaInfo, target: int, lo: int, hi: int) -> tuple[int, np.ndarray] | None:
+    """A grey keyframe with lo <= index < hi, at or after the one before `target`; None if none.
+
+    Keyframes decode without their neighbours, so sampling a few frames of a long clip this way
+    costs a few frame decodes instead of a GOP each. Only for PyAV; other backends return None.
+    """
+    if info.kind != "video" or info.backend != "pyav":
+        return None
+    k = info.rotation // 90
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.skip_frame = "NONKEY"
+            t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            container.seek(int((t0 + target / info.fps) / stream.time_base), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    return None
+                idx = int(round((frame.time - t0) * info.fps))
+                if idx >= hi:
+                    return None
+                if idx >= lo:
+                    img = frame.to_ndarray(format="gray")
+                    return idx, np.ascontiguousarray(np.rot90(img, k=k)) if k else img
+    except av.error.FFmpegError:
+        return None  # the caller falls back to exact decoding, which reports damage properly
+    return None
+
+
 def read_frames(path: str | Path, indices: Sequence[int], info: MediaInfo | None = None) -> np.ndarray:
     """Frames at `indices` (any order, repeats allowed) as uint8 [F, H, W, 3] RGB, displayed size.
 

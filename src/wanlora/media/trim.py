@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.progress import track
 
 from wanlora.config import DatasetConfig, TrimConfig
 from wanlora.io import atomic_write_text, read_jsonl, sha256_file, write_jsonl
-from wanlora.media.decode import iter_frames
+from wanlora.media.decode import iter_frames, keyframe_near
 from wanlora.media.letterbox import detect_crop
 from wanlora.media.listing import STAGE, list_dataset
 from wanlora.media.motion import Analysed, StaticPrefix, StillParams, analyse, analysis_size, static_prefix
@@ -29,7 +30,7 @@ from wanlora.media.probe import REENCODE_FIX, MediaError, MediaInfo, probe
 from wanlora.report import Problem, console, settle, write_problems
 
 LETTERBOX_SAMPLES = 5
-TAIL_CHUNK_SECONDS = 2.0
+TAIL_CHUNK_SECONDS = 1.0
 
 
 @dataclass
@@ -114,17 +115,22 @@ def _scan_tail(path: Path, info: MediaInfo, params: StillParams, size: tuple[int
 
 
 def find_crop(path: Path, info: MediaInfo, keep_start: int, keep_end: int, black_level: float) -> list[int]:
-    """Letterbox crop from LETTERBOX_SAMPLES full-size frames spread over the kept range."""
+    """Letterbox crop from up to LETTERBOX_SAMPLES full-size frames spread over the kept range.
+
+    Keyframes are used where the kept range has them (cheap to decode); otherwise the exact frame.
+    """
     n = min(LETTERBOX_SAMPLES, keep_end - keep_start)
     targets = sorted({keep_start + round(k * (keep_end - 1 - keep_start) / max(1, n - 1)) for k in range(n)})
-    grays = []
+    grays: dict[int, np.ndarray] = {}
     for t in targets:
-        frame = next((g for _, g in iter_frames(path, info, t, keep_end, gray=True)), None)
-        if frame is not None:
-            grays.append(frame)
+        got = keyframe_near(path, info, t, keep_start, keep_end)
+        if got is None:
+            got = next(iter_frames(path, info, t, keep_end, gray=True), None)
+        if got is not None:
+            grays[got[0]] = got[1]
     if not grays:
         return [0, 0, info.width, info.height]
-    return detect_crop(grays, black_level)
+    return detect_crop(list(grays.values()), black_level)
 
 
 # --------------------------------------------------------------------------------- stage
