@@ -1,0 +1,678 @@
+"""Accuracy recovery for 4-bit bases: a frozen low-rank correction B·A beside every quantized linear.
+
+A quantized layer computes W_q·x; with a correction it computes W_q·x + B·A·x, which can win back
+much of what rounding lost for the inputs the layer really sees. The correction is part of the
+base model, not of the user's LoRA: it lives in non-persistent buffers of a `LowRankCorrection`
+child ("recovery") of the quantized module and is added by a forward hook, so it is never a
+parameter (no optimizer sees it), never in a state dict (no LoRA file carries it), stays on when
+peft disables the LoRA (DOP's base pass), and nothing can merge it into the weights.
+
+Two sources:
+1. A published AI Toolkit accuracy-recovery adapter (ARA, `quantization.recovery.source`: a local
+   .safetensors or `owner/repo/file.safetensors` on the hub). AI Toolkit loads it as a LoRA with
+   alpha = rank on every layer it names, quantizes exactly those layers (uint4 for Wan 2.2), runs
+   the LoRA in bf16 beside the quantized layer at multiplier 1.0, and leaves every other layer in
+   bf16 (its "uint8" pass for the rest is a no-op). `load_aitk_adapter` reproduces that:
+   y = W_q·x + up(down(x)), scale 1.
+2. Fitted locally (`fit_correction`, `fit_model`): the closed-form minimiser of
+   ||(W - W_q - B·A)·X||_F for calibration activations X: whiten the error by the input covariance
+   C = X·Xᵀ (E·C^½), truncate its SVD to the rank, un-whiten. Without activations it is the plain
+   truncated SVD of W - W_q (Eckart-Young), the optimum when inputs are isotropic. A small ridge
+   (relative to C's largest eigenvalue) keeps rank-deficient covariances invertible; it is the
+   exact optimum of the objective plus ridge·||W - W_q - B·A||².
+   Random weights fed isotropic inputs leave little to recover (the rounding error's spectrum is
+   flat); real activations are strongly anisotropic, which is where whitening pays:
+   `recovery_report` measures both honestly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import track
+from torch import Tensor, nn
+
+from wanlora.models.quant import dequantized_weight, is_quantized, quantized_modules
+
+console = Console(stderr=True)
+
+Expert = Literal["high", "low"]
+#: AI Toolkit's DualWanTransformer3DModel names the high-noise expert transformer_1, the low transformer_2.
+AITK_EXPERT_PREFIX = {"high": "transformer_1.", "low": "transformer_2."}
+BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
+WeightLoader = Callable[[str], Tensor]
+
+
+# --------------------------------------------------------------------- the correction module
+class LowRankCorrection(nn.Module):
+    """y += scale · up(down(x)), computed in the dtype of `down` (AI Toolkit: bf16)."""
+
+    def __init__(self, down: Tensor, up: Tensor, scale: float = 1.0):
+        super().__init__()
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"correction shapes do not chain: down {tuple(down.shape)}, up {tuple(up.shape)}")
+        self.register_buffer("down", down.detach().clone(), persistent=False)
+        self.register_buffer("up", up.detach().clone(), persistent=False)
+        self.scale = float(scale)
+        self.enabled = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"rank={self.down.shape[0]}, scale={self.scale}, enabled={self.enabled}"
+
+
+def _add_correction(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+    corr: LowRankCorrection = module.recovery
+    if not corr.enabled:
+        return None
+    return output + corr(args[0]).to(output.dtype)
+
+
+def attach_correction(module: nn.Module, down: Tensor, up: Tensor, scale: float = 1.0) -> LowRankCorrection:
+    """Put a frozen correction beside `module` (a linear, usually quantized); replaces an earlier one."""
+    if down.shape[1] != module.in_features or up.shape[0] != module.out_features:
+        raise ValueError(
+            f"correction {tuple(up.shape)}x{tuple(down.shape)} does not fit a linear "
+            f"{module.in_features}->{module.out_features}"
+        )
+    detach_correction(module)
+    corr = LowRankCorrection(down, up, scale)
+    module.add_module("recovery", corr)
+    corr._hook = module.register_forward_hook(_add_correction)
+    return corr
+
+
+def detach_correction(module: nn.Module) -> None:
+    corr = getattr(module, "recovery", None)
+    if isinstance(corr, LowRankCorrection):
+        corr._hook.remove()
+        del module.recovery
+
+
+def corrections(model: nn.Module) -> dict[str, LowRankCorrection]:
+    """Every correction by the name of the linear it corrects."""
+    return {
+        name.removesuffix(".recovery"): m for name, m in model.named_modules() if isinstance(m, LowRankCorrection)
+    }
+
+
+def set_recovery_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every correction on or off (for before/after measurements)."""
+    for corr in corrections(model).values():
+        corr.enabled = enabled
+
+
+# ------------------------------------------------------------------------- closed form
+@dataclass(frozen=True)
+class Whitener:
+    """C^½ and C^-½ of a (ridged) input covariance, shared by layers that read the same input."""
+
+    root: Tensor
+    inv_root: Tensor
+
+    @classmethod
+    def from_covariance(cls, cov: Tensor, ridge: float = 1e-6) -> Whitener:
+        cov = cov.to(torch.float64)
+        evals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
+        floor = ridge * float(evals.max().clamp(min=torch.finfo(torch.float64).tiny))
+        root = (evals.clamp(min=0) + floor).sqrt()
+        return cls((vecs * root) @ vecs.T, (vecs / root) @ vecs.T)
+
+
+def _split(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Balanced factors of the rank-r truncation: B = U·√Σ, A = √Σ·Vᵀ."""
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    return root[:, None] * vh[:r], u[:, :r] * root
+
+
+def fit_correction_whitened(error: Tensor, whitener: Whitener | None, rank: int) -> tuple[Tensor, Tensor]:
+    """(A, B) minimising ||(error - B·A)·C^½||_F; plain truncated SVD when `whitener` is None."""
+    if rank < 1:
+        raise ValueError(f"recovery rank must be at least 1, got {rank}")
+    e = error.to(torch.float64)
+    if whitener is None:
+        u, s, vh = torch.linalg.svd(e, full_matrices=False)
+        a, b = _split(u, s, vh, rank)
+    else:
+        u, s, vh = torch.linalg.svd(e @ whitener.root.to(e.device), full_matrices=False)
+        a, b = _split(u, s, vh, rank)
+        a = a @ whitener.inv_root.to(e.device)
+    return a.float(), b.float()
+
+
+def fit_correction(
+    W: Tensor, Wq: Tensor, X: Tensor | None, rank: int, ridge: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Closed-form (A [rank, in], B [out, rank]) minimising ||(W - Wq - B·A)·X||_F.
+
+    X holds calibration inputs as columns, shape (in, n) (any leading layout reshapes to that:
+    pass `x.reshape(-1, in).T`). None means isotropic inputs: the plain SVD optimum.
+    """
+    error = W.to(torch.float64) - Wq.to(torch.float64)
+    if X is None:
+        return fit_correction_whitened(error, None, rank)
+    if X.shape[0] != W.shape[1]:
+        raise ValueError(f"X must be (in_features={W.shape[1]}, n), got {tuple(X.shape)}")
+    x = X.to(torch.float64)
+    return fit_correction_whitened(error, Whitener.from_covariance(x @ x.T, ridge), rank)
+
+
+def relative_error(reference: Tensor, approx: Tensor) -> float:
+    ref = reference.to(torch.float64)
+    return float((approx.to(torch.float64) - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+# -------------------------------------------------------------------- AI Toolkit adapters
+def resolve_adapter_source(source: str) -> Path:
+    """A local file, or AI Toolkit's hub form `owner/repo/file.safetensors` fetched with
+    huggingface_hub (cached; needs network the first time)."""
+    if os.path.exists(source):
+        return Path(source)
+    parts = source.split("/")
+    if len(parts) != 3 or not parts[2].endswith(".safetensors"):
+        raise FileNotFoundError(
+            f"quantization.recovery.source={source!r}: no such file, and not a hub path of the form "
+            "owner/repo/file.safetensors (e.g. ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors)"
+        )
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(f"{parts[0]}/{parts[1]}", filename=parts[2]))
+
+
+_NATIVE_ATTN = {"self_attn": "attn1", "cross_attn": "attn2"}
+_NATIVE_PROJ = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k_proj", "v_img": "add_v_proj"}
+
+
+def aitk_module_name(key_module: str) -> str:
+    """diffusers module path for the module part of an AI Toolkit LoRA key, accepting both its
+    saved form (`diffusion_model.blocks.0.self_attn.q`) and diffusers form
+    (`transformer.blocks.0.attn1.to_q`). The expert prefix (`transformer_1.`) is kept."""
+    parts = key_module.split(".")
+    if parts and parts[0] in ("diffusion_model", "transformer"):
+        parts = parts[1:]
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        if p in _NATIVE_ATTN:
+            out.append(_NATIVE_ATTN[p])
+            if i + 1 < len(parts) and parts[i + 1] in _NATIVE_PROJ:
+                out.append(_NATIVE_PROJ[parts[i + 1]])
+                i += 1
+        elif p == "ffn" and i + 1 < len(parts) and parts[i + 1] in ("0", "2"):
+            out.append("ffn.net.0.proj" if parts[i + 1] == "0" else "ffn.net.2")
+            i += 1
+        else:
+            out.append(p)
+        i += 1
+    return ".".join(out)
+
+
+def read_aitk_adapter(state: dict[str, Tensor], expert: Expert | None, source: str = "adapter") -> dict[str, tuple[Tensor, Tensor]]:
+    """{diffusers linear name: (down, up)} for one expert from an AI Toolkit LoRA state dict.
+
+    Keys are `<module>.lora_A.weight` / `.lora_B.weight` (peft form, what AI Toolkit saves for
+    transformers) or `.lora_down.weight` / `.lora_up.weight`; `.alpha` is ignored, as AI Toolkit
+    ignores it for peft-format networks (alpha = rank, scale 1). A combined Wan 2.2 file names the
+    experts `transformer_1` (high noise) and `transformer_2` (low noise).
+    """
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        if key.endswith(".alpha"):
+            continue
+        for suffix, role in ((".lora_A.weight", "down"), (".lora_down.weight", "down"),
+                             (".lora_B.weight", "up"), (".lora_up.weight", "up")):
+            if key.endswith(suffix):
+                pairs.setdefault(aitk_module_name(key[: -len(suffix)]), {})[role] = value
+                break
+        else:
+            raise ValueError(
+                f"{source}: key {key!r} is not a LoRA down/up weight; only LoRA accuracy-recovery adapters "
+                "are supported (LoKr and full-weight ARAs are not)"
+            )
+    experts = {p for name in pairs for p in AITK_EXPERT_PREFIX.values() if name.startswith(p)}
+    if experts and expert is None:
+        raise ValueError(f"{source}: holds both Wan 2.2 experts; say which to load (expert='high' or 'low')")
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, roles in pairs.items():
+        if experts:
+            prefix = AITK_EXPERT_PREFIX[expert]  # type: ignore[index]
+            if not name.startswith(prefix):
+                continue
+            name = name[len(prefix):]
+        if set(roles) != {"down", "up"}:
+            raise ValueError(f"{source}: {name} has only lora_{'A' if 'down' in roles else 'B'}; the file is incomplete")
+        out[name] = (roles["down"], roles["up"])
+    if not out:
+        raise ValueError(f"{source}: no LoRA weights for the {expert} expert")
+    return out
+
+
+def _load_adapter_state(source: str) -> tuple[dict[str, Tensor], str]:
+    from safetensors.torch import load_file
+
+    path = resolve_adapter_source(source)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: accuracy-recovery adapters are read from .safetensors only")
+    return load_file(str(path)), str(path)
+
+
+def adapter_targets(source: str, expert: Expert | None) -> list[str]:
+    """The linears an AI Toolkit adapter covers: quantize exactly these (`include=`, `exclude=()`),
+    as AI Toolkit does, so the adapter meets the base it was trained against."""
+    state, path = _load_adapter_state(source)
+    return sorted(read_aitk_adapter(state, expert, path))
+
+
+def load_aitk_adapter(model: nn.Module, source: str, expert: Expert | None) -> list[str]:
+    """Attach an AI Toolkit adapter's corrections (frozen, model dtype, scale 1) to `model`'s
+    quantized linears. Every covered layer must exist and be quantized; returns their names."""
+    state, path = _load_adapter_state(source)
+    pairs = read_aitk_adapter(state, expert, path)
+    for name, (down, up) in sorted(pairs.items()):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: adapter layer {name} does not exist in this model (another architecture?)") from None
+        if not is_quantized(module):
+            raise ValueError(
+                f"{path}: adapter layer {name} is not quantized; quantize with include=adapter_targets(...) "
+                "so the adapter meets the uint4 base it was trained against"
+            )
+        dtype = getattr(module, "compute_dtype", None) or dequantized_weight(module).dtype
+        device = next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
+        attach_correction(module, down.to(device, dtype), up.to(device, dtype), scale=1.0)
+    console.print(f"recovery: {len(pairs)} layers corrected by {path}")
+    return sorted(pairs)
+
+
+# ------------------------------------------------------------------------ calibration
+class _Captured(Exception):
+    pass
+
+
+def capture_block_inputs(model: nn.Module, inputs: Iterable[dict[str, Any]], blocks_attr: str = "blocks") -> list[BlockInput]:
+    """The (args, kwargs) the first block receives for each model input (stops there: the rest
+    of the model does not run)."""
+    first = getattr(model, blocks_attr)[0]
+    got: list[BlockInput] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        got.append((args, kwargs))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for kw in inputs:
+                try:
+                    model(**kw)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return got
+
+
+def _with_hidden(inp: BlockInput, hidden: Tensor) -> BlockInput:
+    args, kwargs = inp
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _run_block(block: nn.Module, inp: BlockInput) -> Tensor:
+    out = block(*inp[0], **inp[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _CovarianceHooks:
+    """Accumulate Xᵀ·X of each named linear's input over calibration batches (fp32). Layers fed
+    the very same tensor (q, k, v) share one product per batch."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.cov: dict[str, Tensor] = {}
+        self.shared: dict[str, str] = {}  # layer -> first layer that always saw the same input
+        # per batch: input identity -> (first layer, product, the input itself). Holding the input
+        # keeps its memory alive, so no later tensor of the batch can reuse its address.
+        self._batch: dict[tuple, tuple[str, Tensor, Tensor]] = {}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), x.dtype)
+            if key in self._batch:
+                first, prod, _ = self._batch[key]
+                self.shared.setdefault(name, first)
+                if self.shared[name] != first:
+                    self.shared[name] = name
+            else:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                prod = flat.T @ flat
+                self._batch[key] = (name, prod, x)
+                self.shared[name] = name
+            self.cov[name] = self.cov[name] + prod if name in self.cov else prod.clone()
+
+        return hook
+
+    def next_batch(self) -> None:
+        self._batch.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _fit_layers(
+    modules: dict[str, nn.Module], hooks: _CovarianceHooks | None, weights: WeightLoader,
+    prefix: str, rank: int, ridge: float,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    fitted: dict[str, tuple[Tensor, Tensor]] = {}
+    whiteners: dict[str, Whitener | None] = {}
+    for name, module in modules.items():
+        cov = hooks.cov.get(name) if hooks else None
+        owner = hooks.shared.get(name, name) if hooks else name
+        if owner not in whiteners:
+            whiteners[owner] = None if cov is None else Whitener.from_covariance(cov, ridge)
+        wq = dequantized_weight(module)
+        w = weights(prefix + name).to(wq.device)
+        a, b = fit_correction_whitened(w.to(torch.float64) - wq.to(torch.float64), whiteners[owner], rank)
+        dtype = getattr(module, "compute_dtype", None) or wq.dtype
+        attach_correction(module, a.to(dtype), b.to(dtype))
+        fitted[prefix + name] = (a, b)
+    return fitted
+
+
+def fit_model(
+    weights: WeightLoader,
+    qmodel: nn.Module,
+    calib_inputs: Sequence[dict[str, Any]],
+    rank: int,
+    *,
+    blocks_attr: str = "blocks",
+    ridge: float = 1e-6,
+    distill_steps: int = 0,
+    distill_lr: float = 1e-3,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Fit and attach a correction to every quantized linear of `qmodel`, block after block.
+
+    `weights(name)` returns the original (bf16) weight of linear `name` (`weights_from_model`,
+    `weights_from_safetensors`), so the bf16 expert never has to be in memory beside the quantized
+    one. The first block's inputs are captured from `calib_inputs` (forward kwargs of the model);
+    each block then sees the outputs of the already-corrected blocks before it (sequential, as
+    GPTQ-style calibration does), and only one block's covariances exist at a time. Quantized
+    linears before the blocks are fitted on the capture pass's activations; any after the blocks
+    (none by default: proj_out stays bf16) get the plain-SVD fit. With `distill_steps`, each
+    block's corrections are then refined by `distill_block` against the bf16 block.
+    Returns {name: (A, B)} in fp32.
+    """
+    blocks = getattr(qmodel, blocks_attr)
+    all_q = quantized_modules(qmodel)
+    block_prefixes = [f"{blocks_attr}.{i}." for i in range(len(blocks))]
+    outside = {n: m for n, m in all_q.items() if not any(n.startswith(p) for p in block_prefixes)}
+
+    hooks = _CovarianceHooks(outside)
+    try:
+        captured = []
+        for kw in calib_inputs:
+            captured += capture_block_inputs(qmodel, [kw], blocks_attr)
+            hooks.next_batch()
+    finally:
+        hooks.remove()
+    seen = {n: m for n, m in outside.items() if n in hooks.cov}
+    fitted = _fit_layers(seen, hooks, weights, "", rank, ridge)
+    fitted |= _fit_layers({n: m for n, m in outside.items() if n not in seen}, None, weights, "", rank, ridge)
+
+    for i, block in enumerate(track(blocks, description="fitting recovery", console=console, disable=len(blocks) < 8)):
+        prefix = block_prefixes[i]
+        inner = quantized_modules(block)
+        hooks = _CovarianceHooks(inner)
+        try:
+            with torch.no_grad():
+                for inp in captured:
+                    _run_block(block, inp)
+                    hooks.next_batch()
+        finally:
+            hooks.remove()
+        fitted |= _fit_layers(inner, hooks, weights, prefix, rank, ridge)
+        if distill_steps:
+            ref = reference_block(block, weights, prefix)
+            distill_block(block, ref, captured, distill_steps, distill_lr)
+            for name, corr in corrections(block).items():
+                fitted[prefix + name] = (corr.down.float(), corr.up.float())
+        with torch.no_grad():
+            captured = [_with_hidden(inp, _run_block(block, inp)) for inp in captured]
+    return fitted
+
+
+def reference_block(qblock: nn.Module, weights: WeightLoader, prefix: str) -> nn.Module:
+    """A full-precision copy of a quantized block: same modules, quantized linears replaced by
+    plain linears holding the original weights from `weights`."""
+    ref = copy.deepcopy(qblock)
+    for name, module in quantized_modules(ref).items():
+        w = weights(prefix + name)
+        lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        lin.weight = nn.Parameter(w.to(dequantized_weight(module).device), requires_grad=False)
+        if module.bias is not None:
+            lin.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(ref.get_submodule(parent) if parent else ref, child, lin)
+    return ref.requires_grad_(False)
+
+
+def distill_block(
+    qblock: nn.Module, ref_block: nn.Module, inputs: Sequence[BlockInput], steps: int, lr: float = 1e-3
+) -> tuple[float, float]:
+    """Refine `qblock`'s corrections (Adam on fp32 copies) so the quantized block reproduces the
+    reference block's outputs on `inputs`. Returns the relative output error before and after."""
+    with torch.no_grad():
+        targets = [_run_block(ref_block, inp).float() for inp in inputs]
+    corrs = list(corrections(qblock).values())
+    if not corrs:
+        raise ValueError("distill_block: the block has no corrections to refine; fit them first")
+    masters = [(c, c.down.float().requires_grad_(True), c.up.float().requires_grad_(True)) for c in corrs]
+    opt = torch.optim.Adam([t for _, d, u in masters for t in (d, u)], lr=lr)
+
+    def loss_fn() -> Tensor:
+        for c, d, u in masters:
+            c.down, c.up = d.to(c.down.dtype), u.to(c.up.dtype)
+        total = sum(
+            ((_run_block(qblock, inp).float() - t).pow(2).sum() / t.pow(2).sum()) for inp, t in zip(inputs, targets)
+        )
+        return total / len(inputs)
+
+    with torch.no_grad():
+        before = float(loss_fn()) ** 0.5
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        for c, d, u in masters:
+            c.down, c.up = d.detach().to(c.down.dtype), u.detach().to(c.up.dtype)
+        after = float(loss_fn()) ** 0.5
+    return before, after
+
+
+def weights_from_model(model: nn.Module) -> WeightLoader:
+    """Original weights from a bf16 model held in memory (tests, benchmarks)."""
+    return lambda name: model.get_submodule(name).weight.detach()
+
+
+def weights_from_safetensors(folder: str | Path) -> WeightLoader:
+    """Original weights read lazily, one tensor at a time, from a diffusers transformer folder
+    (single file or sharded with `*.safetensors.index.json`)."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        mapping = json.loads(index[0].read_text(encoding="utf-8"))["weight_map"]
+        where = {k: folder / v for k, v in mapping.items()}
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no .safetensors weights; point at the transformer folder")
+        where = {}
+        for path in files:
+            with safe_open(str(path), "pt") as f:
+                where |= dict.fromkeys(f.keys(), path)
+
+    def load(name: str) -> Tensor:
+        key = f"{name}.weight"
+        if key not in where:
+            raise KeyError(f"{folder}: no tensor {key}")
+        with safe_open(str(where[key]), "pt") as f:
+            return f.get_tensor(key)
+
+    return load
+
+
+# ------------------------------------------------------------------------------ report
+@dataclass
+class ErrorPair:
+    before: float
+    after: float
+
+
+@dataclass
+class RecoveryReport:
+    """Relative output error vs bf16 (‖ŷ - y‖/‖y‖), without and with the corrections.
+
+    layers[name][split] and blocks[i][split] with split "calib" or "heldout". Each block is fed
+    the bf16 model's input to it, so block errors do not compound; `model` is end to end.
+    """
+
+    layers: dict[str, dict[str, ErrorPair]] = field(default_factory=dict)
+    blocks: list[dict[str, ErrorPair]] = field(default_factory=list)
+    model: dict[str, ErrorPair] = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = ["| scope | calib before | calib after | held-out before | held-out after |", "|---|---|---|---|---|"]
+
+        def row(label: str, d: dict[str, ErrorPair]) -> str:
+            c, h = d.get("calib"), d.get("heldout")
+            cells = [f"{p.before:.4f} | {p.after:.4f}" if p else "- | -" for p in (c, h)]
+            return f"| {label} | {cells[0]} | {cells[1]} |"
+
+        rows += [row(f"block {i}", b) for i, b in enumerate(self.blocks)]
+        if self.model:
+            rows.append(row("model output", self.model))
+        return "\n".join(rows)
+
+
+def _block_split_errors(
+    ref_block: nn.Module, q_block: nn.Module, inputs: Sequence[BlockInput]
+) -> tuple[dict[str, ErrorPair], ErrorPair, list[Tensor]]:
+    names = list(quantized_modules(q_block))
+    xs: dict[str, list[Tensor]] = {n: [] for n in names}
+    handles = [
+        ref_block.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: xs[n].append(a[0].detach()))
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            ref_out = [_run_block(ref_block, inp) for inp in inputs]
+    finally:
+        for h in handles:
+            h.remove()
+    result: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for enabled in (False, True):
+            set_recovery_enabled(q_block, enabled)
+            for n in names:
+                ref_lin, q_lin = ref_block.get_submodule(n), q_block.get_submodule(n)
+                y = torch.cat([ref_lin(x).reshape(-1) for x in xs[n]])
+                yq = torch.cat([q_lin(x).reshape(-1) for x in xs[n]])
+                result.setdefault(n, []).append(relative_error(y, yq))
+            out = torch.cat([_run_block(q_block, inp).reshape(-1) for inp in inputs])
+            result.setdefault("__block__", []).append(relative_error(torch.cat([r.reshape(-1) for r in ref_out]), out))
+    set_recovery_enabled(q_block, True)
+    layer = {n: ErrorPair(*result[n]) for n in names}
+    return layer, ErrorPair(*result["__block__"]), ref_out
+
+
+def block_report(
+    ref_block: nn.Module, q_block: nn.Module, splits: dict[str, Sequence[BlockInput]]
+) -> tuple[dict[str, dict[str, ErrorPair]], dict[str, ErrorPair]]:
+    """Per-layer and whole-block errors of one quantized block against its bf16 twin, per split."""
+    layers: dict[str, dict[str, ErrorPair]] = {}
+    block: dict[str, ErrorPair] = {}
+    for split, inputs in splits.items():
+        per_layer, whole, _ = _block_split_errors(ref_block, q_block, inputs)
+        for n, pair in per_layer.items():
+            layers.setdefault(n, {})[split] = pair
+        block[split] = whole
+    return layers, block
+
+
+def recovery_report(
+    ref_model: nn.Module,
+    q_model: nn.Module,
+    calib_inputs: Sequence[dict[str, Any]],
+    heldout_inputs: Sequence[dict[str, Any]],
+    blocks_attr: str = "blocks",
+) -> RecoveryReport:
+    """Measure what the corrections recover: every quantized layer and block of `q_model` against
+    `ref_model` (same architecture, bf16), on calibration and held-out model inputs."""
+    report = RecoveryReport()
+    ref_blocks, q_blocks = getattr(ref_model, blocks_attr), getattr(q_model, blocks_attr)
+    for split, model_inputs in (("calib", calib_inputs), ("heldout", heldout_inputs)):
+        inputs = capture_block_inputs(ref_model, model_inputs, blocks_attr)
+        for i, (rb, qb) in enumerate(zip(ref_blocks, q_blocks)):
+            per_layer, whole, outs = _block_split_errors(rb, qb, inputs)
+            for n, pair in per_layer.items():
+                report.layers.setdefault(f"{blocks_attr}.{i}.{n}", {})[split] = pair
+            if len(report.blocks) <= i:
+                report.blocks.append({})
+            report.blocks[i][split] = whole
+            inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, outs)]
+        with torch.no_grad():
+            ref_out = torch.cat([_first(ref_model(**kw)).reshape(-1) for kw in model_inputs])
+            pair = []
+            for enabled in (False, True):
+                set_recovery_enabled(q_model, enabled)
+                pair.append(relative_error(ref_out, torch.cat([_first(q_model(**kw)).reshape(-1) for kw in model_inputs])))
+            set_recovery_enabled(q_model, True)
+        report.model[split] = ErrorPair(*pair)
+    return report
+
+
+def _first(out: Any) -> Tensor:
+    if isinstance(out, tuple):
+        return out[0]
+    return out.sample if hasattr(out, "sample") else out
+
+
+def anisotropic(n: int, dim: int, decay: float = 2.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(n, dim) samples whose covariance has eigenvalues k^-decay (k = 1..dim) along a random
+    orthonormal basis: the documented anisotropic spectrum of our measurements (decay 2 by default)."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    std = torch.arange(1, dim + 1, dtype=torch.float64).pow(-decay / 2)
+    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    return ((z * std) @ basis.T).to(dtype)
+
+
+__all__ = [
+    "ErrorPair", "LowRankCorrection", "RecoveryReport", "Whitener", "adapter_targets", "aitk_module_name",
+    "anisotropic", "attach_correction", "block_report", "capture_block_inputs", "corrections",
+    "detach_correction", "distill_block", "fit_correction", "fit_correction_whitened", "fit_model",
+    "load_aitk_adapter", "read_aitk_adapter", "recovery_report", "reference_block", "relative_error",
+    "resolve_adapter_source", "set_recovery_enabled", "weights_from_model", "weights_from_safetensors",
+]
