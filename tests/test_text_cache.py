@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -27,9 +28,8 @@ PROMPTS = ["[trigger] holding a red cat", ""]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts calls of the encoder so reruns can be checked."""
+def _spy(mp: pytest.MonkeyPatch) -> list[str]:
+    """Record every text the stage encodes (to check what reruns do)."""
     calls: list[str] = []
     real = text.encode_text
 
@@ -37,8 +37,13 @@ def counted(monkeypatch):
         calls.append(t)
         return real(tokenizer, model, t, max_length)
 
-    monkeypatch.setattr(text, "encode_text", spy)
+    mp.setattr(text, "encode_text", spy)
     return calls
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    return _spy(monkeypatch)
 
 
 def _run(root, tmp_path, captions=CAPTIONS, prompts=PROMPTS):
@@ -48,9 +53,28 @@ def _run(root, tmp_path, captions=CAPTIONS, prompts=PROMPTS):
     return out
 
 
-def test_cache_equals_pipeline_encode_prompt_bitwise(tmp_path_factory, tmp_path, counted):
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """The cache of CAPTIONS and PROMPTS, encoded once for the module: (texts encoded, folder)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _spy(mp)
+        out = _run(tiny_model(tmp_path_factory), tmp_path_factory.mktemp("text"))
+    torch.set_num_threads(before)
+    return calls, out
+
+
+@pytest.fixture
+def cached(first_run, tmp_path):
+    """A private copy of the module's cache, in the folder layout `_run(root, tmp_path)` uses."""
+    shutil.copytree(first_run[1], tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def test_cache_equals_pipeline_encode_prompt_bitwise(tmp_path_factory, first_run):
     root = tiny_model(tmp_path_factory)
-    out = _run(root, tmp_path)
+    counted, out = first_run
     expected = sorted({
         "", "sks  walking through a park &amp; smiling", "person walking through a park &amp; smiling",
         "sks dancing on the beach, slowly", "person dancing on the beach, slowly", "sks holding a red cat",
@@ -73,49 +97,45 @@ def test_cache_equals_pipeline_encode_prompt_bitwise(tmp_path_factory, tmp_path,
     assert load_text_embeds(out, "sks holding a red cat").shape == (n, 32)
 
 
-def test_rerun_encodes_only_new_texts_and_removes_stale(tmp_path_factory, tmp_path, counted):
+def test_rerun_encodes_only_new_texts_and_removes_stale(tmp_path_factory, tmp_path, cached, counted):
     root = tiny_model(tmp_path_factory)
+    before = {p.name: p.stat().st_mtime_ns for p in cached.glob("*.safetensors")}
     out = _run(root, tmp_path)
-    assert len(counted) == 6
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
-    _run(root, tmp_path)
-    assert len(counted) == 6  # nothing encoded again
+    assert counted == []  # nothing encoded again
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
 
     changed = {**CAPTIONS, "main/a.mp4": ("sks sitting in a room", "person sitting in a room")}
     _run(root, tmp_path, captions=changed)
-    assert counted[6:] == ["person sitting in a room", "sks sitting in a room"]
+    assert counted == ["person sitting in a room", "sks sitting in a room"]
     texts = json.loads((out / "index.json").read_text())["texts"]
     assert "sks  walking through a park &amp; smiling" not in texts
     assert {p.stem for p in out.glob("*.safetensors")} == set(texts.values())
 
 
-def test_torn_file_is_reencoded(tmp_path_factory, tmp_path, counted):
-    root = tiny_model(tmp_path_factory)
-    out = _run(root, tmp_path)
-    key = json.loads((out / "index.json").read_text())["texts"]["sks holding a red cat"]
-    (out / f"{key}.safetensors").write_bytes(b"\x08\x00")
-    _run(root, tmp_path)
-    assert counted[6:] == ["sks holding a red cat"]
+def test_torn_file_is_reencoded(tmp_path_factory, tmp_path, cached, counted):
+    key = json.loads((cached / "index.json").read_text())["texts"]["sks holding a red cat"]
+    (cached / f"{key}.safetensors").write_bytes(b"\x08\x00")
+    out = _run(tiny_model(tmp_path_factory), tmp_path)
+    assert counted == ["sks holding a red cat"]
     assert load_text_embeds(out, "sks holding a red cat").shape[1] == 32
 
 
-def test_other_encoder_is_detected(tmp_path_factory, tmp_path, counted):
+def test_other_encoder_is_detected(tmp_path_factory, tmp_path, cached, counted):
     root, other = tiny_model(tmp_path_factory), tiny_model(tmp_path_factory, seed=1)
     assert encoder_identity(root) != encoder_identity(other)
-    out = _run(root, tmp_path)
+    out = cached
     with pytest.raises(TextCacheError, match=r"made with text encoder .* rerun the text_cache stage"):
         load_text_embeds(out, "", expect_encoder=encoder_identity(other))
     old_files = {p.name for p in out.glob("*.safetensors")}
     _run(other, tmp_path)  # a new encoder re-encodes everything and replaces every file
-    assert len(counted) == 12
+    assert len(counted) == 6
     assert old_files.isdisjoint(p.name for p in out.glob("*.safetensors"))
     assert len(list(out.glob("*.safetensors"))) == 6
     assert load_text_embeds(out, "", expect_encoder=encoder_identity(other)).shape == (1, 32)
 
 
-def test_unknown_text_names_the_stage(tmp_path_factory, tmp_path):
-    out = _run(tiny_model(tmp_path_factory), tmp_path)
+def test_unknown_text_names_the_stage(first_run, tmp_path):
+    out = first_run[1]
     with pytest.raises(TextCacheError, match="no embedding for 'a brand new prompt'.*text_cache"):
         load_text_embeds(out, "a brand new prompt")
     with pytest.raises(TextCacheError, match="index.json: missing"):

@@ -163,6 +163,12 @@ def _weight_files(folder: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
             raise ModelError(f"{indexes[0]}: unreadable shard index. Fix: download it again") from None
         names = sorted(set(weight_map.values()))
+        outside = [s for s in names if Path(s).name != s]
+        if outside:
+            raise ModelError(
+                f"{indexes[0]}: shard name {outside[0]!r} points outside {folder}. Fix: download the "
+                "model again from a source you trust"
+            )
         missing = [s for s in names if not (folder / s).is_file()]
         if missing:
             raise ModelError(
