@@ -93,6 +93,12 @@ def test_trigger_positions():
     assert apply_trigger("[trigger]man waves", "sks", "start") == "sksman waves"
 
 
+def test_placeholder_never_survives_and_bracket_triggers_are_refused():
+    assert apply_trigger("[[trigger]]", "trigger", "start") == "trigger"
+    with pytest.raises(ValueError, match=r"job.trigger_word '\[x' contains square brackets"):
+        apply_trigger("a dog", "[x", "start")
+
+
 def test_dop_is_whole_word_case_sensitive_every_occurrence():
     assert dop_variant("sks and sksy, Sks, sks.", "sks", "person") == "person and sksy, Sks, person."
 
@@ -189,7 +195,7 @@ def test_inconsistent_manifests_name_both_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------- properties
-TRIGGER = st.from_regex(r"[A-Za-z0-9_]{1,8}", fullmatch=True)
+TRIGGER = st.one_of(st.just("trigger"), st.from_regex(r"[A-Za-z0-9_]{1,8}", fullmatch=True))
 CLASS = st.from_regex(r"[a-z]{1,8}( [a-z]{1,8})?", fullmatch=True)
 PIECES = list("ab sS,.!\n\t[]_é") + ["[trigger]", "[trigger"]
 
@@ -250,3 +256,14 @@ def test_class_containing_trigger_is_flagged(tmp_path, capsys):
     assert records["main/a.mp4"]["caption_dop"] == "sks [person], a dog"
     err = " ".join(capsys.readouterr().err.split())
     assert "train.dop.preservation_class 'sks [person]' contains the trigger word 'sks'" in err
+
+
+@given(raw=st.text(st.characters(blacklist_categories=("Cs",))), trigger=TRIGGER,
+       position=st.sampled_from(["start", "end", "none"]))
+def test_any_text_is_stripped_and_has_no_placeholder(raw, trigger, position):
+    text = apply_trigger(raw, trigger, position)
+    assert "[trigger]" not in text
+    assert text == " ".join(text.split())
+    if position != "none" and text:
+        assert is_word(trigger, text) or "[trigger]" in raw
+    assert not is_word(trigger, dop_variant(text, trigger, "person"))

@@ -96,14 +96,28 @@ def decode_caption(data: bytes, non_utf8: str) -> tuple[str, list[str]]:
     return text, []
 
 
+def check_trigger(trigger: str) -> None:
+    """A trigger with brackets could rebuild the [trigger] placeholder forever; refuse it up front."""
+    if "[" in trigger or "]" in trigger:
+        raise ValueError(
+            f"job.trigger_word {trigger!r} contains square brackets, which clash with the [trigger] "
+            "placeholder; set a plain word in params.yaml"
+        )
+
+
 def apply_trigger(text: str, trigger: str, position: str) -> str:
     """Replace [trigger] with the trigger word; add the word at `position` when the caption lacks it.
 
     A caption that had the placeholder counts as having the trigger even when the replacement is
-    glued to other letters ('[trigger]man'), so the word is never injected twice.
+    glued to other letters ('[trigger]man'), so the word is never injected twice. Replacing repeats
+    until no placeholder is left ('[[trigger]]' with trigger 'trigger' makes a new one); it ends
+    because a bracket-free trigger can only recreate the placeholder when shorter than it.
     """
+    check_trigger(trigger)
     had_placeholder = PLACEHOLDER in text
-    text = normalize_whitespace(text.replace(PLACEHOLDER, trigger))
+    while PLACEHOLDER in text:
+        text = text.replace(PLACEHOLDER, trigger)
+    text = normalize_whitespace(text)
     if not trigger or had_placeholder or word_pattern(trigger).search(text) or position == "none":
         return text
     if not text:
@@ -217,6 +231,7 @@ def run_stage(
     clips = {c["id"]: c for c in read_jsonl(clips_manifest)}
     wanted = sorted({s["clip_id"] for s in read_jsonl(samples_manifest)})
     trigger = normalize_whitespace(job.trigger_word)
+    check_trigger(trigger)
     if trigger and word_pattern(trigger).search(dop.preservation_class):
         console.print(
             f"[yellow]captions:[/] train.dop.preservation_class '{escape(dop.preservation_class)}' contains the "
