@@ -140,7 +140,7 @@ def build_caption(
 ) -> Caption:
     """A usable caption from decoded text, or CaptionError saying why not."""
     trigger = normalize_whitespace(trigger)
-    if not normalize_whitespace(raw.replace(PLACEHOLDER, "")) and PLACEHOLDER not in raw:
+    if not normalize_whitespace(raw):
         raise CaptionError(
             "caption is empty", "write a caption, or delete the file to use datasets.<name>.captions.default_caption"
         )
