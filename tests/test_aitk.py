@@ -221,6 +221,10 @@ def test_wrong_arch_and_bad_files(tmp_path):
         import_config(write(tmp_path, CONFIG_24GB.replace("arch: 'wan22_14b'", "arch: 'flux'")))
     with pytest.raises(ParamsError, match="no config.process list; expected an AI Toolkit job config"):
         import_config(write(tmp_path, "job: extension\nconfig: {name: x}\n"))
+    with pytest.raises(ParamsError, match="no config.process list"):
+        import_config(write(tmp_path, "config: [1, 2]\n"))
+    with pytest.raises(ParamsError, match=r"config.process\[0\].datasets is empty; add a dataset with a folder_path"):
+        import_config(write(tmp_path, CONFIG_24GB.replace("datasets:", "datasets: []\n      old_datasets:")))
     with pytest.raises(ParamsError, match="not valid YAML"):
         import_config(write(tmp_path, "config: [unclosed\n"))
     with pytest.raises(ParamsError, match=r"model.qtype='nf3': no wanlora equivalent; use one of qfloat8, float8, uint4"):
@@ -238,3 +242,9 @@ def test_nearest_qtype_and_missing_adapter(tmp_path):
 def test_content_or_style_is_noise_level(tmp_path, aitk, ours):
     text = CONFIG_24GB.replace("timestep_type: 'linear'", f"timestep_type: 'linear'\n        content_or_style: {aitk}")
     assert import_config(write(tmp_path, text))[0].train.timestep_bias == ours
+
+
+def test_keys_outside_the_process_are_reported(tmp_path):
+    text = CONFIG_24GB.replace('  name: "tabby_cat_v2"', '  name: "tabby_cat_v2"\n  seed: 5') + "extra: 1\n"
+    unmapped = import_config(write(tmp_path, text))[1]
+    assert unmapped[-2:] == ["config.seed=5 (not supported)", "extra=1 (not supported)"]

@@ -155,7 +155,8 @@ def _read(path: Path) -> dict[str, Any]:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ParamsError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {err}") from None
-    process = (data or {}).get("config", {}).get("process") if isinstance(data, dict) else None
+    config = data.get("config") if isinstance(data, dict) else None
+    process = config.get("process") if isinstance(config, dict) else None
     if not isinstance(process, list) or not process or not isinstance(process[0], dict):
         raise ParamsError(f"{path}: no config.process list; expected an AI Toolkit job config (job: extension)")
     return data
@@ -457,10 +458,15 @@ def import_config(path: Path) -> tuple[Params, list[str]]:
         raise ParamsError(f"{path}: config.process[0].datasets is empty; add a dataset with a folder_path")
     _sample(imp)
     imp.leftovers()
-    for key, value in sorted(data.get("meta", {}).items()):
+    meta = data.get("meta")
+    for key, value in sorted(meta.items() if isinstance(meta, dict) else []):
         imp.note(f"meta.{key}", value, "not used: wanlora writes its own lineage metadata")
     if data.get("job", "extension") != "extension":
         imp.note("job", data["job"], "not supported: only AI Toolkit 'extension' jobs are training jobs")
+    for key in sorted(set(config) - {"name", "process"}):
+        imp.note(f"config.{key}", config[key], "not supported")
+    for key in sorted(set(data) - {"job", "config", "meta"}):
+        imp.note(key, data[key], "not supported")
     for i in range(1, len(process)):
         imp.note(f"config.process[{i}]", process[i].get("type"), "only the first process is imported")
     return _validate(imp, path), imp.notes
