@@ -248,3 +248,44 @@ def test_keys_outside_the_process_are_reported(tmp_path):
     text = CONFIG_24GB.replace('  name: "tabby_cat_v2"', '  name: "tabby_cat_v2"\n  seed: 5') + "extra: 1\n"
     unmapped = import_config(write(tmp_path, text))[1]
     assert unmapped[-2:] == ["config.seed=5 (not supported)", "extra=1 (not supported)"]
+
+
+def test_ui_generated_job(tmp_path):
+    """The shape AI Toolkit's web UI saves: tagged arch, samples list, UI-only keys at their defaults."""
+    job = {"job": "extension", "config": {"name": "ui_job", "process": [{
+        "type": "diffusion_trainer", "training_folder": "output", "sqlite_db_path": "./aitk_db.db", "device": "cuda",
+        "trigger_word": "ohwx", "performance_log_every": 10,
+        "network": {"type": "lora", "linear": 32, "linear_alpha": 32, "conv": 16, "conv_alpha": 16,
+                    "lokr_full_rank": True, "lokr_factor": -1, "network_kwargs": {"ignore_if_contains": []}},
+        "save": {"dtype": "bf16", "save_every": 250, "max_step_saves_to_keep": 4, "save_format": "diffusers",
+                 "push_to_hub": False},
+        "datasets": [{"folder_path": "/datasets/ohwx", "mask_path": None, "mask_min_value": 0.1, "default_caption": "",
+                      "caption_ext": "txt", "caption_dropout_rate": 0.05, "cache_latents_to_disk": False,
+                      "is_reg": False, "network_weight": 1, "resolution": [512], "controls": [],
+                      "shrink_video_to_frames": True, "num_frames": 41, "flip_x": False, "flip_y": False,
+                      "num_repeats": 1, "fps": 16}],
+        "train": {"batch_size": 1, "bypass_guidance_embedding": True, "steps": 3000, "gradient_accumulation": 1,
+                  "train_unet": True, "train_text_encoder": False, "gradient_checkpointing": True,
+                  "noise_scheduler": "flowmatch", "optimizer": "adamw8bit", "timestep_type": "linear",
+                  "content_or_style": "balanced", "optimizer_params": {"weight_decay": 0.0001},
+                  "unload_text_encoder": False, "cache_text_embeddings": True, "lr": 0.0001,
+                  "ema_config": {"use_ema": False, "ema_decay": 0.99}, "skip_first_sample": False,
+                  "force_first_sample": False, "disable_sampling": False, "dtype": "bf16",
+                  "diff_output_preservation": False, "diff_output_preservation_multiplier": 1.0,
+                  "diff_output_preservation_class": "person", "switch_boundary_every": 1, "loss_type": "mse"},
+        "logging": {"log_every": 1, "use_ui_logger": True},
+        "model": {"name_or_path": "ai-toolkit/Wan2.2-T2V-A14B-Diffusers-bf16", "quantize": True,
+                  "qtype": "uint4|ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors",
+                  "quantize_te": True, "qtype_te": "qfloat8", "arch": "wan22_14b:t2v", "low_vram": True,
+                  "model_kwargs": {"train_high_noise": True, "train_low_noise": True}, "compile": False},
+        "sample": {"sampler": "flowmatch", "sample_every": 250, "sample_start_step": 0, "width": 832, "height": 480,
+                   "samples": [{"prompt": "ohwx waving"}], "neg": "", "seed": 42, "walk_seed": True,
+                   "guidance_scale": 4, "sample_steps": 30, "num_frames": 41, "fps": 16},
+    }]}, "meta": {"name": "[name]", "version": "1.0"}}
+    params, unmapped = import_config(write(tmp_path, json.dumps(job), "ui.json"))
+    assert unmapped == [NETWORK_NOTE, "meta.name='[name]' (not used: wanlora writes its own lineage metadata)",
+                        "meta.version='1.0' (not used: wanlora writes its own lineage metadata)"]
+    assert (params.train.dop.enabled, params.train.dop.preservation_class) == (False, "person")
+    assert (params.network.rank, params.datasets["ohwx"].bucket.num_frames, params.sample.prompts) == (
+        32, [41], ["ohwx waving"])
+    assert (params.quantization.transformer, params.multistage.switch_every, params.job.device) == ("uint4", 1, "cuda")

@@ -247,7 +247,7 @@ def _quantization(imp: _Import) -> None:
 
 def _model(imp: _Import) -> None:
     arch = imp.take("model.arch", None)
-    if arch != "wan22_14b":
+    if str(arch).split(":")[0] != "wan22_14b":  # the UI writes 'wan22_14b:t2v'; AI Toolkit drops the tag
         raise ParamsError(
             f"AI Toolkit key model.arch={arch!r}: wanlora trains Wan 2.2 T2V A14B only (arch wan22_14b)"
         )
