@@ -40,6 +40,10 @@ def test_rotation_metadata_gives_displayed_size_and_upright_frames(tmp_path: Pat
     assert frame.shape == (64, 32, 3)
     # a CCW turn moves the left columns to the bottom rows
     assert frame[-6:].mean() > 200 and frame[:-10].mean() < 30
+    # OpenCV turns frames itself; the fallback must agree on the angle and the picture
+    cv_info = probe(tmp_path / "r.mp4", backend="opencv")
+    assert (cv_info.rotation, cv_info.width, cv_info.height) == (90, 32, 64)
+    assert np.abs(read_frames(tmp_path / "r.mp4", [2], cv_info)[0].astype(int) - frame).mean() < 3
 
 
 @pytest.mark.parametrize(("angle", "expected"), [(0, 0), (90, 90), (-90, 270), (180, 180), (-180, 180), (269.6, 270)])

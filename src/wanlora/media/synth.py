@@ -14,7 +14,7 @@ benchmark), which can also set a display rotation, the way phones tag portrait c
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -256,7 +256,7 @@ def make_demo_raw(folder: Path, trigger: str = "[trigger]", seed: int = 0) -> di
     folder.mkdir(parents=True, exist_ok=True)
     truth: dict = {"clips": {}, "images": {}, "captions": {}, "bad": {}}
     for name, (spec, caption) in _DEMO_CLIPS.items():
-        spec = ClipSpec(**{**spec.__dict__, "seed": spec.seed + seed * 1000})
+        spec = replace(spec, seed=spec.seed + seed * 1000)
         truth["clips"][name] = make_clip(folder / name, spec)
         if caption is not None:
             text = caption.replace("[trigger]", trigger)
