@@ -12,15 +12,25 @@ from wanlora.config import Params, parse_params
 from wanlora.io import atomic_write_bytes, write_jsonl
 from wanlora.models.loading import model_identity
 from wanlora.models.text import run_stage as text_cache
+from wanlora.models.geometry import TINY, build_transformer
 from wanlora.models.tiny import make_tiny
 
 BUCKET = "32x32x5"
 LATENT_SHAPE = (16, 2, 4, 4)  # 5 frames at 32x32 through the Wan VAE
 
 
-def tiny_model(folder: Path) -> Path:
+def tiny_model(folder: Path, patch: list[int] | None = None) -> Path:
+    """The project's tiny model; with `patch`, both experts rebuilt with that patch size.
+
+    The overfit test uses patch [1, 1, 1]: with the tiny width (32) a [1, 2, 2] patch (64 values)
+    cannot pass through the model, so no training could drive the loss near zero.
+    """
     if not (folder / "model_index.json").is_file():
         make_tiny(folder)
+        if patch is not None:
+            for seed, part in enumerate(("transformer", "transformer_2")):
+                shutil.rmtree(folder / part)
+                build_transformer({**TINY, "patch_size": patch}, torch.float32, "cpu", seed).save_pretrained(folder / part)
     return folder
 
 
@@ -41,7 +51,7 @@ def write_inputs(ws: Path, n_clips: int = 2, buckets: list[str] | None = None) -
     write_jsonl(ws / "data/buckets/samples.jsonl", samples)
 
 
-def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0) -> None:
+def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, scale: float = 2.0, smooth: bool = False) -> None:
     """Latent cache files as the latent_cache stage writes them (distribution mode)."""
     from wanlora.io import read_jsonl
 
@@ -50,18 +60,19 @@ def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0) -
     for k, rec in enumerate(read_jsonl(ws / "data/buckets/samples.jsonl")):
         w, h, f = (int(x) for x in rec["bucket"].split("x"))
         shape = (16, (f - 1) // 4 + 1, h // 8, w // 8)
-        tensors = {"mean": torch.randn(shape, generator=g) * 2, "logvar": torch.full(shape, -6.0)}
+        tensors = {"mean": (torch.randn(shape[0], 1, 1, 1, generator=g) * scale).expand(shape).contiguous() if smooth else torch.randn(shape, generator=g) * scale, "logvar": torch.full(shape, -6.0)}
         meta = {"vae": vae, "sample_id": rec["id"], "bucket": rec["bucket"], "dtype": "fp32", "mode": "distribution"}
         atomic_write_bytes(ws / f"data/cache/latents/sample{k}.safetensors", save(tensors, meta))
 
 
-def make_workspace(ws: Path, model_dir: Path, n_clips: int = 2) -> Path:
-    root = tiny_model(model_dir)
+def make_workspace(ws: Path, model_dir: Path, n_clips: int = 2, patch: list[int] | None = None,
+                   scale: float = 2.0, smooth: bool = False) -> Path:
+    root = tiny_model(model_dir, patch)
     ws.mkdir(parents=True, exist_ok=True)
     write_inputs(ws, n_clips)
     text_cache(root=root, captions_manifest=ws / "data/captions/captions.jsonl", prompts=[], trigger="sks",
                out_dir=ws / "data/cache/text", dtype="fp32", quant="none", device="cpu")
-    write_latents(ws, root)
+    write_latents(ws, root, scale=scale, smooth=smooth)
     return ws
 
 

@@ -124,23 +124,27 @@ def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] |
 
 
 # ---------------------------------------------------------------------------- LoRA files
-def save_lora_pair(folder: Path, step: int, files: dict[str, bytes], keep_last: int) -> None:
-    """Write `files` ({expert: bytes}) as lora/<expert>/step_N.safetensors, all or none, and
-    keep only the newest `keep_last` steps."""
-    written: list[Path] = []
+def save_lora_pair(folder: Path, step: int, files: dict[str, bytes]) -> None:
+    """Write `files` ({expert: bytes}) as lora/<expert>/step_N.safetensors, all or none."""
     try:
         for expert, data in files.items():
-            path = folder / "lora" / expert / step_name(step)
-            atomic_write_bytes(path, data)
-            written.append(path)
+            atomic_write_bytes(folder / "lora" / expert / step_name(step), data)
     except BaseException:
-        for path in written:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        discard_loras(folder, step)
         raise
-    for expert in files:
-        steps = sorted((folder / "lora" / expert).glob("step_*.safetensors"))
-        for old in steps[:-keep_last]:
+
+
+def discard_loras(folder: Path, step: int) -> None:
+    """Remove the LoRA files of `step` (a checkpoint whose state could not be written)."""
+    for path in (folder / "lora").glob(f"*/{step_name(step)}"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def prune_loras(folder: Path, keep_last: int) -> None:
+    """Keep only the newest `keep_last` steps of each expert."""
+    for expert_dir in sorted((folder / "lora").glob("*")):
+        for old in sorted(expert_dir.glob("step_*.safetensors"))[:-keep_last]:
             old.unlink()
 
 

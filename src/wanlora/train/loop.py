@@ -289,7 +289,7 @@ def save_checkpoint(tr: Trainer) -> None:
     for e in tr.experts:
         meta = {**tr.lineage, "wanlora.expert": e, "wanlora.step": str(tr.step)}
         files[e] = lora_file_bytes(_lora_tensors(tr, e), DTYPES[tr.params.save.dtype], tr.params.network, meta)
-    ckpt.save_lora_pair(tr.state_dir, tr.step, files, tr.params.save.keep_last)
+    ckpt.save_lora_pair(tr.state_dir, tr.step, files)
 
     tensors, rng = ckpt.capture_rng(tr.generator)
     plain: dict = {"epoch": tr.epoch, "position": tr.position, "bad_steps": tr.bad_steps, "rng": rng,
@@ -300,7 +300,12 @@ def save_checkpoint(tr: Trainer) -> None:
         tensors.update(opt_tensors)
         if e in tr.emas:
             tensors.update({f"ema.{e}.{k}": v for k, v in tr.emas[e].state_dict().items()})
-    ckpt.save_state(tr.state_dir, tr.step, tensors, plain)
+    try:
+        ckpt.save_state(tr.state_dir, tr.step, tensors, plain)
+    except BaseException:
+        ckpt.discard_loras(tr.state_dir, tr.step)  # a pair without its state is not a checkpoint
+        raise
+    ckpt.prune_loras(tr.state_dir, tr.params.save.keep_last)
     ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
 
 

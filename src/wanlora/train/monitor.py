@@ -1,7 +1,11 @@
 """What a person watches: a rich progress bar, and dvclive metrics for `dvc plots`.
 
 Every logged value is a Python float (never a tensor, so no graph or device memory is kept
-alive by logging). Rows already logged before a resume are replayed from the checkpoint's
+alive by logging). dvclive's `next_step` re-reads every metrics file to build its summary (and
+a Studio payload), which makes a long run quadratic; we append rows with `log_metric` at an
+explicit step and write the summary every `SUMMARY_EVERY` steps and at the end instead. The
+.tsv files are dvclive's own appends, not atomic replacements: DVC recreates the folder on
+every run anyway. Rows already logged before a resume are replayed from the checkpoint's
 history, because DVC deletes `data/train_live` before it reruns the stage.
 """
 
@@ -16,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from wanlora.report import console
 
+SUMMARY_EVERY = 50
 METRICS = ("loss_high", "loss_low", "lr", "grad_norm", "step_time", "peak_mem")
 
 
@@ -44,7 +49,8 @@ class Monitor:
         for name in METRICS:
             if name in row:
                 self.live.log_metric(name, row[name])
-        self.live.next_step()
+        if self.live.step % SUMMARY_EVERY == 0:
+            self.live.make_summary()
 
     def log(self, row: dict[str, float]) -> None:
         self._write(row)

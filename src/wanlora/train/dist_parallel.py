@@ -1,0 +1,209 @@
+"""Data- and expert-parallel training: who trains what, gradient averaging, one optimizer step.
+
+Data-parallel: every rank holds the active expert(s); each optimizer step takes the next
+A*N batches of the global order (A = train.gradient_accumulation, N ranks), rank r runs batches
+r, r+N, ..., and the LoRA gradients are averaged. That is exactly one process with accumulation
+A*N: same batches, same random draws (see `wanlora.train.distributed`), same averaged gradient.
+
+Expert-parallel (two experts, an even number of ranks): the first half of the ranks trains the
+high-noise expert, the second half the low-noise one, at the same time, each on its own timestep
+band and data-parallel inside its group; no rank loads the other expert and there is no
+switching. `train.steps` keeps its meaning (optimizer steps of both experts together), so each
+group runs half of them.
+
+Why a manual all-reduce of LoRA gradients rather than torch DDP: the reduction runs once per
+optimizer step, after the last accumulation micro-step, over the LoRA gradients only (r16 on both
+attentions and the FFN of A14B: 76.7M values, 307 MB as fp32). On NVLink that is a few
+milliseconds against 2-15 s of compute per step, so DDP's overlap with backward would save well
+under 1%. In exchange the model stays unwrapped: peft's disable_adapters (DOP's prior pass),
+set_adapters, block offloading hooks, checkpointing, quantized bases and FSDP all see the bare
+module; there is no no_sync bookkeeping for accumulation and no "parameter marked ready twice"
+failure when DOP runs two forwards before one backward. Gradients are summed in fp32 even when the
+LoRA is bf16, which DDP would reduce in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from wanlora.config import TrainConfig
+from wanlora.train.distributed import DistEnv, DistributedError, GlobalBatch, batch_generator
+from wanlora.train.experts import ORDER
+from wanlora.train.optim import lr_at, set_lr
+from wanlora.train.step import StepBatch, training_step
+from wanlora.train.timesteps import Expert
+
+Mode = Literal["auto", "data", "expert"]
+BUCKET_BYTES = 64 << 20
+MakeBatch = Callable[[list[int], Expert, torch.Generator], StepBatch]
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Which ranks train which expert. In data mode every rank is in every expert's group."""
+
+    mode: Literal["data", "expert"]
+    world: int
+    groups: dict[Expert, tuple[int, ...]]
+
+    def experts_of(self, rank: int) -> tuple[Expert, ...]:
+        """The experts rank `rank` loads and trains, in schedule order."""
+        return tuple(e for e in ORDER if e in self.groups and rank in self.groups[e])
+
+    def leader(self, expert: Expert) -> int:
+        """The rank that speaks for an expert's group (sends its state to rank 0)."""
+        return self.groups[expert][0]
+
+    def steps_per_group(self, total_steps: int) -> int:
+        """Optimizer steps each group runs: all of them in data mode, half each in expert mode."""
+        return total_steps if self.mode == "data" else math.ceil(total_steps / len(self.groups))
+
+
+def plan_parallel(world: int, active: Iterable[Expert], mode: Mode = "auto") -> ParallelPlan:
+    """The plan for `world` ranks and the active experts.
+
+    auto: expert-parallel when both experts train and the ranks split evenly, else data-parallel.
+    """
+    experts = tuple(e for e in ORDER if e in set(active))
+    if not experts:
+        raise DistributedError("no expert to train: set multistage.train_high_noise or train_low_noise to true")
+    everyone = tuple(range(world))
+    can_split = len(experts) == 2 and world >= 2 and world % 2 == 0
+    if mode == "expert" and not can_split:
+        why = "only one expert is active" if len(experts) < 2 else f"{world} process(es) do not split in two"
+        raise DistributedError(f"train.parallel is 'expert' but {why}. Fix: launch an even number of processes "
+                               "with both multistage.train_* true, or set train.parallel: data")
+    if mode == "data" or (mode == "auto" and not can_split):
+        return ParallelPlan("data", world, {e: everyone for e in experts})
+    half = world // 2
+    return ParallelPlan("expert", world, {"high": everyone[:half], "low": everyone[half:]})
+
+
+def make_groups(plan: ParallelPlan, env: DistEnv) -> dict[Expert, Any]:
+    """Process groups per expert (None means the default group of all ranks).
+
+    `new_group` is collective: every rank creates every group, in the same order, even groups it
+    is not part of.
+    """
+    if not env.distributed or plan.mode == "data":
+        return {e: None for e in plan.groups}
+    return {e: dist.new_group(list(plan.groups[e])) for e in ORDER if e in plan.groups}
+
+
+def group_size(group: Any, env: DistEnv) -> int:
+    return dist.get_world_size(group) if env.distributed else 1
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (an FSDP-sharded parameter): FSDP reduces its gradient itself."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def reduce_gradients(params: list[torch.nn.Parameter], group: Any, env: DistEnv,
+                     bucket_bytes: int = BUCKET_BYTES) -> int:
+    """Average the gradients of `params` over `group`, in fp32 buckets; returns the number of
+    all-reduce calls. A missing gradient counts as zero (the rank skipped backward)."""
+    n = group_size(group, env)
+    plain = [p for p in params if p.requires_grad and not is_sharded(p)]
+    if n == 1 or not plain:
+        return 0
+    for p in plain:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets: list[list[torch.nn.Parameter]] = [[]]
+    size = 0
+    for p in plain:
+        if buckets[-1] and size + 4 * p.numel() > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += 4 * p.numel()
+    for bucket in buckets:
+        flat = torch.cat([p.grad.reshape(-1).float() for p in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat /= n
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+    return len(buckets)
+
+
+def sum_over(values: list[float], group: Any, env: DistEnv) -> list[float]:
+    """Element-wise sums of `values` over the ranks of `group` (one small all-reduce)."""
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t.tolist()
+
+
+def world_throughput(samples: int, seconds: float, env: DistEnv) -> float:
+    """Samples per second of all ranks together (each rank's own rate, summed)."""
+    return sum_over([samples / max(seconds, 1e-9)], None, env)[0]
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step as every rank of the group sees it (identical on all of them)."""
+
+    loss: float
+    finite: bool
+    grad_norm: float
+    samples: int
+    lr: float
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[GlobalBatch],
+    make_batch: MakeBatch,
+    *,
+    expert: Expert,
+    step: int,
+    cfg: TrainConfig,
+    seed: int,
+    dtype: torch.dtype,
+    env: DistEnv,
+    group: Any = None,
+) -> StepOutcome:
+    """This rank's micro-batches of optimizer step `step`, the group's gradient average, the step.
+
+    Each micro-batch's randomness comes from `batch_generator(seed, expert, epoch, position)`.
+    The loss is the mean over the whole global batch. If any rank met a non-finite loss, every
+    rank skips the update (the flag is reduced with the loss), so the LoRAs never diverge.
+    """
+    lr = lr_at(step, cfg)
+    set_lr(optimizer, lr)
+    accum = len(batches)
+    loss, bad, samples = 0.0, 0, 0
+    for b in batches:
+        out = training_step(
+            model, make_batch(b.indices, expert, batch_generator(seed, expert, b.epoch, b.position)), dtype=dtype,
+            dop_multiplier=cfg.dop.multiplier if cfg.dop.enabled else 0.0,
+            guidance_scale=cfg.differential_guidance.scale if cfg.differential_guidance.enabled else None,
+            loss_scale=1 / accum,
+        )
+        loss += out.total / accum
+        bad += not out.finite
+        samples += len(b.indices)
+    loss_sum, bad_sum, samples_sum = sum_over([loss, bad, samples], group, env)
+    finite = bad_sum == 0
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if finite:
+        reduce_gradients(params, group, env)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+        optimizer.step()
+    else:
+        norm = float("nan")
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss_sum / group_size(group, env), finite, norm, int(samples_sum), lr)

@@ -1,0 +1,185 @@
+"""The train stage end to end on the tiny model: overfitting, expert schedule, files, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from _train_helpers import copy_workspace, make_workspace, tiny_params, write_latents
+from wanlora.config import DEFAULT_TARGETS, ParamsError, parse_params
+from wanlora.report import InputError
+from wanlora.train import loop
+
+torch.set_num_threads(1)  # the machine is shared: two threads contend and run ~20x slower
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("train")
+    ws = make_workspace(base / "ws", base / "model")
+    return ws, base / "model"
+
+
+@pytest.fixture
+def ws(template, tmp_path) -> Path:
+    return copy_workspace(template[0], tmp_path / "ws")
+
+
+def test_tiny_model_overfits_two_clips(tmp_path):
+    """Loss per expert falls by more than half in 300 steps on two clips (5 frames at 32x32).
+
+    Patch [1, 1, 1] and a LoRA on proj_out let the 32-wide tiny model carry every latent value;
+    the latents are constant over space and time so memorising them takes few steps."""
+    ws = make_workspace(tmp_path / "ws", tmp_path / "model", patch=[1, 1, 1], scale=1.0, smooth=True)
+    params = tiny_params(tmp_path / "model", train={"steps": 300, "lr": 1e-2, "lr_scheduler": "cosine",
+                                                    "max_grad_norm": 0},
+                         network={"rank": 8, "alpha": 8, "target_modules": [*DEFAULT_TARGETS, "proj_out"]},
+                         save={"every": 1000}, multistage={"switch_every": 1})
+    tr = loop.setup(params, ws)
+    loop.train(tr)
+    for expert in ("high", "low"):
+        losses = [r[f"loss_{expert}"] for r in tr.history if f"loss_{expert}" in r]
+        assert len(losses) == 150
+        first, last = statistics.mean(losses[:15]), statistics.mean(losses[-15:])
+        assert last < 0.5 * first, f"{expert}: {first:.3f} -> {last:.3f}"
+    # the run wrote its final pair, with the loop's dvclive metrics beside it
+    assert sorted(p.name for p in (ws / "data/lora/high").iterdir()) == ["step_000300.safetensors"]
+    metrics = json.loads((ws / "data/train_live/metrics.json").read_text())
+    assert metrics["step"] == 300 and metrics["loss_low"] == pytest.approx(tr.history[-1]["loss_low"])
+
+
+def test_switch_every_in_the_loop_and_files(ws, template):
+    params = tiny_params(template[1], train={"steps": 7}, multistage={"switch_every": 2},
+                         save={"every": 3, "keep_last": 2, "dtype": "bf16"})
+    loop.run_stage(params, ws)
+    tr_hist = json.loads(next((ws / "scratch/train").glob("*/state_000007/state.json")).read_text())["history"]
+    order = ["high" if "loss_high" in r else "low" for r in tr_hist]
+    assert order == ["high", "high", "low", "low", "high", "high", "low"]
+    for expert in ("high", "low"):
+        names = sorted(p.name for p in (ws / "data/lora" / expert).iterdir())
+        assert names == ["step_000006.safetensors", "step_000007.safetensors"]  # keep_last 2 of 3, 6, 7
+        path = ws / "data/lora" / expert / names[-1]
+        tensors = load_file(path)
+        assert all(k.startswith("transformer.blocks.") and ".lora_" in k for k in tensors)
+        assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+        assert len(tensors) == 2 * 2 * 10  # 2 blocks x 10 adapted linears x (A, B)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["wanlora.expert"] == expert and meta["wanlora.step"] == "7"
+        assert json.loads(meta["lora_adapter_metadata"])["transformer.r"] == 4
+        assert json.loads(meta["wanlora.timesteps"])[expert]["band_lo"] == (875.0 if expert == "high" else 0.0)
+    # the high file is not the low file: two LoRAs, never a shared one
+    high = load_file(ws / "data/lora/high/step_000007.safetensors")
+    low = load_file(ws / "data/lora/low/step_000007.safetensors")
+    assert not torch.equal(high["transformer.blocks.0.attn1.to_q.lora_B.weight"],
+                           low["transformer.blocks.0.attn1.to_q.lora_B.weight"])
+
+
+def test_lora_files_load_into_wan_pipeline(ws, template):
+    """diffusers reads our files: high into transformer, low into transformer_2, same weights."""
+    from diffusers import WanPipeline
+
+    params = tiny_params(template[1], train={"steps": 2}, save={"every": 2}, multistage={"switch_every": 1})
+    tr = loop.setup(params, ws)
+    loop.train(tr)
+    pipe = WanPipeline.from_pretrained(template[1])
+    pipe.load_lora_weights(str(ws / "data/lora/high/step_000002.safetensors"), adapter_name="high")
+    pipe.load_lora_weights(str(ws / "data/lora/low/step_000002.safetensors"), adapter_name="low",
+                           load_into_transformer_2=True)
+    key = "blocks.1.ffn.net.2.lora_B"
+    ours = dict(tr.experts["low"].named_parameters())[f"{key}.default.weight"]
+    theirs = dict(pipe.transformer_2.named_parameters())[f"{key}.low.weight"]
+    assert torch.equal(ours.detach(), theirs.detach()) and ours.abs().sum() > 0
+    assert pipe.transformer_2.peft_config["low"].lora_alpha == 4
+
+
+def test_only_one_expert_loads_and_trains(ws, template):
+    params = tiny_params(template[1], train={"steps": 3}, multistage={"train_high_noise": False})
+    tr = loop.setup(params, ws)
+    assert list(tr.experts) == ["low"] and tr.dists["low"].band == (0.0, 875.0)
+    loop.train(tr)
+    assert all("loss_low" in r for r in tr.history)
+    assert not (ws / "data/lora/high").exists()
+
+
+def test_params_that_select_no_expert():
+    with pytest.raises(ParamsError, match="train_high_noise and train_low_noise are both false"):
+        parse_params({"multistage": {"train_high_noise": False, "train_low_noise": False}})
+
+
+def test_dataset_with_no_valid_samples(ws, template):
+    for f in (ws / "data/cache/latents").iterdir():
+        f.unlink()
+    with pytest.raises(InputError, match=r"samples.jsonl: no sample can be trained \(2 problem"):
+        loop.setup(tiny_params(template[1]), ws)
+
+
+def test_latent_cache_of_another_model(ws, template):
+    write_latents(ws, template[1], vae="0123456789abcdef")
+    with pytest.raises(InputError, match="latent cache made by VAE '0123456789abcdef'.*rerun the latent_cache"):
+        loop.setup(tiny_params(template[1]), ws)
+
+
+def test_text_cache_of_another_model(ws, template):
+    index = ws / "data/cache/text/index.json"
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps({**data, "encoder": "other+encoder"}))
+    with pytest.raises(RuntimeError, match="made with text encoder other\\+encoder.*text_cache"):
+        loop.setup(tiny_params(template[1]), ws)
+
+
+def test_nan_loss_skips_then_stops(ws, template):
+    for f in (ws / "data/cache/latents").iterdir():
+        from safetensors.torch import save
+
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata()
+        tensors = load_file(f)
+        tensors["mean"][0, 0, 0, 0] = float("nan")
+        f.write_bytes(save(tensors, meta))
+    tr = loop.setup(tiny_params(template[1], train={"steps": 10, "max_bad_steps": 3}), ws)
+    before = {k: v.clone() for k, v in tr.experts["high"].state_dict().items() if "lora_" in k}
+    with pytest.raises(loop.BadLossError, match="3 non-finite losses in a row.*max_bad_steps=3"):
+        loop.train(tr)
+    assert tr.step == 2  # two skipped steps, the third raised
+    after = tr.experts["high"].state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # nothing was updated
+
+
+def test_disk_full_while_saving_leaves_no_partial_checkpoint(ws, template, monkeypatch):
+    params = tiny_params(template[1], train={"steps": 4}, save={"every": 2})
+    tr = loop.setup(params, ws)
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if tr.step == 4 and len(calls) > 2:  # the LoRA pair got written, the state did not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    def tracking_save(t):
+        calls.clear()
+        return real_save(t)
+
+    real_save = loop.save_checkpoint
+    monkeypatch.setattr("wanlora.io.os.fsync", fsync)
+    monkeypatch.setattr(loop, "save_checkpoint", tracking_save)
+    with pytest.raises(OSError, match="No space left"):
+        loop.train(tr)
+    state = tr.state_dir
+    assert json.loads((state / "latest.json").read_text()) == {"dir": "state_000002", "step": 2}
+    leftovers = sorted(p.name for p in state.rglob("*") if p.name.startswith(".") or "000004" in p.name)
+    assert leftovers == []
+    assert sorted(p.name for p in (ws / "data/lora/high").iterdir()) == ["step_000002.safetensors"]
+    # and the run resumes from step 2 once there is space again
+    monkeypatch.undo()
+    tr2 = loop.setup(params, ws)
+    assert loop.load_checkpoint(tr2) and tr2.step == 2
