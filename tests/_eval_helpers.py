@@ -6,8 +6,10 @@ the flow-match scheduler, and LoRAs whose B matrices are non-zero so they change
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from peft import LoraConfig
@@ -15,6 +17,17 @@ from peft.utils import get_peft_model_state_dict
 
 from wanlora.export.formats import LoraModule, save_safetensors, write_ours
 from wanlora.models.geometry import TINY
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one intra-op thread. With two, a tiny matmul took
+    ~10 ms instead of 0.1 ms while other processes held the cores (threads spin-waiting on each
+    other). Import it into a test module to use it; the previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 ALL_TARGETS = [
     "to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2",
@@ -133,3 +146,71 @@ def make_lineage_workspace(root: Path, n_clips: int = 2) -> Path:
     write_jsonl(root / "data/captions/captions.jsonl", captions)
     (root / "dvc.lock").write_text(json.dumps({"schema": "2.0"}))
     return root
+
+
+EVAL_SAMPLE = {"prompts": ["[trigger] walking", "a red car"], "steps": 2, "guidance_scale": 2.0, "num_frames": 5,
+               "width": 32, "height": 32, "fps": 8, "seed": 3, "every_checkpoint": 2,
+               "validation_samples": 2, "validation_timesteps": [500, 900]}
+
+
+def make_eval_workspace(root: Path, steps=(2, 4)) -> Path:
+    """A trained workspace on the tiny model: clips, manifests, real text and latent caches made by
+    the caching stages, checkpoint pairs with non-zero LoRAs, dvclive curves, dataset reports."""
+    import numpy as np
+
+    from wanlora.config import dump_params, parse_params
+    from wanlora.evaluate.media import write_mp4
+    from wanlora.io import atomic_write_json, sha256_file, sha256_text, write_jsonl
+    from wanlora.models import latents, text
+    from wanlora.models.tiny import make_tiny
+
+    params = parse_params({"job": {"name": "tiny", "device": "cpu", "trigger_word": "sks"},
+                           "model": {"name_or_path": str(root / "models/tiny"), "dtype": "fp32"},
+                           "network": {"rank": 4, "alpha": 2.0}, "sample": EVAL_SAMPLE})
+    (root / "params.yaml").write_text(dump_params(params))
+    make_tiny(root / "models/tiny", seed=0)
+    rng = np.random.default_rng(0)
+    clips, samples, captions = [], [], []
+    for i in range(3):
+        rel = f"data/raw/c{i}.mp4"
+        write_mp4(root / rel, rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8), 8)
+        cid = f"main/c{i}.mp4"
+        clips.append({"id": cid, "dataset": "main", "path": rel, "sha256": sha256_file(root / rel), "status": "ok",
+                      "keep_start_s": 0.0, "keep_end_s": 0.75, "caption_path": None})
+        samples.append({"id": f"{cid}#0", "clip_id": cid, "dataset": "main", "path": rel,
+                        "sha256": sha256_file(root / rel), "kind": "video", "width": 32, "height": 32,
+                        "num_frames": 5, "bucket": "32x32x5", "frame_indices": [0, 1, 2, 3, 4],
+                        "crop": [0, 0, 32, 32], "flip": False})
+        cap = f"sks person number {i}"
+        captions.append({"id": cid, "caption": cap, "caption_dop": None, "caption_sha256": sha256_text(cap),
+                         "source": "default", "source_sha256": sha256_text(cap), "warnings": []})
+    write_jsonl(root / "data/trimmed/clips.jsonl", clips)
+    write_jsonl(root / "data/buckets/samples.jsonl", samples)
+    write_jsonl(root / "data/captions/captions.jsonl", captions)
+    atomic_write_json(root / "data/buckets/histogram.json", [{"bucket": "32x32x5", "count": 3}])
+    atomic_write_json(root / "data/captions/problems.json", {"count": 1, "problems": [
+        {"path": "data/raw/x.mp4", "reason": "no caption <file>", "fix": "write x.txt", "stage": "captions"}]})
+    tiny = root / "models/tiny"
+    text.run_stage(tiny, root / "data/captions/captions.jsonl", params.sample.prompts, "sks",
+                   root / "data/cache/text", "fp32", "none", "cpu")
+    latents.run_stage(tiny, root / "data/buckets/samples.jsonl", root, root / "data/cache/latents",
+                      "distribution", "fp32", "cpu", {"main"})
+    live = root / "data/train_live/plots/metrics"
+    live.mkdir(parents=True)
+    for name in ("loss_high", "loss_low"):
+        rows = "".join(f"0\t{s}\t{1.0 / (s + 1) + (name == 'loss_low') * 0.1}\n" for s in range(1, 7))
+        (live / f"{name}.tsv").write_text(f"timestamp\tstep\t{name}\n{rows}")
+    for step in steps:
+        add_checkpoint(root, step)
+    return root
+
+
+def add_checkpoint(root: Path, step: int) -> None:
+    """A checkpoint pair as the trainer saves it, with non-zero LoRAs on the default targets."""
+    from wanlora.config import DEFAULT_TARGETS
+
+    for expert, seed in (("high", 1), ("low", 2)):
+        lora = random_lora(tiny_transformer(seed), seed=step * 7 + seed, rank=4, alpha=2.0,
+                           targets=list(DEFAULT_TARGETS))
+        save_ours(root / f"data/lora/{expert}/step_{step:06d}.safetensors", lora,
+                  {"wanlora.step": str(step), "wanlora.expert": expert})

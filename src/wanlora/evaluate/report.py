@@ -1,0 +1,192 @@
+"""The static report page: checkpoints x prompts, loss curves, dataset summary, best checkpoint.
+
+One self-contained HTML file with relative links to the videos and sheets beside it: it opens
+offline from the DVC cache, a zip, or a CI artefact. Plots are inline SVG drawn here (no
+JavaScript, no CDN), and everything user-written (prompts, paths, problems) is escaped.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from wanlora.io import read_jsonl
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+
+
+@dataclass
+class ReportRow:
+    """One checkpoint (or the baseline) of the grid; paths are relative to the report."""
+
+    label: str
+    step: int | None
+    videos: list[str]
+    posters: list[str]
+    sheet: str | None
+    losses: dict[str, float | None] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ plots
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: int = 640, height: int = 300) -> str:
+    """A line plot as inline SVG; empty series are left out, an empty plot says so."""
+    pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y)]
+    head = f'<svg class="plot" role="img" aria-label="{escape(title)}" width="{width}" height="{height}" ' \
+           f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">'
+    if not pts:
+        return head + f'<text x="10" y="20">{escape(title)}: no data</text></svg>'
+    left, right, top, bottom = 56, 150, 24, 28
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-9)
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y: float) -> float:
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    parts = [head, f'<text x="{left}" y="16" font-weight="bold">{escape(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+             'fill="none" stroke="#999"/>']
+    for frac in (0.0, 0.5, 1.0):
+        yv, xv = y0 + frac * (y1 - y0), x0 + frac * (x1 - x0)
+        parts.append(f'<text x="{left - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end" font-size="11">{_fmt(yv)}</text>')
+        parts.append(f'<text x="{sx(xv):.1f}" y="{height - 10}" text-anchor="middle" font-size="11">{_fmt(xv)}</text>')
+    for i, (name, s) in enumerate(sorted(series.items())):
+        good = [(x, y) for x, y in s if math.isfinite(y)]
+        if not good:
+            continue
+        color = PALETTE[i % len(PALETTE)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in good)
+        parts.append(f'<polyline class="series" data-name="{escape(name)}" fill="none" stroke="{color}" '
+                     f'stroke-width="1.5" points="{path}"/>')
+        if len(good) < 40:
+            parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in good]
+        ly = top + 14 + 16 * i
+        parts.append(f'<line x1="{width - right + 10}" y1="{ly - 4}" x2="{width - right + 28}" y2="{ly - 4}" '
+                     f'stroke="{color}" stroke-width="2"/>')
+        parts.append(f'<text x="{width - right + 32}" y="{ly}" font-size="11">{escape(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def read_train_curves(live_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """Every dvclive metric under `<live_dir>/plots/metrics/` as (step, value) pairs."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    root = live_dir / "plots" / "metrics"
+    for path in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
+        name = path.relative_to(root).with_suffix("").as_posix()
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        column = path.stem
+        curves[name] = [(float(r["step"]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
+    return curves
+
+
+# ---------------------------------------------------------------------------------- dataset
+def dataset_summary(workspace: Path) -> dict[str, Any]:
+    """Buckets, trimmed duration and caption problems from the stages' own outputs (absent: empty)."""
+    import json
+
+    out: dict[str, Any] = {"buckets": [], "clips": 0, "skipped": 0, "seconds": 0.0, "caption_problems": []}
+    hist = workspace / "data/buckets/histogram.json"
+    if hist.is_file():
+        out["buckets"] = json.loads(hist.read_text(encoding="utf-8"))
+    clips = workspace / "data/trimmed/clips.jsonl"
+    if clips.is_file():
+        for c in read_jsonl(clips):
+            if c.get("status") == "ok":
+                out["clips"] += 1
+                out["seconds"] += max(0.0, float(c.get("keep_end_s") or 0) - float(c.get("keep_start_s") or 0))
+            else:
+                out["skipped"] += 1
+    problems = workspace / "data/captions/problems.json"
+    if problems.is_file():
+        out["caption_problems"] = json.loads(problems.read_text(encoding="utf-8")).get("problems", [])
+    return out
+
+
+# ------------------------------------------------------------------------------------- page
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fff}
+h1{font-size:22px} h2{font-size:18px;margin-top:28px}
+table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:6px;vertical-align:top}
+table.grid th.prompt{max-width:260px;font-weight:normal;font-style:italic}
+table.grid video{display:block;max-width:256px;height:auto;background:#000}
+img.sheet{max-width:256px;display:block;margin-top:6px}
+.best{background:#eaffea} .loss{font-size:12px;color:#555}
+"""
+
+
+def _loss_text(losses: dict[str, float | None]) -> str:
+    shown = [f"{k.removeprefix('val_loss_')} {v:.4f}" for k, v in sorted(losses.items()) if v is not None and k != "val_loss"]
+    return "val loss: " + ", ".join(shown) if shown else ""
+
+
+def render_report(
+    title: str,
+    prompts: list[str],
+    rows: list[ReportRow],
+    best_step: int | None,
+    curves: dict[str, dict[str, list[tuple[float, float]]]],
+    summary: dict[str, Any],
+) -> str:
+    """The whole page as a string (written atomically by the stage)."""
+    h = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{escape(title)}</h1>"]
+    best = next((r for r in rows if r.step is not None and r.step == best_step), None)
+    h.append('<section id="best"><h2>Best checkpoint</h2>')
+    if best is None:
+        h.append("<p>No validation loss yet (sample.validation_samples is 0, or no held-out sample).</p>")
+    else:
+        h.append(f'<p>Step <strong data-best-step="{best.step}">{best.step}</strong>: lowest validation loss '
+                 f'({escape(_loss_text(best.losses))}). <code>wanlora export</code> picks it with export.step: best.</p>')
+    h.append("</section>")
+
+    h.append('<section id="samples"><h2>Samples</h2><table class="grid" id="grid"><thead><tr><th>checkpoint</th>')
+    h += [f'<th class="prompt">{escape(p)}</th>' for p in prompts]
+    h.append("</tr></thead><tbody>")
+    for row in rows:
+        cls = ' class="best"' if best is row else ""
+        h.append(f'<tr{cls} data-checkpoint="{escape(row.label)}"><th>{escape(row.label)}'
+                 f'<div class="loss">{escape(_loss_text(row.losses))}</div>')
+        if row.sheet:
+            h.append(f'<a href="{escape(row.sheet)}"><img class="sheet" src="{escape(row.sheet)}" '
+                     f'alt="contact sheet {escape(row.label)}"></a>')
+        h.append("</th>")
+        for video, poster in zip(row.videos, row.posters):
+            h.append(f'<td><video src="{escape(video)}" poster="{escape(poster)}" controls loop muted '
+                     f'playsinline preload="metadata"></video><a href="{escape(video)}">mp4</a></td>')
+        h += ["<td>not sampled</td>"] * (len(prompts) - len(row.videos))
+        h.append("</tr>")
+    h.append("</tbody></table></section>")
+
+    h.append('<section id="curves"><h2>Loss</h2>')
+    h += [svg_plot(series, name) for name, series in curves.items()]
+    h.append("</section>")
+
+    h.append('<section id="dataset"><h2>Dataset</h2>')
+    h.append(f"<p>{summary['clips']} clip(s) kept, {summary['skipped']} skipped, "
+             f"{summary['seconds']:.1f} s after trimming.</p>")
+    if summary["buckets"]:
+        h.append('<table id="buckets"><tr><th>bucket (WxHxF)</th><th>samples</th></tr>')
+        h += [f"<tr><td>{escape(str(b.get('bucket')))}</td><td>{escape(str(b.get('count')))}</td></tr>"
+              for b in summary["buckets"]]
+        h.append("</table>")
+    problems = summary["caption_problems"]
+    h.append(f"<h3>Caption problems ({len(problems)})</h3>")
+    if problems:
+        h.append('<table id="caption-problems"><tr><th>file</th><th>problem</th><th>fix</th></tr>')
+        h += [f"<tr><td>{escape(str(p.get('path')))}</td><td>{escape(str(p.get('reason')))}</td>"
+              f"<td>{escape(str(p.get('fix')))}</td></tr>" for p in problems]
+        h.append("</table>")
+    h.append("</section></body></html>")
+    return "\n".join(h) + "\n"

@@ -1,0 +1,267 @@
+"""The evaluate stage: samples per checkpoint, validation loss, metrics and the report page.
+
+Work is cached per checkpoint in `scratch/eval/<key>/` (git-ignored, outside DVC's outs), keyed
+by everything the result depends on: the LoRA files' bytes, the base model's identity, the
+sampling or validation settings, and the caches read. DVC deletes `data/eval/` before it reruns
+the stage, so the outputs are rebuilt from that cache each run; a new checkpoint costs only its
+own samples, and when nothing is missing the base model is not even loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+from wanlora.config import Params
+from wanlora.export.stage import list_checkpoints
+from wanlora.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file, sha256_json
+from wanlora.evaluate import media
+from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curves, render_report
+from wanlora.evaluate.validation import ValItem, held_out_ids, validation_loss
+
+EVAL_FORMAT = 1  # bump when cached results would no longer match what this code writes
+TEXT_DIR, LATENT_DIR = "data/cache/text", "data/cache/latents"
+console = Console(stderr=True)
+
+
+def steps_to_sample(steps: list[int], every: int) -> list[int]:
+    """Every `every`-th checkpoint (the every-th, 2*every-th, ...) and always the newest.
+
+    Counted from the first, so a new checkpoint does not shift which older ones are sampled."""
+    steps = sorted(steps)
+    return sorted({s for i, s in enumerate(steps) if (i + 1) % every == 0} | set(steps[-1:]))
+
+
+def prompt_texts(params: Params) -> list[str]:
+    """Sample prompts as the text cache stored them: [trigger] replaced by the trigger word."""
+    from wanlora.models.text import TRIGGER_PLACEHOLDER
+
+    return [p.replace(TRIGGER_PLACEHOLDER, params.job.trigger_word) for p in params.sample.prompts]
+
+
+def _hash_or_absent(path: Path) -> str:
+    return sha256_file(path) if path.is_file() else "absent"
+
+
+@dataclass
+class Plan:
+    """What the stage will do, computed without loading any model."""
+
+    root: Path
+    checkpoints: dict[int, dict[str, Path]]
+    sampled: list[int]
+    held_out: list[str]
+    base: dict[str, Any]
+
+    def lora_id(self, step: int | None) -> dict[str, str] | None:
+        if step is None:
+            return None
+        return {e: sha256_file(p) for e, p in sorted(self.checkpoints[step].items())}
+
+    def sample_key(self, params: Params, step: int | None) -> str:
+        s = params.sample
+        settings = {"prompts": prompt_texts(params), "negative": s.negative_prompt, "steps": s.steps,
+                    "guidance": s.guidance_scale, "frames": s.num_frames, "size": [s.width, s.height],
+                    "fps": s.fps, "seed": s.seed, "walk_seed": s.walk_seed}
+        return sha256_json({"kind": "samples", **self.base, "sample": settings, "lora": self.lora_id(step)})[:20]
+
+    def val_key(self, params: Params, step: int | None) -> str:
+        s = params.sample
+        settings = {"timesteps": s.validation_timesteps, "seed": params.job.seed, "held_out": self.held_out}
+        return sha256_json({"kind": "val", **self.base, "val": settings, "lora": self.lora_id(step)})[:20]
+
+
+def make_plan(params: Params, workspace: Path) -> Plan:
+    from wanlora.models.loading import boundary_ratio, model_identity, resolve_model
+
+    root = resolve_model(params.model.name_or_path, params.model.revision)
+    checkpoints = list_checkpoints(workspace / "data/lora")
+    if not checkpoints:
+        raise FileNotFoundError(f"{workspace / 'data/lora'}: no checkpoints; run the train stage first")
+    ms = params.multistage
+    boundary = ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root)
+    samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
+    held = held_out_ids([s["id"] for s in samples], params.sample.validation_samples, params.job.seed)
+    base = {
+        "format": EVAL_FORMAT,
+        "model": {p: model_identity(root, p) for p in ("transformer", "transformer_2", "vae")},
+        "dtype": params.model.dtype, "quant": params.quantization.transformer,
+        "boundary": boundary, "shift": params.model.flow_shift,
+        "text_cache": _hash_or_absent(workspace / TEXT_DIR / "index.json"),
+        "latent_cache": _hash_or_absent(workspace / LATENT_DIR / "index.json"),
+        "captions": _hash_or_absent(workspace / "data/captions/captions.jsonl"),
+    }
+    return Plan(root, checkpoints, steps_to_sample(list(checkpoints), params.sample.every_checkpoint), held, base)
+
+
+# ------------------------------------------------------------------------------- the models
+@dataclass
+class Loaded:
+    pipe: Any
+    prompt_embeds: list
+    negative_embeds: Any
+    val_items: list[ValItem]
+
+
+def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
+    """Both experts, the VAE, the prompts' cached embeddings and the held-out items."""
+    import torch
+
+    from wanlora.models.latents import load_latents, normalize_latents
+    from wanlora.models.loading import load_transformer, load_vae, load_vae_config, model_identity
+    from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
+    from wanlora.stages._common import resolve_device
+    from wanlora.evaluate.sampling import build_pipeline
+
+    device = resolve_device(params.job.device)
+    experts = {e: load_transformer(plan.root, e, params.model.dtype, "cpu" if params.model.low_vram else device)
+               for e in ("high", "low")}
+    if params.quantization.transformer != "none":
+        from wanlora.models.quant import quantize_transformer
+
+        for m in experts.values():
+            quantize_transformer(m, params.quantization.transformer, params.quantization.group_size)
+    vae = load_vae(plan.root, "fp32", "cpu" if params.model.low_vram else device)
+    pipe = build_pipeline(experts["high"], experts["low"], vae, plan.base["boundary"], params.model.flow_shift)
+    if params.model.low_vram and str(device).startswith("cuda"):
+        pipe.enable_model_cpu_offload(device=device)
+
+    text_dir, encoder = workspace / TEXT_DIR, encoder_identity(plan.root)
+    dtype = experts["high"].dtype
+
+    def embed(text: str) -> torch.Tensor:
+        return pad_embeds([load_text_embeds(text_dir, text, encoder)]).to(dtype)
+
+    prompt_embeds = [embed(t) for t in prompt_texts(params)]
+    negative = embed(params.sample.negative_prompt)
+
+    samples = {s["id"]: s for s in read_jsonl(workspace / "data/buckets/samples.jsonl")}
+    captions = {c["id"]: c for c in read_jsonl(workspace / "data/captions/captions.jsonl")}
+    vae_config, vae_id = load_vae_config(plan.root), model_identity(plan.root, "vae")
+    items = []
+    for sid in plan.held_out:
+        cap = captions.get(samples[sid]["clip_id"])
+        if cap is None:
+            console.print(f"[yellow]evaluate:[/] held-out sample {sid} has no caption; left out of validation")
+            continue
+        cached = load_latents(workspace / LATENT_DIR, sid, vae_id)
+        z = cached["mean"] if "mean" in cached else cached["latent"]  # the mode: no random draw
+        items.append(ValItem(sid, normalize_latents(z.float(), vae_config), embed(cap["caption"])[0]))
+    return Loaded(pipe, prompt_embeds, negative, items)
+
+
+# ------------------------------------------------------------------------------- cache entries
+def _finished(entry: Path) -> dict[str, Any] | None:
+    result = entry / "result.json"
+    return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
+
+
+def _write_samples(entry: Path, videos: list, fps: int) -> dict[str, Any]:
+    """mp4 + poster (middle frame) per prompt and the contact sheet; result.json last (= done)."""
+    files = []
+    for i, v in enumerate(videos):
+        media.write_mp4(entry / f"prompt_{i:02d}.mp4", v, fps)
+        media.write_png(entry / f"prompt_{i:02d}.png", v[len(v) // 2])
+        files.append(f"prompt_{i:02d}.mp4")
+    media.write_png(entry / "contact_sheet.png", media.contact_sheet(videos))
+    result = {"videos": files, "frames": int(videos[0].shape[0]),
+              "size": [int(videos[0].shape[2]), int(videos[0].shape[1])]}
+    atomic_write_json(entry / "result.json", result)
+    return result
+
+
+def _evaluate_one(params: Params, plan: Plan, step: int | None, get: Any, scratch: Path) -> tuple[Path | None, dict]:
+    """Samples (if due) and validation loss of one checkpoint (None: the baseline), cached."""
+    from wanlora.evaluate import sampling
+
+    want_samples = (step in plan.sampled) if step is not None else params.sample.baseline
+    want_val = bool(plan.held_out)
+    s_entry = scratch / plan.sample_key(params, step) if want_samples else None
+    v_entry = scratch / plan.val_key(params, step) if want_val else None
+    s_done = _finished(s_entry) if s_entry else None
+    v_done = _finished(v_entry) if v_entry else None
+    if (s_entry is None or s_done) and (v_entry is None or v_done):
+        return s_entry, v_done or {}
+    loaded = get()
+    name = "baseline" if step is None else f"step_{step:06d}"
+    files = {} if step is None else plan.checkpoints[step]
+    with sampling.lora_applied(loaded.pipe, files, name):
+        if s_entry is not None and not s_done:
+            videos = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample)
+            _write_samples(s_entry, videos, params.sample.fps)
+        if v_entry is not None and not v_done:
+            experts = {"high": loaded.pipe.transformer, "low": loaded.pipe.transformer_2}
+            v_done = validation_loss(experts, loaded.val_items, params.sample.validation_timesteps,
+                                     plan.base["boundary"], params.job.seed)
+            atomic_write_json(v_entry / "result.json", v_done)
+    return s_entry, v_done or {}
+
+
+def _combined(losses: dict[str, float | None]) -> float | None:
+    """One number per checkpoint pair: the mean of the experts' validation losses."""
+    vals = [v for k, v in losses.items() if k in ("val_loss_high", "val_loss_low") and v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
+    """DVC stage `evaluate`: writes samples/, metrics.json, val_loss.json and report.html to out_dir."""
+    workspace, out_dir = Path(workspace), Path(out_dir)
+    plan = make_plan(params, workspace)
+    scratch = workspace / "scratch/eval"
+    holder: dict[str, Loaded] = {}
+
+    def get() -> Loaded:
+        if "x" not in holder:
+            console.print("evaluate: loading the base model")
+            holder["x"] = load_models(params, workspace, plan)
+        return holder["x"]
+
+    order: list[int | None] = [None, *plan.checkpoints]
+    results: dict[int | None, tuple[Path | None, dict]] = {}
+    with Progress(console=console) as progress:
+        task = progress.add_task("evaluate", total=len(order))
+        for step in order:
+            results[step] = _evaluate_one(params, plan, step, get, scratch)
+            progress.advance(task)
+
+    samples_out = out_dir / "samples"
+    if samples_out.exists():
+        shutil.rmtree(samples_out)  # our own output: rebuilt from the cache each run
+    rows: list[ReportRow] = []
+    metrics: dict[str, Any] = {"steps": {}}
+    for step, (entry, losses) in results.items():
+        label = "baseline" if step is None else f"step_{step:06d}"
+        losses = {**losses, "val_loss": _combined(losses)} if losses else {}
+        if step is None:
+            metrics["baseline"] = losses
+        else:
+            metrics["steps"][str(step)] = losses
+        row = ReportRow(label if step is None else f"step {step}", step, [], [], None, losses)
+        if entry is not None:
+            done = _finished(entry) or {}
+            target = samples_out / label
+            shutil.copytree(entry, target)
+            row.videos = [f"samples/{label}/{v}" for v in done.get("videos", [])]
+            row.posters = [v.removesuffix(".mp4") + ".png" for v in row.videos]
+            row.sheet = f"samples/{label}/contact_sheet.png"
+        rows.append(row)
+
+    scored = {int(s): v["val_loss"] for s, v in metrics["steps"].items() if v.get("val_loss") is not None}
+    metrics["best_step"] = min(scored, key=lambda s: (scored[s], s)) if scored else None
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    val_rows = [{"step": int(s), **{k: v for k, v in m.items() if v is not None}} for s, m in metrics["steps"].items()]
+    atomic_write_json(out_dir / "val_loss.json", val_rows)
+
+    curves = {"training loss": read_train_curves(workspace / "data/train_live")}
+    curves["validation loss"] = {k: [(float(s), m[k]) for s, m in metrics["steps"].items() if m.get(k) is not None]
+                                 for k in ("val_loss_high", "val_loss_low")}
+    page = render_report(f"{params.job.name}: evaluation", prompt_texts(params), rows, metrics["best_step"],
+                         curves, dataset_summary(workspace))
+    atomic_write_text(out_dir / "report.html", page)
+    console.print(f"evaluate: {out_dir / 'report.html'}; best step {metrics['best_step']}")

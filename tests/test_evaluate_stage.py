@@ -1,0 +1,164 @@
+"""The evaluate stage on the tiny model: videos, contact sheets, metrics, report, reruns."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests._eval_helpers import add_checkpoint, make_eval_workspace
+from tests._eval_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+from wanlora.config import load_params
+from wanlora.evaluate import run_stage, sampling, stage
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    ws = make_eval_workspace(tmp_path_factory.mktemp("eval"))
+    params = load_params(ws / "params.yaml")
+    run_stage(params, ws, ws / "data/eval")
+    return ws, params, ws / "data/eval"
+
+
+def _decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_videos_have_the_requested_frames_and_size(evaluated):
+    _, _, out = evaluated
+    dirs = sorted(p.name for p in (out / "samples").iterdir())
+    assert dirs == ["baseline", "step_000004"]  # every 2nd checkpoint (and the last): step 2 skipped
+    for d in dirs:
+        for i in range(2):
+            frames = _decode(out / "samples" / d / f"prompt_{i:02d}.mp4")
+            assert frames.shape == (5, 32, 32, 3)
+    base, lora = _decode(out / "samples/baseline/prompt_00.mp4"), _decode(out / "samples/step_000004/prompt_00.mp4")
+    assert np.abs(base.astype(int) - lora.astype(int)).mean() > 1.0  # the LoRA changed the video
+
+
+def test_contact_sheet_is_prompts_by_frames(evaluated):
+    _, _, out = evaluated
+    sheet = np.asarray(Image.open(out / "samples/step_000004/contact_sheet.png"))
+    assert sheet.shape == (2 * 32, 5 * 32, 3)  # 2 prompts x 5 frames of 32x32
+    first = _decode(out / "samples/step_000004/prompt_00.mp4")[0]
+    assert np.abs(sheet[:32, :32].astype(int) - first.astype(int)).mean() < 12  # mp4 is lossy
+    assert np.abs(sheet[:32].astype(int) - sheet[32:].astype(int)).mean() > 1.0  # two different prompts
+
+
+def test_metrics_and_validation_rows(evaluated):
+    _, _, out = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = metrics["steps"]
+    assert sorted(steps) == ["2", "4"]
+    for m in [*steps.values(), metrics["baseline"]]:
+        assert m["val_loss"] == pytest.approx((m["val_loss_high"] + m["val_loss_low"]) / 2)
+    assert steps["2"]["val_loss_high"] != metrics["baseline"]["val_loss_high"]
+    assert metrics["best_step"] == min((2, 4), key=lambda s: steps[str(s)]["val_loss"])
+    rows = json.loads((out / "val_loss.json").read_text())
+    assert [r["step"] for r in rows] == [2, 4] and rows[0]["val_loss_low"] == steps["2"]["val_loss_low"]
+
+
+class _Grid(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.cells, self.videos, self.series, self.best = [], {}, [], [], None
+        self._row = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "tr" and "data-checkpoint" in a:
+            self._row = a["data-checkpoint"]
+            self.rows.append(self._row)
+            self.cells[self._row] = 0
+        elif tag == "td" and self._row:
+            self.cells[self._row] += 1
+        elif tag == "video":
+            self.videos.append((self._row, a["src"], a["poster"]))
+        elif tag == "polyline":
+            self.series.append(a["data-name"])
+        elif "data-best-step" in a:
+            self.best = int(a["data-best-step"])
+
+    def handle_endtag(self, tag):
+        if tag == "tr":
+            self._row = None
+
+
+def test_report_page_has_the_grid_curves_and_dataset(evaluated):
+    _, _, out = evaluated
+    html = (out / "report.html").read_text()
+    grid = _Grid()
+    grid.feed(html)
+    assert grid.rows == ["baseline", "step 2", "step 4"]
+    assert grid.cells == {"baseline": 2, "step 2": 2, "step 4": 2}
+    assert [(r, v) for r, v, _ in grid.videos] == [
+        ("baseline", "samples/baseline/prompt_00.mp4"), ("baseline", "samples/baseline/prompt_01.mp4"),
+        ("step 4", "samples/step_000004/prompt_00.mp4"), ("step 4", "samples/step_000004/prompt_01.mp4")]
+    assert all((out / v).is_file() and (out / p).is_file() for _, v, p in grid.videos)  # relative links
+    assert html.count("not sampled") == 2
+    assert grid.best == json.loads((out / "metrics.json").read_text())["best_step"]
+    assert sorted(grid.series) == ["loss_high", "loss_low", "val_loss_high", "val_loss_low"]
+    assert "sks walking" in html and "32x32x5" in html and "3 clip(s) kept, 0 skipped, 2.2 s" in html
+    assert "no caption &lt;file&gt;" in html  # user text is escaped
+    assert "http" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # offline
+
+
+def test_rerun_samples_nothing_and_a_new_checkpoint_only_itself(evaluated, monkeypatch):
+    ws, params, out = evaluated
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    shutil.rmtree(out)  # DVC deletes outs before rerunning a stage
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded although every result was cached")
+
+    monkeypatch.setattr(stage, "load_models", no_model)
+    run_stage(params, ws, out)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    monkeypatch.undo()
+
+    calls = {"generate": 0, "val": 0}
+    real_generate, real_val = sampling.generate, stage.validation_loss
+
+    def counting_generate(*a, **k):
+        calls["generate"] += 1
+        return real_generate(*a, **k)
+
+    def counting_val(*a, **k):
+        calls["val"] += 1
+        return real_val(*a, **k)
+
+    monkeypatch.setattr(sampling, "generate", counting_generate)
+    monkeypatch.setattr(stage, "validation_loss", counting_val)
+    add_checkpoint(ws, 6)
+    try:
+        run_stage(params, ws, out)
+    finally:
+        for e in ("high", "low"):
+            (ws / f"data/lora/{e}/step_000006.safetensors").unlink()
+    assert calls == {"generate": 1, "val": 1}
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["baseline", "step_000004", "step_000006"]
+    assert (out / "samples/step_000004/prompt_00.mp4").read_bytes() == before[Path("samples/step_000004/prompt_00.mp4")]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed")
+def test_report_screenshot_is_not_blank(evaluated, tmp_path):
+    _, _, out = evaluated
+    shot = tmp_path / "shot.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,900", (out / "report.html").as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    img = np.asarray(Image.open(shot).convert("L")).astype(float)
+    assert img.std() > 10  # text, tables, contact sheets and plots: not a blank page
+    assert (img < 128).mean() > 0.01

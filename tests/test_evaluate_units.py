@@ -1,0 +1,88 @@
+"""Pieces of the evaluate stage: held-out choice, expert routing of validation loss, media, plots."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from wanlora.evaluate import media
+from wanlora.evaluate.report import svg_plot
+from wanlora.evaluate.stage import steps_to_sample
+from wanlora.evaluate.validation import ValItem, fixed_noise, held_out_ids, validation_loss
+
+
+def test_held_out_ids_are_a_deterministic_seeded_choice():
+    ids = [f"main/c{i}.mp4#0" for i in range(20)]
+    first = held_out_ids(ids, 3, seed=42)
+    assert first == held_out_ids(list(reversed(ids)), 3, seed=42)  # input order does not matter
+    assert first == sorted(first) and len(set(first)) == 3 and set(first) <= set(ids)
+    assert first != held_out_ids(ids, 3, seed=43)
+    assert set(first) <= set(held_out_ids(ids, 5, seed=42))  # more samples extend the choice
+    assert held_out_ids(ids[:2], 5, seed=1) == sorted(ids[:2])
+    assert held_out_ids(ids, 0, seed=1) == []
+
+
+class _Recorder(torch.nn.Module):
+    """Predicts zeros and records the timesteps it was asked about."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[float] = []
+
+    def forward(self, x, t, emb, return_dict=False):
+        self.seen += t.tolist()
+        return (torch.zeros_like(x),)
+
+
+def test_validation_loss_routes_each_timestep_to_its_expert_with_fixed_noise():
+    experts = {"high": _Recorder(), "low": _Recorder()}
+    x0 = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    items = [ValItem("a", x0, torch.zeros(512, 32)), ValItem("b", -x0, torch.zeros(512, 32))]
+    losses = validation_loss(experts, items, [100, 874, 875, 950], boundary_ratio=0.875, seed=5)
+    assert experts["high"].seen == [875.0, 950.0, 875.0, 950.0]
+    assert experts["low"].seen == [100.0, 874.0, 100.0, 874.0]
+    # a zero prediction's loss is mean((noise - x0)^2) with the fixed noise of (item, timestep)
+    want_high = np.mean([float(((fixed_noise(x0[None].shape, 5, i, j) - it.latent[None]) ** 2).mean())
+                         for i, it in enumerate(items) for j in (2, 3)])
+    assert losses["val_loss_high"] == pytest.approx(want_high, rel=1e-6)
+    again = validation_loss(experts, items, [100, 874, 875, 950], boundary_ratio=0.875, seed=5)
+    assert again == losses
+    assert validation_loss(experts, items, [100], 0.875, 5)["val_loss_high"] is None
+
+
+def test_steps_to_sample_is_stable_as_checkpoints_arrive():
+    assert steps_to_sample([250, 500, 750, 1000], 2) == [500, 1000]
+    assert steps_to_sample([250, 500, 750, 1000, 1250], 2) == [500, 1000, 1250]
+    assert steps_to_sample([250, 500, 750], 1) == [250, 500, 750]
+    assert steps_to_sample([250], 3) == [250]
+
+
+def test_mp4_round_trip_keeps_frames_and_size():
+    frames = np.random.default_rng(0).random((9, 48, 64, 3)).astype(np.float32)
+    data = media.encode_mp4(frames, fps=16)
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.average_rate == 16
+        decoded = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(decoded) == 9 and decoded[0].shape == (48, 64, 3)
+
+
+def test_contact_sheet_columns_and_layout():
+    assert media.sheet_columns(5) == [0, 1, 2, 3, 4]
+    cols = media.sheet_columns(33)
+    assert len(cols) == 8 and cols[0] == 0 and cols[-1] == 32 and cols == sorted(cols)
+    videos = [np.full((33, 16, 24, 3), v, dtype=np.float32) for v in (0.0, 1.0, 0.5)]
+    sheet = media.contact_sheet(videos)
+    assert sheet.shape == (3 * 16, 8 * 24, 3) and sheet.dtype == np.uint8
+    assert sheet[0, 0, 0] == 0 and sheet[16, 0, 0] == 255 and sheet[40, 100, 0] == 128
+
+
+def test_svg_plot_draws_one_polyline_per_series_and_escapes_names():
+    svg = svg_plot({"a<b": [(0, 1.0), (1, 0.5)], "empty": [], "nan": [(0, float("nan"))]}, "loss & co")
+    assert svg.count("<polyline") == 1 and 'data-name="a&lt;b"' in svg and "loss &amp; co" in svg
+    assert "no data" in svg_plot({}, "nothing")
