@@ -150,3 +150,22 @@ def test_pad_embeds_zero_pads_to_512():
     assert padded[1, :5].eq(2).all() and padded[1, 5:].eq(0).all()
     with pytest.raises(ValueError, match="600 tokens, more than max_len=512"):
         pad_embeds([torch.zeros(600, 4)])
+
+
+def test_quantized_encoder_gets_its_own_files(tmp_path_factory, tmp_path, cached, counted):
+    """quantization.text_encoder goes through wanlora.models.quant; its embeddings are close to
+    the full-precision ones but never mixed with them."""
+    root = tiny_model(tmp_path_factory)
+    manifest = write_captions(tmp_path / "captions.jsonl", CAPTIONS)
+    run_stage(root, manifest, PROMPTS, "sks", cached, dtype="fp32", quant="float8", device="cpu")
+    assert len(counted) == 6  # every text again: the key covers the quantization
+    index = json.loads((cached / "index.json").read_text())
+    assert index["quant"] == "float8" and len(list(cached.glob("*.safetensors"))) == 6
+    exact = WanPipeline.from_pretrained(root, torch_dtype=torch.float32)
+    with torch.no_grad():
+        ref, _ = exact.encode_prompt(
+            "sks holding a red cat", do_classifier_free_guidance=False, max_sequence_length=512, device="cpu"
+        )
+    q = pad_embeds([load_text_embeds(cached, "sks holding a red cat")])
+    cos = torch.nn.functional.cosine_similarity(q.flatten(), ref.flatten(), dim=0)
+    assert not torch.equal(q, ref) and cos > 0.99

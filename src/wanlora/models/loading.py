@@ -10,9 +10,12 @@ so a downloaded file can never run code. Hub downloads fetch only the json/safet
 files of the parts a stage needs.
 
 Memory: `from_pretrained(..., low_cpu_mem_usage=True, device_map=device)` builds the model on the
-meta device and fills it shard by shard from memory-mapped safetensors, casting each tensor to the
-target dtype as it goes, so host memory holds the expert once (plus one shard's pages) and never
-an fp32 copy next to a bf16 one; with a CUDA device each tensor is moved to the GPU as it is read.
+meta device and fills it shard by shard from memory-mapped safetensors, so host memory never holds
+two private copies of an expert; with a CUDA device each tensor goes to the GPU as it is read.
+Measured on CPU (4 full-size Wan blocks, 3.10 GiB of bf16 in 10 shards, peak VmHWM of a fresh
+process): loading as bf16 added 0.11 GiB (the parameters stay views of the mapped files), loading
+as fp32 peaked at 8.4 GiB above the baseline: the 6.1 GiB fp32 copy plus the 3.1 GiB file pages,
+which are clean page cache the kernel can drop, not a second private copy.
 """
 
 from __future__ import annotations
