@@ -163,3 +163,10 @@ def test_write_safetensors_reads_back(tmp_path):
         for k, v in tensors.items():
             got = f.get_tensor(k)
             assert got.dtype == v.dtype and torch.equal(got.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
+
+
+def test_group_size_is_checked_per_mode():
+    with pytest.raises(ValueError, match=r"nf4 takes block sizes \(32, 64, .*\); use 64"):
+        quantize_transformer(tiny_expert(), "nf4", group_size=16)
+    with pytest.raises(ValueError, match="uint4 needs an even group size"):
+        quantize_transformer(tiny_expert(), "uint4", group_size=15)

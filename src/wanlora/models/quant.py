@@ -66,6 +66,8 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 #: Largest finite float8 e4m3 value: per-channel scales map each row's absmax onto it.
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 _F32_EPS = torch.finfo(torch.float32).eps
+#: Block sizes bitsandbytes' quantize_4bit accepts.
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Bumped whenever the cache layout or any quantizer's rounding changes, so old caches miss.
 CACHE_FORMAT = 1
 
@@ -347,8 +349,12 @@ def quantize_transformer(
     _check_mode(mode, get_args(QuantMode), "quantization.transformer")
     if mode == "none":
         return
-    if mode in ("uint4", "nf4") and group_size < 2:
-        raise ValueError(f"quantization.group_size={group_size}: must be at least 2")
+    if mode == "uint4" and (group_size < 2 or group_size % 2):
+        raise ValueError(f"quantization.group_size={group_size}: uint4 needs an even group size (64 as AI Toolkit)")
+    if mode == "nf4" and group_size not in NF4_BLOCKSIZES:
+        raise ValueError(
+            f"quantization.group_size={group_size}: bitsandbytes nf4 takes block sizes {NF4_BLOCKSIZES}; use 64"
+        )
     work = _work_device(device)
     quantizer = _quantizer(mode, group_size)
     skipped = []

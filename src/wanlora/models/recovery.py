@@ -129,24 +129,33 @@ class Whitener:
         return cls((vecs * root) @ vecs.T, (vecs / root) @ vecs.T)
 
 
-def _split(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Balanced factors of the rank-r truncation: B = U·√Σ, A = √Σ·Vᵀ."""
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    return root[:, None] * vh[:r], u[:, :r] * root
+def _top_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The `rank` leading singular triplets of m (float64) from the eigendecomposition of its
+    smaller Gram matrix: one symmetric eigh of min(out, in)² instead of a full SVD of out x in
+    (5120 x 13824 for a Wan FFN layer), exact to float64 for the leading triplets we keep."""
+    r = min(rank, *m.shape)
+    wide = m.shape[0] <= m.shape[1]
+    gram = m @ m.T if wide else m.T @ m
+    evals, vecs = torch.linalg.eigh(gram)
+    evals, vecs = evals.flip(0)[:r].clamp(min=0), vecs.flip(1)[:, :r]
+    s = evals.sqrt()
+    inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    if wide:
+        return vecs, s, (vecs.T @ m) * inv[:, None]
+    return (m @ vecs) * inv, s, vecs.T
 
 
 def fit_correction_whitened(error: Tensor, whitener: Whitener | None, rank: int) -> tuple[Tensor, Tensor]:
-    """(A, B) minimising ||(error - B·A)·C^½||_F; plain truncated SVD when `whitener` is None."""
+    """(A, B) minimising ||(error - B·A)·C^½||_F; plain truncated SVD when `whitener` is None.
+    Factors are balanced: B = U·√Σ, A = √Σ·Vᵀ·C^-½."""
     if rank < 1:
         raise ValueError(f"recovery rank must be at least 1, got {rank}")
     e = error.to(torch.float64)
-    if whitener is None:
-        u, s, vh = torch.linalg.svd(e, full_matrices=False)
-        a, b = _split(u, s, vh, rank)
-    else:
-        u, s, vh = torch.linalg.svd(e @ whitener.root.to(e.device), full_matrices=False)
-        a, b = _split(u, s, vh, rank)
+    m = e if whitener is None else e @ whitener.root.to(e.device)
+    u, s, vh = _top_svd(m, rank)
+    root = s.sqrt()
+    a, b = root[:, None] * vh, u * root
+    if whitener is not None:
         a = a @ whitener.inv_root.to(e.device)
     return a.float(), b.float()
 
@@ -437,24 +446,34 @@ def fit_model(
 
     for i, block in enumerate(track(blocks, description="fitting recovery", console=console, disable=len(blocks) < 8)):
         prefix = block_prefixes[i]
-        inner = quantized_modules(block)
-        hooks = _CovarianceHooks(inner)
-        try:
-            with torch.no_grad():
-                for inp in captured:
-                    _run_block(block, inp)
-                    hooks.next_batch()
-        finally:
-            hooks.remove()
-        fitted |= _fit_layers(inner, hooks, weights, prefix, rank, ridge)
+        fitted |= fit_block(block, captured, weights, prefix, rank, ridge)
         if distill_steps:
-            ref = reference_block(block, weights, prefix)
-            distill_block(block, ref, captured, distill_steps, distill_lr)
+            distill_block(block, reference_block(block, weights, prefix), captured, distill_steps, distill_lr)
             for name, corr in corrections(block).items():
                 fitted[prefix + name] = (corr.down.float(), corr.up.float())
         with torch.no_grad():
             captured = [_with_hidden(inp, _run_block(block, inp)) for inp in captured]
     return fitted
+
+
+def fit_block(
+    block: nn.Module, inputs: Sequence[BlockInput], weights: WeightLoader, prefix: str, rank: int, ridge: float = 1e-6
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Fit and attach corrections for one block's quantized linears from the activations they see
+    when the block runs on `inputs`; `prefix` (`blocks.3.`) turns block-relative names into the
+    names `weights` knows. Returns {prefixed name: (A, B)}."""
+    inner = quantized_modules(block)
+    for module in inner.values():
+        detach_correction(module)  # fit against the bare quantized layer
+    hooks = _CovarianceHooks(inner)
+    try:
+        with torch.no_grad():
+            for inp in inputs:
+                _run_block(block, inp)
+                hooks.next_batch()
+    finally:
+        hooks.remove()
+    return _fit_layers(inner, hooks, weights, prefix, rank, ridge)
 
 
 def reference_block(qblock: nn.Module, weights: WeightLoader, prefix: str) -> nn.Module:
@@ -672,7 +691,7 @@ def anisotropic(n: int, dim: int, decay: float = 2.0, seed: int = 0, dtype: torc
 __all__ = [
     "ErrorPair", "LowRankCorrection", "RecoveryReport", "Whitener", "adapter_targets", "aitk_module_name",
     "anisotropic", "attach_correction", "block_report", "capture_block_inputs", "corrections",
-    "detach_correction", "distill_block", "fit_correction", "fit_correction_whitened", "fit_model",
+    "detach_correction", "distill_block", "fit_block", "fit_correction", "fit_correction_whitened", "fit_model",
     "load_aitk_adapter", "read_aitk_adapter", "recovery_report", "reference_block", "relative_error",
     "resolve_adapter_source", "set_recovery_enabled", "weights_from_model", "weights_from_safetensors",
 ]
