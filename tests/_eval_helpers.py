@@ -197,9 +197,9 @@ def make_eval_workspace(root: Path, steps=(2, 4)) -> Path:
                       "distribution", "fp32", "cpu", {"main"})
     live = root / "data/train_live/plots/metrics"
     live.mkdir(parents=True)
-    for name in ("loss_high", "loss_low"):
-        rows = "".join(f"0\t{s}\t{1.0 / (s + 1) + (name == 'loss_low') * 0.1}\n" for s in range(1, 7))
-        (live / f"{name}.tsv").write_text(f"timestamp\tstep\t{name}\n{rows}")
+    for name in ("loss_high", "loss_low", "lr"):  # dvclive's layout: step<TAB>name
+        rows = "".join(f"{s}\t{1.0 / (s + 1) + (name == 'loss_low') * 0.1}\n" for s in range(1, 7))
+        (live / f"{name}.tsv").write_text(f"step\t{name}\n{rows}")
     for step in steps:
         add_checkpoint(root, step)
     return root

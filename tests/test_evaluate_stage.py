@@ -105,7 +105,9 @@ def test_report_page_has_the_grid_curves_and_dataset(evaluated):
     assert all((out / v).is_file() and (out / p).is_file() for _, v, p in grid.videos)  # relative links
     assert html.count("not sampled") == 2
     assert grid.best == json.loads((out / "metrics.json").read_text())["best_step"]
-    assert sorted(grid.series) == ["loss_high", "loss_low", "val_loss_high", "val_loss_low"]
+    assert grid.series == ["loss_high", "loss_low", "val_loss_high", "val_loss_low", "lr"]
+    assert [label for label in ("training loss", "validation loss", "lr") if f'aria-label="{label}"' in html] == [
+        "training loss", "validation loss", "lr"]  # lr on its own scale, not among the losses
     assert "sks walking" in html and "32x32x5" in html and "3 clip(s) kept, 0 skipped, 2.2 s" in html
     assert "no caption &lt;file&gt;" in html  # user text is escaped
     assert "http" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # offline

@@ -258,9 +258,11 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
     val_rows = [{"step": int(s), **{k: v for k, v in m.items() if v is not None}} for s, m in metrics["steps"].items()]
     atomic_write_json(out_dir / "val_loss.json", val_rows)
 
-    curves = {"training loss": read_train_curves(workspace / "data/train_live")}
-    curves["validation loss"] = {k: [(float(s), m[k]) for s, m in metrics["steps"].items() if m.get(k) is not None]
+    train = read_train_curves(workspace / "data/train_live")
+    curves = {"training loss": {k: v for k, v in train.items() if "loss" in k}}
+    curves["validation loss"] = {k: sorted((float(s), m[k]) for s, m in metrics["steps"].items() if m.get(k) is not None)
                                  for k in ("val_loss_high", "val_loss_low")}
+    curves.update({k: {k: v} for k, v in train.items() if "loss" not in k})  # lr, grad norm, ...: own scales
     page = render_report(f"{params.job.name}: evaluation", prompt_texts(params), rows, metrics["best_step"],
                          curves, dataset_summary(workspace))
     atomic_write_text(out_dir / "report.html", page)
