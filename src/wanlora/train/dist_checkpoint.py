@@ -164,9 +164,13 @@ def save_parallel_checkpoint(
             tensors.update(t)
             plain["optimizers"][e] = opt_plain
         if lora_files is not None:
-            files = lora_files({e: _file_tensors(tensors, e) for e in gathered})
-            ckpt.save_lora_pair(folder, step, files, keep_last)
-        ckpt.save_state(folder, step, tensors, plain)
+            ckpt.save_lora_pair(folder, step, lora_files({e: _file_tensors(tensors, e) for e in gathered}))
+        try:
+            ckpt.save_state(folder, step, tensors, plain)
+        except BaseException:
+            ckpt.discard_loras(folder, step)  # a pair without its state is not a checkpoint
+            raise
+        ckpt.prune_loras(folder, keep_last)
     barrier(env)
 
 
@@ -196,23 +200,22 @@ def load_parallel_checkpoint(folder: Path, env: DistEnv, local: dict[Expert, Exp
         prefix = f"lora.{e}."
         saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         load_lora_state_dict(parts.model, {k: _like(v, current[k]) if k in current else v for k, v in saved.items()})
-        params = [p for g in parts.optimizer.param_groups for p in g["params"]]
-        opt_tensors = _shard_optimizer_tensors(tensors, plain["optimizers"][e], params)
-        ckpt.restore_optimizer(parts.optimizer, opt_tensors, plain["optimizers"][e])
+        ckpt.restore_optimizer(parts.optimizer, tensors, plain["optimizers"][e])
+        _reshard_optimizer_state(parts.optimizer)
         if parts.ema is not None:
             prefix = f"ema.{e}."
             parts.ema.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     return plain
 
 
-def _shard_optimizer_tensors(tensors: dict[str, torch.Tensor], opt_plain: dict[str, Any],
-                             params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Optimizer state tensors placed like their parameter (sharded ones re-sharded; scalars such
-    as Adam's step count stay as saved)."""
-    out = dict(tensors)
-    for idx, slots in opt_plain["state"].items():
-        p = params[int(idx)]
-        for v in slots.values():
-            if "tensor" in v and tensors[v["tensor"]].shape == p.shape:
-                out[v["tensor"]] = _like(tensors[v["tensor"]], p)
-    return out
+def _reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Place restored state tensors like their parameter: the saved full moments of an
+    FSDP-sharded LoRA tensor become shards again (scalars such as Adam's step stay as they are)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not is_sharded(p):
+                continue
+            slots = optimizer.state.get(p, {})
+            for k, v in slots.items():
+                if torch.is_tensor(v) and not is_sharded(v) and v.shape == p.shape:
+                    slots[k] = _like(v, p)
