@@ -38,29 +38,42 @@ def step_name(step: int) -> str:
 
 
 # ----------------------------------------------------------------------------- optimizer
-def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer's state_dict into tensors (for safetensors) and plain values (JSON)."""
-    sd = opt.state_dict()
+def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON form of a nested state value; tensors go to `tensors` under `path` and leave a
+    reference. Dict key types and tuples are kept (bitsandbytes nests its quantization state in
+    dicts; torch keys per-parameter state by int)."""
+    if torch.is_tensor(value):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        return {"__dict__": [[k, _encode(v, f"{path}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    return value
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__dict__" in value:
+            return {k: _decode(v, tensors) for k, v in value["__dict__"]}
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
+
+
+def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split an optimizer's state_dict into tensors (for safetensors) and a JSON-able rest."""
     tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
-    for idx, slots in sd["state"].items():
-        plain["state"][str(idx)] = {}
-        for name, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"{prefix}.{idx}.{name}"] = value.detach().cpu().contiguous()
-                plain["state"][str(idx)][name] = {"tensor": f"{prefix}.{idx}.{name}"}
-            else:
-                plain["state"][str(idx)][name] = {"value": value}
-    return tensors, plain
+    return tensors, _encode(opt.state_dict(), prefix, tensors)
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
-    state = {
-        int(idx): {name: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for name, v in slots.items()}
-        for idx, slots in plain["state"].items()
-    }
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in plain["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: Any) -> None:
+    opt.load_state_dict(_decode(plain, tensors))
 
 
 # ----------------------------------------------------------------------------------- RNG

@@ -88,6 +88,7 @@ def _load_expert(root: Path, expert: Expert, params: Params, device: torch.devic
     from wanlora.models.loading import load_transformer
 
     model = load_transformer(root, expert, dtype, str(where))
+    torch.manual_seed(params.job.seed + (0 if expert == "high" else 1))  # LoRA A init: same every run
     if params.quantization.transformer != "none":
         from wanlora.models.quant import quantize_transformer
 
