@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -194,3 +195,16 @@ def test_musubi_import_keeps_alpha(tmp_path: Path):
     sd, meta = import_lora(path, TINY)
     assert meta["wanlora.imported_format"] == "musubi-tuner" and meta["wanlora.expert"] == "low"
     _same(lora, formats.read_ours(sd, meta))
+
+
+def test_peft_named_file_without_alpha(tmp_path: Path):
+    """Made elsewhere: diffusers' default alpha = rank; our own checkpoint: an error, not a guess."""
+    lora = random_lora(tiny_transformer(1), seed=8, rank=4, alpha=1.0, targets=["to_v"])
+    sd, _ = formats.write_ours(lora)
+    path = tmp_path / "plain_diffusers.safetensors"
+    formats.save_safetensors(path, sd, {})
+    with pytest.raises(LoraFormatError, match="names no LoRA alpha"):
+        read_lora(path)
+    sd2, meta = import_lora(path, TINY)
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 4.0
+    assert torch.equal(sd2["transformer.blocks.1.attn2.to_v.lora_B.weight"], lora["blocks.1.attn2.to_v"].up)

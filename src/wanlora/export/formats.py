@@ -200,10 +200,12 @@ def _pattern_value(module: str, patterns: Mapping[str, Any]) -> Any:
     return None
 
 
-def _alpha_for(module: str, rank: int, metadata: Mapping[str, str]) -> float:
-    """Alpha of one module of our file: diffusers' adapter config first, then our lineage entries.
+def _alpha_for(module: str, rank: int, metadata: Mapping[str, str], rank_if_absent: bool) -> float:
+    """Alpha of one module of a peft-named file: diffusers' adapter config first, then our
+    lineage entries, then (only for files made elsewhere) diffusers' own default alpha = rank.
 
-    A file with neither is an error: guessing alpha = rank would silently rescale the LoRA.
+    Our checkpoints always name their alpha; one that does not is an error, because guessing
+    would silently rescale the LoRA.
     """
     cfg = _adapter_config(metadata)
     if cfg:
@@ -211,6 +213,8 @@ def _alpha_for(module: str, rank: int, metadata: Mapping[str, str]) -> float:
         return float(alpha if alpha is not None else cfg["lora_alpha"])
     if "wanlora.alpha" in metadata:
         return float(metadata["wanlora.alpha"])
+    if rank_if_absent:
+        return float(rank)
     raise LoraFormatError(
         "the file names no LoRA alpha (neither diffusers' 'lora_adapter_metadata' nor 'wanlora.alpha' "
         "in its header); it was not written by wanlora or diffusers' save_lora_weights"
@@ -261,10 +265,13 @@ def _build(groups: dict, unknown: list[str], sd: Mapping[str, torch.Tensor], ren
     return lora
 
 
-def read_ours(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Lora:
-    """Our training output (and the diffusers export): peft keys with the `transformer.` prefix."""
+def read_ours(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], rank_if_absent: bool = False) -> Lora:
+    """Our training output (and the diffusers export): peft keys with the `transformer.` prefix.
+
+    `rank_if_absent`: a file from elsewhere without alpha metadata gets alpha = rank, as diffusers
+    loads it; for our own checkpoints a missing alpha is an error."""
     groups, unknown = _group(list(sd), OURS_PREFIX, (".lora_B.weight",), (".lora_A.weight",))
-    return _build(groups, unknown, sd, lambda m: m, lambda m, r: _alpha_for(m, r, metadata),
+    return _build(groups, unknown, sd, lambda m: m, lambda m, r: _alpha_for(m, r, metadata, rank_if_absent),
                   "peft LoRA keys 'transformer.<module>.lora_{A,B}.weight'")
 
 

@@ -53,15 +53,17 @@ def _split_combined(sd: dict[str, torch.Tensor], expert: Expert | None, path: Pa
     return {k.replace(marker, "."): v for k, v in sd.items() if marker in k}
 
 
-def read_lora(path: Path, expert: Expert | None = None) -> tuple[Lora, dict[str, str], str]:
-    """(Lora, header metadata, format) of any supported file: 'ours', 'native' or 'kohya'."""
+def read_lora(path: Path, expert: Expert | None = None, foreign: bool = False) -> tuple[Lora, dict[str, str], str]:
+    """(Lora, header metadata, format) of any supported file: 'ours', 'native' or 'kohya'.
+
+    `foreign`: made by another tool, so a peft-named file without alpha metadata means alpha = rank."""
     sd, metadata = formats.load_safetensors(path)
     if not sd:
         raise LoraFormatError(f"{path}: holds no tensors")
     fmt = formats.detect_format(list(sd))
     try:
         if fmt == "ours":
-            lora = formats.read_ours(sd, metadata)
+            lora = formats.read_ours(sd, metadata, rank_if_absent=foreign)
         elif fmt == "native":
             lora = formats.read_native(_split_combined(sd, expert, path))
         else:
@@ -80,7 +82,7 @@ def import_lora(
     name when it says high/low noise, and recorded in the metadata.
     """
     path = Path(path)
-    lora, source_meta, fmt = read_lora(path, expert)
+    lora, source_meta, fmt = read_lora(path, expert, foreign=True)
     formats.check_against_base(lora, formats.base_shapes(base_config), str(path))
     sd, meta = formats.write_ours(lora)
     meta.update(
