@@ -136,6 +136,7 @@ def test_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch, tmp_path):
     msg = str(err.value)
     assert "Wan-AI/Wan2.2-T2V-A14B-Diffusers@main: not in the local hub cache and HF_HUB_OFFLINE is set" in msg
     assert "set model.name_or_path to that folder" in msg
+    assert "no local folder" in msg and "Wan-AI/Wan2.2-T2V-A14B-Diffusers exists either" in msg
 
 
 def test_path_that_is_neither_folder_nor_hub_id(tmp_path):

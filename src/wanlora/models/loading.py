@@ -27,9 +27,13 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:  # imported lazily at run time: a stage that needs the VAE skips transformers
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from wanlora.io import sha256_file, sha256_json
 
@@ -83,7 +87,10 @@ def resolve_model(name_or_path: str, revision: str = "main", parts: Sequence[str
             "Fix: point model.name_or_path at a diffusers folder of Wan 2.2 T2V A14B "
             "(with model_index.json, transformer/, transformer_2/, vae/, text_encoder/, tokenizer/)"
         )
-    root = _download(name_or_path, revision, parts)
+    try:
+        root = _download(name_or_path, revision, parts)
+    except ModelError as err:  # "models/wan" may be a mistyped local folder rather than a hub id
+        raise ModelError(f"{err} (no local folder {local.resolve()} exists either)") from None
     check_layout(root, parts)
     return root
 
@@ -291,7 +298,7 @@ def load_vae_config(root: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- loaders
 def load_transformer(
     root: str | Path, expert: Literal["high", "low"], dtype: str | torch.dtype, device: str = "cpu"
-):
+) -> WanTransformer3DModel:
     """One expert (high -> transformer/, low -> transformer_2/), frozen, in `dtype` on `device`."""
     from diffusers import WanTransformer3DModel
 
@@ -306,7 +313,7 @@ def load_transformer(
     return model.eval().requires_grad_(False)
 
 
-def load_vae(root: str | Path, dtype: str | torch.dtype, device: str = "cpu"):
+def load_vae(root: str | Path, dtype: str | torch.dtype, device: str = "cpu") -> AutoencoderKLWan:
     """The Wan VAE, frozen. fp32 is the safe choice for encoding (it is small: ~250 MB)."""
     from diffusers import AutoencoderKLWan
 
@@ -318,7 +325,7 @@ def load_vae(root: str | Path, dtype: str | torch.dtype, device: str = "cpu"):
     return vae.eval().requires_grad_(False)
 
 
-def load_text_encoder(root: str | Path, dtype: str | torch.dtype, device: str = "cpu"):
+def load_text_encoder(root: str | Path, dtype: str | torch.dtype, device: str = "cpu") -> UMT5EncoderModel:
     """UMT5 encoder, frozen, streamed from safetensors shards straight to `device`."""
     from transformers import UMT5EncoderModel
 
@@ -329,7 +336,7 @@ def load_text_encoder(root: str | Path, dtype: str | torch.dtype, device: str = 
     return model.eval().requires_grad_(False)
 
 
-def load_tokenizer(root: str | Path):
+def load_tokenizer(root: str | Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     check_layout(root, ["tokenizer"])
