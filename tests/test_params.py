@@ -168,7 +168,6 @@ def test_dump_then_parse_is_identity(data):
     assert dump_params(again) == dump_params(params)
 
 
-@pytest.mark.xfail(strict=True, reason="PyYAML folds U+0085 in single-quoted scalars; dump_params must double-quote it")
 def test_nel_round_trip():
     """A prompt pasted from cp1252 text can hold U+0085 ('...' decoded as Latin-1)."""
     params = parse_params({"sample": {"prompts": ["a dog waits\x85barks"]}})

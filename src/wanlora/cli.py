@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from wanlora.config import ParamsError, load_params
 
@@ -29,14 +30,14 @@ def init(
     force: Annotated[bool, typer.Option(help="Overwrite an existing params.yaml.")] = False,
 ) -> None:
     """Write params.yaml from a recipe and hardware tier, plus dvc.yaml and stages/."""
-    from wanlora.presets import make_params, write_params
+    from wanlora.presets import describe, make_params, write_params
     from wanlora.workspace import prepare
 
     target = workspace / "params.yaml"
     if target.exists() and not force:
         raise typer.BadParameter(f"{target} exists; pass --force to overwrite it")
     params = make_params(recipe, vram, model=model, trigger=trigger)  # type: ignore[arg-type]
-    write_params(target, params, f"wanlora init --recipe {recipe} --vram {vram}")
+    write_params(target, params, f"wanlora init --recipe {recipe} --vram {vram}\n" + describe(recipe, vram))  # type: ignore[arg-type]
     prepare(workspace, params)
     console.print(f"wrote {target}, dvc.yaml and stages/; put clips in {params.datasets['main'].folder} and run `dvc repro`")
 
@@ -91,7 +92,7 @@ def import_aitk(
     write_params(out, params, f"wanlora import-aitk {config}")
     console.print(f"wrote {out}")
     for line in unmapped:
-        console.print(f"[yellow]not mapped:[/] {line}")
+        console.print(f"[yellow]not mapped:[/] {escape(line)}")
 
 
 @app.command()

@@ -385,6 +385,16 @@ def _known_keys(loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
+# AI Toolkit spellings people carry over, which difflib cannot link to ours.
+AITK_NAMES = {
+    "learning_rate": "lr", "linear": "rank", "linear_alpha": "alpha", "save_every": "every",
+    "max_step_saves_to_keep": "keep_last", "switch_boundary_every": "switch_every", "folder_path": "folder",
+    "caption_ext": "extension", "flip_x": "flip_horizontal", "sample_steps": "steps", "neg": "negative_prompt",
+    "caption_dropout_rate": "caption_dropout", "content_or_style": "timestep_bias", "qtype": "transformer",
+    "qtype_te": "text_encoder", "ema_config": "ema", "diff_output_preservation": "dop",
+}
+
+
 def format_errors(err: ValidationError, source: str) -> str:
     """Turn pydantic's errors into lines a person can act on: where, what, and the fix."""
     lines = [f"{source}: {err.error_count()} problem(s)"]
@@ -393,7 +403,8 @@ def format_errors(err: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             known = _known_keys(loc)
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            alias = AITK_NAMES.get(str(loc[-1]))
+            close = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
             hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(known)
             lines.append(f"  {where}: unknown key; {hint}")
         else:
@@ -424,6 +435,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(data, str(path))
 
 
+class _ParamsDumper(yaml.SafeDumper):
+    """PyYAML folds U+0085 (NEL) inside single-quoted scalars; such strings are written double-quoted."""
+
+
+_ParamsDumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style='"' if "\x85" in s else None)
+)
+
+
 def dump_params(params: Params) -> str:
     """params.yaml text for a Params: every field written out, so nothing is a hidden default."""
-    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+    return yaml.dump(params.model_dump(mode="json"), Dumper=_ParamsDumper, sort_keys=False, allow_unicode=True,
+                     width=100)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from wanlora.config import DatasetConfig, Params, parse_params
 from wanlora.presets import write_params
-from wanlora.workspace import prepare
+from wanlora.workspace import commit, prepare, track_raw
 
 DEMO_TRIGGER = "zqx"
 
@@ -56,6 +56,8 @@ def make_demo(folder: Path, steps: int = 120) -> Params:
     if not (folder / "models/tiny/model_index.json").exists():
         make_tiny(folder / "models/tiny", seed=0)
     write_params(folder / "params.yaml", params, "wanlora demo")
+    track_raw(folder, params)
+    commit(folder, "wanlora demo workspace")
     return params
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from rich.console import Console
+from rich.markup import escape
 
 from wanlora.io import atomic_write_json
 
@@ -36,7 +37,7 @@ class InputError(RuntimeError):
 def settle(problems: list[Problem], on_error: Literal["skip", "fail"], stage: str) -> None:
     """Print problems; raise InputError if the dataset policy says bad input stops the stage."""
     for p in problems:
-        console.print(f"[yellow]{stage}: skipped[/] {p.line()}")
+        console.print(f"[yellow]{stage}: skipped[/] {escape(p.line())}")
     if problems and on_error == "fail":
         listing = "\n".join("  " + p.line() for p in problems)
         raise InputError(

@@ -33,3 +33,16 @@ def prepare(workspace: Path, params: Params) -> None:
     for ds in params.datasets.values():
         (workspace / ds.folder).mkdir(parents=True, exist_ok=True)
     sync(workspace, params, in_repo=is_repo_checkout(workspace))
+
+
+def track_raw(workspace: Path, params: Params) -> None:
+    """`dvc add` every dataset folder, so the exact clips behind a LoRA can be pushed and pulled."""
+    folders = sorted({ds.folder for ds in params.datasets.values()})
+    _run([sys.executable, "-m", "dvc", "add", "-q", *folders], workspace)
+
+
+def commit(workspace: Path, message: str) -> None:
+    """Commit the workspace's pipeline files; dvclive and lineage need a git revision to point at."""
+    _run(["git", "add", "-A"], workspace)
+    _run(["git", "-c", "user.name=wanlora", "-c", "user.email=wanlora@localhost", "commit", "-q",
+          "--allow-empty", "-m", message], workspace)
