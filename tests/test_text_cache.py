@@ -88,9 +88,9 @@ def test_cache_equals_pipeline_encode_prompt_bitwise(tmp_path_factory, first_run
     for t in expected:
         with torch.no_grad():  # as in WanPipeline.__call__ (grad mode changes the last bits)
             ref, _ = pipe.encode_prompt(t, do_classifier_free_guidance=False, max_sequence_length=512, device="cpu")
-        cached = load_text_embeds(out, t, expect_encoder=encoder_identity(root))
-        assert cached.dtype == torch.float32 and cached.shape[1] == 32
-        assert torch.equal(pad_embeds([cached]), ref), t
+        emb = load_text_embeds(out, t, expect_encoder=encoder_identity(root))
+        assert emb.dtype == torch.float32 and emb.shape[1] == 32
+        assert torch.equal(pad_embeds([emb]), ref), t
     # the empty caption is the EOS token alone; trimming keeps exactly the real tokens
     assert load_text_embeds(out, "").shape == (1, 32)
     n = len(pipe.tokenizer("sks holding a red cat")["input_ids"])
