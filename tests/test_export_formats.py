@@ -16,7 +16,7 @@ from tests._eval_helpers import one_torch_thread  # noqa: F401  (autouse fixture
 from wanlora.config import DEFAULT_TARGETS
 from wanlora.export import formats
 from wanlora.export.formats import MODULE_NAMES, LoraFormatError, LoraModule
-from wanlora.export.imports import import_lora, read_lora
+from wanlora.export.imports import import_lora, import_to_file, read_lora
 from wanlora.models.geometry import TINY, WAN22_A14B
 
 
@@ -195,6 +195,10 @@ def test_musubi_import_keeps_alpha(tmp_path: Path):
     sd, meta = import_lora(path, TINY)
     assert meta["wanlora.imported_format"] == "musubi-tuner" and meta["wanlora.expert"] == "low"
     _same(lora, formats.read_ours(sd, meta))
+    out = import_to_file(path, tmp_path / "ours.safetensors", TINY)
+    again, _, kind = read_lora(out)
+    assert kind == "ours"
+    _same(lora, again)
 
 
 def test_peft_named_file_without_alpha(tmp_path: Path):

@@ -98,3 +98,10 @@ def import_lora(
     if found:
         meta["wanlora.expert"] = found
     return sd, meta
+
+
+def import_to_file(src: Path, dst: Path, base_config: Mapping[str, Any], expert: Expert | None = None) -> Path:
+    """`import_lora`, written as a wanlora/diffusers file at `dst` (what `wanlora import-lora` does)."""
+    sd, meta = import_lora(Path(src), base_config, expert)
+    formats.save_safetensors(Path(dst), sd, meta)
+    return Path(dst)
