@@ -180,7 +180,8 @@ def _evaluate_one(params: Params, plan: Plan, step: int | None, get: Any, scratc
     """Samples (if due) and validation loss of one checkpoint (None: the baseline), cached."""
     from wanlora.evaluate import sampling
 
-    want_samples = (step in plan.sampled) if step is not None else params.sample.baseline
+    want_samples = bool(params.sample.prompts) and ((step in plan.sampled) if step is not None
+                                                     else params.sample.baseline)
     want_val = bool(plan.held_out)
     s_entry = scratch / plan.sample_key(params, step) if want_samples else None
     v_entry = scratch / plan.val_key(params, step) if want_val else None
