@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _quant_helpers import tiny_expert, tiny_inputs
+from _quant_helpers import one_thread, tiny_expert, tiny_inputs
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -26,6 +26,11 @@ from wanlora.models.recovery import (
     reference_block,
     weights_from_model,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_thread()
 
 
 def _err(E: torch.Tensor, A: torch.Tensor, B: torch.Tensor, X: torch.Tensor) -> float:
@@ -173,8 +178,8 @@ def test_fit_model_recovers_on_the_tiny_expert():
     ref = tiny_expert()
     q = tiny_expert()
     quantize_transformer(q, "uint4", group_size=16)
-    calib = [tiny_inputs(seed=s, frames=4) for s in (1, 2)]
-    held = [tiny_inputs(seed=s, frames=4) for s in (3, 4)]
+    calib = [tiny_inputs(seed=s, frames=3) for s in (1, 2)]
+    held = [tiny_inputs(seed=s, frames=3) for s in (3, 4)]
     fitted = fit_model(weights_from_model(ref), q, calib, rank=8)
     assert sorted(fitted) == sorted(quantized_modules(q)) and len(corrections(q)) == 20
     report = recovery_report(ref, q, calib, held)
@@ -182,14 +187,14 @@ def test_fit_model_recovers_on_the_tiny_expert():
         assert all(b[split].after < b[split].before for b in report.blocks)
         assert report.model[split].after < 0.8 * report.model[split].before
     improved = sum(p["calib"].after < p["calib"].before for p in report.layers.values())
-    assert improved >= 18  # of 20 layers (bf16 storage of B, A can cost a hair on a flat layer)
+    assert improved == 20
     assert "| model output |" in report.table()
 
     block = q.blocks[0]
     from wanlora.models.recovery import capture_block_inputs
 
     inputs = capture_block_inputs(ref, calib)
-    before, after = distill_block(block, reference_block(block, weights_from_model(ref), "blocks.0."), inputs, steps=10)
+    before, after = distill_block(block, reference_block(block, weights_from_model(ref), "blocks.0."), inputs, steps=5)
     assert after < before
     assert all(is_quantized(m) for m in quantized_modules(q).values())
     assert isinstance(reference_block(block, weights_from_model(ref), "blocks.0.").attn1.to_q, nn.Linear)
