@@ -51,8 +51,10 @@ def iter_frames(
 def keyframe_near(path: str | Path, info: MediaInfo, target: int, lo: int, hi: int) -> tuple[int, np.ndarray] | None:
     """A grey keyframe with lo <= index < hi, at or after the one before `target`; None if none.
 
-    Keyframes decode without their neighbours, so sampling a few frames of a long clip this way
-    costs a few frame decodes instead of a GOP each. Only for PyAV; other backends return None.
+    Keyframes decode without their neighbours: packets are demuxed (cheap), only the chosen
+    keyframe's packet is decoded, and the decoder is flushed at once instead of being fed the rest
+    of its GOP. Sampling a few frames of a long clip this way costs a few frame decodes. PyAV only;
+    other backends (and streams without packet timestamps) return None.
     """
     if info.kind != "video" or info.backend != "pyav":
         return None
@@ -60,21 +62,29 @@ def keyframe_near(path: str | Path, info: MediaInfo, target: int, lo: int, hi: i
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            stream.codec_context.skip_frame = "NONKEY"
             t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-            container.seek(int((t0 + target / info.fps) / stream.time_base), stream=stream, backward=True)
-            for frame in container.decode(stream):
-                if frame.time is None:
-                    return None
-                idx = int(round((frame.time - t0) * info.fps))
+            container.seek(_seek_ts(stream, t0, target, info.fps), stream=stream, backward=True)
+            for packet in container.demux(stream):
+                if packet.pts is None or not packet.is_keyframe:
+                    continue
+                idx = int(round((float(packet.pts * packet.time_base) - t0) * info.fps))
                 if idx >= hi:
                     return None
                 if idx >= lo:
-                    img = frame.to_ndarray(format="gray")
+                    frames = [*stream.decode(packet), *stream.decode(None)]
+                    if not frames:
+                        return None
+                    img = frames[0].to_ndarray(format="gray")
                     return idx, np.ascontiguousarray(np.rot90(img, k=k)) if k else img
     except av.error.FFmpegError:
         return None  # the caller falls back to exact decoding, which reports damage properly
     return None
+
+
+def _seek_ts(stream, t0: float, index: int, fps: float) -> int:
+    """Stream timestamp of frame `index`, rounded (not floored): one tick early would land the
+    backward seek on the keyframe before, costing a whole extra GOP of decoding."""
+    return int(round((t0 + index / fps) / stream.time_base))
 
 
 def read_frames(path: str | Path, indices: Sequence[int], info: MediaInfo | None = None) -> np.ndarray:
@@ -128,8 +138,7 @@ def _iter_pyav(path: Path, info: MediaInfo, start: int, stop: int | None, gray: 
             stream.thread_type = "AUTO"
             t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             if start > 0:
-                target = t0 + max(0, start - 1) / info.fps
-                container.seek(int(target / stream.time_base), stream=stream, backward=True)
+                container.seek(_seek_ts(stream, t0, start, info.fps), stream=stream, backward=True)
             for n, frame in enumerate(container.decode(stream)):
                 if frame.time is not None:
                     idx = int(round((frame.time - t0) * info.fps))
