@@ -159,7 +159,8 @@ def test_lora_for_another_base_model_is_rejected(tmp_path: Path):
 def test_full_size_base_check_rejects_a_tiny_lora(tmp_path: Path):
     path = tmp_path / "tiny.safetensors"
     save_ours(path, random_lora(tiny_transformer(1), seed=2, targets=["to_q"]))
-    with pytest.raises(LoraFormatError, match="blocks.0.attn1.to_q: LoRA takes 32 inputs to 32 outputs, the base layer 5120 to 5120"):
+    msg = "blocks.0.attn1.to_q: LoRA takes 32 inputs to 32 outputs, the base layer 5120 to 5120"
+    with pytest.raises(LoraFormatError, match=msg):
         import_lora(path, WAN22_A14B)
 
 

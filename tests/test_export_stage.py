@@ -28,7 +28,8 @@ def _trained_workspace(ws: Path, steps=(2, 4), n_clips: int = 2) -> tuple[Path, 
     loras = {}
     for step in steps:
         for expert, model in (("high", pipe.transformer), ("low", pipe.transformer_2)):
-            lora = random_lora(model, seed=step * 10 + len(expert), rank=RANK, alpha=ALPHA, targets=list(DEFAULT_TARGETS))
+            lora = random_lora(model, seed=step * 10 + len(expert), rank=RANK, alpha=ALPHA,
+                               targets=list(DEFAULT_TARGETS))
             loras[step, expert] = lora
             sd = {}
             for module, m in lora.items():

@@ -127,7 +127,8 @@ img.sheet{max-width:256px;display:block;margin-top:6px}
 
 
 def _loss_text(losses: dict[str, float | None]) -> str:
-    shown = [f"{k.removeprefix('val_loss_')} {v:.4f}" for k, v in sorted(losses.items()) if v is not None and k != "val_loss"]
+    shown = [f"{k.removeprefix('val_loss_')} {v:.4f}" for k, v in sorted(losses.items())
+             if v is not None and k != "val_loss"]
     return "val loss: " + ", ".join(shown) if shown else ""
 
 
@@ -148,7 +149,8 @@ def render_report(
         h.append("<p>No validation loss yet (sample.validation_samples is 0, or no held-out sample).</p>")
     else:
         h.append(f'<p>Step <strong data-best-step="{best.step}">{best.step}</strong>: lowest validation loss '
-                 f'({escape(_loss_text(best.losses))}). <code>wanlora export</code> picks it with export.step: best.</p>')
+                 f'({escape(_loss_text(best.losses))}). <code>wanlora export</code> picks it with '
+                 "export.step: best.</p>")
     h.append("</section>")
 
     h.append('<section id="samples"><h2>Samples</h2><table class="grid" id="grid"><thead><tr><th>checkpoint</th>')

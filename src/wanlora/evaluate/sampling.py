@@ -65,7 +65,9 @@ def lora_applied(pipe, files: Mapping[str, Path], name: str) -> Iterator[None]:
 
 
 @torch.no_grad()
-def generate(pipe, prompt_embeds: list[torch.Tensor], negative_embeds: torch.Tensor, cfg: SampleConfig) -> list[np.ndarray]:
+def generate(
+    pipe, prompt_embeds: list[torch.Tensor], negative_embeds: torch.Tensor, cfg: SampleConfig
+) -> list[np.ndarray]:
     """One video per prompt ([F, H, W, 3] floats in [0, 1]) at its fixed seed.
 
     Embeddings are [1, 512, D] (padded); the generator lives on the CPU so a seed gives the same

@@ -19,11 +19,11 @@ from rich.console import Console
 from rich.progress import Progress
 
 from wanlora.config import Params
-from wanlora.export.stage import list_checkpoints
-from wanlora.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file, sha256_json
 from wanlora.evaluate import media
 from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curves, render_report
 from wanlora.evaluate.validation import ValItem, held_out_ids, validation_loss
+from wanlora.export.stage import list_checkpoints
+from wanlora.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file, sha256_json
 
 EVAL_FORMAT = 1  # bump when cached results would no longer match what this code writes
 TEXT_DIR, LATENT_DIR = "data/cache/text", "data/cache/latents"
@@ -113,11 +113,11 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
     """Both experts, the VAE, the prompts' cached embeddings and the held-out items."""
     import torch
 
+    from wanlora.evaluate.sampling import build_pipeline
     from wanlora.models.latents import load_latents, normalize_latents
     from wanlora.models.loading import load_transformer, load_vae, load_vae_config, model_identity
     from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
     from wanlora.stages._common import resolve_device
-    from wanlora.evaluate.sampling import build_pipeline
 
     device = resolve_device(params.job.device)
     experts = {e: load_transformer(plan.root, e, params.model.dtype, "cpu" if params.model.low_vram else device)
@@ -261,8 +261,10 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
 
     train = read_train_curves(workspace / "data/train_live")
     curves = {"training loss": {k: v for k, v in train.items() if "loss" in k}}
-    curves["validation loss"] = {k: sorted((float(s), m[k]) for s, m in metrics["steps"].items() if m.get(k) is not None)
-                                 for k in ("val_loss_high", "val_loss_low")}
+    curves["validation loss"] = {
+        k: sorted((float(s), m[k]) for s, m in metrics["steps"].items() if m.get(k) is not None)
+        for k in ("val_loss_high", "val_loss_low")
+    }
     curves.update({k: {k: v} for k, v in train.items() if "loss" not in k})  # lr, grad norm, ...: own scales
     page = render_report(f"{params.job.name}: evaluation", prompt_texts(params), rows, metrics["best_step"],
                          curves, dataset_summary(workspace))

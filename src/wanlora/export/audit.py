@@ -88,7 +88,8 @@ def _load_samples(file: Path, fields: dict[str, str]) -> tuple[list[dict[str, An
         return None, "the lineage lists no samples (neither inline nor a sidecar)"
     sidecar = file.parent / name
     if not sidecar.is_file():
-        return None, f"sidecar {name} is missing: copy it from the training run's data/lora/<expert>/ next to {file.name}"
+        return None, (f"sidecar {name} is missing: copy it from the training run's data/lora/<expert>/ "
+                      f"next to {file.name}")
     text = sidecar.read_text(encoding="utf-8")
     if sha256_text(text) != fields.get("samples_sidecar_sha256"):
         return None, f"sidecar {name} does not match the hash in the header: it was altered or belongs to another run"
@@ -128,7 +129,10 @@ def check_manifests(fields: dict[str, str], workspace: Path) -> list[ManifestChe
     for name, rec in sorted(json.loads(fields.get("manifests", "{}")).items()):
         path = workspace / rec["path"]
         current = sha256_file(path) if path.is_file() else None
-        status = _compare(rec["sha256"], current) if rec["sha256"] != "absent" else (UNCHANGED if current is None else CHANGED)
+        if rec["sha256"] == "absent":  # the manifest did not exist when the LoRA was made
+            status = UNCHANGED if current is None else CHANGED
+        else:
+            status = _compare(rec["sha256"], current)
         out.append(ManifestCheck(name, rec["path"], rec["sha256"], status))
     return out
 

@@ -34,9 +34,9 @@ OURS_PREFIX = "transformer."
 NATIVE_PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
 
-# diffusers module name <-> native Wan module name (the names ComfyUI's Wan model and the original
-# Wan code use). Written from the rename table diffusers uses to load native Wan checkpoints
-# (`convert_wan_transformer_to_diffusers`); the tests check it against that function.
+# diffusers module name <-> native Wan module name (the names of ComfyUI's comfy/ldm/wan/model.py
+# and the original Wan code). Written from the rename table diffusers uses to load native Wan
+# checkpoints (`convert_wan_transformer_to_diffusers`); the tests check it against that function.
 # `{n}` is a block index.
 MODULE_NAMES: tuple[tuple[str, str], ...] = (
     ("blocks.{n}.attn1.to_q", "blocks.{n}.self_attn.q"),
