@@ -8,13 +8,15 @@ scan has to seek), with 2 s keyframe spacing like phone footage.
     python bench/trim_bucket.py [--lengths 5 20 50] [--clips 3] [--repeats 3] [--workdir DIR]
 
 Clips are generated once into --workdir and reused. Prints a Markdown table: seconds per clip
-(median over clips x repeats) for probe+hash+trim+crop and for bucketing, and trimmed ranges
-checked against the ground truth.
+(median over clips x repeats) for hash+probe+trim+crop, wall and CPU (the CPU time of this process,
+decoder threads included, is the steadier number on a shared machine), and for bucketing; and the
+trimmed ranges checked against the ground truth. The load average is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -57,25 +59,27 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     ds = DatasetConfig(bucket=BucketConfig(resolutions=[512], num_frames=[33, 81], frame_sampling="window", windows_per_clip=4))
 
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}")
-    print("| clip length | clips | MB per clip | sha256+probe+trim+crop s/clip (median) | of which sha256 | bucket ms/clip | kept range vs truth |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, python {platform.python_version()}")
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    print("| clip length | clips | MB per clip | hash+probe+trim+crop wall s/clip | same, CPU s/clip | of which sha256 (wall s) | bucket ms/clip | kept range vs truth |")
+    print("|---|---|---|---|---|---|---|---|")
     for seconds in args.lengths:
         t0 = time.perf_counter()
         clips = make_clips(args.workdir, seconds, args.clips)
         gen = time.perf_counter() - t0
-        trim_times, hash_times, bucket_times, errors = [], [], [], []
+        trim_times, cpu_times, hash_times, bucket_times, errors = [], [], [], [], []
         for path, truth in clips:
             for _ in range(args.repeats):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 digest = sha256_file(path)
                 hashed = time.perf_counter()
                 base = {"id": f"bench/{path.name}", "dataset": "bench", "path": str(path), "sha256": digest, "caption_path": None}
                 outcome = analyse_file(path, ds, base)
-                done = time.perf_counter()
+                done, cpu_done = time.perf_counter(), time.process_time()
                 samples, problem = plan_clip(outcome.record, ds)
                 bucketed = time.perf_counter()
                 trim_times.append(done - start)
+                cpu_times.append(cpu_done - cpu)
                 hash_times.append(hashed - start)
                 bucket_times.append(bucketed - done)
             rec = outcome.record
@@ -84,12 +88,14 @@ def main() -> None:
         mb = statistics.mean(p.stat().st_size for p, _ in clips) / 1e6
         print(
             f"| {seconds} s ({seconds * FPS} frames) | {len(clips)} | {mb:.1f} | {statistics.median(trim_times):.3f} "
+            f"| {statistics.median(cpu_times):.3f} "
             f"| {statistics.median(hash_times):.3f} | {1000 * statistics.median(bucket_times):.2f} "
             f"| max {max(errors)} frames off |",
             flush=True,
         )
         if gen > 1:
             print(f"  (generated {len(clips)} clips in {gen:.0f} s)", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
