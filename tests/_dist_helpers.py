@@ -35,7 +35,7 @@ from wanlora.data.dataset import epoch_batches
 from wanlora.io import atomic_write_bytes, atomic_write_json
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
 from wanlora.train.dist_parallel import (
-    StepOutcome, make_groups, optimizer_step, plan_parallel, reduce_gradients,
+    StepOutcome, make_groups, optimizer_step, plan_parallel, reduce_gradients, world_metrics,
 )
 from wanlora.train.distributed import (
     Cursor, DistEnv, batch_generator, distributed, gather_objects, rank_share, take_batches,
@@ -175,6 +175,8 @@ def scenario_expert_parallel(env: DistEnv, out: Path, results: dict) -> None:
                              cursor=cursor, extra={"history": [], "bad_steps": 0}, lora_files=lora_files)
     seen = gather_objects({"expert": expert, "t": [min(data.seen_t), max(data.seen_t)],
                            "losses": [o.loss for o in outs]}, env)
+    losses, _ = world_metrics(plan, expert, outs[-1].loss, outs[-1].samples, 1.0, env)
+    results["ep_logged_losses"] = losses  # what rank 0's progress shows for the last round
     results["ep_plan"] = {"mode": plan.mode, "groups": {e: list(r) for e, r in plan.groups.items()}}
     results["ep_ranks"] = seen
 

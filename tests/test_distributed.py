@@ -21,7 +21,7 @@ from _dist_helpers import (  # noqa: E402
 from wanlora.data.dataset import epoch_batches  # noqa: E402
 from wanlora.train.dist_checkpoint import ExpertParts, _pack, _unpack, load_parallel_checkpoint  # noqa: E402
 from wanlora.train.dist_fsdp import shard_base  # noqa: E402
-from wanlora.train.dist_parallel import plan_parallel, reduce_gradients  # noqa: E402
+from wanlora.train.dist_parallel import plan_parallel, reduce_gradients, world_metrics  # noqa: E402
 from wanlora.train.distributed import (  # noqa: E402
     Cursor, DistEnv, DistributedError, batch_generator, derive_seed, init_distributed, launch_ranks, rank_seed,
     rank_share, shard, take_batches,
@@ -133,6 +133,13 @@ def test_plan_parallel_modes() -> None:
         plan_parallel(2, ["high"], "expert")
 
 
+def test_world_metrics_in_one_process() -> None:
+    plan = plan_parallel(1, ["high", "low"])
+    losses, rate = world_metrics(plan, "low", 2.5, 4, 2.0, ONE)
+    assert losses["low"] == 2.5 and rate == 2.0 and losses["high"] != losses["high"]  # NaN: did not step
+    assert plan.step_increment == 1 and plan_parallel(2, ["high", "low"]).step_increment == 2
+
+
 def test_pack_round_trips_mixed_dtypes() -> None:
     tensors = {"a": torch.randn(3, 2).to(torch.bfloat16), "b": torch.tensor(7, dtype=torch.int64),
                "c": torch.arange(5, dtype=torch.float32)}
@@ -220,6 +227,7 @@ def test_expert_parallel_trains_both_experts_and_rank0_writes_both(two_ranks) ->
         assert not torch.allclose(saved[PREFIX + "blocks.0.attn1.to_q.lora_A.weight"],
                                   lora_state_dict(tiny_expert(EXPERT_SEEDS[expert]))[PREFIX + "blocks.0.attn1.to_q.lora_A.weight"])
         assert results["ep_ranks"][rank]["losses"] == pytest.approx([o.loss for o in outs], rel=1e-5)
+    assert results["ep_logged_losses"] == pytest.approx({"high": high["losses"][-1], "low": low["losses"][-1]})
     state = json.loads((out / "ep_state" / f"state_{steps:06d}" / "state.json").read_text())
     assert sorted(state["optimizers"]) == ["high", "low"] and state["step"] == steps
 

@@ -62,7 +62,16 @@ class ParallelPlan:
 
     def steps_per_group(self, total_steps: int) -> int:
         """Optimizer steps each group runs: all of them in data mode, half each in expert mode."""
-        return total_steps if self.mode == "data" else math.ceil(total_steps / len(self.groups))
+        return math.ceil(total_steps / self.step_increment)
+
+    @property
+    def step_increment(self) -> int:
+        """Global optimizer steps one round completes: 1, or one per expert when they train at once.
+
+        The global step keeps the single-process meaning (optimizer steps of both experts
+        together), so the learning-rate schedule, `save.every` and checkpoints line up across modes.
+        """
+        return 1 if self.mode == "data" else len(self.groups)
 
 
 def plan_parallel(world: int, active: Iterable[Expert], mode: Mode = "auto") -> ParallelPlan:
@@ -151,6 +160,21 @@ def world_throughput(samples: int, seconds: float, env: DistEnv) -> float:
     return sum_over([samples / max(seconds, 1e-9)], None, env)[0]
 
 
+def world_metrics(plan: ParallelPlan, expert: Expert, loss: float, samples: int, seconds: float,
+                  env: DistEnv) -> tuple[dict[Expert, float], float]:
+    """What rank 0 logs for one round, in one all-reduce: each expert's loss this round (in
+    expert mode the other group's too; NaN for an expert that did not step) and the samples per
+    second of all ranks summed."""
+    experts = [e for e in ORDER if e in plan.groups]
+    values = [0.0] * (2 * len(experts)) + [samples / max(seconds, 1e-9)]
+    i = experts.index(expert)
+    values[i] = loss / len(plan.groups[expert])  # every member holds the group's mean loss
+    values[len(experts) + i] = 1.0 / len(plan.groups[expert])
+    summed = sum_over(values, None, env)
+    losses = {e: (summed[k] if summed[len(experts) + k] > 0.5 else float("nan")) for k, e in enumerate(experts)}
+    return losses, summed[-1]
+
+
 @dataclass
 class StepOutcome:
     """One optimizer step as every rank of the group sees it (identical on all of them)."""
@@ -175,12 +199,15 @@ def optimizer_step(
     dtype: torch.dtype,
     env: DistEnv,
     group: Any = None,
+    before_update: Callable[[], None] | None = None,
 ) -> StepOutcome:
     """This rank's micro-batches of optimizer step `step`, the group's gradient average, the step.
 
     Each micro-batch's randomness comes from `batch_generator(seed, expert, epoch, position)`.
     The loss is the mean over the whole global batch. If any rank met a non-finite loss, every
     rank skips the update (the flag is reduced with the loss), so the LoRAs never diverge.
+    `before_update` runs between the last backward and the optimizer step (the trainer starts
+    the next expert's weight copy there, to overlap it with the update).
     """
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
@@ -198,6 +225,8 @@ def optimizer_step(
         samples += len(b.indices)
     loss_sum, bad_sum, samples_sum = sum_over([loss, bad, samples], group, env)
     finite = bad_sum == 0
+    if before_update is not None:
+        before_update()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if finite:
         reduce_gradients(params, group, env)
