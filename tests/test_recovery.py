@@ -198,3 +198,43 @@ def test_fit_model_recovers_on_the_tiny_expert():
     assert after < before
     assert all(is_quantized(m) for m in quantized_modules(q).values())
     assert isinstance(reference_block(block, weights_from_model(ref), "blocks.0.").attn1.to_q, nn.Linear)
+
+
+# ------------------------------------------------------------------------ the trainer's entry point
+def test_prepare_expert_with_aitk_adapter_then_cached(tmp_path, monkeypatch):
+    from wanlora.config import QuantizationConfig
+    from wanlora.models import quant
+    from wanlora.models.recovery import prepare_quantized_expert
+
+    path = tmp_path / "ara.safetensors"
+    _write_adapter(path)
+    cfg = QuantizationConfig(transformer=f"uint4|{path}", group_size=16, cache_dir=str(tmp_path / "q"))
+    assert cfg.recovery.source == str(path)  # AI Toolkit's qtype spelling
+    first = prepare_quantized_expert(tiny_expert, cfg, "low", {"model": "tiny"})
+    assert sorted(quantized_modules(first)) == sorted(corrections(first)) == adapter_targets(str(path), "low")
+    monkeypatch.setattr(quant, "quantize_transformer", lambda *a, **k: pytest.fail("cache hit must not quantize"))
+    second = prepare_quantized_expert(tiny_expert, cfg, "low", {"model": "tiny"})
+    x = tiny_inputs()
+    assert torch.equal(first(**x)[0], second(**x)[0])
+    with pytest.raises(ValueError, match="trained against uint4 weights; set quantization.transformer: uint4"):
+        prepare_quantized_expert(tiny_expert, cfg.model_copy(update={"transformer": "nf4"}), "low", {})
+
+
+def test_prepare_expert_fits_once_then_loads_corrections(tmp_path, monkeypatch):
+    from wanlora.config import QuantizationConfig
+    from wanlora.models import recovery
+
+    cfg = QuantizationConfig(transformer="uint4", group_size=16, cache_dir=str(tmp_path / "q"),
+                             recovery={"source": "fitted", "rank": 4, "calibration_samples": 2})
+    ref = tiny_expert()
+    calib = [tiny_inputs(seed=s) for s in (1, 2, 3)]
+    first = recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "tiny"},
+                                              weights=weights_from_model(ref), calib_inputs=calib)
+    assert len(corrections(first)) == 20
+    monkeypatch.setattr(recovery, "fit_model", lambda *a, **k: pytest.fail("fitted corrections must be reused"))
+    second = recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "tiny"},
+                                               weights=weights_from_model(ref), calib_inputs=calib)
+    x = tiny_inputs(seed=9)
+    assert torch.equal(first(**x)[0], second(**x)[0])
+    with pytest.raises(ValueError, match="needs calibration inputs and the original weights"):
+        recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "other"})

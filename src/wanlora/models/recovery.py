@@ -28,6 +28,8 @@ Two sources:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +42,16 @@ from rich.console import Console
 from rich.progress import track
 from torch import Tensor, nn
 
-from wanlora.models.quant import dequantized_weight, is_quantized, quantized_modules
+from wanlora.io import sha256_json
+from wanlora.models.quant import (
+    DEFAULT_EXCLUDE,
+    cache_key,
+    dequantized_weight,
+    is_quantized,
+    quantize_cached,
+    quantized_modules,
+    write_safetensors,
+)
 
 console = Console(stderr=True)
 
@@ -534,8 +545,6 @@ def weights_from_model(model: nn.Module) -> WeightLoader:
 def weights_from_safetensors(folder: str | Path) -> WeightLoader:
     """Original weights read lazily, one tensor at a time, from a diffusers transformer folder
     (single file or sharded with `*.safetensors.index.json`)."""
-    import json
-
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -560,6 +569,104 @@ def weights_from_safetensors(folder: str | Path) -> WeightLoader:
             return f.get_tensor(key)
 
     return load
+
+
+# ---------------------------------------------------------------------- one call for the trainer
+def _inputs_digest(inputs: Sequence[dict[str, Any]]) -> str:
+    """Content hash of calibration inputs (tensors by bytes, the rest by repr)."""
+    h = hashlib.sha256()
+    for kw in inputs:
+        for k in sorted(kw):
+            v = kw[k]
+            h.update(k.encode())
+            if torch.is_tensor(v):
+                t = v.detach().cpu().contiguous()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def save_corrections(model: nn.Module, path: str | Path, key: dict[str, Any]) -> None:
+    """Fitted corrections as safetensors (`<layer>.down`, `<layer>.up`), the key in the header."""
+    tensors = {}
+    for name, corr in corrections(model).items():
+        tensors[f"{name}.down"], tensors[f"{name}.up"] = corr.down, corr.up
+    write_safetensors(path, tensors, {"wanlora_recovery": json.dumps(key, sort_keys=True)})
+
+
+def load_corrections(model: nn.Module, path: str | Path, key: dict[str, Any]) -> int:
+    """Attach corrections saved by `save_corrections`; the header key must match."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        if json.loads((f.metadata() or {}).get("wanlora_recovery", "null")) != key:
+            raise ValueError(f"{path}: corrections were fitted for other settings; delete the file to refit")
+        names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
+        for name in names:
+            module = model.get_submodule(name)
+            device = next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
+            attach_correction(module, f.get_tensor(f"{name}.down").to(device), f.get_tensor(f"{name}.up").to(device))
+    return len(names)
+
+
+def prepare_quantized_expert(
+    loader: Callable[[], nn.Module],
+    cfg: Any,
+    expert: Expert,
+    source_key: dict[str, Any],
+    *,
+    weights: WeightLoader | None = None,
+    calib_inputs: Sequence[dict[str, Any]] | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load one expert and apply `quantization` params (a `QuantizationConfig`): quantize (cached),
+    then attach accuracy recovery where it applies. The trainer's single call.
+
+    - recovery.source = an AI Toolkit adapter: needs transformer: uint4; quantizes exactly the
+      layers the adapter covers (everything else stays bf16, as in AI Toolkit) and attaches it.
+    - recovery.source = fitted, 4-bit modes: fits rank-`recovery.rank` corrections on the first
+      `recovery.calibration_samples` of `calib_inputs` (forward kwargs of the expert, e.g. noised
+      cached latents at timesteps of its range) against `weights` (original weights by layer name),
+      with `recovery.distill_steps` of refinement; cached beside the quantized weights.
+    - recovery.source = none, or an 8-bit mode with fitted: quantization only.
+    """
+    mode, rec = cfg.transformer, cfg.recovery
+    if mode == "none":
+        return loader()
+    if rec.source not in ("fitted", "none"):
+        if mode != "uint4":
+            raise ValueError(
+                f"quantization.recovery.source={rec.source!r} is an AI Toolkit adapter, trained against "
+                f"uint4 weights; set quantization.transformer: uint4 (got {mode}) or recovery.source: fitted"
+            )
+        targets = adapter_targets(rec.source, expert)
+        key = {**source_key, "expert": expert, "adapter": rec.source}
+        model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, exclude=(), include=targets, device=device)
+        load_aitk_adapter(model, rec.source, expert)
+        return model
+    key = {**source_key, "expert": expert}
+    model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, device=device)
+    if rec.source == "none" or mode not in ("nf4", "uint4"):
+        return model
+    if weights is None or not calib_inputs:
+        raise ValueError(
+            "quantization.recovery.source=fitted needs calibration inputs and the original weights; "
+            "pass them, or set recovery.source: none"
+        )
+    calib = list(calib_inputs)[: rec.calibration_samples]
+    fit_key = {
+        "quant": cache_key(key, mode, cfg.group_size, DEFAULT_EXCLUDE, None),
+        "rank": rec.rank, "distill_steps": rec.distill_steps, "calibration": _inputs_digest(calib),
+    }
+    path = Path(cfg.cache_dir) / "recovery" / f"{sha256_json(fit_key)[:20]}.safetensors"
+    if path.is_file():
+        load_corrections(model, path, fit_key)
+        return model
+    fit_model(weights, model, calib, rec.rank, distill_steps=rec.distill_steps)
+    save_corrections(model, path, fit_key)
+    return model
 
 
 # ------------------------------------------------------------------------------ report
@@ -692,6 +799,6 @@ __all__ = [
     "ErrorPair", "LowRankCorrection", "RecoveryReport", "Whitener", "adapter_targets", "aitk_module_name",
     "anisotropic", "attach_correction", "block_report", "capture_block_inputs", "corrections",
     "detach_correction", "distill_block", "fit_block", "fit_correction", "fit_correction_whitened", "fit_model",
-    "load_aitk_adapter", "read_aitk_adapter", "recovery_report", "reference_block", "relative_error",
-    "resolve_adapter_source", "set_recovery_enabled", "weights_from_model", "weights_from_safetensors",
+    "load_aitk_adapter", "load_corrections", "prepare_quantized_expert", "read_aitk_adapter", "recovery_report", "reference_block", "relative_error",
+    "resolve_adapter_source", "save_corrections", "set_recovery_enabled", "weights_from_model", "weights_from_safetensors",
 ]
