@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,15 @@ class Plan:
     sampled: list[int]
     held_out: list[str]
     base: dict[str, Any]
+    _hashes: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def lora_id(self, step: int | None) -> dict[str, str] | None:
+        """sha256 of the checkpoint's files (hashed once: real LoRA pairs are hundreds of MB)."""
         if step is None:
             return None
-        return {e: sha256_file(p) for e, p in sorted(self.checkpoints[step].items())}
+        if step not in self._hashes:
+            self._hashes[step] = {e: sha256_file(p) for e, p in sorted(self.checkpoints[step].items())}
+        return self._hashes[step]
 
     def sample_key(self, params: Params, step: int | None) -> str:
         s = params.sample
