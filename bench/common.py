@@ -124,19 +124,27 @@ def device_name(device: torch.device) -> str:
 
 
 def profile_step(step: Callable[[int], Any], device: torch.device, top: int = 12) -> str:
-    """One step under torch.profiler: the top kernels by device time and their share of it."""
+    """One step under torch.profiler: the top GPU kernels by time and their share of kernel time.
+
+    Only kernel events count (operator-level rows repeat their kernels' time); on CPU, operators.
+    """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         step(10_000)
         sync(device)
-    use_cuda = device.type == "cuda"
-    events = [e for e in prof.key_averages() if (e.self_device_time_total if use_cuda else e.self_cpu_time_total) > 0]
-    key = (lambda e: e.self_device_time_total) if use_cuda else (lambda e: e.self_cpu_time_total)
+    if cuda:
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+        key = lambda e: e.self_device_time_total  # noqa: E731
+    else:
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        key = lambda e: e.self_cpu_time_total  # noqa: E731
     events.sort(key=key, reverse=True)
     total = sum(key(e) for e in events) or 1.0
-    lines = [f"device time in kernels: {total / 1e6:.3f} s", "| share | ms | calls | kernel |", "|---|---|---|---|"]
+    lines = [f"time in kernels: {total / 1e6:.3f} s", "| share | ms | calls | kernel |", "|---|---|---|---|"]
     for e in events[:top]:
         name = e.key.replace("|", "/")[:90]
         lines.append(f"| {100 * key(e) / total:.1f}% | {key(e) / 1e3:.1f} | {e.count} | `{name}` |")

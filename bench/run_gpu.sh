@@ -29,6 +29,8 @@ if [ -f .cache/inductor.tgz ]; then mkdir -p /tmp/inductor && tar xzf .cache/ind
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 "$PY" -c "import torch, diffusers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/device.txt"
 
+"$PY" -c "import bench.train_step, bench.baseline_naive, wanlora.models.quant" || { echo "imports fail: carry the missing wheels"; exit 1; }
+
 ITEMS=("$@")
 if [ ${#ITEMS[@]} -eq 0 ]; then
   ITEMS=(naive:33:512:512 ours_33f_1expert+profile 33f_bf16_both_sw1 81f_bf16_1expert+profile 33f_bf16_sw10_host)

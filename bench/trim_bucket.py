@@ -61,7 +61,10 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, python {platform.python_version()}")
     print(f"load average before: {os.getloadavg()[0]:.1f}")
-    print("| clip length | clips | MB per clip | hash+probe+trim+crop wall s/clip | same, CPU s/clip | of which sha256 (wall s) | bucket ms/clip | kept range vs truth |")
+    print(
+        "| clip length | clips | MB per clip | hash+probe+trim+crop wall s/clip | same, CPU s/clip "
+        "| of which sha256 (wall s) | bucket ms/clip | kept range vs truth |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for seconds in args.lengths:
         t0 = time.perf_counter()

@@ -126,11 +126,13 @@ def test_stage_writes_samples_histogram_and_report(tmp_path: Path) -> None:
         [
             _clip("wide.mp4", crop=[0, 90, 1280, 540]),  # letterboxed 2.37:1
             _clip("short.mp4", keep_start=0, keep_end=20),
-            _clip("img.png", kind="image", fps=None, frames=1, keep_start=0, keep_end=1, width=640, height=640, crop=[0, 0, 640, 640]),
+            _clip("img.png", kind="image", fps=None, frames=1, keep_start=0, keep_end=1, width=640, height=640,
+                  crop=[0, 0, 640, 640]),
             _clip("bad.mp4", status="skipped", reason="empty file (0 bytes)", fix="delete it", crop=None),
         ],
     )
-    ds = DatasetConfig(bucket=BucketConfig(resolutions=[256], num_frames=[33, 49], frame_sampling="window", windows_per_clip=2), flip_horizontal=True)
+    bucket = BucketConfig(resolutions=[256], num_frames=[33, 49], frame_sampling="window", windows_per_clip=2)
+    ds = DatasetConfig(bucket=bucket, flip_horizontal=True)
     out = tmp_path / "buckets"
     run_stage({"main": ds}, manifest, out)
 

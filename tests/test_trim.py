@@ -113,7 +113,8 @@ def _frames(levels: list[float], shift: list[int] | None = None) -> list[Analyse
     """Analysed frames of a smooth periodic picture (so np.roll has no seam) at a brightness and shift."""
     base = np.tile(120 + 20 * np.sin(np.arange(64, dtype=np.float32) * 2 * np.pi / 64), (32, 1))
     shift = shift or [0] * len(levels)
-    return [analyse(np.clip(np.roll(base, s, axis=1) * lv / 120.0, 0, 255).astype(np.uint8)) for lv, s in zip(levels, shift)]
+    pictures = [np.clip(np.roll(base, s, axis=1) * lv / 120.0, 0, 255) for lv, s in zip(levels, shift, strict=True)]
+    return [analyse(p.astype(np.uint8)) for p in pictures]
 
 
 P = StillParams(black_level=16, motion_threshold=2.0, min_static_frames=6)

@@ -41,7 +41,8 @@ def list_dataset(folder: Path, caption_ext: str, show: Callable[[Path], str] = s
             if sub.is_symlink():  # os.walk does not descend into it; say why its files are missing
                 dirnames.remove(name)
                 why = _link_problem(sub, root)
-                problems.append(Problem(show(sub), why or "link to a folder (not followed)", "copy the folder into the dataset instead of linking it", STAGE))
+                fix = "copy the folder into the dataset instead of linking it"
+                problems.append(Problem(show(sub), why or "link to a folder (not followed)", fix, STAGE))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -49,7 +50,8 @@ def list_dataset(folder: Path, caption_ext: str, show: Callable[[Path], str] = s
             if path.is_symlink():
                 why = _link_problem(path, root)
                 if why:
-                    problems.append(Problem(show(path), why, "copy the file into the dataset folder instead of linking it", STAGE))
+                    fix = "copy the file into the dataset folder instead of linking it"
+                    problems.append(Problem(show(path), why, fix, STAGE))
                     continue
             ext = path.suffix.lower()
             if ext in VIDEO_EXT or ext in IMAGE_EXT:

@@ -80,7 +80,7 @@ class StillParams:
     min_static_frames: int
 
     @classmethod
-    def from_seconds(cls, black_level: float, motion_threshold: float, min_static_seconds: float, fps: float) -> "StillParams":
+    def from_seconds(cls, black_level: float, motion_threshold: float, min_static_seconds: float, fps: float) -> StillParams:
         return cls(black_level, motion_threshold, max(1, math.ceil(min_static_seconds * fps - 1e-9)))
 
 

@@ -63,11 +63,14 @@ def title_card(width: int, height: int, seed: int = 0) -> np.ndarray:
     for r in range(rows):
         y = int((r + 0.5) * height / (rows + 0.5))
         x = int(rng.integers(2, max(3, width // 4)))
-        cv2.rectangle(card, (x, y), (x + int(rng.integers(width // 3, width // 2 + 2)), y + max(1, height // 24)), (235, 235, 235), -1)
+        length = int(rng.integers(width // 3, width // 2 + 2))
+        cv2.rectangle(card, (x, y), (x + length, y + max(1, height // 24)), (235, 235, 235), -1)
     return card
 
 
-def static_frames(kind: StaticKind, anchor: np.ndarray, n: int, *, into: bool, noise: float = 4.0, seed: int = 0) -> Iterator[np.ndarray]:
+def static_frames(
+    kind: StaticKind, anchor: np.ndarray, n: int, *, into: bool, noise: float = 4.0, seed: int = 0
+) -> Iterator[np.ndarray]:
     """n frames of a static part next to `anchor` (the first or last frame of the moving shot).
 
     black: pure black; frozen: `anchor` held; title: a noisy title card; fade: `anchor` held while
@@ -238,7 +241,10 @@ _DEMO_CLIPS: dict[str, tuple[ClipSpec, str | None]] = {
     "dance_frozen_outro.mp4": (ClipSpec(64, 64, 24, 56, outro="frozen", outro_frames=12, seed=2), "[trigger] dancing in a room"),
     "wave_title.mp4": (ClipSpec(128, 96, 16, 36, intro="title", intro_frames=12, seed=3), "a person waving, [trigger]"),
     "spin_letterbox.mp4": (ClipSpec(128, 96, 24, 60, bars=(0, 12), seed=4), "[trigger] spinning around"),
-    "jump_fades.mp4": (ClipSpec(96, 64, 16, 36, intro="fade", intro_frames=6, outro="fade", outro_frames=6, seed=5), "someone jumping"),
+    "jump_fades.mp4": (
+        ClipSpec(96, 64, 16, 36, intro="fade", intro_frames=6, outro="fade", outro_frames=6, seed=5),
+        "someone jumping",
+    ),
     "run_cut.mp4": (ClipSpec(96, 96, 24, 60, cut_at=30, seed=6), None),
     "too_short.mp4": (ClipSpec(64, 64, 16, 8, seed=7), "[trigger] a blink"),
 }

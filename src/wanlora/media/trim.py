@@ -64,10 +64,7 @@ def find_keep_range(path: Path, info: MediaInfo, cfg: TrimConfig) -> KeepRange:
     intro = static_prefix(head(), params)
     if not intro.moving_found:
         if len(head_idx) < limit:  # the decode ran out before the limit: the whole clip was seen
-            raise MediaError(
-                f"no motion anywhere in the clip ({intro.black} black, {intro.fade + intro.still} still frames)",
-                "delete it, or lower datasets.<name>.trim.motion_threshold if it does move",
-            )
+            raise _no_motion(f" ({intro.black} black, {intro.fade + intro.still} still frames)")
         notes.append(f"still for the whole first {cfg.max_scan_seconds:g} s scanned; raise trim.max_scan_seconds to look further")
     keep_start = head_idx[intro.frames] if intro.frames < len(head_idx) else head_idx[-1] + 1
 
@@ -77,8 +74,15 @@ def find_keep_range(path: Path, info: MediaInfo, cfg: TrimConfig) -> KeepRange:
         notes.append(f"still for the whole last {cfg.max_scan_seconds:g} s scanned; raise trim.max_scan_seconds to look further")
     keep_end = tail_idx[outro.frames - 1] if outro.frames else frames
     if keep_end <= keep_start:
-        raise MediaError("no motion anywhere in the clip", "delete it, or lower datasets.<name>.trim.motion_threshold if it does move")
+        raise _no_motion("")
     return KeepRange(keep_start, keep_end, frames, intro, outro, notes)
+
+
+def _no_motion(detail: str) -> MediaError:
+    return MediaError(
+        f"no motion anywhere in the clip{detail}",
+        "delete it, or lower datasets.<name>.trim.motion_threshold if it does move",
+    )
 
 
 def _scan_tail(path: Path, info: MediaInfo, params: StillParams, size: tuple[int, int], lowest: int):
