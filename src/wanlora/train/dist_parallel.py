@@ -161,18 +161,19 @@ def world_throughput(samples: int, seconds: float, env: DistEnv) -> float:
 
 
 def world_metrics(plan: ParallelPlan, expert: Expert, loss: float, samples: int, seconds: float,
-                  env: DistEnv) -> tuple[dict[Expert, float], float]:
+                  env: DistEnv, stop: bool = False) -> tuple[dict[Expert, float], float, bool]:
     """What rank 0 logs for one round, in one all-reduce: each expert's loss this round (in
-    expert mode the other group's too; NaN for an expert that did not step) and the samples per
-    second of all ranks summed."""
+    expert mode the other group's too; NaN for an expert that did not step), the samples per
+    second of all ranks summed, and whether any rank is stopping (then all stop together rather
+    than leave the other expert group waiting in a collective)."""
     experts = [e for e in ORDER if e in plan.groups]
-    values = [0.0] * (2 * len(experts)) + [samples / max(seconds, 1e-9)]
+    values = [0.0] * (2 * len(experts)) + [samples / max(seconds, 1e-9), float(stop)]
     i = experts.index(expert)
     values[i] = loss / len(plan.groups[expert])  # every member holds the group's mean loss
     values[len(experts) + i] = 1.0 / len(plan.groups[expert])
     summed = sum_over(values, None, env)
     losses = {e: (summed[k] if summed[len(experts) + k] > 0.5 else float("nan")) for k, e in enumerate(experts)}
-    return losses, summed[-1]
+    return losses, summed[-2], summed[-1] > 0
 
 
 @dataclass
