@@ -120,8 +120,9 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fff}
 h1{font-size:22px} h2{font-size:18px;margin-top:28px}
 table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:6px;vertical-align:top}
 table.grid th.prompt{max-width:260px;font-weight:normal;font-style:italic}
-table.grid video{display:block;max-width:256px;height:auto;background:#000}
-img.sheet{max-width:256px;display:block;margin-top:6px}
+table.grid video{display:block;width:256px;height:auto;background:#000;image-rendering:pixelated}
+img.sheet{width:256px;display:block;margin-top:6px;image-rendering:pixelated}
+svg.plot{display:inline-block;margin:0 12px 12px 0}
 .best{background:#eaffea} .loss{font-size:12px;color:#555}
 """
 
