@@ -34,14 +34,15 @@ def ws(template, tmp_path) -> Path:
 
 
 def test_tiny_model_overfits_two_clips(tmp_path):
-    """Loss per expert falls by more than half in 300 steps on two clips (5 frames at 32x32).
+    """Loss per expert falls by more than half in 300 steps on two clips (5 frames at 32x32);
+    measured ratios last/first: ~0.06 (high) and ~0.33 (low; small sigma is the hard part).
 
     Patch [1, 1, 1] and a LoRA on proj_out let the 32-wide tiny model carry every latent value;
     the latents are constant over space and time so memorising them takes few steps."""
     ws = make_workspace(tmp_path / "ws", tmp_path / "model", patch=[1, 1, 1], scale=1.0, smooth=True)
-    params = tiny_params(tmp_path / "model", train={"steps": 300, "lr": 1e-2, "lr_scheduler": "cosine",
+    params = tiny_params(tmp_path / "model", train={"steps": 300, "lr": 2e-2, "lr_scheduler": "cosine",
                                                     "max_grad_norm": 0},
-                         network={"rank": 8, "alpha": 8, "target_modules": [*DEFAULT_TARGETS, "proj_out"]},
+                         network={"rank": 16, "alpha": 16, "target_modules": [*DEFAULT_TARGETS, "proj_out"]},
                          save={"every": 1000}, multistage={"switch_every": 1})
     tr = loop.setup(params, ws)
     loop.train(tr)
