@@ -114,3 +114,25 @@ def test_settings_follow_params() -> None:
     p = parse_params({"train": {"gradient_checkpointing": False}})
     assert settings_from_params(p).checkpointing == "none"
     assert settings_from_params(p, checkpointing="full").checkpointing == "full"
+
+
+def test_parking_keeps_one_host_copy_and_leaves_the_lora_alone() -> None:
+    from wanlora.models.accel import park_frozen
+
+    model = _tiny_expert()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    lora_ptrs = {n: p.data_ptr() for n, p in lora.items()}
+    park_frozen(model, "host", torch.device("cpu"), False)
+    flat = model._wanlora_host_flat
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel()
+    assert all(start <= p.data_ptr() < end for p in frozen)  # every frozen tensor lives in the mirror
+    assert all(p.data_ptr() == lora_ptrs[n] for n, p in lora.items())  # LoRA not copied
+    park_frozen(model, "device", torch.device("cpu"), False)
+    park_frozen(model, "host", torch.device("cpu"), False)
+    assert model._wanlora_host_flat is flat  # the mirror is made once, then reused
+    after = model.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    with pytest.raises(ValueError, match="use 'host' or 'device'"):
+        park_frozen(model, "disk", torch.device("cpu"), False)
