@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,16 +229,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, out: Path) -> None:
-    """A forked rank: torchrun's environment variables, one intra-op thread, then `main`."""
+def _rank_main(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    """A forked rank: torchrun's environment variables, one intra-op thread, then `fn(*args)`."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)})
     torch.set_num_threads(1)
-    main(out)
+    fn(*args)
 
 
-def launch(out: Path, world: int, timeout: float = 180) -> None:
-    """Run `main(out)` on `world` forked ranks; raise naming the ranks that failed.
+def launch(fn: Callable[..., None], args: tuple, world: int, timeout: float = 180) -> None:
+    """Run `fn(*args)` on `world` forked ranks; raise naming the ranks that failed.
 
     Forked, not spawned: each child inherits the already imported torch, diffusers and peft
     instead of paying ~5 s (far more on a loaded machine) to import them again. Safe here because
@@ -245,7 +246,7 @@ def launch(out: Path, world: int, timeout: float = 180) -> None:
     """
     ctx = mp.get_context("fork")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, out)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args)) for r in range(world)]
     for p in procs:
         p.start()
     try:

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_helpers import (  # noqa: E402
-    BUCKETS, CFG, EXPERT_SEEDS, SAVE_AT, SEED, SyntheticData, accumulate_grads, launch, lora_params, run_steps,
-    tiny_expert,
+    BUCKETS, CFG, EXPERT_SEEDS, SAVE_AT, SEED, SyntheticData, accumulate_grads, launch, lora_params, main,
+    run_steps, tiny_expert,
 )
 
 from wanlora.data.dataset import epoch_batches  # noqa: E402
@@ -161,7 +161,7 @@ def test_reduce_gradients_is_a_no_op_in_one_process() -> None:
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """All scenarios of `_dist_helpers` on 2 CPU processes (one launch: start-up dominates)."""
     out = tmp_path_factory.mktemp("dist")
-    launch(out, world=2)
+    launch(main, (out,), world=2)
     return out, json.loads((out / "results.json").read_text())
 
 
