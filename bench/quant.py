@@ -11,7 +11,7 @@ anisotropic. Per-layer errors of the same run are written to --out.
 
     python bench/quant.py --tiny                          # CPU, seconds
     python bench/quant.py --modes uint4,nf4               # GPU, full-size expert
-    python bench/quant.py --modes float8,qfloat8 --layers 40
+    python bench/quant.py --modes float8,float8_mm,qfloat8 --layers 40   # float8_mm: fp8 matmuls too
 
 Imports of bitsandbytes / optimum-quanto happen only for the modes asked for.
 """
@@ -31,7 +31,7 @@ import torch
 
 from wanlora.models.geometry import TINY, WAN22_A14B, build_transformer
 from wanlora.io import atomic_write_json
-from wanlora.models.quant import quantize_cached, weight_bytes
+from wanlora.models.quant import enable_fp8_matmul, quantize_cached, weight_bytes
 from wanlora.models.recovery import (
     anisotropic,
     block_report,
@@ -97,8 +97,10 @@ def block_chain(ref, inputs, n_blocks, device):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny 2-layer expert on CPU")
-    p.add_argument("--modes", default="float8,qfloat8,nf4,uint4")
+    p.add_argument("--modes", default="float8,float8_mm,qfloat8,nf4,uint4")
     p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: all 40)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads of 128 (default 40; narrower for CPU runs)")
+    p.add_argument("--ffn", type=int, default=None, help="FFN width (default 13824)")
     p.add_argument("--eval-blocks", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--group-size", type=int, default=64)
@@ -110,8 +112,9 @@ def main() -> None:
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     cfg = dict(TINY if args.tiny else WAN22_A14B)
-    if args.layers:
-        cfg["num_layers"] = args.layers
+    for key, value in (("num_layers", args.layers), ("num_attention_heads", args.heads), ("ffn_dim", args.ffn)):
+        if value:
+            cfg[key] = value
     latent = tuple(int(v) for v in (args.latent or ("2,8,8" if args.tiny else "4,32,32")).split(","))
     group = 16 if args.tiny and args.group_size == 64 else args.group_size
     text_len = 16 if args.tiny else 512
@@ -133,8 +136,9 @@ def main() -> None:
 
     results = {"device": name, "config": cfg, "latent": latent, "rank": args.rank, "group_size": group,
                "bf16_bytes": weight_bytes(ref), "modes": {}}
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        cache = Path(args.cache_dir) / mode
+    for label in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        mode = "float8" if label == "float8_mm" else label  # float8_mm: float8 weights, fp8 matmuls
+        cache = Path(args.cache_dir) / label
         shutil.rmtree(cache, ignore_errors=True)
         loads = []
 
@@ -155,6 +159,8 @@ def main() -> None:
         reload = time.perf_counter() - t0 - loads[-1]
         cache_bytes = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
         q.to(device)
+        if label == "float8_mm":
+            enable_fp8_matmul(q)
         row = {"quantize_and_save_s": first, "reload_s": reload, "weights_bytes": weight_bytes(q),
                "cache_bytes": cache_bytes, "blocks": {}}
         for variant, chain in chains.items():
@@ -167,7 +173,7 @@ def main() -> None:
                     "block": {s: vars(e) for s, e in whole.items()},
                     "layers": {n: {s: vars(e) for s, e in d.items()} for n, d in layers.items()},
                 }
-        results["modes"][mode] = row
+        results["modes"][label] = row
         del q
         shutil.rmtree(cache, ignore_errors=True)
         if device.type == "cuda":

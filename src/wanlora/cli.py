@@ -119,6 +119,22 @@ def audit(
     raise typer.Exit(0 if result.ok else 1)
 
 
+@app.command("import-lora")
+def import_lora(
+    file: Annotated[Path, typer.Argument(help="A LoRA made by AI Toolkit, musubi-tuner, ComfyUI or diffusers.")],
+    out: Annotated[Path, typer.Argument(help="Where to write it in wanlora's format.")],
+    expert: Annotated[Optional[str], typer.Option(help="high or low, for files that hold both experts.")] = None,
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Convert a peer's LoRA into ours, checking every key and shape against the base model."""
+    from wanlora.export.formats import load_base_config
+    from wanlora.export.imports import import_to_file
+
+    params = load_params(workspace / "params.yaml")
+    base = load_base_config(params.model.name_or_path, params.model.revision)
+    console.print(f"wrote {import_to_file(file, out, base, expert)}")
+
+
 @app.command()
 def export(
     step: Annotated[str, typer.Option(help="'best', 'last' or a step number.")] = "best",
@@ -137,9 +153,19 @@ def main() -> None:
     """Console entry: params problems print as a readable message, not a traceback."""
     try:
         app()
-    except ParamsError as err:
-        console.print(f"[red]{err}[/]")
-        raise SystemExit(2) from None
+    except (ParamsError, typer.BadParameter) as err:
+        _fail(err)
+    except Exception as err:
+        from wanlora.export.formats import LoraFormatError  # heavy import, only on this path
+
+        if isinstance(err, LoraFormatError):
+            _fail(err)
+        raise
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]{escape(str(err))}[/]")
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

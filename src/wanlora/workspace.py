@@ -22,10 +22,14 @@ def _run(cmd: list[str], cwd: Path) -> None:
 def prepare(workspace: Path, params: Params) -> None:
     """Make `workspace` runnable with `dvc repro`; idempotent, never touches data/raw."""
     workspace.mkdir(parents=True, exist_ok=True)
-    if not (workspace / ".git").exists():
+    inside_git = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=workspace,
+                                capture_output=True, text=True).returncode == 0
+    if not inside_git:
         _run(["git", "init", "-q"], workspace)
     if not (workspace / ".dvc").exists():
-        _run([sys.executable, "-m", "dvc", "init", "-q"], workspace)
+        # a workspace inside a larger git repository becomes a DVC sub-project of it
+        subdir = ["--subdir"] if inside_git and not (workspace / ".git").exists() else []
+        _run([sys.executable, "-m", "dvc", "init", "-q", *subdir], workspace)
         _run([sys.executable, "-m", "dvc", "config", "core.autostage", "true"], workspace)
     gitignore = workspace / ".gitignore"
     if not gitignore.exists():
