@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save
 
 from wanlora.config import Params, parse_params
-from wanlora.io import atomic_write_bytes, write_jsonl
+from wanlora.io import atomic_write_bytes, atomic_write_json, read_jsonl, write_jsonl
+from wanlora.models.latents import sample_key
 from wanlora.models.loading import model_identity
 from wanlora.models.text import run_stage as text_cache
 from wanlora.models.geometry import TINY, build_transformer
@@ -51,18 +52,26 @@ def write_inputs(ws: Path, n_clips: int = 2, buckets: list[str] | None = None) -
     write_jsonl(ws / "data/buckets/samples.jsonl", samples)
 
 
-def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, scale: float = 2.0, smooth: bool = False) -> None:
-    """Latent cache files as the latent_cache stage writes them (distribution mode)."""
-    from wanlora.io import read_jsonl
-
+def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, scale: float = 2.0,
+                  smooth: bool = False) -> None:
+    """A latent cache as the latent_cache stage writes it (distribution mode, index.json). With
+    `smooth`, each sample's latent is one random vector per channel, constant over space and time."""
     g = torch.Generator().manual_seed(seed)
     vae = vae or model_identity(root, "vae")
-    for k, rec in enumerate(read_jsonl(ws / "data/buckets/samples.jsonl")):
+    keys = {}
+    for rec in read_jsonl(ws / "data/buckets/samples.jsonl"):
         w, h, f = (int(x) for x in rec["bucket"].split("x"))
         shape = (16, (f - 1) // 4 + 1, h // 8, w // 8)
-        tensors = {"mean": (torch.randn(shape[0], 1, 1, 1, generator=g) * scale).expand(shape).contiguous() if smooth else torch.randn(shape, generator=g) * scale, "logvar": torch.full(shape, -6.0)}
+        if smooth:
+            mean = (torch.randn(16, 1, 1, 1, generator=g) * scale).expand(shape).contiguous()
+        else:
+            mean = torch.randn(shape, generator=g) * scale
+        tensors = {"mean": mean, "logvar": torch.full(shape, -6.0)}
+        keys[rec["id"]] = key = sample_key(rec, vae, "distribution", "fp32")
         meta = {"vae": vae, "sample_id": rec["id"], "bucket": rec["bucket"], "dtype": "fp32", "mode": "distribution"}
-        atomic_write_bytes(ws / f"data/cache/latents/sample{k}.safetensors", save(tensors, meta))
+        atomic_write_bytes(ws / f"data/cache/latents/{key}.safetensors", save(tensors, meta))
+    atomic_write_json(ws / "data/cache/latents/index.json",
+                      {"vae": vae, "mode": "distribution", "dtype": "fp32", "samples": keys})
 
 
 def make_workspace(ws: Path, model_dir: Path, n_clips: int = 2, patch: list[int] | None = None,

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from _train_helpers import copy_workspace, make_workspace, tiny_params, write_latents
 from wanlora.config import DEFAULT_TARGETS, ParamsError, parse_params
+from wanlora.models.loading import model_identity
 from wanlora.report import InputError
 from wanlora.train import loop
 
@@ -76,7 +77,8 @@ def test_switch_every_in_the_loop_and_files(ws, template):
             meta = f.metadata()
         assert meta["wanlora.expert"] == expert and meta["wanlora.step"] == "7"
         assert json.loads(meta["lora_adapter_metadata"])["transformer.r"] == 4
-        assert json.loads(meta["wanlora.timesteps"])[expert]["band_lo"] == (875.0 if expert == "high" else 0.0)
+        assert json.loads(meta["wanlora.timesteps"])["band_lo"] == (875.0 if expert == "high" else 0.0)
+        assert meta["wanlora.base_model"].endswith(model_identity(template[1], "transformer" if expert == "high" else "transformer_2"))
     # the high file is not the low file: two LoRAs, never a shared one
     high = load_file(ws / "data/lora/high/step_000007.safetensors")
     low = load_file(ws / "data/lora/low/step_000007.safetensors")
@@ -138,7 +140,7 @@ def test_text_cache_of_another_model(ws, template):
 
 
 def test_nan_loss_skips_then_stops(ws, template):
-    for f in (ws / "data/cache/latents").iterdir():
+    for f in (ws / "data/cache/latents").glob("*.safetensors"):
         from safetensors.torch import save
 
         with safe_open(str(f), framework="pt") as h:

@@ -162,13 +162,13 @@ def prune_loras(folder: Path, keep_last: int) -> None:
 
 
 def publish_loras(folder: Path, out: Path) -> list[Path]:
-    """Make `out/{high,low}/` hold exactly the LoRA files of `folder/lora/` (byte copies)."""
+    """Make `out/{high,low}/` hold exactly the files of `folder/lora/` (LoRAs and their lineage
+    sidecars), as byte copies written atomically; files already identical are left alone."""
     published = []
     for expert in ("high", "low"):
-        src = folder / "lora" / expert
-        wanted = {p.name: p for p in sorted(src.glob("step_*.safetensors"))} if src.is_dir() else {}
-        dst = out / expert
-        for stale in dst.glob("step_*.safetensors") if dst.is_dir() else []:
+        src, dst = folder / "lora" / expert, out / expert
+        wanted = {p.name: p for p in sorted(src.iterdir()) if not p.name.startswith(".")} if src.is_dir() else {}
+        for stale in sorted(dst.iterdir()) if dst.is_dir() else []:
             if stale.name not in wanted:
                 stale.unlink()
         for name, path in wanted.items():

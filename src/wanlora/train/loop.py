@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from wanlora import __version__
 from wanlora.config import Params
-from wanlora.data.dataset import TrainData, build_dataset, epoch_batches, small_buckets
+from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches, small_buckets
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.report import InputError, console, write_problems
@@ -29,6 +28,7 @@ from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit
 from wanlora.train.lora import Ema, add_lora, load_lora_state_dict, lora_file_bytes, lora_state_dict
 from wanlora.train.monitor import Monitor, peak_memory_gib
 from wanlora.train.offload import BlockOffload
+from wanlora.train.flowmatch import add_noise
 from wanlora.train.optim import build_optimizer, lr_at, set_lr
 from wanlora.train.step import StepBatch, training_step
 from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
@@ -56,7 +56,7 @@ class Trainer:
     placer: ExpertPlacer
     offloads: list[BlockOffload]
     state_dir: Path
-    lineage: dict[str, str]
+    base_identity: dict[Expert, str]
     expect_encoder: str | None
     generator: torch.Generator = field(default_factory=torch.Generator)
     step: int = 0
@@ -80,19 +80,22 @@ def run_key(params: Params, workspace: Path) -> str:
     return sha256_json({"params": params.model_dump(mode="json"), "inputs": inputs})[:16]
 
 
-def _load_expert(root: Path, expert: Expert, params: Params, device: torch.device, dtype: torch.dtype,
-                 where: torch.device) -> tuple[torch.nn.Module, list[BlockOffload]]:
-    """Load into `where` (the device, or host memory for an expert that waits), quantize, add the
-    LoRA (always on the device), checkpointing and block offloading: in that order."""
+def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, device: torch.device,
+                 dtype: torch.dtype, where: torch.device, calib: list[dict] | None) -> tuple[torch.nn.Module, list[BlockOffload]]:
+    """Load into `where` (the device, or host memory for an expert that waits), quantize with its
+    recovery, add the LoRA (always on the device), checkpointing and block offloading, in that order."""
     from wanlora.models.accel import apply_accel, settings_from_params
-    from wanlora.models.loading import load_transformer
+    from wanlora.models.loading import EXPERT_FOLDERS, load_transformer, model_identity
+    from wanlora.models.recovery import prepare_quantized_expert, weights_from_safetensors
 
-    model = load_transformer(root, expert, dtype, str(where))
+    part = EXPERT_FOLDERS[expert]
+    quant = params.quantization.model_copy(update={"cache_dir": str(workspace / params.quantization.cache_dir)})
+    model = prepare_quantized_expert(
+        lambda: load_transformer(root, expert, dtype, str(where)), quant, expert,
+        {"model": model_identity(root, part), "dtype": params.model.dtype},
+        weights=weights_from_safetensors(root / part), calib_inputs=calib, device=where,
+    )
     torch.manual_seed(params.job.seed + (0 if expert == "high" else 1))  # LoRA A init: same every run
-    if params.quantization.transformer != "none":
-        from wanlora.models.quant import quantize_transformer
-
-        quantize_transformer(model, params.quantization.transformer, params.quantization.group_size)
     for p in add_lora(model, params.network, dtype):
         p.data = p.data.to(device)
     apply_accel(model, settings_from_params(params))
@@ -102,20 +105,51 @@ def _load_expert(root: Path, expert: Expert, params: Params, device: torch.devic
     return model.train(), offloads
 
 
-def _lineage(params: Params, workspace: Path, root: Path, dists: dict[Expert, TimestepDistribution]) -> dict[str, str]:
-    """LoRA header metadata: what made the file. Deterministic (no clock), so a resumed run
-    writes the same bytes."""
-    from wanlora.models.loading import model_identity
+def _calibration_inputs(data: TrainData, dist: TimestepDistribution, workspace: Path, params: Params,
+                        expect_encoder: str, device: torch.device) -> list[dict] | None:
+    """Forward kwargs for fitting 4-bit recovery: the first cached samples, noised at timesteps of
+    the expert's band, with their captions. Drawn from a generator of their own, so calibration
+    does not shift the training stream."""
+    q = params.quantization
+    if q.transformer not in ("nf4", "uint4") or q.recovery.source != "fitted":
+        return None
+    g = torch.Generator().manual_seed(params.job.seed + 7)
+    out = []
+    for i in range(min(q.recovery.calibration_samples, len(data.items))):
+        x0 = data.latent(i, g)[None]
+        t = dist.sample(1, g)
+        emb = pad_embeds([load_text_embeds(workspace / TEXT_DIR, data.items[i].caption, expect_encoder)])
+        xt = add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        out.append({"hidden_states": xt.to(device), "timestep": t.to(device), "encoder_hidden_states": emb.to(device)})
+    return out
 
-    return {
-        "wanlora.version": __version__,
-        "wanlora.params": json.dumps(params.model_dump(mode="json"), sort_keys=True),
-        "wanlora.samples_sha256": sha256_file(workspace / "data/buckets/samples.jsonl"),
-        "wanlora.captions_sha256": sha256_file(workspace / "data/captions/captions.jsonl"),
-        "wanlora.base_model": json.dumps({e: model_identity(root, part) for e, part in
-                                          (("high", "transformer"), ("low", "transformer_2"))}),
-        "wanlora.timesteps": json.dumps({e: d.describe() for e, d in dists.items()}, sort_keys=True),
-    }
+
+def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.device) -> Encode | None:
+    """On-the-fly encoding for datasets with cache_latents: false (None when all are cached)."""
+    if all(d.cache_latents for d in params.datasets.values()):
+        return None
+    from wanlora.models.latents import encode_frames, load_frames
+    from wanlora.models.loading import load_vae
+
+    vae = load_vae(root, torch.float32, str(device))
+
+    @torch.no_grad()
+    def encode(record: dict) -> dict[str, torch.Tensor]:
+        mean, logvar = encode_frames(vae, load_frames(record, workspace))
+        return {"mean": mean, "logvar": logvar}
+
+    return encode
+
+
+def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
+    """LoRA header: lineage (`wanlora.export.lineage`) plus the effective timestep law of the
+    expert. Deterministic (no clock), so a resumed run writes the same bytes."""
+    from wanlora.export.lineage import lineage_metadata
+
+    meta = lineage_metadata(tr.params, tr.workspace, tr.step, expert, tr.base_identity[expert],
+                            sidecar_dir=tr.state_dir / "lora" / expert)
+    meta["wanlora.timesteps"] = json.dumps(tr.dists[expert].describe(), sort_keys=True)
+    return meta
 
 
 def next_batch(tr: Trainer) -> list[int]:
@@ -157,7 +191,7 @@ def make_batch(tr: Trainer, indices: list[int], expert: Expert) -> StepBatch:
 # ---------------------------------------------------------------------------- lifecycle
 def setup(params: Params, workspace: Path) -> Trainer:
     """Load data, experts (only the active ones), LoRAs and optimizers; nothing trained yet."""
-    from wanlora.models.loading import boundary_ratio, model_identity, resolve_model
+    from wanlora.models.loading import EXPERT_FOLDERS, boundary_ratio, model_identity, resolve_model
 
     workspace = Path(workspace)
     ms = params.multistage
@@ -169,7 +203,8 @@ def setup(params: Params, workspace: Path) -> Trainer:
     device, dtype = resolve_device(params.job.device), DTYPES[params.model.dtype]
     vae_config = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
-                         cached_datasets={n for n, d in params.datasets.items() if d.cache_latents})
+                         cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
+                         encode=_vae_encoder(root, params, workspace, device))
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
     for p in problems:
         console.print(f"[yellow]train:[/] {p.line()}")
@@ -179,13 +214,20 @@ def setup(params: Params, workspace: Path) -> Trainer:
     cfg = params.train
     dists = {e: TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band(e, boundary),
                                      params.model.flow_shift) for e in active}
+    expect_encoder = encoder_identity(root)
     experts, offloads, where = {}, [], {}
     for e in active:  # the first expert loads onto the device, the other waits in host memory
         where[e] = "device" if e == active[0] or device.type == "cpu" else "host"
-        experts[e], off = _load_expert(root, e, params, device, dtype,
-                                       device if where[e] == "device" else torch.device("cpu"))
+        calib = _calibration_inputs(data, dists[e], workspace, params, expect_encoder, device)
+        experts[e], off = _load_expert(root, e, params, workspace, device, dtype,
+                                       device if where[e] == "device" else torch.device("cpu"), calib)
         offloads += off
-    placer = ExpertPlacer(experts, device, both_fit(experts, device, params.model.low_vram), where=where)
+    mover = None
+    if device.type == "cuda":
+        from wanlora.models.accel import park_frozen
+
+        mover = lambda m, w, nb: park_frozen(m, w, device, nb)  # noqa: E731
+    placer = ExpertPlacer(experts, device, both_fit(experts, device, params.model.low_vram), mover, where)
     placer.prepare(active[0])
     trainable = {e: [p for p in m.parameters() if p.requires_grad] for e, m in experts.items()}
     high_mass = TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band("high", boundary),
@@ -198,8 +240,9 @@ def setup(params: Params, workspace: Path) -> Trainer:
         schedule=ExpertSchedule(active, ms.switch_every, ms.expert_choice, high_mass),
         placer=placer, offloads=offloads,
         state_dir=workspace / "scratch/train" / run_key(params, workspace),
-        lineage=_lineage(params, workspace, root, dists),
-        expect_encoder=encoder_identity(root),
+        base_identity={e: f"{params.model.name_or_path}@{params.model.revision}#"
+                          f"{model_identity(root, EXPERT_FOLDERS[e])}" for e in active},
+        expect_encoder=expect_encoder,
     )
     tr.generator.manual_seed(params.job.seed)
     _check_shapes(tr)
@@ -214,8 +257,8 @@ def _check_shapes(tr: Trainer) -> None:
         if emb.shape[-1] != m.config.text_dim:
             raise InputError(f"{tr.workspace / TEXT_DIR}: embeddings are {emb.shape[-1]} wide but the {e}-noise "
                              f"expert expects {m.config.text_dim}. Fix: rerun the text_cache stage")
-        if tr.data.latents_mean.numel() != m.config.in_channels:
-            raise InputError(f"the VAE has {tr.data.latents_mean.numel()} latent channels but the {e}-noise expert "
+        if tr.data.channels() != m.config.in_channels:
+            raise InputError(f"the VAE has {tr.data.channels()} latent channels but the {e}-noise expert "
                              f"takes {m.config.in_channels}. Fix: use one model folder for both")
 
 
@@ -288,8 +331,8 @@ def save_checkpoint(tr: Trainer) -> None:
     """LoRA pair for this step, then the full training state (see `wanlora.train.checkpoint`)."""
     files = {}
     for e in tr.experts:
-        meta = {**tr.lineage, "wanlora.expert": e, "wanlora.step": str(tr.step)}
-        files[e] = lora_file_bytes(_lora_tensors(tr, e), DTYPES[tr.params.save.dtype], tr.params.network, meta)
+        files[e] = lora_file_bytes(_lora_tensors(tr, e), DTYPES[tr.params.save.dtype], tr.params.network,
+                                   lora_metadata(tr, e))
     ckpt.save_lora_pair(tr.state_dir, tr.step, files)
 
     tensors, rng = ckpt.capture_rng(tr.generator)
