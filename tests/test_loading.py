@@ -139,6 +139,27 @@ def test_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch, tmp_path):
     assert "no local folder" in msg and "Wan-AI/Wan2.2-T2V-A14B-Diffusers exists either" in msg
 
 
+def test_hub_id_offline_uses_the_hub_cache(tmp_path_factory, monkeypatch, tmp_path):
+    """A hub id whose snapshot is already in the hub cache resolves offline, pinned to the
+    revision's commit (the layout huggingface_hub writes: refs/<rev> -> snapshots/<commit>/)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--wanlora--tiny-wan"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model(tmp_path_factory), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    root = resolve_model("wanlora/tiny-wan", revision="main", parts=("vae", "tokenizer"))
+    assert root == repo / "snapshots" / commit
+    assert model_identity(root, "vae") == model_identity(tiny_model(tmp_path_factory), "vae")
+    with pytest.raises(ModelError, match="wanlora/tiny-wan@v2: not in the local hub cache"):
+        resolve_model("wanlora/tiny-wan", revision="v2", parts=("vae",))
+
+
 def test_path_that_is_neither_folder_nor_hub_id(tmp_path):
     with pytest.raises(ModelError, match="no such folder, and not a hub id.*point model.name_or_path at a diffusers folder"):
         resolve_model(str(tmp_path / "nowhere"))
