@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import statistics
 from pathlib import Path
 
@@ -186,3 +187,26 @@ def test_disk_full_while_saving_leaves_no_partial_checkpoint(ws, template, monke
     monkeypatch.undo()
     tr2 = loop.setup(params, ws)
     assert loop.load_checkpoint(tr2) and tr2.step == 2
+
+
+def test_uncached_dataset_encodes_on_the_fly_like_the_cache(ws, template):
+    """cache_latents: false decodes the frames and runs the VAE each step; the latent it draws
+    equals the one drawn from the latent_cache stage's file with the same generator state."""
+    from wanlora.media.synth import Shot, moving_frames, write_video
+    from wanlora.models.latents import run_stage as latent_cache
+
+    for i in range(2):
+        write_video(ws / f"data/raw/clip{i}.mp4", moving_frames(Shot(seed=i), 32, 32, 5), 16.0)
+    shutil.rmtree(ws / "data/cache/latents")
+    latent_cache(root=template[1], samples_manifest=ws / "data/buckets/samples.jsonl", workspace=ws,
+                 out_dir=ws / "data/cache/latents", mode="distribution", dtype="fp32", device="cpu",
+                 enabled_datasets={"main"})
+    cached = loop.setup(tiny_params(template[1], train={"steps": 2}), ws)
+    live = loop.setup(tiny_params(template[1], train={"steps": 2}, datasets={"main": {"cache_latents": False}}), ws)
+    assert cached.data.items[0].cached and not live.data.items[0].cached
+    a = cached.data.latent(1, torch.Generator().manual_seed(0))
+    b = live.data.latent(1, torch.Generator().manual_seed(0))
+    assert a.shape == (16, 2, 4, 4) and torch.allclose(a, b, atol=1e-5)
+    loop.train(live)
+    losses = [r.get("loss_high", r.get("loss_low")) for r in live.history]
+    assert len(losses) == 2 and all(0 < v < 100 for v in losses)
