@@ -175,3 +175,28 @@ def test_group_size_is_checked_per_mode():
         quantize_transformer(tiny_expert(), "nf4", group_size=16)
     with pytest.raises(ValueError, match="uint4 needs an even group size"):
         quantize_transformer(tiny_expert(), "uint4", group_size=15)
+
+
+def test_fp8_matmul_path_close_and_trains():
+    from wanlora.models.quant import enable_fp8_matmul
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    q = Float8Linear.quantize(lin, torch.device("cpu"))
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    slow = q(x)
+    slow.float().sum().backward()
+    grad_slow, x.grad = x.grad.clone(), None
+    q.fp8_matmul = True
+    fast = q(x)
+    fast.float().sum().backward()
+    rel = ((fast.float() - slow.float()).norm() / slow.float().norm()).item()
+    assert 0 < rel < 0.08  # activations rounded to e4m3 (3 mantissa bits): a few percent
+    assert torch.equal(x.grad, grad_slow)  # backward to x uses the dequantised weight, like the bf16 path
+
+    model = tiny_expert()
+    quantize_transformer(model, "float8")
+    assert enable_fp8_matmul(model) == BLOCK_LINEARS
+    model.add_adapter(LoraConfig(r=2, target_modules=DEFAULT_TARGETS, init_lora_weights=False))
+    model(**tiny_inputs())[0].float().pow(2).mean().backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad)

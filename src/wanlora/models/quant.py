@@ -134,10 +134,35 @@ class QuantizedLinear(nn.Linear, metaclass=abc.ABCMeta):
         }
 
 
+class _Fp8Matmul(torch.autograd.Function):
+    """y = x·Wᵀ with both in e4m3 through torch._scaled_mm (row-wise scales); the backward to x
+    uses the dequantised bf16 weight, since the frozen base needs no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, module: Float8Linear) -> Tensor:  # type: ignore[override]
+        x_scale = (x2d.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        xq = (x2d.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        codes = _unstash(module.qweight, torch.float8_e4m3fn, (module.out_features, module.in_features))
+        w_scale = _unstash(module.scale, torch.float32, (1, module.out_features))
+        ctx.module = module
+        return torch._scaled_mm(xq, codes.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x2d.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad @ ctx.module.dequantize().to(grad.dtype), None
+
+
 class Float8Linear(QuantizedLinear):
-    """e4m3 weights, one fp32 scale per output channel: w ~ code * scale[out]."""
+    """e4m3 weights, one fp32 scale per output channel: w ~ code * scale[out].
+
+    By default the forward dequantises and runs a bf16 matmul (weights-only quantization: the
+    activations stay exact). With `fp8_matmul` (see `enable_fp8_matmul`) bf16 activations are
+    quantized per token to e4m3 too and the product runs on fp8 tensor cores: faster on
+    Ada/Hopper GPUs, at the price of activation rounding.
+    """
 
     kind = "float8"
+    fp8_matmul = False
 
     @classmethod
     def quantize(cls, linear: nn.Linear, device: torch.device) -> Float8Linear:
@@ -154,6 +179,30 @@ class Float8Linear(QuantizedLinear):
         codes = _unstash(self.qweight, torch.float8_e4m3fn, (self.out_features, self.in_features))
         scale = _unstash(self.scale, torch.float32, (self.out_features, 1))
         return (codes.to(torch.float32) * scale).to(self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.fp8_matmul and x.dtype == torch.bfloat16):
+            return super().forward(x)
+        y = _Fp8Matmul.apply(x.reshape(-1, self.in_features), self)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def enable_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:
+    """Run every `Float8Linear` of `model` on fp8 matmuls (True) or dequantise-then-bf16 (False).
+    Needs a GPU of compute capability 8.9+ (Ada, Hopper) or the CPU. Returns the layer count."""
+    layers = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    if enabled and layers:
+        device = layers[0].qweight.device
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise RuntimeError(
+                f"fp8 matmuls need compute capability 8.9+ (Ada/Hopper); {torch.cuda.get_device_name(device)} "
+                "has less: keep them off (float8 weights still halve memory)"
+            )
+    for m in layers:
+        m.fp8_matmul = enabled
+    return len(layers)
 
 
 def _pack_nibbles(codes: Tensor) -> Tensor:
@@ -358,14 +407,15 @@ def quantize_transformer(
     work = _work_device(device)
     quantizer = _quantizer(mode, group_size)
     skipped = []
-    targets = select_linears(model, include, exclude)
-    for name, linear in track(targets, description=f"quantizing {mode}", console=console, disable=len(targets) < 50):
-        new = quantizer(linear, work)
+    # names only: holding the modules would keep every bf16 weight alive until the end
+    names = [name for name, _ in select_linears(model, include, exclude)]
+    for name in track(names, description=f"quantizing {mode}", console=console, disable=len(names) < 50):
+        new = quantizer(model.get_submodule(name), work)
         if new is None:
             skipped.append(name)
             continue
         new.requires_grad_(False)
-        _set_submodule(model, name, new)
+        _set_submodule(model, name, new)  # the bf16 linear is freed here
     if skipped:
         console.print(
             f"[yellow]{mode}: {len(skipped)} linear(s) stay bf16 because in_features is not a multiple "
@@ -610,7 +660,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "DEFAULT_EXCLUDE", "Float8Linear", "FusionRefused", "QuantMode", "QuantizedLinear", "UInt4Linear",
-    "assert_not_fused", "cache_key", "dequantized_weight", "forbid_fusion", "is_quantized",
+    "assert_not_fused", "cache_key", "dequantized_weight", "enable_fp8_matmul", "forbid_fusion", "is_quantized",
     "load_quantized", "quant_kind", "quantize_cached", "quantize_module", "quantize_transformer",
     "quantized_modules", "save_quantized", "select_linears", "weight_bytes", "write_safetensors",
 ]
