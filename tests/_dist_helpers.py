@@ -17,7 +17,6 @@ of cache files, which keeps each process free of a model folder and a text-cache
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import socket
