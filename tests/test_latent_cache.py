@@ -14,7 +14,7 @@ from wanlora.io import write_jsonl
 from wanlora.models import latents
 from wanlora.models.geometry import latent_shape, tokens
 from wanlora.models.latents import (
-    LatentCacheError,
+    CacheError,
     denormalize_latents,
     draw_latent,
     encode_frames,
@@ -143,9 +143,9 @@ def test_cache_equals_direct_encode_and_reruns_encode_nothing(tmp_path_factory, 
 
     _stage(root, workspace, samples[:1] + samples[2:])  # a sample dropped: its file goes
     assert len(counted) == 3 and len(list(out.glob("*.safetensors"))) == 2
-    with pytest.raises(LatentCacheError, match="no latents for sample 'main/a.mp4#0f'.*latent_cache"):
+    with pytest.raises(CacheError, match="no latents for sample 'main/a.mp4#0f'.*latent_cache"):
         load_latents(out, "main/a.mp4#0f")
-    with pytest.raises(LatentCacheError, match="made with VAE .*rerun the latent_cache stage"):
+    with pytest.raises(CacheError, match="made with VAE .*rerun the latent_cache stage"):
         load_latents(out, "main/a.mp4#0", expect_vae="0123456789abcdef")
 
 

@@ -12,7 +12,7 @@ from diffusers import WanPipeline
 
 from wanlora.models import text
 from wanlora.models.text import (
-    TextCacheError,
+    CacheError,
     encoder_identity,
     load_text_embeds,
     pad_embeds,
@@ -124,7 +124,7 @@ def test_other_encoder_is_detected(tmp_path_factory, tmp_path, cached, counted):
     root, other = tiny_model(tmp_path_factory), tiny_model(tmp_path_factory, seed=1)
     assert encoder_identity(root) != encoder_identity(other)
     out = cached
-    with pytest.raises(TextCacheError, match=r"made with text encoder .* rerun the text_cache stage"):
+    with pytest.raises(CacheError, match=r"made with text encoder .* rerun the text_cache stage"):
         load_text_embeds(out, "", expect_encoder=encoder_identity(other))
     old_files = {p.name for p in out.glob("*.safetensors")}
     _run(other, tmp_path)  # a new encoder re-encodes everything and replaces every file
@@ -136,10 +136,17 @@ def test_other_encoder_is_detected(tmp_path_factory, tmp_path, cached, counted):
 
 def test_unknown_text_names_the_stage(first_run, tmp_path):
     out = first_run[1]
-    with pytest.raises(TextCacheError, match="no embedding for 'a brand new prompt'.*text_cache"):
+    with pytest.raises(CacheError, match="no embedding for 'a brand new prompt'.*text_cache"):
         load_text_embeds(out, "a brand new prompt")
-    with pytest.raises(TextCacheError, match="index.json: missing"):
+    with pytest.raises(CacheError, match="index.json: missing"):
         load_text_embeds(tmp_path / "nowhere", "")
+
+
+def test_swapped_file_is_refused(cached):
+    texts = json.loads((cached / "index.json").read_text())["texts"]
+    shutil.copy(cached / f"{texts['']}.safetensors", cached / f"{texts['sks holding a red cat']}.safetensors")
+    with pytest.raises(CacheError, match="its text is '', expected 'sks holding a red cat'.*text_cache"):
+        load_text_embeds(cached, "sks holding a red cat")
 
 
 def test_pad_embeds_zero_pads_to_512():

@@ -22,8 +22,6 @@ source bytes, frames, crop, size, flip, VAE identity, mode and dtype.
 
 from __future__ import annotations
 
-import gc
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -32,24 +30,28 @@ import cv2
 import numpy as np
 import torch
 from rich.progress import track
-from safetensors import safe_open
-from safetensors.torch import save
 
-from wanlora.io import atomic_write_bytes, atomic_write_json, read_jsonl, sha256_json
+from wanlora.io import atomic_write_json, read_jsonl, sha256_json
+from wanlora.models.cachefiles import (
+    INDEX,
+    CacheError,
+    free,
+    is_valid,
+    item_path,
+    read_index,
+    read_item,
+    remove_stale,
+    write_item,
+)
 from wanlora.models.geometry import TEMPORAL_FACTOR, latent_shape
 from wanlora.models.loading import load_vae, model_identity, to_dtype
 
-INDEX = "index.json"
 #: Frames larger than this (in pixels) are encoded in overlapping tiles to bound VAE memory.
 #: Up to 720p the Wan VAE encodes whole frames on a 24 GB card; tiles change the last bits.
 TILING_MIN_PIXELS = 1280 * 720
 _KEY_FIELDS = ("id", "sha256", "kind", "frame_indices", "crop", "width", "height", "flip")
 _RERUN = "Fix: rerun the latent_cache stage (`dvc repro latent_cache`)"
 _REBUCKET = "Fix: rerun the bucket stage (`dvc repro bucket`)"
-
-
-class LatentCacheError(RuntimeError):
-    """A latent cache that does not match the request; the message says which stage to rerun."""
 
 
 def _check_frame_count(n: int, what: str) -> None:
@@ -144,14 +146,6 @@ def sample_key(sample: Mapping[str, Any], vae: str, mode: str, dtype: str) -> st
     return sha256_json({"sample": {k: sample.get(k) for k in _KEY_FIELDS}, "vae": vae, "mode": mode, "dtype": dtype})
 
 
-def _valid(path: Path, vae: str) -> bool:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("vae") == vae
-    except Exception:  # a torn or foreign file is simply encoded again
-        return False
-
-
 def _encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) -> dict[str, torch.Tensor]:
     pixels = load_frames(sample, workspace)
     _, frames, height, width = pixels.shape
@@ -162,8 +156,8 @@ def _encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) -
         vae.disable_tiling()
     mean, logvar = encode_frames(vae, pixels)
     if mode == "mode":
-        return {"latent": mean.cpu().contiguous()}
-    return {"mean": mean.cpu().contiguous(), "logvar": logvar.cpu().contiguous()}
+        return {"latent": mean.cpu()}
+    return {"mean": mean.cpu(), "logvar": logvar.cpu()}
 
 
 def run_stage(
@@ -184,7 +178,7 @@ def run_stage(
     samples = [s for s in read_jsonl(samples_manifest) if s["dataset"] in enabled_datasets]
     vae_id = model_identity(root, "vae")
     keys = {s["id"]: sample_key(s, vae_id, mode, dtype) for s in samples}
-    todo = [s for s in samples if not _valid(out_dir / f"{keys[s['id']]}.safetensors", vae_id)]
+    todo = [s for s in samples if not is_valid(item_path(out_dir, keys[s["id"]]), vae=vae_id)]
 
     if todo:
         vae = load_vae(root, to_dtype(dtype), device)
@@ -193,23 +187,17 @@ def run_stage(
                 try:
                     tensors = _encode_sample(vae, s, workspace, mode)
                 except (ValueError, OSError) as err:
-                    raise LatentCacheError(f"{s['path']} (sample {s['id']}): {err}") from err
+                    raise CacheError(f"{s['path']} (sample {s['id']}): {err}") from err
                 meta = {
                     "vae": vae_id, "sample_id": s["id"], "bucket": s["bucket"], "dtype": dtype,
                     "mode": mode, "sha256": s["sha256"], "frames": str(len(s["frame_indices"])),
                 }
-                atomic_write_bytes(out_dir / f"{keys[s['id']]}.safetensors", save(tensors, meta))
+                write_item(item_path(out_dir, keys[s["id"]]), tensors, meta)
         finally:
             del vae
-            gc.collect()
-            if str(device).startswith("cuda") and torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free(device)
 
-    wanted = {f"{k}.safetensors" for k in keys.values()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.safetensors"):
-        if stale.name not in wanted:
-            stale.unlink()
+    remove_stale(out_dir, set(keys.values()))
     atomic_write_json(out_dir / INDEX, {"vae": vae_id, "mode": mode, "dtype": dtype, "samples": keys})
 
 
@@ -217,18 +205,10 @@ def load_latents(cache_dir: str | Path, sample_id: str, expect_vae: str | None =
     """The cached tensors of one sample (`mean`+`logvar`, or `latent`). With `expect_vae`
     (`model_identity(root, "vae")`), a cache made by another VAE is an error."""
     cache_dir = Path(cache_dir)
-    try:
-        index = json.loads((cache_dir / INDEX).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LatentCacheError(f"{cache_dir / INDEX}: missing. {_RERUN}") from None
+    index = read_index(cache_dir, _RERUN)
     if expect_vae is not None and index.get("vae") != expect_vae:
-        raise LatentCacheError(f"{cache_dir}: made with VAE {index.get('vae')}, but the model now has {expect_vae}. {_RERUN}")
+        raise CacheError(f"{cache_dir}: made with VAE {index.get('vae')}, but the model now has {expect_vae}. {_RERUN}")
     key = index["samples"].get(sample_id)
-    path = cache_dir / f"{key}.safetensors"
-    if key is None or not path.is_file():
-        raise LatentCacheError(f"{cache_dir}: no latents for sample {sample_id!r}. {_RERUN}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("sample_id") != sample_id or meta.get("vae") != index.get("vae"):
-            raise LatentCacheError(f"{path}: does not hold sample {sample_id!r} for this VAE. {_RERUN}")
-        return {k: f.get_tensor(k) for k in f.keys()}
+    if key is None:
+        raise CacheError(f"{cache_dir}: no latents for sample {sample_id!r}. {_RERUN}")
+    return read_item(item_path(cache_dir, key), _RERUN, sample_id=sample_id, vae=index["vae"])

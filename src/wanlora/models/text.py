@@ -14,17 +14,23 @@ records the encoder identity.
 
 from __future__ import annotations
 
-import functools
-import gc
-import json
 from pathlib import Path
 
 import torch
 from rich.progress import track
-from safetensors import safe_open
-from safetensors.torch import save
 
-from wanlora.io import atomic_write_bytes, atomic_write_json, read_jsonl, sha256_json
+from wanlora.io import atomic_write_json, read_jsonl, sha256_json
+from wanlora.models.cachefiles import (
+    INDEX,
+    CacheError,
+    free,
+    is_valid,
+    item_path,
+    read_index,
+    read_item,
+    remove_stale,
+    write_item,
+)
 from wanlora.models.loading import (
     clean_prompt,
     load_text_encoder,
@@ -34,13 +40,8 @@ from wanlora.models.loading import (
 )
 
 MAX_LENGTH = 512
-INDEX = "index.json"
 TRIGGER_PLACEHOLDER = "[trigger]"
 _RERUN = "Fix: rerun the text_cache stage (`dvc repro text_cache`)"
-
-
-class TextCacheError(RuntimeError):
-    """A text cache that does not match the request; the message says which stage to rerun."""
 
 
 def encoder_identity(root: str | Path) -> str:
@@ -95,32 +96,17 @@ def encode_text(tokenizer, text_encoder, text: str, max_length: int = MAX_LENGTH
     return hidden[0, :length].cpu().contiguous()
 
 
-def _valid(path: Path, encoder: str) -> bool:
-    """An existing cache file whose header is readable and names this encoder."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("encoder") == encoder and "prompt_embeds" in f.keys()
-    except Exception:  # a torn or foreign file is simply re-encoded
-        return False
-
-
 def _quantize(model: torch.nn.Module, quant: str) -> None:
     if quant == "none":
         return
     try:
         from wanlora.models.quant import quantize_module
     except ImportError:
-        raise TextCacheError(
+        raise CacheError(
             f"quantization.text_encoder={quant!r} needs wanlora.models.quant, which this install "
             "lacks. Fix: set quantization.text_encoder: none"
         ) from None
     quantize_module(model, quant)
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def run_stage(
@@ -138,7 +124,7 @@ def run_stage(
     texts = needed_texts(read_jsonl(captions_manifest), prompts, trigger)
     encoder = encoder_identity(root)
     keys = {t: cache_key(t, encoder, dtype, quant) for t in texts}
-    todo = [t for t in texts if not _valid(out_dir / f"{keys[t]}.safetensors", encoder)]
+    todo = [t for t in texts if not is_valid(item_path(out_dir, keys[t]), encoder=encoder)]
 
     if todo:
         tokenizer = load_tokenizer(root)
@@ -151,16 +137,12 @@ def run_stage(
                     "text": text, "encoder": encoder, "dtype": dtype, "quant": quant,
                     "max_length": str(MAX_LENGTH), "tokens": str(embeds.shape[0]),
                 }
-                atomic_write_bytes(out_dir / f"{keys[text]}.safetensors", save({"prompt_embeds": embeds}, meta))
+                write_item(item_path(out_dir, keys[text]), {"prompt_embeds": embeds}, meta)
         finally:
             del model
-            _free(device)
+            free(device)
 
-    wanted = {f"{k}.safetensors" for k in keys.values()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.safetensors"):
-        if stale.name not in wanted:
-            stale.unlink()
+    remove_stale(out_dir, set(keys.values()))
     atomic_write_json(
         out_dir / INDEX,
         {"encoder": encoder, "dtype": dtype, "quant": quant, "max_length": MAX_LENGTH, "texts": keys},
@@ -171,38 +153,16 @@ def load_text_embeds(cache_dir: str | Path, text: str, expect_encoder: str | Non
     """The cached [L, D] embedding of `text`. With `expect_encoder` (see `encoder_identity`), a
     cache made by another text encoder is an error rather than a silent mismatch."""
     cache_dir = Path(cache_dir)
-    index = _read_index(cache_dir)
+    index = read_index(cache_dir, _RERUN)
     if expect_encoder is not None and index.get("encoder") != expect_encoder:
-        raise TextCacheError(
+        raise CacheError(
             f"{cache_dir}: made with text encoder {index.get('encoder')}, but the model now is "
             f"{expect_encoder}. {_RERUN}"
         )
     key = index["texts"].get(text)
     if key is None:
-        raise TextCacheError(f"{cache_dir}: no embedding for {text!r} (a caption or prompt changed?). {_RERUN}")
-    path = cache_dir / f"{key}.safetensors"
-    if not path.is_file():
-        raise TextCacheError(f"{path}: missing. {_RERUN}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("text") != text or meta.get("encoder") != index.get("encoder"):
-            raise TextCacheError(f"{path}: does not hold the embedding of {text!r} for this encoder. {_RERUN}")
-        return f.get_tensor("prompt_embeds")
-
-
-def _read_index(cache_dir: Path) -> dict:
-    """index.json, parsed once per version of the file (the trainer asks for every step)."""
-    path = cache_dir / INDEX
-    try:
-        stamp = path.stat().st_mtime_ns
-    except FileNotFoundError:
-        raise TextCacheError(f"{path}: missing. {_RERUN}") from None
-    return _parse_index(str(path), stamp)
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_index(path: str, stamp: int) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+        raise CacheError(f"{cache_dir}: no embedding for {text!r} (a caption or prompt changed?). {_RERUN}")
+    return read_item(item_path(cache_dir, key), _RERUN, text=text, encoder=index["encoder"])["prompt_embeds"]
 
 
 def pad_embeds(embeds: list[torch.Tensor], max_len: int = MAX_LENGTH) -> torch.Tensor:
