@@ -210,3 +210,27 @@ def test_uncached_dataset_encodes_on_the_fly_like_the_cache(ws, template):
     loop.train(live)
     losses = [r.get("loss_high", r.get("loss_low")) for r in live.history]
     assert len(losses) == 2 and all(0 < v < 100 for v in losses)
+
+
+def test_each_expert_sees_only_its_band_in_the_loop(ws, template, monkeypatch):
+    """Proportional choice, high-noise-biased shift schedule: every timestep the high expert
+    trains on is >= 875, every one of the low expert's is below; DOP is logged beside the loss."""
+    seen: list[tuple[str, float]] = []
+    real = loop.training_step
+
+    def spy(model, batch, **kw):
+        name = next(e for e, m in tr.experts.items() if m is model)
+        seen.extend((name, float(t)) for t in batch.timesteps)
+        return real(model, batch, **kw)
+
+    params = tiny_params(template[1], train={"steps": 24, "timestep_type": "shift", "timestep_bias": "high_noise",
+                                             "dop": {"enabled": True}},
+                         multistage={"expert_choice": "proportional"})
+    tr = loop.setup(params, ws)
+    monkeypatch.setattr(loop, "training_step", spy)
+    loop.train(tr)
+    high = [t for e, t in seen if e == "high"]
+    low = [t for e, t in seen if e == "low"]
+    assert high and low and min(high) >= 875.0 and max(low) < 875.0
+    assert all(("dop_high" in r) == ("loss_high" in r) and r.get("dop_high", r.get("dop_low")) >= 0
+               for r in tr.history)

@@ -275,7 +275,7 @@ def train(tr: Trainer) -> None:
             opt = tr.optimizers[expert]
             lr = lr_at(tr.step, cfg)
             set_lr(opt, lr)
-            main, finite = 0.0, True
+            main, preservation, finite = 0.0, 0.0, True
             for _ in range(accum):
                 batch = make_batch(tr, next_batch(tr), expert)
                 out = training_step(
@@ -284,7 +284,8 @@ def train(tr: Trainer) -> None:
                     guidance_scale=cfg.differential_guidance.scale if cfg.differential_guidance.enabled else None,
                     loss_scale=1 / accum,
                 )
-                main += out.total / accum
+                main += out.main / accum
+                preservation += (out.preservation or 0.0) / accum
                 finite = finite and out.finite
             tr.schedule.record(accum)
             if (upcoming := tr.schedule.upcoming()) is not None:
@@ -312,6 +313,8 @@ def train(tr: Trainer) -> None:
             tr.step += 1
             row = {"step": float(tr.step), f"loss_{expert}": main, "lr": lr, "grad_norm": float(norm),
                    "step_time": time.perf_counter() - started, "peak_mem": peak_memory_gib(tr.device)}
+            if cfg.dop.enabled:
+                row[f"dop_{expert}"] = preservation
             tr.history.append(row)
             monitor.log(row)
             if tr.step % tr.params.save.every == 0 or tr.step == cfg.steps:

@@ -1,5 +1,9 @@
 """What a person watches: a rich progress bar, and dvclive metrics for `dvc plots`.
 
+Metrics per optimizer step: loss_high / loss_low (the main flow-matching loss of the expert that
+trained), dop_high / dop_low (the preservation term, when DOP is on; the optimized total is their
+sum), lr, grad_norm (before clipping), step_time (s), peak_mem (GiB).
+
 Every logged value is a Python float (never a tensor, so no graph or device memory is kept
 alive by logging). dvclive's `next_step` re-reads every metrics file to build its summary (and
 a Studio payload), which makes a long run quadratic; we append rows with `log_metric` at an
@@ -21,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from wanlora.report import console
 
 SUMMARY_EVERY = 50
-METRICS = ("loss_high", "loss_low", "lr", "grad_norm", "step_time", "peak_mem")
+METRICS = ("loss_high", "loss_low", "dop_high", "dop_low", "lr", "grad_norm", "step_time", "peak_mem")
 
 
 def peak_memory_gib(device: torch.device) -> float:
