@@ -96,19 +96,6 @@ def encode_text(tokenizer, text_encoder, text: str, max_length: int = MAX_LENGTH
     return hidden[0, :length].cpu().contiguous()
 
 
-def _quantize(model: torch.nn.Module, quant: str) -> None:
-    if quant == "none":
-        return
-    try:
-        from wanlora.models.quant import quantize_module
-    except ImportError:
-        raise CacheError(
-            f"quantization.text_encoder={quant!r} needs wanlora.models.quant, which this install "
-            "lacks. Fix: set quantization.text_encoder: none"
-        ) from None
-    quantize_module(model, quant)
-
-
 def run_stage(
     root: Path,
     captions_manifest: Path,
@@ -129,7 +116,10 @@ def run_stage(
     if todo:
         tokenizer = load_tokenizer(root)
         model = load_text_encoder(root, to_dtype(dtype), device)
-        _quantize(model, quant)
+        if quant != "none":
+            from wanlora.models.quant import quantize_module
+
+            quantize_module(model, quant, device=device)
         try:
             for text in track(todo, description=f"text_cache: encoding {len(todo)} text(s)"):
                 embeds = encode_text(tokenizer, model, text)
