@@ -97,10 +97,23 @@ def test_lora_trains_on_every_mode(mode):
     assert len(quantized_modules(model)) == BLOCK_LINEARS
 
 
-def test_text_encoder_modes_and_bad_mode():
-    enc = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8)).to(torch.bfloat16)
-    quantize_module(enc, "float8")
-    assert [quant_kind(m) for m in enc] == ["float8", None, "float8"]
+@pytest.mark.parametrize("mode", ["float8", "qfloat8"])
+def test_text_encoder_modes(mode):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+    enc = UMT5EncoderModel(cfg).eval()
+    ids = torch.randint(0, 64, (1, 12))
+    ref = enc(input_ids=ids).last_hidden_state
+    quantize_module(enc, mode)
+    assert len(quantized_modules(enc)) == 2 * 7  # q k v o, wi_0 wi_1 wo per layer
+    got = enc(input_ids=ids).last_hidden_state
+    assert 0 < ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_bad_text_encoder_mode():
     with pytest.raises(ValueError, match="quantization.text_encoder: unknown quantization mode 'nf4'"):
         quantize_module(nn.Linear(4, 4), "nf4")  # type: ignore[arg-type]
 
