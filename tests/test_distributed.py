@@ -135,9 +135,9 @@ def test_plan_parallel_modes() -> None:
 
 def test_world_metrics_in_one_process() -> None:
     plan = plan_parallel(1, ["high", "low"])
-    losses, rate, stop = world_metrics(plan, "low", 2.5, 4, 2.0, ONE)
-    assert losses["low"] == 2.5 and rate == 2.0 and not stop and losses["high"] != losses["high"]  # NaN
-    assert world_metrics(plan, "low", 2.5, 4, 2.0, ONE, stop=True)[2]
+    logged, rate, stop = world_metrics(plan, "low", {"loss": 2.5, "dop": 0.25}, 4, 2.0, ONE)
+    assert logged == {"dop_low": 0.25, "loss_low": 2.5} and rate == 2.0 and not stop  # high did not step
+    assert world_metrics(plan, "low", {"loss": 2.5}, 4, 2.0, ONE, stop=True)[2]
     assert plan.step_increment == 1 and plan_parallel(2, ["high", "low"]).step_increment == 2
 
 
@@ -228,7 +228,8 @@ def test_expert_parallel_trains_both_experts_and_rank0_writes_both(two_ranks) ->
         assert not torch.allclose(saved[PREFIX + "blocks.0.attn1.to_q.lora_A.weight"],
                                   lora_state_dict(tiny_expert(EXPERT_SEEDS[expert]))[PREFIX + "blocks.0.attn1.to_q.lora_A.weight"])
         assert results["ep_ranks"][rank]["losses"] == pytest.approx([o.loss for o in outs], rel=1e-5)
-    assert results["ep_logged_losses"] == pytest.approx({"high": high["losses"][-1], "low": low["losses"][-1]})
+    assert results["ep_logged_losses"] == pytest.approx({"loss_high": high["losses"][-1], "loss_low": low["losses"][-1],
+                                                         "dop_high": 0.0, "dop_low": 0.0})
     assert results["ep_stop_seen"] is True
     state = json.loads((out / "ep_state" / f"state_{steps:06d}" / "state.json").read_text())
     assert sorted(state["optimizers"]) == ["high", "low"] and state["step"] == steps

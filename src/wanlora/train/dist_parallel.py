@@ -160,20 +160,27 @@ def world_throughput(samples: int, seconds: float, env: DistEnv) -> float:
     return sum_over([samples / max(seconds, 1e-9)], None, env)[0]
 
 
-def world_metrics(plan: ParallelPlan, expert: Expert, loss: float, samples: int, seconds: float,
-                  env: DistEnv, stop: bool = False) -> tuple[dict[Expert, float], float, bool]:
-    """What rank 0 logs for one round, in one all-reduce: each expert's loss this round (in
-    expert mode the other group's too; NaN for an expert that did not step), the samples per
-    second of all ranks summed, and whether any rank is stopping (then all stop together rather
-    than leave the other expert group waiting in a collective)."""
+def world_metrics(plan: ParallelPlan, expert: Expert, metrics: dict[str, float], samples: int, seconds: float,
+                  env: DistEnv, stop: bool = False) -> tuple[dict[str, float], float, bool]:
+    """What rank 0 logs for one round, in one all-reduce.
+
+    `metrics` are this rank's group means (e.g. {"loss": main, "dop": preservation}; the same
+    names on every rank). Returns them as "<name>_<expert>" for every expert that stepped this
+    round (in expert mode the other group's too), the samples per second of all ranks summed,
+    and whether any rank is stopping (then all stop together rather than leave the other expert
+    group waiting in a collective).
+    """
     experts = [e for e in ORDER if e in plan.groups]
-    values = [0.0] * (2 * len(experts)) + [samples / max(seconds, 1e-9), float(stop)]
-    i = experts.index(expert)
-    values[i] = loss / len(plan.groups[expert])  # every member holds the group's mean loss
-    values[len(experts) + i] = 1.0 / len(plan.groups[expert])
+    names = sorted(metrics)
+    width = 1 + len(names)
+    values = [0.0] * (width * len(experts)) + [samples / max(seconds, 1e-9), float(stop)]
+    share = 1.0 / len(plan.groups[expert])  # every member holds the group's means: each adds its share
+    at = width * experts.index(expert)
+    values[at:at + width] = [share] + [metrics[n] * share for n in names]
     summed = sum_over(values, None, env)
-    losses = {e: (summed[k] if summed[len(experts) + k] > 0.5 else float("nan")) for k, e in enumerate(experts)}
-    return losses, summed[-2], summed[-1] > 0
+    logged = {f"{n}_{e}": summed[width * k + 1 + j] for k, e in enumerate(experts) if summed[width * k] > 0.5
+              for j, n in enumerate(names)}
+    return logged, summed[-2], summed[-1] > 0
 
 
 @dataclass
@@ -181,6 +188,8 @@ class StepOutcome:
     """One optimizer step as every rank of the group sees it (identical on all of them)."""
 
     loss: float
+    main: float
+    preservation: float
     finite: bool
     grad_norm: float
     samples: int
@@ -205,7 +214,7 @@ def optimizer_step(
     """This rank's micro-batches of optimizer step `step`, the group's gradient average, the step.
 
     Each micro-batch's randomness comes from `batch_generator(seed, expert, epoch, position)`.
-    The loss is the mean over the whole global batch. If any rank met a non-finite loss, every
+    Losses (total, main, DOP term) are means over the whole global batch. If any rank met a non-finite loss, every
     rank skips the update (the flag is reduced with the loss), so the LoRAs never diverge.
     `before_update` runs between the last backward and the optimizer step (the trainer starts
     the next expert's weight copy there, to overlap it with the update).
@@ -213,7 +222,7 @@ def optimizer_step(
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
     accum = len(batches)
-    loss, bad, samples = 0.0, 0, 0
+    loss, main, preservation, bad, samples = 0.0, 0.0, 0.0, 0, 0
     for b in batches:
         out = training_step(
             model, make_batch(b.indices, expert, batch_generator(seed, expert, b.epoch, b.position)), dtype=dtype,
@@ -222,9 +231,11 @@ def optimizer_step(
             loss_scale=1 / accum,
         )
         loss += out.total / accum
+        main += out.main / accum
+        preservation += (out.preservation or 0.0) / accum
         bad += not out.finite
         samples += len(b.indices)
-    loss_sum, bad_sum, samples_sum = sum_over([loss, bad, samples], group, env)
+    loss_sum, main_sum, pres_sum, bad_sum, samples_sum = sum_over([loss, main, preservation, bad, samples], group, env)
     finite = bad_sum == 0
     if before_update is not None:
         before_update()
@@ -236,4 +247,5 @@ def optimizer_step(
     else:
         norm = float("nan")
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss_sum / group_size(group, env), finite, norm, int(samples_sum), lr)
+    n = group_size(group, env)
+    return StepOutcome(loss_sum / n, main_sum / n, pres_sum / n, finite, norm, int(samples_sum), lr)
