@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _media_helpers import by_id
 from wanlora.config import BucketConfig, DatasetConfig
@@ -190,3 +192,33 @@ def test_demo_dataset_through_trim_and_bucket(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "buckets" / "report.json").read_text())
     assert [p["path"] for p in report["problems"]] == ["data/raw/too_short.mp4"]
     assert report["problems"][0]["reason"].startswith("too short: 8 kept frames (0.50 s at 16 fps)")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=st.integers(0, 500),
+    length=st.integers(1, 600),
+    fps=st.sampled_from([8.0, 12.0, 15.0, 16.0, 23.976, 24.0, 25.0, 29.97, 30.0, 50.0, 60.0]),
+    count=st.sampled_from([1, 5, 9, 17, 33, 49, 81]),
+    mode=st.sampled_from(["spread", "window"]),
+    windows=st.integers(1, 5),
+)
+def test_frame_indices_properties(start, length, fps, count, mode, windows) -> None:
+    """Every window has `count` ordered indices inside the kept range; window mode keeps the model's pace."""
+    end = start + length
+    cfg = BucketConfig(num_frames=[count], frame_sampling=mode, fps=16.0, windows_per_clip=windows)
+    fits = choose_frames(start, end, fps, cfg) == count
+    if not fits:
+        with pytest.raises(ValueError):
+            frame_indices(start, end, fps, count, mode, target_fps=16.0, windows=windows)
+        return
+    got = frame_indices(start, end, fps, count, mode, target_fps=16.0, windows=windows)
+    assert 1 <= len(got) <= (windows if mode == "window" else 1)
+    for idx in got:
+        assert len(idx) == count
+        assert all(start <= i < end for i in idx)
+        assert idx == sorted(idx)
+        if mode == "window" and count > 1:  # source frames advance by fps/16 per model frame, +-1 for rounding
+            assert abs((idx[-1] - idx[0]) - (count - 1) * fps / 16.0) <= 1
+    if mode == "spread" and count > 1:
+        assert got[0][0] == start and got[0][-1] == end - 1

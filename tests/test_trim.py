@@ -258,3 +258,15 @@ def test_stage_reads_the_scan_index_when_given(tmp_path: Path) -> None:
     assert (tmp_path / "walked" / "clips.jsonl").read_bytes() == (tmp_path / "indexed" / "clips.jsonl").read_bytes()
     clips = by_id(read_jsonl(tmp_path / "indexed" / "clips.jsonl"))
     assert clips["main/a.mp4"]["keep_start"] == 6 and clips["main/a.mp4"]["caption_path"] == "data/raw/a.txt"
+
+
+def test_webm_without_a_frame_count_is_trimmed_and_counted(tmp_path: Path) -> None:
+    """WebM/MKV headers carry no frame count: the estimate is corrected by the end scan."""
+    from wanlora.media.synth import clip_frames
+
+    spec = ClipSpec(width=64, height=48, fps=24, moving=40, intro="black", intro_frames=6, outro="frozen", outro_frames=10)
+    write_video(tmp_path / "c.webm", clip_frames(spec), 24, codec="libvpx-vp9")
+    info = probe(tmp_path / "c.webm")
+    keep = trim.find_keep_range(tmp_path / "c.webm", info, TrimConfig())
+    assert keep.frames == 56
+    assert abs(keep.keep_start - 6) <= 2 and abs(keep.keep_end - 46) <= 2
