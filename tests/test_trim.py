@@ -270,3 +270,22 @@ def test_webm_without_a_frame_count_is_trimmed_and_counted(tmp_path: Path) -> No
     keep = trim.find_keep_range(tmp_path / "c.webm", info, TrimConfig())
     assert keep.frames == 56
     assert abs(keep.keep_start - 6) <= 2 and abs(keep.keep_end - 46) <= 2
+
+
+def test_detect_crop_needs_bars_dark_in_every_frame() -> None:
+    from wanlora.media.letterbox import detect_crop
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for k in range(4):
+        f = np.clip(rng.normal(6, 2, (90, 160)), 0, 255)  # noisy near-black bars
+        f[20:70, 8:150] = 40 + 30 * k  # the picture changes from frame to frame
+        frames.append(f.astype(np.uint8))
+    assert detect_crop(frames, 16) == [8, 20, 142, 50]
+    # a dark first row of picture in one frame only is not a bar: the brightest appearance counts
+    frames[2][15:20, 8:150] = 200
+    assert detect_crop(frames, 16) == [8, 15, 142, 55]
+    # a frame that is dark almost everywhere is a dark scene, not bars
+    dark = np.zeros((90, 160), np.uint8)
+    dark[40:45, 70:80] = 200
+    assert detect_crop([dark], 16) == [0, 0, 160, 90]
