@@ -9,9 +9,10 @@ the high-noise expert with the probability of its timestep band, from the traine
 
 Placement. On a CPU device both experts simply stay where they are. On a GPU, when both fit
 (and `model.low_vram` is off) both stay on the GPU; otherwise the inactive expert waits in pinned
-host memory. At a switch the outgoing expert is copied back to host memory and the incoming one
-is copied to the GPU on a side stream (`non_blocking` from pinned memory), and the first forward
-of the new turn waits for that stream; the copy of the incoming expert is started right after
+host memory. At a switch the outgoing expert's frozen tensors point back at their pinned host
+mirror (`wanlora.models.accel.park_frozen`: no device-to-host copy after the first time) and the
+incoming one is copied to the GPU on a side stream (`non_blocking` from pinned memory); the first
+forward of the new turn waits for that stream; the copy of the incoming expert is started right after
 the outgoing expert's last backward, so it overlaps the optimizer step. Only frozen base weights
 travel; the small LoRA parameters and their optimizer state stay on the GPU, so the optimizer's
 references remain valid.
@@ -25,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from wanlora.models.accel import park_frozen
 from wanlora.train.timesteps import Expert
 
 Choice = Literal["alternate", "proportional"]
@@ -90,26 +92,16 @@ def both_fit(models: dict[Expert, torch.nn.Module], device: torch.device, low_vr
              reserve_fraction: float = 0.35) -> bool:
     """Whether every loaded expert can stay on the GPU, leaving `reserve_fraction` of its memory
     for activations, the optimizer and the allocator's slack."""
-    if device.type != "cuda" or low_vram:
-        return device.type != "cuda"
+    if device.type != "cuda":
+        return True
+    if low_vram:
+        return False
     need = sum(p.numel() * p.element_size() for m in models.values() for p in m.parameters())
     total = torch.cuda.get_device_properties(device).total_memory
     return need <= total * (1 - reserve_fraction)
 
 
 Mover = Callable[[torch.nn.Module, str, bool], None]
-
-
-def move_frozen(module: torch.nn.Module, where: str, device: torch.device, non_blocking: bool) -> None:
-    """Move a module's frozen parameters and buffers between the device and pinned host memory."""
-    target = device if where == "device" else torch.device("cpu")
-    for t in [p for p in module.parameters() if not p.requires_grad] + list(module.buffers()):
-        if t.device == target:
-            continue
-        data = t.data.to(target, non_blocking=non_blocking)
-        if target.type == "cpu" and torch.cuda.is_available():
-            data = data.pin_memory()
-        t.data = data
 
 
 @dataclass
@@ -124,8 +116,8 @@ class ExpertPlacer:
     _stream: object = None
 
     def __post_init__(self) -> None:
-        if self.mover is None:
-            self.mover = lambda m, w, nb: move_frozen(m, w, self.device, nb)
+        if self.mover is None:  # frozen tensors swap to a pinned host mirror and back; LoRA stays put
+            self.mover = lambda m, w, nb: park_frozen(m, w, self.device, nb)
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
 

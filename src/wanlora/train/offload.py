@@ -2,7 +2,8 @@
 the device only for their own forward and backward.
 
 A simple, correct version, not a fast one: each offloaded block's frozen weights are copied to
-the device when the block runs and copied back when it is done, synchronously. Backward needs
+the device when the block runs and dropped back to their pinned host mirror when it is done
+(`wanlora.models.accel.park_frozen`), synchronously. Backward needs
 the weights again, so an offloaded block always runs under (non-reentrant) activation
 checkpointing whose recomputed function loads the weights first; a hook on the block's input
 gradient sends them back once the block's backward has finished. The LoRA parameters (trainable)
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from wanlora.train.experts import move_frozen
+from wanlora.models.accel import park_frozen
 
 
 def _plain_forward(block: torch.nn.Module) -> Callable[..., Any]:
@@ -37,7 +38,7 @@ class BlockOffload:
 
     def __init__(self, expert: torch.nn.Module, device: torch.device, fraction: float = 1.0,
                  mover: Callable[[torch.nn.Module, str], None] | None = None) -> None:
-        self.mover = mover or (lambda m, where: move_frozen(m, where, device, False))
+        self.mover = mover or (lambda m, where: park_frozen(m, where, device, False))
         count = round(len(expert.blocks) * fraction)
         self.blocks = list(expert.blocks)[:count]
         self.on_device: set[int] = set()
