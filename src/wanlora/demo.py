@@ -31,7 +31,7 @@ def demo_params(steps: int) -> Params:
                   "gradient_checkpointing": False},
         "datasets": {"main": DatasetConfig(
             folder="data/raw",
-            bucket={"resolutions": [64], "num_frames": [1, 9], "frame_sampling": "window",
+            bucket={"resolutions": [64], "num_frames": [9], "frame_sampling": "window",
                     "windows_per_clip": 2, "fps": 8},
         ).model_dump()},
         "sample": {"prompts": [f"[trigger] a red square moving right", "a blue circle on grey"],

@@ -80,10 +80,10 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "latent_cache", "encode every sample window with the VAE once",
-        deps=("data/buckets/samples.jsonl",),
-        code=("src/wanlora/models",),
+        deps=("data/index/media.jsonl", "data/buckets/samples.jsonl"),
+        code=("src/wanlora/models", "src/wanlora/media"),
         params=(*MODEL_KEYS, "datasets.{ds}.cache_latents", "train.latent_mode", "job.device"),
-        outs=("data/cache/latents",), dataset_folders=True,
+        outs=("data/cache/latents",),
     ),
     Stage(
         "train", "train the high-noise and low-noise LoRAs",

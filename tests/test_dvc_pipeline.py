@@ -1,0 +1,61 @@
+"""The real thing: `dvc repro` of the demo workspace, and DVC rerunning only what changed."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wanlora.demo import make_demo
+from wanlora.io import sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+def _repro(ws: Path) -> list[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return re.findall(r"Running stage '([\w]+)'", out.stdout)
+
+
+def _raw_hashes(ws: Path) -> dict[str, str]:
+    raw = ws / "data/raw"
+    return {p.name: sha256_file(p) for p in sorted(raw.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("demo") / "ws"
+    make_demo(ws, steps=6)
+    return ws
+
+
+def test_full_repro_then_nothing_reruns(workspace: Path):
+    before = _raw_hashes(workspace)
+    ran = _repro(workspace)
+    assert ran == ["scan", "trim", "bucket", "captions", "text_cache", "latent_cache", "train", "evaluate", "export"]
+    assert sorted(p.name for p in (workspace / "data/lora/high").glob("*.safetensors"))
+    assert (workspace / "data/eval/report.html").is_file()
+    assert _raw_hashes(workspace) == before, "raw data must never be modified"
+    assert _repro(workspace) == []
+
+
+def test_caption_edit_reruns_only_caption_stages(workspace: Path):
+    caption = workspace / "data/raw/walk_black_intro.txt"
+    caption.write_text(caption.read_text(encoding="utf-8") + " in the rain", encoding="utf-8")
+    ran = _repro(workspace)
+    assert "trim" not in ran and "bucket" not in ran and "latent_cache" not in ran
+    assert ran[:3] == ["scan", "captions", "text_cache"]
+
+
+def test_train_param_reruns_no_data_stage(workspace: Path):
+    params_path = workspace / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["train"]["lr"] = params["train"]["lr"] / 2
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = _repro(workspace)
+    assert ran[0] == "train" and set(ran) <= {"train", "evaluate", "export"}
