@@ -1,0 +1,250 @@
+"""`wanlora plan`: will this params.yaml fit on my GPU, and how long is a step?
+
+Peak memory and seconds per micro-step are predicted per expert from the geometry of Wan 2.2
+A14B (or any expert config) and the params: base weights by quantization mode, LoRA and optimizer
+state, activations per token under the checkpointing mode, and which experts stay on the GPU.
+The per-token activation sizes and the throughput constants are calibrated on measurements, not
+derived: they come from bench/RESULTS.md (GPU section), and tests/test_plan.py checks the
+predictions against that table (within 15%). Change a constant only together with a new
+measurement there.
+
+Calibration: one NVIDIA H100 80GB HBM3 (torch 2.11+cu130, diffusers 0.42.1, peft 0.21.2),
+full-size random experts, LoRA rank 16 on the six default targets, adamw8bit, 2026-11-25.
+Times are for that card; scale by your GPU's bf16 matmul rate otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from wanlora.config import Params
+from wanlora.models.geometry import WAN22_A14B, forward_flops, latent_shape
+
+GIB = 1024**3
+TEXT_LEN = 512
+
+# ---------------------------------------------------------------- calibration (H100, 2026-11-25)
+#: Activation GiB per video token held at the step's peak, per checkpointing mode. selective: slope
+#: of 36.8 GiB (9,216 tokens) -> 61.6 GiB (32,760 tokens), one bf16 expert, compiled. full: 21.35
+#: GiB of the float8 33f run minus its weights and LoRA, over 9,216 tokens (the naive runs of
+#: STACK.md, 35.0 -> 53.8 GiB from 9,216 to 32,760 tokens, give the same slope, 0.80e-3).
+#: none: not measured; an estimate from the tensors a Wan block saves (~250 KB/token/block).
+ACT_GIB_PER_TOKEN = {"selective": 1.056e-3, "full": 0.800e-3, "none": 9.3e-3}
+#: Effective rates in TFLOP/s of the three work kinds the step time is made of. Linear work counts
+#: forward + input-gradient backward + recomputed forward (elementwise work rides along): fitted on
+#: the two compiled selective runs (1.766 s at 9,216 tokens, 10.14 s at 32,760); eager fitted on the
+#: naive run (2.503 s at 9,216). Attention in forward-equivalents (backward = 2.5 forwards in a
+#: flash kernel that recomputes P): the same fit; the profile agrees (cuDNN fprop ~536 TFLOP/s).
+LINEAR_TFLOPS = {"compiled": 551.0, "eager": 351.0}
+ATTENTION_TFLOPS = 540.0
+#: Optimizer step of one expert's LoRA (bitsandbytes AdamW8bit: ~800 tensors, one launch each): the
+#: profiler's 85-95 ms; torch AdamW is foreach and far cheaper (not measured, ~10 ms assumed).
+OPTIMIZER_S = {"adamw8bit": 0.09, "adamw": 0.01, "adafactor": 0.03}
+#: Seconds per GiB to park an expert in host memory with the trainer's current mover (device ->
+#: pageable -> pin_memory per tensor): 53 s for one 26.6 GiB expert, seen as the build time of the
+#: low_vram run (56.5 s against 3.6 s with both resident). Fetching back is a pinned copy, ~0.05 s/GiB
+#: (not measured: 20 GB/s assumed).
+PARK_S_PER_GIB = 2.0
+FETCH_S_PER_GIB = 0.05
+#: Memory max_memory_allocated does not show: CUDA context, cuBLAS/cuDNN workspaces, fragmentation.
+RESERVE_GIB = 2.0
+
+#: Bytes per stored weight element of quantized linears (codes + scales/zero points).
+QUANT_BYTES = {"none": 2.0, "float8": 1.0, "qfloat8": 1.0, "uint4": 0.5 + 3 / 64, "nf4": 0.5 + 4 / 64}
+#: Optimizer state bytes per LoRA parameter (LoRA weights and grads are bf16: 4 more bytes).
+OPTIMIZER_BYTES = {"adamw8bit": 2.0, "adamw": 4.0, "adafactor": 0.1}
+
+Checkpointing = Literal["none", "full", "selective"]
+
+
+# -------------------------------------------------------------------------------- geometry
+def expert_parameters(config: dict[str, Any]) -> dict[str, int]:
+    """Parameter counts of one expert: `block_linear` (the quantizable weight matrices of all blocks),
+    `block_other` (their biases, norms, modulation tables), `outside` (embedders, head)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    f, layers = config["ffn_dim"], config["num_layers"]
+    patch = config["patch_size"][0] * config["patch_size"][1] * config["patch_size"][2]
+    linear = 8 * d * d + 2 * d * f
+    other = 8 * d + (f + d) + 4 * d + (2 * d if config["cross_attn_norm"] else 0) + 6 * d
+    freq, text = config["freq_dim"], config["text_dim"]
+    outside = (
+        patch * config["in_channels"] * d + d  # patch embedding
+        + freq * d + d + d * d + d  # time embedder
+        + d * 6 * d + 6 * d  # time projection
+        + text * d + d + d * d + d  # text embedder
+        + d * patch * config["out_channels"] + patch * config["out_channels"]  # head
+        + 2 * d  # output modulation table
+    )
+    return {"block_linear": layers * linear, "block_other": layers * other, "outside": outside}
+
+
+def lora_parameters(config: dict[str, Any], rank: int, targets: list[str]) -> int:
+    """LoRA parameters in one expert: rank x (in + out) for each adapted linear of each block."""
+    d, f = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"]
+    shapes = {"to_q": (d, d), "to_k": (d, d), "to_v": (d, d), "to_out.0": (d, d),
+              "ffn.net.0.proj": (d, f), "ffn.net.2": (f, d)}
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise ValueError(f"network.target_modules {unknown}: the planner knows {sorted(shapes)}")
+    per_block = sum(rank * sum(shapes[t]) * (2 if t in ("to_q", "to_k", "to_v", "to_out.0") else 1)
+                    for t in targets)  # attention targets exist in attn1 and attn2
+    return config["num_layers"] * per_block
+
+
+def weight_gib(config: dict[str, Any], quant: str) -> float:
+    """GiB of one expert's base on the GPU (quantized modes keep embedders and head in bf16)."""
+    n = expert_parameters(config)
+    scale_bytes = 4 * config["num_layers"] * (8 * config["num_attention_heads"] * config["attention_head_dim"]
+                                              + config["ffn_dim"] + config["num_attention_heads"]
+                                              * config["attention_head_dim"]) if quant != "none" else 0
+    return (n["block_linear"] * QUANT_BYTES[quant] + 2 * (n["block_other"] + n["outside"]) + scale_bytes) / GIB
+
+
+def clip_tokens(frames: int, height: int, width: int, config: dict[str, Any] = WAN22_A14B) -> int:
+    _, f, h, w = latent_shape(frames, height, width)
+    p = config["patch_size"]
+    return (f // p[0]) * (h // p[1]) * (w // p[2])
+
+
+def largest_clip(params: Params) -> tuple[int, int, int]:
+    """(frames, height, width) of the biggest bucket any dataset can make: square at its largest
+    resolution with its most frames. The step's peak is set by the biggest sample."""
+    best = max(((max(d.bucket.num_frames), max(d.bucket.resolutions)) for d in params.datasets.values()),
+               key=lambda fr: clip_tokens(fr[0], fr[1], fr[1]))
+    return best[0], best[1], best[1]
+
+
+# ------------------------------------------------------------------------------------ plan
+@dataclass(frozen=True)
+class ExpertPlan:
+    expert: str
+    weights_gib: float
+    lora_gib: float
+    activations_gib: float
+    s_per_step: float
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What `wanlora plan` prints: per-expert memory and time, the peak, and what to change."""
+
+    gpu_gib: float
+    clip: tuple[int, int, int]
+    tokens: int
+    quantization: str
+    checkpointing: Checkpointing
+    compiled: bool
+    resident: Literal["both", "one"]
+    experts: tuple[ExpertPlan, ...]
+    peak_gib: float
+    fits: bool
+    s_per_step: float
+    switch_overhead: float
+    suggestions: tuple[str, ...] = field(default_factory=tuple)
+
+
+def step_seconds(config: dict[str, Any], tokens: int, checkpointing: Checkpointing, compiled: bool,
+                 optimizer: str, dop: bool = False) -> float:
+    """Predicted seconds of one micro-step of one expert (forward, backward, optimizer)."""
+    f = forward_flops(config, tokens, TEXT_LEN)
+    lin, att = f["video_linear"], f["attention"]
+    lin_passes = 2 if checkpointing == "none" else 3
+    att_passes = 3.5 + (1.0 if checkpointing == "full" else 0.0)
+    t = lin_passes * lin / (LINEAR_TFLOPS["compiled" if compiled else "eager"] * 1e12)
+    t += att_passes * att / (ATTENTION_TFLOPS * 1e12)
+    if dop:  # the class prompt doubles the trained batch and adds a frozen forward for the prior
+        t = 2 * t + (lin / (LINEAR_TFLOPS["compiled" if compiled else "eager"] * 1e12) + att / (ATTENTION_TFLOPS * 1e12))
+    return t + OPTIMIZER_S[optimizer]
+
+
+def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointing: Checkpointing,
+             quant: str, clip: tuple[int, int, int]) -> PlanResult:
+    ms, tr = params.multistage, params.train
+    names = [e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on]
+    tokens = clip_tokens(*clip, config) * tr.batch_size
+    compiled = params.model.compile
+    w = weight_gib(config, quant)
+    lora = lora_parameters(config, params.network.rank, params.network.target_modules)
+    lora_g = lora * (4 + OPTIMIZER_BYTES[tr.optimizer]) / GIB
+    act = ACT_GIB_PER_TOKEN[checkpointing] * tokens * (2 if tr.dop.enabled else 1)
+    text = TEXT_LEN * config["text_dim"] * 2 * tr.batch_size / GIB
+    s = step_seconds(config, tokens, checkpointing, compiled, tr.optimizer, tr.dop.enabled)
+    plans = tuple(ExpertPlan(e, w, lora_g, act + text, s) for e in names)
+    lora_all = lora_g * len(names)  # every expert's LoRA and optimizer state stay on the GPU
+    both = len(names) * w + lora_all + act + text
+    one = w + lora_all + act + text
+    resident: Literal["both", "one"] = "both" if (len(names) == 2 and not params.model.low_vram
+                                                  and both + RESERVE_GIB <= gpu_gib) else "one"
+    peak = both if resident == "both" and len(names) == 2 else one
+    switch = 0.0
+    if len(names) == 2 and resident == "one" and ms.expert_choice == "alternate":
+        per_switch = w * (PARK_S_PER_GIB + FETCH_S_PER_GIB)
+        switch = per_switch / (ms.switch_every * tr.gradient_accumulation * s)
+    return PlanResult(gpu_gib, clip, tokens, quant, checkpointing, compiled, resident, plans, peak,
+                      peak + RESERVE_GIB <= gpu_gib, s, switch)
+
+
+def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = None,
+         config: dict[str, Any] | None = None, clip: tuple[int, int, int] | None = None) -> PlanResult:
+    """Predict memory and time for `params` on a GPU of `gpu_gib` GiB, and suggest what fits.
+
+    checkpointing: None reads params (train.gradient_checkpointing: selective, else none), as the
+    trainer does. config: the expert geometry (default Wan 2.2 A14B). clip: (frames, height, width)
+    of the largest sample (default: from the datasets' buckets).
+    """
+    if gpu_gib <= 0:
+        raise ValueError(f"gpu_gib={gpu_gib}: give the GPU's memory in GiB, e.g. 80 or 24")
+    config = config or WAN22_A14B
+    clip = clip or largest_clip(params)
+    if checkpointing is None:
+        checkpointing = "selective" if params.train.gradient_checkpointing else "none"
+    quant = params.quantization.transformer
+    result = _predict(params, gpu_gib, config, checkpointing, quant, clip)
+    suggestions = []
+    if not result.fits:
+        for ck, q in (("full", quant), ("selective", "float8"), ("full", "float8"), ("full", "uint4")):
+            if (ck, q) == (checkpointing, quant) or (quant == "uint4" and q == "float8"):
+                continue
+            alt = _predict(params, gpu_gib, config, ck, q, clip)  # type: ignore[arg-type]
+            if alt.fits:
+                change = []
+                if q != quant:
+                    change.append(f"quantization.transformer: {q}")
+                if ck != checkpointing:
+                    change.append("checkpointing full (recompute attention too)")
+                suggestions.append(f"{' and '.join(change)}: peak {alt.peak_gib:.1f} GiB, {alt.s_per_step:.2f} s/step")
+                break
+        else:
+            suggestions.append("nothing fits at this clip size: lower datasets.*.bucket.num_frames or resolutions, "
+                               "or turn on model.layer_offloading")
+    if result.switch_overhead > 0.05:
+        suggestions.append(
+            f"expert switches cost {100 * result.switch_overhead:.0f}% of training time: raise "
+            f"multistage.switch_every (now {params.multistage.switch_every}) or quantize to halve the copy"
+        )
+    if params.model.compile is False:
+        faster = step_seconds(config, result.tokens, checkpointing, True, params.train.optimizer, params.train.dop.enabled)
+        suggestions.append(f"model.compile: true would take ~{faster:.2f} s/step (first step compiles, ~40 s)")
+    return PlanResult(**{**result.__dict__, "suggestions": tuple(suggestions)})
+
+
+def render(result: PlanResult) -> str:
+    """The text `wanlora plan` prints."""
+    f, h, w = result.clip
+    lines = [
+        f"largest sample: {f} frames at {w}x{h} -> {result.tokens} tokens; base {result.quantization}, "
+        f"checkpointing {result.checkpointing}, compile {'on' if result.compiled else 'off'}",
+        f"{'expert':<8}{'weights GiB':>12}{'LoRA+opt GiB':>14}{'activations GiB':>17}{'s/step':>9}",
+    ]
+    for e in result.experts:
+        lines.append(f"{e.expert:<8}{e.weights_gib:>12.1f}{e.lora_gib:>14.2f}{e.activations_gib:>17.1f}{e.s_per_step:>9.2f}")
+    where = "both experts on the GPU" if result.resident == "both" else "one expert on the GPU, the other in host memory"
+    verdict = "fits" if result.fits else "does NOT fit"
+    lines.append(f"peak {result.peak_gib:.1f} GiB (+{RESERVE_GIB:.0f} GiB context/workspace) on a "
+                 f"{result.gpu_gib:g} GiB GPU: {verdict} ({where})")
+    if result.switch_overhead:
+        lines.append(f"expert switching adds ~{100 * result.switch_overhead:.0f}% to training time")
+    lines += [f"suggestion: {s}" for s in result.suggestions]
+    lines.append("times calibrated on one H100 80GB (bench/RESULTS.md); scale by your GPU's bf16 rate")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""The planner against the GPU table in bench/RESULTS.md (within 15%) and against real module counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from wanlora.config import DEFAULT_TARGETS, NetworkConfig, parse_params
+from wanlora.models.geometry import TINY, build_transformer
+from wanlora.plan import expert_parameters, lora_parameters, plan, render
+from wanlora.train.lora import add_lora
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md"
+HEADING = "## GPU: training step"
+
+#: How each measured configuration is written as params (bench/train_step.py's CONFIGS).
+ROWS = {
+    "ours_33f_1expert": ({"multistage": {"train_low_noise": False}}, (33, 512, 512), "selective", True),
+    "33f_bf16_both_sw1": ({"multistage": {"switch_every": 1}}, (33, 512, 512), "selective", True),
+    "81f_bf16_1expert": ({"multistage": {"train_low_noise": False}}, (81, 480, 832), "selective", True),
+    "33f_float8_1expert_fullckpt": ({"multistage": {"train_low_noise": False}, "quantization": {"transformer": "float8"}},
+                                    (33, 512, 512), "full", True),
+    "33f_uint4_1expert_fullckpt": ({"multistage": {"train_low_noise": False}, "quantization": {"transformer": "uint4"}},
+                                   (33, 512, 512), "full", True),
+    "naive diffusers+peft (1 expert, full ckpt)": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"}},
+                                                   (33, 512, 512), "full", False),
+}
+
+
+def _gpu_table() -> dict[str, dict[str, str]]:
+    """Rows of the first markdown table under the GPU heading, keyed by config."""
+    lines = RESULTS.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(HEADING))
+    table = []
+    for line in lines[start:]:
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip("|").split("|")])
+        elif table:
+            break
+    head, rows = table[0], table[2:]
+    return {r[0]: dict(zip(head, r)) for r in rows}
+
+
+def _predict(name: str):
+    overrides, clip, ckpt, compiled = ROWS[name]
+    params = parse_params({**overrides, "model": {"compile": compiled}})
+    return plan(params, 80.0, checkpointing=ckpt, clip=clip)
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_prediction_within_15_percent_of_the_measurement(name: str) -> None:
+    row = _gpu_table()[name]
+    result = _predict(name)
+    measured_s = float(row["s/step (median)"])
+    assert result.s_per_step == pytest.approx(measured_s, rel=0.15)
+    if row["peak alloc GiB"] != "—" and not name.startswith("naive"):  # naive: fp32 peft LoRA, torch AdamW
+        assert result.peak_gib == pytest.approx(float(row["peak alloc GiB"]), rel=0.15)
+
+
+def test_the_table_holds_the_rows_the_planner_was_calibrated_on() -> None:
+    table = _gpu_table()
+    assert set(ROWS) <= set(table)
+    assert all(table[n]["device"] == "NVIDIA H100 80GB HBM3" for n in ROWS)
+
+
+def test_parameter_counts_match_a_real_expert() -> None:
+    model = build_transformer(TINY, torch.float32)
+    counts = expert_parameters(TINY)
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    assert counts["block_linear"] == linear
+    lora = add_lora(model, NetworkConfig(rank=4), torch.float32)
+    assert lora_parameters(TINY, 4, DEFAULT_TARGETS) == sum(p.numel() for p in lora)
+
+
+def test_a_24_gib_card_is_told_to_quantize() -> None:
+    result = plan(parse_params({}), 24.0)
+    assert not result.fits and result.resident == "one"
+    assert result.peak_gib == pytest.approx(26.61 + 2 * 0.428 + 1.056e-3 * 9216 + 0.004, abs=0.05)
+    assert any("quantization.transformer: float8" in s for s in result.suggestions)
+    text = render(result)
+    assert "does NOT fit" in text and "9216 tokens" in text and "suggestion:" in text
+
+
+def test_switch_overhead_and_bad_input() -> None:
+    low_vram = plan(parse_params({"model": {"low_vram": True, "compile": True}, "multistage": {"switch_every": 10}}), 80.0)
+    assert low_vram.resident == "one"
+    # one park (2 s/GiB) + one fetch (0.05 s/GiB) of 26.6 GiB over 10 steps of ~1.77 s
+    assert low_vram.switch_overhead == pytest.approx(26.61 * 2.05 / (10 * low_vram.s_per_step), rel=1e-3)
+    assert any("switch_every" in s for s in low_vram.suggestions)
+    with pytest.raises(ValueError, match="memory in GiB"):
+        plan(parse_params({}), 0)
