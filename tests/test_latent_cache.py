@@ -177,3 +177,21 @@ def test_normalisation_matches_wan_pipeline_decode(tmp_path_factory):
     assert torch.allclose(normalize_latents(z[0], cfg), n[0])  # unbatched [C, F, H, W] too
     with pytest.raises(ValueError, match="expected \\[..., 16, F, H, W\\]"):
         normalize_latents(torch.zeros(3, 8, 4, 4), cfg)
+
+
+def test_store_survives_dvc_deleting_the_cache_folder(tmp_path):
+    """DVC deletes outs before a rerun: items come back from the scratch store, not the VAE."""
+    import shutil
+
+    import torch
+
+    from wanlora.models import cachefiles
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    cachefiles.save_item(out, store, "k1", {"mean": torch.arange(4.0)}, {"vae": "v1"})
+    assert cachefiles.item_path(out, "k1").stat().st_ino == cachefiles.item_path(store, "k1").stat().st_ino
+    shutil.rmtree(out)
+    assert cachefiles.restore(out, store, "k1", vae="v1")
+    assert cachefiles.read_item(cachefiles.item_path(out, "k1"), "", vae="v1")["mean"].tolist() == [0, 1, 2, 3]
+    assert not cachefiles.restore(out, store, "k1", vae="other-vae")
+    assert not cachefiles.restore(out, store, "missing", vae="v1")

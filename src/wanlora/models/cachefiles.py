@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,45 @@ def is_valid(path: Path, **expected: str) -> bool:
 
 def write_item(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata))
+
+
+def restore(cache_dir: Path, store: Path | None, key: str, **expected: str) -> bool:
+    """True when the item is in `cache_dir`, linking it in from `store` first if only that has it.
+
+    Why a store: DVC deletes a stage's outs before rerunning it, so adding one clip would
+    re-encode every latent. Items are also kept in a git-ignored store (scratch/cache/...) keyed by
+    content, and a rerun links them back instead of running the VAE or UMT5 again.
+    """
+    target = item_path(cache_dir, key)
+    if is_valid(target, **expected):
+        return True
+    if store is None or not is_valid(item_path(store, key), **expected):
+        return False
+    publish(store, cache_dir, key)
+    return True
+
+
+def publish(store: Path, cache_dir: Path, key: str) -> None:
+    """Hard-link (or copy, across file systems) a stored item into the cache folder, atomically."""
+    source, target = item_path(store, key), item_path(cache_dir, key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def save_item(cache_dir: Path, store: Path | None, key: str, tensors: dict[str, torch.Tensor],
+              metadata: dict[str, str]) -> None:
+    """Write a new item into the store (when there is one) and publish it into the cache folder."""
+    if store is None:
+        write_item(item_path(cache_dir, key), tensors, metadata)
+        return
+    write_item(item_path(store, key), tensors, metadata)
+    publish(store, cache_dir, key)
 
 
 def remove_stale(cache_dir: Path, keys: set[str]) -> None:

@@ -36,12 +36,12 @@ from wanlora.models.cachefiles import (
     INDEX,
     CacheError,
     free,
-    is_valid,
     item_path,
     read_index,
     read_item,
     remove_stale,
-    write_item,
+    restore,
+    save_item,
 )
 from wanlora.models.geometry import TEMPORAL_FACTOR, latent_shape
 from wanlora.models.loading import load_vae, model_identity, to_dtype
@@ -169,6 +169,7 @@ def run_stage(
     dtype: str,
     device: str,
     enabled_datasets: set[str],
+    store: Path | None = None,
 ) -> None:
     """Encode the samples of `enabled_datasets` that have no valid cache file, remove files no
     longer needed, write index.json."""
@@ -178,7 +179,7 @@ def run_stage(
     samples = [s for s in read_jsonl(samples_manifest) if s["dataset"] in enabled_datasets]
     vae_id = model_identity(root, "vae")
     keys = {s["id"]: sample_key(s, vae_id, mode, dtype) for s in samples}
-    todo = [s for s in samples if not is_valid(item_path(out_dir, keys[s["id"]]), vae=vae_id)]
+    todo = [s for s in samples if not restore(out_dir, store, keys[s["id"]], vae=vae_id)]
 
     if todo:
         vae = load_vae(root, to_dtype(dtype), device)
@@ -192,7 +193,7 @@ def run_stage(
                     "vae": vae_id, "sample_id": s["id"], "bucket": s["bucket"], "dtype": dtype,
                     "mode": mode, "sha256": s["sha256"], "frames": str(len(s["frame_indices"])),
                 }
-                write_item(item_path(out_dir, keys[s["id"]]), tensors, meta)
+                save_item(out_dir, store, keys[s["id"]], tensors, meta)
         finally:
             del vae
             free(device)

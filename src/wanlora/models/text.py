@@ -24,12 +24,12 @@ from wanlora.models.cachefiles import (
     INDEX,
     CacheError,
     free,
-    is_valid,
     item_path,
     read_index,
     read_item,
     remove_stale,
-    write_item,
+    restore,
+    save_item,
 )
 from wanlora.models.loading import (
     clean_prompt,
@@ -105,13 +105,14 @@ def run_stage(
     dtype: str,
     quant: str,
     device: str,
+    store: Path | None = None,
 ) -> None:
     """Encode the texts that have no valid cache file, remove files no longer needed, write index.json."""
     out_dir = Path(out_dir)
     texts = needed_texts(read_jsonl(captions_manifest), prompts, trigger)
     encoder = encoder_identity(root)
     keys = {t: cache_key(t, encoder, dtype, quant) for t in texts}
-    todo = [t for t in texts if not is_valid(item_path(out_dir, keys[t]), encoder=encoder)]
+    todo = [t for t in texts if not restore(out_dir, store, keys[t], encoder=encoder)]
 
     if todo:
         tokenizer = load_tokenizer(root)
@@ -127,7 +128,7 @@ def run_stage(
                     "text": text, "encoder": encoder, "dtype": dtype, "quant": quant,
                     "max_length": str(MAX_LENGTH), "tokens": str(embeds.shape[0]),
                 }
-                write_item(item_path(out_dir, keys[text]), {"prompt_embeds": embeds}, meta)
+                save_item(out_dir, store, keys[text], {"prompt_embeds": embeds}, meta)
         finally:
             del model
             free(device)

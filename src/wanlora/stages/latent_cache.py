@@ -14,5 +14,6 @@ def main() -> None:
         mode=params.train.latent_mode,
         dtype="fp32",
         device=resolve_device(params.job.device),
+        store=WORKSPACE / "scratch/cache/latents",
         enabled_datasets={name for name, ds in params.datasets.items() if ds.cache_latents},
     )

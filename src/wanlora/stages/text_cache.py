@@ -15,4 +15,5 @@ def main() -> None:
         dtype=params.model.dtype,
         quant=params.quantization.text_encoder,
         device=resolve_device(params.job.device),
+        store=WORKSPACE / "scratch/cache/text",
     )
