@@ -13,9 +13,9 @@ group runs half of them.
 
 Why a manual all-reduce of LoRA gradients rather than torch DDP: the reduction runs once per
 optimizer step, after the last accumulation micro-step, over the LoRA gradients only (r16 on both
-attentions and the FFN of A14B: 76.7M values, 307 MB as fp32). On NVLink that is a few
-milliseconds against 2-15 s of compute per step, so DDP's overlap with backward would save well
-under 1%. In exchange the model stays unwrapped: peft's disable_adapters (DOP's prior pass),
+attentions and the FFN of A14B: 76.7M values, 307 MB as fp32). At NVLink's few hundred GB/s that
+is about 1-2 ms (an estimate; bench/scaling.py measures the whole step) against 2-15 s of compute
+per step, so DDP's overlap with backward would save well under 1%. In exchange the model stays unwrapped: peft's disable_adapters (DOP's prior pass),
 set_adapters, block offloading hooks, checkpointing, quantized bases and FSDP all see the bare
 module; there is no no_sync bookkeeping for accumulation and no "parameter marked ready twice"
 failure when DOP runs two forwards before one backward. Gradients are summed in fp32 even when the
