@@ -15,11 +15,12 @@ Why a manual all-reduce of LoRA gradients rather than torch DDP: the reduction r
 optimizer step, after the last accumulation micro-step, over the LoRA gradients only (r16 on both
 attentions and the FFN of A14B: 76.7M values, 307 MB as fp32). At NVLink's few hundred GB/s that
 is about 1-2 ms (an estimate; bench/scaling.py measures the whole step) against 2-15 s of compute
-per step, so DDP's overlap with backward would save well under 1%. In exchange the model stays unwrapped: peft's disable_adapters (DOP's prior pass),
-set_adapters, block offloading hooks, checkpointing, quantized bases and FSDP all see the bare
-module; there is no no_sync bookkeeping for accumulation and no "parameter marked ready twice"
-failure when DOP runs two forwards before one backward. Gradients are summed in fp32 even when the
-LoRA is bf16, which DDP would reduce in bf16.
+per step, so DDP's overlap with backward would save well under 1%. In exchange the model stays
+unwrapped: peft's disable_adapters (DOP's prior pass), set_adapters, block offloading hooks,
+checkpointing, quantized bases and FSDP all see the bare module; there is no no_sync bookkeeping
+for accumulation and no "parameter marked ready twice" failure when DOP runs two forwards before
+one backward. Gradients are summed in fp32 even when the LoRA is bf16 (DDP reduces in bf16).
+Expert-parallel groups of one rank skip the reduction entirely.
 """
 
 from __future__ import annotations
