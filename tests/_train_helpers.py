@@ -75,10 +75,10 @@ def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, s
 
 
 def make_workspace(ws: Path, model_dir: Path, n_clips: int = 2, patch: list[int] | None = None,
-                   scale: float = 2.0, smooth: bool = False) -> Path:
+                   scale: float = 2.0, smooth: bool = False, buckets: list[str] | None = None) -> Path:
     root = tiny_model(model_dir, patch)
     ws.mkdir(parents=True, exist_ok=True)
-    write_inputs(ws, n_clips)
+    write_inputs(ws, n_clips, buckets)
     text_cache(root=root, captions_manifest=ws / "data/captions/captions.jsonl", prompts=[], trigger="sks",
                out_dir=ws / "data/cache/text", dtype="fp32", quant="none", device="cpu")
     write_latents(ws, root, scale=scale, smooth=smooth)

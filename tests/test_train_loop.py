@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from _train_helpers import copy_workspace, make_workspace, tiny_params, write_latents
+from _train_helpers import BUCKET, copy_workspace, make_workspace, tiny_params, write_latents
 from wanlora.config import DEFAULT_TARGETS, ParamsError, parse_params
 from wanlora.models.loading import model_identity
 from wanlora.report import InputError
@@ -261,3 +261,18 @@ def test_lora_trains_on_a_quantized_base(ws, template, mode, recovery):
     got = [r.get("loss_high", r.get("loss_low")) for r in tr.history]
     want = [r.get("loss_high", r.get("loss_low")) for r in ref.history]
     assert got == pytest.approx(want, rel=0.05)
+
+
+def test_batches_of_two_never_mix_clips_and_images(template, tmp_path, monkeypatch):
+    """Three clips of 5 frames and one image (1 frame) with batch_size 2: clip batches hold two
+    latents of one shape, the image trains alone, and its too-small bucket is reported."""
+    ws = make_workspace(tmp_path / "ws", template[1], n_clips=4, buckets=[BUCKET, BUCKET, BUCKET, "32x32x1"])
+    shapes: list[tuple[int, ...]] = []
+    real = loop.training_step
+    monkeypatch.setattr(loop, "training_step", lambda m, b, **kw: shapes.append(tuple(b.latents.shape)) or real(m, b, **kw))
+    tr = loop.setup(tiny_params(template[1], train={"steps": 6, "batch_size": 2}), ws)
+    loop.train(tr)
+    assert set(shapes) <= {(2, 16, 2, 4, 4), (1, 16, 2, 4, 4), (1, 16, 1, 4, 4)} and (2, 16, 2, 4, 4) in shapes
+    assert (1, 16, 1, 4, 4) in shapes
+    report = json.loads((ws / "data/train_live/data_problems.json").read_text())
+    assert [p["path"] for p in report["problems"]] == ["bucket 32x32x1"]
