@@ -90,6 +90,19 @@ def test_single_process_environment_and_device_conflict(monkeypatch: pytest.Monk
         shard_base(tiny_expert(0), ONE)
 
 
+@pytest.mark.parametrize("mode", ["uint4", "qfloat8"])
+def test_shard_base_refuses_a_quantized_base_before_any_collective(mode: str) -> None:
+    from wanlora.models.quant import quantize_transformer
+
+    model = tiny_expert(0)
+    quantize_transformer(model, mode, group_size=16, device="cpu")
+    two = DistEnv(rank=0, world=2)  # no process group: the guard must stop before FSDP is touched
+    with pytest.raises(DistributedError, match="does not combine with a quantized base"):
+        shard_base(model, two)
+    with pytest.raises(DistributedError, match="does not combine with model.layer_offloading"):
+        shard_base(tiny_expert(0), two, offloading=True)
+
+
 def test_seeds_are_functions_of_their_keys() -> None:
     assert rank_seed(42, 0) == rank_seed(42, 0) != rank_seed(42, 1)
     assert 0 <= derive_seed(42, "x") < 2**63

@@ -27,7 +27,12 @@ from wanlora.train.distributed import DistEnv, DistributedError
 
 
 def _quantized(model: torch.nn.Module) -> bool:
-    return any(type(p.data) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters())
+    """Any linear `wanlora.models.quant` recognises as quantized, or any parameter that is a tensor
+    subclass (quanto, torchao) or a Parameter subclass (bitsandbytes)."""
+    from wanlora.models.quant import quantized_modules
+
+    return bool(quantized_modules(model)) or any(
+        type(p) is not torch.nn.Parameter or type(p.data) is not torch.Tensor for p in model.parameters())
 
 
 def shard_base(model: torch.nn.Module, env: DistEnv, group: Any = None, *, offloading: bool = False,
