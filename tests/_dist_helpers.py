@@ -38,7 +38,7 @@ from wanlora.train.dist_parallel import (
     StepOutcome, make_groups, optimizer_step, plan_parallel, reduce_gradients, world_metrics,
 )
 from wanlora.train.distributed import (
-    Cursor, DistEnv, batch_generator, distributed, gather_objects, rank_share, take_batches,
+    Cursor, DistEnv, barrier, batch_generator, distributed, gather_objects, rank_share, shard, take_batches,
 )
 from wanlora.train.lora import add_lora, lora_file_bytes, lora_state_dict
 from wanlora.train.optim import build_optimizer
@@ -208,7 +208,22 @@ def scenario_sharded(env: DistEnv, out: Path, results: dict) -> None:
                              cursor=cursor2, extra={"history": [], "bad_steps": 0}, lora_files=lora_files)
 
 
-SCENARIOS = [scenario_dp_grads, scenario_dp_resume, scenario_expert_parallel, scenario_sharded]
+def scenario_cache_split(env: DistEnv, out: Path, results: dict) -> None:
+    """The caching-stage pattern: each rank encodes its shard (disjoint per-sample files), reports
+    its problems; after the barrier rank 0 sees every file and writes the merged report."""
+    items = [f"clip{i}" for i in range(7)]
+    mine = shard(items, env.rank, env.world)
+    for item in mine:
+        atomic_write_bytes(out / "cache" / f"{item}.bin", item.encode())
+    problems = gather_objects([f"{item}: odd" for item in mine if item.endswith(("3", "5"))], env)
+    barrier(env)
+    if env.is_main:
+        results["cache_files"] = sorted(p.name for p in (out / "cache").iterdir())
+        results["cache_problems"] = sorted(sum(problems, []))
+        results["cache_share"] = mine
+
+
+SCENARIOS = [scenario_cache_split, scenario_dp_grads, scenario_dp_resume, scenario_expert_parallel, scenario_sharded]
 
 
 def main(out: Path) -> None:

@@ -178,6 +178,13 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out, json.loads((out / "results.json").read_text())
 
 
+def test_cache_stages_split_work_and_rank0_sees_all(two_ranks) -> None:
+    _, results = two_ranks
+    assert results["cache_files"] == [f"clip{i}.bin" for i in range(7)]
+    assert results["cache_share"] == ["clip0", "clip2", "clip4", "clip6"]
+    assert results["cache_problems"] == ["clip3: odd", "clip5: odd"]  # rank 1 found them, rank 0 reports
+
+
 def single_run(steps: int, accum: int, expert: str = "low", seed: int = 0):
     """The one-process reference: `steps` optimizer steps with `accum` micro-batches each."""
     model, data = tiny_expert(seed), SyntheticData()
