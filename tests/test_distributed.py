@@ -23,8 +23,8 @@ from wanlora.train.dist_checkpoint import ExpertParts, _pack, _unpack, load_para
 from wanlora.train.dist_fsdp import shard_base  # noqa: E402
 from wanlora.train.dist_parallel import plan_parallel, reduce_gradients, world_metrics  # noqa: E402
 from wanlora.train.distributed import (  # noqa: E402
-    Cursor, DistEnv, DistributedError, batch_generator, derive_seed, init_distributed, launch_ranks, rank_seed,
-    rank_share, shard, take_batches,
+    Cursor, DistEnv, DistributedError, batch_generator, derive_seed, init_distributed, launch_count, launch_ranks,
+    rank_seed, rank_share, relaunch_command, relaunch_if_needed, shard, take_batches,
 )
 from wanlora.train.lora import PREFIX, lora_state_dict  # noqa: E402
 from wanlora.train.optim import build_optimizer  # noqa: E402
@@ -101,6 +101,18 @@ def test_shard_base_refuses_a_quantized_base_before_any_collective(mode: str) ->
         shard_base(model, two)
     with pytest.raises(DistributedError, match="does not combine with model.layer_offloading"):
         shard_base(tiny_expert(0), two, offloading=True)
+
+
+def test_stage_relaunches_itself_under_torchrun_only_when_useful(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launch_count(0, "cpu") == 1 and launch_count(4, "cuda:1") == 1  # no GPU here / one pinned GPU
+    cmd = relaunch_command(4, ["stages/train.py"])
+    assert cmd is not None and cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                                           "stages/train.py"]
+    assert relaunch_command(1, ["stages/train.py"]) is None
+    monkeypatch.setenv("WORLD_SIZE", "4")  # already a launched rank: never launch again
+    assert relaunch_command(4, ["stages/train.py"]) is None
+    relaunch_if_needed(0, "cpu")  # returns: nothing to relaunch on a CPU machine
 
 
 def test_seeds_are_functions_of_their_keys() -> None:

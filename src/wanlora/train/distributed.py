@@ -20,6 +20,8 @@ import contextlib
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -133,6 +135,39 @@ def distributed(device: str = "auto") -> Iterator[DistEnv]:
         yield env
     finally:
         shutdown(env)
+
+
+# ------------------------------------------------------------------ self-launch for DVC
+def launch_count(gpus: int, device: str) -> int:
+    """How many processes the train stage should run: `gpus` (train.gpus; 0 = every visible GPU),
+    1 on CPU or with a pinned `cuda:N` device, and never more than the GPUs there are."""
+    if device == "cpu" or device.startswith("cuda:") or not torch.cuda.is_available():
+        return 1
+    visible = torch.cuda.device_count()
+    if gpus > visible:
+        raise DistributedError(f"train.gpus is {gpus} but {visible} GPU(s) are visible; "
+                               f"set train.gpus: {visible} (or 0 for all of them)")
+    return gpus or visible
+
+
+def relaunch_command(nproc: int, argv: Sequence[str]) -> list[str] | None:
+    """The torchrun command that reruns this stage script on `nproc` local processes, or None
+    when one process suffices or a launcher (torchrun, accelerate) already started us.
+
+    This is what lets `dvc repro` use every GPU with no change to dvc.yaml: the stage's plain
+    `python stages/train.py` re-executes itself under torchrun's elastic launcher.
+    """
+    if nproc <= 1 or os.environ.get("WORLD_SIZE") is not None:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *argv]
+
+
+def relaunch_if_needed(gpus: int, device: str) -> None:
+    """Run this script again under torchrun when several GPUs should train, then exit with its
+    status; return (doing nothing) in the single-process case and inside launched ranks."""
+    cmd = relaunch_command(launch_count(gpus, device), sys.argv)
+    if cmd is not None:
+        raise SystemExit(subprocess.call(cmd))
 
 
 # --------------------------------------------------------------------- rank-aware I/O
