@@ -122,3 +122,13 @@ def test_sigkill_of_the_stage_then_resume(template, uninterrupted, tmp_path):
     loop.run_stage(params, ws)
     assert _losses(ws) == _losses(uninterrupted)
     assert _lora_bytes(ws) == _lora_bytes(uninterrupted)
+
+
+def test_run_key_follows_what_the_stage_reads(template):
+    ws, root = template
+    base = tiny_params(root, **RICH)
+    key = loop.run_key(base, ws)
+    same = tiny_params(root, **RICH, sample={"prompts": ["[trigger] on a beach"]}, export={"step": "last"})
+    assert loop.run_key(same, ws) == key  # sample/export edits keep a half-trained run resumable
+    assert loop.run_key(tiny_params(root, **{**RICH, "network": {"rank": 8}}), ws) != key
+    assert loop.run_key(tiny_params(root, **RICH, job={"seed": 4}), ws) != key

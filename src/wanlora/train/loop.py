@@ -75,9 +75,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def run_key(params: Params, workspace: Path) -> str:
-    """Folder name of this run's resumable state: the resolved params and the input manifests."""
-    inputs = {p: sha256_file(workspace / p) for p in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl")}
-    return sha256_json({"params": params.model_dump(mode="json"), "inputs": inputs})[:16]
+    """Folder name of this run's resumable state: a hash of the resolved params this stage reads
+    (editing sample prompts does not throw away a half-trained run) and of its input manifests."""
+    p = params.model_dump(mode="json")
+    read = {k: p[k] for k in ("model", "quantization", "multistage", "network", "save", "train")}
+    read["seed"] = p["job"]["seed"]
+    read["cache_latents"] = {n: d["cache_latents"] for n, d in p["datasets"].items()}
+    inputs = {f: sha256_file(workspace / f) for f in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl")}
+    return sha256_json({"params": read, "inputs": inputs})[:16]
 
 
 def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, device: torch.device,
@@ -136,7 +141,7 @@ def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.devi
     @torch.no_grad()
     def encode(record: dict) -> dict[str, torch.Tensor]:
         mean, logvar = encode_frames(vae, load_frames(record, workspace))
-        return {"mean": mean, "logvar": logvar}
+        return {"latent": mean} if params.train.latent_mode == "mode" else {"mean": mean, "logvar": logvar}
 
     return encode
 
