@@ -4,7 +4,9 @@
 #   bench/run_gpu.sh [ITEM ...]
 # ITEM is a bench/train_step.py configuration (`python -m bench.train_step --list`) or
 # naive:FRAMES:HEIGHT:WIDTH for the hand-wired diffusers+peft baseline; append +profile to also
-# write a torch.profiler summary of one step. With no ITEM, the default list below runs.
+# write a torch.profiler summary of one step, and @SECONDS to give it its own time limit (default
+# $PER_ITEM_TIMEOUT). Budget for compilation: the first step of a new clip shape or base type
+# compiles for 25-70 s on an H100. With no ITEM, the default list below runs (~14 min: two calls).
 #
 # On the device machine: wheels of packages its image lacks travel in .whl/ (carry it); compiled
 # kernels travel in .cache/inductor.tgz when an earlier call brought them back (carry .cache),
@@ -33,10 +35,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 ITEMS=("$@")
 if [ ${#ITEMS[@]} -eq 0 ]; then
-  ITEMS=(naive:33:512:512 ours_33f_1expert+profile 33f_bf16_both_sw1 81f_bf16_1expert+profile 33f_bf16_sw10_host)
+  ITEMS=(naive:33:512:512@60 ours_33f_1expert+profile@110 33f_bf16_both_sw1@90 81f_bf16_1expert+profile@170
+         33f_float8_1expert_fullckpt@100 33f_uint4_1expert_fullckpt@110 quant_cache_float8@90
+         33f_bf16_sw10_host@150 81f_1024_float8_fullckpt@240)
 fi
 
-for item in "${ITEMS[@]}"; do
+for spec in "${ITEMS[@]}"; do
+  item=${spec%@*}
+  limit=$PER_ITEM_TIMEOUT
+  [ "$item" != "$spec" ] && limit=${spec##*@}
   name=${item%+profile}
   extra=()
   [ "$name" != "$item" ] && extra=(--profile)
@@ -49,14 +56,15 @@ for item in "${ITEMS[@]}"; do
     cmd=("$PY" -m bench.train_step "$name" --out "$OUT" "${extra[@]}" "${BENCH_ARGS[@]}")
     log="$OUT/log_${name}.txt"
   fi
-  timeout "$PER_ITEM_TIMEOUT" "${cmd[@]}" >"$log" 2>&1
+  timeout "$limit" "${cmd[@]}" >"$log" 2>&1
   rc=$?
   grep -E "built in|step [0-9]+:|ROW|Error" "$log" | cut -c1-300 | tail -12
   [ $rc -ne 0 ] && echo "!!! $item exited $rc" && tail -5 "$log"
+  # one archive of logs, appended as we go: the tool brings back at most 8 files, even after a timeout
+  tar rf "$OUT/logs.tar" -C "$OUT" "$(basename "$log")" && rm -f "$log"
 done
 
-# logs in one file (the tool brings back at most 8 files), compiled kernels for the next call
-tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls log_*.txt profile_*.md 2>/dev/null) && rm -f "$OUT"/log_*.txt
+# compiled kernels for the next call
 tar czf "$OUT/inductor.tgz" -C /tmp inductor 2>/dev/null
 [ "$(stat -c %s "$OUT/inductor.tgz")" -gt 15000000 ] && rm -f "$OUT/inductor.tgz" && echo "inductor cache too big to bring back"
 cat "$OUT"/profile_*.md 2>/dev/null | head -60

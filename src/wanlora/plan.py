@@ -41,11 +41,11 @@ ATTENTION_TFLOPS = 540.0
 #: Optimizer step of one expert's LoRA (bitsandbytes AdamW8bit: ~800 tensors, one launch each): the
 #: profiler's 85-95 ms; torch AdamW is foreach and far cheaper (not measured, ~10 ms assumed).
 OPTIMIZER_S = {"adamw8bit": 0.09, "adamw": 0.01, "adafactor": 0.03}
-#: Seconds per GiB to park an expert in host memory with the trainer's current mover (device ->
-#: pageable -> pin_memory per tensor): 53 s for one 26.6 GiB expert, seen as the build time of the
-#: low_vram run (56.5 s against 3.6 s with both resident). Fetching back is a pinned copy, ~0.05 s/GiB
-#: (not measured: 20 GB/s assumed).
-PARK_S_PER_GIB = 2.0
+#: Seconds per GiB of an expert switch when the inactive expert waits in host memory. The trainer
+#: parks experts with `accel.park_frozen`: after a one-time host mirror (15.5 s for 26.6 GiB, the
+#: low_vram build's 19.1 s against 3.6 s resident), parking is free and fetching is one pinned
+#: host-to-device copy, assumed 20 GB/s (not yet timed on the GPU). The mover it replaced
+#: (device -> pageable -> pin_memory per tensor) took ~53 s to park one bf16 expert.
 FETCH_S_PER_GIB = 0.05
 #: Memory max_memory_allocated does not show: CUDA context, cuBLAS/cuDNN workspaces, fragmentation.
 RESERVE_GIB = 2.0
@@ -179,7 +179,7 @@ def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointi
     peak = both if resident == "both" and len(names) == 2 else one
     switch = 0.0
     if len(names) == 2 and resident == "one" and ms.expert_choice == "alternate":
-        per_switch = w * (PARK_S_PER_GIB + FETCH_S_PER_GIB)
+        per_switch = w * FETCH_S_PER_GIB
         switch = per_switch / (ms.switch_every * tr.gradient_accumulation * s)
     return PlanResult(gpu_gib, clip, tokens, quant, checkpointing, compiled, resident, plans, peak,
                       peak + RESERVE_GIB <= gpu_gib, s, switch)
