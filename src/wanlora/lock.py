@@ -1,0 +1,49 @@
+"""One writer per output folder: an advisory lock that names the process holding it.
+
+DVC's own lock stops two `dvc repro` in one workspace, but not a second trainer started by hand
+(`python stages/train.py`, a notebook, `dvc repro` in a copy sharing scratch/): two trainers on one
+state folder would interleave checkpoints and publish a LoRA pair from two different runs.
+
+`fcntl.flock` is released by the kernel when the holder exits, however it exits (SIGKILL
+included), so a crashed run never leaves a stale lock behind and nothing has to be cleaned up.
+The lock file itself is not written atomically on purpose: it must stay the same inode while
+held; its text (PID and command) is only a hint for the error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock; the message names it and what to do."""
+
+
+@contextlib.contextmanager
+def hold(path: str | Path, what: str = "this output folder") -> Iterator[Path]:
+    """Hold an exclusive lock on the file `path` (created if missing) for the `with` block.
+
+    Raises LockedError at once, without waiting, when another process holds it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+            raise LockedError(
+                f"{path}: {what} is in use by {holder}. Fix: wait for that run to finish or stop it "
+                "(the lock goes with the process, so nothing needs deleting afterwards)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} ({' '.join(sys.argv)[:200]})\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
