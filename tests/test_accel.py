@@ -114,6 +114,8 @@ def test_settings_follow_params() -> None:
     p = parse_params({"train": {"gradient_checkpointing": False}})
     assert settings_from_params(p).checkpointing == "none"
     assert settings_from_params(p, checkpointing="full").checkpointing == "full"
+    p = parse_params({"model": {"compile": True, "layer_offloading": True}})
+    assert settings_from_params(p).compile is False
 
 
 def test_parking_keeps_one_host_copy_and_leaves_the_lora_alone() -> None:

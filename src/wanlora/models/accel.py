@@ -76,12 +76,14 @@ def settings_from_params(params: Params, checkpointing: Checkpointing | None = N
 
     `train.gradient_checkpointing: true` means `selective` (same memory class as full, faster),
     unless `checkpointing` overrides it (the planner passes `full` when selective does not fit).
+    Compilation is off under `model.layer_offloading`: block offloading swaps the block's weights
+    inside its forward (`wanlora.train.offload`), which a compiled block would trace into.
     """
     if checkpointing is None:
         checkpointing = "selective" if params.train.gradient_checkpointing else "none"
     return AccelSettings(
         checkpointing=checkpointing,
-        compile=params.model.compile,
+        compile=params.model.compile and not params.model.layer_offloading,
         attention_backend=params.model.attention_backend,
     )
 
