@@ -60,7 +60,7 @@ def keyframe_near(path: str | Path, info: MediaInfo, target: int, lo: int, hi: i
         return None
     k = info.rotation // 90
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), metadata_errors="replace") as container:
             stream = container.streams.video[0]
             t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             container.seek(_seek_ts(stream, t0, target, info.fps), stream=stream, backward=True)
@@ -133,7 +133,7 @@ def _iter_pyav(path: Path, info: MediaInfo, start: int, stop: int | None, gray: 
     k = info.rotation // 90
     coded = displayed_size(*size, info.rotation) if size else None
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), metadata_errors="replace") as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0

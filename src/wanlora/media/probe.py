@@ -119,7 +119,7 @@ def _probe_image(path: Path) -> MediaInfo:
 
 def _probe_pyav(path: Path) -> MediaInfo:
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), metadata_errors="replace")  # corrupt or Latin-1 tags are not fatal
     except av.error.FFmpegError as err:
         if _mp4_cut_short(path):
             raise MediaError(
