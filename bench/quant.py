@@ -124,7 +124,10 @@ def main() -> None:
           f"ffn {cfg['ffn_dim']}; latent {latent}; rank {args.rank}; group {group}")
 
     t = time.perf_counter()
-    ref = build_transformer(cfg, torch.bfloat16, "cpu", seed=0)  # host memory, like a loaded checkpoint
+    # random init is fast on the GPU; the expert then waits in host memory, like a loaded checkpoint
+    ref = build_transformer(cfg, torch.bfloat16, device, seed=0).to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     print(f"built bf16 expert on CPU in {time.perf_counter() - t:.1f} s; {size(weight_bytes(ref))}")
     weights = weights_from_model(ref)
 

@@ -286,7 +286,11 @@ def _qfloat8(linear: nn.Linear, device: torch.device) -> nn.Module:
     from optimum.quanto.nn import quantize_module as quanto_module
 
     home = linear.weight.device
-    module = quanto_module(linear.to(device), weights=qfloat8)
+    staged = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    staged.weight = nn.Parameter(linear.weight.detach().to(device), requires_grad=False)  # a copy:
+    if linear.bias is not None:  # the caller's module is left where it is
+        staged.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+    module = quanto_module(staged, weights=qfloat8)
     module.freeze()
     return module.to(home)
 
