@@ -4,6 +4,8 @@
 WORLD_SIZE and LOCAL_RANK; `init_distributed` reads them, pins each rank to GPU LOCAL_RANK and
 opens the process group (NCCL on CUDA, gloo on CPU). Without those variables it returns a
 one-process environment and every helper here is a no-op, so the single-GPU path is the same code.
+Under plain `dvc repro`, `relaunch_if_needed` re-runs the stage script under torchrun when
+train.gpus asks for more than one GPU.
 
 Reproducibility does not rest on per-rank random streams. Everything random about one global
 batch (latent draw, timesteps, noise, caption dropout, LoRA dropout) comes from a generator seeded
@@ -154,8 +156,8 @@ def relaunch_command(nproc: int, argv: Sequence[str]) -> list[str] | None:
     """The torchrun command that reruns this stage script on `nproc` local processes, or None
     when one process suffices or a launcher (torchrun, accelerate) already started us.
 
-    This is what lets `dvc repro` use every GPU with no change to dvc.yaml: the stage's plain
-    `python stages/train.py` re-executes itself under torchrun's elastic launcher.
+    This is what lets `dvc repro` train on several GPUs (train.gpus) with no change to dvc.yaml:
+    the stage's plain `python stages/train.py` re-executes itself under torchrun's launcher.
     """
     if nproc <= 1 or os.environ.get("WORLD_SIZE") is not None:
         return None
