@@ -238,3 +238,17 @@ def test_prepare_expert_fits_once_then_loads_corrections(tmp_path, monkeypatch):
     assert torch.equal(first(**x)[0], second(**x)[0])
     with pytest.raises(ValueError, match="needs calibration inputs and the original weights"):
         recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "other"})
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_weights_from_safetensors_reads_a_diffusers_folder(tmp_path, shard):
+    from wanlora.models.recovery import weights_from_safetensors
+
+    model = tiny_expert()
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert bool(list(tmp_path.glob("*.index.json"))) == bool(shard)
+    load = weights_from_safetensors(tmp_path)
+    for name in ("blocks.1.ffn.net.2", "condition_embedder.time_proj"):
+        assert torch.equal(load(name), model.get_submodule(name).weight)
+    with pytest.raises(KeyError, match="no tensor blocks.9.attn1.to_q.weight"):
+        load("blocks.9.attn1.to_q")
