@@ -44,6 +44,38 @@ def test_full_repro_then_nothing_reruns(workspace: Path):
     assert _repro(workspace) == []
 
 
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert out.returncode == 0, f"{cmd}: {out.stdout}{out.stderr}"
+    return out
+
+
+def test_team_workflow_push_clone_pull_audit(workspace: Path, tmp_path: Path):
+    """A teammate clones the repo, pulls data and LoRAs from the remote, and audits the export."""
+    from typer.testing import CliRunner
+
+    from wanlora.cli import app
+
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "remote", "add", "-d", "-f", "team", str(tmp_path / "remote")], workspace)
+    _run(["git", "add", "-A"], workspace)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "trained"], workspace)
+    _run([*dvc, "push", "-q"], workspace)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path)
+    _run([*dvc, "pull", "-q"], clone)
+
+    export = sorted((clone / "data/exports/comfyui").glob("*_high_noise.safetensors"))[0]
+    result = CliRunner().invoke(app, ["audit", str(export), "--workspace", str(clone)])
+    assert result.exit_code == 0, result.output
+    assert "walk_black_intro.mp4" in result.output
+
+    caption = clone / "data/raw/walk_black_intro.txt"
+    caption.write_text(caption.read_text(encoding="utf-8") + " at dusk", encoding="utf-8")
+    result = CliRunner().invoke(app, ["audit", str(export), "--workspace", str(clone)])
+    assert result.exit_code == 1 and "changed" in result.output
+
+
 def test_caption_edit_reruns_only_caption_stages(workspace: Path):
     caption = workspace / "data/raw/walk_black_intro.txt"
     caption.write_text(caption.read_text(encoding="utf-8") + " in the rain", encoding="utf-8")

@@ -112,11 +112,15 @@ def audit(
     file: Annotated[Path, typer.Argument(help="A LoRA or exported .safetensors file.")],
     workspace: WorkspaceOpt = Path("."),
 ) -> None:
-    """Which clips and captions made this file, and do they still match the workspace?"""
+    """Which clips and captions made this file, and do they still match the workspace?
+
+    Exit status: 0 every clip and caption unchanged; 1 some changed or missing; 2 the file's lineage
+    cannot be verified (none recorded, sidecar missing).
+    """
     from wanlora.export.audit import audit as run_audit
 
     result = run_audit(file, workspace)
-    raise typer.Exit(0 if result.ok else 1)
+    raise typer.Exit(0 if result.all_unchanged else 1 if result.ok else 2)
 
 
 @app.command("import-lora")
