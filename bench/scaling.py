@@ -74,7 +74,8 @@ def run(args, env) -> None:
     groups = make_groups(plan, env)
     (expert,) = plan.experts_of(env.rank)
     members = plan.groups[expert]
-    name = f"{'fsdp' if args.sharded else plan.mode[0] + 'p'}{env.world}" + (f"_acc{args.accum}" if args.accum > 1 else "")
+    name = (f"{plan.mode[0]}p{env.world}" + ("_fsdp" if args.sharded else "")
+            + (f"_acc{args.accum}" if args.accum > 1 else ""))
     t0 = time.perf_counter()
     try:
         model = build_transformer(cfg, dtype, device, seed=0 if expert == "high" else 1)
