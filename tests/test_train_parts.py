@@ -303,3 +303,18 @@ def test_epoch_batches_never_mix_buckets_and_are_seeded():
     assert e0 == epoch_batches(buckets, 2, seed=4, epoch=0) != epoch_batches(buckets, 2, seed=4, epoch=1)
     report = small_buckets(buckets, 2)
     assert [p.path for p in report] == ["bucket C"] and "fewer than train.batch_size=2" in report[0].reason
+
+
+def test_placing_an_expert_leaves_offloaded_blocks_to_the_offloader():
+    from wanlora.train.experts import placement_parts
+
+    model = _expert()
+    off = BlockOffload(model, torch.device("cpu"), 0.5, mover=lambda m, w: None)
+    assert off.blocks == [model.blocks[0]]
+    modules, own = placement_parts(model, {id(b) for b in off.blocks})
+    assert model.blocks[1] in modules and all(m is not model.blocks[0] for m in modules)
+    assert model.proj_out in modules and model.condition_embedder in modules
+    assert [t.shape for t in own] == [model.scale_shift_table.shape]
+    covered = {id(p) for m in modules for p in m.parameters()} | {id(t) for t in own}
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    assert frozen - covered == {id(p) for p in model.blocks[0].parameters() if not p.requires_grad}

@@ -104,6 +104,37 @@ def both_fit(models: dict[Expert, torch.nn.Module], device: torch.device, low_vr
 Mover = Callable[[torch.nn.Module, str, bool], None]
 
 
+def placement_parts(model: torch.nn.Module, skip: set[int]) -> tuple[list[torch.nn.Module], list[torch.Tensor]]:
+    """What moves when an expert is placed: every child module except the transformer blocks in
+    `skip` (ids of blocks that block offloading streams by itself), plus the frozen tensors held
+    directly by the model (Wan's `scale_shift_table`)."""
+    modules: list[torch.nn.Module] = []
+    for name, child in model.named_children():
+        if name == "blocks":
+            modules += [b for b in child if id(b) not in skip]
+        else:
+            modules.append(child)
+    own = [t for t in list(model._parameters.values()) + list(model._buffers.values())
+           if t is not None and not t.requires_grad]
+    return modules, own
+
+
+def make_mover(device: torch.device, skip: set[int] = frozenset()) -> Mover:  # type: ignore[assignment]
+    """The placer's mover: frozen tensors swap to a pinned host mirror and back
+    (`wanlora.models.accel.park_frozen`); LoRA weights stay put; offloaded blocks are left to
+    the block offloader, so placing an expert never pulls all of its blocks onto the device."""
+
+    def move(model: torch.nn.Module, where: str, non_blocking: bool) -> None:
+        modules, own = placement_parts(model, skip)
+        for m in modules:
+            park_frozen(m, where, device, non_blocking)
+        target = device if where == "device" else torch.device("cpu")
+        for t in own:
+            t.data = t.data.to(target, non_blocking=non_blocking)
+
+    return move
+
+
 @dataclass
 class ExpertPlacer:
     """Applies `plan_placement` to the loaded experts, prefetching on a side stream on CUDA."""
@@ -116,8 +147,8 @@ class ExpertPlacer:
     _stream: object = None
 
     def __post_init__(self) -> None:
-        if self.mover is None:  # frozen tensors swap to a pinned host mirror and back; LoRA stays put
-            self.mover = lambda m, w, nb: park_frozen(m, w, self.device, nb)
+        if self.mover is None:
+            self.mover = make_mover(self.device)
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
 

@@ -24,7 +24,7 @@ from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.report import InputError, console, write_problems
 from wanlora.train import checkpoint as ckpt
-from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit
+from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit, make_mover
 from wanlora.train.lora import Ema, add_lora, load_lora_state_dict, lora_file_bytes, lora_state_dict
 from wanlora.train.monitor import Monitor, peak_memory_gib
 from wanlora.train.offload import BlockOffload
@@ -227,11 +227,7 @@ def setup(params: Params, workspace: Path) -> Trainer:
         experts[e], off = _load_expert(root, e, params, workspace, device, dtype,
                                        device if where[e] == "device" else torch.device("cpu"), calib)
         offloads += off
-    mover = None
-    if device.type == "cuda":
-        from wanlora.models.accel import park_frozen
-
-        mover = lambda m, w, nb: park_frozen(m, w, device, nb)  # noqa: E731
+    mover = make_mover(device, {id(b) for off in offloads for b in off.blocks})
     placer = ExpertPlacer(experts, device, both_fit(experts, device, params.model.low_vram), mover, where)
     placer.prepare(active[0])
     trainable = {e: [p for p in m.parameters() if p.requires_grad] for e, m in experts.items()}
