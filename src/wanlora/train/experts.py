@@ -20,7 +20,7 @@ references remain valid.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,7 +104,7 @@ def both_fit(models: dict[Expert, torch.nn.Module], device: torch.device, low_vr
 Mover = Callable[[torch.nn.Module, str, bool], None]
 
 
-def placement_parts(model: torch.nn.Module, skip: set[int]) -> tuple[list[torch.nn.Module], list[torch.Tensor]]:
+def placement_parts(model: torch.nn.Module, skip: Collection[int]) -> tuple[list[torch.nn.Module], list[torch.Tensor]]:
     """What moves when an expert is placed: every child module except the transformer blocks in
     `skip` (ids of blocks that block offloading streams by itself), plus the frozen tensors held
     directly by the model (Wan's `scale_shift_table`)."""
@@ -119,7 +119,7 @@ def placement_parts(model: torch.nn.Module, skip: set[int]) -> tuple[list[torch.
     return modules, own
 
 
-def make_mover(device: torch.device, skip: set[int] = frozenset()) -> Mover:  # type: ignore[assignment]
+def make_mover(device: torch.device, skip: Collection[int] = ()) -> Mover:
     """The placer's mover: frozen tensors swap to a pinned host mirror and back
     (`wanlora.models.accel.park_frozen`); LoRA weights stay put; offloaded blocks are left to
     the block offloader, so placing an expert never pulls all of its blocks onto the device."""
