@@ -280,3 +280,16 @@ def test_batches_of_two_never_mix_clips_and_images(template, tmp_path, monkeypat
     assert (1, 16, 1, 4, 4) in shapes
     report = json.loads((ws / "data/train_live/data_problems.json").read_text())
     assert [p["path"] for p in report["problems"]] == ["bucket 32x32x1"]
+
+
+def test_with_ema_the_files_hold_the_averaged_weights(ws, template):
+    params = tiny_params(template[1], train={"steps": 4, "ema": {"enabled": True, "decay": 0.5}},
+                         multistage={"switch_every": 1}, save={"every": 4, "dtype": "fp32"})
+    tr = loop.setup(params, ws)
+    loop.train(tr)
+    for e in ("high", "low"):
+        saved = load_file(ws / f"data/lora/{e}/step_000004.safetensors")
+        shadow, live = tr.emas[e].state_dict(), lora_state_dict(tr.experts[e])
+        assert saved.keys() == shadow.keys()
+        assert all(torch.equal(saved[k], shadow[k]) for k in saved)
+        assert any(not torch.equal(saved[k], live[k]) for k in saved)  # not the raw weights
