@@ -19,7 +19,6 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save as safetensors_bytes
 
 from wanlora.config import NetworkConfig
-from wanlora.io import atomic_write_bytes
 
 PREFIX = "transformer."
 ADAPTER = "default"
@@ -95,11 +94,6 @@ def canonical_safetensors(data: bytes) -> bytes:
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + data[8 + n:]
-
-
-def save_lora_file(path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, net: NetworkConfig,
-                   metadata: dict[str, str]) -> None:
-    atomic_write_bytes(path, lora_file_bytes(tensors, dtype, net, metadata))
 
 
 @contextmanager
