@@ -105,7 +105,6 @@ def build(name: str, bc: BenchConfig, tiny: bool):
     })
     settings = AccelSettings(checkpointing=bc.checkpointing, compile=params.model.compile)  # type: ignore[arg-type]
     models, optims, lora = {}, {}, {}
-
     for i, e in enumerate(bc.experts):
         m = build_transformer(cfg, dtype, device, seed=i)
         quantize_transformer(m, bc.quant, params.quantization.group_size)  # a no-op for "none"
