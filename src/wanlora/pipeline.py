@@ -44,7 +44,7 @@ MODEL_KEYS = ("model.name_or_path", "model.revision")
 STAGES: tuple[Stage, ...] = (
     Stage(
         "scan", "index raw files and their hashes, media apart from captions",
-        deps=(), code=("src/wanlora/data/scan.py",),
+        deps=(), code=("src/wanlora/data/scan.py", "src/wanlora/media/listing.py", "src/wanlora/media/probe.py"),
         params=("datasets.{ds}.folder", "datasets.{ds}.captions.extension"),
         outs=("data/index",), dataset_folders=True,
     ),
