@@ -267,3 +267,14 @@ def test_any_text_is_stripped_and_has_no_placeholder(raw, trigger, position):
     if position != "none" and text:
         assert is_word(trigger, text) or "[trigger]" in raw
     assert not is_word(trigger, dop_variant(text, trigger, "person"))
+
+
+def test_unload_text_encoder_captions_every_clip_with_the_trigger_alone(tmp_path):
+    """AI Toolkit's unload_text_encoder: caption files are ignored, the trigger word is the caption."""
+    from wanlora.config import parse_params
+    from wanlora.data.captions import _clip_caption
+
+    params = parse_params({"job": {"trigger_word": "zqx"}, "train": {"dop": {"preservation_class": "dog"}}})
+    clip = {"id": "main/a.mp4", "dataset": "main", "path": "data/raw/a.mp4", "caption_path": None}
+    record = _clip_caption(clip, params.datasets["main"], params.job, params.train.dop, tmp_path, len, True)
+    assert (record["caption"], record["caption_dop"], record["source"]) == ("zqx", "dog", "trigger_only")

@@ -13,7 +13,8 @@ jobs/process/BaseSDTrainProcess.py and extensions_built_in/diffusion_models/wan2
   indices as u^3 (small indices = high t) while `style` draws 1-u^3 (low t); its UI labels them
   "High Noise" and "Low Noise". So content -> timestep_bias high_noise, style -> low_noise.
 - `train.unload_text_encoder: true` makes AI Toolkit train on the trigger word alone and ignore
-  captions; wanlora always trains on captions, so that value is reported, not mapped.
+  captions; it maps to our knob of the same name and meaning. `cache_text_embeddings: false` is
+  reported: wanlora always trains from the text cache.
 - AI Toolkit adapts every Linear of the transformer (also the time/text embedders and proj_out);
   wanlora adapts `network.target_modules` (attention and FFN of every block). Reported once.
 - `sample.sample_every` counts steps; wanlora samples every Nth saved checkpoint, so it becomes
@@ -57,7 +58,7 @@ _NOOP_DEFAULTS: dict[str, Any] = {
     "train.disable_sampling": False, "train.weight_jitter": 0.0, "train.linear_timesteps": False,
     "train.linear_timesteps2": False, "train.blank_prompt_preservation": False, "train.do_prior_divergence": False,
     "train.inverted_mask_prior": False, "train.min_denoising_steps": 0, "train.max_denoising_steps": 999,
-    "train.unload_text_encoder": False, "train.ema_config.use_feedback": False,
+    "train.ema_config.use_feedback": False,
     "train.ema_config.param_multiplier": 1.0, "train.do_guidance_loss": False,
     "datasets[].type": "image", "datasets[].flip_y": False, "datasets[].num_repeats": 1, "datasets[].is_reg": False,
     "datasets[].network_weight": 1.0, "datasets[].mask_path": None, "datasets[].controls": [],
@@ -293,9 +294,11 @@ def _train(imp: _Import) -> None:
                                   ("multistage.switch_every", "train.switch_boundary_every", 1)):
         imp.put(ours, imp.take(theirs, default), theirs)
     for ours, theirs in (("train.gradient_checkpointing", "train.gradient_checkpointing"),
-                         ("train.cache_text_embeddings", "train.cache_text_embeddings")):
+                         ("train.unload_text_encoder", "train.unload_text_encoder")):
         if imp.has(theirs):
             imp.put(ours, imp.take(theirs), theirs)
+    if imp.has("train.cache_text_embeddings") and not imp.take("train.cache_text_embeddings"):
+        imp.note("train.cache_text_embeddings", False, "wanlora always trains from the text cache; kept true")
     _optimizer(imp)
     sched = imp.take("train.lr_scheduler", "constant")
     if sched in _SCHEDULERS:
@@ -318,9 +321,6 @@ def _train(imp: _Import) -> None:
     if bias not in _BIAS:
         raise ParamsError(f"AI Toolkit key train.content_or_style={bias!r}: use balanced, content or style")
     imp.put("train.timestep_bias", _BIAS[bias], "train.content_or_style")
-    if imp.take("train.unload_text_encoder", False):
-        imp.note("train.unload_text_encoder", True, "not supported: AI Toolkit then trains on the trigger word "
-                 "alone and ignores captions; wanlora trains on captions")
     dtype = imp.take("train.dtype", None)
     if dtype is not None:
         if dtype not in _DTYPES:

@@ -69,10 +69,11 @@ class ModelConfig(Section):
         5.0, gt=0, description="Training shift of the flow-match schedule (5 for Wan 2.2 T2V)."
     )
     low_vram: bool = Field(
-        False, description="Keep only the active expert on the GPU; the other waits in CPU memory."
+        False, description="Keep only the active expert on the GPU (the other waits in pinned CPU memory), "
+        "even when both would fit."
     )
     layer_offloading: bool = Field(
-        False, description="Stream transformer blocks from CPU memory during each step."
+        False, description="Block offloading: stream transformer blocks from CPU memory during each step."
     )
     layer_offloading_fraction: float = Field(
         1.0, ge=0, le=1, description="Share of blocks that live in CPU memory when offloading."
@@ -224,8 +225,12 @@ class TrainConfig(Section):
     )
     caption_dropout: float = Field(0.05, ge=0, le=1, description="Probability of the empty caption.")
     gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward.")
-    cache_text_embeddings: bool = Field(True, description="Train from cached UMT5 embeddings.")
-    unload_text_encoder: bool = Field(True, description="Never keep UMT5 loaded during training.")
+    cache_text_embeddings: Literal[True] = Field(
+        True, description="Always true: training reads the text cache, so UMT5 never shares the GPU with an expert."
+    )
+    unload_text_encoder: bool = Field(
+        False, description="AI Toolkit's meaning: ignore caption files and caption every clip with the trigger word alone."
+    )
     dop: DopConfig = Field(default_factory=DopConfig)
     differential_guidance: DifferentialGuidanceConfig = Field(default_factory=DifferentialGuidanceConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)

@@ -67,7 +67,7 @@ STAGES: tuple[Stage, ...] = (
         deps=("data/index/captions.jsonl", "data/trimmed/clips.jsonl", "data/buckets/samples.jsonl"),
         code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py"),
         params=("job.trigger_word", "datasets.{ds}.captions", "datasets.{ds}.on_error",
-                "train.dop.preservation_class", *MODEL_KEYS),
+                "train.dop.preservation_class", "train.unload_text_encoder", *MODEL_KEYS),
         outs=("data/captions",),
     ),
     Stage(
@@ -88,8 +88,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train", "train the high-noise and low-noise LoRAs",
         deps=("data/captions/captions.jsonl", "data/buckets/samples.jsonl", "data/cache/text", "data/cache/latents"),
-        code=("src/wanlora/train", "src/wanlora/models", "src/wanlora/data/dataset.py", "src/wanlora/export/lineage.py"),
-        params=("job.seed", "job.device", "job.trigger_word", "model", "quantization", "multistage", "network",
+        code=("src/wanlora/train", "src/wanlora/models", "src/wanlora/media", "src/wanlora/data/dataset.py",
+              "src/wanlora/export/lineage.py"),
+        params=("job.seed", "job.device", "model", "quantization", "multistage", "network",
                 "save", "train", "datasets.{ds}.cache_latents"),
         outs=("data/lora", "data/train_live"),
         plots=({"data/train_live/plots/metrics": {"x": "step"}},),

@@ -179,12 +179,16 @@ def _relative(path: Path, workspace: Path) -> str:
 
 
 def _clip_caption(
-    clip: dict, ds: DatasetConfig, job: JobConfig, dop: DopConfig, workspace: Path, count_tokens: Callable[[str], int]
+    clip: dict, ds: DatasetConfig, job: JobConfig, dop: DopConfig, workspace: Path, count_tokens: Callable[[str], int],
+    trigger_only: bool = False,
 ) -> dict:
     """The captions.jsonl record of one clip; raises CaptionError with the reason and fix."""
     cfg = ds.captions
     rel = clip.get("caption_path")
-    if rel and (workspace / rel).is_file():
+    if trigger_only:  # AI Toolkit's unload_text_encoder: every clip is captioned by the trigger alone
+        raw, warnings = "[trigger]", []
+        source, source_sha = "trigger_only", sha256_text("[trigger]")
+    elif rel and (workspace / rel).is_file():
         data = (workspace / rel).read_bytes()
         raw, warnings = decode_caption(data, cfg.non_utf8)
         source, source_sha = rel, hashlib.sha256(data).hexdigest()
@@ -222,8 +226,12 @@ def run_stage(
     workspace: Path,
     out_dir: Path,
     count_tokens: Callable[[str], int],
+    trigger_only: bool = False,
 ) -> None:
     """Write out_dir/captions.jsonl (clips that have samples) and out_dir/problems.json.
+
+    `trigger_only` (train.unload_text_encoder) ignores caption files: each clip's caption is the
+    trigger word, as AI Toolkit trains when its text encoder is unloaded.
 
     Both files are written before any dataset's on_error policy can stop the stage, so a failed
     run still leaves the report that says what to fix.
@@ -253,7 +261,7 @@ def run_stage(
                 "no longer has; rerun `dvc repro` after `wanlora sync`"
             )
         try:
-            records.append(_clip_caption(clip, ds, job, dop, workspace, count_tokens))
+            records.append(_clip_caption(clip, ds, job, dop, workspace, count_tokens, trigger_only))
         except CaptionError as err:
             where = clip.get("caption_path") or clip["path"]
             fix = err.fix.replace("datasets.<name>", f"datasets.{clip['dataset']}")

@@ -15,4 +15,5 @@ def main() -> None:
         workspace=WORKSPACE,
         out_dir=WORKSPACE / "data/captions",
         count_tokens=make_token_counter(root),
+        trigger_only=params.train.unload_text_encoder,
     )
