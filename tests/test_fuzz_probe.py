@@ -6,6 +6,7 @@ process, so a segfault or an abort shows up as the child's exit status instead o
 
 CI runs a bounded number of mutations (about 15 s). For a longer run:
     WANLORA_FUZZ_CASES=5000 python -m pytest tests/test_fuzz_probe.py -q
+The same mutations also go through the whole trim analysis of one file (a tenth as many).
 The seed is fixed (WANLORA_FUZZ_SEED to change it), so a failure reproduces.
 """
 
@@ -18,11 +19,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from wanlora.media.synth import ClipSpec, clip_frames, make_clip
 
 CASES = int(os.environ.get("WANLORA_FUZZ_CASES", "800"))
+TRIM_CASES = max(1, CASES // 10)  # the whole trim analysis decodes every frame: ten times the cost
 SEED = int(os.environ.get("WANLORA_FUZZ_SEED", "0"))
 
 CHILD = r"""
@@ -30,7 +33,12 @@ import json, random, sys, traceback
 from pathlib import Path
 from wanlora.media.probe import MediaError, MediaInfo, probe
 
+from wanlora.config import DatasetConfig
+from wanlora.media.trim import analyse_file
+
 seeds, out, cases, seed = [Path(p) for p in sys.argv[1].split(",")], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+whole_trim = sys.argv[5] == "trim"
+ds = DatasetConfig()
 rng = random.Random(seed)
 tally = {"ok": 0, "media_error": 0}
 unexpected = []
@@ -57,8 +65,14 @@ for n in range(cases):
     path = out / f"case{src.suffix}"
     path.write_bytes(data)
     try:
-        info = probe(path)
-        assert isinstance(info, MediaInfo) and info.frames >= 1 and info.width > 0 and info.height > 0, info
+        if whole_trim:  # probe, trim and crop: a bad file must come back as a skipped record
+            outcome = analyse_file(path, ds, {"id": "x", "dataset": "main", "path": str(path), "sha256": "", "caption_path": None})
+            if outcome.problem:
+                raise MediaError(outcome.problem.reason, outcome.problem.fix)
+            assert outcome.record["keep_end"] > outcome.record["keep_start"] >= 0, outcome.record
+        else:
+            info = probe(path)
+            assert isinstance(info, MediaInfo) and info.frames >= 1 and info.width > 0 and info.height > 0, info
         tally["ok"] += 1
     except MediaError as err:
         assert err.reason and err.fix
@@ -83,19 +97,20 @@ def _seed_files(folder: Path) -> list[Path]:
     return [*files, folder / "seed.png", folder / "seed.jpg"]
 
 
-def test_mutated_media_never_crash_the_probe(tmp_path: Path):
+@pytest.mark.parametrize("what, cases", [("probe", CASES), ("trim", TRIM_CASES)])
+def test_mutated_media_never_crash_the_probe_or_trim(tmp_path: Path, what: str, cases: int):
     seeds = _seed_files(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, ",".join(map(str, seeds)), str(work), str(CASES), str(SEED)],
-        capture_output=True, text=True, timeout=max(120, CASES),
+        [sys.executable, "-c", CHILD, ",".join(map(str, seeds)), str(work), str(cases), str(SEED), what],
+        capture_output=True, text=True, timeout=max(120, cases),
     )
     assert child.returncode == 0, f"probe crashed the process (exit {child.returncode}):\n{child.stderr[-3000:]}"
     result = json.loads(child.stdout.strip().splitlines()[-1])
     assert not result["unexpected"], json.dumps(result["unexpected"], indent=1)
     tally = result["tally"]
-    assert tally["ok"] + tally["media_error"] == CASES
+    assert tally["ok"] + tally["media_error"] == cases
     # both outcomes occur: mutations that stay readable, and ones that are refused
     assert tally["ok"] > 0 and tally["media_error"] > 0, tally
 
@@ -134,3 +149,20 @@ def test_a_latin1_metadata_tag_is_not_fatal(tmp_path: Path):
     info = probe(path)
     assert (info.width, info.height, info.frames) == (48, 32, 10)
     assert read_frames(path, [0, 9], info).shape[:3] == (2, 32, 48)
+
+
+def test_a_truncated_jpeg_is_refused_by_the_probe(tmp_path: Path):
+    """Found by this fuzzer: Pillow's verify() passes a JPEG whose body is cut short, so probing
+    said "fine" and the trim stage died decoding it; the probe now decodes images fully."""
+    from wanlora.media.probe import MediaError, probe
+
+    good = tmp_path / "good.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(good, quality=80)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 6 // 10])
+    with Image.open(cut) as im:
+        im.verify()  # the structure check alone passes this file
+    assert probe(good).kind == "image"
+    with pytest.raises(MediaError, match="not a readable image.*truncated"):
+        probe(cut)

@@ -92,6 +92,10 @@ def read_frames(path: str | Path, indices: Sequence[int], info: MediaInfo | None
 
     One seek to the smallest index, then a forward decode to the largest; raises MediaError if an
     index is never reached (the file ends early).
+
+    Indices are time slots at `info.fps`. A variable-frame-rate stream (phones, screen captures)
+    has no frame in some slots: such a slot shows the frame before it, as a player (or FFmpeg's
+    fps filter) would, so the decode reaches a little past both ends to find the neighbours.
     """
     path = Path(path)
     info = info or probe(path)
@@ -99,9 +103,17 @@ def read_frames(path: str | Path, indices: Sequence[int], info: MediaInfo | None
         raise ValueError("read_frames needs at least one index")
     wanted = set(indices)
     got: dict[int, np.ndarray] = {}
-    for idx, frame in iter_frames(path, info, min(wanted), max(wanted) + 1):
+    margin = max(2, round(info.fps / 2))
+    prev: tuple[int, np.ndarray] | None = None
+    for idx, frame in iter_frames(path, info, max(0, min(wanted) - margin), max(wanted) + 1 + margin):
+        if prev is not None:
+            for slot in wanted.intersection(range(prev[0] + 1, idx)).difference(got):
+                got[slot] = prev[1]
         if idx in wanted:
             got[idx] = frame
+        if len(got) == len(wanted):
+            break
+        prev = (idx, frame)
     missing = sorted(wanted - set(got))
     if missing:
         raise MediaError(
@@ -112,8 +124,11 @@ def read_frames(path: str | Path, indices: Sequence[int], info: MediaInfo | None
 
 
 def _load_image(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # changed or damaged since it was probed
+        raise MediaError(f"image cannot be decoded ({err})", "re-save it as .png or .jpg, or delete it") from None
 
 
 def _prepare(rgb_or_gray: np.ndarray, rotation: int, gray: bool, size: tuple[int, int] | None, bgr: bool) -> np.ndarray:

@@ -108,6 +108,7 @@ def _probe_image(path: Path) -> MediaInfo:
         with Image.open(path) as im:
             im.verify()  # reads the whole stream: catches truncated files
         with Image.open(path) as im:
+            im.load()  # verify() checks the structure only: a damaged JPEG body fails here, not in trim
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
