@@ -114,6 +114,7 @@ def test_settings_follow_params() -> None:
     p = parse_params({"train": {"gradient_checkpointing": False}})
     assert settings_from_params(p).checkpointing == "none"
     assert settings_from_params(p, checkpointing="full").checkpointing == "full"
+    assert settings_from_params(parse_params({"train": {"gradient_checkpointing": "full"}})).checkpointing == "full"
     p = parse_params({"model": {"compile": True, "layer_offloading": True}})
     assert settings_from_params(p).compile is False
 

@@ -224,7 +224,11 @@ class TrainConfig(Section):
         "distribution", description="Cache VAE mean+logvar and sample each step, or cache the deterministic mode."
     )
     caption_dropout: float = Field(0.05, ge=0, le=1, description="Probability of the empty caption.")
-    gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward.")
+    gradient_checkpointing: Literal["selective", "full", "none"] = Field(
+        "selective",
+        description="Per-block recompute in backward: selective keeps self-attention outputs (fastest that fits), "
+        "full recomputes everything (least memory), none keeps all activations. true means selective.",
+    )
     cache_text_embeddings: Literal[True] = Field(
         True, description="Always true: training reads the text cache, so UMT5 never shares the GPU with an expert."
     )
@@ -235,6 +239,12 @@ class TrainConfig(Section):
     differential_guidance: DifferentialGuidanceConfig = Field(default_factory=DifferentialGuidanceConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many NaN/inf losses in a row.")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, v: Any) -> Any:
+        """AI Toolkit's true/false: true is our fastest mode that saves memory, false is none."""
+        return {True: "selective", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
 
 # ---------------------------------------------------------------------------------- datasets

@@ -189,7 +189,7 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
          config: dict[str, Any] | None = None, clip: tuple[int, int, int] | None = None) -> PlanResult:
     """Predict memory and time for `params` on a GPU of `gpu_gib` GiB, and suggest what fits.
 
-    checkpointing: None reads params (train.gradient_checkpointing: selective, else none), as the
+    checkpointing: None reads params (train.gradient_checkpointing), as the
     trainer does. config: the expert geometry (default Wan 2.2 A14B). clip: (frames, height, width)
     of the largest sample (default: from the datasets' buckets).
     """
@@ -198,7 +198,7 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
     config = config or WAN22_A14B
     clip = clip or largest_clip(params)
     if checkpointing is None:
-        checkpointing = "selective" if params.train.gradient_checkpointing else "none"
+        checkpointing = params.train.gradient_checkpointing
     quant = params.quantization.transformer
     result = _predict(params, gpu_gib, config, checkpointing, quant, clip)
     suggestions = []

@@ -74,13 +74,13 @@ class AccelSettings:
 def settings_from_params(params: Params, checkpointing: Checkpointing | None = None) -> AccelSettings:
     """The levers a params.yaml asks for.
 
-    `train.gradient_checkpointing: true` means `selective` (same memory class as full, faster),
+    `train.gradient_checkpointing` names the mode (true is read as `selective`),
     unless `checkpointing` overrides it (the planner passes `full` when selective does not fit).
     Compilation is off under `model.layer_offloading`: block offloading swaps the block's weights
     inside its forward (`wanlora.train.offload`), which a compiled block would trace into.
     """
     if checkpointing is None:
-        checkpointing = "selective" if params.train.gradient_checkpointing else "none"
+        checkpointing = params.train.gradient_checkpointing
     return AccelSettings(
         checkpointing=checkpointing,
         compile=params.model.compile and not params.model.layer_offloading,

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from wanlora.config import Params
 from wanlora.models.accel import park_frozen
 from wanlora.train.timesteps import Expert
 
@@ -88,17 +89,21 @@ def plan_placement(active: Expert, experts: tuple[Expert, ...], device: torch.de
     return {e: ("device" if e == active else "host") for e in experts}
 
 
-def both_fit(models: dict[Expert, torch.nn.Module], device: torch.device, low_vram: bool,
-             reserve_fraction: float = 0.35) -> bool:
-    """Whether every loaded expert can stay on the GPU, leaving `reserve_fraction` of its memory
-    for activations, the optimizer and the allocator's slack."""
+def both_fit(params: Params, models: dict[Expert, torch.nn.Module], device: torch.device) -> bool:
+    """Whether every loaded expert can stay on the GPU with room for this run's activations.
+
+    Asks `wanlora.plan`, whose memory model is calibrated on H100 measurements (two bf16 A14B
+    experts at 33f@512² peak at 63.7 GiB: they fit an 80 GB card, which a fixed reserve of the
+    card's memory wrongly denied, making every switch a transfer)."""
     if device.type != "cuda":
         return True
-    if low_vram:
+    if params.model.low_vram:
         return False
-    need = sum(p.numel() * p.element_size() for m in models.values() for p in m.parameters())
-    total = torch.cuda.get_device_properties(device).total_memory
-    return need <= total * (1 - reserve_fraction)
+    from wanlora.plan import plan
+
+    config = dict(next(iter(models.values())).config)
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return plan(params, gib, config=config).resident == "both"
 
 
 Mover = Callable[[torch.nn.Module, str, bool], None]

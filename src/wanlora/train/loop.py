@@ -228,7 +228,7 @@ def setup(params: Params, workspace: Path) -> Trainer:
                                        device if where[e] == "device" else torch.device("cpu"), calib)
         offloads += off
     mover = make_mover(device, {id(b) for off in offloads for b in off.blocks})
-    placer = ExpertPlacer(experts, device, both_fit(experts, device, params.model.low_vram), mover, where)
+    placer = ExpertPlacer(experts, device, both_fit(params, experts, device), mover, where)
     placer.prepare(active[0])
     trainable = {e: [p for p in m.parameters() if p.requires_grad] for e, m in experts.items()}
     high_mass = TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band("high", boundary),
