@@ -104,6 +104,7 @@ def test_reports_name_a_fix_and_stages_never_touch_raw(staged):
     ws, cases, before = staged
     for reasons in reported(ws).values():
         assert all(r.split("| fix: ")[1].strip() for r in reasons)
+        assert not any("<name>" in r for r in reasons), reasons  # fixes name the dataset's real key
     assert raw_state(ws / "data/raw") == before
 
 

@@ -182,8 +182,9 @@ def analyse_file(path: Path, ds: DatasetConfig, base: dict) -> ClipOutcome:
         record["crop"] = crop
         return ClipOutcome(record, None, keep)
     except MediaError as err:
-        record.update(status="skipped", reason=err.reason, fix=err.fix)
-        return ClipOutcome(record, Problem(base["path"], err.reason, err.fix, STAGE))
+        fix = err.fix.replace("datasets.<name>", f"datasets.{base['dataset']}")  # the key to edit, exactly
+        record.update(status="skipped", reason=err.reason, fix=fix)
+        return ClipOutcome(record, Problem(base["path"], err.reason, fix, STAGE))
 
 
 def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path, index: Path | None = None) -> None:
