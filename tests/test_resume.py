@@ -39,7 +39,7 @@ def template(tmp_path_factory) -> tuple[Path, Path]:
 def _losses(ws: Path) -> list[dict[str, float]]:
     state = next((ws / "scratch/train").glob("*/state_*/state.json"))
     rows = json.loads(state.read_text())["history"]
-    return [{k: v for k, v in r.items() if k not in ("step_time", "peak_mem")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("step_time", "samples_per_s", "peak_mem")} for r in rows]
 
 
 def _lora_bytes(ws: Path) -> dict[str, bytes]:
@@ -65,10 +65,10 @@ def test_exception_at_random_step_then_resume(template, uninterrupted, tmp_path,
     crash_at = random.Random(5).randint(4, 8)  # after at least one checkpoint, before the last
     real_make_batch = loop.make_batch
 
-    def make_batch(tr, indices, expert):
+    def make_batch(tr, indices, expert, g):
         if tr.step == crash_at:
             raise KeyboardInterrupt("simulated kill")
-        return real_make_batch(tr, indices, expert)
+        return real_make_batch(tr, indices, expert, g)
 
     monkeypatch.setattr(loop, "make_batch", make_batch)
     with pytest.raises(KeyboardInterrupt):

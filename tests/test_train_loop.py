@@ -18,7 +18,7 @@ from _train_helpers import BUCKET, copy_workspace, make_workspace, tiny_params, 
 from wanlora.config import DEFAULT_TARGETS, ParamsError, parse_params
 from wanlora.models.loading import model_identity
 from wanlora.report import InputError
-from wanlora.train import loop
+from wanlora.train import dist_parallel, loop
 from wanlora.train.lora import lora_state_dict
 
 torch.set_num_threads(1)  # the machine is shared: two threads contend and run ~20x slower
@@ -221,7 +221,7 @@ def test_each_expert_sees_only_its_band_in_the_loop(ws, template, monkeypatch):
     """Proportional choice, high-noise-biased shift schedule: every timestep the high expert
     trains on is >= 875, every one of the low expert's is below; DOP is logged beside the loss."""
     seen: list[tuple[str, float]] = []
-    real = loop.training_step
+    real = dist_parallel.training_step
 
     def spy(model, batch, **kw):
         name = next(e for e, m in tr.experts.items() if m is model)
@@ -232,7 +232,7 @@ def test_each_expert_sees_only_its_band_in_the_loop(ws, template, monkeypatch):
                                              "dop": {"enabled": True}},
                          multistage={"expert_choice": "proportional"})
     tr = loop.setup(params, ws)
-    monkeypatch.setattr(loop, "training_step", spy)
+    monkeypatch.setattr(dist_parallel, "training_step", spy)
     loop.train(tr)
     high = [t for e, t in seen if e == "high"]
     low = [t for e, t in seen if e == "low"]
@@ -272,8 +272,8 @@ def test_batches_of_two_never_mix_clips_and_images(template, tmp_path, monkeypat
     latents of one shape, the image trains alone, and its too-small bucket is reported."""
     ws = make_workspace(tmp_path / "ws", template[1], n_clips=4, buckets=[BUCKET, BUCKET, BUCKET, "32x32x1"])
     shapes: list[tuple[int, ...]] = []
-    real = loop.training_step
-    monkeypatch.setattr(loop, "training_step", lambda m, b, **kw: shapes.append(tuple(b.latents.shape)) or real(m, b, **kw))
+    real = dist_parallel.training_step
+    monkeypatch.setattr(dist_parallel, "training_step", lambda m, b, **kw: shapes.append(tuple(b.latents.shape)) or real(m, b, **kw))
     tr = loop.setup(tiny_params(template[1], train={"steps": 6, "batch_size": 2}), ws)
     loop.train(tr)
     assert set(shapes) <= {(2, 16, 2, 4, 4), (1, 16, 2, 4, 4), (1, 16, 1, 4, 4)} and (2, 16, 2, 4, 4) in shapes

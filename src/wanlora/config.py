@@ -239,6 +239,19 @@ class TrainConfig(Section):
     differential_guidance: DifferentialGuidanceConfig = Field(default_factory=DifferentialGuidanceConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many NaN/inf losses in a row.")
+    parallel: Literal["auto", "data", "expert"] = Field(
+        "auto",
+        description="Under torchrun with 2+ GPUs: expert (the two experts train at once, each on half the "
+        "GPUs), data (every GPU holds the active expert, batches split), auto (expert when both experts "
+        "train and the GPU count is even, else data).",
+    )
+    sharded_base: bool = Field(
+        False, description="Shard each expert's frozen base over its GPUs (FSDP2) when a bucket does not fit one card."
+    )
+    gpus: int = Field(
+        1, ge=0, description="GPUs `dvc repro` trains on: the stage re-runs itself under torchrun with this many "
+        "processes (0 = every visible GPU). Ignored when launched by torchrun or accelerate."
+    )
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

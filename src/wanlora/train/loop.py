@@ -24,13 +24,18 @@ from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.report import InputError, console, write_problems
 from wanlora.train import checkpoint as ckpt
+from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
+from wanlora.train.dist_parallel import ParallelPlan, make_groups, optimizer_step, plan_parallel, world_metrics
+from wanlora.train.distributed import (
+    Cursor, DistEnv, DistributedError, derive_seed, distributed, rank_share, take_batches,
+)
 from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit, make_mover
-from wanlora.train.lora import Ema, add_lora, load_lora_state_dict, lora_file_bytes, lora_state_dict
+from wanlora.train.lora import Ema, add_lora, lora_file_bytes
 from wanlora.train.monitor import Monitor, peak_memory_gib
 from wanlora.train.offload import BlockOffload
 from wanlora.train.flowmatch import add_noise
-from wanlora.train.optim import build_optimizer, lr_at, set_lr
-from wanlora.train.step import StepBatch, training_step
+from wanlora.train.optim import build_optimizer
+from wanlora.train.step import StepBatch
 from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,7 +63,9 @@ class Trainer:
     state_dir: Path
     base_identity: dict[Expert, str]
     expect_encoder: str | None
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    env: DistEnv = field(default_factory=DistEnv)
+    plan: ParallelPlan | None = None
+    groups: dict[Expert, object] = field(default_factory=dict)
     step: int = 0
     epoch: int = 0
     position: int = 0
@@ -79,6 +86,7 @@ def run_key(params: Params, workspace: Path) -> str:
     (editing sample prompts does not throw away a half-trained run) and of its input manifests."""
     p = params.model_dump(mode="json")
     read = {k: p[k] for k in ("model", "quantization", "multistage", "network", "save", "train")}
+    read["train"] = {k: v for k, v in read["train"].items() if k != "gpus"}  # resumes on any GPU count
     read["seed"] = p["job"]["seed"]
     read["cache_latents"] = {n: d["cache_latents"] for n, d in p["datasets"].items()}
     inputs = {f: sha256_file(workspace / f) for f in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl")}
@@ -157,22 +165,29 @@ def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
     return meta
 
 
-def next_batch(tr: Trainer) -> list[int]:
-    """Item indices of the next batch; advances (epoch, position)."""
-    if tr._batches is None or tr._batches[0] != tr.epoch:
-        tr._batches = (tr.epoch, epoch_batches(tr.data.buckets(), tr.params.train.batch_size,
-                                               tr.params.job.seed, tr.epoch))
-    batches = tr._batches[1]
-    batch = batches[tr.position]
-    tr.position += 1
-    if tr.position == len(batches):
-        tr.epoch, tr.position = tr.epoch + 1, 0
-    return batch
+def epoch_order(tr: Trainer, epoch: int) -> list[list[int]]:
+    """The batches (item indices) of one epoch, cached for the current epoch."""
+    if tr._batches is None or tr._batches[0] != epoch:
+        tr._batches = (epoch, epoch_batches(tr.data.buckets(), tr.params.train.batch_size, tr.params.job.seed, epoch))
+    return tr._batches[1]
 
 
-def make_batch(tr: Trainer, indices: list[int], expert: Expert) -> StepBatch:
-    """Draw everything random for one micro-batch from the trainer's generator, in a fixed order."""
-    g, cfg = tr.generator, tr.params.train
+def next_batches(tr: Trainer, expert: Expert) -> list:
+    """This rank's micro-batches of the next optimizer step of `expert`: the group takes the next
+    accumulation x group-size batches of the global order, rank r every group-size-th from r;
+    advances the global (epoch, position)."""
+    members = tr.plan.groups[expert]
+    cursor = Cursor(tr.epoch, tr.position)
+    batches = take_batches(lambda epoch: epoch_order(tr, epoch), cursor,
+                           tr.params.train.gradient_accumulation * len(members))
+    tr.epoch, tr.position = cursor.epoch, cursor.position
+    return rank_share(batches, members.index(tr.env.rank), len(members))
+
+
+def make_batch(tr: Trainer, indices: list[int], expert: Expert, g: torch.Generator) -> StepBatch:
+    """Draw everything random for one micro-batch from its own generator (keyed by the batch's
+    global position, see `wanlora.train.distributed`), in a fixed order."""
+    cfg = tr.params.train
     latents = torch.stack([tr.data.latent(i, g) for i in indices])
     t = tr.dists[expert].sample(len(indices), g)
     noise = torch.randn(latents.shape, generator=g)
@@ -194,8 +209,8 @@ def make_batch(tr: Trainer, indices: list[int], expert: Expert) -> StepBatch:
 
 
 # ---------------------------------------------------------------------------- lifecycle
-def setup(params: Params, workspace: Path) -> Trainer:
-    """Load data, experts (only the active ones), LoRAs and optimizers; nothing trained yet."""
+def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Trainer:
+    """Load data, the experts this rank trains (of the active ones), LoRAs and optimizers."""
     from wanlora.models.loading import EXPERT_FOLDERS, boundary_ratio, model_identity, resolve_model
 
     workspace = Path(workspace)
@@ -205,15 +220,23 @@ def setup(params: Params, workspace: Path) -> Trainer:
         raise InputError("multistage: train_high_noise and train_low_noise are both false. "
                          "Fix: set at least one of them to true in params.yaml")
     root = resolve_model(params.model.name_or_path, params.model.revision)
-    device, dtype = resolve_device(params.job.device), DTYPES[params.model.dtype]
+    env = env if env is not None else DistEnv(device=resolve_device(params.job.device))
+    plan = plan_parallel(env.world, active, params.train.parallel)
+    groups = make_groups(plan, env)
+    mine = plan.experts_of(env.rank)
+    if params.train.sharded_base and len(mine) > 1:
+        raise DistributedError("train.sharded_base shards one expert per rank group, but this rank holds both: "
+                               "launch an even number of processes with train.parallel: auto or expert")
+    device, dtype = env.device, DTYPES[params.model.dtype]
     vae_config = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
                          encode=_vae_encoder(root, params, workspace, device))
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
-    for p in problems:
-        console.print(f"[yellow]train:[/] {p.line()}")
-    write_problems(workspace / "data/train_live/data_problems.json", problems)
+    if env.is_main:
+        for p in problems:
+            console.print(f"[yellow]train:[/] {p.line()}")
+        write_problems(workspace / "data/train_live/data_problems.json", problems)
 
     boundary = ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root)
     cfg = params.train
@@ -221,31 +244,35 @@ def setup(params: Params, workspace: Path) -> Trainer:
                                      params.model.flow_shift) for e in active}
     expect_encoder = encoder_identity(root)
     experts, offloads, where = {}, [], {}
-    for e in active:  # the first expert loads onto the device, the other waits in host memory
-        where[e] = "device" if e == active[0] or device.type == "cpu" else "host"
+    for e in mine:  # the first expert loads onto the device, the other waits in host memory
+        where[e] = "device" if e == mine[0] or device.type == "cpu" else "host"
         calib = _calibration_inputs(data, dists[e], workspace, params, expect_encoder, device)
         experts[e], off = _load_expert(root, e, params, workspace, device, dtype,
                                        device if where[e] == "device" else torch.device("cpu"), calib)
+        if params.train.sharded_base:
+            from wanlora.train.dist_fsdp import shard_base
+
+            shard_base(experts[e], env, groups[e], offloading=params.model.layer_offloading)
         offloads += off
     mover = make_mover(device, {id(b) for off in offloads for b in off.blocks})
     placer = ExpertPlacer(experts, device, both_fit(params, experts, device), mover, where)
-    placer.prepare(active[0])
+    placer.prepare(mine[0])
     trainable = {e: [p for p in m.parameters() if p.requires_grad] for e, m in experts.items()}
     high_mass = TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band("high", boundary),
                                      params.model.flow_shift).band_mass()
     tr = Trainer(
         params=params, workspace=workspace, device=device, dtype=dtype, data=data, experts=experts,
-        optimizers={e: build_optimizer(trainable[e], cfg) for e in active},
+        optimizers={e: build_optimizer(trainable[e], cfg) for e in mine},
         emas={e: Ema(m, cfg.ema.decay) for e, m in experts.items()} if cfg.ema.enabled else {},
         dists=dists,
-        schedule=ExpertSchedule(active, ms.switch_every, ms.expert_choice, high_mass),
+        schedule=ExpertSchedule(mine, ms.switch_every, ms.expert_choice, high_mass),
         placer=placer, offloads=offloads,
         state_dir=workspace / "scratch/train" / run_key(params, workspace),
         base_identity={e: f"{params.model.name_or_path}@{params.model.revision}#"
                           f"{model_identity(root, EXPERT_FOLDERS[e])}" for e in active},
         expect_encoder=expect_encoder,
+        env=env, plan=plan, groups=groups,
     )
-    tr.generator.manual_seed(params.job.seed)
     _check_shapes(tr)
     return tr
 
@@ -264,127 +291,110 @@ def _check_shapes(tr: Trainer) -> None:
 
 
 def train(tr: Trainer) -> None:
-    """Run optimizer steps until `train.steps`, saving every `save.every` and at the end."""
+    """Run optimizer steps until `train.steps`, saving every `save.every` and at the end.
+
+    The same loop runs on one process and under torchrun: `optimizer_step` averages the LoRA
+    gradients over the expert's rank group (a no-op alone), and every random draw is keyed by the
+    batch's global position (`wanlora.train.distributed`), so N ranks equal one with N x accumulation.
+    In expert-parallel mode both experts step in each round and the global step advances by two.
+    """
     cfg = tr.params.train
     accum = cfg.gradient_accumulation
-    monitor = Monitor(tr.workspace / "data/train_live", cfg.steps, tr.step, tr.history)
+    plan, env = tr.plan, tr.env
+    monitor = Monitor(tr.workspace / "data/train_live", cfg.steps, tr.step, tr.history) if env.is_main else None
     try:
         while tr.step < cfg.steps:
             started = time.perf_counter()
-            expert = tr.schedule.next_expert(tr.generator)
+            choice = torch.Generator().manual_seed(derive_seed(tr.params.job.seed, "expert", tr.step))
+            expert = tr.schedule.next_expert(choice)
             model = tr.placer.activate(expert)
-            opt = tr.optimizers[expert]
-            lr = lr_at(tr.step, cfg)
-            set_lr(opt, lr)
-            main, preservation, finite = 0.0, 0.0, True
-            for _ in range(accum):
-                batch = make_batch(tr, next_batch(tr), expert)
-                out = training_step(
-                    model, batch, dtype=tr.dtype,
-                    dop_multiplier=cfg.dop.multiplier if cfg.dop.enabled else 0.0,
-                    guidance_scale=cfg.differential_guidance.scale if cfg.differential_guidance.enabled else None,
-                    loss_scale=1 / accum,
-                )
-                main += out.main / accum
-                preservation += (out.preservation or 0.0) / accum
-                finite = finite and out.finite
-            tr.schedule.record(accum)
-            if (upcoming := tr.schedule.upcoming()) is not None:
-                tr.placer.prepare(upcoming)  # overlap the next expert's copy with this optimizer step
-            params = [p for group in opt.param_groups for p in group["params"]]
-            if finite:
+            members = plan.groups[expert]
+            mine = next_batches(tr, expert)
+
+            def prefetch() -> None:  # overlap the next expert's copy with this optimizer step
+                tr.schedule.record(accum * len(members))
+                if (upcoming := tr.schedule.upcoming()) is not None:
+                    tr.placer.prepare(upcoming)
+
+            out = optimizer_step(model, tr.optimizers[expert], mine, lambda idx, e, g: make_batch(tr, idx, e, g),
+                                 expert=expert, step=tr.step, cfg=cfg, seed=tr.params.job.seed, dtype=tr.dtype,
+                                 env=env, group=tr.groups[expert], before_update=prefetch)
+            if out.finite:
                 tr.bad_steps = 0
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-                opt.step()
                 if expert in tr.emas:
                     tr.emas[expert].update(model)
             else:
                 tr.bad_steps += 1
-                norm = torch.tensor(float("nan"))
-                console.print(f"[red]train: step {tr.step + 1}: loss is not finite on the {expert}-noise expert; "
-                              f"skipped ({tr.bad_steps} in a row)[/]")
-                if tr.bad_steps >= cfg.max_bad_steps:
-                    raise BadLossError(
-                        f"{tr.bad_steps} non-finite losses in a row (train.max_bad_steps={cfg.max_bad_steps}). "
-                        "Fix: lower train.lr, keep train.max_grad_norm > 0, or use model.dtype bf16 instead of fp16"
-                    )
-            opt.zero_grad(set_to_none=True)
+                if env.rank == members[0]:
+                    console.print(f"[red]train: step {tr.step + 1}: loss is not finite on the {expert}-noise expert; "
+                                  f"skipped ({tr.bad_steps} in a row)[/]")
             for off in tr.offloads:
                 off.release()
-            tr.step += 1
-            row = {"step": float(tr.step), f"loss_{expert}": main, "lr": lr, "grad_norm": float(norm),
-                   "step_time": time.perf_counter() - started, "peak_mem": peak_memory_gib(tr.device)}
-            if cfg.dop.enabled:
-                row[f"dop_{expert}"] = preservation
+            seconds = time.perf_counter() - started
+            metrics = {"loss": out.main, **({"dop": out.preservation} if cfg.dop.enabled else {})}
+            logged, samples_per_s, stop = world_metrics(plan, expert, metrics, sum(len(b.indices) for b in mine),
+                                                        seconds, env, stop=tr.bad_steps >= cfg.max_bad_steps)
+            if stop:
+                raise BadLossError(
+                    f"{tr.bad_steps} non-finite losses in a row (train.max_bad_steps={cfg.max_bad_steps}). "
+                    "Fix: lower train.lr, keep train.max_grad_norm > 0, or use model.dtype bf16 instead of fp16"
+                )
+            previous, tr.step = tr.step, tr.step + plan.step_increment
+            row = {"step": float(tr.step), **logged, "lr": out.lr,
+                   "grad_norm": out.grad_norm, "step_time": seconds, "samples_per_s": samples_per_s,
+                   "peak_mem": peak_memory_gib(tr.device)}
             tr.history.append(row)
-            monitor.log(row)
-            if tr.step % tr.params.save.every == 0 or tr.step == cfg.steps:
+            if monitor is not None:
+                monitor.log(row)
+            every = tr.params.save.every
+            if tr.step // every > previous // every or tr.step >= cfg.steps:
                 save_checkpoint(tr)
     finally:
-        monitor.close()
+        if monitor is not None:
+            monitor.close()
 
 
-def _lora_tensors(tr: Trainer, expert: Expert) -> dict[str, torch.Tensor]:
-    """What the LoRA file holds: the EMA weights when EMA is on, else the trained ones."""
-    if expert in tr.emas:
-        return tr.emas[expert].state_dict()
-    return lora_state_dict(tr.experts[expert])
+def _parts(tr: Trainer) -> dict[Expert, ExpertParts]:
+    return {e: ExpertParts(m, tr.optimizers[e], tr.emas.get(e)) for e, m in tr.experts.items()}
 
 
 def save_checkpoint(tr: Trainer) -> None:
-    """LoRA pair for this step, then the full training state (see `wanlora.train.checkpoint`)."""
-    files = {}
-    for e in tr.experts:
-        files[e] = lora_file_bytes(_lora_tensors(tr, e), DTYPES[tr.params.save.dtype], tr.params.network,
-                                   lora_metadata(tr, e))
-    ckpt.save_lora_pair(tr.state_dir, tr.step, files)
+    """The LoRA pair for this step and the rank-independent training state (see
+    `wanlora.train.dist_checkpoint`); collective, rank 0 writes."""
+    def files(tensors: dict[Expert, dict[str, torch.Tensor]]) -> dict[Expert, bytes]:
+        return {e: lora_file_bytes(t, DTYPES[tr.params.save.dtype], tr.params.network, lora_metadata(tr, e))
+                for e, t in tensors.items()}
 
-    tensors, rng = ckpt.capture_rng(tr.generator)
-    plain: dict = {"epoch": tr.epoch, "position": tr.position, "bad_steps": tr.bad_steps, "rng": rng,
-                   "schedule": tr.schedule.state_dict(), "history": tr.history, "optimizers": {}}
-    for e, model in tr.experts.items():
-        tensors.update({f"lora.{e}.{k}": v for k, v in lora_state_dict(model).items()})
-        opt_tensors, plain["optimizers"][e] = ckpt.flatten_optimizer(tr.optimizers[e], f"optim.{e}")
-        tensors.update(opt_tensors)
-        if e in tr.emas:
-            tensors.update({f"ema.{e}.{k}": v for k, v in tr.emas[e].state_dict().items()})
-    try:
-        ckpt.save_state(tr.state_dir, tr.step, tensors, plain)
-    except BaseException:
-        ckpt.discard_loras(tr.state_dir, tr.step)  # a pair without its state is not a checkpoint
-        raise
-    ckpt.prune_loras(tr.state_dir, tr.params.save.keep_last)
-    ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
+    save_parallel_checkpoint(tr.state_dir, tr.env, tr.plan, _parts(tr), step=tr.step,
+                             cursor=Cursor(tr.epoch, tr.position), lora_files=files,
+                             keep_last=tr.params.save.keep_last,
+                             extra={"bad_steps": tr.bad_steps, "schedule": tr.schedule.state_dict(),
+                                    "history": tr.history})
+    if tr.env.is_main:
+        ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
 
 
 def load_checkpoint(tr: Trainer) -> bool:
-    """Continue from this run's last state, if any; True when one was loaded."""
-    found = ckpt.load_state(tr.state_dir)
-    if found is None:
+    """Continue from this run's last state, written by any number of ranks; True when one was loaded."""
+    plain = load_parallel_checkpoint(tr.state_dir, tr.env, _parts(tr))
+    if plain is None:
         return False
-    tensors, plain = found
-    for e, model in tr.experts.items():
-        prefix = f"lora.{e}."
-        load_lora_state_dict(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        ckpt.restore_optimizer(tr.optimizers[e], tensors, plain["optimizers"][e])
-        if e in tr.emas:
-            prefix = f"ema.{e}."
-            tr.emas[e].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    ckpt.restore_rng(tr.generator, tensors, plain["rng"])
     tr.schedule.load_state_dict(plain["schedule"])
     tr.step, tr.epoch, tr.position = int(plain["step"]), int(plain["epoch"]), int(plain["position"])
     tr.bad_steps, tr.history = int(plain["bad_steps"]), list(plain["history"])
-    console.print(f"train: resuming at step {tr.step} from {tr.state_dir}")
+    if tr.env.is_main:
+        console.print(f"train: resuming at step {tr.step} from {tr.state_dir}")
     return True
 
 
 def run_stage(params: Params, workspace: Path) -> None:
     """DVC stage `train`: reads the manifests and caches under `workspace`, writes data/lora and
     data/train_live, resuming from scratch/train/<key>/ when a previous run was interrupted."""
-    tr = setup(params, Path(workspace))
-    load_checkpoint(tr)
-    if tr.step >= params.train.steps:
-        ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
-        Monitor(tr.workspace / "data/train_live", params.train.steps, tr.step, tr.history).close()
-        return
-    train(tr)
+    with distributed(params.job.device) as env:  # one process: a plain environment, no group
+        tr = setup(params, Path(workspace), env)
+        load_checkpoint(tr)
+        if tr.step < params.train.steps:
+            train(tr)
+        elif env.is_main:
+            ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
+            Monitor(tr.workspace / "data/train_live", params.train.steps, tr.step, tr.history).close()

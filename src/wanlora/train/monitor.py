@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from wanlora.report import console
 
 SUMMARY_EVERY = 50
-METRICS = ("loss_high", "loss_low", "dop_high", "dop_low", "lr", "grad_norm", "step_time", "peak_mem")
+METRICS = ("loss_high", "loss_low", "dop_high", "dop_low", "lr", "grad_norm", "step_time", "samples_per_s", "peak_mem")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -61,7 +61,8 @@ class Monitor:
         self.last.update({k: v for k, v in row.items() if k.startswith("loss_")})
         self.progress.update(self.task, completed=int(row["step"]), description=(
             f"high {self.last['loss_high']:.4f} low {self.last['loss_low']:.4f} "
-            f"{row['step_time']:.2f}s/step {row['peak_mem']:.1f}GiB"))
+            f"{row['step_time']:.2f}s/step {row.get('samples_per_s', float('nan')):.2f} samples/s "
+            f"{row['peak_mem']:.1f}GiB"))
 
     def close(self) -> None:
         self.progress.stop()
