@@ -91,7 +91,11 @@ def make_plan(params: Params, workspace: Path) -> Plan:
     ms = params.multistage
     boundary = ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root)
     samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
-    held = held_out_ids([s["id"] for s in samples], params.sample.validation_samples, params.job.seed)
+    # Only captioned samples can be scored: holding out one whose caption was rejected left the
+    # run without a validation loss, and export (step: best) then stopped the pipeline.
+    captioned = {r["id"] for r in read_jsonl(workspace / "data/captions/captions.jsonl")}
+    usable = [s["id"] for s in samples if s["clip_id"] in captioned]
+    held = held_out_ids(usable, params.sample.validation_samples, params.job.seed)
     base = {
         "format": EVAL_FORMAT,
         "model": {p: model_identity(root, p) for p in ("transformer", "transformer_2", "vae")},
