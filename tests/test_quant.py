@@ -213,3 +213,13 @@ def test_fp8_matmul_path_close_and_trains():
     model.add_adapter(LoraConfig(r=2, target_modules=DEFAULT_TARGETS, init_lora_weights=False))
     model(**tiny_inputs())[0].float().pow(2).mean().backward()
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("mode, ratio", [("float8", 0.5), ("qfloat8", 0.5), ("nf4", 0.25), ("uint4", 0.25)])
+def test_weight_bytes_counts_quantized_storage(mode, ratio):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256, bias=False)).to(torch.bfloat16)
+    before = quant.weight_bytes(model)
+    quantize_transformer(model, mode, group_size=64)
+    # codes plus per-channel / per-group scales (4-bit: ~1/32 overhead at groups of 64)
+    assert before * ratio <= quant.weight_bytes(model) <= before * ratio * 1.1

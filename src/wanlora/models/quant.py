@@ -651,6 +651,21 @@ def quantize_cached(
     return model
 
 
+def _tensor_bytes(t: Tensor) -> int:
+    """Storage of a tensor as held: a wrapper subclass (quanto's QTensor) by its inner tensors,
+    a bitsandbytes 4-bit parameter with its absmax statistics."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    total = t.numel() * t.element_size()
+    state = getattr(t, "quant_state", None)
+    if state is not None:
+        total += state.absmax.numel() * state.absmax.element_size()
+        if state.nested:
+            total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes held by parameters and buffers (quantized codes, scales, unquantized weights)."""
     seen: set[int] = set()
@@ -658,7 +673,7 @@ def weight_bytes(model: nn.Module) -> int:
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += _tensor_bytes(t)
     return total
 
 

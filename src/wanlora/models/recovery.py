@@ -799,13 +799,19 @@ def _first(out: Any) -> Tensor:
     return out.sample if hasattr(out, "sample") else out
 
 
-def anisotropic(n: int, dim: int, decay: float = 2.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+def anisotropic(
+    n: int, dim: int, decay: float = 2.0, seed: int = 0, dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Tensor:
     """(n, dim) samples whose covariance has eigenvalues k^-decay (k = 1..dim) along a random
-    orthonormal basis: the documented anisotropic spectrum of our measurements (decay 2 by default)."""
-    g = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-    std = torch.arange(1, dim + 1, dtype=torch.float64).pow(-decay / 2)
-    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    orthonormal basis: the documented anisotropic spectrum of our measurements (decay 2 by default).
+    Draw calibration and held-out samples in one call so they share the basis."""
+    device = torch.device(device)
+    work = _solve_dtype(device)
+    g = torch.Generator(device).manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=work, device=device))
+    std = torch.arange(1, dim + 1, dtype=work, device=device).pow(-decay / 2)
+    z = torch.randn(n, dim, generator=g, dtype=work, device=device)
     return ((z * std) @ basis.T).to(dtype)
 
 
