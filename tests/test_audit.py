@@ -72,7 +72,7 @@ def test_audit_of_a_file_without_lineage_fails_clearly(tmp_path: Path):
     assert not result.ok
     assert "carries no wanlora lineage" in result.message and "cannot be verified" in result.message
     run = CliRunner().invoke(app, ["audit", str(path), "--workspace", str(tmp_path)])
-    assert run.exit_code == 1 and "no wanlora lineage" in run.output
+    assert run.exit_code == 2 and "no wanlora lineage" in run.output
 
 
 def test_missing_or_altered_sidecar_makes_lineage_unverifiable(tmp_path: Path):
@@ -86,7 +86,7 @@ def test_missing_or_altered_sidecar_makes_lineage_unverifiable(tmp_path: Path):
     result = verify(path, tmp_path)
     assert not result.ok and f"sidecar {sidecar.name} is missing" in result.message
     run = CliRunner().invoke(app, ["audit", str(path), "--workspace", str(tmp_path)])
-    assert run.exit_code == 1
+    assert run.exit_code == 2  # lineage cannot be verified (1 is for changed data)
 
 
 def test_pickle_file_is_not_opened(tmp_path: Path):
