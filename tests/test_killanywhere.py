@@ -216,8 +216,6 @@ def test_kill_each_stage_anywhere_then_resume_to_identical_outputs(workspaces):
     assert any(k.startswith("data/lora/high/step_") for k in ours)
 
 
-@pytest.mark.xfail(strict=True, reason="safetensors writes header metadata in a random (Rust HashMap) order: "
-                   "cache and LoRA files differ in bytes between processes; see the report for the fix")
 def test_outputs_are_byte_identical(workspaces):
     """Runs after the kill test on the same workspaces: byte for byte, not just content."""
     ref, ws, _ = workspaces

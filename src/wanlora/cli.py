@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from wanlora.config import ParamsError, load_params
+from wanlora.config import load_params
+from wanlora.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
 console = Console()
@@ -154,22 +155,12 @@ def export(
 
 
 def main() -> None:
-    """Console entry: params problems print as a readable message, not a traceback."""
+    """Console entry: errors a person fixes print as a readable message, not a traceback."""
     try:
         app()
-    except (ParamsError, typer.BadParameter) as err:
-        _fail(err)
-    except Exception as err:
-        from wanlora.export.formats import LoraFormatError  # heavy import, only on this path
-
-        if isinstance(err, LoraFormatError):
-            _fail(err)
-        raise
-
-
-def _fail(err: Exception) -> None:
-    console.print(f"[red]{escape(str(err))}[/]")
-    raise SystemExit(2) from None
+    except UserError as err:
+        console.print(f"[red]{escape(str(err))}[/]")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from wanlora.errors import UserError
+
 DEFAULT_MODEL = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
@@ -29,7 +31,7 @@ def nearest_4n1(n: int) -> int:
     return max(1, round((n - 1) / 4) * 4 + 1)
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params.yaml problem a person must fix; the message says where and how."""
 
 

@@ -19,8 +19,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from wanlora.errors import UserError
 
-class LockedError(RuntimeError):
+
+class LockedError(UserError, RuntimeError):
     """Another live process holds the lock; the message names it and what to do."""
 
 

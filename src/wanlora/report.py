@@ -14,6 +14,7 @@ from typing import Literal
 from rich.console import Console
 from rich.markup import escape
 
+from wanlora.errors import UserError
 from wanlora.io import atomic_write_json
 
 console = Console(stderr=True)
@@ -30,7 +31,7 @@ class Problem:
         return f"{self.path}: {self.reason}. Fix: {self.fix}"
 
 
-class InputError(RuntimeError):
+class InputError(UserError, RuntimeError):
     """Raised when a stage stops on bad input; its message lists every problem."""
 
 

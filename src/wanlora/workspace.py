@@ -40,7 +40,18 @@ def prepare(workspace: Path, params: Params) -> None:
 
 
 def track_raw(workspace: Path, params: Params) -> None:
-    """`dvc add` every dataset folder, so the exact clips behind a LoRA can be pushed and pulled."""
+    """`dvc add` every dataset folder, so the exact clips behind a LoRA can be pushed and pulled.
+
+    Refuses folders holding symlinks: DVC follows them (a loop crashes it, and a link out of the
+    folder is replaced by a copy of its target, which would modify the raw data we promise to keep).
+    """
+    from wanlora.media.listing import list_dataset
+
+    links = [p for ds in params.datasets.values()
+             for p in list_dataset(workspace / ds.folder, ds.captions.extension).problems if "link" in p.reason]
+    if links:
+        listing = "\n".join("  " + p.line() for p in links)
+        raise ValueError(f"cannot track the raw data with DVC while it holds symlinks:\n{listing}")
     folders = sorted({ds.folder for ds in params.datasets.values()})
     _run([sys.executable, "-m", "dvc", "add", "-q", *folders], workspace)
 

@@ -127,7 +127,6 @@ def test_a_pickle_only_model_is_refused_without_unpickling(pipeline, tmp_path):
     assert not marker.exists(), "a pickle was unpickled"
 
 
-@pytest.mark.xfail(strict=True, reason="DVC follows links: wanlora.workspace.track_raw must refuse them first")
 def test_dvc_add_keeps_links_out_of_raw(tmp_path):
     ws = tmp_path / "ws"
     params = _params()

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from wanlora.io import atomic_open
+from wanlora.errors import UserError
+from wanlora.io import atomic_open, safetensors_bytes
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry for the peft LoraConfig
@@ -63,7 +64,7 @@ MODULE_NAMES: tuple[tuple[str, str], ...] = (
 )
 
 
-class LoraFormatError(ValueError):
+class LoraFormatError(UserError, ValueError):
     """A LoRA file whose keys, shapes or type we cannot use; the message lists what and why."""
 
 
@@ -175,11 +176,8 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write atomically (outputs may be read-only DVC cache links: always a new file, renamed)."""
-    from safetensors.torch import save
-
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata))
     with atomic_open(path, "wb") as f:
-        f.write(data)
+        f.write(safetensors_bytes(dict(tensors), dict(metadata)))
 
 
 # ------------------------------------------------------------------------------------ alpha

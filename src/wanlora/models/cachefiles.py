@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
-from wanlora.io import atomic_write_bytes
+from wanlora.errors import UserError
+from wanlora.io import atomic_write_bytes, safetensors_bytes
 
 INDEX = "index.json"
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache that does not match the request; the message says which stage to rerun."""
 
 
@@ -44,7 +44,7 @@ def is_valid(path: Path, **expected: str) -> bool:
 
 
 def write_item(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata))
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def restore(cache_dir: Path, store: Path | None, key: str, **expected: str) -> bool:

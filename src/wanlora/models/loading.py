@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # imported lazily at run time: a stage that needs the VAE ski
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
+from wanlora.errors import UserError
 from wanlora.io import sha256_file, sha256_json
 
 ALL_PARTS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -48,7 +49,7 @@ _FINGERPRINT_BYTES = 1 << 20
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash")
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """The base model folder or hub id cannot be used; the message names the file and the fix."""
 
 

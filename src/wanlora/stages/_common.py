@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from rich.markup import escape
+
 from wanlora.config import Params, load_params
+from wanlora.errors import UserError
+from wanlora.report import console
 
 WORKSPACE = Path(".")
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage; an error a person must fix prints as its message (file and fix), not a traceback."""
+    try:
+        main()
+    except UserError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        raise SystemExit(1) from None
 
 
 def load() -> Params:

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_bytes
 
-from wanlora.io import atomic_write_bytes, atomic_write_json
+from wanlora.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
 
 LATEST = "latest.json"
 

@@ -32,10 +32,12 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from wanlora.errors import UserError
+
 T = TypeVar("T")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """A launch or configuration problem; the message says how to fix it."""
 
 

@@ -20,6 +20,7 @@ import torch
 
 from wanlora.config import Params
 from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches, small_buckets
+from wanlora.errors import UserError
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.report import InputError, console, write_problems
@@ -42,7 +43,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEXT_DIR = "data/cache/text"
 
 
-class BadLossError(RuntimeError):
+class BadLossError(UserError, RuntimeError):
     """Too many non-finite losses in a row."""
 
 

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import save as safetensors_bytes
 
 from wanlora.config import NetworkConfig
+from wanlora.io import safetensors_bytes
 
 PREFIX = "transformer."
 ADAPTER = "default"
@@ -77,23 +77,7 @@ def lora_file_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype, net: N
                                                   indent=2, sort_keys=True),
               **metadata}
     out = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(tensors.items())}
-    return canonical_safetensors(safetensors_bytes(out, metadata=header))
-
-
-def canonical_safetensors(data: bytes) -> bytes:
-    """The same file with its JSON header's keys sorted.
-
-    safetensors keeps metadata in a hash map whose order changes from process to process, so
-    two runs that train identical weights would write different bytes; a resumed run must write
-    exactly the bytes of an uninterrupted one (and DVC should see no change when nothing changed).
-    Tensor offsets are relative to the data section, so only the header is rewritten (padded with
-    spaces to a multiple of 8, as the format recommends).
-    """
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+    return safetensors_bytes(out, metadata=header)
 
 
 @contextmanager
