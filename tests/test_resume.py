@@ -132,3 +132,18 @@ def test_run_key_follows_what_the_stage_reads(template):
     assert loop.run_key(same, ws) == key  # sample/export edits keep a half-trained run resumable
     assert loop.run_key(tiny_params(root, **{**RICH, "network": {"rank": 8}}), ws) != key
     assert loop.run_key(tiny_params(root, **RICH, job={"seed": 4}), ws) != key
+
+
+def test_save_state_sweeps_leftovers_of_killed_saves(tmp_path):
+    """A SIGKILL mid-save leaves a hidden temp folder and temp file; the next save removes them."""
+    import torch
+
+    from wanlora.train.checkpoint import load_state, save_state
+
+    (tmp_path / ".state_000004.abcd").mkdir()
+    (tmp_path / ".state_000004.abcd/tensors.safetensors").write_bytes(b"torn")
+    (tmp_path / ".latest.json.x1y2.tmp").write_text("{")
+    save_state(tmp_path, 5, {"w": torch.ones(2)}, {"cursor": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "state_000005"]
+    tensors, plain = load_state(tmp_path)
+    assert tensors["w"].tolist() == [1.0, 1.0] and plain["cursor"] == 3 and plain["step"] == 5

@@ -103,8 +103,15 @@ def restore_rng(generator: torch.Generator, tensors: dict[str, torch.Tensor], pl
 
 # --------------------------------------------------------------------------------- state
 def save_state(folder: Path, step: int, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
-    """Write one complete state atomically (see module doc), then drop older ones."""
+    """Write one complete state atomically (see module doc), then drop older ones.
+
+    Starts by removing hidden leftovers of saves a kill interrupted (`.state_N.*` folders, `.tmp`
+    files): nothing reads them, and over days of restarts they would fill the disk."""
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".state_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     name = f"state_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
     try:
