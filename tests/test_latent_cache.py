@@ -195,3 +195,24 @@ def test_store_survives_dvc_deleting_the_cache_folder(tmp_path):
     assert cachefiles.read_item(cachefiles.item_path(out, "k1"), "", vae="v1")["mean"].tolist() == [0, 1, 2, 3]
     assert not cachefiles.restore(out, store, "k1", vae="other-vae")
     assert not cachefiles.restore(out, store, "missing", vae="v1")
+
+
+def test_an_undecodable_sample_is_reported_and_skipped(tmp_path_factory, workspace, monkeypatch):
+    """One bad window must not stop the whole cache: it is reported, the rest is encoded."""
+    real = latents._encode_sample
+
+    def flaky(vae, sample, ws, mode):
+        if sample["id"] == "main/a.mp4#0":
+            raise ValueError("frames [7, 9] cannot be decoded")
+        return real(vae, sample, ws, mode)
+
+    monkeypatch.setattr(latents, "_encode_sample", flaky)
+    samples = [
+        _sample("main/a.mp4#0", "data/raw/a.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40], size=(32, 32)),
+        _sample("main/b.png#0", "data/raw/b.png", [0], [0, 0, 20, 12], size=(16, 16), kind="image"),
+    ]
+    out = _stage(tiny_model(tmp_path_factory), workspace, samples)
+    assert list(json.loads((out / "index.json").read_text())["samples"]) == ["main/b.png#0"]
+    problems = json.loads((out / "problems.json").read_text())["problems"]
+    assert [p["path"] for p in problems] == ["data/raw/a.mp4"]
+    assert "main/a.mp4#0 cannot be encoded: frames [7, 9] cannot be decoded" in problems[0]["reason"]

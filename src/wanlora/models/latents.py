@@ -32,6 +32,7 @@ import torch
 from rich.progress import track
 
 from wanlora.io import atomic_write_json, read_jsonl, sha256_json
+from wanlora.report import Problem, settle, write_problems
 from wanlora.models.cachefiles import (
     INDEX,
     CacheError,
@@ -181,14 +182,18 @@ def run_stage(
     keys = {s["id"]: sample_key(s, vae_id, mode, dtype) for s in samples}
     todo = [s for s in samples if not restore(out_dir, store, keys[s["id"]], vae=vae_id)]
 
+    problems: list[Problem] = []
     if todo:
         vae = load_vae(root, to_dtype(dtype), device)
         try:
             for s in track(todo, description=f"latent_cache: encoding {len(todo)} sample(s)"):
                 try:
                     tensors = _encode_sample(vae, s, workspace, mode)
-                except (ValueError, OSError) as err:
-                    raise CacheError(f"{s['path']} (sample {s['id']}): {err}") from err
+                except (ValueError, OSError) as err:  # one bad window must not stop the dataset
+                    problems.append(Problem(s["path"], f"sample {s['id']} cannot be encoded: {err}",
+                                            "re-export the clip, or delete it and rerun `dvc repro`", "latent_cache"))
+                    del keys[s["id"]]
+                    continue
                 meta = {
                     "vae": vae_id, "sample_id": s["id"], "bucket": s["bucket"], "dtype": dtype,
                     "mode": mode, "sha256": s["sha256"], "frames": str(len(s["frame_indices"])),
@@ -200,6 +205,8 @@ def run_stage(
 
     remove_stale(out_dir, set(keys.values()))
     atomic_write_json(out_dir / INDEX, {"vae": vae_id, "mode": mode, "dtype": dtype, "samples": keys})
+    write_problems(out_dir / "problems.json", problems)
+    settle(problems, "skip", "latent_cache")  # the trainer reports these samples as uncached, and skips them
 
 
 def load_latents(cache_dir: str | Path, sample_id: str, expect_vae: str | None = None) -> dict[str, torch.Tensor]:
