@@ -112,6 +112,10 @@ def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, de
     torch.manual_seed(params.job.seed + (0 if expert == "high" else 1))  # LoRA A init: same every run
     for p in add_lora(model, params.network, dtype):
         p.data = p.data.to(device)
+    if params.quantization.transformer != "none":
+        from wanlora.models.quant import forbid_fusion
+
+        forbid_fusion(model)  # merging into a quantized base drops the LoRA (quanto) or breaks (4-bit)
     apply_accel(model, settings_from_params(params))
     offloads = []
     if params.model.layer_offloading and device.type == "cuda":
