@@ -70,7 +70,12 @@ def model_inputs(cfg: dict, latent: tuple[int, int, int], seed: int, text_len: i
 
 def to_device(inp, device):
     args, kwargs = inp
-    move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
+
+    def move(v):  # rotary embeddings come as a tuple of tensors
+        if torch.is_tensor(v):
+            return v.to(device)
+        return type(v)(move(x) for x in v) if isinstance(v, (tuple, list)) else v
+
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
@@ -78,7 +83,7 @@ def anisotropize(inp, seed: int):
     """Same block input with hidden states of covariance eigenvalues k^-2, scaled to the original norm."""
     (hidden, *rest), kwargs = inp
     b, n, d = hidden.shape
-    x = anisotropic(b * n, d, decay=2.0, seed=seed).view(b, n, d)
+    x = anisotropic(b * n, d, decay=2.0, seed=seed, device=hidden.device).view(b, n, d)
     x = x * (hidden.float().norm() / x.norm())
     return (x.to(hidden.dtype), *rest), kwargs
 
