@@ -29,6 +29,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from tests._media_helpers import write_audio_only
 from wanlora.io import atomic_write_bytes, atomic_write_text
 from wanlora.media.synth import ClipSpec, clip_frames, make_clip, write_video
 
@@ -131,7 +132,7 @@ def write_raw_corpus(raw: Path, outside: Path, links: bool = True) -> list[Case]
     atomic_write_bytes(add("unknown_codec.mkv", "Matroska stream with an unknown CodecID", "skip", "decoder not found"),
                        mkv.read_bytes().replace(b"V_MPEG4/ISO/ASP", b"V_ZZZZZ/ISO/ASP"))
     mkv.unlink()
-    _write_audio_only(add("audio_only.mp4", "AAC track, no video", "skip", "audio-only"))
+    write_audio_only(add("audio_only.mp4", "AAC track, no video", "skip", "audio-only"))
     # Shorter than the smallest (9-frame) bucket. Were a 1-frame bucket allowed, they would train
     # as stills ("a clip gets the largest bucket that fits").
     write_video(add("one_frame.mp4", "a single frame", "skip", "too short"), _frames(_spec(42))[:1], 8)
@@ -206,19 +207,6 @@ def _flat_yuv(width: int, height: int, n: int) -> list[np.ndarray]:
         f[:height, x : x + width // 8] = 40
         out.append(f)
     return out
-
-
-def _write_audio_only(path: Path) -> None:
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("aac", rate=44100)
-        samples = (np.sin(np.arange(22050) / 20.0) * 0.2).astype(np.float32)[None, :]
-        for start in range(0, samples.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(samples[:, start : start + 1024], format="fltp", layout="mono")
-            frame.sample_rate = 44100
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 # Cases outside the raw folder: what the user hands to commands, not to the pipeline's data.
