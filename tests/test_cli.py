@@ -53,3 +53,17 @@ def test_bad_params_print_a_readable_error(tmp_path: Path, monkeypatch, capsys):
         assert exit_.code == 2
     out = capsys.readouterr().out
     assert "train.stepz: unknown key; did you mean 'steps'?" in out
+
+
+def test_demo_workspace_inside_an_ignoring_repo_gets_its_own_git(tmp_path: Path):
+    """README's demo runs inside the wanlora checkout, which git-ignores demo-workspace/."""
+    import subprocess
+
+    from wanlora.demo import demo_params
+    from wanlora.workspace import prepare
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("/demo-workspace/\n")
+    ws = tmp_path / "demo-workspace"
+    prepare(ws, demo_params(4), own_repo=True)
+    assert (ws / ".git").is_dir() and (ws / ".dvc").is_dir() and (ws / "dvc.yaml").is_file()

@@ -49,7 +49,7 @@ def make_demo(folder: Path, steps: int = 120) -> Params:
     params = demo_params(steps)
     if folder.exists() and any(folder.iterdir()) and not (folder / "params.yaml").exists():
         raise FileExistsError(f"{folder} exists and is not a wanlora workspace; pick a new folder")
-    prepare(folder, params)
+    prepare(folder, params, own_repo=True)
     raw = folder / "data/raw"
     if not any(raw.iterdir()):
         make_demo_raw(raw, seed=0)

@@ -19,13 +19,18 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise RuntimeError(f"`{' '.join(cmd)}` failed in {cwd}:\n{result.stdout}{result.stderr}")
 
 
-def prepare(workspace: Path, params: Params) -> None:
-    """Make `workspace` runnable with `dvc repro`; idempotent, never touches data/raw."""
+def prepare(workspace: Path, params: Params, own_repo: bool = False) -> None:
+    """Make `workspace` runnable with `dvc repro`; idempotent, never touches data/raw.
+
+    Inside an existing git repository the workspace becomes a DVC sub-project of it, unless
+    `own_repo` (the demo: a self-contained repository that can be pushed, cloned and audited).
+    """
     workspace.mkdir(parents=True, exist_ok=True)
     inside_git = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=workspace,
                                 capture_output=True, text=True).returncode == 0
-    if not inside_git:
+    if (own_repo or not inside_git) and not (workspace / ".git").exists():
         _run(["git", "init", "-q"], workspace)
+        inside_git = False
     if not (workspace / ".dvc").exists():
         # a workspace inside a larger git repository becomes a DVC sub-project of it
         subdir = ["--subdir"] if inside_git and not (workspace / ".git").exists() else []
