@@ -15,7 +15,7 @@ from peft import LoraConfig
 
 from bench.common import (
     Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row, profile_step,
-    random_batch, reset_peak, time_steps,
+    random_batch, reset_peak, step_counts, time_steps,
 )
 from wanlora.io import atomic_write_text
 from wanlora.models.geometry import build_transformer
@@ -61,7 +61,7 @@ def main() -> None:
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         step = naive_step_fn(model, random_batch(cfg, shape, device, dtype), opt)
         reset_peak(device)
-        times = time_steps(step, args.warmup, args.steps, device)
+        times = time_steps(step, *step_counts(args), device)
         row = make_row(name, cfg, shape, times, device)
         if args.profile:
             summary = profile_step(step, device)

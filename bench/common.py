@@ -218,12 +218,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_WARMUP, DEFAULT_STEPS = 2, 5
+
+
+def step_counts(args: argparse.Namespace, warmup: int | None = None, steps: int | None = None) -> tuple[int, int]:
+    """(warm-up, timed) steps: the command line wins, then a configuration's own counts, then defaults."""
+    pick = lambda given, own, default: next(v for v in (given, own, default) if v is not None)  # noqa: E731
+    return pick(args.warmup, warmup, DEFAULT_WARMUP), pick(args.steps, steps, DEFAULT_STEPS)
+
+
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--tiny", action="store_true", help="two-layer model (CPU dry run of the harness)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")), help="rows.jsonl folder")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2, or the configuration's)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5, or the configuration's)")
     p.add_argument("--profile", action="store_true", help="also write a torch.profiler summary of one step")
     return p
 

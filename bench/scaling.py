@@ -33,7 +33,7 @@ import torch
 
 from bench.common import (
     Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row, random_batch, read_rows,
-    reset_peak, sync, time_steps,
+    reset_peak, step_counts, sync, time_steps,
 )
 from wanlora.config import parse_params
 from wanlora.models.accel import AccelSettings, apply_accel
@@ -109,7 +109,7 @@ def run(args, env) -> None:
         build_s = time.perf_counter() - t0
         print(f"{name}: built in {build_s:.1f} s on {env.world} rank(s)", flush=True)
         reset_peak(device)
-        times = time_steps(step, args.warmup, args.steps, device)
+        times = time_steps(step, *step_counts(args), device)
         s_step = sorted(times)[len(times) // 2]
         sps = world_throughput(args.accum, s_step, env)
         row = make_row(name, cfg, shape, times, device,

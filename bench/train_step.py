@@ -24,7 +24,7 @@ import torch
 
 from bench.common import (
     Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row, profile_step,
-    random_batch, reset_peak, sync, time_steps,
+    random_batch, reset_peak, step_counts, sync, time_steps,
 )
 from wanlora.config import parse_params
 from wanlora.io import atomic_write_text
@@ -143,8 +143,7 @@ def run(name: str, bc: BenchConfig, args) -> None:
     device, _ = device_and_dtype(args.tiny)
     shape = bc.shape if not args.tiny else Shape(5, 32, 32)
     bc = replace(bc, shape=shape)
-    warmup = bc.warmup if bc.warmup is not None else args.warmup
-    steps = bc.steps if bc.steps is not None else args.steps
+    warmup, steps = step_counts(args, bc.warmup, bc.steps)
     t0 = time.perf_counter()
     try:
         cfg, device, step, n_experts = build(name, bc, args.tiny)
