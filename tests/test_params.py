@@ -36,7 +36,7 @@ def test_unknown_keys_suggest(data, line):
 @pytest.mark.parametrize(("frames", "nearest"), [([32], [33]), ([30], [29]), ([36, 81], [37]), ([0], [1])])
 def test_bucket_frames_suggest_nearest_valid_count(frames, nearest):
     msg = error_of({"datasets": {"main": {"bucket": {"num_frames": frames}}}})
-    assert f"datasets.main.bucket.num_frames: frame counts must be 4n+1" in msg
+    assert "datasets.main.bucket.num_frames: frame counts must be 4n+1" in msg
     assert f": use {nearest}" in msg
 
 

@@ -34,7 +34,7 @@ def demo_params(steps: int) -> Params:
             bucket={"resolutions": [64], "num_frames": [9], "frame_sampling": "window",
                     "windows_per_clip": 2, "fps": 8},
         ).model_dump()},
-        "sample": {"prompts": [f"[trigger] a red square moving right", "a blue circle on grey"],
+        "sample": {"prompts": ["[trigger] a red square moving right", "a blue circle on grey"],
                    "steps": 4, "num_frames": 9, "width": 64, "height": 64, "fps": 8,
                    "guidance_scale": 3.0, "validation_samples": 2},
         "export": {"step": "best"},
