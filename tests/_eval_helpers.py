@@ -6,10 +6,8 @@ the flow-match scheduler, and LoRAs whose B matrices are non-zero so they change
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from peft import LoraConfig
@@ -17,17 +15,6 @@ from peft.utils import get_peft_model_state_dict
 
 from wanlora.export.formats import LoraModule, save_safetensors, write_ours
 from wanlora.models.geometry import TINY
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one intra-op thread. With two, a tiny matmul took
-    ~10 ms instead of 0.1 ms while other processes held the cores (threads spin-waiting on each
-    other). Import it into a test module to use it; the previous setting is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 ALL_TARGETS = [
     "to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2",

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
-import torch
 
 from wanlora.io import write_jsonl
 from wanlora.models.tiny import make_tiny
@@ -56,13 +54,3 @@ def write_clip(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
         writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
     writer.release()
     return path
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: the 2-core CI machine is shared, and tiny matmuls only lose by
-    splitting across contended cores (a tiny UMT5 pass: 0.13 s on one thread, 0.45 s on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -42,14 +42,3 @@ def tiny_inputs(seed: int = 1, dtype: torch.dtype = torch.bfloat16, frames: int 
         "encoder_hidden_states": torch.randn(1, 8, 32, generator=g).to(dtype),
         "return_dict": False,
     }
-
-
-def one_thread():
-    """Run a test on one intra-op thread, then restore. Tiny tensors gain nothing from threads,
-    and on a loaded 2-core machine OpenMP's spinning made a 0.6 s test take 12 s."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

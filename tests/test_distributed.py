@@ -38,15 +38,6 @@ def assert_close_dicts(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
         torch.testing.assert_close(got[k].float(), want[k].float(), atol=atol, rtol=1e-4, msg=k)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only spins against the forked ranks on 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------ pure parts
 def test_shard_splits_work_disjointly_and_completely() -> None:
     items = [f"clip{i:02d}" for i in range(10)]

@@ -17,14 +17,6 @@ from _train_helpers import copy_workspace, make_workspace, tiny_params
 from wanlora.train import loop
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("dist_stage")

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from tests._eval_helpers import add_checkpoint, make_eval_workspace
-from tests._eval_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from wanlora.config import load_params
 from wanlora.evaluate import run_stage, sampling, stage
 

@@ -12,7 +12,6 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
 from tests._eval_helpers import forward, merged, random_lora, save_ours, tiny_pipeline, tiny_transformer
-from tests._eval_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from wanlora.config import DEFAULT_TARGETS
 from wanlora.export import formats
 from wanlora.export.formats import MODULE_NAMES, LoraFormatError, LoraModule

@@ -10,7 +10,6 @@ import torch
 from peft import LoraConfig, set_peft_model_state_dict
 
 from tests._eval_helpers import forward, make_lineage_workspace, random_lora, tiny_pipeline
-from tests._eval_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from wanlora.config import DEFAULT_TARGETS, load_params, parse_params
 from wanlora.export import lineage, run_stage
 from wanlora.export.audit import verify

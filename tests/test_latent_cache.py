@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _model_helpers import clip_frames, one_thread, tiny_model, write_clip  # noqa: F401 (fixture)
+from _model_helpers import clip_frames, tiny_model, write_clip
 from PIL import Image
 
 from wanlora.io import write_jsonl
@@ -24,8 +24,6 @@ from wanlora.models.latents import (
     run_stage,
 )
 from wanlora.models.loading import load_vae, load_vae_config, model_identity
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(sid, path, indices, crop, size=(32, 16), flip=False, kind="video", dataset="main"):

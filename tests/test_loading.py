@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from _model_helpers import copy_model, one_thread, tiny_model  # noqa: F401 (fixture)
+from _model_helpers import copy_model, tiny_model
 from safetensors.torch import load_file, save_file
 
 from wanlora.models.loading import (
@@ -24,7 +24,6 @@ from wanlora.models.loading import (
     resolve_model,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
 
 

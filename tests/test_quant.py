@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _quant_helpers import one_thread, tiny_expert, tiny_inputs
+from _quant_helpers import tiny_expert, tiny_inputs
 from peft import LoraConfig
 from safetensors import safe_open
 from torch import nn
@@ -27,11 +27,6 @@ from wanlora.models.quant import (
     quantized_modules,
     write_safetensors,
 )
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_thread()
-
 
 CPU_MODES = ["float8", "qfloat8", "nf4", "uint4"]
 GROUP = {"uint4": 16, "nf4": 64, "float8": 64, "qfloat8": 64}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _quant_helpers import one_thread, tiny_expert, tiny_inputs
+from _quant_helpers import tiny_expert, tiny_inputs
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -26,11 +26,6 @@ from wanlora.models.recovery import (
     reference_block,
     weights_from_model,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 def _err(E: torch.Tensor, A: torch.Tensor, B: torch.Tensor, X: torch.Tensor) -> float:

@@ -19,7 +19,6 @@ from _train_helpers import copy_workspace, make_workspace, tiny_params
 from wanlora.io import atomic_write_yaml
 from wanlora.train import loop
 
-torch.set_num_threads(1)
 
 RICH = {  # every piece of state a step touches: accumulation, dropout, DOP, EMA, 8-bit Adam, schedule
     "train": {"steps": 10, "gradient_accumulation": 2, "caption_dropout": 0.3, "optimizer": "adamw8bit",
@@ -136,8 +135,6 @@ def test_run_key_follows_what_the_stage_reads(template):
 
 def test_save_state_sweeps_leftovers_of_killed_saves(tmp_path):
     """A SIGKILL mid-save leaves a hidden temp folder and temp file; the next save removes them."""
-    import torch
-
     from wanlora.train.checkpoint import load_state, save_state
 
     (tmp_path / ".state_000004.abcd").mkdir()

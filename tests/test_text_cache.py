@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from _model_helpers import one_thread, tiny_model, write_captions  # noqa: F401 (fixture)
+from _model_helpers import tiny_model, write_captions
 from diffusers import WanPipeline
 
 from wanlora.models import text
@@ -25,8 +25,6 @@ CAPTIONS = {
     "main/c.png": ("sks dancing on the beach, slowly", None),  # same caption twice: encoded once
 }
 PROMPTS = ["[trigger] holding a red cat", ""]
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _spy(mp: pytest.MonkeyPatch) -> list[str]:
     """Record every text the stage encodes (to check what reruns do)."""
@@ -56,12 +54,9 @@ def _run(root, tmp_path, captions=CAPTIONS, prompts=PROMPTS):
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """The cache of CAPTIONS and PROMPTS, encoded once for the module: (texts encoded, folder)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         calls = _spy(mp)
         out = _run(tiny_model(tmp_path_factory), tmp_path_factory.mktemp("text"))
-    torch.set_num_threads(before)
     return calls, out
 
 

@@ -6,15 +6,13 @@ import json
 
 import pytest
 import torch
-from _model_helpers import one_thread, tiny_model  # noqa: F401 (fixture)
+from _model_helpers import tiny_model
 from diffusers import UniPCMultistepScheduler, WanPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from wanlora.models.geometry import TINY, WAN22_A14B, build_transformer, forward_flops, tokens, train_flops
 from wanlora.models.tiny import make_tiny, tiny_tokenizer
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYOUT = {
     "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",

@@ -21,8 +21,6 @@ from wanlora.report import InputError
 from wanlora.train import dist_parallel, loop
 from wanlora.train.lora import lora_state_dict
 
-torch.set_num_threads(1)  # the machine is shared: two threads contend and run ~20x slower
-
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> tuple[Path, Path]:

@@ -20,7 +20,6 @@ from wanlora.train.offload import BlockOffload
 from wanlora.train.optim import build_optimizer, lr_at
 from wanlora.train.step import StepBatch, training_step
 
-torch.set_num_threads(1)
 NET = NetworkConfig(rank=4, alpha=8)
 
 
