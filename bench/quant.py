@@ -206,6 +206,8 @@ def main() -> None:
                     "layers": {n: {s: vars(e) for s, e in d.items()} for n, d in layers.items()},
                 }
         results["modes"][label] = row
+        if args.out:  # after every mode: a run stopped by a time limit keeps the modes it finished
+            atomic_write_json(args.out, results)
         print(f"{label}: quantize+save {first:.1f} s, reload {reload:.1f} s, {size(row['weights_bytes'])}; "
               f"recovery measured in {time.perf_counter() - t0:.1f} s since reload", flush=True)
         del q
@@ -233,8 +235,6 @@ def main() -> None:
         dcell = f"{dmed('before'):.4f} → {dmed('plain'):.4f} / {dmed('whitened'):.4f}"
         print(f"| {mode} | {row['quantize_and_save_s']:.2f} | {row['reload_s']:.2f} | {size(row['weights_bytes'])} | "
               f"{cells[0]} | {cells[1]} | {med} | {dcell} |")
-    if args.out:
-        atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -188,3 +188,22 @@ def test_boundary_ratio_missing_is_an_error(model):
     (model / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": None}))
     with pytest.raises(ModelError, match="boundary_ratio is None.*multistage.boundary_ratio"):
         boundary_ratio(model)
+
+
+def test_skipped_modules_are_never_read_and_the_rest_loads_as_diffusers_does(tmp_path_factory):
+    """A quantized-cache hit loads an expert minus its linears: every other tensor, buffers
+    included, must equal `from_pretrained`'s in value and dtype (fp32 modules stay fp32)."""
+    root = tiny_model(tmp_path_factory)
+    full = load_transformer(root, "low", "bf16")
+    skip = {n for n, m in full.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)}
+    part = load_transformer(root, "low", "bf16", skip=skip)
+    got = dict(part.named_parameters()) | dict(part.named_buffers())
+    want = dict(full.named_parameters()) | dict(full.named_buffers())
+    assert got.keys() == want.keys()
+    for key, t in want.items():
+        if key.rpartition(".")[0] in skip:
+            assert got[key].is_meta, key
+        else:
+            assert got[key].dtype == t.dtype and torch.equal(got[key], t), key
+    assert part.blocks[0].norm2.weight.dtype == torch.float32  # diffusers' _keep_in_fp32_modules
+    assert not any(p.requires_grad for p in part.parameters() if not p.is_meta)

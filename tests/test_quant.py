@@ -218,3 +218,34 @@ def test_weight_bytes_counts_quantized_storage(mode, ratio):
     quantize_transformer(model, mode, group_size=64)
     # codes plus per-channel / per-group scales (4-bit: ~1/32 overhead at groups of 64)
     assert before * ratio <= quant.weight_bytes(model) <= before * ratio * 1.1
+
+
+@pytest.mark.parametrize("mode", ["float8", "uint4"])
+def test_cache_hit_with_a_partial_loader_reads_no_bf16_linear(mode, tmp_path):
+    """On a hit the partial loader is asked only for what the cache lacks; the model it returns
+    (cached linears on meta) ends up equal to quantizing a fully loaded expert."""
+    key = {"source": "tiny", "seed": 0}
+    asked = []
+
+    def partial(skip: frozenset[str]) -> nn.Module:
+        asked.append(skip)
+        model = tiny_expert()
+        for name in skip:
+            model.get_submodule(name).to_empty(device="meta")
+        return model
+
+    first = quantize_cached(tiny_expert, tmp_path, key, mode, group_size=GROUP[mode], partial_loader=partial)
+    assert asked == []  # a miss loads everything: the quantizer needs the bf16 weights
+    second = quantize_cached(tiny_expert, tmp_path, key, mode, group_size=GROUP[mode], partial_loader=partial)
+    assert asked == [frozenset(quantized_modules(first))] and len(asked[0]) == BLOCK_LINEARS
+    assert not any(p.is_meta for p in second.parameters())
+    x = tiny_inputs()
+    assert torch.equal(first(**x)[0], second(**x)[0])
+
+    def lacking(skip: frozenset[str]) -> nn.Module:  # a model with a linear the cache never held
+        model = partial(skip)
+        model.proj_out.to_empty(device="meta")
+        return model
+
+    with pytest.raises(ValueError, match="the cache does not hold proj_out.weight; delete the folder"):
+        quantize_cached(tiny_expert, tmp_path, key, mode, group_size=GROUP[mode], partial_loader=lacking)

@@ -265,6 +265,25 @@ def test_lora_trains_on_a_quantized_base(ws, template, mode, recovery):
     assert got == pytest.approx(want, rel=0.05)
 
 
+def test_a_quantized_cache_hit_reads_only_the_unquantized_tensors(ws, template, monkeypatch):
+    """The second run of a float8 setup takes the block linears from the quantization cache: the
+    loader is asked to skip all 20 of each expert, and training is identical to the first run."""
+    from wanlora.models import loading
+
+    q = {"transformer": "float8"}
+    first = loop.setup(tiny_params(template[1], train={"steps": 2}, quantization=q), ws)
+    loop.train(first)
+    skips = []
+    real = loading.load_transformer
+    monkeypatch.setattr(loading, "load_transformer",
+                        lambda *a, skip=(), **kw: skips.append(len(skip)) or real(*a, skip=skip, **kw))
+    second = loop.setup(tiny_params(template[1], train={"steps": 2}, quantization=q), ws)
+    loop.train(second)
+    assert skips == [20, 20]
+    assert [r.get("loss_high", r.get("loss_low")) for r in second.history] == \
+        [r.get("loss_high", r.get("loss_low")) for r in first.history]
+
+
 def test_batches_of_two_never_mix_clips_and_images(template, tmp_path, monkeypatch):
     """Three clips of 5 frames and one image (1 frame) with batch_size 2: clip batches hold two
     latents of one shape, the image trains alone, and its too-small bucket is reported."""

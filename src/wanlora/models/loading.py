@@ -25,7 +25,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -298,19 +298,69 @@ def load_vae_config(root: str | Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- loaders
 def load_transformer(
-    root: str | Path, expert: Literal["high", "low"], dtype: str | torch.dtype, device: str = "cpu"
+    root: str | Path,
+    expert: Literal["high", "low"],
+    dtype: str | torch.dtype,
+    device: str = "cpu",
+    skip: Collection[str] = (),
 ) -> WanTransformer3DModel:
-    """One expert (high -> transformer/, low -> transformer_2/), frozen, in `dtype` on `device`."""
+    """One expert (high -> transformer/, low -> transformer_2/), frozen, in `dtype` on `device`.
+
+    `skip` names modules (qualified, `blocks.3.ffn.net.2`) whose tensors are not read: their
+    parameters stay on the meta device for the caller to replace. A quantized-weight cache hit
+    passes the ~98% of an expert that it supplies, so it reads ~0.5 GB of norms and embedders
+    instead of the whole 28 GB bf16 expert.
+    """
     from diffusers import WanTransformer3DModel
 
     if expert not in EXPERT_FOLDERS:
         raise ValueError(f"expert {expert!r}: use 'high' or 'low'")
     part = EXPERT_FOLDERS[expert]
     check_layout(root, [part])
+    if skip:
+        return _load_transformer_except(Path(root) / part, to_dtype(dtype), torch.device(device), frozenset(skip))
     model = WanTransformer3DModel.from_pretrained(
         root, subfolder=part, torch_dtype=to_dtype(dtype), use_safetensors=True,
         low_cpu_mem_usage=True, device_map=str(device),
     )
+    return model.eval().requires_grad_(False)
+
+
+def _load_transformer_except(folder: Path, dtype: torch.dtype, device: torch.device, skip: frozenset[str]):
+    """`load_transformer` minus the modules in `skip`, with diffusers' dtype rules: floating
+    tensors of `_keep_in_fp32_modules` stay fp32, everything else floating becomes `dtype`.
+
+    Built under accelerate's `init_empty_weights` (parameters on meta, the rotary tables that
+    no file holds are computed as usual), then filled tensor by tensor from the shards.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+    from safetensors import safe_open
+
+    with init_empty_weights():
+        model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+    keep_fp32 = WanTransformer3DModel._keep_in_fp32_modules or []
+    state = {}
+    for shard in _weight_files(folder):
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.rpartition(".")[0] in skip:
+                    continue
+                t = f.get_tensor(key)
+                if t.is_floating_point():
+                    t = t.to(torch.float32 if any(m in key.split(".") for m in keep_fp32) else dtype)
+                state[key] = t.to(device)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if k.rpartition(".")[0] not in skip]
+    if missing or unexpected:
+        raise ModelError(
+            f"{folder}: weights do not match the config ({len(missing)} missing, e.g. "
+            f"{(missing or ['-'])[0]}; {len(unexpected)} unexpected, e.g. {(unexpected or ['-'])[0]}). "
+            "Fix: download the part again"
+        )
+    for name, buf in model.named_buffers():  # computed tables, still on the host
+        module, _, leaf = name.rpartition(".")
+        model.get_submodule(module)._buffers[leaf] = buf.to(device)
     return model.eval().requires_grad_(False)
 
 

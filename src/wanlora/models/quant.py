@@ -589,9 +589,12 @@ def save_quantized(model: nn.Module, folder: str | Path, key: dict[str, Any]) ->
     return folder
 
 
-def load_quantized(model: nn.Module, folder: str | Path, key: dict[str, Any] | None = None) -> int:
+def load_quantized(
+    model: nn.Module, folder: str | Path, key: dict[str, Any] | None = None, device: torch.device | None = None
+) -> int:
     """Swap the cached quantized linears of `folder` into `model` (whose bf16 linears they replace,
-    on the device those lived on). Checks the key and every shape; returns the module count."""
+    on the device those lived on, or on `device` where they were never loaded: meta tensors).
+    Checks the key and every shape; returns the module count."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -611,10 +614,14 @@ def load_quantized(model: nn.Module, folder: str | Path, key: dict[str, Any] | N
                 raise ValueError(
                     f"{folder}: cached layer {name} does not fit this model; delete the folder to requantize"
                 )
-            device = next(iter(target.parameters()), torch.empty(0)).device
+            home = next(iter(target.parameters()), torch.empty(0)).device
+            if home.type == "meta":
+                if device is None:
+                    raise ValueError(f"load_quantized: {name} was never loaded (meta); say which device it goes to")
+                home = device
             prefix = name + "."
             tensors = {k[len(prefix):]: f.get_tensor(k) for k in names if k.startswith(prefix)}
-            module = _build_module(rec, tensors, device)
+            module = _build_module(rec, tensors, home)
             module.requires_grad_(False)
             _set_submodule(model, name, module)
     return len(meta["modules"])
@@ -629,22 +636,35 @@ def quantize_cached(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     include: Sequence[str] | None = None,
     device: str | torch.device | None = None,
+    partial_loader: Callable[[frozenset[str]], nn.Module] | None = None,
 ) -> nn.Module:
     """Load a model and quantize it, or load its quantized layers from the cache.
 
     The cache folder is `cache_dir/<hash of cache_key(...)>/`; a hit swaps the stored quantized
-    tensors into the freshly loaded model without quantizing (the loader still provides the
-    unquantized parts: norms, embedders, biases of excluded layers).
+    tensors into a loaded model without quantizing. The loader still provides the unquantized
+    parts (norms, embedders, excluded layers); `partial_loader`, given the names of the modules
+    the cache holds, loads only those parts and leaves the rest on the meta device, so a hit
+    never reads the bf16 weights it replaces (`wanlora.models.loading.load_transformer`'s `skip`).
     """
-    model = model_loader()
     if mode == "none":
-        return model
+        return model_loader()
     full = cache_key(key, mode, group_size, exclude, include)
     folder = Path(cache_dir) / sha256_json(full)[:20]
     if (folder / "quant.json").is_file():
-        load_quantized(model, folder, full)
+        if partial_loader is None:
+            model = model_loader()
+            load_quantized(model, folder, full)
+        else:
+            cached = json.loads((folder / "quant.json").read_text(encoding="utf-8"))["modules"]
+            model = partial_loader(frozenset(cached))
+            home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+            load_quantized(model, folder, full, device=home)
+            never = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+            if never:
+                raise ValueError(f"{folder}: the cache does not hold {never[0]}; delete the folder to rebuild it")
         console.print(f"quantization: loaded {mode} weights from {folder}")
         return model
+    model = model_loader()
     quantize_transformer(model, mode, group_size=group_size, exclude=exclude, device=device, include=include)
     save_quantized(model, folder, full)
     console.print(f"quantization: cached {mode} weights in {folder}")

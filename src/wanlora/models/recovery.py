@@ -634,6 +634,7 @@ def prepare_quantized_expert(
     weights: WeightLoader | None = None,
     calib_inputs: Sequence[dict[str, Any]] | None = None,
     device: str | torch.device | None = None,
+    partial_loader: Callable[[frozenset[str]], nn.Module] | None = None,
 ) -> nn.Module:
     """Load one expert and apply `quantization` params (a `QuantizationConfig`): quantize (cached),
     then attach accuracy recovery where it applies. The trainer's single call.
@@ -645,6 +646,8 @@ def prepare_quantized_expert(
       cached latents at timesteps of its range) against `weights` (original weights by layer name),
       with `recovery.distill_steps` of refinement; cached beside the quantized weights.
     - recovery.source = none, or an 8-bit mode with fitted: quantization only.
+
+    `partial_loader` (see `quantize_cached`) lets a cache hit skip reading the bf16 weights.
     """
     mode, rec = cfg.transformer, cfg.recovery
     if mode == "none":
@@ -657,11 +660,13 @@ def prepare_quantized_expert(
             )
         targets = adapter_targets(rec.source, expert)
         key = {**source_key, "expert": expert, "adapter": rec.source}
-        model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, exclude=(), include=targets, device=device)
+        model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, exclude=(), include=targets,
+                                device=device, partial_loader=partial_loader)
         load_aitk_adapter(model, rec.source, expert)
         return model
     key = {**source_key, "expert": expert}
-    model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, device=device)
+    model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, device=device,
+                            partial_loader=partial_loader)
     if rec.source == "none" or mode not in ("nf4", "uint4"):
         return model
     if weights is None or not calib_inputs:

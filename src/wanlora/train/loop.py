@@ -108,6 +108,7 @@ def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, de
         lambda: load_transformer(root, expert, dtype, str(where)), quant, expert,
         {"model": model_identity(root, part), "dtype": params.model.dtype},
         weights=weights_from_safetensors(root / part), calib_inputs=calib, device=where,
+        partial_loader=lambda skip: load_transformer(root, expert, dtype, str(where), skip=skip),
     )
     torch.manual_seed(params.job.seed + (0 if expert == "high" else 1))  # LoRA A init: same every run
     for p in add_lora(model, params.network, dtype):
