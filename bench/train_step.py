@@ -30,7 +30,7 @@ from wanlora.config import parse_params
 from wanlora.io import atomic_write_text
 from wanlora.models.accel import AccelSettings, apply_accel, park_frozen
 from wanlora.models.geometry import build_transformer
-from wanlora.models.quant import quantize_transformer
+from wanlora.models.quant import enable_fp8_matmul, quantize_transformer
 from wanlora.train.experts import ExpertPlacer, ExpertSchedule
 from wanlora.train.lora import add_lora
 from wanlora.train.optim import build_optimizer
@@ -51,6 +51,9 @@ class BenchConfig:
     quant: str = "none"
     checkpointing: str = "selective"
     compile: bool = True
+    optimizer: str = "adamw8bit"
+    fp8_matmul: bool = False
+    activation_offloading: bool = False
     warmup: int | None = None
     steps: int | None = None
     note: str = ""
@@ -80,6 +83,20 @@ CONFIGS: dict[str, BenchConfig] = {
     "33f_float8_1expert_fullckpt": BenchConfig(S33, experts=("high",), quant="float8", checkpointing="full"),
     "33f_uint4_1expert_fullckpt": BenchConfig(S33, experts=("high",), quant="uint4", checkpointing="full"),
     "33f_float8_1expert": BenchConfig(S33, experts=("high",), quant="float8"),
+    # second session's levers: fused torch AdamW, fp8 tensor-core matmuls, activation offloading
+    "33f_bf16_both_sw1_adamw": BenchConfig(S33, optimizer="adamw", note="both resident, switch_every 1"),
+    "33f_fp8mm_both_sw1_adamw": BenchConfig(S33, quant="float8", fp8_matmul=True, optimizer="adamw",
+                                            note="both resident, switch_every 1"),
+    "33f_bf16_sw10_host_adamw": BenchConfig(S33, switch_every=10, low_vram=True, optimizer="adamw", warmup=2, steps=25,
+                                            note="inactive expert in host memory; the 9th and 19th timed steps switch"),
+    "81f_bf16_1expert_adamw": BenchConfig(S81, experts=("high",), optimizer="adamw", warmup=2, steps=3),
+    "81f_fp8mm_1expert_adamw": BenchConfig(S81, experts=("high",), quant="float8", fp8_matmul=True,
+                                           optimizer="adamw", warmup=2, steps=3),
+    "81f_1024_bf16_sel_offload": BenchConfig(S81_1024, experts=("high",), optimizer="adamw", activation_offloading=True,
+                                             warmup=1, steps=2, note="selective ckpt, activations in host memory"),
+    "81f_1024_float8_sel_offload": BenchConfig(S81_1024, experts=("high",), quant="float8", optimizer="adamw",
+                                               activation_offloading=True, warmup=1, steps=2,
+                                               note="selective ckpt, activations in host memory"),
 }
 
 
@@ -98,16 +115,21 @@ def build(name: str, bc: BenchConfig, tiny: bool):
     cfg = geometry(tiny)
     device, dtype = device_and_dtype(tiny)
     params = parse_params({
-        "model": {"low_vram": bc.low_vram, "compile": bc.compile and device.type == "cuda"},
-        "quantization": {"transformer": bc.quant},
+        "model": {"low_vram": bc.low_vram, "compile": bc.compile and device.type == "cuda",
+                  "activation_offloading": bc.activation_offloading},
+        "quantization": {"transformer": bc.quant, "fp8_matmul": bc.fp8_matmul},
+        "train": {"optimizer": bc.optimizer},
         "multistage": {"train_high_noise": "high" in bc.experts, "train_low_noise": "low" in bc.experts,
                        "switch_every": bc.switch_every},
     })
-    settings = AccelSettings(checkpointing=bc.checkpointing, compile=params.model.compile)  # type: ignore[arg-type]
+    settings = AccelSettings(checkpointing=bc.checkpointing, compile=params.model.compile,  # type: ignore[arg-type]
+                             activation_offloading=params.model.activation_offloading)
     models, optims, lora = {}, {}, {}
     for i, e in enumerate(bc.experts):
         m = build_transformer(cfg, dtype, device, seed=i)
         quantize_transformer(m, bc.quant, params.quantization.group_size)  # a no-op for "none"
+        if params.quantization.fp8_matmul:
+            enable_fp8_matmul(m)
         lora[e] = add_lora(m, params.network, dtype)
         apply_accel(m, settings)
         m.train()
@@ -153,7 +175,8 @@ def run(name: str, bc: BenchConfig, args) -> None:
         reset_peak(device)
         times = time_steps(step, warmup, steps, device)
         compiled = bc.compile and device.type == "cuda"
-        levers = f"ckpt={bc.checkpointing} compile={compiled} quant={bc.quant} experts={'+'.join(bc.experts)}"
+        levers = (f"ckpt={bc.checkpointing} compile={compiled} quant={bc.quant}{'+fp8mm' if bc.fp8_matmul else ''} "
+                  f"opt={bc.optimizer}{' act_offload' if bc.activation_offloading else ''} experts={'+'.join(bc.experts)}")
         row = make_row(name, cfg, shape, times, device, note="; ".join(x for x in (levers, bc.note) if x),
                        extra={"build_s": build_s, "mean_s": sum(times) / len(times)})
         if args.profile:

@@ -139,3 +139,43 @@ def test_parking_keeps_one_host_copy_and_leaves_the_lora_alone() -> None:
     assert all(torch.equal(after[n], before[n]) for n in before)
     with pytest.raises(ValueError, match="use 'host' or 'device'"):
         park_frozen(model, "disk", torch.device("cpu"), False)
+
+
+def test_activation_offloading_moves_activations_not_weights_and_keeps_grads() -> None:
+    """With checkpointing off every block activation is saved through autograd's hooks: each large
+    one must go through host memory (counted) while no weight is moved, and the LoRA gradients
+    must equal the plain run's bit for bit, also when backward unpacks out of pack order."""
+    from wanlora.models.activation_offload import ActivationOffload, offload_context
+    from wanlora.train.step import StepBatch, training_step
+
+    plain = _tiny_expert()
+    fast = apply_accel(copy.deepcopy(plain), AccelSettings(checkpointing="none", activation_offloading=True))
+    offload = offload_context(fast)
+    assert isinstance(offload, ActivationOffload)
+    offload.min_bytes, offload.ahead_bytes = 4096, 3 * 4096  # tiny tensors: offload them, prefetch a few
+    weights = {p.untyped_storage().data_ptr() for p in fast.parameters()}
+    moved = []
+    real_pack = offload._pack
+
+    def pack(t: torch.Tensor):
+        out = real_pack(t)
+        if out is not t:
+            moved.append(t.untyped_storage().data_ptr())
+        return out
+
+    offload._pack = pack  # type: ignore[method-assign]
+    inputs = _inputs()
+    g = torch.Generator().manual_seed(3)
+    batch = StepBatch(latents=inputs["hidden_states"], noise=torch.randn(1, 4, 3, 8, 8, generator=g),
+                      timesteps=torch.tensor([700.0]), embeds=inputs["encoder_hidden_states"])
+    for model in (plain, fast):
+        model.zero_grad(set_to_none=True)
+        training_step(model, batch, dtype=torch.float32)
+    held = offload.records
+    assert len(held) > 10 and offload.offloaded_bytes == sum(h.nbytes for h in held)
+    assert all(h.used and h.fetched is None for h in held)  # each came back once, nothing lingers
+    assert len(moved) == len(held) and not weights & set(moved)  # frozen weights are saved too, never moved
+    for (n, p), q in zip(plain.named_parameters(), fast.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), n
+    assert offload_context(apply_accel(fast, AccelSettings())) is None  # turned off again

@@ -267,10 +267,12 @@ def test_lora_trains_on_a_quantized_base(ws, template, mode, recovery):
 
 def test_a_quantized_cache_hit_reads_only_the_unquantized_tensors(ws, template, monkeypatch):
     """The second run of a float8 setup takes the block linears from the quantization cache: the
-    loader is asked to skip all 20 of each expert, and training is identical to the first run."""
+    loader is asked to skip all 20 of each expert, and training is identical to the first run
+    (with fp8 matmuls on: every float8 layer runs them)."""
     from wanlora.models import loading
+    from wanlora.models.quant import Float8Linear
 
-    q = {"transformer": "float8"}
+    q = {"transformer": "float8", "fp8_matmul": True}
     first = loop.setup(tiny_params(template[1], train={"steps": 2}, quantization=q), ws)
     loop.train(first)
     skips = []
@@ -280,6 +282,8 @@ def test_a_quantized_cache_hit_reads_only_the_unquantized_tensors(ws, template, 
     second = loop.setup(tiny_params(template[1], train={"steps": 2}, quantization=q), ws)
     loop.train(second)
     assert skips == [20, 20]
+    layers = [m for e in second.experts.values() for m in e.modules() if isinstance(m, Float8Linear)]
+    assert len(layers) == 40 and all(m.fp8_matmul for m in layers)
     assert [r.get("loss_high", r.get("loss_low")) for r in second.history] == \
         [r.get("loss_high", r.get("loss_low")) for r in first.history]
 

@@ -84,6 +84,11 @@ class ModelConfig(Section):
         "auto", description="SDPA backend; auto lets PyTorch choose."
     )
     compile: bool = Field(False, description="torch.compile each transformer block (GPU only).")
+    activation_offloading: bool = Field(
+        False, description="Keep the activations saved for backward in pinned CPU memory, copied while "
+        "the GPU computes: lets long clips keep attention outputs (selective checkpointing) on 80 GB. "
+        "Costs host RAM of their size (~1.7 GiB per block at 81f 1024x1024)."
+    )
 
 
 # ------------------------------------------------------------------------------ quantization
@@ -108,6 +113,10 @@ class QuantizationConfig(Section):
         "none", description="Base weights of both experts: none (bf16), float8, qfloat8, nf4, uint4."
     )
     group_size: int = Field(64, ge=16, description="Group size for uint4 / nf4 blocks.")
+    fp8_matmul: bool = Field(
+        False, description="With transformer: float8, run the base linears on fp8 tensor cores (activations "
+        "rounded to e4m3 per token; Ada/Hopper GPUs). Faster, slightly less exact."
+    )
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     text_encoder: Literal["none", "float8", "qfloat8"] = Field(
         "none", description="UMT5 weights while caching text embeddings."
@@ -115,6 +124,12 @@ class QuantizationConfig(Section):
     cache_dir: str = Field(
         "scratch/quant", description="Where quantized weights are cached, keyed by source and settings."
     )
+
+    @model_validator(mode="after")
+    def _fp8_needs_float8(self) -> "QuantizationConfig":
+        if self.fp8_matmul and self.transformer != "float8":
+            raise ValueError(f"fp8_matmul needs transformer: float8 (got {self.transformer}); set one or the other")
+        return self
 
     @model_validator(mode="before")
     @classmethod

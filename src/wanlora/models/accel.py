@@ -33,6 +33,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from wanlora.config import Params
+from wanlora.models.activation_offload import ActivationOffload
 
 Checkpointing = Literal["none", "full", "selective"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
@@ -56,11 +57,14 @@ class AccelSettings:
     checkpointing: `none`, `full` or `selective` (keep self-attention outputs; see module doc).
     compile: compile each transformer block (GPU only: on CPU it is slow to build and buys nothing).
     attention_backend: SDPA backend preference; `auto` keeps PyTorch's choice.
+    activation_offloading: keep saved activations in host memory between forward and backward
+    (`wanlora.models.activation_offload`).
     """
 
     checkpointing: Checkpointing = "selective"
     compile: bool = False
     attention_backend: AttentionBackend = "auto"
+    activation_offloading: bool = False
 
     def __post_init__(self) -> None:
         if self.checkpointing not in ("none", "full", "selective"):
@@ -85,6 +89,7 @@ def settings_from_params(params: Params, checkpointing: Checkpointing | None = N
         checkpointing=checkpointing,
         compile=params.model.compile and not params.model.layer_offloading,
         attention_backend=params.model.attention_backend,
+        activation_offloading=params.model.activation_offloading,
     )
 
 
@@ -160,6 +165,7 @@ def apply_accel(expert: torch.nn.Module, settings: AccelSettings) -> torch.nn.Mo
         block._wanlora_checkpointing = settings.checkpointing
         if settings.compile:
             block.compile()
+    expert._wanlora_activation_offload = ActivationOffload(expert) if settings.activation_offloading else None
     if torch.cuda.is_available():
         set_attention_backend(settings.attention_backend)
     return expert

@@ -136,20 +136,20 @@ class QuantizedLinear(nn.Linear, metaclass=abc.ABCMeta):
 
 class _Fp8Matmul(torch.autograd.Function):
     """y = x·Wᵀ with both in e4m3 through torch._scaled_mm (row-wise scales); the backward to x
-    uses the dequantised bf16 weight, since the frozen base needs no weight gradient."""
+    uses the dequantised weight in the gradient's dtype, since the frozen base needs no weight
+    gradient. Only tensors cross the Function boundary, so torch.compile traces it whole."""
 
     @staticmethod
-    def forward(ctx, x2d: Tensor, module: Float8Linear) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x2d: Tensor, codes: Tensor, w_scale: Tensor) -> Tensor:  # type: ignore[override]
         x_scale = (x2d.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
         xq = (x2d.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        codes = _unstash(module.qweight, torch.float8_e4m3fn, (module.out_features, module.in_features))
-        w_scale = _unstash(module.scale, torch.float32, (1, module.out_features))
-        ctx.module = module
+        ctx.save_for_backward(codes, w_scale)
         return torch._scaled_mm(xq, codes.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x2d.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad @ ctx.module.dequantize().to(grad.dtype), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        codes, w_scale = ctx.saved_tensors
+        return grad @ (codes.to(torch.float32) * w_scale.t()).to(grad.dtype), None, None
 
 
 class Float8Linear(QuantizedLinear):
@@ -183,7 +183,9 @@ class Float8Linear(QuantizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.fp8_matmul and x.dtype == torch.bfloat16):
             return super().forward(x)
-        y = _Fp8Matmul.apply(x.reshape(-1, self.in_features), self)
+        codes = _unstash(self.qweight, torch.float8_e4m3fn, (self.out_features, self.in_features))
+        w_scale = _unstash(self.scale, torch.float32, (1, self.out_features))
+        y = _Fp8Matmul.apply(x.reshape(-1, self.in_features), codes, w_scale)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)

@@ -11,11 +11,14 @@ Placement. On a CPU device both experts simply stay where they are. On a GPU, wh
 (and `model.low_vram` is off) both stay on the GPU; otherwise the inactive expert waits in pinned
 host memory. At a switch the outgoing expert's frozen tensors point back at their pinned host
 mirror (`wanlora.models.accel.park_frozen`: no device-to-host copy after the first time) and the
-incoming one is copied to the GPU on a side stream (`non_blocking` from pinned memory); the first
-forward of the new turn waits for that stream; the copy of the incoming expert is started right after
-the outgoing expert's last backward, so it overlaps the optimizer step. Only frozen base weights
-travel; the small LoRA parameters and their optimizer state stay on the GPU, so the optimizer's
-references remain valid.
+incoming one is copied to the GPU from pinned memory (`non_blocking`: the host does not wait),
+queued right after the outgoing expert's last backward. The copy runs on the compute stream, not
+a side stream: the incoming expert only fits once the outgoing one's memory is free, so there is
+nothing to overlap it with but the optimizer step, and on one stream (a) the new tensors reuse
+the blocks the parked expert just freed (a side stream has its own pool and would make the
+allocator free and re-reserve 27 GB) and (b) the copy cannot overwrite weights that queued
+backward kernels still read. Only frozen base weights travel; the small LoRA parameters and
+their optimizer state stay on the GPU, so the optimizer's references remain valid.
 """
 
 from __future__ import annotations
@@ -142,36 +145,27 @@ def make_mover(device: torch.device, skip: Collection[int] = ()) -> Mover:
 
 @dataclass
 class ExpertPlacer:
-    """Applies `plan_placement` to the loaded experts, prefetching on a side stream on CUDA."""
+    """Applies `plan_placement` to the loaded experts, moving weights on the current stream."""
 
     models: dict[Expert, torch.nn.Module]
     device: torch.device
     fit: bool
     mover: Mover | None = None
     where: dict[Expert, str] = field(default_factory=dict)
-    _stream: object = None
 
     def __post_init__(self) -> None:
         if self.mover is None:
             self.mover = make_mover(self.device)
-        if self.device.type == "cuda":
-            self._stream = torch.cuda.Stream(self.device)
 
     def prepare(self, expert: Expert) -> None:
-        """Start moving weights so that `expert` can train next (asynchronous on CUDA)."""
+        """Queue the moves that let `expert` train next (the host does not wait for the copies)."""
         plan = plan_placement(expert, tuple(self.models), self.device, self.fit)
         for e in sorted(plan, key=lambda e: plan[e] == "device"):  # free memory before filling it
             if self.where.get(e) != plan[e]:
-                if self._stream is not None and plan[e] == "device":
-                    with torch.cuda.stream(self._stream):
-                        self.mover(self.models[e], plan[e], True)
-                else:
-                    self.mover(self.models[e], plan[e], False)
+                self.mover(self.models[e], plan[e], plan[e] == "device")
                 self.where[e] = plan[e]
 
     def activate(self, expert: Expert) -> torch.nn.Module:
-        """Make sure `expert` is on the device (waiting for a prefetch) and return it."""
+        """Make sure `expert` is (queued to be) on the device and return it."""
         self.prepare(expert)
-        if self._stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
         return self.models[expert]

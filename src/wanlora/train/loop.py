@@ -117,6 +117,10 @@ def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, de
         from wanlora.models.quant import forbid_fusion
 
         forbid_fusion(model)  # merging into a quantized base drops the LoRA (quanto) or breaks (4-bit)
+    if params.quantization.fp8_matmul:
+        from wanlora.models.quant import enable_fp8_matmul
+
+        enable_fp8_matmul(model)
     apply_accel(model, settings_from_params(params))
     offloads = []
     if params.model.layer_offloading and device.type == "cuda":

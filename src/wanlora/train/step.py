@@ -15,10 +15,12 @@ often, and (b) the balance with the DOP term, whose weight relative to the main 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from wanlora.models.activation_offload import offload_context
 from wanlora.train import flowmatch as fm
 from wanlora.train.lora import lora_disabled
 
@@ -51,7 +53,11 @@ class StepLosses:
 
 
 def _predict(expert: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    return expert(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+    """The expert's velocity prediction; what a graph-building forward saves for backward waits
+    in host memory when the expert has activation offloading on."""
+    offload = offload_context(expert) if torch.is_grad_enabled() else None
+    with offload or contextlib.nullcontext():
+        return expert(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
 
 
 def training_step(

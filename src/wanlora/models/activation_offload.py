@@ -1,0 +1,145 @@
+"""Activation offloading: saved activations wait in pinned host memory between forward and backward.
+
+What it is for: at 81 frames of 1024x1024 (86k tokens) every block keeps its input for the
+recompute (0.84 GiB) and, under `selective` checkpointing, its self-attention output (another
+0.84 GiB): 67 GiB for 40 blocks, more than an 80 GB card has next to the weights. Both are
+written once in the forward and read once in the backward, ~1 s of compute apart, so they can
+sit in host memory instead: a block's 1.7 GiB crosses PCIe (~25 GB/s) in ~70 ms each way, on a
+copy engine, while the GPU computes. That buys `selective` (no attention recompute, ~20% of
+such a step) where only `full` fitted before. musubi-tuner calls its version
+`--gradient_checkpointing_cpu_offload`.
+
+How: autograd's saved-tensor hooks (`torch.autograd.graph.saved_tensors_hooks`) see every tensor
+the forward saves for backward, including those a compiled block saves. A tensor of at least
+`min_bytes` that is not a parameter or buffer of the model is copied to pinned host memory on a
+side stream (the compute stream does not wait) and its device memory is released once the copy
+is done (`record_stream`). In backward, the first unpack of a tensor also starts the copies of
+the tensors packed just before it, up to `ahead_bytes`: backward unpacks in roughly the reverse
+order of packing, so the next block's activations arrive while this block computes.
+
+Weights are never moved: frozen weights are saved by every linear for its input gradient and
+must stay where they are (`wanlora.models.accel.park_frozen` moves whole experts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(eq=False)
+class _Held:
+    """One offloaded tensor: its host copy, and its device copy once fetched back."""
+
+    host: torch.Tensor
+    device: torch.device
+    nbytes: int
+    forward: list[_Held]  # everything its forward offloaded, in pack order (itself included)
+    index: int
+    fetched: torch.Tensor | None = None
+    ready: Any = None  # a CUDA event recorded after the fetch, None on CPU
+    used: bool = False  # unpacked once: prefetching skips it (a second unpack fetches on demand)
+
+
+def _storages(module: torch.nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+
+
+class ActivationOffload:
+    """Saved-tensor hooks that park large activations of one forward in host memory.
+
+    Use one per model, around each forward whose graph will be backpropagated:
+    `with offload: loss = f(model(x)); loss.backward()` (the backward may also come after the
+    block). Entering again starts a new forward and forgets the last one's bookkeeping.
+
+    On CUDA the host buffers are pinned and copies are asynchronous on a side stream; on other
+    devices (CPU tests) the same bookkeeping runs with plain synchronous copies.
+    """
+
+    def __init__(self, model: torch.nn.Module, min_bytes: int = 1 << 20, ahead_bytes: int = 2 << 30):
+        self.model = model
+        self.min_bytes = min_bytes
+        self.ahead_bytes = ahead_bytes
+        self.records: list[_Held] = []
+        self._skip: set[int] = set()
+        self._stream: Any = None
+        self._hooks: Any = None
+        self.offloaded_bytes = 0  # of the last forward, for logs and the benchmark
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> ActivationOffload:
+        self.records, self.offloaded_bytes = [], 0
+        self._skip = _storages(self.model)  # parameters can move between forwards (expert parking)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
+    # ------------------------------------------------------------------ hooks
+    def _side_stream(self, device: torch.device) -> Any:
+        if device.type != "cuda":
+            return None
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        nbytes = t.numel() * t.element_size()
+        if (nbytes < self.min_bytes or t.layout != torch.strided
+                or t.untyped_storage().data_ptr() in self._skip):
+            return t
+        stream = self._side_stream(t.device)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=stream is not None)
+        if stream is None:
+            host.copy_(t)
+        else:
+            stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete on the compute stream
+            with torch.cuda.stream(stream):
+                host.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # its memory is reused only after the copy: the caller drops t now
+        held = _Held(host, t.device, nbytes, self.records, len(self.records))
+        self.records.append(held)
+        self.offloaded_bytes += nbytes
+        return held
+
+    def _fetch(self, held: _Held, needed: bool = False) -> None:
+        if held.fetched is not None or (held.used and not needed):
+            return
+        stream = self._side_stream(held.device)
+        if stream is None:
+            held.fetched = held.host.to(held.device, copy=True)
+            return
+        with torch.cuda.stream(stream):
+            held.fetched = held.host.to(held.device, non_blocking=True)
+            held.ready = torch.cuda.Event()
+            held.ready.record(stream)
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, _Held):
+            return packed
+        self._fetch(packed, needed=True)
+        packed.used = True
+        budget = self.ahead_bytes
+        for earlier in reversed(packed.forward[: packed.index]):  # the ones backward needs next
+            if budget <= 0:
+                break
+            budget -= earlier.nbytes
+            self._fetch(earlier)
+        out = packed.fetched
+        if packed.ready is not None:
+            compute = torch.cuda.current_stream(packed.device)
+            compute.wait_event(packed.ready)
+            out.record_stream(compute)  # allocated on the side stream, used and freed on this one
+        # an unpacked tensor may be unpacked again (retain_graph): keep the host copy, drop the rest
+        packed.fetched, packed.ready = None, None
+        return out
+
+
+def offload_context(expert: torch.nn.Module) -> Any:
+    """The expert's `ActivationOffload` (set by `wanlora.models.accel.apply_accel`), or None."""
+    return getattr(expert, "_wanlora_activation_offload", None)
