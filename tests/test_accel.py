@@ -179,3 +179,27 @@ def test_activation_offloading_moves_activations_not_weights_and_keeps_grads() -
         if p.requires_grad:
             assert torch.equal(p.grad, q.grad), n
     assert offload_context(apply_accel(fast, AccelSettings())) is None  # turned off again
+
+
+def test_activation_offloading_under_compiled_selective_blocks() -> None:
+    """The GPU configuration: compiled blocks save their inputs and attention outputs through the
+    hooks too, and their backward asserts the saved layouts, so offloaded copies must keep strides."""
+    from wanlora.models.activation_offload import offload_context
+    from wanlora.train.step import StepBatch, training_step
+
+    plain = apply_accel(_tiny_expert(), AccelSettings(checkpointing="selective", compile=True))
+    fast = apply_accel(_tiny_expert(), AccelSettings(checkpointing="selective", compile=True,
+                                                     activation_offloading=True))
+    offload_context(fast).min_bytes = 1024
+    inputs = _inputs()
+    g = torch.Generator().manual_seed(3)
+    batch = StepBatch(latents=inputs["hidden_states"], noise=torch.randn(1, 4, 3, 8, 8, generator=g),
+                      timesteps=torch.tensor([700.0]), embeds=inputs["encoder_hidden_states"])
+    for model in (plain, fast):
+        training_step(model, batch, dtype=torch.float32)
+    held = offload_context(fast).records
+    assert any(h.host.shape == (1, 48, 32) for h in held)  # a block input (48 tokens x 32 wide)
+    assert any(not h.host.is_contiguous() for h in held)  # a permuted layout came back as it went
+    for (n, p), q in zip(plain.named_parameters(), fast.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), n

@@ -43,6 +43,17 @@ class _Held:
     used: bool = False  # unpacked once: prefetching skips it (a second unpack fetches on demand)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """True when `t` covers its memory exactly once in some dimension order (contiguous up to a
+    permutation), so a copy with the same strides has the same size."""
+    expect = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
 def _storages(module: torch.nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
 
@@ -90,11 +101,12 @@ class ActivationOffload:
 
     def _pack(self, t: torch.Tensor) -> Any:
         nbytes = t.numel() * t.element_size()
-        if (nbytes < self.min_bytes or t.layout != torch.strided
+        if (nbytes < self.min_bytes or t.layout != torch.strided or not _dense(t)
                 or t.untyped_storage().data_ptr() in self._skip):
             return t
         stream = self._side_stream(t.device)
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=stream is not None)
+        # same strides as the original: compiled backward graphs assert the layout they saved
+        host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=stream is not None)
         if stream is None:
             host.copy_(t)
         else:
@@ -111,11 +123,13 @@ class ActivationOffload:
         if held.fetched is not None or (held.used and not needed):
             return
         stream = self._side_stream(held.device)
+        host = held.host
+        fetched = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=held.device)
         if stream is None:
-            held.fetched = held.host.to(held.device, copy=True)
+            held.fetched = fetched.copy_(host)
             return
         with torch.cuda.stream(stream):
-            held.fetched = held.host.to(held.device, non_blocking=True)
+            held.fetched = fetched.copy_(host, non_blocking=True)
             held.ready = torch.cuda.Event()
             held.ready.record(stream)
 
