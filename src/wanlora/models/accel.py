@@ -33,7 +33,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from wanlora.config import Params
-from wanlora.models.activation_offload import ActivationOffload
+from wanlora.models.activation_offload import ActivationOffload, pinned_buffer
 
 Checkpointing = Literal["none", "full", "selective"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
@@ -201,11 +201,7 @@ def _host_mirror(module: torch.nn.Module) -> None:
     for n in sizes:
         offsets.append(total)
         total += -(-n // _ALIGN) * _ALIGN
-    flat = torch.empty(total, dtype=torch.uint8)
-    if torch.cuda.is_available() and total:
-        err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), total, 0)
-        if int(err) != 0:  # still correct, only the copies become synchronous
-            print(f"wanlora: cudaHostRegister of {total / 2**30:.1f} GiB failed ({err}); host copies stay pageable")
+    flat = pinned_buffer(total)
     for t, off, n in zip(tensors, offsets, sizes):
         host = flat[off : off + n].view(t.dtype).view(t.shape)
         host.copy_(t.data)

@@ -18,15 +18,27 @@ the tensors packed just before it, up to `ahead_bytes`: backward unpacks in roug
 order of packing, so the next block's activations arrive while this block computes.
 
 Weights are never moved: frozen weights are saved by every linear for its input gradient and
-must stay where they are (`wanlora.models.accel.park_frozen` moves whole experts).
+must stay where they are (`wanlora.models.accel.park_frozen` moves whole experts). A tensor that
+several blocks save (the rotary tables, the text states) crosses once per forward.
+
+Host memory: exact-size page-locked chunks (`pinned_buffer`), bump-allocated and reused by every
+forward, because PyTorch's pinned allocator rounds each 0.84 GiB activation up to 1 GiB and keeps
+a step's worth of such blocks cached: a first try at 81f@1024x1024 pinned ~85 GiB and the host
+killed the process. At most `max_host_bytes` are pinned (default: half the memory the host has
+available when the expert is set up); activations beyond that stay on the GPU.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+_CHUNK = 4 << 30  # bytes of one arena chunk (larger tensors get a chunk of their own size)
+_ALIGN = 512
 
 
 @dataclass(eq=False)
@@ -54,6 +66,62 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def pinned_buffer(nbytes: int) -> torch.Tensor:
+    """`nbytes` of host memory, page-locked with `cudaHostRegister` when CUDA is there, exactly
+    that size (PyTorch's pinned allocator would round up to a power of two and cache the block)."""
+    flat = torch.empty(nbytes, dtype=torch.uint8)
+    if torch.cuda.is_available() and nbytes:
+        err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), nbytes, 0)
+        if int(err) != 0:  # still correct, only the copies become synchronous
+            print(f"wanlora: cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}); host copies stay pageable")
+    return flat
+
+
+def host_available_bytes() -> int:
+    """Memory the host could still give this process (MemAvailable), or 0 if unknown."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+class _Arena:
+    """Bump allocation in pinned chunks; `reset` at each forward reuses them from the start.
+
+    Reuse is safe without events: a forward's copies into the arena and the previous backward's
+    copies out of it all run on the one side stream, in order."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self.chunks: list[torch.Tensor] = []
+        self.index = self.offset = 0
+
+    def reset(self) -> None:
+        self.index = self.offset = 0
+
+    @property
+    def reserved(self) -> int:
+        return sum(c.numel() for c in self.chunks)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        size = -(-nbytes // _ALIGN) * _ALIGN
+        while self.index < len(self.chunks):
+            chunk = self.chunks[self.index]
+            if self.offset + size <= chunk.numel():
+                self.offset += size
+                return chunk[self.offset - size : self.offset - size + nbytes]
+            self.index, self.offset = self.index + 1, 0
+        self.chunks.append(pinned_buffer(max(size, _CHUNK)) if self.pinned else torch.empty(max(size, _CHUNK), dtype=torch.uint8))
+        self.index, self.offset = len(self.chunks) - 1, size
+        return self.chunks[-1][:nbytes]
+
+
 def _storages(module: torch.nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
 
@@ -69,19 +137,25 @@ class ActivationOffload:
     devices (CPU tests) the same bookkeeping runs with plain synchronous copies.
     """
 
-    def __init__(self, model: torch.nn.Module, min_bytes: int = 1 << 20, ahead_bytes: int = 2 << 30):
+    def __init__(self, model: torch.nn.Module, min_bytes: int = 1 << 20, ahead_bytes: int = 2 << 30,
+                 max_host_bytes: int | None = None):
         self.model = model
         self.min_bytes = min_bytes
         self.ahead_bytes = ahead_bytes
+        self.max_host_bytes = host_available_bytes() // 2 if max_host_bytes is None else max_host_bytes
         self.records: list[_Held] = []
+        self._seen: dict[int, tuple[Any, _Held]] = {}
         self._skip: set[int] = set()
         self._stream: Any = None
+        self._arena: _Arena | None = None
         self._hooks: Any = None
         self.offloaded_bytes = 0  # of the last forward, for logs and the benchmark
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> ActivationOffload:
-        self.records, self.offloaded_bytes = [], 0
+        self.records, self._seen, self.offloaded_bytes = [], {}, 0
+        if self._arena is not None:
+            self._arena.reset()
         self._skip = _storages(self.model)  # parameters can move between forwards (expert parking)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
@@ -104,9 +178,16 @@ class ActivationOffload:
         if (nbytes < self.min_bytes or t.layout != torch.strided or not _dense(t)
                 or t.untyped_storage().data_ptr() in self._skip):
             return t
+        seen = self._seen.get(id(t))
+        if seen is not None and seen[0]() is t:  # the same tensor object, saved again by another block
+            return seen[1]
+        if self.offloaded_bytes + nbytes > self.max_host_bytes:
+            return t
         stream = self._side_stream(t.device)
+        if self._arena is None:
+            self._arena = _Arena(pinned=stream is not None)
         # same strides as the original: compiled backward graphs assert the layout they saved
-        host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=stream is not None)
+        host = self._arena.take(nbytes).view(t.dtype).as_strided(t.shape, t.stride())
         if stream is None:
             host.copy_(t)
         else:
@@ -116,6 +197,7 @@ class ActivationOffload:
             t.record_stream(stream)  # its memory is reused only after the copy: the caller drops t now
         held = _Held(host, t.device, nbytes, self.records, len(self.records))
         self.records.append(held)
+        self._seen[id(t)] = (weakref.ref(t), held)
         self.offloaded_bytes += nbytes
         return held
 
