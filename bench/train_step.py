@@ -14,6 +14,7 @@ are random latents and a 512-token padded text embedding.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -92,6 +93,10 @@ CONFIGS: dict[str, BenchConfig] = {
     "81f_bf16_1expert_adamw": BenchConfig(S81, experts=("high",), optimizer="adamw", warmup=2, steps=3),
     "81f_fp8mm_1expert_adamw": BenchConfig(S81, experts=("high",), quant="float8", fp8_matmul=True,
                                            optimizer="adamw", warmup=2, steps=3),
+    "81f_float8_sel_offload": BenchConfig(S81, experts=("high",), quant="float8", optimizer="adamw",
+                                          activation_offloading=True, warmup=2, steps=3,
+                                          note="offloading where selective also fits without it: same losses?"),
+    "81f_float8_1expert_adamw": BenchConfig(S81, experts=("high",), quant="float8", optimizer="adamw", warmup=2, steps=3),
     "81f_1024_bf16_sel_offload": BenchConfig(S81_1024, experts=("high",), optimizer="adamw", activation_offloading=True,
                                              warmup=1, steps=2, note="selective ckpt, activations in host memory"),
     "81f_1024_float8_sel_offload": BenchConfig(S81_1024, experts=("high",), quant="float8", optimizer="adamw",
@@ -145,10 +150,13 @@ def build(name: str, bc: BenchConfig, tiny: bool):
     clean = random_batch(cfg, bc.shape, device, dtype)
     max_norm = params.train.max_grad_norm
 
+    losses: list[float] = []
+
     def step(i: int) -> None:
         e = schedule.next_expert(gen)
         model = placer.activate(e)
-        training_step(model, _batch(cfg, bc.shape, e, i, device, dtype, clean), dtype=dtype)
+        out = training_step(model, _batch(cfg, bc.shape, e, i, device, dtype, clean), dtype=dtype)
+        losses.append(out.total)  # a non-finite loss skips backward: such a step times a forward only
         schedule.record(1)
         if (upcoming := schedule.upcoming()) is not None:
             placer.prepare(upcoming)  # as the train loop: overlap the copy with the optimizer step
@@ -157,7 +165,7 @@ def build(name: str, bc: BenchConfig, tiny: bool):
         optims[e].step()
         optims[e].zero_grad(set_to_none=True)
 
-    return cfg, device, step, len(bc.experts)
+    return cfg, device, step, losses
 
 
 def run(name: str, bc: BenchConfig, args) -> None:
@@ -168,7 +176,7 @@ def run(name: str, bc: BenchConfig, args) -> None:
     warmup, steps = step_counts(args, bc.warmup, bc.steps)
     t0 = time.perf_counter()
     try:
-        cfg, device, step, n_experts = build(name, bc, args.tiny)
+        cfg, device, step, losses = build(name, bc, args.tiny)
         sync(device)
         build_s = time.perf_counter() - t0
         print(f"{name}: built in {build_s:.1f} s", flush=True)
@@ -177,8 +185,12 @@ def run(name: str, bc: BenchConfig, args) -> None:
         compiled = bc.compile and device.type == "cuda"
         levers = (f"ckpt={bc.checkpointing} compile={compiled} quant={bc.quant}{'+fp8mm' if bc.fp8_matmul else ''} "
                   f"opt={bc.optimizer}{' act_offload' if bc.activation_offloading else ''} experts={'+'.join(bc.experts)}")
-        row = make_row(name, cfg, shape, times, device, note="; ".join(x for x in (levers, bc.note) if x),
-                       extra={"build_s": build_s, "mean_s": sum(times) / len(times)})
+        bad = [k for k, v in enumerate(losses) if not math.isfinite(v)]
+        invalid = f"INVALID: non-finite loss from step {bad[0]} on (backward skipped), times are not steps" if bad else ""
+        row = make_row(name, cfg, shape, times, device, note="; ".join(x for x in (invalid, levers, bc.note) if x),
+                       extra={"build_s": build_s, "mean_s": sum(times) / len(times), "losses": losses})
+        if bad:
+            row = replace(row, s_step=None, mfu=None)
         if args.profile:
             summary = profile_step(step, device)
             atomic_write_text(args.out / f"profile_{name}.md", summary + "\n")

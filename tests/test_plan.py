@@ -26,26 +26,44 @@ ROWS = {
                                    (33, 512, 512), "full", True),
     "naive diffusers+peft (1 expert, full ckpt)": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"}},
                                                    (33, 512, 512), "full", False),
+    # second session
+    "33f_bf16_both_sw1_adamw": ({"multistage": {"switch_every": 1}, "train": {"optimizer": "adamw"}},
+                                (33, 512, 512), "selective", True),
+    "33f_fp8mm_both_sw1_adamw": ({"multistage": {"switch_every": 1}, "train": {"optimizer": "adamw"},
+                                  "quantization": {"transformer": "float8", "fp8_matmul": True}},
+                                 (33, 512, 512), "selective", True),
+    "33f_bf16_sw10_host_adamw": ({"multistage": {"switch_every": 10}, "train": {"optimizer": "adamw"},
+                                  "model": {"low_vram": True}}, (33, 512, 512), "selective", True),
+    "81f_fp8mm_1expert_adamw": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"},
+                                 "quantization": {"transformer": "float8", "fp8_matmul": True}},
+                                (81, 480, 832), "selective", True),
+    "81f_1024_float8_sel_offload": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"},
+                                     "quantization": {"transformer": "float8"}, "model": {"activation_offloading": True}},
+                                    (81, 1024, 1024), "selective", True),
 }
 
 
 def _gpu_table() -> dict[str, dict[str, str]]:
-    """Rows of the first markdown table under the GPU heading, keyed by config."""
+    """Rows of the step-time tables (headed `| config |`) in the GPU section, keyed by config."""
     lines = RESULTS.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(HEADING))
-    table = []
-    for line in lines[start:]:
-        if line.startswith("|"):
-            table.append([c.strip() for c in line.strip("|").split("|")])
-        elif table:
-            break
-    head, rows = table[0], table[2:]
-    return {r[0]: dict(zip(head, r)) for r in rows}
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    rows: dict[str, dict[str, str]] = {}
+    head: list[str] = []
+    for line in lines[start:end]:
+        cells = [c.strip() for c in line.strip("|").split("|")] if line.startswith("|") else []
+        if cells[:1] == ["config"]:
+            head = cells
+        elif not cells:
+            head = []
+        elif head and not set(cells[0]) <= set("-"):
+            rows[cells[0]] = dict(zip(head, cells))
+    return rows
 
 
 def _predict(name: str):
     overrides, clip, ckpt, compiled = ROWS[name]
-    params = parse_params({**overrides, "model": {"compile": compiled}})
+    params = parse_params({**overrides, "model": {**overrides.get("model", {}), "compile": compiled}})
     return plan(params, 80.0, checkpointing=ckpt, clip=clip)
 
 
@@ -53,8 +71,8 @@ def _predict(name: str):
 def test_prediction_within_15_percent_of_the_measurement(name: str) -> None:
     row = _gpu_table()[name]
     result = _predict(name)
-    measured_s = float(row["s/step (median)"])
-    assert result.s_per_step == pytest.approx(measured_s, rel=0.15)
+    if row["s/step (median)"] != "—":  # a row whose timing proved invalid keeps only its memory
+        assert result.s_per_step == pytest.approx(float(row["s/step (median)"]), rel=0.15)
     if row["peak alloc GiB"] != "—" and not name.startswith("naive"):  # naive: fp32 peft LoRA, torch AdamW
         assert result.peak_gib == pytest.approx(float(row["peak alloc GiB"]), rel=0.15)
 
@@ -85,13 +103,13 @@ def test_a_24_gib_card_is_told_to_quantize() -> None:
 
 
 def test_switch_overhead_and_bad_input() -> None:
-    low_vram = plan(parse_params({"model": {"low_vram": True, "compile": True}, "multistage": {"switch_every": 10}}), 80.0)
+    low_vram = plan(parse_params({"model": {"low_vram": True, "compile": True}, "multistage": {"switch_every": 1}}), 80.0)
     assert low_vram.resident == "one"
-    # one fetch (0.05 s/GiB) of 26.6 GiB over 10 steps of ~1.77 s: 7.5%, over the 5% the plan flags
-    assert low_vram.switch_overhead == pytest.approx(26.61 * 0.05 / (10 * low_vram.s_per_step), rel=1e-3)
+    # one fetch (0.0211 s/GiB, measured) of 26.6 GiB every ~1.7 s step: 32%, over the 5% the plan flags
+    assert low_vram.switch_overhead == pytest.approx(26.61 * 0.0211 / low_vram.s_per_step, rel=1e-3)
     assert any("switch_every" in s for s in low_vram.suggestions)
-    every_20 = plan(parse_params({"model": {"low_vram": True, "compile": True}, "multistage": {"switch_every": 20}}), 80.0)
-    assert every_20.switch_overhead == pytest.approx(low_vram.switch_overhead / 2)
-    assert not any("switch_every" in s for s in every_20.suggestions)
+    every_10 = plan(parse_params({"model": {"low_vram": True, "compile": True}, "multistage": {"switch_every": 10}}), 80.0)
+    assert every_10.switch_overhead == pytest.approx(low_vram.switch_overhead / 10)  # 3.2%: measured 3.3%
+    assert not any("switch_every" in s for s in every_10.suggestions)
     with pytest.raises(ValueError, match="memory in GiB"):
         plan(parse_params({}), 0)

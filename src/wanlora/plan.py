@@ -31,22 +31,34 @@ TEXT_LEN = 512
 #: STACK.md, 35.0 -> 53.8 GiB from 9,216 to 32,760 tokens, give the same slope, 0.80e-3).
 #: none: not measured; an estimate from the tensors a Wan block saves (~250 KB/token/block).
 ACT_GIB_PER_TOKEN = {"selective": 1.056e-3, "full": 0.800e-3, "none": 9.3e-3}
+#: With `model.activation_offloading` what stays on the GPU is one block's working set, the
+#: prefetch window and whatever the host-memory cap kept: 81f@1024² (86,016 tokens), float8,
+#: selective, compiled peaked at 48.3 GiB allocated against 74.0 GiB with full checkpointing and
+#: no offloading; less its 14.4 GiB of weights and LoRA state that is 34 GiB, 0.395e-3 per token.
+ACT_OFFLOADED_GIB_PER_TOKEN = 0.395e-3
 #: Effective rates in TFLOP/s of the three work kinds the step time is made of. Linear work counts
 #: forward + input-gradient backward + recomputed forward (elementwise work rides along): fitted on
 #: the two compiled selective runs (1.766 s at 9,216 tokens, 10.14 s at 32,760); eager fitted on the
 #: naive run (2.503 s at 9,216). Attention in forward-equivalents (backward = 2.5 forwards in a
 #: flash kernel that recomputes P): the same fit; the profile agrees (cuDNN fprop ~536 TFLOP/s).
 LINEAR_TFLOPS = {"compiled": 551.0, "eager": 351.0}
+#: With `quantization.fp8_matmul` the forward and recomputed forward linears run on fp8 tensor cores
+#: (the input-gradient backward stays bf16). Effective rate of those two passes, per-token activation
+#: quantization included, fitted on 33f@512² both resident (1.528 s against bf16's 1.741 s in the same
+#: call, second session): far below the 2x the fp8 units promise, because each linear first reads its
+#: input once more to find and apply the per-token scales.
+LINEAR_FP8_TFLOPS = 686.0
 ATTENTION_TFLOPS = 540.0
 #: Optimizer step of one expert's LoRA (bitsandbytes AdamW8bit: ~800 tensors, one launch each): the
 #: profiler's 85-95 ms; torch AdamW is foreach and far cheaper (not measured, ~10 ms assumed).
 OPTIMIZER_S = {"adamw8bit": 0.09, "adamw": 0.01, "adafactor": 0.03}
 #: Seconds per GiB of an expert switch when the inactive expert waits in host memory. The trainer
-#: parks experts with `accel.park_frozen`: after a one-time host mirror (15.5 s for 26.6 GiB, the
-#: low_vram build's 19.1 s against 3.6 s resident), parking is free and fetching is one pinned
-#: host-to-device copy, assumed 20 GB/s (not yet timed on the GPU). The mover it replaced
-#: (device -> pageable -> pin_memory per tensor) took ~53 s to park one bf16 expert.
-FETCH_S_PER_GIB = 0.05
+#: parks experts with `accel.park_frozen`: after a one-time host mirror, parking is free and
+#: fetching is one pinned host-to-device copy on the compute stream. Measured (second session,
+#: `33f_bf16_sw10_host_adamw`): a steady-state switch of a 26.6 GiB bf16 expert added 0.561 s to its
+#: step (2.277 s against a 1.716 s median), ~47 GB/s. The first fetch of each expert in a run costs
+#: more (13 s once), which a run of thousands of steps does not notice.
+FETCH_S_PER_GIB = 0.0211
 #: Memory max_memory_allocated does not show: CUDA context, cuBLAS/cuDNN workspaces, fragmentation.
 RESERVE_GIB = 2.0
 
@@ -145,21 +157,22 @@ class PlanResult:
 
 
 def step_seconds(config: dict[str, Any], tokens: int, checkpointing: Checkpointing, compiled: bool,
-                 optimizer: str, dop: bool = False) -> float:
+                 optimizer: str, dop: bool = False, fp8_matmul: bool = False) -> float:
     """Predicted seconds of one micro-step of one expert (forward, backward, optimizer)."""
     f = forward_flops(config, tokens, TEXT_LEN)
     lin, att = f["video_linear"], f["attention"]
-    lin_passes = 2 if checkpointing == "none" else 3
+    bf16 = LINEAR_TFLOPS["compiled" if compiled else "eager"] * 1e12
+    forward = LINEAR_FP8_TFLOPS * 1e12 if fp8_matmul else bf16  # forward and recompute passes
+    forward_passes = 1 if checkpointing == "none" else 2
     att_passes = 3.5 + (1.0 if checkpointing == "full" else 0.0)
-    t = lin_passes * lin / (LINEAR_TFLOPS["compiled" if compiled else "eager"] * 1e12)
-    t += att_passes * att / (ATTENTION_TFLOPS * 1e12)
+    t = forward_passes * lin / forward + lin / bf16 + att_passes * att / (ATTENTION_TFLOPS * 1e12)
     if dop:  # the class prompt doubles the trained batch and adds a frozen forward for the prior
-        t = 2 * t + (lin / (LINEAR_TFLOPS["compiled" if compiled else "eager"] * 1e12) + att / (ATTENTION_TFLOPS * 1e12))
+        t = 2 * t + lin / forward + att / (ATTENTION_TFLOPS * 1e12)
     return t + OPTIMIZER_S[optimizer]
 
 
 def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointing: Checkpointing,
-             quant: str, clip: tuple[int, int, int]) -> PlanResult:
+             quant: str, clip: tuple[int, int, int], offload: bool) -> PlanResult:
     ms, tr = params.multistage, params.train
     names = [e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on]
     tokens = clip_tokens(*clip, config) * tr.batch_size
@@ -167,9 +180,13 @@ def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointi
     w = weight_gib(config, quant)
     lora = lora_parameters(config, params.network.rank, params.network.target_modules)
     lora_g = lora * (4 + OPTIMIZER_BYTES[tr.optimizer]) / GIB
-    act = ACT_GIB_PER_TOKEN[checkpointing] * tokens * (2 if tr.dop.enabled else 1)
+    per_token = ACT_GIB_PER_TOKEN[checkpointing]
+    if offload:
+        per_token = min(per_token, ACT_OFFLOADED_GIB_PER_TOKEN)
+    act = per_token * tokens * (2 if tr.dop.enabled else 1)
     text = TEXT_LEN * config["text_dim"] * 2 * tr.batch_size / GIB
-    s = step_seconds(config, tokens, checkpointing, compiled, tr.optimizer, tr.dop.enabled)
+    fp8 = params.quantization.fp8_matmul and quant == "float8"
+    s = step_seconds(config, tokens, checkpointing, compiled, tr.optimizer, tr.dop.enabled, fp8)
     plans = tuple(ExpertPlan(e, w, lora_g, act + text, s) for e in names)
     lora_all = lora_g * len(names)  # every expert's LoRA and optimizer state stay on the GPU
     both = len(names) * w + lora_all + act + text
@@ -200,19 +217,23 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
     if checkpointing is None:
         checkpointing = params.train.gradient_checkpointing
     quant = params.quantization.transformer
-    result = _predict(params, gpu_gib, config, checkpointing, quant, clip)
+    offload = params.model.activation_offloading
+    result = _predict(params, gpu_gib, config, checkpointing, quant, clip, offload)
     suggestions = []
     if not result.fits:
-        for ck, q in (("full", quant), ("selective", "float8"), ("full", "float8"), ("full", "uint4")):
-            if (ck, q) == (checkpointing, quant) or (quant == "uint4" and q == "float8"):
+        for ck, q, off in (("selective", quant, True), ("full", quant, offload), ("selective", "float8", True),
+                           ("full", "float8", offload), ("full", "uint4", offload)):
+            if (ck, q, off) == (checkpointing, quant, offload) or (quant == "uint4" and q == "float8"):
                 continue
-            alt = _predict(params, gpu_gib, config, ck, q, clip)  # type: ignore[arg-type]
+            alt = _predict(params, gpu_gib, config, ck, q, clip, off)  # type: ignore[arg-type]
             if alt.fits:
                 change = []
                 if q != quant:
                     change.append(f"quantization.transformer: {q}")
+                if off != offload:
+                    change.append("model.activation_offloading: true (needs host RAM for the activations)")
                 if ck != checkpointing:
-                    change.append("checkpointing full (recompute attention too)")
+                    change.append(f"checkpointing {ck}" + (" (recompute attention too)" if ck == "full" else ""))
                 suggestions.append(f"{' and '.join(change)}: peak {alt.peak_gib:.1f} GiB, {alt.s_per_step:.2f} s/step")
                 break
         else:
@@ -224,7 +245,8 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
             f"multistage.switch_every (now {params.multistage.switch_every}) or quantize to halve the copy"
         )
     if params.model.compile is False:
-        faster = step_seconds(config, result.tokens, checkpointing, True, params.train.optimizer, params.train.dop.enabled)
+        faster = step_seconds(config, result.tokens, checkpointing, True, params.train.optimizer, params.train.dop.enabled,
+                              params.quantization.fp8_matmul)
         suggestions.append(f"model.compile: true would take ~{faster:.2f} s/step (first step compiles, ~40 s)")
     return PlanResult(**{**result.__dict__, "suggestions": tuple(suggestions)})
 

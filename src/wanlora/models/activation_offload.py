@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-_CHUNK = 4 << 30  # bytes of one arena chunk (larger tensors get a chunk of their own size)
+_FIRST_CHUNK, _MAX_CHUNK = 256 << 20, 4 << 30  # arena chunks double from the first up to the max
 _ALIGN = 512
 
 
@@ -117,7 +117,9 @@ class _Arena:
                 self.offset += size
                 return chunk[self.offset - size : self.offset - size + nbytes]
             self.index, self.offset = self.index + 1, 0
-        self.chunks.append(pinned_buffer(max(size, _CHUNK)) if self.pinned else torch.empty(max(size, _CHUNK), dtype=torch.uint8))
+        grow = min(2 * self.chunks[-1].numel(), _MAX_CHUNK) if self.chunks else _FIRST_CHUNK
+        chunk_bytes = max(size, grow)  # a tensor larger than a chunk gets one of its own size
+        self.chunks.append(pinned_buffer(chunk_bytes) if self.pinned else torch.empty(chunk_bytes, dtype=torch.uint8))
         self.index, self.offset = len(self.chunks) - 1, size
         return self.chunks[-1][:nbytes]
 
