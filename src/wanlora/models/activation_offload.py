@@ -208,11 +208,15 @@ class ActivationOffload:
             return
         stream = self._side_stream(held.device)
         host = held.host
-        fetched = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=held.device)
         if stream is None:
-            held.fetched = fetched.copy_(host)
+            held.fetched = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=held.device)
+            held.fetched.copy_(host)
             return
         with torch.cuda.stream(stream):
+            # Allocated from the side stream's pool, which the copy writes on. A block from the
+            # compute stream's pool may still be in use by queued compute kernels (the allocator
+            # only orders reuse within one stream): writing it from the side stream corrupts them.
+            fetched = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=held.device)
             held.fetched = fetched.copy_(host, non_blocking=True)
             held.ready = torch.cuda.Event()
             held.ready.record(stream)
