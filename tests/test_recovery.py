@@ -233,6 +233,12 @@ def test_prepare_expert_fits_once_then_loads_corrections(tmp_path, monkeypatch):
     assert torch.equal(first(**x)[0], second(**x)[0])
     with pytest.raises(ValueError, match="needs calibration inputs and the original weights"):
         recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "other"})
+    # the sampler: no calibration data, the trainer's corrections reused as they are
+    sampled = recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "tiny"}, reuse_only=True)
+    assert torch.equal(first(**x)[0], sampled(**x)[0])
+    other_rank = cfg.model_copy(update={"recovery": cfg.recovery.model_copy(update={"rank": 8})})
+    bare = recovery.prepare_quantized_expert(tiny_expert, other_rank, "high", {"model": "tiny"}, reuse_only=True)
+    assert corrections(bare) == {}  # none fitted for these settings: the plain quantized base, warned
 
 
 @pytest.mark.parametrize("shard", [None, "20KB"])

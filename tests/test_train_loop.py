@@ -288,6 +288,30 @@ def test_a_quantized_cache_hit_reads_only_the_unquantized_tensors(ws, template, 
         [r.get("loss_high", r.get("loss_low")) for r in first.history]
 
 
+def test_the_sampler_gets_the_base_the_trainer_trained_against(ws, template, monkeypatch):
+    """Evaluation loads each expert through `load_base(sampling=True)`: the trainer's cached 4-bit
+    weights and fitted correction, nothing quantized or fitted again, outputs equal to the
+    trainer's base with its LoRA switched off."""
+    from wanlora.models import quant, recovery
+    from wanlora.models.expert import load_base
+    from wanlora.models.recovery import corrections
+    from wanlora.train.lora import lora_disabled
+
+    q = {"transformer": "uint4", "group_size": 32, "recovery": {"source": "fitted", "rank": 4, "calibration_samples": 2}}
+    params = tiny_params(template[1], train={"steps": 2}, quantization=q, multistage={"switch_every": 1})
+    tr = loop.setup(params, ws)
+    loop.train(tr)
+    monkeypatch.setattr(quant, "quantize_transformer", lambda *a, **k: pytest.fail("sampling must not quantize"))
+    monkeypatch.setattr(recovery, "fit_model", lambda *a, **k: pytest.fail("sampling must not fit"))
+    x = {"hidden_states": torch.randn(1, 16, 2, 4, 4), "timestep": torch.tensor([500.0]),
+         "encoder_hidden_states": torch.randn(1, 8, 32), "return_dict": False}
+    for e, trained in tr.experts.items():
+        sampled = load_base(template[1], e, params, ws, "cpu", sampling=True)
+        assert len(corrections(sampled)) == 20
+        with torch.no_grad(), lora_disabled(trained):
+            assert torch.equal(sampled(**x)[0], trained(**x)[0])
+
+
 def test_batches_of_two_never_mix_clips_and_images(template, tmp_path, monkeypatch):
     """Three clips of 5 frames and one image (1 frame) with batch_size 2: clip batches hold two
     latents of one shape, the image trains alone, and its too-small bucket is reported."""

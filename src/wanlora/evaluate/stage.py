@@ -99,7 +99,9 @@ def make_plan(params: Params, workspace: Path) -> Plan:
     base = {
         "format": EVAL_FORMAT,
         "model": {p: model_identity(root, p) for p in ("transformer", "transformer_2", "vae")},
-        "dtype": params.model.dtype, "quant": params.quantization.transformer,
+        "dtype": params.model.dtype,
+        "quant": {k: v for k, v in params.quantization.model_dump(mode="json").items()
+                  if k not in ("cache_dir", "text_encoder")},  # mode, group, fp8 matmuls, recovery
         "boundary": boundary, "shift": params.model.flow_shift,
         "text_cache": _hash_or_absent(workspace / TEXT_DIR / "index.json"),
         "latent_cache": _hash_or_absent(workspace / LATENT_DIR / "index.json"),
@@ -123,18 +125,15 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
 
     from wanlora.evaluate.sampling import build_pipeline
     from wanlora.models.latents import load_latents, normalize_latents
-    from wanlora.models.loading import load_transformer, load_vae, load_vae_config, model_identity
+    from wanlora.models.expert import load_base
+    from wanlora.models.loading import load_vae, load_vae_config, model_identity
     from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
     from wanlora.stages._common import resolve_device
 
     device = resolve_device(params.job.device)
-    experts = {e: load_transformer(plan.root, e, params.model.dtype, "cpu" if params.model.low_vram else device)
-               for e in ("high", "low")}
-    if params.quantization.transformer != "none":
-        from wanlora.models.quant import quantize_transformer
-
-        for m in experts.values():
-            quantize_transformer(m, params.quantization.transformer, params.quantization.group_size)
+    where = "cpu" if params.model.low_vram else device
+    # the base the LoRAs trained against: same cached quantization, recovery and fp8 setting
+    experts = {e: load_base(plan.root, e, params, workspace, where, sampling=True) for e in ("high", "low")}
     vae = load_vae(plan.root, "fp32", "cpu" if params.model.low_vram else device)
     pipe = build_pipeline(experts["high"], experts["low"], vae, plan.base["boundary"], params.model.flow_shift)
     if params.model.low_vram and str(device).startswith("cuda"):

@@ -610,6 +610,14 @@ def save_corrections(model: nn.Module, path: str | Path, key: dict[str, Any]) ->
     write_safetensors(path, tensors, {"wanlora_recovery": json.dumps(key, sort_keys=True)})
 
 
+def _saved_key(path: str | Path) -> dict[str, Any]:
+    """The key a corrections file was saved with (its header), {} if it has none."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("wanlora_recovery", "null")) or {}
+
+
 def load_corrections(model: nn.Module, path: str | Path, key: dict[str, Any]) -> int:
     """Attach corrections saved by `save_corrections`; the header key must match."""
     from safetensors import safe_open
@@ -635,6 +643,7 @@ def prepare_quantized_expert(
     calib_inputs: Sequence[dict[str, Any]] | None = None,
     device: str | torch.device | None = None,
     partial_loader: Callable[[frozenset[str]], nn.Module] | None = None,
+    reuse_only: bool = False,
 ) -> nn.Module:
     """Load one expert and apply `quantization` params (a `QuantizationConfig`): quantize (cached),
     then attach accuracy recovery where it applies. The trainer's single call.
@@ -648,6 +657,8 @@ def prepare_quantized_expert(
     - recovery.source = none, or an 8-bit mode with fitted: quantization only.
 
     `partial_loader` (see `quantize_cached`) lets a cache hit skip reading the bf16 weights.
+    `reuse_only` (sampling): never fit; attach the corrections fitted for these settings most
+    recently (the trainer's, whatever its calibration data), or none, with a warning.
     """
     mode, rec = cfg.transformer, cfg.recovery
     if mode == "none":
@@ -669,17 +680,25 @@ def prepare_quantized_expert(
                             partial_loader=partial_loader)
     if rec.source == "none" or mode not in ("nf4", "uint4"):
         return model
+    settings = {"quant": cache_key(key, mode, cfg.group_size, DEFAULT_EXCLUDE, None),
+                "rank": rec.rank, "distill_steps": rec.distill_steps}
+    folder, stem = Path(cfg.cache_dir) / "recovery", sha256_json(settings)[:16]
+    if reuse_only:
+        fitted = sorted(folder.glob(f"{stem}-*.safetensors"), key=lambda p: p.stat().st_mtime)
+        if not fitted:
+            console.print(f"[yellow]{expert}: no fitted recovery for these settings in {folder}; the quantized "
+                          "base runs without its correction (run the train stage first)[/]")
+            return model
+        load_corrections(model, fitted[-1], {**settings, "calibration": _saved_key(fitted[-1]).get("calibration")})
+        return model
     if weights is None or not calib_inputs:
         raise ValueError(
             "quantization.recovery.source=fitted needs calibration inputs and the original weights; "
             "pass them, or set recovery.source: none"
         )
     calib = list(calib_inputs)[: rec.calibration_samples]
-    fit_key = {
-        "quant": cache_key(key, mode, cfg.group_size, DEFAULT_EXCLUDE, None),
-        "rank": rec.rank, "distill_steps": rec.distill_steps, "calibration": _inputs_digest(calib),
-    }
-    path = Path(cfg.cache_dir) / "recovery" / f"{sha256_json(fit_key)[:20]}.safetensors"
+    fit_key = {**settings, "calibration": _inputs_digest(calib)}
+    path = folder / f"{stem}-{sha256_json(fit_key)[:16]}.safetensors"
     if path.is_file():
         load_corrections(model, path, fit_key)
         return model

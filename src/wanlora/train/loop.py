@@ -99,17 +99,9 @@ def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, de
     """Load into `where` (the device, or host memory for an expert that waits), quantize with its
     recovery, add the LoRA (always on the device), checkpointing and block offloading, in that order."""
     from wanlora.models.accel import apply_accel, settings_from_params
-    from wanlora.models.loading import EXPERT_FOLDERS, load_transformer, model_identity
-    from wanlora.models.recovery import prepare_quantized_expert, weights_from_safetensors
+    from wanlora.models.expert import load_base
 
-    part = EXPERT_FOLDERS[expert]
-    quant = params.quantization.model_copy(update={"cache_dir": str(workspace / params.quantization.cache_dir)})
-    model = prepare_quantized_expert(
-        lambda: load_transformer(root, expert, dtype, str(where)), quant, expert,
-        {"model": model_identity(root, part), "dtype": params.model.dtype},
-        weights=weights_from_safetensors(root / part), calib_inputs=calib, device=where,
-        partial_loader=lambda skip: load_transformer(root, expert, dtype, str(where), skip=skip),
-    )
+    model = load_base(root, expert, params, workspace, where, calib)
     torch.manual_seed(params.job.seed + (0 if expert == "high" else 1))  # LoRA A init: same every run
     for p in add_lora(model, params.network, dtype):
         p.data = p.data.to(device)
@@ -117,10 +109,6 @@ def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, de
         from wanlora.models.quant import forbid_fusion
 
         forbid_fusion(model)  # merging into a quantized base drops the LoRA (quanto) or breaks (4-bit)
-    if params.quantization.fp8_matmul:
-        from wanlora.models.quant import enable_fp8_matmul
-
-        enable_fp8_matmul(model)
     apply_accel(model, settings_from_params(params))
     offloads = []
     if params.model.layer_offloading and device.type == "cuda":
