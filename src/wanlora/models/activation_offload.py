@@ -4,8 +4,8 @@ What it is for: at 81 frames of 1024x1024 (86k tokens) every block keeps its inp
 recompute (0.84 GiB) and, under `selective` checkpointing, its self-attention output (another
 0.84 GiB): 67 GiB for 40 blocks, more than an 80 GB card has next to the weights. Both are
 written once in the forward and read once in the backward, ~1 s of compute apart, so they can
-sit in host memory instead: a block's 1.7 GiB crosses PCIe (~25 GB/s) in ~70 ms each way, on a
-copy engine, while the GPU computes. That buys `selective` (no attention recompute, ~20% of
+sit in host memory instead: a block's 1.7 GiB crosses PCIe in ~40-70 ms each way (the H100
+machine moved pinned memory to the device at ~47 GB/s), on a copy engine, while the GPU computes. That buys `selective` (no attention recompute, ~20% of
 such a step) where only `full` fitted before. musubi-tuner calls its version
 `--gradient_checkpointing_cpu_offload`.
 
