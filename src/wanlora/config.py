@@ -87,7 +87,8 @@ class ModelConfig(Section):
     activation_offloading: bool = Field(
         False, description="Keep the activations saved for backward in pinned CPU memory, copied while "
         "the GPU computes: lets long clips keep attention outputs (selective checkpointing) on 80 GB. "
-        "Costs host RAM of their size (~1.7 GiB per block at 81f 1024x1024)."
+        "Costs host RAM of their size (~1.7 GiB per block at 81f 1024x1024). Not yet validated on a GPU "
+        "(bench/RESULTS.md)."
     )
 
 

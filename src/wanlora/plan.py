@@ -221,8 +221,9 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
     result = _predict(params, gpu_gib, config, checkpointing, quant, clip, offload)
     suggestions = []
     if not result.fits:
-        for ck, q, off in (("selective", quant, True), ("full", quant, offload), ("selective", "float8", True),
-                           ("full", "float8", offload), ("full", "uint4", offload)):
+        # measured levers first; activation offloading (not yet validated on a GPU) after them
+        for ck, q, off in (("full", quant, offload), ("selective", "float8", offload), ("full", "float8", offload),
+                           ("selective", quant, True), ("selective", "float8", True), ("full", "uint4", offload)):
             if (ck, q, off) == (checkpointing, quant, offload) or (quant == "uint4" and q == "float8"):
                 continue
             alt = _predict(params, gpu_gib, config, ck, q, clip, off)  # type: ignore[arg-type]
@@ -231,7 +232,8 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
                 if q != quant:
                     change.append(f"quantization.transformer: {q}")
                 if off != offload:
-                    change.append("model.activation_offloading: true (needs host RAM for the activations)")
+                    change.append("model.activation_offloading: true (host RAM for the activations; "
+                                  "not yet validated on a GPU, see bench/RESULTS.md)")
                 if ck != checkpointing:
                     change.append(f"checkpointing {ck}" + (" (recompute attention too)" if ck == "full" else ""))
                 suggestions.append(f"{' and '.join(change)}: peak {alt.peak_gib:.1f} GiB, {alt.s_per_step:.2f} s/step")
