@@ -14,10 +14,9 @@ import torch
 from peft import LoraConfig
 
 from bench.common import (
-    Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row, profile_step,
-    random_batch, reset_peak, step_counts, time_steps,
+    Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row,
+    random_batch, reset_peak, step_counts, time_steps, write_profile,
 )
-from wanlora.io import atomic_write_text
 from wanlora.models.geometry import build_transformer
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -64,9 +63,7 @@ def main() -> None:
         times = time_steps(step, *step_counts(args), device)
         row = make_row(name, cfg, shape, times, device)
         if args.profile:
-            summary = profile_step(step, device)
-            atomic_write_text(args.out / f"profile_naive_{shape.slug}.md", summary + "\n")
-            print(summary)
+            write_profile(step, device, args.out / f"profile_naive_{shape.slug}.md")
     except torch.OutOfMemoryError as err:
         row = failed_row(name, cfg, shape, device, err)
     append_row(args.out, row)

@@ -151,6 +151,13 @@ def profile_step(step: Callable[[int], Any], device: torch.device, top: int = 12
     return "\n".join(lines)
 
 
+def write_profile(step: Callable[[int], Any], device: torch.device, path: Path) -> None:
+    """Profile one step (`profile_step`), write the summary to `path` and print it."""
+    summary = profile_step(step, device)
+    atomic_write_text(path, summary + "\n")
+    print(summary)
+
+
 @dataclass
 class Row:
     """One configuration's measurement, as the table and the planner's test read it."""

@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 from bench.common import (
-    Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row, profile_step,
-    random_batch, reset_peak, step_counts, sync, time_steps,
+    Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row,
+    random_batch, reset_peak, step_counts, sync, time_steps, write_profile,
 )
 from wanlora.config import parse_params
-from wanlora.io import atomic_write_text
 from wanlora.models.accel import AccelSettings, apply_accel, park_frozen
 from wanlora.models.geometry import build_transformer
 from wanlora.models.quant import enable_fp8_matmul, quantize_transformer
@@ -192,9 +191,7 @@ def run(name: str, bc: BenchConfig, args) -> None:
         if bad:
             row = replace(row, s_step=None, mfu=None)
         if args.profile:
-            summary = profile_step(step, device)
-            atomic_write_text(args.out / f"profile_{name}.md", summary + "\n")
-            print(summary)
+            write_profile(step, device, args.out / f"profile_{name}.md")
     except torch.OutOfMemoryError as err:
         row = failed_row(name, cfg, shape, device, err)
     append_row(args.out, row)

@@ -134,7 +134,7 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
     where = "cpu" if params.model.low_vram else device
     # the base the LoRAs trained against: same cached quantization, recovery and fp8 setting
     experts = {e: load_base(plan.root, e, params, workspace, where, sampling=True) for e in ("high", "low")}
-    vae = load_vae(plan.root, "fp32", "cpu" if params.model.low_vram else device)
+    vae = load_vae(plan.root, "fp32", where)
     pipe = build_pipeline(experts["high"], experts["low"], vae, plan.base["boundary"], params.model.flow_shift)
     if params.model.low_vram and str(device).startswith("cuda"):
         pipe.enable_model_cpu_offload(device=device)

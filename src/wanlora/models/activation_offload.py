@@ -5,8 +5,9 @@ recompute (0.84 GiB) and, under `selective` checkpointing, its self-attention ou
 0.84 GiB): 67 GiB for 40 blocks, more than an 80 GB card has next to the weights. Both are
 written once in the forward and read once in the backward, ~1 s of compute apart, so they can
 sit in host memory instead: a block's 1.7 GiB crosses PCIe in ~40-70 ms each way (the H100
-machine moved pinned memory to the device at ~47 GB/s), on a copy engine, while the GPU computes. That buys `selective` (no attention recompute, ~20% of
-such a step) where only `full` fitted before. musubi-tuner calls its version
+machine moved pinned memory to the device at ~47 GB/s), on a copy engine, while the GPU
+computes. That buys `selective` (no attention recompute, ~20% of such a step) where only `full`
+fitted before. musubi-tuner calls its version
 `--gradient_checkpointing_cpu_offload`.
 
 How: autograd's saved-tensor hooks (`torch.autograd.graph.saved_tensors_hooks`) see every tensor
@@ -104,10 +105,6 @@ class _Arena:
 
     def reset(self) -> None:
         self.index = self.offset = 0
-
-    @property
-    def reserved(self) -> int:
-        return sum(c.numel() for c in self.chunks)
 
     def take(self, nbytes: int) -> torch.Tensor:
         size = -(-nbytes // _ALIGN) * _ALIGN

@@ -610,20 +610,14 @@ def save_corrections(model: nn.Module, path: str | Path, key: dict[str, Any]) ->
     write_safetensors(path, tensors, {"wanlora_recovery": json.dumps(key, sort_keys=True)})
 
 
-def _saved_key(path: str | Path) -> dict[str, Any]:
-    """The key a corrections file was saved with (its header), {} if it has none."""
+def load_corrections(model: nn.Module, path: str | Path, key: dict[str, Any], ignore: Sequence[str] = ()) -> int:
+    """Attach corrections saved by `save_corrections`; the header key must match, except for the
+    fields in `ignore` (the sampler accepts whatever calibration data the trainer used)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return json.loads((f.metadata() or {}).get("wanlora_recovery", "null")) or {}
-
-
-def load_corrections(model: nn.Module, path: str | Path, key: dict[str, Any]) -> int:
-    """Attach corrections saved by `save_corrections`; the header key must match."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        if json.loads((f.metadata() or {}).get("wanlora_recovery", "null")) != key:
+        saved = json.loads((f.metadata() or {}).get("wanlora_recovery", "null"))
+        if not isinstance(saved, dict) or {k: v for k, v in saved.items() if k not in ignore} != key:
             raise ValueError(f"{path}: corrections were fitted for other settings; delete the file to refit")
         names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
         for name in names:
@@ -689,7 +683,7 @@ def prepare_quantized_expert(
             console.print(f"[yellow]{expert}: no fitted recovery for these settings in {folder}; the quantized "
                           "base runs without its correction (run the train stage first)[/]")
             return model
-        load_corrections(model, fitted[-1], {**settings, "calibration": _saved_key(fitted[-1]).get("calibration")})
+        load_corrections(model, fitted[-1], settings, ignore=("calibration",))
         return model
     if weights is None or not calib_inputs:
         raise ValueError(
