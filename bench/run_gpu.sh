@@ -8,30 +8,13 @@
 # $PER_ITEM_TIMEOUT). Budget for compilation: the first step of a new clip shape or base type
 # compiles for 25-70 s on an H100. With no ITEM, the default list below runs (~14 min: two calls).
 #
-# On the device machine: wheels of packages its image lacks travel in .whl/ (carry it); compiled
-# kernels travel in .cache/inductor.tgz when an earlier call brought them back (carry .cache),
-# which saves ~1 min of compilation per clip shape.
+# On the device machine (setup in bench/gpu_env.sh): wheels of packages its image lacks travel in
+# .whl/ (carry it); compiled kernels travel in .cache/inductor.tgz when an earlier call brought them
+# back (carry .cache), which saves ~1 min of compilation per clip shape.
 set -u
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/out}
-mkdir -p "$OUT"
-if [ -z "${PY:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+source "$(dirname "$0")/gpu_env.sh"
 PER_ITEM_TIMEOUT=${PER_ITEM_TIMEOUT:-300}
-PY=${PY:-python3}              # a dry run here: PY=/work/venv/bin/python BENCH_ARGS=--tiny
 read -r -a BENCH_ARGS <<<"${BENCH_ARGS:-}"
-if [ -f .cache/inductor.tgz ]; then mkdir -p /tmp/inductor && tar xzf .cache/inductor.tgz -C /tmp; fi
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-"$PY" -c "import torch, diffusers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/device.txt"
-
-"$PY" -c "import bench.train_step, bench.baseline_naive, wanlora.models.quant" || { echo "imports fail: carry the missing wheels"; exit 1; }
 
 ITEMS=("$@")
 if [ ${#ITEMS[@]} -eq 0 ]; then
@@ -64,8 +47,6 @@ for spec in "${ITEMS[@]}"; do
   tar rf "$OUT/logs.tar" -C "$OUT" "$(basename "$log")" && rm -f "$log"
 done
 
-# compiled kernels for the next call
-tar czf "$OUT/inductor.tgz" -C /tmp inductor 2>/dev/null
-[ "$(stat -c %s "$OUT/inductor.tgz")" -gt 15000000 ] && rm -f "$OUT/inductor.tgz" && echo "inductor cache too big to bring back"
+save_inductor_cache
 cat "$OUT"/profile_*.md 2>/dev/null | head -60
 "$PY" bench/common.py table "$OUT"
