@@ -69,7 +69,8 @@ def run(args, env) -> None:
     device, dtype = env.device, (torch.bfloat16 if env.device.type == "cuda" else torch.float32)
     shape = TINY_SHAPE if args.tiny else S33
     compile_ = env.device.type == "cuda" and not args.no_compile
-    params = parse_params({"train": {"optimizer": "adamw" if args.tiny else "adamw8bit", "caption_dropout": 0.0}})
+    optimizer = "adamw" if args.tiny or args.sharded else "adamw8bit"  # 8-bit cannot step FSDP's DTensors
+    params = parse_params({"train": {"optimizer": optimizer, "caption_dropout": 0.0, "sharded_base": args.sharded}})
     plan = plan_parallel(env.world, ("high", "low") if args.mode == "expert" else ("high",), args.mode)
     groups = make_groups(plan, env)
     (expert,) = plan.experts_of(env.rank)

@@ -23,7 +23,7 @@ from wanlora.train.dist_checkpoint import ExpertParts, _pack, _unpack, load_para
 from wanlora.train.dist_fsdp import shard_base  # noqa: E402
 from wanlora.train.dist_parallel import plan_parallel, reduce_gradients, world_metrics  # noqa: E402
 from wanlora.train.distributed import (  # noqa: E402
-    Cursor, DistEnv, DistributedError, batch_generator, derive_seed, init_distributed, launch_count, launch_ranks,
+    Cursor, DistEnv, DistributedError, _rank_device, batch_generator, derive_seed, init_distributed, launch_count, launch_ranks,
     rank_seed, rank_share, relaunch_command, relaunch_if_needed, shard, take_batches,
 )
 from wanlora.train.lora import PREFIX, lora_state_dict  # noqa: E402
@@ -79,6 +79,20 @@ def test_single_process_environment_and_device_conflict(monkeypatch: pytest.Monk
         init_distributed("cuda:1")
     with pytest.raises(DistributedError, match="needs 2\\+ processes"):
         shard_base(tiny_expert(0), ONE)
+
+
+def test_rank_device_on_a_cuda_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default job.device `auto` on one GPU (a bug found on the H100: it parsed "auto" as a
+    device string), a pinned cuda:N alone, and GPU LOCAL_RANK for each of several ranks."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _rank_device("auto", 0, 1) == torch.device("cuda", 0)
+    assert _rank_device("cuda", 0, 1) == torch.device("cuda", 0)
+    assert _rank_device("cuda:1", 0, 1) == torch.device("cuda", 1)
+    assert _rank_device("auto", 1, 2) == torch.device("cuda", 1)
+    assert _rank_device("cpu", 1, 2) == torch.device("cpu")
+    with pytest.raises(DistributedError, match="LOCAL_RANK=2 but only 2 GPU"):
+        _rank_device("auto", 2, 3)
 
 
 @pytest.mark.parametrize("mode", ["uint4", "qfloat8"])

@@ -58,6 +58,12 @@ def test_lr_must_be_positive(lr):
     assert f"  train.lr: Input should be greater than 0 (got {lr})" in error_of({"train": {"lr": lr}}).splitlines()
 
 
+def test_sharded_base_needs_plain_adamw():
+    with pytest.raises(ParamsError, match="sharded_base needs optimizer: adamw \\(got 'adamw8bit'\\)"):
+        parse_params({"train": {"sharded_base": True}})
+    assert parse_params({"train": {"sharded_base": True, "optimizer": "adamw"}}).train.sharded_base
+
+
 def test_both_experts_off_fails():
     msg = error_of({"multistage": {"train_high_noise": False, "train_low_noise": False}})
     assert "multistage: train_high_noise and train_low_noise are both false: nothing to train; set at least one to true" in msg

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from wanlora.config import Params
+from wanlora.models.activation_offload import PREFETCH_BYTES
 from wanlora.models.geometry import WAN22_A14B, forward_flops, latent_shape
 
 GIB = 1024**3
@@ -31,11 +32,13 @@ TEXT_LEN = 512
 #: STACK.md, 35.0 -> 53.8 GiB from 9,216 to 32,760 tokens, give the same slope, 0.80e-3).
 #: none: not measured; an estimate from the tensors a Wan block saves (~250 KB/token/block).
 ACT_GIB_PER_TOKEN = {"selective": 1.056e-3, "full": 0.800e-3, "none": 9.3e-3}
-#: With `model.activation_offloading` what stays on the GPU is one block's working set, the
-#: prefetch window and whatever the host-memory cap kept: 81f@1024² (86,016 tokens), float8,
-#: selective, compiled peaked at 48.3 GiB allocated against 74.0 GiB with full checkpointing and
-#: no offloading; less its 14.4 GiB of weights and LoRA state that is 34 GiB, 0.395e-3 per token.
-ACT_OFFLOADED_GIB_PER_TOKEN = 0.395e-3
+#: With `model.activation_offloading` what stays on the GPU is one block's working set, which grows
+#: with the tokens, and the prefetch window (`PREFETCH_BYTES` of fetched activations waiting for
+#: backward). Fitted on two float8, selective, compiled runs on an H100 (third session): activations
+#: (peak less weights and LoRA state) of 12.44 GiB at 81f@832x480 (32,760 tokens) and 29.33 GiB at
+#: 81f@1024² (86,016 tokens): a slope of 0.317e-3 GiB per token and 2.05 GiB at zero tokens, the
+#: window's 2 GiB.
+ACT_OFFLOADED_GIB_PER_TOKEN = 0.317e-3
 #: Effective rates in TFLOP/s of the three work kinds the step time is made of. Linear work counts
 #: forward + input-gradient backward + recomputed forward (elementwise work rides along): fitted on
 #: the two compiled selective runs (1.766 s at 9,216 tokens, 10.14 s at 32,760); eager fitted on the
@@ -180,10 +183,10 @@ def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointi
     w = weight_gib(config, quant)
     lora = lora_parameters(config, params.network.rank, params.network.target_modules)
     lora_g = lora * (4 + OPTIMIZER_BYTES[tr.optimizer]) / GIB
-    per_token = ACT_GIB_PER_TOKEN[checkpointing]
+    held = tokens * (2 if tr.dop.enabled else 1)  # the class prompt doubles the trained batch
+    act = ACT_GIB_PER_TOKEN[checkpointing] * held
     if offload:
-        per_token = min(per_token, ACT_OFFLOADED_GIB_PER_TOKEN)
-    act = per_token * tokens * (2 if tr.dop.enabled else 1)
+        act = min(act, ACT_OFFLOADED_GIB_PER_TOKEN * held + PREFETCH_BYTES / GIB)
     text = TEXT_LEN * config["text_dim"] * 2 * tr.batch_size / GIB
     fp8 = params.quantization.fp8_matmul and quant == "float8"
     s = step_seconds(config, tokens, checkpointing, compiled, tr.optimizer, tr.dop.enabled, fp8)
@@ -221,7 +224,7 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
     result = _predict(params, gpu_gib, config, checkpointing, quant, clip, offload)
     suggestions = []
     if not result.fits:
-        # measured levers first; activation offloading (not yet validated on a GPU) after them
+        # the faster levers first; activation offloading (host RAM, ~2% slower at 81f) after them
         for ck, q, off in (("full", quant, offload), ("selective", "float8", offload), ("full", "float8", offload),
                            ("selective", quant, True), ("selective", "float8", True), ("full", "uint4", offload)):
             if (ck, q, off) == (checkpointing, quant, offload) or (quant == "uint4" and q == "float8"):
@@ -232,8 +235,7 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
                 if q != quant:
                     change.append(f"quantization.transformer: {q}")
                 if off != offload:
-                    change.append("model.activation_offloading: true (host RAM for the activations; "
-                                  "not yet validated on a GPU, see bench/RESULTS.md)")
+                    change.append("model.activation_offloading: true (activations wait in host RAM)")
                 if ck != checkpointing:
                     change.append(f"checkpointing {ck}" + (" (recompute attention too)" if ck == "full" else ""))
                 suggestions.append(f"{' and '.join(change)}: peak {alt.peak_gib:.1f} GiB, {alt.s_per_step:.2f} s/step")

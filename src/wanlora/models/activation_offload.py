@@ -40,6 +40,7 @@ import torch
 
 _FIRST_CHUNK, _MAX_CHUNK = 256 << 20, 4 << 30  # arena chunks double from the first up to the max
 _ALIGN = 512
+PREFETCH_BYTES = 2 << 30  # default `ahead_bytes`: fetched activations waiting for backward (plan.py counts them)
 
 
 @dataclass(eq=False)
@@ -136,7 +137,7 @@ class ActivationOffload:
     devices (CPU tests) the same bookkeeping runs with plain synchronous copies.
     """
 
-    def __init__(self, model: torch.nn.Module, min_bytes: int = 1 << 20, ahead_bytes: int = 2 << 30,
+    def __init__(self, model: torch.nn.Module, min_bytes: int = 1 << 20, ahead_bytes: int = PREFETCH_BYTES,
                  max_host_bytes: int | None = None):
         self.model = model
         self.min_bytes = min_bytes

@@ -95,7 +95,7 @@ def _rank_device(device: str, local_rank: int, world: int) -> torch.device:
                                "GPU. Fix: set job.device: auto (or cuda) so rank r uses GPU LOCAL_RANK")
     if not torch.cuda.is_available():
         raise DistributedError(f"job.device is {device!r} but no CUDA device is visible; set job.device: cpu")
-    index = local_rank if world > 1 else (torch.device(device).index or 0)
+    index = local_rank if world > 1 or device == "auto" else (torch.device(device).index or 0)
     if index >= torch.cuda.device_count():
         raise DistributedError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
                                "launch at most that many processes per node (--nproc-per-node)")
