@@ -40,6 +40,15 @@ ROWS = {
     "81f_1024_float8_sel_offload": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"},
                                      "quantization": {"transformer": "float8"}, "model": {"activation_offloading": True}},
                                     (81, 1024, 1024), "selective", True),
+    # third session
+    "81f_float8_1expert_adamw": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"},
+                                  "quantization": {"transformer": "float8"}}, (81, 480, 832), "selective", True),
+    "81f_float8_sel_offload": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"},
+                                "quantization": {"transformer": "float8"}, "model": {"activation_offloading": True}},
+                               (81, 480, 832), "selective", True),
+    "81f_1024_fp8mm_sel_offload": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"},
+                                    "quantization": {"transformer": "float8", "fp8_matmul": True},
+                                    "model": {"activation_offloading": True}}, (81, 1024, 1024), "selective", True),
 }
 
 
