@@ -1,6 +1,7 @@
 """Multi-GPU scaling of LoRA training at full Wan 2.2 A14B size: 1 vs 2 vs 4 (vs 8) GPUs.
 
-One configuration per launch; the launcher sets the GPU count, rank 0 appends one row:
+One configuration per launch; the launcher sets the GPU count, rank 0 appends one row.
+`bench/run_scaling.sh` runs the table's launches on a device machine; by hand:
 
     cd REPO && export PYTHONPATH=$PWD/src:$PWD
     for n in 1 2 4; do torchrun --nproc-per-node $n -m bench.scaling --mode data; done
