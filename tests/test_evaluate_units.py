@@ -55,6 +55,47 @@ def test_validation_loss_routes_each_timestep_to_its_expert_with_fixed_noise():
     assert validation_loss(experts, items, [100], 0.875, 5)["val_loss_high"] is None
 
 
+def test_validation_loss_runs_a_bf16_expert_in_its_compute_dtype(tmp_path):
+    """A bf16 Wan expert keeps its scale_shift_table in fp32 (diffusers' _keep_in_fp32_modules), so
+    the first parameter's dtype sent float32 latents into the bf16 patch embedding: the default
+    model.dtype stopped the evaluate stage. Found by review: the other tests load fp32 experts."""
+    from diffusers import WanTransformer3DModel
+
+    from wanlora.models.geometry import TINY, build_transformer
+
+    build_transformer(TINY, torch.float32).save_pretrained(tmp_path)
+    model = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32  # the case that broke
+    items = [ValItem("a", torch.randn(16, 2, 4, 4), torch.randn(512, TINY["text_dim"]))]
+    losses = validation_loss({"high": model, "low": model}, items, [100, 900], boundary_ratio=0.875, seed=5)
+    assert all(v is not None and np.isfinite(v) for v in losses.values())
+
+
+class _Pipe:
+    """Stands in for WanPipeline: records where the embeddings it is given live, returns black frames."""
+
+    def __init__(self, device: torch.device):
+        self._execution_device = device
+        self.seen: list[tuple[torch.device, torch.device]] = []
+
+    def __call__(self, prompt_embeds, negative_prompt_embeds, num_frames, height, width, **kw):
+        self.seen.append((prompt_embeds.device, negative_prompt_embeds.device))
+        return (np.zeros((1, num_frames, height, width, 3), np.float32),)
+
+
+def test_generate_hands_the_pipeline_embeddings_on_its_device():
+    """The cached embeddings are CPU tensors and WanPipeline only casts their dtype, so a pipeline
+    on the GPU got CPU text states in its first transformer call. Found by review of the GPU path;
+    the meta device stands in for the GPU."""
+    from wanlora.config import parse_params
+    from wanlora.evaluate.sampling import generate
+
+    cfg = parse_params({"sample": {"prompts": ["a", "b"], "num_frames": 1, "width": 16, "height": 16}}).sample
+    pipe = _Pipe(torch.device("meta"))
+    videos = generate(pipe, [torch.zeros(1, 512, 32)] * 2, torch.zeros(1, 512, 32), cfg)
+    assert len(videos) == 2 and pipe.seen == [(torch.device("meta"), torch.device("meta"))] * 2
+
+
 def test_steps_to_sample_is_stable_as_checkpoints_arrive():
     assert steps_to_sample([250, 500, 750, 1000], 2) == [500, 1000]
     assert steps_to_sample([250, 500, 750, 1000, 1250], 2) == [500, 1000, 1250]

@@ -70,14 +70,17 @@ def generate(
 ) -> list[np.ndarray]:
     """One video per prompt ([F, H, W, 3] floats in [0, 1]) at its fixed seed.
 
-    Embeddings are [1, 512, D] (padded); the generator lives on the CPU so a seed gives the same
-    starting noise on every device.
+    Embeddings are [1, 512, D] (padded), handed over on the pipeline's execution device: WanPipeline
+    casts given embeddings to the transformer's dtype but leaves them where they are. The generator
+    lives on the CPU so a seed gives the same starting noise on every device.
     """
+    device = pipe._execution_device
+    negative = negative_embeds.to(device)
     videos = []
     for emb, seed in zip(prompt_embeds, prompt_seeds(cfg)):
         out = pipe(
-            prompt_embeds=emb,
-            negative_prompt_embeds=negative_embeds,
+            prompt_embeds=emb.to(device),
+            negative_prompt_embeds=negative,
             height=cfg.height,
             width=cfg.width,
             num_frames=cfg.num_frames,

@@ -66,13 +66,16 @@ def validation_loss(
             expert = expert_of(t, boundary_ratio)
             model = experts[expert]
             param = next(model.parameters())
+            # a diffusers model's compute dtype skips the modules it keeps in fp32: a bf16 Wan
+            # expert's first parameter is its fp32 scale_shift_table
+            dtype = getattr(model, "dtype", param.dtype)
             noise = fixed_noise(x0.shape, seed, i, j)
             tt = torch.tensor([float(t)])
             x_t = add_noise(x0, noise, tt)
             pred = model(
-                x_t.to(param.device, param.dtype),
+                x_t.to(param.device, dtype),
                 tt.to(param.device),
-                item.embeds.unsqueeze(0).to(param.device, param.dtype),
+                item.embeds.unsqueeze(0).to(param.device, dtype),
                 return_dict=False,
             )[0]
             loss = per_sample_mse(pred.float().cpu(), velocity_target(x0, noise))
