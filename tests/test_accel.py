@@ -141,6 +141,47 @@ def test_parking_keeps_one_host_copy_and_leaves_the_lora_alone() -> None:
         park_frozen(model, "disk", torch.device("cpu"), False)
 
 
+def test_activation_offloading_leaves_quanto_weights_alone() -> None:
+    """optimum-quanto's qfloat8 weights are tensor subclasses that wrap their codes and have no
+    storage of their own: reading one's storage stopped the first forward of a qfloat8 expert
+    with model.activation_offloading on. Found by review of the GPU levers."""
+    from wanlora.models.activation_offload import ActivationOffload
+    from wanlora.models.quant import quantize_transformer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    quantize_transformer(model, "qfloat8", exclude=(), device="cpu")
+    x = torch.randn(8, 64, requires_grad=True)
+    model(x).square().sum().backward()
+    want, x.grad = x.grad, None
+    offload = ActivationOffload(model, min_bytes=1)
+    with offload:
+        y = model(x)
+    y.square().sum().backward()
+    assert offload.offloaded_bytes > 0 and torch.equal(x.grad, want)
+
+
+def test_fetching_an_nf4_weight_brings_its_quantization_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bitsandbytes keeps an nf4 weight's absmax and code beside the tensor, not in it: a fetch
+    that moved only the codes left them in host memory for the GPU kernel (the expert that waits
+    in host memory is quantized there). Found by review of the GPU path. `cpu:0` is not the CPU
+    tensors' device as far as the mover can tell, so the fetch runs on a CPU-only machine."""
+    from bitsandbytes.functional import QuantState
+
+    from wanlora.models.accel import park_frozen
+    from wanlora.models.quant import quantize_transformer
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, dtype=torch.bfloat16))
+    quantize_transformer(model, "nf4", exclude=(), device="cpu")
+    moved = []
+    monkeypatch.setattr(QuantState, "to", lambda self, device: moved.append(device))
+    target = torch.device("cpu", 0)
+    park_frozen(model, "host", target, False)
+    assert moved == []  # parked: the small state stays where it is
+    park_frozen(model, "device", target, False)
+    assert moved == [target]
+
+
 def test_activation_offloading_moves_activations_not_weights_and_keeps_grads() -> None:
     """With checkpointing off every block activation is saved through autograd's hooks: each large
     one must go through host memory (counted) while no weight is moved, and the LoRA gradients

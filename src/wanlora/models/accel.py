@@ -215,6 +215,8 @@ def park_frozen(module: torch.nn.Module, where: str, device: torch.device, non_b
     Parking costs nothing after the first time: the frozen tensors simply point at their host
     mirror again (no device-to-host copy, no pinning). Fetching is one host-to-device copy from
     page-locked memory, asynchronous when `non_blocking`. Trainable tensors (the LoRA) never move.
+    A bitsandbytes 4-bit weight's quantization state (absmax, code: plain attributes, which
+    `t.data =` leaves behind) follows it to the device; parked, it stays there (a few % of the codes).
     """
     if where not in ("host", "device"):
         raise ValueError(f"where={where!r}: use 'host' or 'device'")
@@ -227,3 +229,5 @@ def park_frozen(module: torch.nn.Module, where: str, device: torch.device, non_b
                 t.data = host
         elif t.device != device:
             t.data = (host if host is not None else t.data).to(device, non_blocking=non_blocking)
+            if getattr(t, "quant_state", None) is not None:
+                t.quant_state.to(device)

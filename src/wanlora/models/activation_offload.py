@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 _FIRST_CHUNK, _MAX_CHUNK = 256 << 20, 4 << 30  # arena chunks double from the first up to the max
 _ALIGN = 512
@@ -123,7 +124,16 @@ class _Arena:
 
 
 def _storages(module: torch.nn.Module) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    """Storages of the model's own tensors. A tensor subclass that wraps others (optimum-quanto's
+    qfloat8 weights) has no storage of its own: its inner tensors count instead."""
+    out, todo = set(), list(module.parameters()) + list(module.buffers())
+    while todo:
+        t = todo.pop()
+        if is_traceable_wrapper_subclass(t):
+            todo += [getattr(t, name) for name in t.__tensor_flatten__()[0]]
+        else:
+            out.add(t.untyped_storage().data_ptr())
+    return out
 
 
 class ActivationOffload:
@@ -175,7 +185,8 @@ class ActivationOffload:
 
     def _pack(self, t: torch.Tensor) -> Any:
         nbytes = t.numel() * t.element_size()
-        if (nbytes < self.min_bytes or t.layout != torch.strided or not _dense(t)
+        if (is_traceable_wrapper_subclass(t)  # a quantized weight (quanto): no storage of its own to copy
+                or nbytes < self.min_bytes or t.layout != torch.strided or not _dense(t)
                 or t.untyped_storage().data_ptr() in self._skip):
             return t
         seen = self._seen.get(id(t))
