@@ -291,6 +291,18 @@ def test_ema_and_canonical_file_bytes():
     assert header.index(b'"k0"') < header.index(b'"k1"') < header.index(b'"k2"') and len(header) % 8 == 0
 
 
+def test_a_loaded_ema_state_stays_on_the_shadows_device():
+    """A resumed run reads the EMA from the checkpoint on the CPU; the shadows must stay on the
+    LoRA's device (found by review of the GPU path: after a resume each update copied the LoRA to
+    the CPU). The meta device stands in for the GPU."""
+    ema = Ema(_expert(), decay=0.5)
+    saved = {k: v + 1 for k, v in ema.state_dict().items()}
+    ema.shadow = {k: v.to("meta") for k, v in ema.shadow.items()}
+    ema.load_state_dict(saved)
+    assert {v.device.type for v in ema.shadow.values()} == {"meta"}
+    assert all(ema.shadow[k].dtype == torch.float32 and ema.shadow[k].shape == v.shape for k, v in saved.items())
+
+
 # ------------------------------------------------------------------------------ data order
 def test_epoch_batches_never_mix_buckets_and_are_seeded():
     buckets = ["A"] * 5 + ["B"] * 3 + ["C"]

@@ -115,7 +115,9 @@ class Ema:
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take a saved state (read from the checkpoint on the CPU) onto the shadows' own device:
+        left on the CPU, every later update would copy the whole LoRA off the GPU."""
         missing = set(self.shadow) ^ set(state)
         if missing:
             raise ValueError(f"EMA state does not match the LoRA: keys {sorted(missing)[:4]}")
-        self.shadow = {k: state[k].float().clone() for k in self.shadow}
+        self.shadow = {k: state[k].to(self.shadow[k].device, torch.float32, copy=True) for k in self.shadow}
