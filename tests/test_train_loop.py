@@ -19,6 +19,7 @@ from wanlora.config import DEFAULT_TARGETS, ParamsError, parse_params
 from wanlora.models.loading import model_identity
 from wanlora.report import InputError
 from wanlora.train import dist_parallel, loop
+from wanlora.train.distributed import DistEnv
 from wanlora.train.lora import lora_state_dict
 
 
@@ -265,6 +266,35 @@ def test_lora_trains_on_a_quantized_base(ws, template, mode, recovery):
     assert got == pytest.approx(want, rel=0.05)
 
 
+def test_calibration_inputs_meet_the_expert_where_it_loads(ws, template, monkeypatch):
+    """Fitted 4-bit recovery calibrates each expert on inputs on the device it loads into, in the
+    base's dtype. Found by review of the GPU path: the expert that waits in host memory got inputs
+    on the GPU, and a bf16 base got float32 latents (its patch embedding refused them). The meta
+    device stands in for the GPU: setup stops once both experts were asked to load."""
+    class Loaded(Exception):
+        pass
+
+    seen = {}
+
+    def load_expert(root, expert, params, workspace, device, dtype, where, calib):
+        seen[expert] = (where, calib)
+        if len(seen) == 2:
+            raise Loaded
+        return torch.nn.Module(), []
+
+    monkeypatch.setattr(loop, "_load_expert", load_expert)
+    q = {"transformer": "uint4", "group_size": 32, "recovery": {"source": "fitted", "rank": 4, "calibration_samples": 2}}
+    params = tiny_params(template[1], quantization=q, model={"dtype": "bf16"})
+    with pytest.raises(Loaded):
+        loop.setup(params, ws, DistEnv(device=torch.device("meta")))
+    assert sorted(seen) == ["high", "low"]
+    for where, calib in seen.values():
+        assert len(calib) == 2
+        for kw in calib:
+            assert {t.device for t in kw.values()} == {where}
+            assert kw["hidden_states"].dtype == kw["encoder_hidden_states"].dtype == torch.bfloat16
+
+
 def test_a_quantized_cache_hit_reads_only_the_unquantized_tensors(ws, template, monkeypatch):
     """The second run of a float8 setup takes the block linears from the quantization cache: the
     loader is asked to skip all 20 of each expert, and training is identical to the first run
@@ -286,6 +316,28 @@ def test_a_quantized_cache_hit_reads_only_the_unquantized_tensors(ws, template, 
     assert len(layers) == 40 and all(m.fp8_matmul for m in layers)
     assert [r.get("loss_high", r.get("loss_low")) for r in second.history] == \
         [r.get("loss_high", r.get("loss_low")) for r in first.history]
+
+
+def test_a_base_to_quantize_is_read_into_host_memory_then_placed(ws, template, monkeypatch):
+    """A cache miss reads the bf16 expert into host memory and quantizes it there layer by layer
+    (a whole A14B expert in bf16, 28 GB, would not fit a 24 GB card), then moves it to `where`; a
+    hit reads the few tensors the cache lacks straight into `where`. On the miss the meta device
+    stands in for the GPU (on a hit meta means "not read", so that one stays on the CPU)."""
+    from wanlora.models import loading
+    from wanlora.models.expert import load_base
+    from wanlora.models.quant import Float8Linear
+
+    reads = []
+    real = loading.load_transformer
+    monkeypatch.setattr(loading, "load_transformer",
+                        lambda root, e, dtype, device, skip=(): reads.append((device, len(skip)))
+                        or real(root, e, dtype, device, skip=skip))
+    params = tiny_params(template[1], quantization={"transformer": "float8"})
+    for where in ("meta", "cpu"):  # a miss, then a hit
+        model = load_base(template[1], "high", params, ws, torch.device(where), work="cpu")
+        assert {t.device.type for t in model.state_dict().values()} == {where}
+        assert sum(isinstance(m, Float8Linear) for m in model.modules()) == 20
+    assert reads == [("cpu", 0), ("cpu", 20)]
 
 
 def test_the_sampler_gets_the_base_the_trainer_trained_against(ws, template, monkeypatch):

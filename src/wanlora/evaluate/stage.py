@@ -133,7 +133,8 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
     device = resolve_device(params.job.device)
     where = "cpu" if params.model.low_vram else device
     # the base the LoRAs trained against: same cached quantization, recovery and fp8 setting
-    experts = {e: load_base(plan.root, e, params, workspace, where, sampling=True) for e in ("high", "low")}
+    experts = {e: load_base(plan.root, e, params, workspace, where, work=device, sampling=True)
+               for e in ("high", "low")}
     vae = load_vae(plan.root, "fp32", where)
     pipe = build_pipeline(experts["high"], experts["low"], vae, plan.base["boundary"], params.model.flow_shift)
     if params.model.low_vram and str(device).startswith("cuda"):

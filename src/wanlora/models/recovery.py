@@ -636,6 +636,7 @@ def prepare_quantized_expert(
     weights: WeightLoader | None = None,
     calib_inputs: Sequence[dict[str, Any]] | None = None,
     device: str | torch.device | None = None,
+    home: str | torch.device | None = None,
     partial_loader: Callable[[frozenset[str]], nn.Module] | None = None,
     reuse_only: bool = False,
 ) -> nn.Module:
@@ -650,6 +651,8 @@ def prepare_quantized_expert(
       with `recovery.distill_steps` of refinement; cached beside the quantized weights.
     - recovery.source = none, or an 8-bit mode with fitted: quantization only.
 
+    `device` is where each linear is quantized (`quantize_transformer`); `home`, when given, is where
+    the quantized expert then moves, before a correction is fitted on inputs that live there.
     `partial_loader` (see `quantize_cached`) lets a cache hit skip reading the bf16 weights.
     `reuse_only` (sampling): never fit; attach the corrections fitted for these settings most
     recently (the trainer's, whatever its calibration data), or none, with a warning.
@@ -667,11 +670,13 @@ def prepare_quantized_expert(
         key = {**source_key, "expert": expert, "adapter": rec.source}
         model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, exclude=(), include=targets,
                                 device=device, partial_loader=partial_loader)
+        model = model if home is None else model.to(home)
         load_aitk_adapter(model, rec.source, expert)
         return model
     key = {**source_key, "expert": expert}
     model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, device=device,
                             partial_loader=partial_loader)
+    model = model if home is None else model.to(home)
     if rec.source == "none" or mode not in ("nf4", "uint4"):
         return model
     settings = {"quant": cache_key(key, mode, cfg.group_size, DEFAULT_EXCLUDE, None),

@@ -101,7 +101,7 @@ def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, de
     from wanlora.models.accel import apply_accel, settings_from_params
     from wanlora.models.expert import load_base
 
-    model = load_base(root, expert, params, workspace, where, calib)
+    model = load_base(root, expert, params, workspace, where, calib, work=device)
     torch.manual_seed(params.job.seed + (0 if expert == "high" else 1))  # LoRA A init: same every run
     for p in add_lora(model, params.network, dtype):
         p.data = p.data.to(device)
@@ -117,10 +117,11 @@ def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, de
 
 
 def _calibration_inputs(data: TrainData, dist: TimestepDistribution, workspace: Path, params: Params,
-                        expect_encoder: str, device: torch.device) -> list[dict] | None:
+                        expect_encoder: str, device: torch.device, dtype: torch.dtype) -> list[dict] | None:
     """Forward kwargs for fitting 4-bit recovery: the first cached samples, noised at timesteps of
-    the expert's band, with their captions. Drawn from a generator of their own, so calibration
-    does not shift the training stream."""
+    the expert's band, with their captions, on `device` and in the base's `dtype` as a training
+    step feeds them (the expert's forward takes no float32 latents into a bf16 patch embedding).
+    Drawn from a generator of their own, so calibration does not shift the training stream."""
     q = params.quantization
     if q.transformer not in ("nf4", "uint4") or q.recovery.source != "fitted":
         return None
@@ -131,7 +132,8 @@ def _calibration_inputs(data: TrainData, dist: TimestepDistribution, workspace: 
         t = dist.sample(1, g)
         emb = pad_embeds([load_text_embeds(workspace / TEXT_DIR, data.items[i].caption, expect_encoder)])
         xt = add_noise(x0, torch.randn(x0.shape, generator=g), t)
-        out.append({"hidden_states": xt.to(device), "timestep": t.to(device), "encoder_hidden_states": emb.to(device)})
+        out.append({"hidden_states": xt.to(device, dtype), "timestep": t.to(device),
+                    "encoder_hidden_states": emb.to(device, dtype)})
     return out
 
 
@@ -242,9 +244,12 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
                                      params.model.flow_shift) for e in active}
     expect_encoder = encoder_identity(root)
     experts, offloads, where = {}, [], {}
-    for e in mine:  # the first expert loads onto the device, the other waits in host memory
-        where[e] = "device" if e == mine[0] or device.type == "cpu" else "host"
-        calib = _calibration_inputs(data, dists[e], workspace, params, expect_encoder, device)
+    for e in mine:
+        calib = _calibration_inputs(data, dists[e], workspace, params, expect_encoder, device, dtype)
+        # The first expert loads onto the device, the other waits in host memory, unless its 4-bit
+        # recovery is fitted: calibration runs the expert's forward on inputs on the device (an
+        # A14B forward on the CPU is far too slow), so it loads there and the placer parks it after.
+        where[e] = "device" if e == mine[0] or device.type == "cpu" or calib is not None else "host"
         experts[e], off = _load_expert(root, e, params, workspace, device, dtype,
                                        device if where[e] == "device" else torch.device("cpu"), calib)
         if params.train.sharded_base:
