@@ -161,6 +161,20 @@ def test_activation_offloading_leaves_quanto_weights_alone() -> None:
     assert offload.offloaded_bytes > 0 and torch.equal(x.grad, want)
 
 
+def test_parking_a_qfloat8_expert_is_refused_with_the_fix() -> None:
+    """quanto's weights ignore `t.data =`, so a parked qfloat8 expert would silently stay on the GPU
+    (found by review of the GPU path); the mover names the working settings instead."""
+    from wanlora.errors import UserError
+    from wanlora.models.accel import park_frozen
+    from wanlora.models.quant import quantize_transformer
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    quantize_transformer(model, "qfloat8", exclude=(), device="cpu")
+    for where in ("host", "device"):
+        with pytest.raises(UserError, match="qfloat8 experts cannot move.*use float8"):
+            park_frozen(model, where, torch.device("cpu"), False)
+
+
 def test_fetching_an_nf4_weight_brings_its_quantization_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """bitsandbytes keeps an nf4 weight's absmax and code beside the tensor, not in it: a fetch
     that moved only the codes left them in host memory for the GPU kernel (the expert that waits

@@ -13,6 +13,9 @@ from wanlora.config import ParamsError, dump_params, parse_params
 
 NETWORK_NOTE = ("network (AI Toolkit also adapts the time/text embedders and proj_out; wanlora adapts "
                 "network.target_modules: attention and FFN of every block)")
+QFLOAT8_NOTE = ("model.qtype='qfloat8' (imported as float8: the same e4m3 rounding in plain tensors, which can "
+                "move between GPU and host memory and run faster (quantization.transformer: qfloat8 keeps "
+                "optimum-quanto))")
 
 # Written for this test in the shape of AI Toolkit's 24 GB Wan 2.2 example (values our own).
 CONFIG_24GB = """\
@@ -185,13 +188,14 @@ def test_two_datasets_and_dop(tmp_path):
     assert (t.optimizer, t.lr, t.lr_scheduler) == ("adamw8bit", 1e-4, "constant")  # prodigy's lr not carried over
     assert params.multistage.switch_every == 1  # AI Toolkit's default when absent
     assert (params.network.rank, params.network.alpha) == (16, 16.0)
-    assert (params.quantization.transformer, params.quantization.text_encoder) == ("qfloat8", "none")
+    assert (params.quantization.transformer, params.quantization.text_encoder) == ("float8", "none")  # see QFLOAT8_NOTE
     assert (params.model.layer_offloading, params.model.layer_offloading_fraction) == (True, 0.5)
     assert params.sample.prompts == ["[trigger] at a desk", "[trigger] on a bike"]
     assert (params.sample.baseline, params.sample.every_checkpoint, params.sample.num_frames) == (False, 1, 41)
     assert (params.sample.guidance_scale, params.sample.steps, params.sample.seed) == (7.0, 20, 0)  # AI Toolkit defaults
     assert unmapped == [
         NETWORK_NOTE,
+        QFLOAT8_NOTE,
         "train.optimizer='prodigy' (not supported: use adamw8bit, adamw, adafactor; kept adamw8bit)",
         "train.lr=1.0 (belongs to prodigy; kept wanlora's default)",
         "train.lr_scheduler='cosine_with_restarts' (not supported: use constant, cosine, linear; kept constant)",

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from _train_helpers import BUCKET, copy_workspace, make_workspace, tiny_params, write_latents
 from wanlora.config import DEFAULT_TARGETS, ParamsError, parse_params
+from wanlora.errors import UserError
 from wanlora.models.loading import model_identity
 from wanlora.report import InputError
 from wanlora.train import dist_parallel, loop
@@ -316,6 +317,15 @@ def test_a_quantized_cache_hit_reads_only_the_unquantized_tensors(ws, template, 
     assert len(layers) == 40 and all(m.fp8_matmul for m in layers)
     assert [r.get("loss_high", r.get("loss_low")) for r in second.history] == \
         [r.get("loss_high", r.get("loss_low")) for r in first.history]
+
+
+def test_qfloat8_with_both_experts_on_one_gpu_stops_before_loading(ws, template, monkeypatch):
+    """Its experts could not be placed (see accel.QFLOAT8_MOVES): say so before loading anything.
+    The meta device stands in for the GPU."""
+    monkeypatch.setattr(loop, "_load_expert", lambda *a: pytest.fail("must stop before loading"))
+    params = tiny_params(template[1], quantization={"transformer": "qfloat8"})
+    with pytest.raises(UserError, match="qfloat8 experts cannot move"):
+        loop.setup(params, ws, DistEnv(device=torch.device("meta")))
 
 
 def test_a_base_to_quantize_is_read_into_host_memory_then_placed(ws, template, monkeypatch):

@@ -72,12 +72,15 @@ _NOOP_DEFAULTS: dict[str, Any] = {
     "sample.sampler": "flowmatch", "sample.sample_start_step": 0, "sample.network_multiplier": 1.0,
     "sample.guidance_rescale": 0.0, "sample.format": "jpg",
 }
-_QTYPES = {"qfloat8": "qfloat8", "float8": "float8", "uint4": "uint4"}
+# AI Toolkit's default, qfloat8 (optimum-quanto), becomes our float8: the same e4m3 codes with a
+# scale per output channel, held in plain tensors that can move between GPU and host (quanto's
+# cannot, see accel.QFLOAT8_MOVES) and closer to bf16 on NVIDIA GPUs (bench/RESULTS.md).
+_QTYPES = {"qfloat8": "float8", "float8": "float8", "uint4": "uint4"}
 # The nearest type we have for AI Toolkit types we lack: never smaller in memory than asked for
 # is impossible for uint2/uint3, so those report the extra memory in the note.
 _QTYPE_NEAREST = {"uint2": "uint4", "uint3": "uint4", "int4": "uint4", "qint4": "uint4",
                   "uint5": "float8", "uint6": "float8", "uint7": "float8", "uint8": "float8",
-                  "int8": "float8", "qint8": "qfloat8"}
+                  "int8": "float8", "qint8": "float8"}
 _DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32", "float32": "fp32"}
 _OPTIMIZERS = {"adamw8bit": "adamw8bit", "adamw": "adamw", "adafactor": "adafactor"}
 _DEFAULT_WEIGHT_DECAY = {"adamw8bit": 0.01, "adamw": 0.01, "adafactor": 0.0}  # the optimizers' own defaults
@@ -228,6 +231,10 @@ def _quantization(imp: _Import) -> None:
             )
         if qtype not in _QTYPES:
             imp.note("model.qtype", qtype, f"not supported: imported as the nearest wanlora type, {ours}")
+        elif qtype == "qfloat8":
+            imp.note("model.qtype", qtype, "imported as float8: the same e4m3 rounding in plain tensors, which "
+                     "can move between GPU and host memory and run faster (quantization.transformer: qfloat8 "
+                     "keeps optimum-quanto)")
         imp.put("quantization.transformer", ours, "model.qtype")
         if ours == "uint4":
             # Without an adapter AI Toolkit trains on the plain 4-bit base; keep that, not our fitted default.

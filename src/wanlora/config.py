@@ -111,7 +111,8 @@ class RecoveryConfig(Section):
 
 class QuantizationConfig(Section):
     transformer: TransformerQType = Field(
-        "none", description="Base weights of both experts: none (bf16), float8, qfloat8, nf4, uint4."
+        "none", description="Base weights of both experts: none (bf16), float8, qfloat8, nf4, uint4. qfloat8 "
+        "(optimum-quanto) cannot move between GPU and host: one expert per process on a GPU; prefer float8."
     )
     group_size: int = Field(64, ge=16, description="Group size for uint4 / nf4 blocks.")
     fp8_matmul: bool = Field(

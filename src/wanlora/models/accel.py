@@ -33,6 +33,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from wanlora.config import Params
+from wanlora.errors import UserError
 from wanlora.models.activation_offload import ActivationOffload, pinned_buffer
 
 Checkpointing = Literal["none", "full", "selective"]
@@ -209,6 +210,24 @@ def _host_mirror(module: torch.nn.Module) -> None:
     module._wanlora_host_flat = flat  # keeps the buffer alive as long as the module
 
 
+QFLOAT8_MOVES = (
+    "quantization.transformer: qfloat8 experts cannot move between the GPU and host memory, which "
+    "training both experts on one GPU, model.low_vram and model.layer_offloading need. Fix: use float8 "
+    "(same size, faster and closer to bf16 on NVIDIA GPUs, bench/RESULTS.md), or train one expert per "
+    "process (multistage.train_high_noise / train_low_noise, or expert-parallel on 2+ GPUs)")
+
+
+def _refuse_wrapped(module: torch.nn.Module) -> None:
+    """Stop before moving an expert whose frozen weights wrap others (optimum-quanto's qfloat8):
+    `t.data = ...` never reaches the wrapped codes, so parking would leave them on the GPU and a
+    fetch would leave a host-quantized expert's codes in host memory. Moving them needs a GPU run
+    to validate; until then the message names the working choices."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if any(is_traceable_wrapper_subclass(t) for t in _frozen_tensors(module)):
+        raise UserError(QFLOAT8_MOVES)
+
+
 def park_frozen(module: torch.nn.Module, where: str, device: torch.device, non_blocking: bool) -> None:
     """Mover for `wanlora.train.experts.ExpertPlacer`: 'host' parks an expert, 'device' fetches it.
 
@@ -220,6 +239,7 @@ def park_frozen(module: torch.nn.Module, where: str, device: torch.device, non_b
     """
     if where not in ("host", "device"):
         raise ValueError(f"where={where!r}: use 'host' or 'device'")
+    _refuse_wrapped(module)
     if where == "host" and getattr(module, "_wanlora_host_flat", None) is None:
         _host_mirror(module)
     for t in _frozen_tensors(module):

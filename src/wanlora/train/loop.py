@@ -228,6 +228,10 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         raise DistributedError("train.sharded_base shards one expert per rank group, but this rank holds both: "
                                "launch an even number of processes with train.parallel: auto or expert")
     device, dtype = env.device, DTYPES[params.model.dtype]
+    if params.quantization.transformer == "qfloat8" and len(mine) > 1 and device.type != "cpu":
+        from wanlora.models.accel import QFLOAT8_MOVES
+
+        raise UserError(QFLOAT8_MOVES)  # before minutes of loading and quantizing: placing them would fail
     vae_config = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
