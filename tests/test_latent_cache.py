@@ -97,13 +97,13 @@ def _stage(root, workspace, samples, mode="distribution", enabled=("main",)):
 @pytest.fixture
 def counted(monkeypatch):
     calls: list[str] = []
-    real = latents._encode_sample
+    real = latents.encode_sample
 
     def spy(vae, sample, workspace, mode):
         calls.append(sample["id"])
         return real(vae, sample, workspace, mode)
 
-    monkeypatch.setattr(latents, "_encode_sample", spy)
+    monkeypatch.setattr(latents, "encode_sample", spy)
     return calls
 
 
@@ -197,14 +197,14 @@ def test_store_survives_dvc_deleting_the_cache_folder(tmp_path):
 
 def test_an_undecodable_sample_is_reported_and_skipped(tmp_path_factory, workspace, monkeypatch):
     """One bad window must not stop the whole cache: it is reported, the rest is encoded."""
-    real = latents._encode_sample
+    real = latents.encode_sample
 
     def flaky(vae, sample, ws, mode):
         if sample["id"] == "main/a.mp4#0":
             raise ValueError("frames [7, 9] cannot be decoded")
         return real(vae, sample, ws, mode)
 
-    monkeypatch.setattr(latents, "_encode_sample", flaky)
+    monkeypatch.setattr(latents, "encode_sample", flaky)
     samples = [
         _sample("main/a.mp4#0", "data/raw/a.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40], size=(32, 32)),
         _sample("main/b.png#0", "data/raw/b.png", [0], [0, 0, 20, 12], size=(16, 16), kind="image"),

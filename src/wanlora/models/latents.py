@@ -147,7 +147,9 @@ def sample_key(sample: Mapping[str, Any], vae: str, mode: str, dtype: str) -> st
     return sha256_json({"sample": {k: sample.get(k) for k in _KEY_FIELDS}, "vae": vae, "mode": mode, "dtype": dtype})
 
 
-def _encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) -> dict[str, torch.Tensor]:
+def encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) -> dict[str, torch.Tensor]:
+    """One sample's latents as the cache stores them (CPU tensors), tiling large frames. The
+    trainer's on-the-fly encoding calls it too, so cached and uncached datasets see the same latents."""
     pixels = load_frames(sample, workspace)
     _, frames, height, width = pixels.shape
     latent_shape(frames, height, width)  # checks the bucket's sides before the VAE sees them
@@ -188,7 +190,7 @@ def run_stage(
         try:
             for s in track(todo, description=f"latent_cache: encoding {len(todo)} sample(s)"):
                 try:
-                    tensors = _encode_sample(vae, s, workspace, mode)
+                    tensors = encode_sample(vae, s, workspace, mode)
                 except (ValueError, OSError) as err:  # one bad window must not stop the dataset
                     problems.append(Problem(s["path"], f"sample {s['id']} cannot be encoded: {err}",
                                             "re-export the clip, or delete it and rerun `dvc repro`", "latent_cache"))

@@ -141,15 +141,14 @@ def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.devi
     """On-the-fly encoding for datasets with cache_latents: false (None when all are cached)."""
     if all(d.cache_latents for d in params.datasets.values()):
         return None
-    from wanlora.models.latents import encode_frames, load_frames
+    from wanlora.models.latents import encode_sample
     from wanlora.models.loading import load_vae
 
     vae = load_vae(root, torch.float32, str(device))
 
     @torch.no_grad()
     def encode(record: dict) -> dict[str, torch.Tensor]:
-        mean, logvar = encode_frames(vae, load_frames(record, workspace))
-        return {"latent": mean} if params.train.latent_mode == "mode" else {"mean": mean, "logvar": logvar}
+        return encode_sample(vae, record, workspace, params.train.latent_mode)
 
     return encode
 
