@@ -29,3 +29,16 @@ save_inductor_cache() {
   tar czf "$OUT/inductor.tgz" -C /tmp inductor 2>/dev/null
   [ "$(stat -c %s "$OUT/inductor.tgz")" -gt 15000000 ] && rm -f "$OUT/inductor.tgz" && echo "inductor cache too big to bring back"
 }
+
+# Runs one bench item: `run_item LIMIT_S LOG CMD...` under a time limit, prints its summary lines
+# (and the log's tail on failure), then appends the log to one archive: the tool brings back at most
+# 8 files, even after a timeout.
+run_item() {
+  local limit=$1 log=$2 rc
+  shift 2
+  timeout "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  grep -E "built in|step [0-9]+:|ROW|Error|error" "$log" | cut -c1-300 | tail -12
+  [ $rc -ne 0 ] && echo "!!! $(basename "$log") exited $rc" && tail -15 "$log"
+  tar rf "$OUT/logs.tar" -C "$OUT" "$(basename "$log")" && rm -f "$log"
+}

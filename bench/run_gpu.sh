@@ -39,12 +39,7 @@ for spec in "${ITEMS[@]}"; do
     cmd=("$PY" -m bench.train_step "$name" --out "$OUT" "${extra[@]}" "${BENCH_ARGS[@]}")
     log="$OUT/log_${name}.txt"
   fi
-  timeout "$limit" "${cmd[@]}" >"$log" 2>&1
-  rc=$?
-  grep -E "built in|step [0-9]+:|ROW|Error" "$log" | cut -c1-300 | tail -12
-  [ $rc -ne 0 ] && echo "!!! $item exited $rc" && tail -5 "$log"
-  # one archive of logs, appended as we go: the tool brings back at most 8 files, even after a timeout
-  tar rf "$OUT/logs.tar" -C "$OUT" "$(basename "$log")" && rm -f "$log"
+  run_item "$limit" "$log" "${cmd[@]}"
 done
 
 save_inductor_cache

@@ -20,12 +20,8 @@ for spec in "${ITEMS[@]}"; do
   [ "${sharded:-}" = sharded ] && extra=(--sharded)
   log="$OUT/log_${mode}_${gpus}${sharded:+_$sharded}.txt"
   echo "=== $item ($(date -u +%H:%M:%S))"
-  timeout "$limit" "$PY" -m torch.distributed.run --standalone --nproc-per-node "$gpus" -m bench.scaling \
-    --mode "$mode" "${extra[@]}" --out "$OUT" "${BENCH_ARGS[@]}" >"$log" 2>&1
-  rc=$?
-  grep -E "built in|ROW|Error|error" "$log" | cut -c1-300 | tail -8
-  [ $rc -ne 0 ] && echo "!!! $item exited $rc" && tail -15 "$log"
-  tar rf "$OUT/logs.tar" -C "$OUT" "$(basename "$log")" && rm -f "$log"
+  run_item "$limit" "$log" "$PY" -m torch.distributed.run --standalone --nproc-per-node "$gpus" -m bench.scaling \
+    --mode "$mode" "${extra[@]}" --out "$OUT" "${BENCH_ARGS[@]}"
 done
 save_inductor_cache
 "$PY" bench/common.py table "$OUT"
