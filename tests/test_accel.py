@@ -141,6 +141,35 @@ def test_parking_keeps_one_host_copy_and_leaves_the_lora_alone() -> None:
         park_frozen(model, "disk", torch.device("cpu"), False)
 
 
+def test_experts_share_one_host_arena_and_keep_their_gradients() -> None:
+    """Two experts that train in turn stage their activations in one host arena: each forward
+    reuses it from the start (two arenas would pin both experts' activations), and the gradients
+    equal those of runs without offloading."""
+    from wanlora.models import activation_offload as ao
+
+    ao._STAGING.clear()
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)))
+    x = torch.randn(32, 64)
+    plain = []
+    for m in models:
+        m(x).square().sum().backward()
+        plain.append([p.grad.clone() for p in m.parameters()])
+        m.zero_grad()
+    offloads = [ao.ActivationOffload(m, min_bytes=1) for m in models]
+    for i in (0, 1, 0, 1):
+        with offloads[i]:
+            y = models[i](x)
+        y.square().sum().backward()
+    arena = ao._STAGING[torch.device("cpu")].arena
+    assert offloads[1].offloaded_bytes > 0 and len(arena.chunks) == 1 and arena.index == 0
+    assert arena.offset < offloads[0].offloaded_bytes + offloads[1].offloaded_bytes  # the last forward's alone
+    for m, want in zip(models, plain):
+        assert all(torch.allclose(p.grad, 2 * g) for p, g in zip(m.parameters(), want))  # two steps each
+
+
 def test_activation_offloading_leaves_quanto_weights_alone() -> None:
     """optimum-quanto's qfloat8 weights are tensor subclasses that wrap their codes and have no
     storage of their own: reading one's storage stopped the first forward of a qfloat8 expert

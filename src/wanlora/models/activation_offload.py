@@ -25,8 +25,9 @@ several blocks save (the rotary tables, the text states) crosses once per forwar
 Host memory: exact-size page-locked chunks (`pinned_buffer`), bump-allocated and reused by every
 forward, because PyTorch's pinned allocator rounds each 0.84 GiB activation up to 1 GiB and keeps
 a step's worth of such blocks cached: a first try at 81f@1024x1024 pinned ~85 GiB and the host
-killed the process. At most `max_host_bytes` are pinned (default: half the memory the host has
-available when the expert is set up); activations beyond that stay on the GPU.
+killed the process. One arena and one side stream per device serve every expert (`_Staging`):
+they train one at a time. At most `max_host_bytes` are pinned for one forward (default: half the
+memory the host has available when the expert is set up); activations beyond that stay on the GPU.
 """
 
 from __future__ import annotations
@@ -123,6 +124,30 @@ class _Arena:
         return self.chunks[-1][:nbytes]
 
 
+@dataclass(eq=False)
+class _Staging:
+    """A device's side stream and host arena, shared by every `ActivationOffload` of the process.
+
+    Experts train one at a time, so one arena sized for the largest forward serves them all (an
+    arena each would pin both experts' activations, ~2x 60 GiB at 81f@1024², more than a 128 GB host
+    has), and one stream keeps every copy into and out of it in order, which is what lets a forward
+    reuse the arena without events."""
+
+    stream: Any
+    arena: _Arena
+
+
+_STAGING: dict[torch.device, _Staging] = {}
+
+
+def _staging(device: torch.device) -> _Staging:
+    staged = _STAGING.get(device)
+    if staged is None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        staged = _STAGING[device] = _Staging(stream, _Arena(pinned=stream is not None))
+    return staged
+
+
 def _storages(module: torch.nn.Module) -> set[int]:
     """Storages of the model's own tensors. A tensor subclass that wraps others (optimum-quanto's
     qfloat8 weights) has no storage of its own: its inner tensors count instead."""
@@ -156,16 +181,13 @@ class ActivationOffload:
         self.records: list[_Held] = []
         self._seen: dict[int, tuple[Any, _Held]] = {}
         self._skip: set[int] = set()
-        self._stream: Any = None
-        self._arena: _Arena | None = None
+        self._fresh = False  # a forward has begun and has not packed yet: its first pack resets the arena
         self._hooks: Any = None
         self.offloaded_bytes = 0  # of the last forward, for logs and the benchmark
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> ActivationOffload:
-        self.records, self._seen, self.offloaded_bytes = [], {}, 0
-        if self._arena is not None:
-            self._arena.reset()
+        self.records, self._seen, self.offloaded_bytes, self._fresh = [], {}, 0, True
         self._skip = _storages(self.model)  # parameters can move between forwards (expert parking)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
@@ -176,13 +198,6 @@ class ActivationOffload:
         self._hooks = None
 
     # ------------------------------------------------------------------ hooks
-    def _side_stream(self, device: torch.device) -> Any:
-        if device.type != "cuda":
-            return None
-        if self._stream is None or self._stream.device != device:
-            self._stream = torch.cuda.Stream(device)
-        return self._stream
-
     def _pack(self, t: torch.Tensor) -> Any:
         nbytes = t.numel() * t.element_size()
         if (is_traceable_wrapper_subclass(t)  # a quantized weight (quanto): no storage of its own to copy
@@ -194,11 +209,13 @@ class ActivationOffload:
             return seen[1]
         if self.offloaded_bytes + nbytes > self.max_host_bytes:
             return t
-        stream = self._side_stream(t.device)
-        if self._arena is None:
-            self._arena = _Arena(pinned=stream is not None)
+        staged = _staging(t.device)
+        if self._fresh:  # the last forward on this device was backpropagated: its host copies are spent
+            staged.arena.reset()
+            self._fresh = False
+        stream = staged.stream
         # same strides as the original: compiled backward graphs assert the layout they saved
-        host = self._arena.take(nbytes).view(t.dtype).as_strided(t.shape, t.stride())
+        host = staged.arena.take(nbytes).view(t.dtype).as_strided(t.shape, t.stride())
         if stream is None:
             host.copy_(t)
         else:
@@ -215,7 +232,7 @@ class ActivationOffload:
     def _fetch(self, held: _Held, needed: bool = False) -> None:
         if held.fetched is not None or (held.used and not needed):
             return
-        stream = self._side_stream(held.device)
+        stream = _staging(held.device).stream
         host = held.host
         if stream is None:
             held.fetched = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=held.device)
