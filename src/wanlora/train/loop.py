@@ -28,7 +28,7 @@ from wanlora.train import checkpoint as ckpt
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
 from wanlora.train.dist_parallel import ParallelPlan, make_groups, optimizer_step, plan_parallel, world_metrics
 from wanlora.train.distributed import (
-    Cursor, DistEnv, DistributedError, derive_seed, distributed, rank_share, take_batches,
+    Cursor, DistEnv, DistributedError, derive_seed, distributed, init_distributed, rank_share, take_batches,
 )
 from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit, make_mover
 from wanlora.train.lora import Ema, add_lora, lora_file_bytes
@@ -76,12 +76,6 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------ helpers
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def run_key(params: Params, workspace: Path) -> str:
     """Folder name of this run's resumable state: a hash of the resolved params this stage reads
     (editing sample prompts does not throw away a half-trained run) and of its input manifests."""
@@ -219,7 +213,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         raise InputError("multistage: train_high_noise and train_low_noise are both false. "
                          "Fix: set at least one of them to true in params.yaml")
     root = resolve_model(params.model.name_or_path, params.model.revision)
-    env = env if env is not None else DistEnv(device=resolve_device(params.job.device))
+    env = env if env is not None else init_distributed(params.job.device)  # cuda:N, never a bare "cuda"
     plan = plan_parallel(env.world, active, params.train.parallel)
     groups = make_groups(plan, env)
     mine = plan.experts_of(env.rank)
