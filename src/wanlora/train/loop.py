@@ -139,12 +139,7 @@ def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.devi
     from wanlora.models.loading import load_vae
 
     vae = load_vae(root, torch.float32, str(device))
-
-    @torch.no_grad()
-    def encode(record: dict) -> dict[str, torch.Tensor]:
-        return encode_sample(vae, record, workspace, params.train.latent_mode)
-
-    return encode
+    return lambda record: encode_sample(vae, record, workspace, params.train.latent_mode)
 
 
 def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
