@@ -78,7 +78,10 @@ def run_train(tag: str, steps: int = 3, **sections) -> loop.Trainer:
 
 
 def losses(tr: loop.Trainer) -> list[float]:
-    return [round(r.get("loss_high", r.get("loss_low")), 4) for r in tr.history]
+    """The run's losses, which must be finite for the check to pass."""
+    out = [round(r.get("loss_high", r.get("loss_low")), 4) for r in tr.history]
+    assert out and all(0 < v < 100 for v in out), f"losses {out}"
+    return out
 
 
 def devices(tr: loop.Trainer) -> dict[str, set[str]]:
@@ -93,7 +96,9 @@ def ema_resume() -> tuple[int, set[str]]:
     again = loop.setup(params, tr.workspace, tr.env)
     loop.load_checkpoint(again)
     loop.train(again)
-    return again.step, {str(v.device) for ema in again.emas.values() for v in ema.shadow.values()}
+    where = {str(v.device) for ema in again.emas.values() for v in ema.shadow.values()}
+    assert again.step == 4 and where == {str(tr.env.device)}, f"step {again.step}, EMA on {where}"
+    return again.step, where
 
 
 def sampling(low_vram: bool) -> tuple[tuple[int, ...], dict]:
@@ -118,6 +123,7 @@ def sampling(low_vram: bool) -> tuple[tuple[int, ...], dict]:
     video = s.generate(pipe, [emb], neg, cfg)[0]
     val = validation_loss({"high": pipe.transformer, "low": pipe.transformer_2},
                           [ValItem("x", torch.randn(16, 2, 4, 4), emb[0])], [100, 900], 0.875, 1)
+    assert video.shape == (5, 32, 32, 3) and all(0 < v < 100 for v in val.values()), (video.shape, val)
     return video.shape, val
 
 
