@@ -15,7 +15,8 @@ from PIL import Image
 
 from tests._eval_helpers import add_checkpoint, make_eval_workspace
 from wanlora.config import load_params
-from wanlora.evaluate import run_stage, sampling, stage
+from wanlora.evaluate import sampling, stage
+from wanlora.evaluate.stage import run_stage
 
 
 @pytest.fixture(scope="module")

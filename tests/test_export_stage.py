@@ -11,7 +11,8 @@ from peft import LoraConfig, set_peft_model_state_dict
 
 from tests._eval_helpers import forward, make_lineage_workspace, random_lora, tiny_pipeline
 from wanlora.config import DEFAULT_TARGETS, load_params, parse_params
-from wanlora.export import lineage, run_stage
+from wanlora.export import lineage
+from wanlora.export.stage import run_stage
 from wanlora.export.audit import verify
 from wanlora.export.formats import load_safetensors, read_header, read_native, save_safetensors
 from wanlora.io import atomic_write_json

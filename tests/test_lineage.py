@@ -11,6 +11,7 @@ from wanlora import __version__
 from wanlora.config import load_params, parse_params
 from wanlora.export import lineage
 from wanlora.io import sha256_file, sha256_text
+from wanlora.pipeline import stage_values
 
 
 def _git(ws: Path, *args: str) -> str:
@@ -28,7 +29,9 @@ def test_lineage_records_code_params_manifests_and_samples(tmp_path: Path):
     assert all(isinstance(v, str) for v in meta.values())
     assert meta["wanlora.version"] == __version__
     assert meta["wanlora.git_commit"] == _git(ws, "rev-parse", "HEAD") and meta["wanlora.git_dirty"] == "false"
-    assert parse_params(json.loads(meta["wanlora.params"])) == params
+    assert json.loads(meta["wanlora.params"]) == stage_values("train", params)
+    assert json.loads(meta["wanlora.params"])["train.lr"] == params.train.lr
+    assert not any(key.startswith("sample.") for key in json.loads(meta["wanlora.params"]))
     assert meta["wanlora.dvc_lock_sha256"] == sha256_file(ws / "dvc.lock")
     manifests = json.loads(meta["wanlora.manifests"])
     assert manifests["captions"] == {"path": "data/captions/captions.jsonl",

@@ -147,7 +147,7 @@ def export(
     workspace: WorkspaceOpt = Path("."),
 ) -> None:
     """Write a checkpoint pair as ComfyUI and diffusers files."""
-    from wanlora.export import run_stage
+    from wanlora.export.stage import run_stage
 
     params = load_params(workspace / "params.yaml")
     params.export.step = step

@@ -24,7 +24,9 @@ from wanlora import __version__
 from wanlora.config import Params
 from wanlora.io import atomic_write_text
 
-BASE_CODE = ("src/wanlora/config.py", "src/wanlora/io.py", "src/wanlora/report.py")
+# Imported by every stage through its entry (`wanlora.stages.<name>` and `stages/_common.py`).
+BASE_CODE = ("src/wanlora/__init__.py", "src/wanlora/config.py", "src/wanlora/errors.py", "src/wanlora/io.py",
+             "src/wanlora/report.py", "src/wanlora/stages/_common.py")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ STAGES: tuple[Stage, ...] = (
         "captions", "validate captions, inject the trigger, write DOP variants",
         deps=("data/index/captions.jsonl", "data/trimmed/clips.jsonl", "data/buckets/samples.jsonl"),
         code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py"),
-        params=("job.trigger_word", "datasets.{ds}.captions", "datasets.{ds}.on_error",
+        params=("job.trigger_word", "datasets.{ds}.folder", "datasets.{ds}.captions", "datasets.{ds}.on_error",
                 "train.dop.preservation_class", "train.unload_text_encoder", *MODEL_KEYS),
         outs=("data/captions",),
     ),
@@ -74,7 +76,7 @@ STAGES: tuple[Stage, ...] = (
         "text_cache", "encode captions, DOP variants and prompts with UMT5 once",
         deps=("data/captions/captions.jsonl",),
         code=("src/wanlora/models",),
-        params=(*MODEL_KEYS, "quantization.text_encoder", "sample.prompts", "sample.negative_prompt",
+        params=(*MODEL_KEYS, "model.dtype", "quantization.text_encoder", "sample.prompts", "sample.negative_prompt",
                 "job.trigger_word", "job.device"),
         outs=("data/cache/text",),
     ),
@@ -89,7 +91,7 @@ STAGES: tuple[Stage, ...] = (
         "train", "train the high-noise and low-noise LoRAs",
         deps=("data/captions/captions.jsonl", "data/buckets/samples.jsonl", "data/cache/text", "data/cache/latents"),
         code=("src/wanlora/train", "src/wanlora/models", "src/wanlora/media", "src/wanlora/data/dataset.py",
-              "src/wanlora/export/lineage.py"),
+              "src/wanlora/export/lineage.py", "src/wanlora/lock.py", "src/wanlora/pipeline.py"),
         params=("job.seed", "job.device", "model", "quantization", "multistage", "network",
                 "save", "train", "datasets.{ds}.cache_latents"),
         outs=("data/lora", "data/train_live"),
@@ -100,7 +102,8 @@ STAGES: tuple[Stage, ...] = (
         deps=("data/lora", "data/train_live", "data/cache/text", "data/cache/latents", "data/buckets/samples.jsonl",
               "data/buckets/histogram.json", "data/trimmed/clips.jsonl", "data/captions/captions.jsonl",
               "data/captions/problems.json"),
-        code=("src/wanlora/evaluate", "src/wanlora/models", "src/wanlora/train", "src/wanlora/export"),
+        code=("src/wanlora/evaluate", "src/wanlora/models", "src/wanlora/train", "src/wanlora/export",
+              "src/wanlora/pipeline.py"),
         params=("job.name", "job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.dtype",
                 "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "sample"),
         outs=("data/eval",), metrics=("data/eval/metrics.json",),
@@ -110,18 +113,24 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "export", "write the chosen checkpoint for ComfyUI and diffusers",
         deps=("data/lora", "data/eval/metrics.json"),
-        code=("src/wanlora/export",),
+        code=("src/wanlora/export", "src/wanlora/pipeline.py"),
         params=("export", "job.name"),
         outs=("data/exports",),
     ),
 )
 
 
-def leaf_keys(key: str, params: Params) -> list[str]:
-    """Expand a section key into its leaf keys (a list or mapping of scalars counts as a leaf)."""
+def param_value(key: str, params: Params) -> Any:
+    """The value at a dotted params key (`datasets.main.trim`, `train.lr`)."""
     node: Any = params
     for part in key.split("."):
         node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def leaf_keys(key: str, params: Params) -> list[str]:
+    """Expand a section key into its leaf keys (a list or mapping of scalars counts as a leaf)."""
+    node = param_value(key, params)
     if isinstance(node, BaseModel):
         return [k for name in type(node).model_fields for k in leaf_keys(f"{key}.{name}", params)]
     return [key]
@@ -133,6 +142,15 @@ def stage_params(stage: Stage, params: Params) -> list[str]:
         for ds in params.datasets if "{ds}" in key else [None]:
             keys += leaf_keys(key.format(ds=ds) if ds else key, params)
     return keys
+
+
+def stage_values(name: str, params: Params) -> dict[str, Any]:
+    """Every params leaf the named stage declares, with its value: what its outputs may depend on.
+
+    Code that keys a stage's own caches on params (the train run key) takes them from here, so the
+    key and DVC's rerun decision follow one declaration."""
+    stage = next(s for s in STAGES if s.name == name)
+    return {key: param_value(key, params) for key in stage_params(stage, params)}
 
 
 def stage_script(stage: Stage) -> str:

@@ -1,5 +1,3 @@
-"""Evaluation of trained checkpoints: samples through both experts, validation loss, report page."""
+"""Evaluation of trained checkpoints: samples through both experts, validation loss, report page.
 
-from wanlora.evaluate.stage import run_stage
-
-__all__ = ["run_stage"]
+Import from the submodules (`wanlora.evaluate.stage` for the stage): this package imports nothing."""

@@ -1,5 +1,5 @@
-"""LoRA formats (ComfyUI, diffusers, peers' imports), lineage metadata, audit, and the export stage."""
+"""LoRA formats (ComfyUI, diffusers, peers' imports), lineage metadata, audit, and the export stage.
 
-from wanlora.export.stage import run_stage
-
-__all__ = ["run_stage"]
+Import from the submodules: this package imports nothing, so the train stage, which writes lineage
+with `wanlora.export.lineage`, does not load the export stage and its converters as code it never
+declared (tests/test_stage_contract.py)."""

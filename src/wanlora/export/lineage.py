@@ -19,6 +19,7 @@ from typing import Any
 from wanlora import __version__
 from wanlora.config import Params
 from wanlora.io import atomic_write_text, read_jsonl, sha256_file, sha256_text
+from wanlora.pipeline import stage_values
 
 PREFIX = "wanlora."
 LINEAGE_VERSION = "1"
@@ -103,7 +104,9 @@ def lineage_metadata(
         "version": __version__,
         "git_commit": commit,
         "git_dirty": dirty,
-        "params": json.dumps(params.model_dump(mode="json"), sort_keys=True),
+        # The params the train stage declares (leaf key -> value), not the whole file: a LoRA is a
+        # function of those alone, and an edit to sample prompts must not change its bytes.
+        "params": json.dumps(stage_values("train", params), sort_keys=True),
         "dvc_lock_sha256": _file_hash(workspace / "dvc.lock"),
         "manifests": json.dumps(
             {name: {"path": rel, "sha256": _file_hash(workspace / rel)} for name, rel in MANIFESTS.items()},

@@ -1,4 +1,4 @@
-from wanlora.evaluate import run_stage
+from wanlora.evaluate.stage import run_stage
 from wanlora.stages._common import WORKSPACE, load
 
 

@@ -1,4 +1,4 @@
-from wanlora.export import run_stage
+from wanlora.export.stage import run_stage
 from wanlora.stages._common import WORKSPACE, load
 
 

@@ -23,6 +23,7 @@ from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches
 from wanlora.errors import UserError
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
+from wanlora.pipeline import stage_values
 from wanlora.report import InputError, console, write_problems
 from wanlora.train import checkpoint as ckpt
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
@@ -41,6 +42,8 @@ from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEXT_DIR = "data/cache/text"
+# Where the run trains, not what it computes: a run resumes on another GPU count or device.
+PLACEMENT_KEYS = ("train.gpus", "job.device")
 
 
 class BadLossError(UserError, RuntimeError):
@@ -77,13 +80,10 @@ class Trainer:
 
 # ------------------------------------------------------------------------------ helpers
 def run_key(params: Params, workspace: Path) -> str:
-    """Folder name of this run's resumable state: a hash of the resolved params this stage reads
-    (editing sample prompts does not throw away a half-trained run) and of its input manifests."""
-    p = params.model_dump(mode="json")
-    read = {k: p[k] for k in ("model", "quantization", "multistage", "network", "save", "train")}
-    read["train"] = {k: v for k, v in read["train"].items() if k != "gpus"}  # resumes on any GPU count
-    read["seed"] = p["job"]["seed"]
-    read["cache_latents"] = {n: d["cache_latents"] for n, d in p["datasets"].items()}
+    """Folder name of this run's resumable state: a hash of the params the train stage declares
+    (so editing sample prompts does not throw away a half-trained run, and the key cannot drift from
+    what DVC reruns the stage for) and of its input manifests."""
+    read = {k: v for k, v in stage_values("train", params).items() if k not in PLACEMENT_KEYS}
     inputs = {f: sha256_file(workspace / f) for f in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl")}
     return sha256_json({"params": read, "inputs": inputs})[:16]
 
