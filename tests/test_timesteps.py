@@ -1,4 +1,5 @@
-"""Timestep distributions: goodness of fit per type x bias x expert band, against closed forms."""
+"""Timestep distributions: goodness of fit per type x bias x expert band, against closed forms,
+and the in-band law against AI Toolkit's index arithmetic."""
 
 from __future__ import annotations
 
@@ -28,17 +29,24 @@ def _u_of_t(kind: str, x: float) -> float:
     return 1 - s
 
 
-def _bias_cdf(bias: str, u: float) -> float:
-    if bias == "high_noise":  # u = r^3
-        return u ** (1 / 3)
-    if bias == "low_noise":  # u = 1 - r^3
-        return 1 - (1 - u) ** (1 / 3)
-    return u
+def _bias_cdf(bias: str, v: float) -> float:
+    """CDF of the index fraction v in [0, 1] (over the whole grid v = u)."""
+    if bias == "high_noise":  # v = r^3
+        return v ** (1 / 3)
+    if bias == "low_noise":  # v = 1 - r^3
+        return 1 - (1 - v) ** (1 / 3)
+    return v
 
 
 def _full_cdf(kind: str, bias: str, x: float) -> float:
-    """P(T <= x): T <= x  <=>  u >= u(x) because the grid decreases."""
+    """P(T <= x) of the unrestricted draw: T <= x  <=>  u >= u(x) because the grid decreases."""
     return 1 - _bias_cdf(bias, _u_of_t(kind, x))
+
+
+def _in_band_cdf(kind: str, bias: str, lo: float, hi: float, x: float) -> float:
+    """P(T <= x) inside [lo, hi]: u = u0 + v (u1 - u0) with u0 = u(hi), u1 = u(lo)."""
+    u0, u1 = _u_of_t(kind, hi), _u_of_t(kind, lo)
+    return 1 - _bias_cdf(bias, (_u_of_t(kind, x) - u0) / (u1 - u0))
 
 
 def _ks(samples: torch.Tensor, cdf) -> float:
@@ -50,16 +58,83 @@ def _ks(samples: torch.Tensor, cdf) -> float:
 @pytest.mark.parametrize("expert", ["high", "low"])
 @pytest.mark.parametrize("bias", BIASES)
 @pytest.mark.parametrize("kind", TYPES)
-def test_samples_follow_sliced_distribution(kind, bias, expert):
+def test_samples_follow_the_in_band_law(kind, bias, expert):
     lo, hi = expert_band(expert, 0.875)
     dist = TimestepDistribution(kind, bias, (lo, hi), SHIFT)
     t = dist.sample(N, torch.Generator().manual_seed(1))
     assert t.dtype == torch.float32 and t.shape == (N,)
     assert float(t.min()) >= lo and float(t.max()) <= hi
-    f_lo, f_hi = _full_cdf(kind, bias, lo), _full_cdf(kind, bias, hi)
-    d = _ks(t, lambda x: (_full_cdf(kind, bias, x) - f_lo) / (f_hi - f_lo))
+    d = _ks(t, lambda x: _in_band_cdf(kind, bias, lo, hi, x))
     assert d < KS_CRIT, f"KS distance {d:.4f} >= {KS_CRIT:.4f}"
-    assert dist.band_mass() == pytest.approx(f_hi - f_lo, abs=1e-9)
+    # band_mass stays the unrestricted draw's share of the band (proportional expert choice)
+    assert dist.band_mass() == pytest.approx(_full_cdf(kind, bias, hi) - _full_cdf(kind, bias, lo), abs=1e-9)
+
+
+def _aitk_draw(bias: str, expert: str, r: torch.Tensor) -> torch.Tensor:
+    """AI Toolkit's training timesteps for Wan 2.2 with `timestep_type: linear`, re-implemented
+    from its code: the grid is `torch.linspace(1000, 1, 1000)` (toolkit/samplers/
+    custom_flowmatch_sampler.py, `set_train_timesteps`); the expert's index range comes from
+    `searchsorted` on that grid and `content`/`style` draw `r^3 * 1000` / `(1 - r^3) * 1000`, then
+    `value_map(x, 0, 999, min_noise_steps, max_noise_steps)`, `.long()` and clamp
+    (jobs/process/BaseSDTrainProcess.py, `process_general_training_batch`, 'adjust_multistage_timesteps'
+    and 'prepare_timesteps_indices')."""
+    grid = torch.linspace(1000, 1, 1000)
+    asc = torch.flip(grid, dims=[0])
+    top, bottom = (1.0, 0.875) if expert == "high" else (0.875, 0.0)
+    first = int(len(asc) - torch.searchsorted(asc, torch.tensor(top * 1000), right=False)) - 1
+    last = int(len(asc) - torch.searchsorted(asc, torch.tensor(bottom * 1000), right=True)) - 1
+    x = r**3 * 1000 if bias == "high_noise" else (1 - r**3) * 1000
+    idx = (first + x * (last - first) / 999).long().clamp(first, last)
+    return grid[idx]
+
+
+def _median_closed_form(kind: str, bias: str, expert: str) -> float:
+    """t at r = 1/2: u = u0 + v(1/2) (u1 - u0), v(1/2) = 1/8 (content) or 7/8 (style)."""
+    lo, hi = expert_band(expert, 0.875)
+    u0, u1 = _u_of_t(kind, hi), _u_of_t(kind, lo)
+    u = u0 + (0.125 if bias == "high_noise" else 0.875) * (u1 - u0)
+    s = 1 - u
+    return 1000 * (SHIFT * s / (1 + (SHIFT - 1) * s) if kind == "shift" else s)
+
+
+# (type, bias, expert): AI Toolkit's median t, from issue 14; our earlier sliced law gave
+# 577, 936, 715 and 945 for these four
+AITK_MEDIANS = {("linear", "high_noise", "low"): 766.0, ("linear", "low_noise", "high"): 892.0,
+                ("shift", "high_noise", "low"): 840.0, ("shift", "low_noise", "high"): 897.0}
+
+
+@pytest.mark.parametrize("case", sorted(AITK_MEDIANS))
+def test_bias_is_reapplied_inside_each_band_as_ai_toolkit_does(case):
+    """For `content`/`style` AI Toolkit maps the cubic draw onto the expert's index range
+    (jobs/process/BaseSDTrainProcess.py, `process_general_training_batch`: `value_map` onto
+    [min_noise_steps, max_noise_steps]), so high bias on the low expert still favours the top of
+    the low band. The median is the closed form of that map, the issue's AI Toolkit number within
+    its grid rounding (AI Toolkit draws whole indices of a 1000-entry grid), the sample median
+    agrees, and the LoRA header's quartiles are the same law."""
+    kind, bias, expert = case
+    dist = TimestepDistribution(kind, bias, expert_band(expert, 0.875), SHIFT)
+    want = _median_closed_form(kind, bias, expert)
+    assert want == pytest.approx(AITK_MEDIANS[case], abs=1.5)
+    t = dist.sample(20000, torch.Generator().manual_seed(4)).double()
+    assert float(t.median()) == pytest.approx(want, abs=3.0)
+    assert float(dist.quantile(torch.tensor([0.5], dtype=torch.float64))) == pytest.approx(want, abs=1e-6)
+    described = dist.describe()
+    assert described["quartiles_t"][1] == pytest.approx(want, abs=0.01)
+    q = [float(x) for x in dist.quantile(torch.tensor([0.25, 0.75], dtype=torch.float64))]
+    assert described["quartiles_t"][0] == pytest.approx(q[0], abs=0.01) and q[0] < want < q[1]
+    assert described["in_band"].startswith("u = index_lo + v * (index_hi - index_lo), v = ")
+
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+@pytest.mark.parametrize("bias", ["high_noise", "low_noise"])
+def test_linear_draws_match_ai_toolkit_index_arithmetic(bias, expert):
+    """Draw for draw (same r), our continuous map lands within AI Toolkit's grid rounding of its
+    whole-index timestep (`_aitk_draw`): at most 2 timesteps apart, for every pair of bias and
+    expert, including the two that a law sliced from the whole schedule got wrong."""
+    r = torch.rand(100000, generator=torch.Generator().manual_seed(0))
+    ours = TimestepDistribution("linear", bias, expert_band(expert, 0.875))._draw(r.double())
+    theirs = _aitk_draw(bias, expert, r).double()
+    assert float((ours - theirs).abs().max()) <= 2.0
 
 
 def test_wrong_distribution_is_rejected_by_the_same_test():
