@@ -47,7 +47,7 @@ def counted(monkeypatch):
 def _run(root, tmp_path, captions=CAPTIONS, prompts=PROMPTS):
     manifest = write_captions(tmp_path / "captions.jsonl", captions)
     out = tmp_path / "cache"
-    run_stage(root, manifest, prompts, "sks", out, dtype="fp32", quant="none", device="cpu")
+    run_stage(root, manifest, prompts, "sks", out, dtype="fp32", quant="none", device="cpu", preservation_class="person")
     return out
 
 
@@ -73,11 +73,12 @@ def test_cache_equals_pipeline_encode_prompt_bitwise(tmp_path_factory, first_run
     expected = sorted({
         "", "sks  walking through a park &amp; smiling", "person walking through a park &amp; smiling",
         "sks dancing on the beach, slowly", "person dancing on the beach, slowly", "sks holding a red cat",
+        "sks", "person",  # what caption dropout trains on: the trigger alone, DOP's class alone
     })
     index = json.loads((out / "index.json").read_text())
     assert sorted(index["texts"]) == expected
     assert sorted(counted) == expected
-    assert len(list(out.glob("*.safetensors"))) == 6
+    assert len(list(out.glob("*.safetensors"))) == 8
 
     pipe = WanPipeline.from_pretrained(root, torch_dtype=torch.float32)
     for t in expected:
@@ -90,6 +91,23 @@ def test_cache_equals_pipeline_encode_prompt_bitwise(tmp_path_factory, first_run
     assert load_text_embeds(out, "").shape == (1, 32)
     n = len(pipe.tokenizer("sks holding a red cat")["input_ids"])
     assert load_text_embeds(out, "sks holding a red cat").shape == (n, 32)
+
+
+def test_dropout_texts_are_the_trigger_and_the_class_alone():
+    """AI Toolkit's dropped caption is `inject_trigger_into_prompt('', trigger)`, the trigger word
+    alone, and its DOP counterpart that text with the trigger replaced by the class, the class
+    alone; with no trigger both are '' (toolkit/dataloader_mixins.py, `get_dropout_caption`,
+    `get_dop_dropout_caption`; the text cache encodes both, `cache_text_embeddings`). AI Toolkit's
+    'sks ' carries a trailing space that Wan's prompt cleaning (diffusers `prompt_clean`) strips
+    before UMT5 sees it."""
+    from wanlora.data.captions import dropout_texts
+
+    assert dropout_texts("sks", "person") == ("sks", "person")
+    assert dropout_texts(" ohwx  man ", "man") == ("ohwx man", "man")
+    assert dropout_texts("", "person") == ("", "")
+    caps = [{"caption": "sks dog", "caption_dop": "cat dog"}]
+    assert text.needed_texts(caps, [], "sks", "cat") == sorted({"", "sks", "cat", "sks dog", "cat dog"})
+    assert text.needed_texts(caps, [], "", "cat") == sorted({"", "sks dog", "cat dog"})
 
 
 def test_rerun_encodes_only_new_texts_and_removes_stale(tmp_path_factory, tmp_path, cached, counted):
@@ -123,9 +141,9 @@ def test_other_encoder_is_detected(tmp_path_factory, tmp_path, cached, counted):
         load_text_embeds(out, "", expect_encoder=encoder_identity(other))
     old_files = {p.name for p in out.glob("*.safetensors")}
     _run(other, tmp_path)  # a new encoder re-encodes everything and replaces every file
-    assert len(counted) == 6
+    assert len(counted) == 8
     assert old_files.isdisjoint(p.name for p in out.glob("*.safetensors"))
-    assert len(list(out.glob("*.safetensors"))) == 6
+    assert len(list(out.glob("*.safetensors"))) == 8
     assert load_text_embeds(out, "", expect_encoder=encoder_identity(other)).shape == (1, 32)
 
 
@@ -159,10 +177,11 @@ def test_quantized_encoder_gets_its_own_files(tmp_path_factory, tmp_path, cached
     the full-precision ones but never mixed with them."""
     root = tiny_model(tmp_path_factory)
     manifest = write_captions(tmp_path / "captions.jsonl", CAPTIONS)
-    run_stage(root, manifest, PROMPTS, "sks", cached, dtype="fp32", quant="float8", device="cpu")
-    assert len(counted) == 6  # every text again: the key covers the quantization
+    run_stage(root, manifest, PROMPTS, "sks", cached, dtype="fp32", quant="float8", device="cpu",
+              preservation_class="person")
+    assert len(counted) == 8  # every text again: the key covers the quantization
     index = json.loads((cached / "index.json").read_text())
-    assert index["quant"] == "float8" and len(list(cached.glob("*.safetensors"))) == 6
+    assert index["quant"] == "float8" and len(list(cached.glob("*.safetensors"))) == 8
     exact = WanPipeline.from_pretrained(root, torch_dtype=torch.float32)
     with torch.no_grad():
         ref, _ = exact.encode_prompt(

@@ -217,6 +217,30 @@ def test_uncached_dataset_encodes_on_the_fly_like_the_cache(ws, template):
     assert len(losses) == 2 and all(0 < v < 100 for v in losses)
 
 
+def test_dropped_caption_is_the_trigger_alone_and_dop_the_class_alone(ws, template):
+    """On a dropped sample AI Toolkit trains on the trigger word alone and DOP's class prompt is
+    the class word alone (toolkit/dataloader_mixins.py, `get_dropout_caption` and
+    `get_dop_dropout_caption`, read by `load_prompt_embedding` on the cached path; the live path
+    injects the trigger into the dropped '' and replaces it by the class in SDTrainer's
+    `replace_trigger_with_class`); with no trigger word both are the empty caption."""
+    from wanlora.models.text import load_text_embeds, pad_embeds
+
+    def embeds(text: str) -> torch.Tensor:
+        return pad_embeds([load_text_embeds(ws / loop.TEXT_DIR, text)] * 2)
+
+    def batch(**job):
+        params = tiny_params(template[1], job={"device": "cpu", "seed": 3, **job},
+                             train={"caption_dropout": 1.0, "dop": {"enabled": True, "preservation_class": "person"}})
+        tr = loop.setup(params, ws)
+        return loop.make_batch(tr, [0, 1], "high", torch.Generator().manual_seed(0))
+
+    dropped = batch()
+    assert torch.equal(dropped.embeds, embeds("sks")) and torch.equal(dropped.class_embeds, embeds("person"))
+    assert not torch.equal(embeds("sks"), embeds(""))
+    blank = batch(trigger_word="")
+    assert torch.equal(blank.embeds, embeds("")) and torch.equal(blank.class_embeds, embeds(""))
+
+
 def test_each_expert_sees_only_its_band_in_the_loop(ws, template, monkeypatch):
     """Proportional choice, high-noise-biased shift schedule: every timestep the high expert
     trains on is >= 875, every one of the low expert's is below; DOP is logged beside the loss."""

@@ -242,7 +242,11 @@ class TrainConfig(Section):
     latent_mode: Literal["distribution", "mode"] = Field(
         "distribution", description="Cache VAE mean+logvar and sample each step, or cache the deterministic mode."
     )
-    caption_dropout: float = Field(0.05, ge=0, le=1, description="Probability of the empty caption.")
+    caption_dropout: float = Field(
+        0.05, ge=0, le=1,
+        description="Probability that a sample's caption is replaced by the trigger word alone (DOP's class prompt "
+        "by the class word alone), or by the empty caption when job.trigger_word is empty, as AI Toolkit does.",
+    )
     gradient_checkpointing: Literal["selective", "full", "none"] = Field(
         "selective",
         description="Per-block recompute in backward: selective keeps self-attention outputs (fastest that fits), "

@@ -75,9 +75,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "text_cache", "encode captions, DOP variants and prompts with UMT5 once",
         deps=("data/captions/captions.jsonl",),
-        code=("src/wanlora/models",),
+        code=("src/wanlora/models", "src/wanlora/data/captions.py"),
         params=(*MODEL_KEYS, "model.dtype", "quantization.text_encoder", "sample.prompts", "sample.negative_prompt",
-                "job.trigger_word", "job.device"),
+                "job.trigger_word", "train.dop.preservation_class", "job.device"),
         outs=("data/cache/text",),
     ),
     Stage(
@@ -91,8 +91,9 @@ STAGES: tuple[Stage, ...] = (
         "train", "train the high-noise and low-noise LoRAs",
         deps=("data/captions/captions.jsonl", "data/buckets/samples.jsonl", "data/cache/text", "data/cache/latents"),
         code=("src/wanlora/train", "src/wanlora/models", "src/wanlora/media", "src/wanlora/data/dataset.py",
-              "src/wanlora/export/lineage.py", "src/wanlora/lock.py", "src/wanlora/pipeline.py"),
-        params=("job.seed", "job.device", "model", "quantization", "multistage", "network",
+              "src/wanlora/data/captions.py", "src/wanlora/export/lineage.py", "src/wanlora/lock.py",
+              "src/wanlora/pipeline.py"),
+        params=("job.seed", "job.trigger_word", "job.device", "model", "quantization", "multistage", "network",
                 "save", "train", "datasets.{ds}.cache_latents"),
         outs=("data/lora", "data/train_live"),
         plots=({"data/train_live/plots/metrics": {"x": "step"}},),

@@ -135,6 +135,16 @@ def dop_variant(caption: str, trigger: str, preservation_class: str) -> str:
     return normalize_whitespace(word_pattern(trigger).sub(lambda _: preservation_class, caption))
 
 
+def dropout_texts(trigger: str, preservation_class: str) -> tuple[str, str]:
+    """What a dropped caption becomes, and the DOP class prompt of that step: the trigger word
+    alone and the class word alone, or "" and "" without a trigger. AI Toolkit does the same on
+    its live and cached paths (toolkit/dataloader_mixins.py, `get_dropout_caption` and
+    `get_dop_dropout_caption`), so a dropped step still ties the trigger to the footage and
+    DOP compares it against the class on its own."""
+    trigger = normalize_whitespace(trigger)
+    return trigger, dop_variant(trigger, trigger, preservation_class)
+
+
 def build_caption(
     raw: str, trigger: str, cfg: CaptionConfig, preservation_class: str, count_tokens: Callable[[str], int]
 ) -> Caption:

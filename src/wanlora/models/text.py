@@ -1,4 +1,4 @@
-"""Stage text_cache: every caption, DOP variant, sample prompt and "" encoded by UMT5 once.
+"""Stage text_cache: every caption, DOP variant, dropout text, sample prompt and "" encoded by UMT5 once.
 
 The embeddings are bit-for-bit what `WanPipeline.encode_prompt` computes (same cleaning, same
 tokenizer call padded to 512, same attention mask, trimmed to the real length), so training on
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from rich.progress import track
 
+from wanlora.data.captions import dropout_texts
 from wanlora.io import atomic_write_json, read_jsonl, sha256_json
 from wanlora.models.cachefiles import (
     INDEX,
@@ -62,11 +63,13 @@ def cache_key(text: str, encoder: str, dtype: str, quant: str, max_length: int =
     )
 
 
-def needed_texts(captions: list[dict], prompts: list[str], trigger: str) -> list[str]:
+def needed_texts(captions: list[dict], prompts: list[str], trigger: str, preservation_class: str) -> list[str]:
     """Every distinct text the trainer and sampler will ask for, sorted: captions, their DOP
-    variants, the empty caption (caption dropout, unconditional branch) and the sample prompts
-    with [trigger] filled in."""
-    texts = {""}
+    variants, what caption dropout puts in their place (the trigger alone and the class alone,
+    `wanlora.data.captions.dropout_texts`), the empty caption (unconditional branch) and the
+    sample prompts with [trigger] filled in. The dropout pair is cached whatever
+    `train.caption_dropout` says: two texts, and changing the rate reruns no encoder."""
+    texts = {"", *dropout_texts(trigger, preservation_class)}
     for rec in captions:
         texts.add(rec["caption"])
         if rec.get("caption_dop") is not None:
@@ -106,10 +109,12 @@ def run_stage(
     quant: str,
     device: str,
     store: Path | None = None,
+    *,
+    preservation_class: str,
 ) -> None:
     """Encode the texts that have no valid cache file, remove files no longer needed, write index.json."""
     out_dir = Path(out_dir)
-    texts = needed_texts(read_jsonl(captions_manifest), prompts, trigger)
+    texts = needed_texts(read_jsonl(captions_manifest), prompts, trigger, preservation_class)
     encoder = encoder_identity(root)
     keys = {t: cache_key(t, encoder, dtype, quant) for t in texts}
     todo = [t for t in texts if not restore(out_dir, store, keys[t], encoder=encoder)]

@@ -11,6 +11,7 @@ def main() -> None:
         captions_manifest=WORKSPACE / "data/captions/captions.jsonl",
         prompts=[*params.sample.prompts, params.sample.negative_prompt],
         trigger=params.job.trigger_word,
+        preservation_class=params.train.dop.preservation_class,
         out_dir=WORKSPACE / "data/cache/text",
         dtype=params.model.dtype,
         quant=params.quantization.text_encoder,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from wanlora.config import Params
+from wanlora.data.captions import dropout_texts
 from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches, small_buckets
 from wanlora.errors import UserError
 from wanlora.io import sha256_file, sha256_json
@@ -186,10 +187,12 @@ def make_batch(tr: Trainer, indices: list[int], expert: Expert, g: torch.Generat
     def embeds(texts: list[str]) -> torch.Tensor:
         return pad_embeds([load_text_embeds(text, s, tr.expect_encoder) for s in texts])
 
-    captions = ["" if d else it.caption for it, d in zip(items, dropped)]
+    drop, drop_class = dropout_texts(tr.params.job.trigger_word, cfg.dop.preservation_class)
+    captions = [drop if d else it.caption for it, d in zip(items, dropped)]
     class_embeds = None
     if cfg.dop.enabled:
-        class_embeds = embeds([it.caption_dop if it.caption_dop is not None else it.caption for it in items])
+        class_embeds = embeds([drop_class if d else it.caption_dop if it.caption_dop is not None else it.caption
+                               for it, d in zip(items, dropped)])
     dev = tr.device
     return StepBatch(latents.to(dev), noise.to(dev), t.to(dev), embeds(captions).to(dev),
                      None if class_embeds is None else class_embeds.to(dev),

@@ -30,7 +30,7 @@ class StepBatch:
     """Tensors of one micro-batch; all drawn by the caller.
 
     latents: clean latents x0 [B, C, F, H, W]; noise: same shape; timesteps: [B] in [0, 1000];
-    embeds: text embeddings [B, L, D] (the empty caption where dropped); class_embeds: the DOP
+    embeds: text embeddings [B, L, D] (the trigger word alone where dropped); class_embeds: the DOP
     class prompt's embeddings [B, L, D] or None; weights: per-sample loss weights [B] or None.
     """
 
