@@ -175,7 +175,7 @@ def scenario_expert_parallel(env: DistEnv, out: Path, results: dict) -> None:
                              cursor=cursor, extra={"history": [], "bad_steps": 0}, lora_files=lora_files)
     seen = gather_objects({"expert": expert, "t": [min(data.seen_t), max(data.seen_t)],
                            "losses": [o.loss for o in outs]}, env)
-    losses, _, stop = world_metrics(plan, expert, {"loss": outs[-1].main, "dop": 0.0}, outs[-1].samples, 1.0, env,
+    losses, _, stop = world_metrics(plan, {expert: {"loss": outs[-1].main, "dop": 0.0}}, outs[-1].samples, 1.0, env,
                                     stop=expert == "low")
     results["ep_stop_seen"] = stop  # rank 1 asked to stop: rank 0 learns it in the same all-reduce
     results["ep_logged_losses"] = losses  # what rank 0's progress shows for the last round

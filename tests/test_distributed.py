@@ -165,9 +165,12 @@ def test_plan_parallel_modes() -> None:
 
 def test_world_metrics_in_one_process() -> None:
     plan = plan_parallel(1, ["high", "low"])
-    logged, rate, stop = world_metrics(plan, "low", {"loss": 2.5, "dop": 0.25}, 4, 2.0, ONE)
+    logged, rate, stop = world_metrics(plan, {"low": {"loss": 2.5, "dop": 0.25}}, 4, 2.0, ONE)
     assert logged == {"dop_low": 0.25, "loss_low": 2.5} and rate == 2.0 and not stop  # high did not step
-    assert world_metrics(plan, "low", {"loss": 2.5}, 4, 2.0, ONE, stop=True)[2]
+    assert world_metrics(plan, {"low": {"loss": 2.5}}, 4, 2.0, ONE, stop=True)[2]
+    # a step that held micro-batches of both experts logs both
+    both = world_metrics(plan, {"high": {"loss": 1.5}, "low": {"loss": 2.5}}, 4, 2.0, ONE)[0]
+    assert both == {"loss_high": 1.5, "loss_low": 2.5}
     assert plan.step_increment == 1 and plan_parallel(2, ["high", "low"]).step_increment == 2
 
 

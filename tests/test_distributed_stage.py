@@ -40,12 +40,18 @@ def _crash_at_step_2(params, ws: Path) -> None:
     loop.run_stage(params, ws)
 
 
-def test_data_parallel_stage_equals_one_process_with_doubled_accumulation(template, tmp_path):
+@pytest.mark.parametrize("switch_every", [2, 1])
+def test_data_parallel_stage_equals_one_process_with_doubled_accumulation(template, tmp_path, switch_every):
+    """With switch_every 1 every optimizer step holds one micro-batch of each expert (the schedule
+    counts micro-batches), so rank 0 trains the high-noise expert while rank 1 trains the
+    low-noise one in the same step, and each expert's gradient is still its global mean."""
     model = template[1]
+    ms = {"switch_every": switch_every}
     two = copy_workspace(template[0], tmp_path / "two")
-    launch(loop.run_stage, (tiny_params(model, train={"steps": 4, "parallel": "data"}), two), world=2)
+    launch(loop.run_stage, (tiny_params(model, train={"steps": 4, "parallel": "data"}, multistage=ms), two), world=2)
     one = copy_workspace(template[0], tmp_path / "one")
-    loop.run_stage(tiny_params(model, train={"steps": 4, "parallel": "data", "gradient_accumulation": 2}), one)
+    loop.run_stage(tiny_params(model, train={"steps": 4, "parallel": "data", "gradient_accumulation": 2},
+                               multistage=ms), one)
     for expert in ("high", "low"):
         got, want = (load_file(ws / f"data/lora/{expert}/step_000004.safetensors") for ws in (two, one))
         assert sorted(got) == sorted(want)
@@ -53,8 +59,10 @@ def test_data_parallel_stage_equals_one_process_with_doubled_accumulation(templa
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
     rows_two, rows_one = _state(two)["history"], _state(one)["history"]
     for a, b in zip(rows_two, rows_one, strict=True):
-        loss = next(k for k in b if k.startswith("loss_"))
-        assert a[loss] == pytest.approx(b[loss], rel=1e-5)
+        losses = sorted(k for k in b if k.startswith("loss_"))
+        assert losses == sorted(k for k in a if k.startswith("loss_"))
+        assert len(losses) == (2 if switch_every == 1 else 1)
+        assert [a[k] for k in losses] == pytest.approx([b[k] for k in losses], rel=1e-5)
     assert _state(two)["parallel"] == {"mode": "data", "world": 2}
 
 

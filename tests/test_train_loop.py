@@ -92,6 +92,35 @@ def test_switch_every_in_the_loop_and_files(ws, template):
                            low["transformer.blocks.0.attn1.to_q.lora_B.weight"])
 
 
+def test_switch_every_counts_micro_batches_in_the_loop(ws, template, monkeypatch):
+    """switch_every counts micro-batches, as AI Toolkit does (extensions_built_in/sd_trainer/
+    SDTrainer.py, `hook_train_loop`, which may switch experts between the micro-batches of one
+    accumulation window): with accumulation 3 and switch_every 1 the steps hold high, low, high
+    then low, high, low; every optimizer step updates both experts, each with its own optimizer on
+    the mean of its own micro-batches (gradient scale 1/2 or 1), and logs both losses."""
+    seen: list[tuple[int, str, float, float]] = []
+    real = dist_parallel.training_step
+
+    def spy(model, batch, **kw):
+        out = real(model, batch, **kw)
+        seen.append((len(tr.history), next(e for e, m in tr.experts.items() if m is model), kw["loss_scale"], out.main))
+        return out
+
+    params = tiny_params(template[1], train={"steps": 2, "gradient_accumulation": 3}, multistage={"switch_every": 1},
+                         save={"every": 10})
+    tr = loop.setup(params, ws)
+    monkeypatch.setattr(dist_parallel, "training_step", spy)
+    loop.train(tr)
+    order = [[e for s, e, _, _ in seen if s == step] for step in (0, 1)]
+    assert sorted(order[0]) == ["high", "high", "low"] and sorted(order[1]) == ["high", "low", "low"]
+    for step, row in enumerate(tr.history):
+        for e in ("high", "low"):
+            mine = [(scale, main) for s, x, scale, main in seen if s == step and x == e]
+            assert {scale for scale, _ in mine} == {1 / len(mine)}
+            assert row[f"loss_{e}"] == pytest.approx(sum(m for _, m in mine) / len(mine), rel=1e-12)
+    assert {e: tr.optimizers[e].state_dict()["state"][0]["step"].item() for e in ("high", "low")} == {"high": 2, "low": 2}
+
+
 def test_lora_files_load_into_wan_pipeline(ws, template):
     """diffusers reads our files: high into transformer, low into transformer_2, same weights."""
     from diffusers import WanPipeline

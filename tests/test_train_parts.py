@@ -162,13 +162,28 @@ def test_switch_every_alternates_in_blocks_and_resumes():
     assert [t.next_expert(g)] == ["high"] and s.upcoming() is None
     s.record(1)
     assert s.upcoming() == "low"  # the turn is complete: prefetch the next expert now
-    # accumulation 2: the turn switches at an optimizer-step boundary (after 4 micro-steps >= 3)
-    a = ExpertSchedule(("high", "low"), switch_every=3)
-    steps = []
-    for _ in range(4):
-        steps.append(a.next_expert(g))
-        a.record(2)
-    assert steps == ["high", "high", "low", "low"]
+
+
+def test_switch_every_counts_micro_batches_as_ai_toolkit_does():
+    """AI Toolkit checks `steps_this_boundary >= switch_boundary_every` before every micro-batch
+    of an accumulation window and counts each one (extensions_built_in/sd_trainer/SDTrainer.py,
+    `hook_train_loop`), so a turn can end inside an optimizer step; its docs (ui/src/docs.tsx,
+    'train.switch_boundary_every') advise switch every 1 with accumulation 2 "to train both
+    stages in a single step". `take` gives the expert of each micro-batch of one step."""
+    g = torch.Generator().manual_seed(0)
+    both = ExpertSchedule(("high", "low"), switch_every=1)
+    assert [both.take(2, g) for _ in range(3)] == [["high", "low"]] * 3
+    three = ExpertSchedule(("high", "low"), switch_every=3)
+    steps = [three.take(2, g) for _ in range(2)]
+    state = three.state_dict()  # a checkpoint at this step boundary, mid-turn
+    steps += [three.take(2, g) for _ in range(2)]
+    assert steps == [["high", "high"], ["high", "low"], ["low", "low"], ["high", "high"]]
+    resumed = ExpertSchedule(("high", "low"), switch_every=3)
+    resumed.load_state_dict(state)
+    assert [resumed.take(2, g) for _ in range(2)] == steps[2:]
+    assert ExpertSchedule(("low",), 2).take(3, g) == ["low"] * 3
+    proportional = ExpertSchedule(("high", "low"), 1, "proportional", high_probability=0.5)
+    assert all(len(set(proportional.take(4, g))) == 1 for _ in range(20))  # one expert per optimizer step
 
 
 def test_proportional_choice_follows_band_mass_and_single_expert():

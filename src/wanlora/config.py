@@ -149,11 +149,13 @@ class MultistageConfig(Section):
     train_high_noise: bool = Field(True, description="Train a LoRA for the high-noise expert.")
     train_low_noise: bool = Field(True, description="Train a LoRA for the low-noise expert.")
     switch_every: int = Field(
-        10, ge=1, description="Micro-steps one expert trains before the other takes over."
+        10, ge=1,
+        description="Micro-batches one expert trains before the other takes over, counted as AI Toolkit counts them: "
+        "with gradient_accumulation 2, switch_every 1 trains both experts in every optimizer step.",
     )
     expert_choice: Literal["alternate", "proportional"] = Field(
         "alternate",
-        description="alternate: switch_every blocks in turn; proportional: pick each step's expert "
+        description="alternate: switch_every micro-batches in turn; proportional: pick each optimizer step's expert "
         "with the probability of its timestep band.",
     )
     boundary_ratio: float | None = Field(

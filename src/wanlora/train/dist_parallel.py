@@ -161,23 +161,25 @@ def world_throughput(samples: int, seconds: float, env: DistEnv) -> float:
     return sum_over([samples / max(seconds, 1e-9)], None, env)[0]
 
 
-def world_metrics(plan: ParallelPlan, expert: Expert, metrics: dict[str, float], samples: int, seconds: float,
+def world_metrics(plan: ParallelPlan, metrics: dict[Expert, dict[str, float]], samples: int, seconds: float,
                   env: DistEnv, stop: bool = False) -> tuple[dict[str, float], float, bool]:
     """What rank 0 logs for one round, in one all-reduce.
 
-    `metrics` are this rank's group means (e.g. {"loss": main, "dop": preservation}; the same
-    names on every rank). Returns them as "<name>_<expert>" for every expert that stepped this
-    round (in expert mode the other group's too), the samples per second of all ranks summed,
-    and whether any rank is stopping (then all stop together rather than leave the other expert
-    group waiting in a collective).
+    `metrics` holds, for each expert this rank stepped in the round, its group means (e.g.
+    {"loss": main, "dop": preservation}; the same names for every expert and on every rank).
+    Returns them as "<name>_<expert>" for every expert that stepped this round (in expert mode
+    the other group's too; in data mode both when the round held micro-batches of both), the
+    samples per second of all ranks summed, and whether any rank is stopping (then all stop
+    together rather than leave the other expert group waiting in a collective).
     """
     experts = [e for e in ORDER if e in plan.groups]
-    names = sorted(metrics)
+    names = sorted(next(iter(metrics.values())))
     width = 1 + len(names)
     values = [0.0] * (width * len(experts)) + [samples / max(seconds, 1e-9), float(stop)]
-    share = 1.0 / len(plan.groups[expert])  # every member holds the group's means: each adds its share
-    at = width * experts.index(expert)
-    values[at:at + width] = [share] + [metrics[n] * share for n in names]
+    for expert, means in metrics.items():
+        share = 1.0 / len(plan.groups[expert])  # every member holds the group's means: each adds its share
+        at = width * experts.index(expert)
+        values[at:at + width] = [share] + [means[n] * share for n in names]
     summed = sum_over(values, None, env)
     logged = {f"{n}_{e}": summed[width * k + 1 + j] for k, e in enumerate(experts) if summed[width * k] > 0.5
               for j, n in enumerate(names)}
@@ -211,29 +213,35 @@ def optimizer_step(
     env: DistEnv,
     group: Any = None,
     before_update: Callable[[], None] | None = None,
+    micro_batches: int | None = None,
 ) -> StepOutcome:
     """This rank's micro-batches of optimizer step `step`, the group's gradient average, the step.
 
     Each micro-batch's randomness comes from `batch_generator(seed, expert, epoch, position)`.
-    Losses (total, main, DOP term) are means over the whole global batch. If any rank met a non-finite loss, every
-    rank skips the update (the flag is reduced with the loss), so the LoRAs never diverge.
-    `before_update` runs between the last backward and the optimizer step (the trainer starts
-    the next expert's weight copy there, to overlap it with the update).
+    `micro_batches` is how many global micro-batches this expert has in the step (all ranks
+    together; by default every rank's `len(batches)`): when the step also holds the other
+    expert's micro-batches, ranks may run unequal numbers of this one's, and the gradient is
+    still the mean over all of them. Losses (total, main, DOP term) are means over the same
+    micro-batches. If any rank met a non-finite loss, every rank skips the update (the flag is
+    reduced with the loss), so the LoRAs never diverge. `before_update` runs between the last
+    backward and the optimizer step (the trainer starts the next expert's weight copy there, to
+    overlap it with the update).
     """
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
-    accum = len(batches)
+    n = group_size(group, env)
+    count = micro_batches if micro_batches is not None else len(batches) * n
     loss, main, preservation, bad, samples = 0.0, 0.0, 0.0, 0, 0
     for b in batches:
         out = training_step(
             model, make_batch(b.indices, expert, batch_generator(seed, expert, b.epoch, b.position)), dtype=dtype,
             dop_multiplier=cfg.dop.multiplier if cfg.dop.enabled else 0.0,
             guidance_scale=cfg.differential_guidance.scale if cfg.differential_guidance.enabled else None,
-            loss_scale=1 / accum,
+            loss_scale=n / count,  # reduce_gradients then divides by n: the mean over all `count`
         )
-        loss += out.total / accum
-        main += out.main / accum
-        preservation += (out.preservation or 0.0) / accum
+        loss += out.total / count
+        main += out.main / count
+        preservation += (out.preservation or 0.0) / count
         bad += not out.finite
         samples += len(b.indices)
     loss_sum, main_sum, pres_sum, bad_sum, samples_sum = sum_over([loss, main, preservation, bad, samples], group, env)
@@ -248,5 +256,4 @@ def optimizer_step(
     else:
         norm = float("nan")
     optimizer.zero_grad(set_to_none=True)
-    n = group_size(group, env)
-    return StepOutcome(loss_sum / n, main_sum / n, pres_sum / n, finite, norm, int(samples_sum), lr)
+    return StepOutcome(loss_sum, main_sum, pres_sum, finite, norm, int(samples_sum), lr)

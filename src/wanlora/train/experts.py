@@ -1,11 +1,14 @@
 """Which expert trains at each step, and where each expert's weights live.
 
-Schedule. `alternate`: the active experts take turns, each for `switch_every` micro-steps. The
-switch happens at an optimizer-step boundary (an accumulation window never mixes experts: each
-expert has its own LoRA and optimizer), so with gradient accumulation a turn lasts
-ceil(switch_every / accumulation) optimizer steps. The state is two integers (whose turn, and
-micro-steps done in it), saved in every checkpoint. `proportional`: each optimizer step picks
-the high-noise expert with the probability of its timestep band, from the trainer's generator.
+Schedule. `alternate`: the active experts take turns, each for `switch_every` micro-batches,
+counted as AI Toolkit counts them (SDTrainer.hook_train_loop checks `steps_this_boundary` before
+every micro-batch of an accumulation window), so one optimizer step may hold micro-batches of both
+experts: `switch_every: 1` with `gradient_accumulation: 2` trains both experts in every optimizer
+step, as AI Toolkit's docs advise. Each expert keeps its own LoRA and optimizer and steps it on
+the mean gradient of its own micro-batches of that step. The state is two integers (whose turn,
+and micro-batches done in it), saved in every checkpoint at an optimizer-step boundary.
+`proportional`: each optimizer step picks the high-noise expert with the probability of its
+timestep band, from the trainer's generator, for all of its micro-batches.
 
 Placement. On a CPU device both experts simply stay where they are. On a GPU, when both fit
 (and `model.low_vram` is off) both stay on the GPU; otherwise the inactive expert waits in pinned
@@ -55,8 +58,19 @@ class ExpertSchedule:
             )
         self.active = tuple(e for e in ORDER if e in self.active)
 
+    def take(self, micro_batches: int, generator: torch.Generator) -> list[Expert]:
+        """The experts of the next optimizer step's `micro_batches` global micro-batches, in order."""
+        if self.choice == "proportional":
+            return [self.next_expert(generator)] * micro_batches
+        experts = []
+        for _ in range(micro_batches):
+            experts.append(self.next_expert(generator))
+            self.record(1)
+        return experts
+
     def next_expert(self, generator: torch.Generator) -> Expert:
-        """The expert for the next optimizer step (call once per optimizer step)."""
+        """The expert of the next micro-batch (`alternate`; call `record` after it) or of the next
+        optimizer step (`proportional`)."""
         if len(self.active) == 1:
             return self.active[0]
         if self.choice == "proportional":
@@ -66,9 +80,9 @@ class ExpertSchedule:
             self.turn, self.done = (self.turn + 1) % len(self.active), 0
         return self.active[self.turn]
 
-    def record(self, micro_steps: int) -> None:
-        """Count the micro-steps the current turn just ran."""
-        self.done += micro_steps
+    def record(self, micro_batches: int) -> None:
+        """Count the micro-batches the current turn just ran."""
+        self.done += micro_batches
 
     def upcoming(self) -> Expert | None:
         """The expert of the next turn when the current turn is complete (after `record`), so its

@@ -1,9 +1,10 @@
 """The train stage: setup, train, save_checkpoint, load_checkpoint. The loop reads top to bottom.
 
 One `Trainer` (a plain dataclass, no hierarchy) holds everything a step touches; the helpers
-beside the loop are small and named. Per optimizer step: the schedule picks an expert, its
-weights come to the device, `gradient_accumulation` micro-batches of one bucket run through
-`training_step`, the expert's own optimizer steps at the scheduled learning rate, and every
+beside the loop are small and named. Per optimizer step: the schedule names the expert of each
+of its `gradient_accumulation` micro-batches (both experts when a turn ends inside the step);
+per expert, its weights come to the device, its micro-batches run through `training_step` and
+its own optimizer steps at the scheduled learning rate; every
 `save.every` steps both LoRA files and the full training state are written. A run that finds a
 state for the same resolved params and inputs in `scratch/train/<key>/` continues from it and
 produces the same losses and the same LoRA bytes as a run that was never interrupted.
@@ -12,6 +13,7 @@ produces the same losses and the same LoRA bytes as a run that was never interru
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +30,12 @@ from wanlora.pipeline import stage_values
 from wanlora.report import InputError, console, write_problems
 from wanlora.train import checkpoint as ckpt
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
-from wanlora.train.dist_parallel import ParallelPlan, make_groups, optimizer_step, plan_parallel, world_metrics
+from wanlora.train.dist_parallel import (
+    ParallelPlan, StepOutcome, make_groups, optimizer_step, plan_parallel, world_metrics,
+)
 from wanlora.train.distributed import (
-    Cursor, DistEnv, DistributedError, derive_seed, distributed, init_distributed, rank_share, take_batches,
+    Cursor, DistEnv, DistributedError, GlobalBatch, derive_seed, distributed, init_distributed, rank_share,
+    shard, take_batches,
 )
 from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit, make_mover
 from wanlora.train.lora import Ema, add_lora, lora_file_bytes
@@ -161,16 +166,18 @@ def epoch_order(tr: Trainer, epoch: int) -> list[list[int]]:
     return tr._batches[1]
 
 
-def next_batches(tr: Trainer, expert: Expert) -> list:
-    """This rank's micro-batches of the next optimizer step of `expert`: the group takes the next
-    accumulation x group-size batches of the global order, rank r every group-size-th from r;
-    advances the global (epoch, position)."""
-    members = tr.plan.groups[expert]
+def next_batches(tr: Trainer, experts: list[Expert]) -> list[tuple[Expert, list[GlobalBatch], int]]:
+    """This rank's micro-batches of the next optimizer step, given the step's expert per global
+    micro-batch (`ExpertSchedule.take`): the group takes the next len(experts) batches of the
+    global order, rank r every group-size-th from r. Returned per expert, in order of first
+    appearance, with that expert's global micro-batch count; advances the global (epoch, position)."""
+    members = tr.plan.groups[experts[0]]
     cursor = Cursor(tr.epoch, tr.position)
-    batches = take_batches(lambda epoch: epoch_order(tr, epoch), cursor,
-                           tr.params.train.gradient_accumulation * len(members))
+    batches = take_batches(lambda epoch: epoch_order(tr, epoch), cursor, len(experts))
     tr.epoch, tr.position = cursor.epoch, cursor.position
-    return rank_share(batches, members.index(tr.env.rank), len(members))
+    rank, n = members.index(tr.env.rank), len(members)
+    mine = list(zip(rank_share(batches, rank, n), shard(experts, rank, n)))
+    return [(e, [b for b, x in mine if x == e], experts.count(e)) for e in dict.fromkeys(experts)]
 
 
 def make_batch(tr: Trainer, indices: list[int], expert: Expert, g: torch.Generator) -> StepBatch:
@@ -288,6 +295,28 @@ def _check_shapes(tr: Trainer) -> None:
                              f"takes {m.config.in_channels}. Fix: use one model folder for both")
 
 
+def step_experts(tr: Trainer, parts: list[tuple[Expert, list[GlobalBatch], int]]) -> dict[Expert, StepOutcome]:
+    """One optimizer step of each expert of `parts` (`next_batches`), in turn, each on its own
+    micro-batches and optimizer; the next expert's weights are fetched while the current one's
+    optimizer steps, and an expert's EMA follows each finite update."""
+    outs: dict[Expert, StepOutcome] = {}
+    for k, (expert, mine, count) in enumerate(parts):
+        following = parts[k + 1][0] if k + 1 < len(parts) else tr.schedule.upcoming()
+        model = tr.placer.activate(expert) if mine else tr.experts[expert]  # no batch here: no need to fetch it
+
+        def prefetch(following: Expert | None = following) -> None:
+            if following is not None:
+                tr.placer.prepare(following)
+
+        out = outs[expert] = optimizer_step(
+            model, tr.optimizers[expert], mine, lambda idx, e, g: make_batch(tr, idx, e, g), expert=expert,
+            step=tr.step, cfg=tr.params.train, seed=tr.params.job.seed, dtype=tr.dtype, env=tr.env,
+            group=tr.groups[expert], before_update=prefetch, micro_batches=count)
+        if out.finite and expert in tr.emas:
+            tr.emas[expert].update(model)
+    return outs
+
+
 def train(tr: Trainer) -> None:
     """Run optimizer steps until `train.steps`, saving every `save.every` and at the end.
 
@@ -297,49 +326,36 @@ def train(tr: Trainer) -> None:
     In expert-parallel mode both experts step in each round and the global step advances by two.
     """
     cfg = tr.params.train
-    accum = cfg.gradient_accumulation
     plan, env = tr.plan, tr.env
     monitor = Monitor(tr.workspace / "data/train_live", cfg.steps, tr.step, tr.history) if env.is_main else None
     try:
         while tr.step < cfg.steps:
             started = time.perf_counter()
             choice = torch.Generator().manual_seed(derive_seed(tr.params.job.seed, "expert", tr.step))
-            expert = tr.schedule.next_expert(choice)
-            model = tr.placer.activate(expert)
-            members = plan.groups[expert]
-            mine = next_batches(tr, expert)
-
-            def prefetch() -> None:  # overlap the next expert's copy with this optimizer step
-                tr.schedule.record(accum * len(members))
-                if (upcoming := tr.schedule.upcoming()) is not None:
-                    tr.placer.prepare(upcoming)
-
-            out = optimizer_step(model, tr.optimizers[expert], mine, lambda idx, e, g: make_batch(tr, idx, e, g),
-                                 expert=expert, step=tr.step, cfg=cfg, seed=tr.params.job.seed, dtype=tr.dtype,
-                                 env=env, group=tr.groups[expert], before_update=prefetch)
-            if out.finite:
-                tr.bad_steps = 0
-                if expert in tr.emas:
-                    tr.emas[expert].update(model)
-            else:
-                tr.bad_steps += 1
-                if env.rank == members[0]:
-                    console.print(f"[red]train: step {tr.step + 1}: loss is not finite on the {expert}-noise expert; "
-                                  f"skipped ({tr.bad_steps} in a row)[/]")
+            members = plan.groups[tr.schedule.active[0]]  # this rank's group, whichever expert it trains
+            parts = next_batches(tr, tr.schedule.take(cfg.gradient_accumulation * len(members), choice))
+            outs = step_experts(tr, parts)
+            tr.bad_steps = 0 if all(o.finite for o in outs.values()) else tr.bad_steps + 1
+            if tr.bad_steps and env.rank == members[0]:
+                bad = " and ".join(f"{e}-noise" for e, o in outs.items() if not o.finite)
+                console.print(f"[red]train: step {tr.step + 1}: loss is not finite on the {bad} expert; "
+                              f"skipped ({tr.bad_steps} in a row)[/]")
             for off in tr.offloads:
                 off.release()
             seconds = time.perf_counter() - started
-            metrics = {"loss": out.main, **({"dop": out.preservation} if cfg.dop.enabled else {})}
-            logged, samples_per_s, stop = world_metrics(plan, expert, metrics, sum(len(b.indices) for b in mine),
-                                                        seconds, env, stop=tr.bad_steps >= cfg.max_bad_steps)
+            metrics = {e: {"loss": o.main, **({"dop": o.preservation} if cfg.dop.enabled else {})} for e, o in outs.items()}
+            samples = sum(len(b.indices) for _, mine, _ in parts for b in mine)
+            logged, samples_per_s, stop = world_metrics(plan, metrics, samples, seconds, env,
+                                                        stop=tr.bad_steps >= cfg.max_bad_steps)
             if stop:
                 raise BadLossError(
                     f"{tr.bad_steps} non-finite losses in a row (train.max_bad_steps={cfg.max_bad_steps}). "
                     "Fix: lower train.lr, keep train.max_grad_norm > 0, or use model.dtype bf16 instead of fp16"
                 )
             previous, tr.step = tr.step, tr.step + plan.step_increment
-            row = {"step": float(tr.step), **logged, "lr": out.lr,
-                   "grad_norm": out.grad_norm, "step_time": seconds, "samples_per_s": samples_per_s,
+            row = {"step": float(tr.step), **logged, "lr": next(iter(outs.values())).lr,
+                   "grad_norm": math.hypot(*(o.grad_norm for o in outs.values())),  # of every LoRA that stepped
+                   "step_time": seconds, "samples_per_s": samples_per_s,
                    "peak_mem": peak_memory_gib(tr.device)}
             tr.history.append(row)
             if monitor is not None:
