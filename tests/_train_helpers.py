@@ -79,8 +79,8 @@ def make_workspace(ws: Path, model_dir: Path, n_clips: int = 2, patch: list[int]
     root = tiny_model(model_dir, patch)
     ws.mkdir(parents=True, exist_ok=True)
     write_inputs(ws, n_clips, buckets)
-    text_cache(root=root, captions_manifest=ws / "data/captions/captions.jsonl", prompts=[], trigger="sks", preservation_class="person",
-               out_dir=ws / "data/cache/text", dtype="fp32", quant="none", device="cpu")
+    text_cache(root=root, captions_manifest=ws / "data/captions/captions.jsonl", prompts=[], trigger="sks",
+               dropout=("sks", "person"), out_dir=ws / "data/cache/text", dtype="fp32", quant="none", device="cpu")
     write_latents(ws, root, scale=scale, smooth=smooth)
     return ws
 

@@ -47,7 +47,7 @@ def counted(monkeypatch):
 def _run(root, tmp_path, captions=CAPTIONS, prompts=PROMPTS):
     manifest = write_captions(tmp_path / "captions.jsonl", captions)
     out = tmp_path / "cache"
-    run_stage(root, manifest, prompts, "sks", out, dtype="fp32", quant="none", device="cpu", preservation_class="person")
+    run_stage(root, manifest, prompts, "sks", out, dtype="fp32", quant="none", device="cpu", dropout=("sks", "person"))
     return out
 
 
@@ -106,8 +106,8 @@ def test_dropout_texts_are_the_trigger_and_the_class_alone():
     assert dropout_texts(" ohwx  man ", "man") == ("ohwx man", "man")
     assert dropout_texts("", "person") == ("", "")
     caps = [{"caption": "sks dog", "caption_dop": "cat dog"}]
-    assert text.needed_texts(caps, [], "sks", "cat") == sorted({"", "sks", "cat", "sks dog", "cat dog"})
-    assert text.needed_texts(caps, [], "", "cat") == sorted({"", "sks dog", "cat dog"})
+    assert text.needed_texts(caps, [], "sks", dropout_texts("sks", "cat")) == sorted({"", "sks", "cat", "sks dog", "cat dog"})
+    assert text.needed_texts(caps, [], "", dropout_texts("", "cat")) == sorted({"", "sks dog", "cat dog"})
 
 
 def test_rerun_encodes_only_new_texts_and_removes_stale(tmp_path_factory, tmp_path, cached, counted):
@@ -178,7 +178,7 @@ def test_quantized_encoder_gets_its_own_files(tmp_path_factory, tmp_path, cached
     root = tiny_model(tmp_path_factory)
     manifest = write_captions(tmp_path / "captions.jsonl", CAPTIONS)
     run_stage(root, manifest, PROMPTS, "sks", cached, dtype="fp32", quant="float8", device="cpu",
-              preservation_class="person")
+              dropout=("sks", "person"))
     assert len(counted) == 8  # every text again: the key covers the quantization
     index = json.loads((cached / "index.json").read_text())
     assert index["quant"] == "float8" and len(list(cached.glob("*.safetensors"))) == 8

@@ -130,8 +130,8 @@ def test_dop_from_cached_embeddings_equals_live_encoding(tmp_path):
     root = make_tiny(tmp_path / "model")
     cap = {"id": "a", "caption": "sks dancing in the rain", "caption_dop": "person dancing in the rain"}
     write_jsonl(tmp_path / "captions.jsonl", [cap])
-    text_cache(root=root, captions_manifest=tmp_path / "captions.jsonl", prompts=[], trigger="sks", preservation_class="person",
-               out_dir=tmp_path / "text", dtype="fp32", quant="none", device="cpu")
+    text_cache(root=root, captions_manifest=tmp_path / "captions.jsonl", prompts=[], trigger="sks",
+               dropout=("sks", "person"), out_dir=tmp_path / "text", dtype="fp32", quant="none", device="cpu")
     enc, tok = load_text_encoder(root, "fp32"), load_tokenizer(root)
     live = pad_embeds([encode_text(tok, enc, cap["caption_dop"])])
     cached = pad_embeds([load_text_embeds(tmp_path / "text", cap["caption_dop"], encoder_identity(root))])

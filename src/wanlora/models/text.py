@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from rich.progress import track
 
-from wanlora.data.captions import dropout_texts
 from wanlora.io import atomic_write_json, read_jsonl, sha256_json
 from wanlora.models.cachefiles import (
     INDEX,
@@ -63,13 +62,13 @@ def cache_key(text: str, encoder: str, dtype: str, quant: str, max_length: int =
     )
 
 
-def needed_texts(captions: list[dict], prompts: list[str], trigger: str, preservation_class: str) -> list[str]:
+def needed_texts(captions: list[dict], prompts: list[str], trigger: str, dropout: tuple[str, str]) -> list[str]:
     """Every distinct text the trainer and sampler will ask for, sorted: captions, their DOP
-    variants, what caption dropout puts in their place (the trigger alone and the class alone,
-    `wanlora.data.captions.dropout_texts`), the empty caption (unconditional branch) and the
+    variants, `dropout` (what caption dropout puts in their place: the trigger alone and the class
+    alone, `wanlora.data.captions.dropout_texts`), the empty caption (unconditional branch) and the
     sample prompts with [trigger] filled in. The dropout pair is cached whatever
     `train.caption_dropout` says: two texts, and changing the rate reruns no encoder."""
-    texts = {"", *dropout_texts(trigger, preservation_class)}
+    texts = {"", *dropout}
     for rec in captions:
         texts.add(rec["caption"])
         if rec.get("caption_dop") is not None:
@@ -110,11 +109,11 @@ def run_stage(
     device: str,
     store: Path | None = None,
     *,
-    preservation_class: str,
+    dropout: tuple[str, str],
 ) -> None:
     """Encode the texts that have no valid cache file, remove files no longer needed, write index.json."""
     out_dir = Path(out_dir)
-    texts = needed_texts(read_jsonl(captions_manifest), prompts, trigger, preservation_class)
+    texts = needed_texts(read_jsonl(captions_manifest), prompts, trigger, dropout)
     encoder = encoder_identity(root)
     keys = {t: cache_key(t, encoder, dtype, quant) for t in texts}
     todo = [t for t in texts if not restore(out_dir, store, keys[t], encoder=encoder)]

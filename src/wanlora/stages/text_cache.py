@@ -1,3 +1,4 @@
+from wanlora.data.captions import dropout_texts
 from wanlora.models.loading import resolve_model
 from wanlora.models.text import run_stage
 from wanlora.stages._common import WORKSPACE, load, resolve_device
@@ -11,7 +12,7 @@ def main() -> None:
         captions_manifest=WORKSPACE / "data/captions/captions.jsonl",
         prompts=[*params.sample.prompts, params.sample.negative_prompt],
         trigger=params.job.trigger_word,
-        preservation_class=params.train.dop.preservation_class,
+        dropout=dropout_texts(params.job.trigger_word, params.train.dop.preservation_class),
         out_dir=WORKSPACE / "data/cache/text",
         dtype=params.model.dtype,
         quant=params.quantization.text_encoder,
