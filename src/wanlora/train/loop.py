@@ -314,6 +314,8 @@ def step_experts(tr: Trainer, parts: list[tuple[Expert, list[GlobalBatch], int]]
             group=tr.groups[expert], before_update=prefetch, micro_batches=count)
         if out.finite and expert in tr.emas:
             tr.emas[expert].update(model)
+        for off in tr.offloads:  # an offloaded block left on the device goes home before the next expert runs
+            off.release()
     return outs
 
 
@@ -340,8 +342,6 @@ def train(tr: Trainer) -> None:
                 bad = " and ".join(f"{e}-noise" for e, o in outs.items() if not o.finite)
                 console.print(f"[red]train: step {tr.step + 1}: loss is not finite on the {bad} expert; "
                               f"skipped ({tr.bad_steps} in a row)[/]")
-            for off in tr.offloads:
-                off.release()
             seconds = time.perf_counter() - started
             metrics = {e: {"loss": o.main, **({"dop": o.preservation} if cfg.dop.enabled else {})} for e, o in outs.items()}
             samples = sum(len(b.indices) for _, mine, _ in parts for b in mine)

@@ -9,7 +9,7 @@ checkpointing whose recomputed function loads the weights first; a hook on the b
 gradient sends them back once the block's backward has finished. The LoRA parameters (trainable)
 never move, so gradients and optimizer state stay where the optimizer expects them. Whatever
 is still on the device when a step ends (the first block has no input gradient to hook) is sent
-back by `release()`, which the loop calls after each optimizer step.
+back by `release()`, which the loop calls after each expert's optimizer step.
 """
 
 from __future__ import annotations
