@@ -132,7 +132,7 @@ def text_cache_float8() -> int:
 
     out = BASE / "text_gpu"
     run_stage(root=ROOT, captions_manifest=WS / "data/captions/captions.jsonl", prompts=["a [trigger]"],
-              trigger="sks", out_dir=out, dtype="bf16", quant="float8", device=DEV)
+              trigger="sks", dropout=("sks", "person"), out_dir=out, dtype="bf16", quant="float8", device=DEV)
     return len(list(out.glob("*.safetensors")))
 
 

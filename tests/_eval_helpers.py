@@ -179,7 +179,7 @@ def make_eval_workspace(root: Path, steps=(2, 4)) -> Path:
         {"path": "data/raw/x.mp4", "reason": "no caption <file>", "fix": "write x.txt", "stage": "captions"}]})
     tiny = root / "models/tiny"
     text.run_stage(tiny, root / "data/captions/captions.jsonl", params.sample.prompts, "sks",
-                   root / "data/cache/text", "fp32", "none", "cpu")
+                   root / "data/cache/text", "fp32", "none", "cpu", dropout=("sks", "person"))
     latents.run_stage(tiny, root / "data/buckets/samples.jsonl", root, root / "data/cache/latents",
                       "distribution", "fp32", "cpu", {"main"})
     live = root / "data/train_live/plots/metrics"
