@@ -38,7 +38,7 @@ run_item() {
   shift 2
   timeout "$limit" "$@" >"$log" 2>&1
   rc=$?
-  grep -E "built in|step [0-9]+:|ROW|Error|error" "$log" | cut -c1-300 | tail -12
+  grep -E "built in|step [0-9]+:|ROW|CHECK|SPEED|OK|FAIL|Error|error" "$log" | cut -c1-400 | tail -14
   [ $rc -ne 0 ] && echo "!!! $(basename "$log") exited $rc" && tail -15 "$log"
   tar rf "$OUT/logs.tar" -C "$OUT" "$(basename "$log")" && rm -f "$log"
 }

@@ -2,8 +2,10 @@
 # All GPU benchmark configurations of issue 7, one process each, logs under $OUT, the table last.
 #
 #   bench/run_gpu.sh [ITEM ...]
-# ITEM is a bench/train_step.py configuration (`python -m bench.train_step --list`) or
-# naive:FRAMES:HEIGHT:WIDTH for the hand-wired diffusers+peft baseline; append +profile to also
+# ITEM is a bench/train_step.py configuration (`python -m bench.train_step --list`),
+# naive:FRAMES:HEIGHT:WIDTH for the hand-wired diffusers+peft baseline, peer:FRAMES:HEIGHT:WIDTH for
+# DiffSynth-Studio's Wan model (bench/peer_diffsynth.py), `smoke` (bench/gpu_smoke.py) or `fp8attn`
+# (bench/fp8_attention.py, kernel-level FP8 attention numerics and speed); append +profile to also
 # write a torch.profiler summary of one step, and @SECONDS to give it its own time limit (default
 # $PER_ITEM_TIMEOUT). Budget for compilation: the first step of a new clip shape or base type
 # compiles for 25-70 s on an H100. With no ITEM, the default list below runs (~14 min: two calls).
@@ -31,7 +33,17 @@ for spec in "${ITEMS[@]}"; do
   extra=()
   [ "$name" != "$item" ] && extra=(--profile)
   echo "=== $item ($(date -u +%H:%M:%S))"
-  if [[ $name == naive:* ]]; then
+  if [[ $name == smoke ]]; then
+    cmd=("$PY" bench/gpu_smoke.py)
+    log="$OUT/log_smoke.txt"
+  elif [[ $name == fp8attn ]]; then
+    cmd=("$PY" -m bench.fp8_attention --out "$OUT")
+    log="$OUT/log_fp8attn.txt"
+  elif [[ $name == peer:* ]]; then
+    IFS=: read -r _ f h w <<<"$name"
+    cmd=("$PY" -m bench.peer_diffsynth --frames "$f" --height "$h" --width "$w" --out "$OUT" "${extra[@]}" "${BENCH_ARGS[@]}")
+    log="$OUT/log_peer_${f}f_${w}x${h}.txt"
+  elif [[ $name == naive:* ]]; then
     IFS=: read -r _ f h w <<<"$name"
     cmd=("$PY" -m bench.baseline_naive --frames "$f" --height "$h" --width "$w" --out "$OUT" "${extra[@]}" "${BENCH_ARGS[@]}")
     log="$OUT/log_naive_${f}f_${w}x${h}.txt"

@@ -54,6 +54,8 @@ class BenchConfig:
     optimizer: str = "adamw8bit"
     fp8_matmul: bool = False
     activation_offloading: bool = False
+    lora_fp32: bool = False  # LoRA weights in float32 (peft's default, AI Toolkit's) instead of the base dtype
+    attention_backend: str = "auto"
     warmup: int | None = None
     steps: int | None = None
     note: str = ""
@@ -101,6 +103,13 @@ CONFIGS: dict[str, BenchConfig] = {
     "81f_1024_fp8mm_sel_offload": BenchConfig(S81_1024, experts=("high",), quant="float8", fp8_matmul=True,
                                               optimizer="adamw", activation_offloading=True, warmup=1, steps=2,
                                               note="selective ckpt, activations in host memory, fp8 matmuls"),
+    # H200 session (issue 20): what float32 LoRA weights cost against bf16 ones, same levers
+    "33f_bf16_both_sw1_adamw_fp32lora": BenchConfig(S33, optimizer="adamw", lora_fp32=True,
+                                                    note="both resident, switch_every 1, float32 LoRA"),
+    "33f_fp8mm_both_sw1_adamw_fp32lora": BenchConfig(S33, quant="float8", fp8_matmul=True, optimizer="adamw",
+                                                     lora_fp32=True, note="both resident, switch_every 1, float32 LoRA"),
+    "81f_fp8mm_1expert_adamw_fp32lora": BenchConfig(S81, experts=("high",), quant="float8", fp8_matmul=True,
+                                                    optimizer="adamw", lora_fp32=True, warmup=2, steps=3),
     "81f_1024_float8_sel_offload": BenchConfig(S81_1024, experts=("high",), quant="float8", optimizer="adamw",
                                                activation_offloading=True, warmup=1, steps=2,
                                                note="selective ckpt, activations in host memory"),
@@ -130,14 +139,15 @@ def build(name: str, bc: BenchConfig, tiny: bool):
                        "switch_every": bc.switch_every},
     })
     settings = AccelSettings(checkpointing=bc.checkpointing, compile=params.model.compile,  # type: ignore[arg-type]
-                             activation_offloading=params.model.activation_offloading)
+                             activation_offloading=params.model.activation_offloading,
+                             attention_backend=bc.attention_backend)  # type: ignore[arg-type]
     models, optims, lora = {}, {}, {}
     for i, e in enumerate(bc.experts):
         m = build_transformer(cfg, dtype, device, seed=i)
         quantize_transformer(m, bc.quant, params.quantization.group_size)  # a no-op for "none"
         if params.quantization.fp8_matmul:
             enable_fp8_matmul(m)
-        lora[e] = add_lora(m, params.network, dtype)
+        lora[e] = add_lora(m, params.network, torch.float32 if bc.lora_fp32 else dtype)
         apply_accel(m, settings)
         m.train()
         optims[e] = build_optimizer(lora[e], params.train)
@@ -186,7 +196,9 @@ def run(name: str, bc: BenchConfig, args) -> None:
         times = time_steps(step, warmup, steps, device)
         compiled = bc.compile and device.type == "cuda"
         levers = (f"ckpt={bc.checkpointing} compile={compiled} quant={bc.quant}{'+fp8mm' if bc.fp8_matmul else ''} "
-                  f"opt={bc.optimizer}{' act_offload' if bc.activation_offloading else ''} experts={'+'.join(bc.experts)}")
+                  f"opt={bc.optimizer}{' act_offload' if bc.activation_offloading else ''}"
+                  f"{' lora=fp32' if bc.lora_fp32 else ''}{' attn=' + bc.attention_backend if bc.attention_backend != 'auto' else ''} "
+                  f"experts={'+'.join(bc.experts)}")
         bad = [k for k, v in enumerate(losses) if not math.isfinite(v)]
         invalid = f"INVALID: non-finite loss from step {bad[0]} on (backward skipped), times are not steps" if bad else ""
         row = make_row(name, cfg, shape, times, device, note="; ".join(x for x in (invalid, levers, bc.note) if x),

@@ -1,0 +1,298 @@
+"""FP8 self-attention, forward and backward, through cuDNN's graph API (`model.attention_backend: cudnn_fp8`).
+
+Why: at 81f@832x480 cuDNN's bf16 flash attention is 6.06 s of a 9.29 s float8 step on an H100
+(bench/RESULTS.md), so no change to the linears reaches 8 s. Hopper's tensor cores run e4m3 at
+twice the bf16 rate, and cuDNN has a fused FP8 attention with a backward (`sdpa_fp8`,
+`sdpa_fp8_backward`) that PyTorch's SDPA does not expose. NVIDIA's `nvidia-cudnn-frontend` package
+reaches it from Python without Transformer Engine.
+
+What is quantized, and how the scales are found without a host sync (each is a device tensor):
+- Q, K, V (forward and backward) and dO, O (backward): per-tensor e4m3 with a power-of-two scale,
+  the largest that keeps the tensor's amax under 448. A power of two makes the scale and its
+  inverse exact in any dtype, so quantize and dequantize cancel.
+- P, the softmax probabilities inside the kernel: at most 1, so a fixed scale (`P_SCALE`).
+- dS (cuDNN calls it dP), the score gradient inside the backward kernel: bounded without knowing
+  it, |dS_ij| = P_ij |dO_i . V_j - dO_i . O_i| <= amax(P) * 2 * max_i |dO_i| * max_j |V_j|, with the
+  row norms and amax(P) (a forward output) on the device. The bound is loose by the Cauchy-Schwarz
+  slack, which costs e4m3 range at the bottom, not overflow at the top.
+- The outputs O, dQ, dK, dV stay bf16 (no scale), which cuDNN's mixed-precision FP8 graphs allow.
+
+Only self-attention uses it: cross-attention has 512 keys (about 1.5% of the attention FLOPs at
+33f) and stays on the bf16 kernel. The op is a `torch.library` custom op with its own backward, so
+torch.compile keeps it opaque and selective checkpointing can keep its outputs
+(`wanlora.models.accel`). On a machine without the package or a Hopper-class GPU,
+`check_available` refuses with the fix; there is no silent fallback to bf16.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import torch
+
+from wanlora.errors import UserError
+
+E4M3_MAX = 448.0
+P_SCALE = 256.0  # softmax probabilities are <= 1; 256 leaves e4m3 headroom below 448
+MIN_CAPABILITY = (9, 0)
+BACKEND_NAME = "cudnn_fp8"
+
+_graphs: dict[tuple, Any] = {}
+_lock = threading.Lock()
+_tls = threading.local()
+
+
+def check_available(device: torch.device) -> None:
+    """Refuse, naming the fix, where cuDNN FP8 attention cannot run: CPU, pre-Hopper GPU, no package."""
+    fix = "set model.attention_backend: auto (bf16 cuDNN attention)"
+    if device.type != "cuda":
+        raise UserError(f"model.attention_backend: {BACKEND_NAME} runs on an NVIDIA GPU only (device is {device}); {fix}")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < MIN_CAPABILITY:
+        raise UserError(
+            f"model.attention_backend: {BACKEND_NAME} needs compute capability >= 9.0 (Hopper); "
+            f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}; {fix}"
+        )
+    try:
+        import cudnn  # noqa: F401
+    except ImportError as err:
+        raise UserError(
+            f"model.attention_backend: {BACKEND_NAME} needs NVIDIA's cuDNN frontend: "
+            f"`pip install nvidia-cudnn-frontend` ({err}); or {fix}"
+        ) from err
+
+
+def pow2_scale(amax: torch.Tensor, limit: float = E4M3_MAX) -> torch.Tensor:
+    """The largest power of two s with amax * s <= limit (float32, on amax's device; 1 for amax 0)."""
+    amax = amax.float().clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.exp2(torch.floor(torch.log2(limit / amax))).clamp(max=2.0**60)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor e4m3 codes of `x` and the descale (1 / scale) that turns them back, shape [1,1,1,1]."""
+    if scale is None:
+        scale = pow2_scale(x.abs().amax())
+    codes = (x * scale.to(x.dtype)).to(torch.float8_e4m3fn)
+    return codes, (1.0 / scale).reshape(1, 1, 1, 1)
+
+
+def _handle(device: torch.device):
+    import cudnn
+
+    handles = getattr(_tls, "handles", None)
+    if handles is None:
+        handles = _tls.handles = {}
+    if device not in handles:
+        with torch.cuda.device(device):
+            handles[device] = cudnn.create_handle()
+    cudnn.set_stream(handle=handles[device], stream=torch.cuda.current_stream(device).cuda_stream)
+    return handles[device]
+
+
+def _bhsd(t: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Dims and strides of a [B, S, H, D] tensor described as cuDNN's [B, H, S, D]."""
+    b, s, h, d = t.shape
+    sb, ss, sh, sd = t.stride()
+    return [b, h, s, d], [sb, sh, ss, sd]
+
+
+def _scalar(g, name: str):
+    import cudnn
+
+    return g.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.FLOAT)
+
+
+def _finish(g) -> Any:
+    import cudnn
+
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    return g
+
+
+def _build_forward(handle, q: torch.Tensor, k: torch.Tensor, attn_scale: float):
+    import cudnn
+
+    e4m3, f32, bf16 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT, cudnn.data_type.BFLOAT16
+    g = cudnn.pygraph(handle=handle, io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32)
+    qd, qs = _bhsd(q)
+    kd, ks = _bhsd(k)
+    t = {"q": g.tensor(name="q", dim=qd, stride=qs, data_type=e4m3),
+         "k": g.tensor(name="k", dim=kd, stride=ks, data_type=e4m3),
+         "v": g.tensor(name="v", dim=kd, stride=ks, data_type=e4m3)}
+    for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"):
+        t[n] = _scalar(g, n)
+    args = {n: t[n] for n in ("q", "k", "v", "descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")}
+    try:
+        o, stats, amax_s, amax_o = g.sdpa_fp8(**args, generate_stats=True, attn_scale=attn_scale, use_causal_mask=False)
+    except TypeError:  # frontends before `generate_stats` spell it as its negation
+        o, stats, amax_s, amax_o = g.sdpa_fp8(**args, is_inference=False, attn_scale=attn_scale, use_causal_mask=False)
+    o.set_output(True).set_dim(qd).set_stride(qs).set_data_type(bf16)
+    b, h, s, _ = qd
+    stats.set_output(True).set_dim([b, h, s, 1]).set_stride([h * s, s, 1, 1]).set_data_type(f32)
+    for a in (amax_s, amax_o):
+        a.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+    t.update(o=o, stats=stats, amax_s=amax_s, amax_o=amax_o)
+    return _finish(g), t
+
+
+def _build_backward(handle, q: torch.Tensor, k: torch.Tensor, attn_scale: float):
+    import cudnn
+
+    e4m3, f32, bf16 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT, cudnn.data_type.BFLOAT16
+    g = cudnn.pygraph(handle=handle, io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32)
+    qd, qs = _bhsd(q)
+    kd, ks = _bhsd(k)
+    b, h, s, _ = qd
+    t = {"q": g.tensor(name="q", dim=qd, stride=qs, data_type=e4m3),
+         "k": g.tensor(name="k", dim=kd, stride=ks, data_type=e4m3),
+         "v": g.tensor(name="v", dim=kd, stride=ks, data_type=e4m3),
+         "o": g.tensor(name="o", dim=qd, stride=qs, data_type=e4m3),
+         "dO": g.tensor(name="dO", dim=qd, stride=qs, data_type=e4m3),
+         "stats": g.tensor(name="stats", dim=[b, h, s, 1], stride=[h * s, s, 1, 1], data_type=f32)}
+    names = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_dO", "descale_s", "descale_dP",
+             "scale_s", "scale_dQ", "scale_dK", "scale_dV", "scale_dP")
+    for n in names:
+        t[n] = _scalar(g, n)
+    outs = g.sdpa_fp8_backward(**{n: t[n] for n in ("q", "k", "v", "o", "dO", "stats") + names},
+                               attn_scale=attn_scale, use_causal_mask=False)
+    for n, out, (dims, strides) in zip(("dQ", "dK", "dV"), outs[:3], ((qd, qs), (kd, ks), (kd, ks))):
+        out.set_output(True).set_dim(dims).set_stride(strides).set_data_type(bf16)
+        t[n] = out
+    for n, a in zip(("amax_dQ", "amax_dK", "amax_dV", "amax_dP"), outs[3:]):
+        a.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+        t[n] = a
+    return _finish(g), t
+
+
+def _graph(kind: str, q: torch.Tensor, k: torch.Tensor, attn_scale: float):
+    """The built graph for these shapes and strides (built once, then cached)."""
+    key = (kind, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), attn_scale, q.device)
+    handle = _handle(q.device)
+    hit = _graphs.get(key)
+    if hit is None:
+        with _lock:
+            hit = _graphs.get(key)
+            if hit is None:
+                build = _build_forward if kind == "fwd" else _build_backward
+                hit = _graphs[key] = build(handle, q, k, attn_scale)
+    return hit, handle
+
+
+def _run(kind: str, q: torch.Tensor, k: torch.Tensor, attn_scale: float, data: dict[str, torch.Tensor]) -> None:
+    (g, t), handle = _graph(kind, q, k, attn_scale)
+    workspace = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device=q.device)
+    g.execute({t[n]: v for n, v in data.items()}, workspace, handle=handle)
+
+
+def _one(device: torch.device, value: float = 1.0) -> torch.Tensor:
+    return torch.full((1, 1, 1, 1), value, dtype=torch.float32, device=device)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: float):
+    """FP8 attention of bf16 [B, S, H, D] q, k, v: (o bf16 [B, S, H, D], stats fp32 [B, H, S, 1], amax(P))."""
+    q8, dq_ = quantize(q)
+    k8, dk_ = quantize(k)
+    v8, dv_ = quantize(v)
+    o = torch.empty_like(q)
+    b, s, h, _ = q.shape
+    stats = torch.empty(b, h, s, 1, dtype=torch.float32, device=q.device)
+    amax_s, amax_o = _one(q.device, 0.0), _one(q.device, 0.0)
+    _run("fwd", q, k, attn_scale, {
+        "q": q8, "k": k8, "v": v8, "descale_q": dq_, "descale_k": dk_, "descale_v": dv_,
+        "descale_s": _one(q.device, 1.0 / P_SCALE), "scale_s": _one(q.device, P_SCALE), "scale_o": _one(q.device),
+        "o": o, "stats": stats, "amax_s": amax_s, "amax_o": amax_o,
+    })
+    return o, stats, amax_s
+
+
+def ds_bound(do: torch.Tensor, v: torch.Tensor, o: torch.Tensor, amax_p: torch.Tensor) -> torch.Tensor:
+    """An upper bound of |dS| (the module docstring): amax(P) * 2 * max row norm of dO * max row norm of V.
+
+    |dO_i . O_i| <= |dO_i| |O_i| <= |dO_i| max_j |V_j| (O_i is a convex combination of V rows), so
+    the factor 2 covers both terms of dS_ij = P_ij (dO_i . V_j - dO_i . O_i).
+    """
+    rows = lambda x: x.float().square().sum(-1).amax().sqrt()  # noqa: E731  (the last dim is D)
+    del o
+    return amax_p.reshape(()).clamp(max=1.0) * 2.0 * rows(do) * rows(v)
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             stats: torch.Tensor, amax_p: torch.Tensor, attn_scale: float,
+             ds_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (bf16, [B, S, H, D]) of FP8 attention. `ds_amax` overrides the dS bound (benchmarks only)."""
+    q8, dq_ = quantize(q)
+    k8, dk_ = quantize(k)
+    v8, dv_ = quantize(v)
+    o8, do_ = quantize(o)
+    do8, ddo_ = quantize(do)
+    bound = ds_bound(do, v, o, amax_p) if ds_amax is None else ds_amax.float().reshape(())
+    s_dp = pow2_scale(bound).reshape(1, 1, 1, 1)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    amax = {n: _one(q.device, 0.0) for n in ("amax_dQ", "amax_dK", "amax_dV", "amax_dP")}
+    one = _one(q.device)
+    _run("bwd", q, k, attn_scale, {
+        "q": q8, "k": k8, "v": v8, "o": o8, "dO": do8, "stats": stats,
+        "descale_q": dq_, "descale_k": dk_, "descale_v": dv_, "descale_o": do_, "descale_dO": ddo_,
+        "descale_s": _one(q.device, 1.0 / P_SCALE), "descale_dP": 1.0 / s_dp,
+        "scale_s": _one(q.device, P_SCALE), "scale_dQ": one, "scale_dK": one, "scale_dV": one, "scale_dP": s_dp,
+        "dQ": dq, "dK": dk, "dV": dv, **amax,
+    })
+    backward.last_amax_dp = amax["amax_dP"]  # type: ignore[attr-defined]  (the benchmark reads it)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------ the autograd-aware op
+
+
+@torch.library.custom_op("wanlora::fp8_sdpa", mutates_args=())
+def fp8_sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, attn_scale)
+
+
+@fp8_sdpa_op.register_fake
+def _(q, k, v, attn_scale):
+    b, s, h, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, s, 1), dtype=torch.float32), q.new_empty((1, 1, 1, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("wanlora::fp8_sdpa_backward", mutates_args=())
+def fp8_sdpa_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         stats: torch.Tensor, amax_p: torch.Tensor, attn_scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(do.contiguous(), q, k, v, o, stats, amax_p, attn_scale)
+
+
+@fp8_sdpa_backward_op.register_fake
+def _(do, q, k, v, o, stats, amax_p, attn_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, attn_scale = inputs
+    o, stats, amax_p = output
+    ctx.save_for_backward(q, k, v, o, stats, amax_p)
+    ctx.attn_scale = attn_scale
+
+
+def _backward(ctx, grad_o, _grad_stats, _grad_amax):
+    q, k, v, o, stats, amax_p = ctx.saved_tensors
+    dq, dk, dv = fp8_sdpa_backward_op(grad_o, q, k, v, o, stats, amax_p, ctx.attn_scale)
+    return dq, dk, dv, None
+
+
+fp8_sdpa_op.register_autograd(_backward, setup_context=_setup)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention of bf16 [B, S, H, D] tensors (diffusers' layout) on cuDNN's FP8 kernels; bf16 output."""
+    if q.dtype != torch.bfloat16:
+        raise ValueError(f"{BACKEND_NAME} takes bf16 q, k, v (got {q.dtype}): the base must compute in bf16")
+    attn_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return fp8_sdpa_op(q.contiguous(), k.contiguous(), v.contiguous(), attn_scale)[0]
