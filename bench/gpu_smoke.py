@@ -19,6 +19,7 @@ keeps nothing: this checks placement and numerics, not metrics files (the CPU su
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import sys
 import tempfile
@@ -46,7 +47,11 @@ def _without_dvclive() -> None:
 
             def end(self): ...
 
-        sys.modules["dvclive"] = types.SimpleNamespace(Live=Live)  # type: ignore[assignment]
+        stub = types.ModuleType("dvclive")
+        # a spec, or importlib.util.find_spec (which diffusers' import checks call) raises ValueError
+        stub.__spec__ = importlib.machinery.ModuleSpec("dvclive", None)
+        stub.Live = Live  # type: ignore[attr-defined]
+        sys.modules["dvclive"] = stub
 
 
 _without_dvclive()

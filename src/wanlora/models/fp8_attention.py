@@ -118,7 +118,7 @@ def _finish(g) -> Any:
 def _build_forward(handle, q: torch.Tensor, k: torch.Tensor, attn_scale: float):
     import cudnn
 
-    e4m3, f32, bf16 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT, cudnn.data_type.BFLOAT16
+    e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     g = cudnn.pygraph(handle=handle, io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32)
     qd, qs = _bhsd(q)
     kd, ks = _bhsd(k)
@@ -132,7 +132,7 @@ def _build_forward(handle, q: torch.Tensor, k: torch.Tensor, attn_scale: float):
         o, stats, amax_s, amax_o = g.sdpa_fp8(**args, generate_stats=True, attn_scale=attn_scale, use_causal_mask=False)
     except TypeError:  # frontends before `generate_stats` spell it as its negation
         o, stats, amax_s, amax_o = g.sdpa_fp8(**args, is_inference=False, attn_scale=attn_scale, use_causal_mask=False)
-    o.set_output(True).set_dim(qd).set_stride(qs).set_data_type(bf16)
+    o.set_output(True).set_dim(qd).set_stride(qs).set_data_type(e4m3)
     b, h, s, _ = qd
     stats.set_output(True).set_dim([b, h, s, 1]).set_stride([h * s, s, 1, 1]).set_data_type(f32)
     for a in (amax_s, amax_o):
@@ -144,7 +144,7 @@ def _build_forward(handle, q: torch.Tensor, k: torch.Tensor, attn_scale: float):
 def _build_backward(handle, q: torch.Tensor, k: torch.Tensor, attn_scale: float):
     import cudnn
 
-    e4m3, f32, bf16 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT, cudnn.data_type.BFLOAT16
+    e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     g = cudnn.pygraph(handle=handle, io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32)
     qd, qs = _bhsd(q)
     kd, ks = _bhsd(k)
@@ -162,7 +162,7 @@ def _build_backward(handle, q: torch.Tensor, k: torch.Tensor, attn_scale: float)
     outs = g.sdpa_fp8_backward(**{n: t[n] for n in ("q", "k", "v", "o", "dO", "stats") + names},
                                attn_scale=attn_scale, use_causal_mask=False)
     for n, out, (dims, strides) in zip(("dQ", "dK", "dV"), outs[:3], ((qd, qs), (kd, ks), (kd, ks))):
-        out.set_output(True).set_dim(dims).set_stride(strides).set_data_type(bf16)
+        out.set_output(True).set_dim(dims).set_stride(strides).set_data_type(e4m3)
         t[n] = out
     for n, a in zip(("amax_dQ", "amax_dK", "amax_dV", "amax_dP"), outs[3:]):
         a.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
@@ -195,104 +195,147 @@ def _one(device: torch.device, value: float = 1.0) -> torch.Tensor:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: float):
-    """FP8 attention of bf16 [B, S, H, D] q, k, v: (o bf16 [B, S, H, D], stats fp32 [B, H, S, 1], amax(P))."""
+    """FP8 attention of bf16 [B, S, H, D] q, k, v.
+
+    Returns (o8, descale_o, stats, amax(P)): e4m3 codes of O ([B, S, H, D]) and their descale (on
+    Hopper cuDNN writes an FP8 O only), the softmax log-sum-exp [B, H, S, 1] for the backward.
+    O's scale needs no history: every row of O is a convex combination of V's rows, so
+    amax(O) <= amax(V).
+    """
     q8, dq_ = quantize(q)
     k8, dk_ = quantize(k)
     v8, dv_ = quantize(v)
-    o = torch.empty_like(q)
+    s_o = pow2_scale(v.abs().amax()).reshape(1, 1, 1, 1)
+    o8 = torch.empty_like(q, dtype=torch.float8_e4m3fn)
     b, s, h, _ = q.shape
     stats = torch.empty(b, h, s, 1, dtype=torch.float32, device=q.device)
     amax_s, amax_o = _one(q.device, 0.0), _one(q.device, 0.0)
     _run("fwd", q, k, attn_scale, {
         "q": q8, "k": k8, "v": v8, "descale_q": dq_, "descale_k": dk_, "descale_v": dv_,
-        "descale_s": _one(q.device, 1.0 / P_SCALE), "scale_s": _one(q.device, P_SCALE), "scale_o": _one(q.device),
-        "o": o, "stats": stats, "amax_s": amax_s, "amax_o": amax_o,
+        "descale_s": _one(q.device, 1.0 / P_SCALE), "scale_s": _one(q.device, P_SCALE), "scale_o": s_o,
+        "o": o8, "stats": stats, "amax_s": amax_s, "amax_o": amax_o,
     })
-    return o, stats, amax_s
+    return o8, 1.0 / s_o, stats, amax_s
 
 
-def ds_bound(do: torch.Tensor, v: torch.Tensor, o: torch.Tensor, amax_p: torch.Tensor) -> torch.Tensor:
-    """An upper bound of |dS| (the module docstring): amax(P) * 2 * max row norm of dO * max row norm of V.
+def dequantize(codes: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return (codes.to(torch.float32) * descale.reshape(())).to(dtype)
 
-    |dO_i . O_i| <= |dO_i| |O_i| <= |dO_i| max_j |V_j| (O_i is a convex combination of V rows), so
-    the factor 2 covers both terms of dS_ij = P_ij (dO_i . V_j - dO_i . O_i).
+
+def grad_scales(amax: torch.Tensor, margin: float = 2.0) -> torch.Tensor:
+    """Scales for dQ, dK, dV, dS from their amax seen in an earlier backward ([4] fp32), with headroom.
+
+    cuDNN on Hopper writes the FP8 backward's gradients in e4m3 only, so their scales must be known
+    before the kernel runs: delayed scaling, as Transformer Engine does, from the previous step's
+    amax of the same call site, times `margin` for growth.
     """
-    rows = lambda x: x.float().square().sum(-1).amax().sqrt()  # noqa: E731  (the last dim is D)
-    del o
-    return amax_p.reshape(()).clamp(max=1.0) * 2.0 * rows(do) * rows(v)
+    return pow2_scale(amax * margin)
 
 
-def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-             stats: torch.Tensor, amax_p: torch.Tensor, attn_scale: float,
-             ds_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (bf16, [B, S, H, D]) of FP8 attention. `ds_amax` overrides the dS bound (benchmarks only)."""
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o8: torch.Tensor,
+             descale_o: torch.Tensor, stats: torch.Tensor, attn_scale: float, scales: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (bf16, [B, S, H, D]) of FP8 attention, and the amax of dQ, dK, dV, dS ([4] fp32).
+
+    `scales` ([4] fp32) are the e4m3 scales of dQ, dK, dV, dS (`grad_scales`).
+    """
     q8, dq_ = quantize(q)
     k8, dk_ = quantize(k)
     v8, dv_ = quantize(v)
-    o8, do_ = quantize(o)
     do8, ddo_ = quantize(do)
-    bound = ds_bound(do, v, o, amax_p) if ds_amax is None else ds_amax.float().reshape(())
-    s_dp = pow2_scale(bound).reshape(1, 1, 1, 1)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    amax = {n: _one(q.device, 0.0) for n in ("amax_dQ", "amax_dK", "amax_dV", "amax_dP")}
-    one = _one(q.device)
+    sc = scales.float().reshape(4, 1, 1, 1, 1)
+    dq8 = torch.empty_like(q, dtype=torch.float8_e4m3fn)
+    dk8 = torch.empty_like(k, dtype=torch.float8_e4m3fn)
+    dv8 = torch.empty_like(v, dtype=torch.float8_e4m3fn)
+    amax = torch.zeros(4, 1, 1, 1, 1, dtype=torch.float32, device=q.device)
     _run("bwd", q, k, attn_scale, {
         "q": q8, "k": k8, "v": v8, "o": o8, "dO": do8, "stats": stats,
-        "descale_q": dq_, "descale_k": dk_, "descale_v": dv_, "descale_o": do_, "descale_dO": ddo_,
-        "descale_s": _one(q.device, 1.0 / P_SCALE), "descale_dP": 1.0 / s_dp,
-        "scale_s": _one(q.device, P_SCALE), "scale_dQ": one, "scale_dK": one, "scale_dV": one, "scale_dP": s_dp,
-        "dQ": dq, "dK": dk, "dV": dv, **amax,
+        "descale_q": dq_, "descale_k": dk_, "descale_v": dv_, "descale_o": descale_o, "descale_dO": ddo_,
+        "descale_s": _one(q.device, 1.0 / P_SCALE), "descale_dP": 1.0 / sc[3],
+        "scale_s": _one(q.device, P_SCALE), "scale_dQ": sc[0], "scale_dK": sc[1], "scale_dV": sc[2], "scale_dP": sc[3],
+        "dQ": dq8, "dK": dk8, "dV": dv8,
+        "amax_dQ": amax[0], "amax_dK": amax[1], "amax_dV": amax[2], "amax_dP": amax[3],
     })
-    backward.last_amax_dp = amax["amax_dP"]  # type: ignore[attr-defined]  (the benchmark reads it)
-    return dq, dk, dv
+    grads = tuple(dequantize(c, 1.0 / sc[i], q.dtype) for i, c in enumerate((dq8, dk8, dv8)))
+    return (*grads, amax.reshape(4))
 
 
 # ------------------------------------------------------------------ the autograd-aware op
+# The amax state of a call site ([4] fp32: dQ, dK, dV, dS) is updated inside the backward op. The
+# op is opaque to torch.compile and always runs, so the update happens; it is not declared as a
+# mutation because a backward formula that mutates a forward input is not something AOTAutograd
+# traces. A site's first backward has no history: it runs the kernel once only to read the amaxes
+# (which cuDNN takes before quantizing), then again with scales from them. Which sites have
+# history is kept host-side by storage, so no step waits on the GPU to find out.
+_seen: set[int] = set()
+
+
+def fresh_state(device: torch.device) -> torch.Tensor:
+    """A call site's amax state, before its first backward."""
+    return torch.zeros(4, dtype=torch.float32, device=device)
+
+
+def backward_with_state(do, q, k, v, o8, descale_o, stats, attn_scale, state):
+    """`backward` with delayed scaling from `state`, which it updates (see the comment above)."""
+    if state.data_ptr() not in _seen:
+        probe = torch.ones(4, dtype=torch.float32, device=q.device)
+        *_, amax = backward(do, q, k, v, o8, descale_o, stats, attn_scale, probe)
+        state.copy_(amax)
+        _seen.add(state.data_ptr())
+    dq, dk, dv, amax = backward(do, q, k, v, o8, descale_o, stats, attn_scale, grad_scales(state))
+    state.copy_(amax)
+    return dq, dk, dv
 
 
 @torch.library.custom_op("wanlora::fp8_sdpa", mutates_args=())
-def fp8_sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return forward(q, k, v, attn_scale)
+def fp8_sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, attn_scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o8, descale_o, stats, _ = forward(q, k, v, attn_scale)
+    return dequantize(o8, descale_o, q.dtype), o8, descale_o, stats
 
 
 @fp8_sdpa_op.register_fake
-def _(q, k, v, attn_scale):
+def _(q, k, v, state, attn_scale):
     b, s, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, s, 1), dtype=torch.float32), q.new_empty((1, 1, 1, 1), dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(q, dtype=torch.float8_e4m3fn),
+            q.new_empty((1, 1, 1, 1), dtype=torch.float32), q.new_empty((b, h, s, 1), dtype=torch.float32))
 
 
 @torch.library.custom_op("wanlora::fp8_sdpa_backward", mutates_args=())
-def fp8_sdpa_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                         stats: torch.Tensor, amax_p: torch.Tensor, attn_scale: float
+def fp8_sdpa_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o8: torch.Tensor,
+                         descale_o: torch.Tensor, stats: torch.Tensor, state: torch.Tensor, attn_scale: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward(do.contiguous(), q, k, v, o, stats, amax_p, attn_scale)
+    return backward_with_state(do.contiguous(), q, k, v, o8, descale_o, stats, attn_scale, state)
 
 
 @fp8_sdpa_backward_op.register_fake
-def _(do, q, k, v, o, stats, amax_p, attn_scale):
+def _(do, q, k, v, o8, descale_o, stats, state, attn_scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output) -> None:
-    q, k, v, attn_scale = inputs
-    o, stats, amax_p = output
-    ctx.save_for_backward(q, k, v, o, stats, amax_p)
+    q, k, v, state, attn_scale = inputs
+    _, o8, descale_o, stats = output
+    ctx.save_for_backward(q, k, v, o8, descale_o, stats, state)
     ctx.attn_scale = attn_scale
 
 
-def _backward(ctx, grad_o, _grad_stats, _grad_amax):
-    q, k, v, o, stats, amax_p = ctx.saved_tensors
-    dq, dk, dv = fp8_sdpa_backward_op(grad_o, q, k, v, o, stats, amax_p, ctx.attn_scale)
-    return dq, dk, dv, None
+def _backward(ctx, grad_o, *_unused):
+    q, k, v, o8, descale_o, stats, state = ctx.saved_tensors
+    dq, dk, dv = fp8_sdpa_backward_op(grad_o, q, k, v, o8, descale_o, stats, state, ctx.attn_scale)
+    return dq, dk, dv, None, None
 
 
 fp8_sdpa_op.register_autograd(_backward, setup_context=_setup)
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Attention of bf16 [B, S, H, D] tensors (diffusers' layout) on cuDNN's FP8 kernels; bf16 output."""
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
+                  scale: float | None = None) -> torch.Tensor:
+    """Attention of bf16 [B, S, H, D] tensors (diffusers' layout) on cuDNN's FP8 kernels; bf16 output.
+
+    `state` is the call site's amax state (`fresh_state`), kept by the caller across steps.
+    """
     if q.dtype != torch.bfloat16:
         raise ValueError(f"{BACKEND_NAME} takes bf16 q, k, v (got {q.dtype}): the base must compute in bf16")
     attn_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return fp8_sdpa_op(q.contiguous(), k.contiguous(), v.contiguous(), attn_scale)[0]
+    return fp8_sdpa_op(q.contiguous(), k.contiguous(), v.contiguous(), state, attn_scale)[0]
