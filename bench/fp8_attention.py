@@ -86,6 +86,37 @@ def check(n: int, peak: float, seed: int) -> dict:
     return {"tokens": n, "peak": peak, "first": first, "delayed": second}
 
 
+def sweep(n: int, seed: int) -> list[dict]:
+    """Errors of dQ, dK, dV (and O) as the dS scale and the P scale move, from ideal amaxes.
+
+    Where cuDNN's reported amax of dS is the amax of the tensor it quantizes, scaling dS up from it
+    overflows; if instead the errors fall, the reported amax is not that tensor's (the kernel-level
+    check found dQ and dK errors near 1 at 32760 tokens with delayed scales from it).
+    """
+    q, k, v, do = _inputs(n, 1.0, seed)
+    ref = grads(lambda a, b, c: sdpa(a, b, c, SDPBackend.EFFICIENT_ATTENTION), q.float(), k.float(), v.float(), do.float())
+    scale = DIM**-0.5
+    rows = []
+    for p_scale in (256.0, 448.0):
+        o8, descale_o, stats, _ = fa.forward(q, k, v, scale, p_scale)
+        o = fa.dequantize(o8, descale_o)
+        ones = torch.ones(4, device=q.device)
+        *_, amax = fa.backward(do, q, k, v, o8, descale_o, stats, scale, ones, p_scale)
+        for ds_mult in (1.0, 2.0**4, 2.0**8, 2.0**12, 2.0**16):
+            # two refinement passes: dS first, then dQ, dK, dV from a backward whose dS was not flushed
+            sc = fa.grad_scales(amax)
+            sc[3] = sc[3] * ds_mult
+            *_, amax2 = fa.backward(do, q, k, v, o8, descale_o, stats, scale, sc, p_scale)
+            sc2 = fa.grad_scales(amax2)
+            sc2[3] = sc[3]
+            dq, dk, dv, amax3 = fa.backward(do, q, k, v, o8, descale_o, stats, scale, sc2, p_scale)
+            rows.append({"tokens": n, "p_scale": p_scale, "ds_mult": ds_mult, "o": rel(o, ref[0]),
+                         "dq": rel(dq, ref[1]), "dk": rel(dk, ref[2]), "dv": rel(dv, ref[3]),
+                         "amax": amax3.tolist(), "finite": bool(torch.isfinite(dq).all() and torch.isfinite(dk).all())})
+            print("SWEEP", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def speed(n: int) -> dict:
     q, k, v, do = (torch.randn(1, n, HEADS, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     do = do * 1e-3
@@ -134,6 +165,10 @@ def main() -> None:
             print("CHECK", json.dumps(r), flush=True)
             rows.append(r)
             torch.cuda.empty_cache()
+        try:
+            rows.extend(sweep(n, seed=7 * n))
+        except Exception as err:
+            print("SWEEP", json.dumps({"tokens": n, "error": f"{type(err).__name__}: {str(err)[:600]}"}), flush=True)
         try:
             r = {"tokens": n, **speed(n)}
         except Exception as err:

@@ -130,7 +130,7 @@ def main() -> None:
             noise = torch.randn(latent.shape, device=device, dtype=dtype, generator=g)
             sigma = (t / 1000).to(dtype).view(-1, 1, 1, 1, 1)
             noisy = (1 - sigma) * latent + sigma * noise
-            pred = t2v_forward(model, noisy, t, text)
+            pred = t2v_forward(model, noisy, t.to(dtype), text)  # its pipeline passes the timestep in the model dtype
             loss = torch.nn.functional.mse_loss(pred.float(), (noise - latent).float())
             loss.backward()
             opt.step()

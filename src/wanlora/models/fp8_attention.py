@@ -194,7 +194,7 @@ def _one(device: torch.device, value: float = 1.0) -> torch.Tensor:
     return torch.full((1, 1, 1, 1), value, dtype=torch.float32, device=device)
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: float):
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: float, p_scale: float = P_SCALE):
     """FP8 attention of bf16 [B, S, H, D] q, k, v.
 
     Returns (o8, descale_o, stats, amax(P)): e4m3 codes of O ([B, S, H, D]) and their descale (on
@@ -212,7 +212,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: float
     amax_s, amax_o = _one(q.device, 0.0), _one(q.device, 0.0)
     _run("fwd", q, k, attn_scale, {
         "q": q8, "k": k8, "v": v8, "descale_q": dq_, "descale_k": dk_, "descale_v": dv_,
-        "descale_s": _one(q.device, 1.0 / P_SCALE), "scale_s": _one(q.device, P_SCALE), "scale_o": s_o,
+        "descale_s": _one(q.device, 1.0 / p_scale), "scale_s": _one(q.device, p_scale), "scale_o": s_o,
         "o": o8, "stats": stats, "amax_s": amax_s, "amax_o": amax_o,
     })
     return o8, 1.0 / s_o, stats, amax_s
@@ -233,8 +233,8 @@ def grad_scales(amax: torch.Tensor, margin: float = 2.0) -> torch.Tensor:
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o8: torch.Tensor,
-             descale_o: torch.Tensor, stats: torch.Tensor, attn_scale: float, scales: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             descale_o: torch.Tensor, stats: torch.Tensor, attn_scale: float, scales: torch.Tensor,
+             p_scale: float = P_SCALE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (bf16, [B, S, H, D]) of FP8 attention, and the amax of dQ, dK, dV, dS ([4] fp32).
 
     `scales` ([4] fp32) are the e4m3 scales of dQ, dK, dV, dS (`grad_scales`).
@@ -251,8 +251,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _run("bwd", q, k, attn_scale, {
         "q": q8, "k": k8, "v": v8, "o": o8, "dO": do8, "stats": stats,
         "descale_q": dq_, "descale_k": dk_, "descale_v": dv_, "descale_o": descale_o, "descale_dO": ddo_,
-        "descale_s": _one(q.device, 1.0 / P_SCALE), "descale_dP": 1.0 / sc[3],
-        "scale_s": _one(q.device, P_SCALE), "scale_dQ": sc[0], "scale_dK": sc[1], "scale_dV": sc[2], "scale_dP": sc[3],
+        "descale_s": _one(q.device, 1.0 / p_scale), "descale_dP": 1.0 / sc[3],
+        "scale_s": _one(q.device, p_scale), "scale_dQ": sc[0], "scale_dK": sc[1], "scale_dV": sc[2], "scale_dP": sc[3],
         "dQ": dq8, "dK": dk8, "dV": dv8,
         "amax_dQ": amax[0], "amax_dK": amax[1], "amax_dV": amax[2], "amax_dP": amax[3],
     })
