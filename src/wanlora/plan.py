@@ -8,9 +8,11 @@ derived: they come from bench/RESULTS.md (GPU section), and tests/test_plan.py c
 predictions against that table (within 15%). Change a constant only together with a new
 measurement there.
 
-Calibration: one NVIDIA H100 80GB HBM3 (torch 2.11+cu130, diffusers 0.42.1, peft 0.21.2),
-full-size random experts, LoRA rank 16 on the six default targets, adamw8bit, 2026-11-25.
-Times are for that card; scale by your GPU's bf16 matmul rate otherwise.
+Calibration: memory on one NVIDIA H100 80GB HBM3 (2026-11-25); step times on one NVIDIA H200
+(2026-12-01), both with torch 2.11+cu130, diffusers 0.42.1, peft 0.21.2, full-size random
+experts, LoRA rank 16 on the six default targets. The H100 rows stay within 15% too (the H200 has
+the H100's compute; its faster memory shows in the elementwise work, a few percent). Times are
+for that card; scale by your GPU's bf16 matmul rate otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from wanlora.models.geometry import WAN22_A14B, forward_flops, latent_shape
 GIB = 1024**3
 TEXT_LEN = 512
 
-# ---------------------------------------------------------------- calibration (H100, 2026-11-25)
+# ------------------------------------------- calibration (memory: H100 2026-11-25; time: H200 2026-12-01)
 #: Activation GiB per video token held at the step's peak, per checkpointing mode. selective: slope
 #: of 36.8 GiB (9,216 tokens) -> 61.6 GiB (32,760 tokens), one bf16 expert, compiled. full: 21.35
 #: GiB of the float8 33f run minus its weights and LoRA, over 9,216 tokens (the naive runs of
@@ -40,18 +42,20 @@ ACT_GIB_PER_TOKEN = {"selective": 1.056e-3, "full": 0.800e-3, "none": 9.3e-3}
 #: window's 2 GiB.
 ACT_OFFLOADED_GIB_PER_TOKEN = 0.317e-3
 #: Effective rates in TFLOP/s of the three work kinds the step time is made of. Linear work counts
-#: forward + input-gradient backward + recomputed forward (elementwise work rides along): fitted on
-#: the two compiled selective runs (1.766 s at 9,216 tokens, 10.14 s at 32,760); eager fitted on the
-#: naive run (2.503 s at 9,216). Attention in forward-equivalents (backward = 2.5 forwards in a
-#: flash kernel that recomputes P): the same fit; the profile agrees (cuDNN fprop ~536 TFLOP/s).
-LINEAR_TFLOPS = {"compiled": 551.0, "eager": 351.0}
+#: forward + input-gradient backward + recomputed forward (elementwise work rides along); attention
+#: counts forward-equivalents (backward = 2.5 forwards in a flash kernel that recomputes P). On the
+#: H200 (bench/RESULTS.md, H200 section): attention 560, bracketed by the kernel-level timings of
+#: cuDNN's bf16 flash attention (forward 560-682, backward 513-528 TFLOP/s at 9,216-32,760 tokens),
+#: then compiled linears fitted on the two compiled selective bf16 runs (1.699 s at 9,216 tokens,
+#: 9.740 s at 32,760: 551, the H100's fit too) and eager on the naive run (2.372 s at 9,216).
+LINEAR_TFLOPS = {"compiled": 551.0, "eager": 373.0}
 #: With `quantization.fp8_matmul` the forward and recomputed forward linears run on fp8 tensor cores
 #: (the input-gradient backward stays bf16). Effective rate of those two passes, per-token activation
-#: quantization included, fitted on 33f@512² both resident (1.528 s against bf16's 1.741 s in the same
-#: call, second session): far below the 2x the fp8 units promise, because each linear first reads its
-#: input once more to find and apply the per-token scales.
-LINEAR_FP8_TFLOPS = 686.0
-ATTENTION_TFLOPS = 540.0
+#: quantization included, fitted on the H200's two fp8-matmul runs (1.479 s at 33f@512² both resident,
+#: 9.041 s at 81f@832x480): far below the 2x the fp8 units promise, because each linear first reads
+#: its input once more to find and apply the per-token scales.
+LINEAR_FP8_TFLOPS = 747.0
+ATTENTION_TFLOPS = 560.0
 #: Optimizer step of one expert's LoRA (bitsandbytes AdamW8bit: ~800 tensors, one launch each): the
 #: profiler's 85-95 ms; torch AdamW is foreach and far cheaper (not measured, ~10 ms assumed).
 OPTIMIZER_S = {"adamw8bit": 0.09, "adamw": 0.01, "adafactor": 0.03}
@@ -272,5 +276,5 @@ def render(result: PlanResult) -> str:
     if result.switch_overhead:
         lines.append(f"expert switching adds ~{100 * result.switch_overhead:.0f}% to training time")
     lines += [f"suggestion: {s}" for s in result.suggestions]
-    lines.append("times calibrated on one H100 80GB (bench/RESULTS.md); scale by your GPU's bf16 rate")
+    lines.append("times calibrated on one H200 (bench/RESULTS.md); scale by your GPU's bf16 rate")
     return "\n".join(lines)

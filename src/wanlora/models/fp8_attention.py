@@ -1,27 +1,29 @@
-"""FP8 self-attention, forward and backward, through cuDNN's graph API (`model.attention_backend: cudnn_fp8`).
+"""FP8 self-attention, forward and backward, on cuDNN's fused kernels (`sdpa_fp8`, `sdpa_fp8_backward`).
 
-Why: at 81f@832x480 cuDNN's bf16 flash attention is 6.06 s of a 9.29 s float8 step on an H100
-(bench/RESULTS.md), so no change to the linears reaches 8 s. Hopper's tensor cores run e4m3 at
-twice the bf16 rate, and cuDNN has a fused FP8 attention with a backward (`sdpa_fp8`,
-`sdpa_fp8_backward`) that PyTorch's SDPA does not expose. NVIDIA's `nvidia-cudnn-frontend` package
-reaches it from Python without Transformer Engine.
+Why: at 81f@832x480 cuDNN's bf16 flash attention is 6.0 s of a 9.0 s float8 step (bench/RESULTS.md,
+H200 section), so no change to the linears reaches 8 s. Hopper's tensor cores run e4m3 at twice
+the bf16 rate, and cuDNN's FP8 attention has a backward; PyTorch's SDPA does not expose it, and
+NVIDIA's `nvidia-cudnn-frontend` package (1.16, no other dependencies) reaches it from Python.
 
-What is quantized, and how the scales are found without a host sync (each is a device tensor):
-- Q, K, V (forward and backward) and dO, O (backward): per-tensor e4m3 with a power-of-two scale,
-  the largest that keeps the tensor's amax under 448. A power of two makes the scale and its
-  inverse exact in any dtype, so quantize and dequantize cancel.
-- P, the softmax probabilities inside the kernel: at most 1, so a fixed scale (`P_SCALE`).
-- dS (cuDNN calls it dP), the score gradient inside the backward kernel: bounded without knowing
-  it, |dS_ij| = P_ij |dO_i . V_j - dO_i . O_i| <= amax(P) * 2 * max_i |dO_i| * max_j |V_j|, with the
-  row norms and amax(P) (a forward output) on the device. The bound is loose by the Cauchy-Schwarz
-  slack, which costs e4m3 range at the bottom, not overflow at the top.
-- The outputs O, dQ, dK, dV stay bf16 (no scale), which cuDNN's mixed-precision FP8 graphs allow.
+Status: measured on an H200 (bench/RESULTS.md), **not wired into params**. The kernels are 1.22x
+faster at 32,760 tokens (forward + backward 117 ms against 142 ms a layer; no gain at 9,216), but
+with per-tensor scales their error is 25-120x bf16's: O 6%, dQ/dK/dV 7% on random inputs and
+18-40% on peaked ones, against 0.15-0.56% for bf16 cuDNN, both against float32. A mode that does not
+agree does not become a `model.attention_backend`; this module and `bench/fp8_attention.py` are
+where the next attempt (per-head or per-block scales, e5m2 gradients) starts.
 
-Only self-attention uses it: cross-attention has 512 keys (about 1.5% of the attention FLOPs at
-33f) and stays on the bf16 kernel. The op is a `torch.library` custom op with its own backward, so
-torch.compile keeps it opaque and selective checkpointing can keep its outputs
-(`wanlora.models.accel`). On a machine without the package or a Hopper-class GPU,
-`check_available` refuses with the fix; there is no silent fallback to bf16.
+What cuDNN on Hopper (cuDNN 9.19, frontend 1.16) allows and what is done here:
+- Q, K, V, O, dO, dQ, dK, dV are all e4m3: bf16/fp16 outputs are Blackwell-only ("sdpa fp8 forward
+  with HALF/BFLOAT16 output is only supported on Blackwell", the frontend's check).
+- Inputs get per-tensor power-of-two scales from their amax (`quantize`), computed on the device:
+  a power of two makes scale and descale exact, so quantize and dequantize cancel.
+- P (softmax probabilities, <= 1) has a fixed scale (`P_SCALE`; 256 and 448 measured the same).
+- O's scale needs no history: each row of O is a convex combination of V's rows, so
+  amax(O) <= amax(V).
+- dQ, dK, dV and dS (cuDNN's "dP") must be scaled before the kernel computes them: delayed scaling
+  from the amaxes the previous backward of the same call site reported (`grad_scales`, 2x headroom).
+  A site's first backward refines them in two extra passes (`backward_with_state`): with unit
+  scales dS underflows in e4m3, which flushes dQ and dK and makes their reported amax useless.
 """
 
 from __future__ import annotations
@@ -264,9 +266,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 # The amax state of a call site ([4] fp32: dQ, dK, dV, dS) is updated inside the backward op. The
 # op is opaque to torch.compile and always runs, so the update happens; it is not declared as a
 # mutation because a backward formula that mutates a forward input is not something AOTAutograd
-# traces. A site's first backward has no history: it runs the kernel once only to read the amaxes
-# (which cuDNN takes before quantizing), then again with scales from them. Which sites have
-# history is kept host-side by storage, so no step waits on the GPU to find out.
+# traces. Which sites have history is kept host-side by storage address, so no step waits on the
+# GPU to find out (a state tensor must therefore live as long as its call site).
 _seen: set[int] = set()
 
 
@@ -276,11 +277,18 @@ def fresh_state(device: torch.device) -> torch.Tensor:
 
 
 def backward_with_state(do, q, k, v, o8, descale_o, stats, attn_scale, state):
-    """`backward` with delayed scaling from `state`, which it updates (see the comment above)."""
+    """`backward` with delayed scaling from `state`, which it updates (see the comment above).
+
+    A site's first backward has no history, so it runs the kernel three times. With unit scales
+    the amax of dS is right (cuDNN takes it before quantizing) but dS itself underflows, so dQ and
+    dK come out flushed; the second pass scales dS from that amax and reads the amaxes of dQ, dK,
+    dV; the third uses them. This is the sequence the H200 sweep measured (bench/RESULTS.md).
+    """
     if state.data_ptr() not in _seen:
-        probe = torch.ones(4, dtype=torch.float32, device=q.device)
-        *_, amax = backward(do, q, k, v, o8, descale_o, stats, attn_scale, probe)
-        state.copy_(amax)
+        ones = torch.ones(4, dtype=torch.float32, device=q.device)
+        *_, first = backward(do, q, k, v, o8, descale_o, stats, attn_scale, ones)
+        *_, second = backward(do, q, k, v, o8, descale_o, stats, attn_scale, grad_scales(first))
+        state.copy_(torch.cat([second[:3], first[3:]]))
         _seen.add(state.data_ptr())
     dq, dk, dv, amax = backward(do, q, k, v, o8, descale_o, stats, attn_scale, grad_scales(state))
     state.copy_(amax)
