@@ -22,8 +22,12 @@ from wanlora.models.geometry import build_transformer
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
 
-def naive_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer):
-    """A hand-written flow-matching LoRA step: uniform t, x_t = (1-s) x0 + s eps, MSE on eps - x0."""
+def naive_step_fn(predict, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer):
+    """A hand-written flow-matching LoRA step: uniform t, x_t = (1-s) x0 + s eps, MSE on eps - x0.
+
+    `predict(noisy, t, text)` is the model's velocity prediction (float t in [0, 1000)); the peer
+    benchmark (bench/peer_diffsynth.py) uses the same step around DiffSynth-Studio's model.
+    """
     latent, text = batch["latent"], batch["text"]
 
     def step(i: int) -> float:
@@ -32,8 +36,7 @@ def naive_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt: t
         noise = torch.randn(latent.shape, device=latent.device, dtype=latent.dtype, generator=g)
         sigma = (t / 1000).to(latent.dtype).view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * latent + sigma * noise
-        pred = model(hidden_states=noisy, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), (noise - latent).float())
+        loss = torch.nn.functional.mse_loss(predict(noisy, t, text).float(), (noise - latent).float())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -42,15 +45,21 @@ def naive_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt: t
     return step
 
 
-def main() -> None:
-    p = common_args(__doc__.splitlines()[0])
+def setup(description: str):
+    """Parse the command line (common options and the clip's --frames/--height/--width):
+    (args, geometry, device, dtype, shape); --tiny runs 5 frames at 32x32."""
+    p = common_args(description)
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     args = p.parse_args()
-    cfg = geometry(args.tiny)
     device, dtype = device_and_dtype(args.tiny)
-    shape = Shape(args.frames, args.height, args.width)
+    shape = Shape(args.frames, args.height, args.width) if not args.tiny else Shape(5, 32, 32)
+    return args, geometry(args.tiny), device, dtype, shape
+
+
+def main() -> None:
+    args, cfg, device, dtype, shape = setup(__doc__.splitlines()[0])
     name = "naive diffusers+peft (1 expert, full ckpt)"
     try:
         model = build_transformer(cfg, dtype, device)
@@ -58,7 +67,11 @@ def main() -> None:
         model.enable_gradient_checkpointing()
         model.train()
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-        step = naive_step_fn(model, random_batch(cfg, shape, device, dtype), opt)
+
+        def predict(noisy, t, text):
+            return model(hidden_states=noisy, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+        step = naive_step_fn(predict, random_batch(cfg, shape, device, dtype), opt)
         reset_peak(device)
         times = time_steps(step, *step_counts(args), device)
         row = make_row(name, cfg, shape, times, device)

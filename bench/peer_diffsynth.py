@@ -8,7 +8,7 @@ weights cast to the pipeline dtype (bf16), `torch.optim.AdamW`, and per-block gr
 PyTorch's SDPA where flash-attn is not installed. Here: the Wan2.2-T2V-A14B config from its
 `configs/model_configs.py` (40 blocks, dim 5120, FFN 13824, 40 heads), random bf16 weights, rank 16
 / alpha 16 (the same LoRA parameter count as ours: 10 linears a block), the same random latents and
-text as `bench/train_step.py`, a flow-matching MSE step.
+text as `bench/train_step.py`, a flow-matching MSE step (the naive baseline's, `bench.baseline_naive.naive_step_fn`).
 
 The wheel travels with the device call and is installed there at run time; only its model file and
 the checkpoint helper are imported (package `__init__`s are skipped: they pull in modelscope and the
@@ -26,10 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (
-    Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row,
-    random_batch, reset_peak, step_counts, time_steps,
-)
+from bench.baseline_naive import naive_step_fn, setup
+from bench.common import append_row, failed_row, make_row, random_batch, reset_peak, step_counts, time_steps
 
 A14B = {"has_image_input": False, "patch_size": [1, 2, 2], "in_dim": 16, "dim": 5120, "ffn_dim": 13824,
         "freq_dim": 256, "text_dim": 4096, "out_dim": 16, "num_heads": 40, "num_layers": 40, "eps": 1e-06}
@@ -106,14 +104,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[torch.n
 
 
 def main() -> None:
-    p = common_args(__doc__.splitlines()[0])
-    p.add_argument("--frames", type=int, default=33)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
-    args = p.parse_args()
-    cfg = geometry(args.tiny)
-    device, dtype = device_and_dtype(args.tiny)
-    shape = Shape(args.frames, args.height, args.width) if not args.tiny else Shape(5, 32, 32)
+    args, cfg, device, dtype, shape = setup(__doc__.splitlines()[0])
     name = "peer: DiffSynth-Studio WanModel + peft LoRA (1 expert, per-block ckpt)"
     try:
         model, params = build(args.tiny, device, dtype)
@@ -122,20 +113,8 @@ def main() -> None:
         batch = random_batch(cfg, shape, device, dtype)
         if args.tiny:
             batch["text"] = batch["text"][..., : TINY["text_dim"]]
-        latent, text = batch["latent"], batch["text"]
-
-        def step(i: int) -> None:
-            g = torch.Generator(device=device).manual_seed(i)
-            t = torch.rand(1, device=device, generator=g) * 1000
-            noise = torch.randn(latent.shape, device=device, dtype=dtype, generator=g)
-            sigma = (t / 1000).to(dtype).view(-1, 1, 1, 1, 1)
-            noisy = (1 - sigma) * latent + sigma * noise
-            pred = t2v_forward(model, noisy, t.to(dtype), text)  # its pipeline passes the timestep in the model dtype
-            loss = torch.nn.functional.mse_loss(pred.float(), (noise - latent).float())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        # its pipeline passes the timestep in the model dtype
+        step = naive_step_fn(lambda noisy, t, text: t2v_forward(model, noisy, t.to(dtype), text), batch, opt)
         reset_peak(device)
         times = time_steps(step, *step_counts(args), device)
         row = make_row(name, cfg, shape, times, device, note=f"LoRA parameters {n_lora:,}; eager; torch AdamW; bf16 LoRA",
