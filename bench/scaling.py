@@ -81,7 +81,7 @@ def run(args, env) -> None:
     t0 = time.perf_counter()
     try:
         model = build_transformer(cfg, dtype, device, seed=0 if expert == "high" else 1)
-        lora = add_lora(model, params.network, dtype)
+        lora = add_lora(model, params.network)
         apply_accel(model, AccelSettings(checkpointing="selective", compile=compile_))
         model.train()
         if args.sharded:

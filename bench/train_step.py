@@ -54,7 +54,7 @@ class BenchConfig:
     optimizer: str = "adamw8bit"
     fp8_matmul: bool = False
     activation_offloading: bool = False
-    lora_fp32: bool = False  # LoRA weights in float32 (peft's default, AI Toolkit's) instead of the base dtype
+    lora: str = "masters"  # `lora_variant`: the product's float32 masters, or bf16 / peft_fp32 to compare
     attention_backend: str = "auto"
     warmup: int | None = None
     steps: int | None = None
@@ -103,17 +103,44 @@ CONFIGS: dict[str, BenchConfig] = {
     "81f_1024_fp8mm_sel_offload": BenchConfig(S81_1024, experts=("high",), quant="float8", fp8_matmul=True,
                                               optimizer="adamw", activation_offloading=True, warmup=1, steps=2,
                                               note="selective ckpt, activations in host memory, fp8 matmuls"),
-    # H200 session (issue 20): what float32 LoRA weights cost against bf16 ones, same levers
-    "33f_bf16_both_sw1_adamw_fp32lora": BenchConfig(S33, optimizer="adamw", lora_fp32=True,
-                                                    note="both resident, switch_every 1, float32 LoRA"),
+    # H200 session (issue 20): what the LoRA's precision costs, same levers (`lora_variant`)
+    "33f_bf16_both_sw1_adamw_bf16lora": BenchConfig(S33, optimizer="adamw", lora="bf16",
+                                                    note="both resident, switch_every 1, bf16 LoRA weights"),
+    "33f_bf16_both_sw1_adamw_fp32lora": BenchConfig(S33, optimizer="adamw", lora="peft_fp32",
+                                                    note="both resident, switch_every 1, peft's float32 LoRA"),
     "33f_fp8mm_both_sw1_adamw_fp32lora": BenchConfig(S33, quant="float8", fp8_matmul=True, optimizer="adamw",
-                                                     lora_fp32=True, note="both resident, switch_every 1, float32 LoRA"),
+                                                     lora="peft_fp32", note="both resident, switch_every 1, peft's float32 LoRA"),
     "81f_fp8mm_1expert_adamw_fp32lora": BenchConfig(S81, experts=("high",), quant="float8", fp8_matmul=True,
-                                                    optimizer="adamw", lora_fp32=True, warmup=2, steps=3),
+                                                    optimizer="adamw", lora="peft_fp32", warmup=2, steps=3),
     "81f_1024_float8_sel_offload": BenchConfig(S81_1024, experts=("high",), quant="float8", optimizer="adamw",
                                                activation_offloading=True, warmup=1, steps=2,
                                                note="selective ckpt, activations in host memory"),
 }
+
+
+def lora_variant(model: torch.nn.Module, params: list[torch.nn.Parameter], mode: str,
+                 dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """The LoRA `add_lora` made (float32 masters, bf16 compute: "masters"), or one to compare with.
+
+    "bf16": the weights in the compute dtype, as the product kept them before float32 masters.
+    "peft_fp32": peft's own float32 LoRA (AI Toolkit's): each adapted linear casts its input to
+    float32 and runs the LoRA matmuls there.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    if mode == "bf16":
+        for p in params:
+            p.data = p.data.to(dtype)
+    elif mode == "peft_fp32":
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer):
+                layer.cast_input_dtype_enabled = True
+                for linears in (layer.lora_A, layer.lora_B):
+                    for linear in linears.values():
+                        linear.__class__ = torch.nn.Linear
+    elif mode != "masters":
+        raise ValueError(f"lora={mode!r}: use masters, bf16 or peft_fp32")
+    return params
 
 
 def _batch(cfg: dict, shape: Shape, expert: str, step: int, device: torch.device, dtype: torch.dtype,
@@ -147,7 +174,7 @@ def build(name: str, bc: BenchConfig, tiny: bool):
         quantize_transformer(m, bc.quant, params.quantization.group_size)  # a no-op for "none"
         if params.quantization.fp8_matmul:
             enable_fp8_matmul(m)
-        lora[e] = add_lora(m, params.network, torch.float32 if bc.lora_fp32 else dtype)
+        lora[e] = lora_variant(m, add_lora(m, params.network), bc.lora, dtype)
         apply_accel(m, settings)
         m.train()
         optims[e] = build_optimizer(lora[e], params.train)
@@ -197,7 +224,7 @@ def run(name: str, bc: BenchConfig, args) -> None:
         compiled = bc.compile and device.type == "cuda"
         levers = (f"ckpt={bc.checkpointing} compile={compiled} quant={bc.quant}{'+fp8mm' if bc.fp8_matmul else ''} "
                   f"opt={bc.optimizer}{' act_offload' if bc.activation_offloading else ''}"
-                  f"{' lora=fp32' if bc.lora_fp32 else ''}{' attn=' + bc.attention_backend if bc.attention_backend != 'auto' else ''} "
+                  f" lora={bc.lora}{' attn=' + bc.attention_backend if bc.attention_backend != 'auto' else ''} "
                   f"experts={'+'.join(bc.experts)}")
         bad = [k for k, v in enumerate(losses) if not math.isfinite(v)]
         invalid = f"INVALID: non-finite loss from step {bad[0]} on (backward skipped), times are not steps" if bad else ""

@@ -64,7 +64,7 @@ def tiny_expert(seed: int) -> WanTransformer3DModel:
     """The tiny expert with a rank-4 LoRA whose B is non-zero (so every LoRA tensor gets a gradient)."""
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**TINY_CFG)
-    add_lora(model, NET, torch.float32)
+    add_lora(model, NET)
     g = torch.Generator().manual_seed(seed + 100)
     for name, p in model.named_parameters():
         if "lora_B" in name:

@@ -104,3 +104,18 @@ def tiny_params(root: Path, **sections) -> Params:
 def copy_workspace(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def crash_at_step(monkeypatch, step: int) -> None:
+    """Make the trainer raise KeyboardInterrupt (a simulated kill) when it builds a batch at
+    global step `step`; `monkeypatch.undo()` lifts it."""
+    from wanlora.train import loop
+
+    real = loop.make_batch
+
+    def make_batch(tr, indices, expert, g):
+        if tr.step == step:
+            raise KeyboardInterrupt("simulated kill")
+        return real(tr, indices, expert, g)
+
+    monkeypatch.setattr(loop, "make_batch", make_batch)

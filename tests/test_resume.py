@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_helpers import copy_workspace, make_workspace, tiny_params
+from _train_helpers import copy_workspace, crash_at_step, make_workspace, tiny_params
 from wanlora.io import atomic_write_yaml
 from wanlora.train import loop
 
@@ -62,14 +62,7 @@ def test_exception_at_random_step_then_resume(template, uninterrupted, tmp_path,
     ws = copy_workspace(template[0], tmp_path / "ws")
     params = tiny_params(template[1], **RICH)
     crash_at = random.Random(5).randint(4, 8)  # after at least one checkpoint, before the last
-    real_make_batch = loop.make_batch
-
-    def make_batch(tr, indices, expert, g):
-        if tr.step == crash_at:
-            raise KeyboardInterrupt("simulated kill")
-        return real_make_batch(tr, indices, expert, g)
-
-    monkeypatch.setattr(loop, "make_batch", make_batch)
+    crash_at_step(monkeypatch, crash_at)
     with pytest.raises(KeyboardInterrupt):
         loop.run_stage(params, ws)
     monkeypatch.undo()

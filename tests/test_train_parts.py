@@ -26,7 +26,7 @@ NET = NetworkConfig(rank=4, alpha=8)
 def _expert(seed: int = 0) -> torch.nn.Module:
     model = build_transformer(TINY, torch.float32, "cpu", seed)
     torch.manual_seed(seed + 100)
-    add_lora(model, NET, torch.float32)
+    add_lora(model, NET)
     with torch.no_grad():  # a LoRA that already moved away from zero, so it changes outputs
         for n, p in model.named_parameters():
             if "lora_B" in n:

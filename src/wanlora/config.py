@@ -66,7 +66,9 @@ class ModelConfig(Section):
         description="Local diffusers folder or hub id of Wan 2.2 T2V A14B (two experts, VAE, UMT5).",
     )
     revision: str = Field("main", description="Hub revision (branch, tag or commit) to pin.")
-    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute dtype of the base.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Compute dtype of the base and of the LoRA matmul; LoRA weights, gradients "
+        "and optimizer state stay float32.")
     flow_shift: float = Field(
         5.0, gt=0, description="Training shift of the flow-match schedule (5 for Wan 2.2 T2V)."
     )
@@ -200,7 +202,7 @@ class NetworkConfig(Section):
 
 # -------------------------------------------------------------------------------------- save
 class SaveConfig(Section):
-    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of saved LoRA tensors.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of saved LoRA tensors (training keeps float32 masters).")
     every: int = Field(250, ge=1, description="Save a checkpoint pair every this many steps.")
     keep_last: int = Field(4, ge=1, description="How many checkpoint pairs to keep.")
 

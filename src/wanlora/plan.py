@@ -71,8 +71,11 @@ RESERVE_GIB = 2.0
 
 #: Bytes per stored weight element of quantized linears (codes + scales/zero points).
 QUANT_BYTES = {"none": 2.0, "float8": 1.0, "qfloat8": 1.0, "uint4": 0.5 + 3 / 64, "nf4": 0.5 + 4 / 64}
-#: Optimizer state bytes per LoRA parameter (LoRA weights and grads are bf16: 4 more bytes).
-OPTIMIZER_BYTES = {"adamw8bit": 2.0, "adamw": 4.0, "adafactor": 0.1}
+#: Optimizer state bytes per LoRA parameter: 8-bit or float32 moments (torch keeps them in the
+#: parameter's dtype), Adafactor's factored rows and columns.
+OPTIMIZER_BYTES = {"adamw8bit": 2.0, "adamw": 8.0, "adafactor": 0.1}
+#: LoRA weight and gradient bytes per parameter: float32 masters (`wanlora.train.lora`).
+LORA_BYTES = 8.0
 
 Checkpointing = Literal["none", "full", "selective"]
 
@@ -186,7 +189,7 @@ def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointi
     compiled = params.model.compile
     w = weight_gib(config, quant)
     lora = lora_parameters(config, params.network.rank, params.network.target_modules)
-    lora_g = lora * (4 + OPTIMIZER_BYTES[tr.optimizer]) / GIB
+    lora_g = lora * (LORA_BYTES + OPTIMIZER_BYTES[tr.optimizer]) / GIB
     held = tokens * (2 if tr.dop.enabled else 1)  # the class prompt doubles the trained batch
     act = ACT_GIB_PER_TOKEN[checkpointing] * held
     if offload:

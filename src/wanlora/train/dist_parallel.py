@@ -19,7 +19,7 @@ per step, so DDP's overlap with backward would save well under 1%. In exchange t
 unwrapped: peft's disable_adapters (DOP's prior pass), set_adapters, block offloading hooks,
 checkpointing, quantized bases and FSDP all see the bare module; there is no no_sync bookkeeping
 for accumulation and no "parameter marked ready twice" failure when DOP runs two forwards before
-one backward. Gradients are summed in fp32 even when the LoRA is bf16 (DDP reduces in bf16).
+one backward. Gradients are summed in fp32, the LoRA's master dtype (`wanlora.train.lora`).
 Expert-parallel groups of one rank skip the reduction entirely.
 """
 

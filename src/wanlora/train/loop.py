@@ -103,7 +103,7 @@ def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, de
 
     model = load_base(root, expert, params, workspace, where, calib, work=device)
     torch.manual_seed(params.job.seed + (0 if expert == "high" else 1))  # LoRA A init: same every run
-    for p in add_lora(model, params.network, dtype):
+    for p in add_lora(model, params.network):  # float32 masters, on the device (train.lora)
         p.data = p.data.to(device)
     if params.quantization.transformer != "none":
         from wanlora.models.quant import forbid_fusion
