@@ -133,11 +133,15 @@ def sampling(low_vram: bool) -> tuple[tuple[int, ...], dict]:
 
 
 def text_cache_float8() -> int:
+    """The text cache's float8 encoder on the device the stage resolves (`stages/text_cache.py`
+    passes `resolve_device(job.device)`, never "auto")."""
     from wanlora.models.text import run_stage
+    from wanlora.stages._common import resolve_device
 
     out = BASE / "text_gpu"
     run_stage(root=ROOT, captions_manifest=WS / "data/captions/captions.jsonl", prompts=["a [trigger]"],
-              trigger="sks", dropout=("sks", "person"), out_dir=out, dtype="bf16", quant="float8", device=DEV)
+              trigger="sks", dropout=("sks", "person"), out_dir=out, dtype="bf16", quant="float8",
+              device=resolve_device(DEV))
     return len(list(out.glob("*.safetensors")))
 
 
