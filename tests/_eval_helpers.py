@@ -97,42 +97,77 @@ def merged(model: WanTransformer3DModel, lora: dict[str, LoraModule]) -> WanTran
     return out
 
 
-def make_lineage_workspace(root: Path, n_clips: int = 2) -> Path:
-    """A workspace with raw clips (bytes only), caption files, the three manifests and params.yaml.
+LINEAGE_PARAMS = {"datasets": {"main": {"captions": {"default_caption": "a clip"}}}}
 
-    Clip 0..n-2 have caption files; the last clip uses the dataset's default caption.
+
+def make_lineage_workspace(root: Path, n_clips: int = 2, uncaptioned: int = 0, params: dict | None = None) -> Path:
+    """A workspace with raw clips (bytes only), caption files, the three manifests and params.yaml
+    (LINEAGE_PARAMS, or `params`).
+
+    Clip 0..n-2 have caption files; clip n-1 uses the dataset's default caption; `uncaptioned`
+    further clips (u0, u1, ...) have no caption at all, so the captions stage left them out of
+    its manifest and training skips them.
     """
     import json
 
     from wanlora.config import dump_params, parse_params
     from wanlora.io import sha256_file, sha256_text, write_jsonl
 
-    params = parse_params({"datasets": {"main": {"captions": {"default_caption": "a clip"}}}})
-    (root / "params.yaml").write_text(dump_params(params))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(dump_params(parse_params(params or LINEAGE_PARAMS)))
     raw = root / "data/raw"
     raw.mkdir(parents=True)
     clips, samples, captions = [], [], []
-    for i in range(n_clips):
-        clip = raw / f"c{i}.mp4"
-        clip.write_bytes(f"video bytes {i}".encode())
-        cid, rel = f"main/c{i}.mp4", f"data/raw/c{i}.mp4"
+    names = [f"c{i}" for i in range(n_clips)] + [f"u{i}" for i in range(uncaptioned)]
+    for i, name in enumerate(names):
+        clip = raw / f"{name}.mp4"
+        clip.write_bytes(f"video bytes {name}".encode())
+        cid, rel = f"main/{name}.mp4", f"data/raw/{name}.mp4"
         has_file = i < n_clips - 1
         if has_file:
-            (raw / f"c{i}.txt").write_text(f"sks clip number {i}")
+            (raw / f"{name}.txt").write_text(f"sks clip number {i}")
         clips.append({"id": cid, "dataset": "main", "path": rel, "sha256": sha256_file(clip),
-                      "caption_path": f"data/raw/c{i}.txt" if has_file else None, "status": "ok"})
+                      "caption_path": f"data/raw/{name}.txt" if has_file else None, "status": "ok"})
         for k in range(2):
             samples.append({"id": f"{cid}#{k}", "clip_id": cid, "dataset": "main", "path": rel,
                             "sha256": sha256_file(clip), "kind": "video"})
+        if i >= n_clips:
+            continue
         text = f"sks clip number {i}" if has_file else "sks a clip"
         captions.append({"id": cid, "caption": text, "caption_sha256": sha256_text(text),
-                         "source": f"data/raw/c{i}.txt" if has_file else "default",
-                         "source_sha256": sha256_file(raw / f"c{i}.txt") if has_file else sha256_text("a clip")})
+                         "source": f"data/raw/{name}.txt" if has_file else "default",
+                         "source_sha256": sha256_file(raw / f"{name}.txt") if has_file else sha256_text("a clip")})
     write_jsonl(root / "data/trimmed/clips.jsonl", clips)
     write_jsonl(root / "data/buckets/samples.jsonl", samples)
     write_jsonl(root / "data/captions/captions.jsonl", captions)
     (root / "dvc.lock").write_text(json.dumps({"schema": "2.0"}))
     return root
+
+
+def captioned_samples(root: Path) -> tuple[list[str], dict[str, str]]:
+    """(trained ids, {skipped id: reason}) as the trainer's dataset splits a lineage workspace."""
+    from wanlora.io import read_jsonl
+
+    captioned = {r["id"] for r in read_jsonl(root / "data/captions/captions.jsonl")}
+    samples = read_jsonl(root / "data/buckets/samples.jsonl")
+    return ([s["id"] for s in samples if s["clip_id"] in captioned],
+            {s["id"]: "no caption for its clip" for s in samples if s["clip_id"] not in captioned})
+
+
+def save_checkpoint(root: Path, lora: dict[str, LoraModule], step: int, expert: str, params=None,
+                    fingerprint: str = "tiny", **kw) -> Path:
+    """`data/lora/<expert>/step_N.safetensors` as the trainer writes it: peft keys, lineage of the
+    workspace's captioned samples (params from params.yaml unless given), sealed with the tensor hash."""
+    from wanlora.config import load_params
+    from wanlora.export import lineage
+
+    params = params or load_params(root / "params.yaml")
+    trained, skipped = captioned_samples(root)
+    sd, meta = write_ours(lora)
+    meta |= lineage.lineage_metadata(params, root, step, expert, fingerprint, trained, skipped, **kw)
+    path = root / f"data/lora/{expert}/step_{step:06d}.safetensors"
+    save_safetensors(path, sd, lineage.seal(sd, meta))
+    return path
 
 
 EVAL_SAMPLE = {"prompts": ["[trigger] walking", "a red car"], "steps": 2, "guidance_scale": 2.0, "num_frames": 5,

@@ -9,21 +9,22 @@ import pytest
 import torch
 from peft import LoraConfig, set_peft_model_state_dict
 
-from tests._eval_helpers import forward, make_lineage_workspace, random_lora, tiny_pipeline
-from wanlora.config import DEFAULT_TARGETS, load_params, parse_params
-from wanlora.export import lineage
+from tests._eval_helpers import (LINEAGE_PARAMS, forward, make_lineage_workspace, random_lora, save_checkpoint,
+                                 tiny_pipeline)
+from wanlora.config import DEFAULT_TARGETS, ParamsError, load_params, parse_params
 from wanlora.export.stage import run_stage
 from wanlora.export.audit import verify
-from wanlora.export.formats import load_safetensors, read_header, read_native, save_safetensors
+from wanlora.export.formats import LoraFormatError, load_safetensors, read_header, read_native, save_safetensors
 from wanlora.io import atomic_write_json
 
 RANK, ALPHA = 4, 2.0  # alpha != rank: a wrong scale would show
 
 
-def _trained_workspace(ws: Path, steps=(2, 4), n_clips: int = 2) -> tuple[Path, dict]:
+def _trained_workspace(ws: Path, steps=(2, 4), n_clips: int = 2, params: dict | None = None) -> tuple[Path, dict]:
     """Checkpoints as the trainer writes them: peft keys, lineage header (alpha only there)."""
-    make_lineage_workspace(ws, n_clips)
-    params = parse_params({"network": {"rank": RANK, "alpha": ALPHA}, "job": {"name": "cat"}})
+    raw = {**LINEAGE_PARAMS, "network": {"rank": RANK, "alpha": ALPHA}, "job": {"name": "cat"}, **(params or {})}
+    make_lineage_workspace(ws, n_clips, params=raw)
+    params = parse_params(raw)
     pipe = tiny_pipeline()
     loras = {}
     for step in steps:
@@ -31,12 +32,7 @@ def _trained_workspace(ws: Path, steps=(2, 4), n_clips: int = 2) -> tuple[Path, 
             lora = random_lora(model, seed=step * 10 + len(expert), rank=RANK, alpha=ALPHA,
                                targets=list(DEFAULT_TARGETS))
             loras[step, expert] = lora
-            sd = {}
-            for module, m in lora.items():
-                sd[f"transformer.{module}.lora_A.weight"] = m.down
-                sd[f"transformer.{module}.lora_B.weight"] = m.up
-            meta = lineage.lineage_metadata(params, ws, step, expert, "tiny")
-            save_safetensors(ws / f"data/lora/{expert}/step_{step:06d}.safetensors", sd, meta)
+            save_checkpoint(ws, lora, step, expert, params)
     return ws, {"params": params, "loras": loras}
 
 
@@ -83,9 +79,12 @@ def test_export_best_step_for_comfyui_and_diffusers(tmp_path: Path):
     assert cmeta["wanlora.format"] == "comfyui" and cmeta["wanlora.expert"] == "low" and cmeta["wanlora.step"] == "2"
     assert cmeta["wanlora.exported_from"] == "step_000002.safetensors"
 
-    # the audit works on an exported file
-    result = verify(out / "comfyui/cat_step000002_high_noise.safetensors", ws)
-    assert result.ok and result.all_unchanged and len(result.samples) == 4
+    assert cmeta["wanlora.exported_name"] == "cat_step000002_low_noise.safetensors"
+
+    # the audit works on an exported file: its tensors hash like the checkpoint's in both formats
+    for fmt in ("comfyui", "diffusers"):
+        result = verify(out / f"{fmt}/cat_step000002_high_noise.safetensors", ws)
+        assert result.ok and result.all_unchanged and len(result.samples) == 4, result.message
 
 
 def test_last_and_numbered_steps(tmp_path: Path):
@@ -123,3 +122,49 @@ def test_lineage_sidecar_travels_with_exports(tmp_path: Path):
     exported = ws / "out/diffusers/cat_step000002_high_noise.safetensors"
     assert len(list((ws / "out/diffusers").glob("lineage-*.json"))) == 1
     assert verify(exported, ws).ok
+
+
+def test_export_headers_carry_no_absolute_path(tmp_path: Path):
+    """Issue 22: exports carried the full resolved params with absolute paths (user names, cache
+    and output dirs), the prompts and the default caption. They keep the train stage's params,
+    with paths relative to the workspace, and what export decided in keys of its own."""
+    outside = tmp_path / "home" / "alice" / "models" / "Wan2.2-T2V-A14B-Diffusers"
+    ws, made = _trained_workspace(tmp_path / "ws", steps=(2,), params={
+        "model": {"name_or_path": str(outside)},
+        "quantization": {"cache_dir": str(tmp_path / "home/alice/.cache/wanlora")},
+        "sample": {"prompts": ["a private prompt"]}})
+    made["params"].export.step = "2"
+    run_stage(made["params"], ws, ws / "data/exports")
+    for path in sorted((ws / "data/exports").rglob("*.safetensors")):
+        _, meta = read_header(path)
+        text = json.dumps(meta)
+        assert str(tmp_path) not in text and "alice" not in text and "a private prompt" not in text
+        assert meta["wanlora.base_model"] == "external:Wan2.2-T2V-A14B-Diffusers@main#tiny"
+        recorded = json.loads(meta["wanlora.params"])
+        assert recorded["model.name_or_path"] == "external:Wan2.2-T2V-A14B-Diffusers"
+        assert not any(isinstance(v, str) and v.startswith(("/", "~")) for v in recorded.values())
+        assert "job.name" not in recorded and meta["wanlora.exported_name"] == path.name
+        assert verify(path, ws).all_unchanged
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "/tmp/abs", "sub/dir", ".."])
+def test_a_job_name_that_is_not_a_plain_file_name_is_refused(tmp_path: Path, name: str):
+    """Issue 22: `job.name: ../../../x` made export write outside the workspace."""
+    (tmp_path / "params.yaml").write_text(f"job:\n  name: '{name}'\n")
+    with pytest.raises(ParamsError, match="job.name: must be a plain file name"):
+        load_params(tmp_path / "params.yaml")
+    ws, made = _trained_workspace(tmp_path / "ws", steps=(2,))
+    with pytest.raises(ValueError, match="plain file name"):
+        made["params"].job.name = name  # params are validated on assignment too
+    assert parse_params({"job": {"name": "my character v1"}}).job.name == "my character v1"
+
+
+def test_export_refuses_a_checkpoint_whose_tensors_do_not_match_its_header(tmp_path: Path):
+    ws, made = _trained_workspace(tmp_path, steps=(2,))
+    path = ws / "data/lora/high/step_000002.safetensors"
+    sd, meta = load_safetensors(path)
+    sd = {k: v + 1 for k, v in sd.items()}
+    save_safetensors(path, sd, meta)
+    made["params"].export.step = "2"
+    with pytest.raises(LoraFormatError, match="do not match the hash its header recorded"):
+        run_stage(made["params"], ws, ws / "out")

@@ -43,13 +43,25 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------------------- job
 class JobConfig(Section):
-    name: str = Field("wan22_lora", description="Run name; used in exported file names.")
+    name: str = Field("wan22_lora", description="Run name; used in exported file names, so a plain file name.")
     trigger_word: str = Field(
         "sks", description="Word that names the concept; replaces [trigger] in captions and prompts."
     )
     output_dir: str = Field("exports", description="Folder that `wanlora export` writes to.")
     seed: int = Field(42, ge=0, description="Seed for data order, timesteps, noise and sampling.")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda or cuda:N.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        """Export writes `<name>_stepN_<expert>_noise.safetensors`: a separator or `..` would put it
+        outside the workspace, and characters Windows forbids break copying it into ComfyUI there."""
+        bad = sorted({c for c in v if c in '/\\:*?"<>|' or ord(c) < 32})
+        if not v or len(v) > 128 or v in (".", "..") or bad or v != v.strip(" .") or v.startswith("-"):
+            shown = f": {', '.join(repr(c) for c in bad)} not allowed" if bad else ""
+            raise ValueError(f"must be a plain file name (1-128 characters, no path separators, not '.' or '..', "
+                             f"no leading '-' or dot, no trailing space or dot){shown}; e.g. my_character_v1")
+        return v
 
     @field_validator("device")
     @classmethod

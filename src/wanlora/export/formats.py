@@ -30,6 +30,7 @@ from wanlora.errors import UserError
 from wanlora.io import atomic_open, safetensors_bytes
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+MAX_HEADER_BYTES = 4 * 1024 * 1024  # see read_header
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry for the peft LoraConfig
 OURS_PREFIX = "transformer."
 NATIVE_PREFIX = "diffusion_model."
@@ -131,7 +132,9 @@ def _from_kohya_name(name: str) -> str | None:
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """(tensor table, metadata) of a safetensors file, reading only its JSON header.
 
-    Used by `audit`, which must never load tensors: the header is 8 bytes of length, then JSON.
+    Used by `audit` on files of unknown origin: the header is 8 bytes of length, then JSON. The
+    length is capped to what a LoRA header can be (ours are under 300 KB for a full A14B LoRA;
+    a forged 100 MB one took 2.7 GB of memory to parse), and deep nesting is refused, not a crash.
     """
     refuse_pickle(path)
     with open(path, "rb") as f:
@@ -139,12 +142,17 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         if len(raw_len) != 8:
             raise LoraFormatError(f"{path}: too short to be a safetensors file")
         n = int.from_bytes(raw_len, "little")
-        if n > 100_000_000:
-            raise LoraFormatError(f"{path}: header length {n} is implausible; not a safetensors file")
+        if n > MAX_HEADER_BYTES:
+            raise LoraFormatError(f"{path}: header of {n} bytes is larger than a LoRA's can be "
+                                  f"({MAX_HEADER_BYTES >> 20} MiB); refused")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LoraFormatError(f"{path}: header is not JSON; not a safetensors file") from None
+        except RecursionError:
+            raise LoraFormatError(f"{path}: header JSON is nested too deeply; not a safetensors file") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise LoraFormatError(f"{path}: header is not a safetensors table; not a safetensors file")
     metadata = header.pop("__metadata__", None) or {}
     return header, metadata
 

@@ -24,6 +24,23 @@ from wanlora.io import sha256_file
 
 Expert = Literal["high", "low"]
 _AITK_EXPERT = {"high": ".transformer_1.", "low": ".transformer_2."}
+#: Header keys of a foreign file that an import keeps (in `wanlora.imported_metadata`): what names
+#: the file's origin and shape. Everything else stays behind: trainers write dataset folders and
+#: tag counts (`ss_dataset_dirs`, `ss_tag_frequency`), absolute model and output paths, prompts,
+#: and a foreign `wanlora.*` lineage that describes someone else's workspace. The same idea as AI
+#: Toolkit's `ui_scripts/merge_loras.py`, which keeps only version, format, ss_base_model_version
+#: and software; `name` is the `meta.name` of an AI Toolkit job config.
+FOREIGN_KEYS = frozenset({
+    "name", "format", "version", "software", "training_info", "ss_base_model_version", "ss_output_name",
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "modelspec.architecture", "modelspec.title",
+})
+FOREIGN_VALUE_LIMIT = 1024  # characters; a longer value is not a name or a version
+
+
+def foreign_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The allowlisted, short entries of a foreign header (see FOREIGN_KEYS)."""
+    return {k: v for k, v in sorted(metadata.items())
+            if k in FOREIGN_KEYS and isinstance(v, str) and len(v) <= FOREIGN_VALUE_LIMIT}
 
 
 def expert_from_name(path: Path) -> Expert | None:
@@ -91,7 +108,7 @@ def import_lora(
             "wanlora.imported_sha256": sha256_file(path),
             "wanlora.imported_format": {"ours": "wanlora/diffusers", "native": "comfyui/ai-toolkit",
                                         "kohya": "musubi-tuner"}[fmt],
-            "wanlora.imported_metadata": json.dumps(source_meta, sort_keys=True),
+            "wanlora.imported_metadata": json.dumps(foreign_metadata(source_meta), sort_keys=True),
         }
     )
     found = expert or expert_from_name(path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -18,8 +17,8 @@ from rich.console import Console
 from wanlora.config import Params
 from wanlora.export import formats
 from wanlora.export.imports import read_lora
-from wanlora.export.lineage import PREFIX, sidecar_names
-from wanlora.io import atomic_write_json, sha256_file
+from wanlora.export.lineage import PREFIX, sidecar_names, tensors_sha256
+from wanlora.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 STEP_FILE = re.compile(r"step_(\d+)\.safetensors\Z")
 EXPERTS = ("high", "low")
@@ -67,8 +66,12 @@ def export_file(src: Path, fmt: str, dst: Path) -> Path:
     lora, meta, kind = read_lora(src)
     if kind != "ours":
         raise formats.LoraFormatError(f"{src}: expected a wanlora checkpoint (peft keys), found {kind} keys")
+    if meta.get(PREFIX + "tensors_sha256") != tensors_sha256(lora):
+        raise formats.LoraFormatError(f"{src}: its tensors do not match the hash its header recorded at save time "
+                                      "(altered, or saved by an older wanlora); rerun the train stage")
     carried = {k: v for k, v in meta.items() if k.startswith(PREFIX)}
-    carried.update({PREFIX + "format": fmt, PREFIX + "exported_from": src.name,
+    # What export itself decided, apart from the training record it carries unchanged.
+    carried.update({PREFIX + "format": fmt, PREFIX + "exported_name": dst.name, PREFIX + "exported_from": src.name,
                     PREFIX + "exported_from_sha256": sha256_file(src)})
     if fmt == "comfyui":
         tensors, extra = formats.write_comfy(lora), {}
@@ -77,10 +80,10 @@ def export_file(src: Path, fmt: str, dst: Path) -> Path:
     else:
         raise ValueError(f"unknown export format {fmt!r}; use 'comfyui' or 'diffusers'")
     formats.save_safetensors(dst, tensors, {**carried, **extra})
-    for name in sidecar_names(meta):  # lineage too large for the header travels beside the file
+    for name in sidecar_names(meta):  # lineage too large for the header travels beside the file (checked name)
         if not (src.parent / name).is_file():
             raise FileNotFoundError(f"{src.parent / name}: lineage sidecar of {src.name} is missing")
-        shutil.copyfile(src.parent / name, dst.parent / name)
+        atomic_write_bytes(dst.parent / name, (src.parent / name).read_bytes())
     return dst
 
 

@@ -71,7 +71,7 @@ class Trainer:
     placer: ExpertPlacer
     offloads: list[BlockOffload]
     state_dir: Path
-    base_identity: dict[Expert, str]
+    base_identity: dict[Expert, str]  # content identity of each expert's weights (`model_identity`)
     expect_encoder: str | None
     env: DistEnv = field(default_factory=DistEnv)
     plan: ParallelPlan | None = None
@@ -149,11 +149,14 @@ def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.devi
 
 
 def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
-    """LoRA header: lineage (`wanlora.export.lineage`) plus the effective timestep law of the
-    expert. Deterministic (no clock), so a resumed run writes the same bytes."""
+    """LoRA header: lineage (`wanlora.export.lineage`: the samples this run trains and why the
+    others are left out) plus the effective timestep law of the expert. Deterministic (no clock),
+    so a resumed run writes the same bytes."""
     from wanlora.export.lineage import lineage_metadata
 
     meta = lineage_metadata(tr.params, tr.workspace, tr.step, expert, tr.base_identity[expert],
+                            trained=[it.id for it in tr.data.items],
+                            skipped={p.path: p.reason for p in tr.data.problems},
                             sidecar_dir=tr.state_dir / "lora" / expert)
     meta["wanlora.timesteps"] = json.dumps(tr.dists[expert].describe(), sort_keys=True)
     return meta
@@ -273,8 +276,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         schedule=ExpertSchedule(mine, ms.switch_every, ms.expert_choice, high_mass),
         placer=placer, offloads=offloads,
         state_dir=workspace / "scratch/train" / run_key(params, workspace),
-        base_identity={e: f"{params.model.name_or_path}@{params.model.revision}#"
-                          f"{model_identity(root, EXPERT_FOLDERS[e])}" for e in active},
+        base_identity={e: model_identity(root, EXPERT_FOLDERS[e]) for e in active},
         expect_encoder=expect_encoder,
         env=env, plan=plan, groups=groups,
     )

@@ -102,13 +102,16 @@ def load_lora_state_dict(expert: torch.nn.Module, state: dict[str, torch.Tensor]
 
 def lora_file_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype, net: NetworkConfig,
                     metadata: dict[str, str]) -> bytes:
-    """A LoRA .safetensors file as bytes: tensors cast to `dtype`, diffusers' header keys plus ours."""
+    """A LoRA .safetensors file as bytes: tensors cast to `dtype`, diffusers' header keys plus ours,
+    sealed with the sha256 of the tensors as saved (`wanlora.export.lineage.seal`)."""
+    from wanlora.export.lineage import seal
+
     header = {"format": "pt",
               "lora_adapter_metadata": json.dumps({PREFIX + k: v for k, v in adapter_metadata(net).items()},
                                                   indent=2, sort_keys=True),
               **metadata}
     out = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(tensors.items())}
-    return safetensors_bytes(out, metadata=header)
+    return safetensors_bytes(out, metadata=seal(out, header))
 
 
 @contextmanager
