@@ -201,6 +201,26 @@ def test_musubi_import_keeps_alpha(tmp_path: Path):
     _same(lora, again)
 
 
+def test_import_keeps_only_allowlisted_foreign_header_keys(tmp_path: Path):
+    """Issue 22: `import-lora` copied a foreign file's whole header (dataset folders, absolute
+    paths, tag counts, someone else's wanlora lineage) into ours. Only names, versions and shape
+    information survive (cf. AI Toolkit's ui_scripts/merge_loras.py, which keeps version, format,
+    ss_base_model_version and software)."""
+    lora = random_lora(tiny_transformer(2), seed=6, rank=4, alpha=1.0, targets=["to_k"])
+    path = tmp_path / "downloaded_low_noise.safetensors"
+    foreign = {"ss_network_module": "networks.lora_wan", "ss_base_model_version": "wan_2.2_14b",
+               "ss_output_name": "their_lora", "name": "their_lora", "software": "x" * 2000,
+               "ss_dataset_dirs": '{"/home/bob/private/clips": {"n_repeats": 1}}',
+               "ss_tag_frequency": '{"1_sks": {"sks": 40}}', "ss_sd_model_name": "/home/bob/models/wan.safetensors",
+               "wanlora.lineage_version": "2", "wanlora.samples": '[{"path": "data/raw/bob.mp4"}]'}
+    formats.save_safetensors(path, formats.write_musubi(lora), foreign)
+    _, meta = import_lora(path, TINY)
+    assert json.loads(meta["wanlora.imported_metadata"]) == {
+        "name": "their_lora", "ss_base_model_version": "wan_2.2_14b", "ss_network_module": "networks.lora_wan",
+        "ss_output_name": "their_lora"}  # software: too long to be a name or a version
+    assert "/home/bob" not in json.dumps(meta) and "wanlora.lineage_version" not in meta
+
+
 def test_peft_named_file_without_alpha(tmp_path: Path):
     """Made elsewhere: diffusers' default alpha = rank; our own checkpoint: an error, not a guess."""
     lora = random_lora(tiny_transformer(1), seed=8, rank=4, alpha=1.0, targets=["to_v"])

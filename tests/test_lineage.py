@@ -123,3 +123,49 @@ def test_a_forged_sidecar_name_is_refused(name: str):
     meta = {"wanlora.samples_sidecar": name, "wanlora.samples_sidecar_sha256": "0" * 64}
     with pytest.raises(lineage.LineageError, match="not one wanlora writes"):
         lineage.sidecar_names(meta)
+
+
+def test_two_copies_of_a_workspace_train_byte_identical_loras(tmp_path: Path):
+    """Issue 16 / 25 item 1, built like the experiment: two copies of one workspace, identical
+    params and data; one has a git history, a dvc.lock of other runs, and trained another
+    configuration first. The tensors were identical and the files were not (`dvc_lock_sha256`,
+    `git_commit`). Now the whole files are, and each one audits clean against its workspace; the
+    sample training skipped (its clip has no caption) is recorded as not trained, with the reason."""
+    from _train_helpers import copy_workspace, make_workspace, tiny_params
+
+    from wanlora.config import dump_params
+    from wanlora.export.audit import verify
+    from wanlora.io import read_jsonl, write_jsonl
+    from wanlora.train import loop
+
+    a = make_workspace(tmp_path / "a", tmp_path / "model")
+    rows = read_jsonl(a / "data/buckets/samples.jsonl")  # the helper's manifests name no real files: add them
+    for i, r in enumerate(rows):
+        (a / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (a / r["path"]).write_bytes(f"clip {i}".encode())
+        r["sha256"] = sha256_file(a / r["path"])
+    write_jsonl(a / "data/buckets/samples.jsonl",
+                [*rows, {**rows[0], "id": "main/nocap.mp4#0", "clip_id": "main/nocap.mp4", "path": "data/raw/nocap.mp4"}])
+    captions = read_jsonl(a / "data/captions/captions.jsonl")
+    write_jsonl(a / "data/captions/captions.jsonl", [{**c, "source_sha256": sha256_text("")} for c in captions])
+    params = tiny_params(tmp_path / "model", train={"steps": 2}, save={"every": 2})
+    (a / "params.yaml").write_text(dump_params(params))
+    b = copy_workspace(a, tmp_path / "b")
+    loop.run_stage(tiny_params(tmp_path / "model", train={"steps": 2, "lr": 5e-3}, save={"every": 2}), b)
+    (b / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: an earlier run\n")
+    _git(b, "init", "-q")
+    _git(b, "add", "-A")
+    _git(b, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "another history")
+
+    loop.run_stage(params, a)
+    loop.run_stage(params, b)
+    files = sorted(p.relative_to(a) for p in (a / "data/lora").rglob("*.safetensors"))
+    assert [f.as_posix() for f in files] == ["data/lora/high/step_000002.safetensors",
+                                             "data/lora/low/step_000002.safetensors"]
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+        for ws in (a, b):
+            result = verify(ws / f, ws)
+            assert result.all_unchanged, result.message
+            assert [(s.id, s.note) for s in result.samples if not s.trained] == [
+                ("main/nocap.mp4#0", "no caption for its clip (see data/captions/problems.json)")]

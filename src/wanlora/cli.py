@@ -115,8 +115,9 @@ def audit(
 ) -> None:
     """Which clips and captions made this file, and do they still match the workspace?
 
-    Exit status: 0 every clip and caption unchanged; 1 some changed or missing; 2 the file's lineage
-    cannot be verified (none recorded, sidecar missing).
+    Exit status: 0 the workspace matches the file's lineage; 1 it differs (a clip, caption, manifest,
+    params key, sample or checkpoint changed or missing); 2 the file cannot be vouched for (no lineage,
+    tensors that do not match it, an empty sample list, a sidecar missing or altered, a forged path).
     """
     from wanlora.export.audit import audit as run_audit
 

@@ -3,7 +3,9 @@
 The step is a number, "last", or "best" (lowest validation loss, from the evaluate stage's
 metrics.json). Each expert becomes one file per format, named so a user sees at once which file
 goes into which loader slot: `<job>_step000500_high_noise.safetensors`. The lineage header is
-copied forward (plus where the file was exported from), so `wanlora audit` works on exports too.
+copied forward unchanged (a checkpoint whose tensors no longer match its recorded hash is refused),
+plus what export decided (format, file name, source file and hash), so `wanlora audit` works on
+exports too.
 """
 
 from __future__ import annotations
