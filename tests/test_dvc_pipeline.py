@@ -68,7 +68,8 @@ def test_team_workflow_push_clone_pull_audit(workspace: Path, tmp_path: Path):
     export = sorted((clone / "data/exports/comfyui").glob("*_high_noise.safetensors"))[0]
     result = CliRunner().invoke(app, ["audit", str(export), "--workspace", str(clone)])
     assert result.exit_code == 0, result.output
-    assert "all sources and captions match the workspace" in result.output
+    assert "all sources, captions, manifests, params and the checkpoint match the workspace" in " ".join(
+        result.output.split())
 
     caption = clone / "data/raw/walk_black_intro.txt"
     caption.write_text(caption.read_text(encoding="utf-8") + " at dusk", encoding="utf-8")

@@ -41,7 +41,7 @@ VOLATILE = {"data/train_live/metrics.json", "data/train_live/plots/metrics/step_
             "data/eval/report.html"}
 # Hashes of other files' bytes, recorded inside LoRAs and the export listing: they differ exactly
 # when some upstream file's bytes differ, which test_outputs_are_byte_identical checks on its own.
-BYTE_HASHES = {"wanlora.dvc_lock_sha256", "wanlora.exported_from_sha256", "sha256"}
+BYTE_HASHES = {"wanlora.exported_from_sha256", "sha256"}
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
