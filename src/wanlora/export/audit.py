@@ -263,7 +263,8 @@ def check_params(fields: dict[str, str], workspace: Path) -> list[ParamCheck]:
     if not isinstance(recorded, dict):
         raise LineageError("wanlora.params is not a mapping of params keys")
     try:
-        now = recorded_params(load_params(workspace / "params.yaml"), workspace)
+        # compared as the header holds them: JSON values (a tuple would read back as a list)
+        now = json.loads(json.dumps(recorded_params(load_params(workspace / "params.yaml"), workspace)))
     except ParamsError as err:
         return [ParamCheck("params.yaml", "readable", f"unreadable: {str(err).splitlines()[0]}")]
     missing = object()
