@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,60 @@ def test_second_dvc_repro_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_p
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
     assert (ws / "data/index/media.jsonl").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; die_with_parent is Linux-only")
+def test_torchrun_launch_holds_the_lock_and_its_workers_die_with_it(tmp_path: Path):
+    """The README's `torchrun --nproc-per-node N stages/train.py`: a second trainer started by hand
+    is refused while it runs, and SIGKILL to torchrun's process group also ends the workers, which
+    torchrun puts in sessions of their own (torch/distributed/elastic/.../subprocess_handler.py)."""
+    from _train_helpers import make_workspace, tiny_params
+    from wanlora.pipeline import sync
+    from wanlora.presets import write_params
+
+    ws = make_workspace(tmp_path / "ws", tmp_path / "model")
+    params = tiny_params(tmp_path / "model", train={"steps": 100000, "parallel": "data"}, save={"every": 100000})
+    write_params(ws / "params.yaml", params, "torchrun lock test")
+    sync(ws, params, in_repo=False)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "stages/train.py"], cwd=ws, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = ws / "scratch/train.lock"
+    try:
+        deadline = time.time() + 240
+        while not (lock.is_file() and lock.read_text().startswith("PID ")) or len(_children(run.pid)) < 2:
+            assert run.poll() is None, "torchrun exited before training started"
+            assert time.time() < deadline, "torchrun's workers never took the lock"
+            time.sleep(0.5)
+        workers = _children(run.pid)
+        second = subprocess.run([sys.executable, "-P", "stages/train.py"], cwd=ws, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "training in this workspace is in use by PID" in second.stdout + second.stderr, second.stderr
+        holder = int(lock.read_text().split()[1])
+        assert holder in workers, (holder, workers)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        deadline = time.time() + 30
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "torchrun's workers outlived their launcher"
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()

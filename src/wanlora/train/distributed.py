@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from wanlora.errors import UserError
+from wanlora.lock import HOLDER_ENV, die_with_parent
 
 T = TypeVar("T")
 
@@ -170,8 +171,9 @@ def relaunch_if_needed(gpus: int, device: str) -> None:
     """Run this script again under torchrun when several GPUs should train, then exit with its
     status; return (doing nothing) in the single-process case and inside launched ranks."""
     cmd = relaunch_command(launch_count(gpus, device), sys.argv)
-    if cmd is not None:
-        raise SystemExit(subprocess.call(cmd))
+    if cmd is not None:  # we hold the train lock: the ranks run under it and die with us
+        env = {**os.environ, HOLDER_ENV: str(os.getpid())}
+        raise SystemExit(subprocess.call(cmd, env=env, preexec_fn=die_with_parent))
 
 
 # --------------------------------------------------------------------- rank-aware I/O
