@@ -92,3 +92,55 @@ def test_train_param_reruns_no_data_stage(workspace: Path):
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     ran = _repro(workspace)
     assert ran[0] == "train" and set(ran) <= {"train", "evaluate", "export"}
+
+
+def test_readme_versioning_commands_bring_back_an_older_version(workspace: Path, tmp_path: Path):
+    """README "Versioning the data with the LoRAs": after `git clone` and `dvc pull`, checking out
+    an older tag needs `dvc pull` (its data is only on the remote): `dvc checkout` alone fails."""
+    dvc = [sys.executable, "-m", "dvc"]
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    trained = _run(["git", "rev-list", "-1", "--grep=^trained$", "HEAD"], workspace).stdout.strip()
+    assert trained, "test_team_workflow_push_clone_pull_audit commits the first trained version"
+    _run([*git, "tag", "v1", trained], workspace)
+    _run(["git", "add", "-A"], workspace)
+    _run([*git, "commit", "-qm", "v2: half the learning rate"], workspace)
+    _run([*git, "tag", "v2"], workspace)
+    _run([*dvc, "push", "-q"], workspace)
+    v1_lock = _run(["git", "show", "v1:dvc.lock"], workspace).stdout
+
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path)
+    _run([*dvc, "pull", "-q"], clone)
+    _run(["git", "checkout", "-q", "v1"], clone)
+    assert subprocess.run([*dvc, "checkout"], cwd=clone, capture_output=True).returncode != 0  # why README says pull
+    _run([*dvc, "pull", "-q"], clone)  # the README's command
+    assert (clone / "dvc.lock").read_text() == v1_lock
+    assert "up to date" in _run([*dvc, "status"], clone).stdout
+    lock = yaml.safe_load(v1_lock)
+    lora = next(o for o in lock["stages"]["train"]["outs"] if o["path"] == "data/lora")
+    status = _run([*dvc, "data", "status", "--granular", "--json"], clone).stdout
+    assert "data/lora" not in status, status  # the checked-out LoRAs are v1's, unmodified
+    assert lora["md5"].endswith(".dir")
+
+
+def test_model_weights_edited_in_place_name_a_fix_that_works(workspace: Path):
+    """DVC does not hash the model folder: after the VAE's weights change under the same path, the
+    trainer's error must name a command that really rebuilds the latent cache."""
+    from safetensors.torch import load_file, save_file
+
+    vae_file = next((workspace / "models/tiny/vae").glob("*.safetensors"))
+    weights = load_file(vae_file)
+    save_file({k: v + 0.01 for k, v in weights.items()}, vae_file, metadata={"format": "pt"})
+    params_path = workspace / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["train"]["lr"] = params["train"]["lr"] * 3  # any edit that reruns train
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    failed = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=workspace, env=env, capture_output=True,
+                            text=True)
+    assert failed.returncode != 0
+    fix = re.search(r"`(dvc repro -f -s latent_cache)`, then run `dvc repro`", " ".join((failed.stdout + failed.stderr).split()))
+    assert fix, failed.stdout + failed.stderr
+    subprocess.run([sys.executable, "-m", *fix.group(1).split()], cwd=workspace, env=env, check=True,
+                   capture_output=True)
+    assert "train" in _repro(workspace)

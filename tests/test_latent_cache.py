@@ -143,7 +143,7 @@ def test_cache_equals_direct_encode_and_reruns_encode_nothing(tmp_path_factory, 
     assert len(counted) == 3 and len(list(out.glob("*.safetensors"))) == 2
     with pytest.raises(CacheError, match="no latents for sample 'main/a.mp4#0f'.*latent_cache"):
         load_latents(out, "main/a.mp4#0f")
-    with pytest.raises(CacheError, match="made with VAE .*rerun the latent_cache stage"):
+    with pytest.raises(CacheError, match=r"made with VAE .*dvc repro -f -s latent_cache`, then run `dvc repro`"):
         load_latents(out, "main/a.mp4#0", expect_vae="0123456789abcdef")
 
 

@@ -162,7 +162,7 @@ def test_dataset_with_no_valid_samples(ws, template):
 
 def test_latent_cache_of_another_model(ws, template):
     write_latents(ws, template[1], vae="0123456789abcdef")
-    with pytest.raises(InputError, match="latent cache made by VAE '0123456789abcdef'.*rerun the latent_cache"):
+    with pytest.raises(InputError, match="latent cache made by VAE '0123456789abcdef'.*dvc repro -f -s latent_cache"):
         loop.setup(tiny_params(template[1]), ws)
 
 

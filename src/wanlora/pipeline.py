@@ -95,8 +95,9 @@ STAGES: tuple[Stage, ...] = (
               "src/wanlora/lock.py", "src/wanlora/pipeline.py"),
         params=("job.seed", "job.trigger_word", "job.device", "model", "quantization", "multistage", "network",
                 "save", "train", "datasets.{ds}.cache_latents"),
-        outs=("data/lora", "data/train_live"),
-        plots=({"data/train_live/plots/metrics": {"x": "step"}},),
+        outs=("data/lora", "data/train_live", "data/train_perf"),
+        plots=({"data/train_live/plots/metrics": {"x": "step"}},
+               {"data/train_perf/perf.json": {"x": "step", "y": ["step_time", "samples_per_s", "peak_mem"]}}),
     ),
     Stage(
         "evaluate", "sample every checkpoint, validation loss, report page",

@@ -6,7 +6,8 @@ UMT5 cuts the end off, a caption beside a video that was renamed. Each of these 
 `Problem` that names the file and the fix, instead of a LoRA that learned the wrong thing.
 
 The DOP variant (trigger replaced by the preservation class) is written for every clip whether or
-not DOP is on: it costs nothing here, and turning DOP on later then reruns only the text cache.
+not DOP is on: it costs nothing here, the text cache encodes it with the caption, and so turning
+DOP on later reruns no data stage, only train and what follows it.
 """
 
 from __future__ import annotations

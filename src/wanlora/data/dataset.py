@@ -30,6 +30,7 @@ import torch
 
 from wanlora.io import read_jsonl
 from wanlora.models.latents import INDEX, draw_latent, load_latents, normalize_latents
+from wanlora.errors import rebuild_fix
 from wanlora.report import InputError, Problem
 
 STAGE = "train"
@@ -59,7 +60,7 @@ def _latent_index(cache_dir: Path, expect_vae: str | None) -> dict[str, str]:
     if expect_vae is not None and index.get("vae") != expect_vae:
         raise CacheMismatch(
             f"{path}: latent cache made by VAE {index.get('vae')!r}, but the model's VAE is {expect_vae!r} "
-            "(model.name_or_path changed?). Fix: rerun the latent_cache stage (`dvc repro latent_cache`)"
+            f"(model.name_or_path changed, or its weights?). {rebuild_fix('latent_cache')}"
         )
     return dict(index.get("samples", {}))
 

@@ -32,6 +32,7 @@ import torch
 from rich.progress import track
 
 from wanlora.io import atomic_write_json, read_jsonl, sha256_json
+from wanlora.errors import rebuild_fix
 from wanlora.report import Problem, settle, write_problems
 from wanlora.models.cachefiles import (
     INDEX,
@@ -51,7 +52,7 @@ from wanlora.models.loading import load_vae, model_identity, to_dtype
 #: Up to 720p the Wan VAE encodes whole frames on a 24 GB card; tiles change the last bits.
 TILING_MIN_PIXELS = 1280 * 720
 _KEY_FIELDS = ("id", "sha256", "kind", "frame_indices", "crop", "width", "height", "flip")
-_RERUN = "Fix: rerun the latent_cache stage (`dvc repro latent_cache`)"
+_RERUN = rebuild_fix("latent_cache")
 _REBUCKET = "Fix: rerun the bucket stage (`dvc repro bucket`)"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from rich.progress import track
 
+from wanlora.errors import rebuild_fix
 from wanlora.io import atomic_write_json, read_jsonl, sha256_json
 from wanlora.models.cachefiles import (
     INDEX,
@@ -41,7 +42,7 @@ from wanlora.models.loading import (
 
 MAX_LENGTH = 512
 TRIGGER_PLACEHOLDER = "[trigger]"
-_RERUN = "Fix: rerun the text_cache stage (`dvc repro text_cache`)"
+_RERUN = rebuild_fix("text_cache")
 
 
 def encoder_identity(root: str | Path) -> str:

@@ -23,7 +23,7 @@ import torch
 from wanlora.config import Params
 from wanlora.data.captions import dropout_texts
 from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches, small_buckets
-from wanlora.errors import UserError
+from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.pipeline import stage_values
@@ -291,7 +291,7 @@ def _check_shapes(tr: Trainer) -> None:
     for e, m in tr.experts.items():
         if emb.shape[-1] != m.config.text_dim:
             raise InputError(f"{tr.workspace / TEXT_DIR}: embeddings are {emb.shape[-1]} wide but the {e}-noise "
-                             f"expert expects {m.config.text_dim}. Fix: rerun the text_cache stage")
+                             f"expert expects {m.config.text_dim}. {rebuild_fix('text_cache')}")
         if tr.data.channels() != m.config.in_channels:
             raise InputError(f"the VAE has {tr.data.channels()} latent channels but the {e}-noise expert "
                              f"takes {m.config.in_channels}. Fix: use one model folder for both")
@@ -321,6 +321,11 @@ def step_experts(tr: Trainer, parts: list[tuple[Expert, list[GlobalBatch], int]]
     return outs
 
 
+def _monitor(tr: Trainer) -> Monitor:
+    return Monitor(tr.workspace / "data/train_live", tr.workspace / "data/train_perf", tr.state_dir / "live",
+                   tr.params.train.steps, tr.step, tr.history)
+
+
 def train(tr: Trainer) -> None:
     """Run optimizer steps until `train.steps`, saving every `save.every` and at the end.
 
@@ -331,7 +336,7 @@ def train(tr: Trainer) -> None:
     """
     cfg = tr.params.train
     plan, env = tr.plan, tr.env
-    monitor = Monitor(tr.workspace / "data/train_live", cfg.steps, tr.step, tr.history) if env.is_main else None
+    monitor = _monitor(tr) if env.is_main else None
     try:
         while tr.step < cfg.steps:
             started = time.perf_counter()
@@ -413,4 +418,4 @@ def run_stage(params: Params, workspace: Path) -> None:
             train(tr)
         elif env.is_main:
             ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
-            Monitor(tr.workspace / "data/train_live", params.train.steps, tr.step, tr.history).close()
+            _monitor(tr).close()

@@ -1,16 +1,21 @@
 """What a person watches: a rich progress bar, and dvclive metrics for `dvc plots`.
 
-Metrics per optimizer step: loss_high / loss_low (the main flow-matching loss of the expert that
-trained), dop_high / dop_low (the preservation term, when DOP is on; the optimized total is their
-sum), lr, grad_norm (before clipping), step_time (s), peak_mem (GiB).
+Metrics per optimizer step, in `data/train_live` (dvclive): loss_high / loss_low (the main
+flow-matching loss of the expert that trained), dop_high / dop_low (the preservation term, when
+DOP is on; the optimized total is their sum), lr, grad_norm (before clipping). These are functions
+of the inputs, so two runs of the same inputs write the same bytes.
 
-Every logged value is a Python float (never a tensor, so no graph or device memory is kept
-alive by logging). dvclive's `next_step` re-reads every metrics file to build its summary (and
-a Studio payload), which makes a long run quadratic; we append rows with `log_metric` at an
-explicit step and write the summary every `SUMMARY_EVERY` steps and at the end instead. The
-.tsv files are dvclive's own appends, not atomic replacements: DVC recreates the folder on
-every run anyway. Rows already logged before a resume are replayed from the checkpoint's
-history, because DVC deletes `data/train_live` before it reruns the stage.
+Measurements, in `data/train_perf/perf.json`: step_time (s), samples_per_s, peak_mem (GiB). They
+differ from run to run by nature, so they live apart from what "same inputs, same bytes" covers.
+
+dvclive appends to its .tsv files in place; it writes into the run's state folder, and every
+`SUMMARY_EVERY` steps and at the end each of its files is published into `data/train_live` by an
+atomic replace, so a kill never leaves a torn metrics file at a final name. dvclive's `next_step`
+re-reads every metrics file to build its summary (and a Studio payload), which makes a long run
+quadratic; we append rows with `log_metric` at an explicit step and write the summary at publish
+time instead. Every logged value is a Python float (never a tensor, so no graph or device memory
+is kept alive by logging). Rows logged before a resume are replayed from the checkpoint's history,
+because DVC deletes the outputs before it reruns the stage.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import torch
 from dvclive import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from wanlora.io import atomic_write_bytes, atomic_write_json
 from wanlora.report import console
 
 SUMMARY_EVERY = 50
-METRICS = ("loss_high", "loss_low", "dop_high", "dop_low", "lr", "grad_norm", "step_time", "samples_per_s", "peak_mem")
+METRICS = ("loss_high", "loss_low", "dop_high", "dop_low", "lr", "grad_norm")
+MEASUREMENTS = ("step_time", "samples_per_s", "peak_mem")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -36,10 +43,16 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class Monitor:
-    """Progress bar plus dvclive `Live(dir, dvcyaml=False)`; `log` once per optimizer step."""
+    """Progress bar, dvclive metrics and measurements; `log` once per optimizer step.
 
-    def __init__(self, live_dir: Path, total: int, start: int, history: list[dict[str, float]]) -> None:
-        self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    `live_dir` and `perf_dir` are the train stage's outs; dvclive itself writes to `staging`, a
+    folder of the run's state that no stage declares."""
+
+    def __init__(self, live_dir: Path, perf_dir: Path, staging: Path, total: int, start: int,
+                 history: list[dict[str, float]]) -> None:
+        self.live_dir, self.perf_dir, self.staging = live_dir, perf_dir, staging
+        self.live = Live(str(staging), dvcyaml=False, save_dvc_exp=False)
+        self.perf: list[dict[str, float]] = []
         for row in history:
             self._write(row)
         self.last = {"loss_high": float("nan"), "loss_low": float("nan")}
@@ -53,8 +66,22 @@ class Monitor:
         for name in METRICS:
             if name in row:
                 self.live.log_metric(name, row[name])
+        self.perf.append({"step": int(row["step"]), **{k: row[k] for k in MEASUREMENTS if k in row}})
         if self.live.step % SUMMARY_EVERY == 0:
             self.live.make_summary()
+            self.publish()
+
+    def publish(self) -> None:
+        """Replace every file of `live_dir` and `perf_dir` with its current content, atomically
+        (files of an earlier run that this one has not written are removed)."""
+        written = set()
+        for path in sorted(p for p in self.staging.rglob("*") if p.is_file()):
+            written.add(rel := path.relative_to(self.staging))
+            atomic_write_bytes(self.live_dir / rel, path.read_bytes())
+        for path in [p for p in self.live_dir.rglob("*") if p.is_file()]:
+            if path.relative_to(self.live_dir) not in written:
+                path.unlink()
+        atomic_write_json(self.perf_dir / "perf.json", self.perf)
 
     def log(self, row: dict[str, float]) -> None:
         self._write(row)
@@ -66,4 +93,5 @@ class Monitor:
 
     def close(self) -> None:
         self.progress.stop()
-        self.live.end()
+        self.live.end()  # writes the summary
+        self.publish()
