@@ -72,15 +72,9 @@ class Monitor:
             self.publish()
 
     def publish(self) -> None:
-        """Replace every file of `live_dir` and `perf_dir` with its current content, atomically
-        (files of an earlier run that this one has not written are removed)."""
-        written = set()
+        """Replace each of dvclive's files in `live_dir`, and `perf_dir`'s, atomically."""
         for path in sorted(p for p in self.staging.rglob("*") if p.is_file()):
-            written.add(rel := path.relative_to(self.staging))
-            atomic_write_bytes(self.live_dir / rel, path.read_bytes())
-        for path in [p for p in self.live_dir.rglob("*") if p.is_file()]:
-            if path.relative_to(self.live_dir) not in written:
-                path.unlink()
+            atomic_write_bytes(self.live_dir / path.relative_to(self.staging), path.read_bytes())
         atomic_write_json(self.perf_dir / "perf.json", self.perf)
 
     def log(self, row: dict[str, float]) -> None:
