@@ -330,11 +330,19 @@ class BucketConfig(Section):
     num_frames: list[int] = Field(
         default_factory=lambda: [33], description="Allowed frame counts, each 4n+1; a clip gets the largest that fits."
     )
-    frame_sampling: Literal["spread", "window"] = Field(
-        "spread", description="spread: evenly across the kept range; window: contiguous at fps."
+    frame_sampling: Literal["auto", "window", "spread"] = Field(
+        "auto", description="auto: contiguous windows at `fps` (true speed) covering the kept range, or one sample "
+        "spread over it where that plays within 25% of true speed; window: windows only; spread: evenly over the "
+        "whole kept range (AI Toolkit's default: a clip longer than the bucket plays its motion too fast)."
     )
-    windows_per_clip: int = Field(1, ge=1, description="Windows per clip in window mode.")
-    fps: float = Field(16.0, gt=0, description="Model frame rate for window mode.")
+    windows_per_clip: int | None = Field(
+        None, ge=1, description="At most this many windows per clip (null: as many as cover the kept range)."
+    )
+    fps: float = Field(16.0, gt=0, description="Model frame rate: windows are resampled to it by time.")
+    every_resolution: bool = Field(
+        True, description="A sample at every listed resolution the clip reaches without upscaling (AI Toolkit); "
+        "false: the largest only."
+    )
     allow_upscale: bool = Field(False, description="Allow buckets larger than the source.")
 
     @field_validator("num_frames")
