@@ -316,7 +316,8 @@ class TrimConfig(Section):
     black_level: float = Field(16.0, ge=0, le=255, description="Mean luma at or below which a frame is black.")
     motion_threshold: float = Field(
         2.0, ge=0, description="Largest mean absolute difference (0-255) over a 4x4 grid of blurred, "
-        "brightness-matched 64-px grey frames, against the first frame of a still run, above which the picture moves."
+        "brightness-matched 64-px grey frames, against the first frame of a still run, above which the picture moves. "
+        "A still run must also not drift at 384 px beyond its own noise (slow motion is motion)."
     )
     min_static_seconds: float = Field(0.25, ge=0, description="Shortest still run that counts as static.")
     max_scan_seconds: float = Field(20.0, gt=0, description="Stop scanning an end after this long.")
