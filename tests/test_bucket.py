@@ -15,10 +15,13 @@ from wanlora.config import BucketConfig, DatasetConfig
 from wanlora.data.buckets import (
     bucket_sizes,
     choose_bucket,
+    choose_buckets,
     choose_frames,
     fit_crop,
     frame_indices,
+    plan_clip,
     run_stage,
+    time_scale,
     window_span,
 )
 from wanlora.io import read_jsonl, write_jsonl
@@ -77,7 +80,7 @@ def test_spread_indices_cover_the_kept_range() -> None:
 
 def test_window_indices_resample_by_time() -> None:
     # 24 fps source at 16 fps: 1.5 source frames per model frame, rounded half up
-    assert frame_indices(0, 100, 24, 5, "window", target_fps=16) == [[46, 48, 49, 51, 52]]  # centred: starts at (100 - 7) // 2
+    assert frame_indices(0, 100, 24, 5, "window", target_fps=16, windows=1) == [[46, 48, 49, 51, 52]]  # centred: starts at (100 - 7) // 2
     # 30 fps: frame i at i/16 s -> round(i * 1.875)
     assert frame_indices(0, 16, 30, 9, "window", target_fps=16) == [[0, 2, 4, 6, 8, 9, 11, 13, 15]]
     # 16 fps source: contiguous frames
@@ -101,13 +104,78 @@ def test_too_short_raises() -> None:
 
 
 def test_choose_frames_takes_the_largest_that_fits() -> None:
-    spread = BucketConfig(num_frames=[9, 17, 33])
+    spread = BucketConfig(num_frames=[9, 17, 33], frame_sampling="spread")
     assert choose_frames(0, 20, 24, spread) == 17
     assert choose_frames(0, 33, 24, spread) == 33
     assert choose_frames(0, 8, 24, spread) is None
     window = BucketConfig(num_frames=[9, 17, 33], frame_sampling="window", fps=16)
     assert choose_frames(0, 25, 24, window) == 17  # 17 frames at 16 fps span 25 source frames
     assert choose_frames(0, 24, 24, window) == 9
+
+
+# ------------------------------------------------------------- true speed and every resolution
+def test_default_keeps_16_fps_on_an_8_s_clip_at_24_fps() -> None:
+    """An 8-s 24-fps clip spread over 33 frames would play 4x too fast; the default takes windows
+    at 16 fps that cover the kept range instead (AI Toolkit #421, musubi-tuner #567: "motion is sped up")."""
+    clip = _clip("long.mp4", keep_start=0, keep_end=192, frames=192, width=512, height=512, crop=[0, 0, 512, 512])
+    samples, problem = plan_clip(clip, DatasetConfig())
+    assert problem is None
+    assert len(samples) == 4  # 192 kept frames / 49 per 33-frame window at 16 fps -> 4 windows
+    for s in samples:
+        idx = s["frame_indices"]
+        assert s["effective_fps"] == 16.0 and s["time_scale"] == 1.0
+        assert (idx[-1] - idx[0]) / 24 == pytest.approx(32 / 16)  # 33 frames at 16 fps span 2 s of the clip
+    assert samples[0]["frame_indices"][0] == 0 and samples[-1]["frame_indices"][-1] == 191  # the whole range covered
+    spread, _ = plan_clip(clip, DatasetConfig(bucket=BucketConfig(frame_sampling="spread")))
+    assert [s["time_scale"] for s in spread] == [pytest.approx(191 / 24 / 2, abs=1e-3)]  # 3.98x too fast
+    capped, _ = plan_clip(clip, DatasetConfig(bucket=BucketConfig(windows_per_clip=2)))
+    assert [s["frame_indices"][0] for s in capped] == [0, 143]
+
+
+def test_a_clip_of_exactly_the_buckets_length_spreads_as_one_window() -> None:
+    n = window_span(33, 24, 16)  # 49 frames: 33 frames at 16 fps
+    auto = frame_indices(5, 5 + n, 24, 33, "auto", target_fps=16)
+    assert auto == frame_indices(5, 5 + n, 24, 33, "window", target_fps=16) == frame_indices(5, 5 + n, 24, 33, "spread")
+    assert time_scale(auto[0][0], auto[0][-1], 33, 24, 16) == 1.0
+
+
+def test_auto_spreads_only_within_25_percent_of_true_speed() -> None:
+    # 1.25x the bucket's length at 16 fps: 32 model-frame intervals of 1.5 source frames, x1.25 = 60 + 1 frames
+    assert frame_indices(0, 61, 24, 33, "auto", target_fps=16) == frame_indices(0, 61, 24, 33, "spread")
+    assert len(frame_indices(0, 62, 24, 33, "auto", target_fps=16)) == 2  # beyond: two true-speed windows
+    # 0.75x: 37 frames hold 33 spread at 0.75x speed; 36 do not, so 33 frames do not fit at all
+    cfg = BucketConfig(num_frames=[17, 33])
+    assert choose_frames(0, 37, 24, cfg) == 33 and choose_frames(0, 36, 24, cfg) == 17
+    assert time_scale(*frame_indices(0, 37, 24, 33, "auto", target_fps=16)[0][::32], 33, 24, 16) == 0.75
+
+
+def test_every_listed_resolution_the_source_reaches_gets_a_sample() -> None:
+    """AI Toolkit trains each clip at every resolution of its list; a 1024x1024 source with
+    [512, 768] gives one sample at each (and never an upscaled one)."""
+    assert choose_buckets(1024, 1024, [512, 768], False) == [(768, 768), (512, 512)]
+    assert choose_buckets(1024, 1024, [512, 768], False, every=False) == [(768, 768)]
+    assert choose_buckets(600, 600, [512, 768, 1024], False) == [(512, 512)]
+    assert choose_buckets(300, 300, [512, 768], False) == [(288, 288)]  # smaller than all: its own area
+    clip = _clip("sq.mp4", width=1024, height=1024, crop=[0, 0, 1024, 1024], keep_start=0, keep_end=49)
+    ds = DatasetConfig(bucket=BucketConfig(resolutions=[512, 768]))
+    samples, _ = plan_clip(clip, ds)
+    assert sorted(s["bucket"] for s in samples) == ["512x512x33", "768x768x33"]
+    assert sorted(s["id"] for s in samples) == ["main/sq.mp4@512x512#0", "main/sq.mp4@768x768#0"]
+    assert samples[0]["frame_indices"] == samples[1]["frame_indices"]
+    largest, _ = plan_clip(clip, DatasetConfig(bucket=BucketConfig(resolutions=[512, 768], every_resolution=False)))
+    assert [s["id"] for s in largest] == ["main/sq.mp4#0"]
+
+
+def test_report_and_histogram_show_the_time_scale_and_warn(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "clips.jsonl", [_clip("long.mp4", keep_start=0, keep_end=192, frames=192)])
+    run_stage({"main": DatasetConfig(bucket=BucketConfig(frame_sampling="spread"))}, tmp_path / "clips.jsonl", tmp_path / "o")
+    (row,) = json.loads((tmp_path / "o" / "histogram.json").read_text())
+    assert row["time_scale_min"] == row["time_scale_max"] == pytest.approx(3.979, abs=1e-3)
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "1 sample(s) more than 25% off true speed" in report
+    assert "plays its motion 3.979x fast" in report and "| main/long.mp4#0 | 672x384x33 | 0-191 | 4.021 | 3.979 |" in report
+    run_stage({"main": DatasetConfig()}, tmp_path / "clips.jsonl", tmp_path / "d")
+    assert "off true speed" not in (tmp_path / "d" / "report.md").read_text()
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -153,15 +221,17 @@ def test_stage_writes_samples_histogram_and_report(tmp_path: Path) -> None:
     assert (img["bucket"], img["frame_indices"], img["kind"]) == ("256x256x1", [0], "image")
 
     assert json.loads((out / "histogram.json").read_text()) == [
-        {"bucket": "256x256x1", "count": 2},
-        {"bucket": "384x160x49", "count": 4},
+        {"bucket": "256x256x1", "count": 2, "time_scale_min": None, "time_scale_max": None},
+        {"bucket": "384x160x49", "count": 4, "time_scale_min": 1.0, "time_scale_max": 1.0},
     ]
+    assert wide["effective_fps"] == 16.0 and wide["time_scale"] == 1.0
     report = json.loads((out / "report.json").read_text())
     assert report["count"] == 1
     (problem,) = report["problems"]
     assert problem["path"] == "data/raw/short.mp4"
     assert problem["reason"] == (
-        "too short: 20 kept frames (0.83 s at 24 fps), but the smallest bucket, 33 frames at 16 fps, needs 49"
+        "too short: 20 kept frames (0.83 s at 24 fps), but the smallest bucket, 33 frames at 16 fps, needs 49; "
+        "13 frames would fit (AI Toolkit would repeat frames; we skip the clip rather than train on a stretched one)"
     )
     assert "add 13 to datasets.main.bucket.num_frames" in problem["fix"]
 
@@ -200,7 +270,7 @@ def test_demo_dataset_through_trim_and_bucket(tmp_path: Path) -> None:
     length=st.integers(1, 600),
     fps=st.sampled_from([8.0, 12.0, 15.0, 16.0, 23.976, 24.0, 25.0, 29.97, 30.0, 50.0, 60.0]),
     count=st.sampled_from([1, 5, 9, 17, 33, 49, 81]),
-    mode=st.sampled_from(["spread", "window"]),
+    mode=st.sampled_from(["spread", "window", "auto"]),
     windows=st.integers(1, 5),
 )
 def test_frame_indices_properties(start, length, fps, count, mode, windows) -> None:
@@ -213,12 +283,15 @@ def test_frame_indices_properties(start, length, fps, count, mode, windows) -> N
             frame_indices(start, end, fps, count, mode, target_fps=16.0, windows=windows)
         return
     got = frame_indices(start, end, fps, count, mode, target_fps=16.0, windows=windows)
-    assert 1 <= len(got) <= (windows if mode == "window" else 1)
+    assert 1 <= len(got) <= (1 if mode == "spread" else windows)
+    spread = mode == "spread" or (mode == "auto" and count > 1 and got[0][0] == start and got[0][-1] == end - 1)
     for idx in got:
         assert len(idx) == count
         assert all(start <= i < end for i in idx)
         assert idx == sorted(idx)
-        if mode == "window" and count > 1:  # source frames advance by fps/16 per model frame, +-1 for rounding
+        if not spread and count > 1:  # source frames advance by fps/16 per model frame, +-1 for rounding
             assert abs((idx[-1] - idx[0]) - (count - 1) * fps / 16.0) <= 1
-    if mode == "spread" and count > 1:
+    if spread and count > 1:
         assert got[0][0] == start and got[0][-1] == end - 1
+        if mode == "auto":  # auto spreads only near true speed
+            assert abs(time_scale(start, end - 1, count, fps, 16.0) - 1) <= 0.25 + 1e-9

@@ -124,7 +124,19 @@ def test_empty_and_whitespace_captions_are_problems(tmp_path):
     assert records == {}
     assert [(p["path"], p["reason"]) for p in problems] == [
         ("data/raw/a.txt", "caption is empty"), ("data/raw/b.txt", "caption is empty")]
-    assert problems[0]["fix"] == "write a caption, or delete the file to use datasets.main.captions.default_caption"
+    assert problems[0]["fix"] == "write a caption, or set datasets.main.captions.default_caption (used for empty files)"
+
+
+def test_empty_caption_file_falls_back_to_the_default_with_a_warning(tmp_path):
+    """AI Toolkit (toolkit/dataloader_mixins.py, CaptionProcessingDTOMixin.load_caption) uses the dataset's
+    default caption when a caption file is empty; so do we, and say so."""
+    ws = make_workspace(tmp_path, {"a": b" \n", "b": b"a cat"})
+    records, problems = run(ws, default_caption="a [trigger] video")
+    assert problems == []
+    a = records["main/a.mp4"]
+    assert (a["caption"], a["source"], a["source_sha256"]) == ("a sks video", "default", sha256_text("a [trigger] video"))
+    assert a["warnings"] == ["data/raw/a.txt is empty: used datasets.main.captions.default_caption"]
+    assert records["main/b.mp4"]["caption"] == "sks, a cat" and records["main/b.mp4"]["warnings"] == []
 
 
 def test_encodings(tmp_path):

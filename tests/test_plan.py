@@ -157,3 +157,30 @@ def test_switch_overhead_and_bad_input() -> None:
     assert not any("switch_every" in s for s in every_10.suggestions)
     with pytest.raises(ValueError, match="memory in GiB"):
         plan(parse_params({}), 0)
+
+
+def test_epoch_follows_every_resolution_and_window_of_the_bucket_stage():
+    """An AI Toolkit-style [512, 768] list gives a 1024x1024 clip a sample at each size: the epoch
+    counts both, each at its own step time (batches never mix buckets)."""
+    from wanlora.config import BucketConfig, DatasetConfig
+    from wanlora.data.buckets import plan_clip
+    from wanlora.models.geometry import WAN22_A14B
+    from wanlora.plan import clip_tokens, epoch, step_seconds
+
+    params = parse_params({"train": {"batch_size": 1}})
+    clip = {"id": "main/sq.mp4", "dataset": "main", "path": "data/raw/sq.mp4", "sha256": "ab" * 32, "kind": "video",
+            "fps": 24.0, "frames": 192, "width": 1024, "height": 1024, "keep_start": 0, "keep_end": 192,
+            "crop": [0, 0, 1024, 1024]}
+    every, _ = plan_clip(clip, DatasetConfig(bucket=BucketConfig(resolutions=[512, 768])))
+    largest, _ = plan_clip(clip, DatasetConfig(bucket=BucketConfig(resolutions=[512, 768], every_resolution=False)))
+    e, one = epoch(params, every), epoch(params, largest)
+    assert (e.samples, e.buckets, e.micro_steps) == (8, 2, 8)  # 4 windows of 8 s at 16 fps x 2 sizes
+    assert (one.samples, one.buckets) == (4, 1)
+    tr = params.train
+
+    def at(side: int) -> float:
+        return step_seconds(WAN22_A14B, clip_tokens(33, side, side), tr.gradient_checkpointing, params.model.compile,
+                            tr.optimizer, tr.dop.enabled)
+    assert e.seconds == pytest.approx(4 * at(512) + 4 * at(768))
+    assert "one epoch: 8 samples (every window, resolution and flip) in 2 bucket(s), 8 micro-steps" in render(
+        plan(params, 80.0), e)

@@ -35,6 +35,7 @@ def test_preset_values_and_round_trip(recipe, vram, tmp_path):
     ds = p.datasets["main"]
     assert (p.quantization.transformer, p.quantization.text_encoder, p.model.low_vram) == (qt, te, low)
     assert (ds.bucket.resolutions, ds.bucket.num_frames, p.multistage.switch_every) == (res, frames, switch)
+    assert (ds.bucket.frame_sampling, ds.bucket.every_resolution, ds.bucket.fps) == ("auto", True, 16.0)
     rank, steps, ttype, bias, dop_on, dop_cls = RECIPE_FACTS[recipe]
     assert (p.network.rank, p.network.alpha, p.train.steps) == (rank, rank, steps)
     assert (p.train.timestep_type, p.train.timestep_bias) == (ttype, bias)

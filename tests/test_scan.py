@@ -58,3 +58,26 @@ def test_scan_output_is_byte_stable(tmp_path: Path):
     run_stage(params.datasets, tmp_path, tmp_path / "out2")
     for name in ("media.jsonl", "captions.jsonl", "problems.json"):
         assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes()
+
+
+def test_same_media_under_two_names_or_in_two_datasets_is_reported(tmp_path: Path):
+    import json
+
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/more").mkdir(parents=True)
+    (tmp_path / "data/raw/a.mp4").write_bytes(b"clip-one")
+    (tmp_path / "data/raw/a_copy.mp4").write_bytes(b"clip-one")
+    (tmp_path / "data/more/a.mp4").write_bytes(b"clip-one")
+    (tmp_path / "data/more/b.mp4").write_bytes(b"clip-two")
+    (tmp_path / "data/more/e1.mp4").write_bytes(b"")
+    (tmp_path / "data/more/e2.mp4").write_bytes(b"")  # empty files: reported as empty, not as copies
+    params = parse_params({"datasets": {"main": {"folder": "data/raw"}, "more": {"folder": "data/more"}}})
+    run_stage(params.datasets, tmp_path, tmp_path / "data/index")
+    problems = json.loads((tmp_path / "data/index/problems.json").read_text())["problems"]
+    copies = sorted((p["path"], p["reason"]) for p in problems if "same content" in p["reason"])
+    digest = sha256_file(tmp_path / "data/raw/a.mp4")[:12]
+    assert copies == [
+        ("data/raw/a.mp4", f"same content as data/more/a.mp4 (sha256 {digest}): 3 copies train 3x as often as one clip"),
+        ("data/raw/a_copy.mp4", f"same content as data/more/a.mp4 (sha256 {digest}): 3 copies train 3x as often as one clip"),
+    ]
+    assert sum("empty file" in p["reason"] for p in problems) == 2

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from _media_helpers import by_id, folder_hashes, write_audio_only
 from wanlora.config import DatasetConfig, TrimConfig
 from wanlora.io import read_jsonl
 from wanlora.media import trim
-from wanlora.media.motion import Analysed, StillParams, analyse, motion_score, static_prefix
+from wanlora.media.motion import Analysed, StillParams, analyse, analysis_size, motion_score, static_prefix
 from wanlora.media.probe import MediaError, probe
 from wanlora.media.synth import ClipSpec, make_clip, make_demo_raw, write_video
 from wanlora.report import InputError
@@ -136,6 +137,43 @@ def test_slow_drift_counts_as_motion() -> None:
     frames = _frames([120] * 20, shift=list(range(20)))
     assert motion_score(frames[0], frames[1]) < P.motion_threshold  # each step is below the threshold...
     assert static_prefix(frames, P).frames == 0  # ...yet the picture is moving
+
+
+def _textured(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A float picture with detail at several scales, like a real scene."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((height, width), np.float32)
+    for cells, amp in ((4, 40.0), (16, 25.0), (64, 15.0)):
+        small = rng.uniform(-amp, amp, (max(2, height * cells // width), cells)).astype(np.float32)
+        img += cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    return img + 120
+
+
+def _analysed_at_decode_size(pictures: list[np.ndarray], width: int, height: int) -> list[Analysed]:
+    """Frames as trim sees them: shrunk (area averaging) to analysis_size, then analysed."""
+    size = analysis_size(width, height)
+    return [analyse(cv2.resize(np.clip(p, 0, 255).astype(np.uint8), size, interpolation=cv2.INTER_AREA)) for p in pictures]
+
+
+def test_sub_pixel_ease_out_is_motion_though_64_px_frames_look_still() -> None:
+    """A camera easing out at 0.4-0.2 px a frame (640 px wide): the blurred 64-px picture moves less
+    than noise would, but the drift from the run's anchor at 384 px grows past the run's noise,
+    which a held noisy picture's drift does not."""
+    base = _textured(704, 272)
+    shifts = np.cumsum(np.linspace(0.4, 0.2, 20))
+    pictures = [cv2.warpAffine(base, np.float32([[1, 0, -x], [0, 1, 0]]), (640, 272), flags=cv2.INTER_LINEAR) for x in shifts]
+    frames = _analysed_at_decode_size(pictures, 640, 272)
+    assert max(motion_score(frames[0], f) for f in frames) < P.motion_threshold  # the coarse measure sees nothing
+    out = static_prefix(frames, P)
+    assert out.frames == 0 and out.moving_found
+    # while fresh noise on every frame, and an encoder re-quantizing the held picture once, do not move it
+    rng = np.random.default_rng(1)
+    base = _textured(640, 360)
+    jump = rng.normal(0, 1.0, base.shape).astype(np.float32)
+    pictures = [base + rng.normal(0, 3.0, base.shape) + (jump if i >= 8 else 0) for i in range(16)]
+    frames = _analysed_at_decode_size(pictures, 640, 360)
+    out = static_prefix(frames, P)
+    assert out.frames == 16 and out.still == 16 and not out.moving_found
 
 
 def test_fade_of_a_still_picture_is_static() -> None:
@@ -289,3 +327,19 @@ def test_detect_crop_needs_bars_dark_in_every_frame() -> None:
     dark = np.zeros((90, 160), np.uint8)
     dark[40:45, 70:80] = 200
     assert detect_crop([dark], 16) == [0, 0, 160, 90]
+
+
+def test_a_dark_scene_inside_bars_is_picture_not_bar() -> None:
+    """A night scene whose darkest columns average below the black level, with texture along them,
+    inside flat black letterbox bars: only the flat bars are cut."""
+    from wanlora.media.letterbox import detect_crop
+
+    rng = np.random.default_rng(2)
+    frames = []
+    for k in range(3):
+        f = np.zeros((120, 160), np.float32)
+        scene = np.clip(rng.normal(12, 6, (80, 160)), 0, 255)  # mean 12 < 16, spread 6
+        scene[:, 40:130] += 30 + 5 * k  # a lit shop front
+        f[20:100] = scene
+        frames.append(f.astype(np.uint8))
+    assert detect_crop(frames, 16) == [0, 20, 160, 80]

@@ -101,11 +101,16 @@ def plan(
     gpu_gib: Annotated[float, typer.Option("--gpu-gib", help="GPU memory in GiB.")] = 80.0,
     workspace: WorkspaceOpt = Path("."),
 ) -> None:
-    """Predict peak memory and step time for params.yaml on a GPU of this size."""
+    """Predict peak memory and step time for params.yaml on a GPU of this size (and, once the
+    bucket stage has run, the cost of one epoch over its samples)."""
+    from wanlora.io import read_jsonl
+    from wanlora.plan import epoch, render
     from wanlora.plan import plan as predict
-    from wanlora.plan import render
 
-    console.print(render(predict(load_params(workspace / "params.yaml"), gpu_gib)))
+    params = load_params(workspace / "params.yaml")
+    samples = workspace / "data/buckets/samples.jsonl"
+    epoch_plan = epoch(params, read_jsonl(samples)) if samples.is_file() else None
+    console.print(render(predict(params, gpu_gib), epoch_plan))
 
 
 @app.command()

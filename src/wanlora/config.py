@@ -316,7 +316,8 @@ class TrimConfig(Section):
     black_level: float = Field(16.0, ge=0, le=255, description="Mean luma at or below which a frame is black.")
     motion_threshold: float = Field(
         2.0, ge=0, description="Largest mean absolute difference (0-255) over a 4x4 grid of blurred, "
-        "brightness-matched 64-px grey frames, against the first frame of a still run, above which the picture moves."
+        "brightness-matched 64-px grey frames, against the first frame of a still run, above which the picture moves. "
+        "A still run must also not drift at 384 px beyond its own noise (slow motion is motion)."
     )
     min_static_seconds: float = Field(0.25, ge=0, description="Shortest still run that counts as static.")
     max_scan_seconds: float = Field(20.0, gt=0, description="Stop scanning an end after this long.")
@@ -330,11 +331,19 @@ class BucketConfig(Section):
     num_frames: list[int] = Field(
         default_factory=lambda: [33], description="Allowed frame counts, each 4n+1; a clip gets the largest that fits."
     )
-    frame_sampling: Literal["spread", "window"] = Field(
-        "spread", description="spread: evenly across the kept range; window: contiguous at fps."
+    frame_sampling: Literal["auto", "window", "spread"] = Field(
+        "auto", description="auto: contiguous windows at `fps` (true speed) covering the kept range, or one sample "
+        "spread over it where that plays within 25% of true speed; window: windows only; spread: evenly over the "
+        "whole kept range (AI Toolkit's default: a clip longer than the bucket plays its motion too fast)."
     )
-    windows_per_clip: int = Field(1, ge=1, description="Windows per clip in window mode.")
-    fps: float = Field(16.0, gt=0, description="Model frame rate for window mode.")
+    windows_per_clip: int | None = Field(
+        None, ge=1, description="At most this many windows per clip (null: as many as cover the kept range)."
+    )
+    fps: float = Field(16.0, gt=0, description="Model frame rate: windows are resampled to it by time.")
+    every_resolution: bool = Field(
+        True, description="A sample at every listed resolution the clip reaches without upscaling (AI Toolkit); "
+        "false: the largest only."
+    )
     allow_upscale: bool = Field(False, description="Allow buckets larger than the source.")
 
     @field_validator("num_frames")

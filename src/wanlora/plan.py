@@ -17,6 +17,7 @@ for that card; scale by your GPU's bf16 matmul rate otherwise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -262,8 +263,40 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
     return PlanResult(**{**result.__dict__, "suggestions": tuple(suggestions)})
 
 
-def render(result: PlanResult) -> str:
-    """The text `wanlora plan` prints."""
+@dataclass(frozen=True)
+class EpochPlan:
+    """One pass over the bucketed samples: every window, resolution and flip is a sample."""
+
+    samples: int
+    buckets: int
+    micro_steps: int
+    seconds: float  # of one expert's micro-steps, at each bucket's predicted step time
+
+
+def epoch(params: Params, samples: list[dict], checkpointing: Checkpointing | None = None,
+          config: dict[str, Any] | None = None) -> EpochPlan:
+    """What one epoch over data/buckets/samples.jsonl costs: batches never mix buckets, so each
+    bucket contributes ceil(count / batch_size) micro-steps at its own token count."""
+    config = config or WAN22_A14B
+    checkpointing = checkpointing or params.train.gradient_checkpointing
+    tr, q = params.train, params.quantization
+    fp8 = q.fp8_matmul and q.transformer == "float8"
+    counts: dict[tuple[int, int, int], int] = {}
+    for s in samples:
+        key = (s["num_frames"], s["height"], s["width"])
+        counts[key] = counts.get(key, 0) + 1
+    steps, seconds = 0, 0.0
+    for (f, h, w), n in counts.items():
+        k = math.ceil(n / tr.batch_size)
+        tokens = clip_tokens(f, h, w, config) * tr.batch_size
+        steps += k
+        seconds += k * step_seconds(config, tokens, checkpointing, params.model.compile, tr.optimizer,
+                                    tr.dop.enabled, fp8)
+    return EpochPlan(len(samples), len(counts), steps, seconds)
+
+
+def render(result: PlanResult, epoch_plan: EpochPlan | None = None) -> str:
+    """The text `wanlora plan` prints (with an epoch line when the samples are bucketed)."""
     f, h, w = result.clip
     lines = [
         f"largest sample: {f} frames at {w}x{h} -> {result.tokens} tokens; base {result.quantization}, "
@@ -278,6 +311,10 @@ def render(result: PlanResult) -> str:
                  f"{result.gpu_gib:g} GiB GPU: {verdict} ({where})")
     if result.switch_overhead:
         lines.append(f"expert switching adds ~{100 * result.switch_overhead:.0f}% to training time")
+    if epoch_plan is not None:
+        lines.append(f"one epoch: {epoch_plan.samples} samples (every window, resolution and flip) in "
+                     f"{epoch_plan.buckets} bucket(s), {epoch_plan.micro_steps} micro-steps, "
+                     f"~{epoch_plan.seconds / 60:.1f} min per expert")
     lines += [f"suggestion: {s}" for s in result.suggestions]
     lines.append("times calibrated on one H200 (bench/RESULTS.md); scale by your GPU's bf16 rate")
     return "\n".join(lines)

@@ -36,6 +36,10 @@ def _tier_resolutions(sides: list[int], frames: list[int], why: str) -> tuple[Se
     return (
         Setting("datasets.main.bucket.resolutions", sides, why),
         Setting("datasets.main.bucket.num_frames", frames, why),
+        Setting("datasets.main.bucket.every_resolution", True,
+                "each clip at every listed size it reaches without upscaling, as AI Toolkit trains it"),
+        Setting("datasets.main.bucket.frame_sampling", "auto",
+                "16-fps windows keep motion at its true speed; spreading an 8 s clip over 33 frames plays it 4x fast"),
     )
 
 

@@ -9,6 +9,7 @@ Outcomes:
   data/captions problems) names it with a reason containing `match`.
 - `train`: awkward but valid; the clip must reach the train stage's samples.
 - `warn`: the clip trains, and its captions record carries a warning containing `match`.
+- `report`: the clip trains, and a report names it with a reason containing `match` (a duplicate).
 - `stop`: outside the raw folder (params, model, LoRA files): the command refuses with a
   message containing `match` that names the file or key and the fix.
 
@@ -33,7 +34,7 @@ from tests._media_helpers import write_audio_only
 from wanlora.io import atomic_write_bytes, atomic_write_text
 from wanlora.media.synth import ClipSpec, clip_frames, make_clip, write_video
 
-Outcome = Literal["skip", "train", "warn", "stop"]
+Outcome = Literal["skip", "train", "warn", "report", "stop"]
 TRIGGER = "zqx"
 # A good clip: 64x64, 16 frames at 8 fps, moving the whole time (one 9-frame window fits).
 GOOD = ClipSpec(64, 64, 8.0, 16, seed=40)
@@ -182,8 +183,9 @@ def write_raw_corpus(raw: Path, outside: Path, links: bool = True) -> list[Case]
         if data is not None:
             atomic_write_bytes(raw / f"{stem}.txt", data)
 
-    # ---- same stem, two containers: distinct ids, one caption file claimed by both
-    make_clip(add("twin.mp4", "a twin clip", "train", ""), _spec(70))
+    # ---- same stem, two containers: distinct ids, one caption file claimed by both; the same bytes
+    # twice, so the second copy (by path) is reported as a duplicate that trains twice as often
+    make_clip(add("twin.mp4", "a twin clip", "report", "same content as data/raw/twin.mov"), _spec(70))
     atomic_write_bytes(add("twin.mov", "a twin clip", "train", ""), (raw / "twin.mp4").read_bytes())
 
     if not links:

@@ -153,7 +153,7 @@ def build_caption(
     trigger = normalize_whitespace(trigger)
     if not normalize_whitespace(raw):
         raise CaptionError(
-            "caption is empty", "write a caption, or delete the file to use datasets.<name>.captions.default_caption"
+            "caption is empty", "write a caption, or set datasets.<name>.captions.default_caption (used for empty files)"
         )
     text = apply_trigger(raw, trigger, cfg.trigger_position)
     if not text:
@@ -203,6 +203,9 @@ def _clip_caption(
         data = (workspace / rel).read_bytes()
         raw, warnings = decode_caption(data, cfg.non_utf8)
         source, source_sha = rel, hashlib.sha256(data).hexdigest()
+        if not normalize_whitespace(raw) and cfg.default_caption.strip():  # AI Toolkit does the same
+            warnings.append(f"{rel} is empty: used datasets.{clip['dataset']}.captions.default_caption")
+            raw, source, source_sha = cfg.default_caption, "default", sha256_text(cfg.default_caption)
     elif rel:
         raise CaptionError(
             "caption file listed by the trim stage no longer exists", "restore it, or rerun `dvc repro` to rescan"

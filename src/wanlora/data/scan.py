@@ -54,7 +54,31 @@ def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path
             })
         settle(problems, "skip", "scan")  # scan only reports; trim and captions apply on_error
         all_problems += problems
+    duplicates = duplicate_media(media_rows)
+    settle(duplicates, "skip", "scan")
+    all_problems += duplicates
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "media.jsonl", media_rows)
     write_jsonl(out_dir / "captions.jsonl", caption_rows)
     write_problems(out_dir / "problems.json", all_problems)
+
+
+def duplicate_media(rows: list[dict]) -> list[Problem]:
+    """One report per extra copy of the same content (same sha256) under another name or in another
+    dataset: every copy is trained on, so that clip is seen more often than the person thinks."""
+    by_hash: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["size"]:  # empty files share one hash and are reported as empty
+            by_hash.setdefault(r["sha256"], []).append(r)
+    out = []
+    for copies in by_hash.values():
+        first, *rest = sorted(copies, key=lambda r: r["path"])
+        for r in rest:
+            out.append(Problem(
+                r["path"],
+                f"same content as {first['path']} (sha256 {r['sha256'][:12]}): {len(copies)} copies train "
+                f"{len(copies)}x as often as one clip",
+                "delete the extra copy, or keep it if the repetition is meant",
+                "scan",
+            ))  # fmt: skip
+    return out

@@ -20,6 +20,16 @@ The measure, and why each step:
   the whole frame would dilute below the threshold.
 - Frames are compared with the first frame of the current still run (its anchor), not with the
   previous frame, so a slow drift accumulates until it counts as motion.
+- The 64-px measure alone reads slow motion as still: a slow ease-out, a dolly-in or a camera
+  drifting a pixel a frame after the subject has left changes a blurred 64-px picture by less
+  than sensor noise does (real clips lost 0.4-0.7 s of such endings). So a still run must also be
+  still at FINE_SIDE px on a FINE_GRID grid, lightly blurred, where fine motion survives. Noise is
+  told from motion by how it behaves over time, with a floor estimated from the run itself: noise
+  (grain, JPEG or compression flicker, a noisy title card) differs from the anchor by the same
+  amount at every distance, so the drift stays within the differences between neighbouring
+  frames; motion accumulates, so the drift against the anchor grows past them. A run stays still
+  while its drift is at most DRIFT_FACTOR times the largest neighbour difference so far plus
+  DRIFT_MARGIN grey levels (see `drift_limit` for the one jump an encoder adds at a keyframe).
 """
 
 from __future__ import annotations
@@ -34,43 +44,83 @@ import numpy as np
 ANALYSIS_SIDE = 64
 GRID = 4
 BLUR_SIGMA = 2.0
+FINE_SIDE = 384  # frames are decoded at this size; the 64-px picture is shrunk from it
+FINE_GRID = 8
+FINE_BLUR_SIGMA = 1.0
+DRIFT_FACTOR = 1.25
+DRIFT_MARGIN = 0.5
+KEYFRAME_JITTER = 1.5
 FADE_STEP = 1.05  # a still frame this much brighter than the anchor becomes the new anchor
 
 
 @dataclass(frozen=True)
 class Analysed:
-    """One frame reduced for motion analysis: its mean luma and its blurred small picture."""
+    """One frame reduced for motion analysis: its mean luma, its blurred 64-px picture (coarse
+    motion, robust to noise) and its lightly blurred FINE_SIDE-px picture (slow motion)."""
 
     luma: float
     blurred: np.ndarray  # float32
+    fine: np.ndarray  # float32
+
+
+def _fit(width: int, height: int, side: int, least: int) -> tuple[int, int]:
+    scale = min(1.0, side / max(width, height))
+    return max(least, round(width * scale)), max(least, round(height * scale))
 
 
 def analysis_size(width: int, height: int) -> tuple[int, int]:
-    """Displayed (w, h) of analysis frames: longer side at most ANALYSIS_SIDE, aspect kept."""
-    scale = min(1.0, ANALYSIS_SIDE / max(width, height))
-    return max(GRID, round(width * scale)), max(GRID, round(height * scale))
+    """Displayed (w, h) to decode analysis frames at: longer side at most FINE_SIDE, aspect kept."""
+    return _fit(width, height, FINE_SIDE, FINE_GRID)
 
 
 def analyse(gray: np.ndarray) -> Analysed:
-    """Reduce a small grey frame (already shrunk to analysis size) for motion comparisons."""
+    """Reduce a grey frame (already shrunk to `analysis_size`) for motion comparisons."""
     img = gray.astype(np.float32)
-    return Analysed(float(img.mean()), cv2.GaussianBlur(img, (0, 0), BLUR_SIGMA))
+    h, w = img.shape
+    small = cv2.resize(img, _fit(w, h, ANALYSIS_SIDE, GRID), interpolation=cv2.INTER_AREA) if max(h, w) > ANALYSIS_SIDE else img
+    return Analysed(
+        float(img.mean()),
+        cv2.GaussianBlur(small, (0, 0), BLUR_SIGMA),
+        cv2.GaussianBlur(img, (0, 0), FINE_BLUR_SIGMA),
+    )
+
+
+def _cell_max(a_img: np.ndarray, a_luma: float, b_img: np.ndarray, b_luma: float, grid: int) -> float:
+    """Largest per-cell mean absolute difference, the brighter picture scaled to the dimmer's mean."""
+    if a_luma > b_luma:
+        a_img, a_luma, b_img, b_luma = b_img, b_luma, a_img, a_luma
+    diff = np.abs(a_img - b_img * (max(a_luma, 1e-3) / max(b_luma, 1e-3)))
+    h, w = diff.shape
+    ys = np.linspace(0, h, grid + 1).astype(int)
+    xs = np.linspace(0, w, grid + 1).astype(int)
+    return max(
+        float(diff[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].mean())
+        for i in range(grid)
+        for j in range(grid)
+        if ys[i + 1] > ys[i] and xs[j + 1] > xs[j]
+    )
 
 
 def motion_score(a: Analysed, b: Analysed) -> float:
-    """Largest per-cell mean absolute difference (0-255 scale) between two analysed frames."""
-    if a.luma > b.luma:
-        a, b = b, a
-    diff = np.abs(a.blurred - b.blurred * (max(a.luma, 1e-3) / max(b.luma, 1e-3)))
-    h, w = diff.shape
-    ys = np.linspace(0, h, GRID + 1).astype(int)
-    xs = np.linspace(0, w, GRID + 1).astype(int)
-    return max(
-        float(diff[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].mean())
-        for i in range(GRID)
-        for j in range(GRID)
-        if ys[i + 1] > ys[i] and xs[j + 1] > xs[j]
-    )
+    """Largest per-cell mean absolute difference (0-255 scale) between two 64-px pictures."""
+    return _cell_max(a.blurred, a.luma, b.blurred, b.luma, GRID)
+
+
+def fine_score(a: Analysed, b: Analysed) -> float:
+    """The same difference on the FINE_SIDE-px pictures over a FINE_GRID grid."""
+    return _cell_max(a.fine, a.luma, b.fine, b.luma, FINE_GRID)
+
+
+def drift_limit(neighbour_scores: list[float], step: float) -> float:
+    """Largest fine drift from a run's anchor that is still noise.
+
+    `neighbour_scores` are the fine differences between neighbouring frames of the run so far
+    (its own noise floor), `step` the newest frame's difference from the one before. The step
+    counts only up to KEYFRAME_JITTER: an encoder re-quantizing a held picture at a keyframe
+    moves it once by about that much (the drift jumps by the step, then stays), while a larger
+    step that the run's noise does not explain is the picture starting to move.
+    """
+    return DRIFT_FACTOR * max([*neighbour_scores, min(step, KEYFRAME_JITTER)]) + DRIFT_MARGIN
 
 
 @dataclass(frozen=True)
@@ -108,24 +158,31 @@ def static_prefix(frames: Iterable[Analysed], params: StillParams) -> StaticPref
     out = StaticPrefix()
     run_start = 0
     anchor: Analysed | None = None  # None while in a black run
+    prev: Analysed | None = None
     lumas: list[float] = []
+    neighbours: list[float] = []  # fine differences between consecutive frames of the still run
     i = -1
     for i, f in enumerate(frames):
         black = f.luma <= params.black_level
         if black and anchor is None and i > run_start:  # continuing a black run
             lumas.append(f.luma)
+            prev = f
             continue
-        if not black and anchor is not None and motion_score(anchor, f) < params.motion_threshold:
-            lumas.append(f.luma)  # continuing a still run
-            if f.luma > FADE_STEP * anchor.luma:
-                anchor = f
-            continue
+        if not black and anchor is not None and prev is not None and motion_score(anchor, f) < params.motion_threshold:
+            step = fine_score(prev, f)
+            if fine_score(anchor, f) <= drift_limit(neighbours, step):
+                lumas.append(f.luma)  # continuing a still run
+                neighbours.append(step)
+                prev = f
+                if f.luma > FADE_STEP * anchor.luma:
+                    anchor = f
+                continue
         # frame i starts a new run: settle the run that just ended
         if i > run_start and not _accept(out, anchor, lumas, run_start, i, params):
             out.moving_found = True
             out.scanned = i + 1
             return out
-        run_start, anchor, lumas = i, (None if black else f), [f.luma]
+        run_start, anchor, prev, lumas, neighbours = i, (None if black else f), f, [f.luma], []
     out.scanned = i + 1
     if i + 1 > run_start:
         # the last run reached the end of what was scanned: static if black or already long enough
@@ -140,14 +197,18 @@ def _accept(out: StaticPrefix, anchor: Analysed | None, lumas: list[float], star
     if anchor is None:
         out.black += n
         out.runs.append(("black", n))
-    elif n >= params.min_static_frames:
+        out.frames = end
+        return True
+    # A fade from black into a dark scene clears the black level only in its last few frames, so
+    # a still run right after black that keeps brightening is the end of that fade, however short.
+    fade_end = bool(out.runs) and out.runs[-1][0] == "black" and lumas[-1] >= FADE_STEP * lumas[0]
+    if n >= params.min_static_frames or fade_end:
         # frames darker than the run's brightest are the fade; the rest is the held picture
         peak = max(lumas)
         fading = sum(1 for v in lumas if v < 0.9 * peak)
         out.fade += fading
         out.still += n - fading
         out.runs.append(("fade" if fading else "still", n))
-    else:
-        return False
-    out.frames = end
-    return True
+        out.frames = end
+        return True
+    return False
