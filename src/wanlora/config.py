@@ -45,7 +45,8 @@ class Section(BaseModel):
 class JobConfig(Section):
     name: str = Field("wan22_lora", description="Run name; used in exported file names, so a plain file name.")
     trigger_word: str = Field(
-        "sks", description="Word that names the concept; replaces [trigger] in captions and prompts."
+        "sks", description="Word that names the concept; replaces [trigger] in captions and prompts, and "
+        "[name] in captions, as AI Toolkit does."
     )
     output_dir: str = Field("exports", description="Folder that `wanlora export` writes to.")
     seed: int = Field(42, ge=0, description="Seed for data order, timesteps, noise and sampling.")
@@ -379,7 +380,8 @@ class CaptionConfig(Section):
     extension: str = Field("txt", description="Caption file extension beside each clip.")
     default_caption: str = Field("", description="Caption for clips that have none ('' reports them).")
     trigger_position: Literal["start", "end", "none"] = Field(
-        "start", description="Where to insert the trigger when a caption lacks it."
+        "start", description="Where to insert the trigger when a caption lacks it: start ('sks a dog', as AI "
+        "Toolkit), end ('a dog, sks'; after a full stop 'A dog. sks') or none."
     )
     non_utf8: Literal["error", "decode_latin1"] = Field(
         "error", description="error: report non-UTF-8 captions; decode_latin1: decode with a warning."
