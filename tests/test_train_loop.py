@@ -121,6 +121,23 @@ def test_switch_every_counts_micro_batches_in_the_loop(ws, template, monkeypatch
     assert {e: tr.optimizers[e].state_dict()["state"][0]["step"].item() for e in ("high", "low")} == {"high": 2, "low": 2}
 
 
+def test_lora_and_exported_files_carry_ai_toolkits_catalogue_keys(ws, template, tmp_path):
+    """jobs/process/BaseSDTrainProcess.py update_training_metadata writes ss_base_model_version
+    (extensions_built_in/diffusion_models/wan22/wan22_14b_model.py get_base_model_version:
+    'wan_2.2_14b') and ss_output_name (the job's name) into every LoRA it saves; LoRA catalogues
+    read them. Ours are in the trained files and survive the export."""
+    from wanlora.export.stage import export_file
+
+    params = tiny_params(template[1], job={"name": "harbour_boats"}, train={"steps": 1}, save={"every": 1},
+                         multistage={"switch_every": 1})
+    loop.run_stage(params, ws)
+    src = ws / "data/lora/high/step_000001.safetensors"
+    for path in (src, export_file(src, "comfyui", tmp_path / "boats_high.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        assert (meta["ss_base_model_version"], meta["ss_output_name"]) == ("wan_2.2_14b", "harbour_boats"), path.name
+
+
 def test_lora_files_load_into_wan_pipeline(ws, template):
     """diffusers reads our files: high into transformer, low into transformer_2, same weights."""
     from diffusers import WanPipeline

@@ -71,7 +71,7 @@ def export_file(src: Path, fmt: str, dst: Path) -> Path:
     if meta.get(PREFIX + "tensors_sha256") != tensors_sha256(lora):
         raise formats.LoraFormatError(f"{src}: its tensors do not match the hash its header recorded at save time "
                                       "(altered, or saved by an older wanlora); rerun the train stage")
-    carried = {k: v for k, v in meta.items() if k.startswith(PREFIX)}
+    carried = {k: v for k, v in meta.items() if k.startswith((PREFIX, "ss_"))}  # lineage, catalogue keys
     # What export itself decided, apart from the training record it carries unchanged.
     carried.update({PREFIX + "format": fmt, PREFIX + "exported_name": dst.name, PREFIX + "exported_from": src.name,
                     PREFIX + "exported_from_sha256": sha256_file(src)})

@@ -100,6 +100,16 @@ def load_lora_state_dict(expert: torch.nn.Module, state: dict[str, torch.Tensor]
         raise ValueError(f"LoRA tensors do not fit this expert: unexpected keys {sorted(unexpected)[:4]}")
 
 
+#: What AI Toolkit's Wan 2.2 14B model reports (`wan22_14b_model.py`, `get_base_model_version`).
+BASE_MODEL_VERSION = "wan_2.2_14b"
+
+
+def catalogue_metadata(job_name: str) -> dict[str, str]:
+    """The kohya-style header keys AI Toolkit writes (BaseSDTrainProcess.update_training_metadata)
+    and LoRA catalogues read to sort files by base model and name."""
+    return {"ss_base_model_version": BASE_MODEL_VERSION, "ss_output_name": job_name}
+
+
 def lora_file_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype, net: NetworkConfig,
                     metadata: dict[str, str]) -> bytes:
     """A LoRA .safetensors file as bytes: tensors cast to `dtype`, diffusers' header keys plus ours,
