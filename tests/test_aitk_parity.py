@@ -248,6 +248,18 @@ def test_accumulation_import_reproduces_summed_gradients(tmp_path):
         assert not torch.allclose(unscaled, theirs, rtol=0, atol=1e-6)
 
 
+def test_a_step_holding_both_experts_scales_by_each_experts_share(tmp_path):
+    """SDTrainer.hook_train_loop with switch_boundary_every 1 and accumulation 4 alternates the
+    experts inside the step: each expert's LoRA gets the sum of its own 2 micro-batch gradients
+    (the other expert's pass leaves it untouched), and the EMA then updates both experts at every
+    optimizer step, as ours does when both step: decay as written."""
+    params, unmapped = _import(tmp_path, {"gradient_accumulation": 4, "switch_boundary_every": 1, "optimizer": "adamw",
+                                          "ema_config": {"use_ema": True}})
+    t = params.train
+    assert (t.gradient_accumulation, params.multistage.switch_every, t.eps, t.max_grad_norm) == (4, 1, 5e-7, 0.5)
+    assert t.ema.decay == 0.999 and unmapped == META_NOTES
+
+
 def test_legacy_gradient_accumulation_steps_sees_the_same_samples(tmp_path):
     """jobs/process/BaseSDTrainProcess.py run: with gradient_accumulation_steps N each of the
     `steps` loop iterations takes one batch and the optimizer steps only every N iterations

@@ -26,12 +26,14 @@ jobs/process/BaseSDTrainProcess.py and extensions_built_in/diffusion_models/wan2
 - Optimizers (toolkit/optimizer.py): AdamW and AdamW8bit get eps 1e-6 and `optimizer_params`.
 - Accumulation: AI Toolkit sums the micro-batch gradients (SDTrainer.hook_train_loop) and clips
   the sum; we average them. Adam is invariant to that factor N except through eps and clipping,
-  so an import with N > 1 micro-batches per step divides eps and max_grad_norm by N. The legacy
+  so an import divides eps and max_grad_norm by the N micro-batches each expert gets per step (half
+  of them when switch_boundary_every splits every step between the experts). The legacy
   `gradient_accumulation_steps: N` steps the optimizer every N of its `steps` (each one batch):
   it becomes accumulation N with steps, save and sample intervals divided by N.
 - EMA (toolkit/ema.py over every trainable parameter): each optimizer step also moves the waiting
   expert's average toward its unchanged weights. Ours averages an expert at its own steps only, so
-  when the experts alternate every optimizer step the same average is decay d**2.
+  when the experts alternate every optimizer step the same average is decay d**2 (when every step
+  trains both, d as written).
 - `sample.sample_every` counts steps; wanlora samples every Nth saved checkpoint, so it becomes
   the nearest whole number of `save.save_every` intervals (reported when not exact).
 """
@@ -400,7 +402,11 @@ def _accumulation(imp: _Import) -> None:
     else:
         imp.put("train.gradient_accumulation", accum, "train.gradient_accumulation")
         n = accum
-    if n > 1:  # AI Toolkit sums the N gradients, we average them: same Adam step with eps and clip / N
+    ms = tree["multistage"]
+    if ms["train_high_noise"] and ms["train_low_noise"] and ms["switch_every"] % n:
+        # switch_every counts micro-batches: a step holds both experts, each averaging its own share
+        n = n // 2 if n % (2 * ms["switch_every"]) == 0 else n
+    if n > 1:  # AI Toolkit sums an expert's n gradients, we average them: same Adam step with eps and clip / n
         if tree["train"]["optimizer"] != "adafactor":
             imp.scale("train.eps", 1 / n, float, f"/ {n} (summed gradients)")
         if tree["train"]["max_grad_norm"]:
@@ -471,11 +477,12 @@ def _preservation(imp: _Import) -> None:
     imp.put("train.ema.decay", decay, "train.ema_config.ema_decay")
     tree = imp.tree
     both = tree["multistage"]["train_high_noise"] and tree["multistage"]["train_low_noise"]
-    if both and tree["multistage"]["switch_every"] == tree["train"]["gradient_accumulation"]:
+    switch, accum = tree["multistage"]["switch_every"], tree["train"]["gradient_accumulation"]
+    if both and switch == accum:
         # the experts alternate every optimizer step: AI Toolkit's update at the other expert's
         # step pulls the average toward the same unchanged weights, so two updates make one of d^2
         imp.put("train.ema.decay", decay ** 2, "train.ema_config.ema_decay squared (experts alternate every step)")
-    elif both:
+    elif both and switch > accum:  # (switch < accum: both experts step at every step, as AI Toolkit's EMA)
         imp.note("train.ema_config.ema_decay", decay, "AI Toolkit also moves the waiting expert's average toward "
                  "its unchanged weights at the other expert's steps; wanlora averages each expert at its own steps "
                  "only (README, Coming from AI Toolkit); imported as written")
