@@ -68,9 +68,9 @@ def test_records_inject_trigger_and_hash_sources(tmp_path):
     a = records["main/a.mp4"]
     assert a == {
         "id": "main/a.mp4",
-        "caption": "sks, a man walking",
-        "caption_dop": "person, a man walking",
-        "caption_sha256": sha256_text("sks, a man walking"),
+        "caption": "sks a man walking",
+        "caption_dop": "person a man walking",
+        "caption_sha256": sha256_text("sks a man walking"),
         "source": "data/raw/a.txt",
         "source_sha256": hashlib.sha256(b"a  man\nwalking ").hexdigest(),
         "warnings": [],
@@ -81,16 +81,27 @@ def test_records_inject_trigger_and_hash_sources(tmp_path):
 
 
 def test_trigger_positions():
-    cfg = {"start": "sks, a dog", "end": "a dog, sks", "none": "a dog"}
+    cfg = {"start": "sks a dog", "end": "a dog, sks", "none": "a dog"}
     for pos, want in cfg.items():
         assert apply_trigger("a dog", "sks", pos) == want
     assert apply_trigger("A dog runs.", "sks", "end") == "A dog runs. sks"
     assert apply_trigger("dog, park,", "sks", "end") == "dog, park, sks"
     # already present as a word: untouched; inside another word: not present
     assert apply_trigger("a sks dog", "sks", "start") == "a sks dog"
-    assert apply_trigger("a sksy dog", "sks", "start") == "sks, a sksy dog"
+    assert apply_trigger("a sksy dog", "sks", "start") == "sks a sksy dog"
     # a placeholder glued to a word still counts as the trigger: no second copy
     assert apply_trigger("[trigger]man waves", "sks", "start") == "sksman waves"
+
+
+def test_trigger_insertion_is_ai_toolkits():
+    """toolkit/prompt_utils.py inject_trigger_into_prompt (called by dataloader_mixins
+    CaptionProcessingDTOMixin.get_caption with add_if_not_present for training captions): "[name]"
+    and "[trigger]" are both replaced by the trigger, and a caption without it becomes
+    `trigger + " " + caption`, no comma."""
+    assert apply_trigger("a red boat", "h4rb0r", "start") == "h4rb0r a red boat"
+    assert apply_trigger("[name] sails past [trigger]", "h4rb0r", "start") == "h4rb0r sails past h4rb0r"
+    assert apply_trigger("[name], at dusk", "h4rb0r", "end") == "h4rb0r, at dusk"
+    assert apply_trigger("[[name]]", "name", "start") == "name"
 
 
 def test_placeholder_never_survives_and_bracket_triggers_are_refused():
@@ -158,7 +169,7 @@ def test_encodings(tmp_path):
 
     records, problems = run(ws, non_utf8="decode_latin1")
     latin = records["main/latin.mp4"]
-    assert latin["caption"] == "sks, café"
+    assert latin["caption"] == "sks café"
     assert latin["warnings"] == ["not UTF-8 (byte 0xe9 at offset 3); decoded as Latin-1"]
 
 
@@ -209,7 +220,7 @@ def test_inconsistent_manifests_name_both_files(tmp_path):
 # ------------------------------------------------------------------------------- properties
 TRIGGER = st.one_of(st.just("trigger"), st.from_regex(r"[A-Za-z0-9_]{1,8}", fullmatch=True))
 CLASS = st.from_regex(r"[a-z]{1,8}( [a-z]{1,8})?", fullmatch=True)
-PIECES = list("ab sS,.!\n\t[]_é") + ["[trigger]", "[trigger"]
+PIECES = list("ab sS,.!\n\t[]_é") + ["[trigger]", "[trigger", "[name]"]
 
 
 @st.composite
@@ -234,16 +245,16 @@ def test_caption_properties(pair, position, cls):
     except CaptionError as err:
         # only empty captions may fail here (the limit is far above 40 characters)
         assert str(err).startswith("caption is empty")
-        assert not " ".join(raw.replace("[trigger]", "").split())
+        assert not " ".join(raw.replace("[trigger]", "").replace("[name]", "").split())
         return
     text = cap.text
-    assert "[trigger]" not in text
+    assert "[trigger]" not in text and "[name]" not in text
     assert text == text.strip() and "  " not in text and "\n" not in text
-    present = "[trigger]" in raw or is_word(trigger, " ".join(raw.split()))
+    present = "[trigger]" in raw or "[name]" in raw or is_word(trigger, " ".join(raw.split()))
     if present:
         assert trigger in text
     elif position == "start":
-        assert text.startswith(trigger + ", ") or text == trigger
+        assert text.startswith(trigger + " ") or text == trigger
     elif position == "end":
         assert text.endswith(", " + trigger) or text.endswith(". " + trigger) or text.endswith("? " + trigger) \
             or text.endswith("! " + trigger) or text == trigger
@@ -265,7 +276,7 @@ def test_empty_trigger_uses_captions_as_written():
 def test_class_containing_trigger_is_flagged(tmp_path, capsys):
     ws = make_workspace(tmp_path, {"a": b"a dog"})
     records, _ = run(ws, dop_class="sks [person]")
-    assert records["main/a.mp4"]["caption_dop"] == "sks [person], a dog"
+    assert records["main/a.mp4"]["caption_dop"] == "sks [person] a dog"
     err = " ".join(capsys.readouterr().err.split())
     assert "train.dop.preservation_class 'sks [person]' contains the trigger word 'sks'" in err
 

@@ -104,6 +104,7 @@ SPECIAL = {
     ("JobConfig", "device"): st.sampled_from(["auto", "cpu", "cuda", "cuda:3"]),
     ("ExportConfig", "step"): st.one_of(st.sampled_from(["best", "last"]), st.integers(0, 10**6).map(str)),
     ("NetworkConfig", "target_modules"): st.lists(st.sampled_from(["to_q", "to_k", "ffn.net.2"]), min_size=1),
+    ("TrainConfig", "betas"): st.tuples(*[st.floats(0, 1, exclude_max=True)] * 2),
 }
 # NEL (U+0085) is left out: PyYAML folds it inside quoted scalars (test_nel_round_trip below).
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x85"), max_size=12)
@@ -178,3 +179,9 @@ def test_nel_round_trip():
     """A prompt pasted from cp1252 text can hold U+0085 ('...' decoded as Latin-1)."""
     params = parse_params({"sample": {"prompts": ["a dog waits\x85barks"]}})
     assert parse_params(yaml.safe_load(dump_params(params))) == params
+
+
+def test_betas_must_be_below_one():
+    msg = error_of({"train": {"betas": [0.9, 1.0]}})
+    assert "train.betas: each beta must be in [0, 1); AdamW's default is [0.9, 0.999] (got [0.9, 1.0])" in msg
+    assert parse_params({"train": {"betas": [0.8, 0.99]}}).train.betas == (0.8, 0.99)

@@ -121,6 +121,25 @@ def test_switch_every_counts_micro_batches_in_the_loop(ws, template, monkeypatch
     assert {e: tr.optimizers[e].state_dict()["state"][0]["step"].item() for e in ("high", "low")} == {"high": 2, "low": 2}
 
 
+def test_lora_and_exported_files_carry_ai_toolkits_catalogue_keys(ws, template, tmp_path):
+    """jobs/process/BaseSDTrainProcess.py update_training_metadata writes ss_base_model_version
+    (extensions_built_in/diffusion_models/wan22/wan22_14b_model.py get_base_model_version:
+    'wan_2.2_14b') and ss_output_name (the job's name) into every LoRA it saves; LoRA catalogues
+    read them. Ours: the version in the trained files, both in the exports (named after the job)."""
+    from wanlora.export.stage import run_stage as export
+
+    params = tiny_params(template[1], job={"name": "harbour_boats"}, train={"steps": 1}, save={"every": 1},
+                         multistage={"switch_every": 1}, export={"step": "last", "formats": ["comfyui"]})
+    loop.run_stage(params, ws)
+    export(params, ws, tmp_path / "exports")
+    trained = ws / "data/lora/high/step_000001.safetensors"
+    exported = tmp_path / "exports/comfyui/harbour_boats_step000001_high_noise.safetensors"
+    for path, want in ((trained, {"ss_base_model_version": "wan_2.2_14b"}),
+                       (exported, {"ss_base_model_version": "wan_2.2_14b", "ss_output_name": "harbour_boats"})):
+        with safe_open(str(path), framework="pt") as f:
+            assert {k: v for k, v in f.metadata().items() if k.startswith("ss_")} == want, path.name
+
+
 def test_lora_files_load_into_wan_pipeline(ws, template):
     """diffusers reads our files: high into transformer, low into transformer_2, same weights."""
     from diffusers import WanPipeline

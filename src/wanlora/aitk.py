@@ -15,8 +15,25 @@ jobs/process/BaseSDTrainProcess.py and extensions_built_in/diffusion_models/wan2
 - `train.unload_text_encoder: true` makes AI Toolkit train on the trigger word alone and ignore
   captions; it maps to our knob of the same name and meaning. `cache_text_embeddings: false` is
   reported: wanlora always trains from the text cache.
-- AI Toolkit adapts every Linear of the transformer (also the time/text embedders and proj_out);
-  wanlora adapts `network.target_modules` (attention and FFN of every block). Reported once.
+- The LoRA: AI Toolkit's Wan network is peft-format (toolkit/lora_special.py), so alpha = rank
+  (update scale 1) whatever `linear_alpha` says; with `transformer_only` (its default) it adapts
+  every Linear inside `blocks`, which is our default `network.target_modules`.
+- Schedules (toolkit/scheduler.py): `linear` is torch's LinearLR(total_iters=steps) at its
+  defaults, a ramp *up* from lr/3 to lr (our `linear_ramp`); `cosine` and `cosine_with_restarts`
+  (T_0 = steps: one period) are our cosine; `constant_with_warmup` is constant after
+  `lr_scheduler_params.num_warmup_steps` (1000 when absent). `lr_warmup_steps` is no AI Toolkit
+  key: its run had no warm-up, so it is reported, not applied.
+- Optimizers (toolkit/optimizer.py): AdamW and AdamW8bit get eps 1e-6 and `optimizer_params`.
+- Accumulation: AI Toolkit sums the micro-batch gradients (SDTrainer.hook_train_loop) and clips
+  the sum; we average them. Adam is invariant to that factor N except through eps and clipping,
+  so an import divides eps and max_grad_norm by the N micro-batches each expert gets per step (half
+  of them when switch_boundary_every splits every step between the experts). The legacy
+  `gradient_accumulation_steps: N` steps the optimizer every N of its `steps` (each one batch):
+  it becomes accumulation N with steps, save and sample intervals divided by N.
+- EMA (toolkit/ema.py over every trainable parameter): each optimizer step also moves the waiting
+  expert's average toward its unchanged weights. Ours averages an expert at its own steps only, so
+  when the experts alternate every optimizer step the same average is decay d**2 (when every step
+  trains both, d as written).
 - `sample.sample_every` counts steps; wanlora samples every Nth saved checkpoint, so it becomes
   the nearest whole number of `save.save_every` intervals (reported when not exact).
 """
@@ -25,6 +42,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +123,12 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: node}
 
 
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
 def _generic(key: str) -> str:
     return re.sub(r"\[\d+\]", "[]", key)
 
@@ -118,6 +142,7 @@ class _Import:
         self.tree["datasets"] = {}
         self.origin: dict[str, str] = {}
         self.notes: list[str] = []
+        self.per_optimizer_step = 1  # AI Toolkit steps per optimizer step (legacy accumulation)
 
     def take(self, key: str, default: Any = _MISSING) -> Any:
         """The value of an AI Toolkit key (consumed), or `default` when absent."""
@@ -137,6 +162,11 @@ class _Import:
             node = node.setdefault(part, {})
         node[leaf] = value
         self.origin[ours] = f"{source}={value!r}"
+
+    def scale(self, ours: str, factor: float, kind: Callable[[float], Any], how: str) -> None:
+        """Multiply an already built value by `factor`, keeping where it came from."""
+        source = self.origin.get(ours, ours).split("=")[0]
+        self.put(ours, kind(_get(self.tree, ours) * factor), f"{source} {how}")
 
     def note(self, key: str, value: Any, why: str) -> None:
         self.notes.append(f"{key}={value!r} ({why})")
@@ -193,15 +223,18 @@ def _network(imp: _Import) -> None:
     rank = imp.take("network.rank", None)
     linear = imp.take("network.linear", None)
     src = "network.rank" if rank is not None else "network.linear"
-    imp.put("network.rank", rank if rank is not None else (linear if linear is not None else 4), src)
-    alpha = imp.take("network.alpha", 1.0)
-    imp.put("network.alpha", _float("network.linear_alpha", imp.take("network.linear_alpha", alpha)),
-            "network.linear_alpha")
+    rank = rank if rank is not None else (linear if linear is not None else 4)
+    imp.put("network.rank", rank, src)
+    # peft format for Wan: lora_special.LoRASpecialNetwork sets alpha = rank, so the scale is 1
+    imp.put("network.alpha", float(rank), src)
+    for key in ("network.linear_alpha", "network.alpha"):
+        alpha = imp.take(key, None)
+        if alpha is not None and _float(key, alpha) != rank:
+            imp.note(key, alpha, f"AI Toolkit's Wan LoRA is peft-format: alpha = rank, update scale 1, whatever "
+                     f"{key.split('.')[1]} says; imported as network.alpha {float(rank)}")
     dropout = imp.take("network.dropout", None)
     if dropout is not None:
         imp.put("network.dropout", dropout, "network.dropout")
-    imp.notes.append("network (AI Toolkit also adapts the time/text embedders and proj_out; wanlora adapts "
-                     "network.target_modules: attention and FFN of every block)")
 
 
 def _save(imp: _Import) -> None:
@@ -278,21 +311,106 @@ def _model(imp: _Import) -> None:
 
 
 def _optimizer(imp: _Import) -> None:
+    """The optimizer, its lr and `optimizer_params` as toolkit/optimizer.py `get_optimizer` builds them."""
     name = imp.take("train.optimizer", "adamw")
     lr = imp.take("train.lr", 1e-6)
-    decay = imp.take("train.optimizer_params.weight_decay", None)
+    params = {k: imp.take(f"train.optimizer_params.{k}") for k in ("weight_decay", "betas", "eps")
+              if imp.has(f"train.optimizer_params.{k}")}
     if name.lower() not in _OPTIMIZERS:
         # The lr belongs to that optimizer (prodigy wants 1.0): carrying it over would wreck AdamW.
         imp.note("train.optimizer", name, f"not supported: use {', '.join(_OPTIMIZERS)}; kept adamw8bit")
         imp.note("train.lr", lr, f"belongs to {name}; kept wanlora's default")
-        if decay is not None:
-            imp.note("train.optimizer_params.weight_decay", decay, f"belongs to {name}; kept wanlora's default")
+        for k, v in params.items():
+            imp.note(f"train.optimizer_params.{k}", v, f"belongs to {name}; kept wanlora's default")
         return
     ours = _OPTIMIZERS[name.lower()]
     imp.put("train.optimizer", ours, "train.optimizer")
     imp.put("train.lr", _float("train.lr", lr), "train.lr")
+    decay = params.pop("weight_decay", None)
     decay = _DEFAULT_WEIGHT_DECAY[ours] if decay is None else _float("train.optimizer_params.weight_decay", decay)
     imp.put("train.weight_decay", decay, "train.optimizer_params.weight_decay")
+    if ours == "adafactor":
+        for k, v in params.items():
+            imp.note(f"train.optimizer_params.{k}", v, "not supported for adafactor: AdamW's betas and eps only")
+        return
+    betas = params.get("betas", [0.9, 0.999])
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ParamsError(f"AI Toolkit key train.optimizer_params.betas={betas!r}: give two numbers, e.g. [0.9, 0.999]")
+    imp.put("train.betas", [_float("train.optimizer_params.betas", b) for b in betas], "train.optimizer_params.betas")
+    imp.put("train.eps", 1e-6, "train.optimizer")  # get_optimizer passes eps=1e-6 to AdamW and AdamW8bit
+    if "eps" in params:
+        imp.put("train.eps", _float("train.optimizer_params.eps", params["eps"]), "train.optimizer_params.eps")
+        imp.note("train.optimizer_params.eps", params["eps"], "AI Toolkit passes eps=1e-6 itself and stops with "
+                 "'got multiple values for keyword argument eps' on this key; imported as written")
+
+
+def _scheduler(imp: _Import, steps: int) -> None:
+    """The schedule toolkit/scheduler.py `get_lr_scheduler` really runs for the configured name.
+    BaseSDTrainProcess always passes total_iters=steps, which overrides a total_iters, T_max or
+    T_0 of the user's and makes diffusers' own schedule functions (its fallback) refuse to start."""
+    sched = imp.take("train.lr_scheduler", "constant")
+    pre = "train.lr_scheduler_params."
+    for key in ("total_iters", "T_max", "T_0"):
+        if imp.has(pre + key):
+            value = imp.take(pre + key)
+            if value != steps:
+                imp.note(pre + key, value, f"AI Toolkit replaces it with train.steps ({steps})")
+    if sched == "linear":
+        imp.put("train.lr_scheduler", "linear_ramp", "train.lr_scheduler")
+        imp.put("train.lr_start_factor", _float(pre + "start_factor", imp.take(pre + "start_factor", 1 / 3)),
+                "train.lr_scheduler_params.start_factor")
+        imp.put("train.lr_end_factor", _float(pre + "end_factor", imp.take(pre + "end_factor", 1.0)),
+                "train.lr_scheduler_params.end_factor")
+    elif sched in ("cosine", "cosine_with_restarts", "constant"):
+        imp.put("train.lr_scheduler", "cosine" if sched.startswith("cosine") else "constant", "train.lr_scheduler")
+    elif sched == "constant_with_warmup":
+        imp.put("train.lr_scheduler", "constant", "train.lr_scheduler")
+        imp.put("train.warmup_steps", int(imp.take(pre + "num_warmup_steps", 1000)),
+                "train.lr_scheduler_params.num_warmup_steps")
+    else:
+        why = ("AI Toolkit's StepLR gets total_iters and stops" if sched == "step" else
+               "AI Toolkit hands it to diffusers with total_iters, which its schedules refuse, and stops")
+        imp.note("train.lr_scheduler", sched, f"not supported ({why}); kept constant")
+    if imp.has("train.lr_warmup_steps"):
+        imp.note("train.lr_warmup_steps", imp.take("train.lr_warmup_steps"),
+                 "AI Toolkit never reads this key, so its run had no warm-up; not applied. Its warm-up is "
+                 "lr_scheduler: constant_with_warmup with lr_scheduler_params.num_warmup_steps; ours train.warmup_steps")
+
+
+def _accumulation(imp: _Import) -> None:
+    """Micro-batches per optimizer step, and the legacy `gradient_accumulation_steps` (one batch
+    per AI Toolkit step, an optimizer step every N of them: BaseSDTrainProcess.run), turned into
+    accumulation N over steps / N optimizer steps, so the same samples are seen and applied."""
+    accum = int(imp.take("train.gradient_accumulation", 1))
+    legacy = int(imp.take("train.gradient_accumulation_steps", 1))
+    if legacy == -1:
+        imp.note("train.gradient_accumulation_steps", -1, "whole-epoch accumulation not supported; kept 1")
+        legacy = 1
+    tree = imp.tree
+    if legacy > 1:
+        steps = tree["train"]["steps"]
+        imp.put("train.gradient_accumulation", legacy, "train.gradient_accumulation_steps")
+        imp.put("train.steps", max(1, steps // legacy), "train.steps")
+        if steps % legacy:
+            imp.note("train.steps", steps, f"AI Toolkit applies only whole accumulations: {steps // legacy} optimizer "
+                     f"steps of {legacy} batches")
+        imp.per_optimizer_step = legacy  # sample.sample_every counts the same batches
+        for ours in ("save.every", "train.warmup_steps"):
+            if _get(tree, ours):
+                imp.scale(ours, 1 / legacy, lambda v: max(1, int(v)), f"/ {legacy}")
+        n = legacy
+    else:
+        imp.put("train.gradient_accumulation", accum, "train.gradient_accumulation")
+        n = accum
+    ms = tree["multistage"]
+    if ms["train_high_noise"] and ms["train_low_noise"] and ms["switch_every"] % n:
+        # switch_every counts micro-batches: a step holds both experts, each averaging its own share
+        n = n // 2 if n % (2 * ms["switch_every"]) == 0 else n
+    if n > 1:  # AI Toolkit sums an expert's n gradients, we average them: same Adam step with eps and clip / n
+        if tree["train"]["optimizer"] != "adafactor":
+            imp.scale("train.eps", 1 / n, float, f"/ {n} (summed gradients)")
+        if tree["train"]["max_grad_norm"]:
+            imp.scale("train.max_grad_norm", 1 / n, float, f"/ {n} (summed gradients)")
 
 
 def _train(imp: _Import) -> None:
@@ -307,18 +425,9 @@ def _train(imp: _Import) -> None:
     if imp.has("train.cache_text_embeddings") and not imp.take("train.cache_text_embeddings"):
         imp.note("train.cache_text_embeddings", False, "wanlora always trains from the text cache; kept true")
     _optimizer(imp)
-    sched = imp.take("train.lr_scheduler", "constant")
-    if sched in _SCHEDULERS:
-        imp.put("train.lr_scheduler", sched, "train.lr_scheduler")
-    else:
-        imp.note("train.lr_scheduler", sched, f"not supported: use {', '.join(sorted(_SCHEDULERS))}; kept constant")
-    accum = imp.take("train.gradient_accumulation", 1)
-    accum_steps = imp.take("train.gradient_accumulation_steps", 1)
-    if accum_steps == -1:
-        imp.note("train.gradient_accumulation_steps", -1, "whole-epoch accumulation not supported; kept 1")
-    else:
-        src = "train.gradient_accumulation_steps" if accum_steps > 1 else "train.gradient_accumulation"
-        imp.put("train.gradient_accumulation", max(accum, accum_steps), src)
+    if imp.tree["train"]["optimizer"] == "adafactor":  # SDTrainer.hook_train_loop clips all but adafactor
+        imp.put("train.max_grad_norm", 0.0, "train.optimizer")
+    _scheduler(imp, imp.tree["train"]["steps"])
     ttype = imp.take("train.timestep_type", "sigmoid")
     if ttype in _TIMESTEP_TYPES:
         imp.put("train.timestep_type", ttype, "train.timestep_type")
@@ -339,6 +448,7 @@ def _train(imp: _Import) -> None:
             imp.put("model.attention_backend", _ATTENTION[backend], "train.attention_backend")
         else:
             imp.note("train.attention_backend", backend, "not supported: kept auto")
+    _accumulation(imp)
     _preservation(imp)
 
 
@@ -361,9 +471,21 @@ def _preservation(imp: _Import) -> None:
                 "train.differential_guidance_scale")
     ema = bool(imp.take("train.ema_config.use_ema", False))
     imp.put("train.ema.enabled", ema, "train.ema_config.use_ema")
-    decay = imp.take("train.ema_config.ema_decay", 0.999)
-    if ema:
-        imp.put("train.ema.decay", decay, "train.ema_config.ema_decay")
+    decay = _float("train.ema_config.ema_decay", imp.take("train.ema_config.ema_decay", 0.999))
+    if not ema:
+        return
+    imp.put("train.ema.decay", decay, "train.ema_config.ema_decay")
+    tree = imp.tree
+    both = tree["multistage"]["train_high_noise"] and tree["multistage"]["train_low_noise"]
+    switch, accum = tree["multistage"]["switch_every"], tree["train"]["gradient_accumulation"]
+    if both and switch == accum:
+        # the experts alternate every optimizer step: AI Toolkit's update at the other expert's
+        # step pulls the average toward the same unchanged weights, so two updates make one of d^2
+        imp.put("train.ema.decay", decay ** 2, "train.ema_config.ema_decay squared (experts alternate every step)")
+    elif both and switch > accum:  # (switch < accum: both experts step at every step, as AI Toolkit's EMA)
+        imp.note("train.ema_config.ema_decay", decay, "AI Toolkit also moves the waiting expert's average toward "
+                 "its unchanged weights at the other expert's steps; wanlora averages each expert at its own steps "
+                 "only (README, Coming from AI Toolkit); imported as written")
 
 
 def _dataset_name(folder: str, index: int, taken: set[str]) -> str:
@@ -425,12 +547,13 @@ def _sample(imp: _Import) -> None:
         i += 1
     imp.put("sample.prompts", prompts, "sample.prompts")
     imp.put("sample.baseline", not imp.take("train.skip_first_sample", False), "train.skip_first_sample")
-    every = imp.take("sample.sample_every", 100)
+    raw = imp.take("sample.sample_every", 100)
+    every = max(1, raw // imp.per_optimizer_step)
     save_every = imp.tree["save"]["every"]
     nth = max(1, round(every / save_every))
     imp.put("sample.every_checkpoint", nth, "sample.sample_every")
     if nth * save_every != every:
-        imp.note("sample.sample_every", every, f"wanlora samples saved checkpoints: every {nth} checkpoint(s) "
+        imp.note("sample.sample_every", raw, f"wanlora samples saved checkpoints: every {nth} checkpoint(s) "
                  f"= {nth * save_every} steps")
 
 

@@ -45,7 +45,8 @@ class Section(BaseModel):
 class JobConfig(Section):
     name: str = Field("wan22_lora", description="Run name; used in exported file names, so a plain file name.")
     trigger_word: str = Field(
-        "sks", description="Word that names the concept; replaces [trigger] in captions and prompts."
+        "sks", description="Word that names the concept; replaces [trigger] in captions and prompts, and "
+        "[name] in captions, as AI Toolkit does."
     )
     output_dir: str = Field("exports", description="Folder that `wanlora export` writes to.")
     seed: int = Field(42, ge=0, description="Seed for data order, timesteps, noise and sampling.")
@@ -235,7 +236,9 @@ class DifferentialGuidanceConfig(Section):
 
 class EmaConfig(Section):
     enabled: bool = Field(False, description="Keep an exponential moving average of LoRA weights.")
-    decay: float = Field(0.99, gt=0, lt=1, description="EMA decay per optimizer step.")
+    decay: float = Field(
+        0.999, gt=0, lt=1, description="EMA decay per optimizer step of the LoRA's own expert (AI Toolkit's default)."
+    )
 
 
 class TrainConfig(Section):
@@ -245,7 +248,16 @@ class TrainConfig(Section):
     optimizer: Literal["adamw8bit", "adamw", "adafactor"] = Field("adamw8bit", description="Optimizer.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay.")
-    lr_scheduler: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="AdamW / AdamW8bit moment decays (beta1, beta2)."
+    )
+    eps: float = Field(1e-6, gt=0, description="AdamW / AdamW8bit denominator epsilon (1e-6 as AI Toolkit).")
+    lr_scheduler: Literal["constant", "cosine", "linear", "linear_ramp"] = Field(
+        "constant", description="LR schedule after warm-up: constant; cosine or linear decay to 0 at train.steps; "
+        "linear_ramp from lr x lr_start_factor to lr x lr_end_factor (AI Toolkit's linear: 1/3 to 1)."
+    )
+    lr_start_factor: float = Field(1 / 3, ge=0, description="linear_ramp: share of lr at the first step.")
+    lr_end_factor: float = Field(1.0, ge=0, description="linear_ramp: share of lr at train.steps.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
     loss: Literal["mse"] = Field("mse", description="Loss against the velocity target.")
@@ -291,6 +303,13 @@ class TrainConfig(Section):
         1, ge=0, description="GPUs `dvc repro` trains on: the stage re-runs itself under torchrun with this many "
         "processes (0 = every visible GPU). Ignored when launched by torchrun or accelerate."
     )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1); AdamW's default is [0.9, 0.999]")
+        return v
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -370,7 +389,8 @@ class CaptionConfig(Section):
     extension: str = Field("txt", description="Caption file extension beside each clip.")
     default_caption: str = Field("", description="Caption for clips that have none ('' reports them).")
     trigger_position: Literal["start", "end", "none"] = Field(
-        "start", description="Where to insert the trigger when a caption lacks it."
+        "start", description="Where to insert the trigger when a caption lacks it: start ('sks a dog', as AI "
+        "Toolkit), end ('a dog, sks'; after a full stop 'A dog. sks') or none."
     )
     non_utf8: Literal["error", "decode_latin1"] = Field(
         "error", description="error: report non-UTF-8 captions; decode_latin1: decode with a warning."

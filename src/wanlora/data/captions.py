@@ -27,6 +27,8 @@ from wanlora.report import Problem, console, settle, write_problems
 
 STAGE = "captions"
 PLACEHOLDER = "[trigger]"
+#: Replaced by the trigger word, as AI Toolkit's `inject_trigger_into_prompt` does with both.
+PLACEHOLDERS = (PLACEHOLDER, "[name]")
 
 # Byte-order marks, longest first: the UTF-32 LE mark starts with the UTF-16 LE one.
 _BOMS = (
@@ -98,33 +100,35 @@ def decode_caption(data: bytes, non_utf8: str) -> tuple[str, list[str]]:
 
 
 def check_trigger(trigger: str) -> None:
-    """A trigger with brackets could rebuild the [trigger] placeholder forever; refuse it up front."""
+    """A trigger with brackets could rebuild a placeholder forever; refuse it up front."""
     if "[" in trigger or "]" in trigger:
         raise ValueError(
-            f"job.trigger_word {trigger!r} contains square brackets, which clash with the [trigger] "
-            "placeholder; set a plain word in params.yaml"
+            f"job.trigger_word {trigger!r} contains square brackets, which clash with the [trigger] and "
+            "[name] placeholders; set a plain word in params.yaml"
         )
 
 
 def apply_trigger(text: str, trigger: str, position: str) -> str:
-    """Replace [trigger] with the trigger word; add the word at `position` when the caption lacks it.
+    """Replace [trigger] and [name] with the trigger word; add the word at `position` when the
+    caption lacks it: "<trigger> <caption>" at the start, as AI Toolkit writes it.
 
-    A caption that had the placeholder counts as having the trigger even when the replacement is
+    A caption that had a placeholder counts as having the trigger even when the replacement is
     glued to other letters ('[trigger]man'), so the word is never injected twice. Replacing repeats
     until no placeholder is left ('[[trigger]]' with trigger 'trigger' makes a new one); it ends
-    because a bracket-free trigger can only recreate the placeholder when shorter than it.
+    because a bracket-free trigger never adds brackets while each replacement removes two.
     """
     check_trigger(trigger)
-    had_placeholder = PLACEHOLDER in text
-    while PLACEHOLDER in text:
-        text = text.replace(PLACEHOLDER, trigger)
+    had_placeholder = any(p in text for p in PLACEHOLDERS)
+    while any(p in text for p in PLACEHOLDERS):
+        for p in PLACEHOLDERS:
+            text = text.replace(p, trigger)
     text = normalize_whitespace(text)
     if not trigger or had_placeholder or word_pattern(trigger).search(text) or position == "none":
         return text
     if not text:
         return trigger
     if position == "start":
-        return f"{trigger}, {text}"
+        return f"{trigger} {text}"
     # end: a sentence keeps its full stop, a tag list gets one more tag
     return f"{text} {trigger}" if text[-1] in ".!?" else f"{text.rstrip(',;')}, {trigger}"
 

@@ -63,15 +63,18 @@ def choose_step(spec: str, available: list[int], metrics_path: Path) -> int:
     return step
 
 
-def export_file(src: Path, fmt: str, dst: Path) -> Path:
-    """Convert one of our checkpoint files to `fmt` ('comfyui' | 'diffusers') at `dst`."""
+def export_file(src: Path, fmt: str, dst: Path, output_name: str | None = None) -> Path:
+    """Convert one of our checkpoint files to `fmt` ('comfyui' | 'diffusers') at `dst`; with
+    `output_name` (the job name) the header gets AI Toolkit's `ss_output_name` too."""
     lora, meta, kind = read_lora(src)
     if kind != "ours":
         raise formats.LoraFormatError(f"{src}: expected a wanlora checkpoint (peft keys), found {kind} keys")
     if meta.get(PREFIX + "tensors_sha256") != tensors_sha256(lora):
         raise formats.LoraFormatError(f"{src}: its tensors do not match the hash its header recorded at save time "
                                       "(altered, or saved by an older wanlora); rerun the train stage")
-    carried = {k: v for k, v in meta.items() if k.startswith(PREFIX)}
+    carried = {k: v for k, v in meta.items() if k.startswith((PREFIX, "ss_"))}  # lineage, catalogue keys
+    if output_name is not None:
+        carried["ss_output_name"] = output_name
     # What export itself decided, apart from the training record it carries unchanged.
     carried.update({PREFIX + "format": fmt, PREFIX + "exported_name": dst.name, PREFIX + "exported_from": src.name,
                     PREFIX + "exported_from_sha256": sha256_file(src)})
@@ -98,7 +101,7 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
     for fmt in params.export.formats:
         for expert, src in sorted(checkpoints[step].items()):
             dst = out_dir / fmt / f"{params.job.name}_step{step:06d}_{expert}_noise.safetensors"
-            export_file(src, fmt, dst)
+            export_file(src, fmt, dst, output_name=params.job.name)
             written.append({"format": fmt, "expert": expert, "path": dst.relative_to(out_dir).as_posix(),
                             "sha256": sha256_file(dst)})
             console.print(f"export: {fmt} {expert} noise -> {dst}")

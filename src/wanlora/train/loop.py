@@ -38,7 +38,7 @@ from wanlora.train.distributed import (
     shard, take_batches,
 )
 from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit, make_mover
-from wanlora.train.lora import Ema, add_lora, lora_file_bytes
+from wanlora.train.lora import BASE_MODEL_VERSION, Ema, add_lora, lora_file_bytes
 from wanlora.train.monitor import Monitor, peak_memory_gib
 from wanlora.train.offload import BlockOffload
 from wanlora.train.flowmatch import add_noise
@@ -150,8 +150,8 @@ def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.devi
 
 def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
     """LoRA header: lineage (`wanlora.export.lineage`: the samples this run trains and why the
-    others are left out) plus the effective timestep law of the expert. Deterministic (no clock),
-    so a resumed run writes the same bytes."""
+    others are left out), the effective timestep law of the expert and AI Toolkit's
+    ss_base_model_version. Deterministic (no clock), so a resumed run writes the same bytes."""
     from wanlora.export.lineage import lineage_metadata
 
     meta = lineage_metadata(tr.params, tr.workspace, tr.step, expert, tr.base_identity[expert],
@@ -159,6 +159,7 @@ def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
                             skipped={p.path: p.reason for p in tr.data.problems},
                             sidecar_dir=tr.state_dir / "lora" / expert)
     meta["wanlora.timesteps"] = json.dumps(tr.dists[expert].describe(), sort_keys=True)
+    meta.update(BASE_MODEL_VERSION)
     return meta
 
 

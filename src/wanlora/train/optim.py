@@ -9,6 +9,10 @@ adamw8bit: bitsandbytes' AdamW8bit. It runs on CPU too with bitsandbytes >= 0.45
 0.50.2; tensors under 4096 elements keep 32-bit state there, as on GPU). If bitsandbytes cannot be
 imported we stop with a message naming the fix rather than silently training with another
 optimizer, since the two differ in memory and, slightly, in results.
+
+AdamW and AdamW8bit take `train.betas` and `train.eps`; eps defaults to 1e-6, the value AI Toolkit
+passes to both (`toolkit/optimizer.py`, `get_optimizer`; torch's own default is 1e-8). eps is the
+floor of Adam's denominator, so it damps the update of every element whose gradient is small.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     """The optimizer params.train names, at the peak learning rate."""
     if cfg.optimizer == "adamw":
         # fused: one kernel for all tensors on CUDA instead of a launch per tensor
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=params[0].is_cuda)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 fused=params[0].is_cuda)
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -38,12 +43,14 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
             f"train.optimizer is adamw8bit but bitsandbytes cannot be loaded ({err}); "
             "install it (pip install bitsandbytes) or set train.optimizer: adamw"
         ) from None
-    return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant, cosine
-    or linear decay to zero at `train.steps`."""
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule over
+    the remaining steps, with progress p from 0 at the first step after warm-up to 1 at
+    `train.steps`: constant; cosine or linear decay to zero; or linear_ramp, torch's `LinearLR`
+    (lr x (start + (end - start) x p)), which is what AI Toolkit runs for `linear`."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_scheduler == "constant":
@@ -52,6 +59,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     if cfg.lr_scheduler == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.lr_scheduler == "linear_ramp":
+        return cfg.lr * (cfg.lr_start_factor + (cfg.lr_end_factor - cfg.lr_start_factor) * progress)
     return cfg.lr * (1 - progress)
 
 
