@@ -25,7 +25,7 @@ def test_init_writes_a_runnable_workspace(tmp_path: Path):
     params = load_params(tmp_path / "params.yaml")
     assert params.job.trigger_word == "w4ve" and params.train.timestep_bias == "high_noise"
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
-    assert list(stages)[0] == "scan" and (tmp_path / "stages/train.py").is_file()
+    assert list(stages)[:2] == ["check", "scan"] and (tmp_path / "stages/train.py").is_file()
     # outside the repo, code deps are the stage scripts only (the package is in site-packages)
     assert not any(d.startswith("src/") for s in stages.values() for d in s["deps"])
     assert (tmp_path / ".dvc").is_dir() and (tmp_path / "data/raw").is_dir()

@@ -14,6 +14,7 @@ checkpointing 33 frames at 512x512 (9,216 tokens) need ~9 GiB of activations and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from wanlora.config import Params, ParamsError, dump_params, parse_params
 from wanlora.io import atomic_write_text
 
-Recipe = Literal["character", "style", "motion"]
+Recipe = Literal["character", "style", "motion", "smoke"]
 Vram = Literal[24, 48, 80, 141]
 
 
@@ -144,6 +145,30 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
                                    "a dog doing [trigger] in a meadow"],
                 "different subjects show the motion is learned, not the people who performed it"),
     ),
+    # Not a way to train: a check of the whole path (your clips and captions through every stage to
+    # an export and its audit) in minutes on a CPU, with the tiny model of `wanlora make-tiny`,
+    # before GPU hours go into the real recipe. It overrides every tier setting that needs a GPU.
+    "smoke": (
+        Setting("job.device", "cpu", "the tiny model runs anywhere; no GPU is needed to check the path"),
+        Setting("model.dtype", "fp32", "a CPU has no fast bf16 matmuls; float32 is quicker there"),
+        Setting("quantization.transformer", "none", "nothing to save on a tiny model"),
+        Setting("quantization.text_encoder", "none", "nothing to save on a tiny model"),
+        Setting("model.low_vram", False, "both tiny experts fit anywhere"),
+        *_tier_resolutions([64], [9], "the smallest windows: every clip still goes through trim, bucket and VAE"),
+        Setting("network.rank", 4, "a tiny model has tiny layers"),
+        Setting("network.alpha", 4, "alpha = rank keeps the update scale at 1"),
+        Setting("train.steps", 8, "enough for two checkpoints of both experts; the tiny model learns nothing"),
+        Setting("train.optimizer", "adamw", "bitsandbytes' 8-bit AdamW needs a GPU"),
+        Setting("train.gradient_checkpointing", "none", "tiny activations: recomputing them only costs time"),
+        Setting("multistage.switch_every", 2, "both experts train within the few steps"),
+        Setting("save.every", 4, "two checkpoint pairs: evaluate and export then have a choice"),
+        Setting("sample.prompts", ["[trigger] in a short test clip"], "one prompt shows the sampler runs"),
+        Setting("sample.steps", 2, "the sampler path, not picture quality"),
+        Setting("sample.num_frames", 9, "the training length"),
+        Setting("sample.width", 64, "the training size"),
+        Setting("sample.height", 64, "the training size"),
+        Setting("sample.validation_samples", 1, "one held-out sample gives a validation loss, so 'best' exists"),
+    ),
 }
 
 
@@ -177,8 +202,28 @@ def make_params(recipe: Recipe, vram: Vram, model: str | None = None, trigger: s
 
 
 def describe(recipe: Recipe, vram: Vram) -> str:
-    """One line per preset setting, `key: value  (why)`, for the header of the written params.yaml."""
-    return "\n".join(f"{s.key}: {s.value}  ({s.why})" for s in _settings(recipe, vram))
+    """One line per preset setting in effect, `key: value  (why)`, for the params.yaml header.
+
+    A tier setting the recipe overrides is left out: its reason would explain a value not there.
+    """
+    settings = _settings(recipe, vram)
+    last = {s.key: i for i, s in enumerate(settings)}
+    return "\n".join(f"{s.key}: {s.value}  ({s.why})" for i, s in enumerate(settings) if last[s.key] == i)
+
+
+def init_header(recipe: Recipe, vram: Vram) -> str:
+    """The header `wanlora init` writes: the command line, then why each preset value is there."""
+    return f"wanlora init --recipe {recipe} --vram {vram}\n" + describe(recipe, vram)
+
+
+_INIT_LINE = re.compile(r"# wanlora init --recipe \S+ --vram (\d+)\n")
+
+
+def init_vram(path: str | Path) -> int | None:
+    """The GPU tier `wanlora init` wrote `path` for (its header's first line), if it did."""
+    with open(path, encoding="utf-8") as f:
+        m = _INIT_LINE.fullmatch(f.readline())
+    return int(m.group(1)) if m else None
 
 
 def write_params(path: str | Path, params: Params, header_comment: str) -> None:

@@ -16,9 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from wanlora.config import DatasetConfig
+from wanlora.errors import UserError
 from wanlora.io import sha256_file, write_jsonl
 from wanlora.media.listing import list_dataset
 from wanlora.report import Problem, settle, write_problems
+
+
+class EmptyDataset(UserError, FileNotFoundError):
+    """A dataset folder without a single clip or image: stop in the first stage, not after loading models."""
 
 
 def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path) -> None:
@@ -31,6 +36,12 @@ def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path
                 f"dataset '{name}': folder {folder} does not exist; create it or fix datasets.{name}.folder"
             )
         listing = list_dataset(folder, ds.captions.extension, show=lambda p: p.relative_to(workspace).as_posix())
+        if not listing.media:
+            raise EmptyDataset(
+                f"dataset '{name}': {ds.folder} holds no clip or image ({len(listing.problems)} other file(s)), so "
+                f"there is nothing to train. Fix: copy your clips (.mp4, .mov, ...) with same-stem .{ds.captions.extension} "
+                f"captions into {ds.folder}, then `dvc add {ds.folder}` and `dvc repro`"
+            )
         problems = list(listing.problems)
         for path in listing.media:
             if path.stat().st_size == 0:
