@@ -20,7 +20,7 @@ from wanlora.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
 # Piped into a file or CI log, rich would cut tables at 80 columns; paths need more.
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Folder holding params.yaml and dvc.yaml.")]
 
@@ -220,7 +220,7 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(err))}")
         raise SystemExit(2) from None
 
 

@@ -81,6 +81,9 @@ TIERS: dict[int, tuple[Setting, ...]] = {
         Setting("model.layer_offloading", False, "one float8 expert and its activations fit"),
         *_tier_resolutions([512, 768, 1024], [41, 61],
                            "81 frames at 1024x1024 (86k tokens, ~71 GiB of activations) would not fit; 61 does"),
+        Setting("train.gradient_checkpointing", "full",
+                "61f@1024 keeps ~69 GiB of activations with selective checkpointing, ~52 GiB with full: "
+                "only full fits beside a float8 expert (`wanlora plan` shows both)"),
         Setting("multistage.switch_every", 1,
                 "a ~0.5 s expert swap is small beside a ~20 s step; alternating every step balances both"),
         Setting("sample.width", 832, "Wan 2.2's native 16:9 480p"),
@@ -147,13 +150,11 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
     ),
     # Not a way to train: a check of the whole path (your clips and captions through every stage to
     # an export and its audit) in minutes on a CPU, with the tiny model of `wanlora make-tiny`,
-    # before GPU hours go into the real recipe. It overrides every tier setting that needs a GPU.
+    # before GPU hours go into the real recipe. No tier applies (see _settings): no quantization,
+    # both tiny experts resident, the schema defaults.
     "smoke": (
         Setting("job.device", "cpu", "the tiny model runs anywhere; no GPU is needed to check the path"),
         Setting("model.dtype", "fp32", "a CPU has no fast bf16 matmuls; float32 is quicker there"),
-        Setting("quantization.transformer", "none", "nothing to save on a tiny model"),
-        Setting("quantization.text_encoder", "none", "nothing to save on a tiny model"),
-        Setting("model.low_vram", False, "both tiny experts fit anywhere"),
         *_tier_resolutions([64], [9], "the smallest windows: every clip still goes through trim, bucket and VAE"),
         Setting("network.rank", 4, "a tiny model has tiny layers"),
         Setting("network.alpha", 4, "alpha = rank keeps the update scale at 1"),
@@ -172,6 +173,10 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
 }
 
 
+#: Recipes that run on the CPU, where a GPU tier's settings mean nothing.
+CPU_RECIPES = {"smoke"}
+
+
 def _settings(recipe: str, vram: int) -> tuple[Setting, ...]:
     if recipe not in RECIPES:
         raise ParamsError(f"recipe '{recipe}' is unknown; choose one of: {', '.join(RECIPES)}")
@@ -179,7 +184,7 @@ def _settings(recipe: str, vram: int) -> tuple[Setting, ...]:
         fits = [t for t in TIERS if t <= vram]
         hint = f"use {max(fits)} (the largest tier at or below your card)" if fits else "24 GB is the smallest tier"
         raise ParamsError(f"vram {vram} is not a tier ({', '.join(map(str, TIERS))}); {hint}")
-    return TIERS[vram] + RECIPES[recipe]
+    return RECIPES[recipe] if recipe in CPU_RECIPES else TIERS[vram] + RECIPES[recipe]
 
 
 def _put(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -202,13 +207,8 @@ def make_params(recipe: Recipe, vram: Vram, model: str | None = None, trigger: s
 
 
 def describe(recipe: Recipe, vram: Vram) -> str:
-    """One line per preset setting in effect, `key: value  (why)`, for the params.yaml header.
-
-    A tier setting the recipe overrides is left out: its reason would explain a value not there.
-    """
-    settings = _settings(recipe, vram)
-    last = {s.key: i for i, s in enumerate(settings)}
-    return "\n".join(f"{s.key}: {s.value}  ({s.why})" for i, s in enumerate(settings) if last[s.key] == i)
+    """One line per preset setting, `key: value  (why)`, for the header of the written params.yaml."""
+    return "\n".join(f"{s.key}: {s.value}  ({s.why})" for s in _settings(recipe, vram))
 
 
 def init_header(recipe: Recipe, vram: Vram) -> str:
