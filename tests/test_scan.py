@@ -58,3 +58,36 @@ def test_scan_output_is_byte_stable(tmp_path: Path):
     run_stage(params.datasets, tmp_path, tmp_path / "out2")
     for name in ("media.jsonl", "captions.jsonl", "problems.json"):
         assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes()
+
+
+def test_an_empty_dataset_stops_the_scan_with_the_fix(tmp_path: Path):
+    """Not 30 "is empty" warnings and a text encoder load before train finds nothing to train."""
+    import pytest
+
+    from wanlora.data.scan import EmptyDataset
+
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    (raw / "notes.txt").write_text("a caption with no clip")
+    with pytest.raises(EmptyDataset, match=r"dataset 'main': data/raw holds no clip or image \(1 other file\(s\)\), "
+                                           r"so there is nothing to train\. Fix: copy your clips .* into data/raw, "
+                                           r"then `dvc add data/raw` and `dvc repro`"):
+        run_stage(parse_params({}).datasets, tmp_path, tmp_path / "data/index")
+    assert not (tmp_path / "data/index").exists()
+
+
+def test_stages_print_our_message_about_a_cut_video_without_ffmpegs_own_line(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from wanlora.media.synth import ClipSpec, make_clip
+
+    make_clip(tmp_path / "full.mp4", ClipSpec(moving=24))
+    data = (tmp_path / "full.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])
+    code = ("from wanlora.stages._common import run\nfrom wanlora.media.probe import probe\n"
+            "def main():\n    try:\n        probe('cut.mp4')\n    except Exception as e:\n        print('ours:', e)\n"
+            "run(main)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert "ours: incomplete MP4" in done.stdout, done.stdout + done.stderr
+    assert "moov atom not found" not in done.stdout + done.stderr
