@@ -85,6 +85,14 @@ def test_caption_edit_reruns_only_caption_stages(workspace: Path):
     assert ran[:3] == ["scan", "captions", "text_cache"]
 
 
+def test_adding_a_missing_caption_reruns_only_caption_stages(workspace: Path):
+    """The fix the captions report suggests for a clip without a caption: trim and bucket keep."""
+    assert not (workspace / "data/raw/run_cut.txt").exists()
+    (workspace / "data/raw/run_cut.txt").write_text("[trigger] running, then a cut", encoding="utf-8")
+    ran = _repro(workspace)
+    assert ran[:3] == ["scan", "captions", "text_cache"] and not {"trim", "bucket", "latent_cache"} & set(ran)
+
+
 def test_train_param_reruns_no_data_stage(workspace: Path):
     params_path = workspace / "params.yaml"
     params = yaml.safe_load(params_path.read_text())

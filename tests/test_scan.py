@@ -32,11 +32,9 @@ def test_scan_indexes_media_and_captions_and_reports_unsafe_links(tmp_path: Path
 
     media = {r["id"]: r for r in read_jsonl(tmp_path / "data/index/media.jsonl")}
     assert sorted(media) == ["main/a.mp4", "main/empty.mp4", "main/sub/b.png"]
-    assert media["main/a.mp4"]["caption_path"] == "data/raw/a.txt"
     assert media["main/a.mp4"]["sha256"] == sha256_file(raw / "a.mp4")
-    assert media["main/sub/b.png"]["caption_path"] is None
     caps = read_jsonl(tmp_path / "data/index/captions.jsonl")
-    assert [c["path"] for c in caps] == ["data/raw/a.txt"]
+    assert [(c["path"], c["media"]) for c in caps] == [("data/raw/a.txt", "data/raw/a.mp4")]
 
     import json
     problems = json.loads((tmp_path / "data/index/problems.json").read_text())["problems"]
@@ -91,3 +89,20 @@ def test_stages_print_our_message_about_a_cut_video_without_ffmpegs_own_line(tmp
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert "ours: incomplete MP4" in done.stdout, done.stdout + done.stderr
     assert "moov atom not found" not in done.stdout + done.stderr
+
+
+def test_adding_a_missing_caption_changes_only_the_caption_index(tmp_path: Path):
+    """The fix the captions report suggests must not rerun trim and bucket (they read media.jsonl)."""
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    (raw / "a.mp4").write_bytes(b"video-a")
+    (raw / "b.mp4").write_bytes(b"video-b")
+    (raw / "a.txt").write_text("a caption")
+    params = parse_params({})
+    run_stage(params.datasets, tmp_path, tmp_path / "before")
+    (raw / "b.txt").write_text("the missing caption")
+    run_stage(params.datasets, tmp_path, tmp_path / "after")
+    assert (tmp_path / "before/media.jsonl").read_bytes() == (tmp_path / "after/media.jsonl").read_bytes()
+    caps = read_jsonl(tmp_path / "after/captions.jsonl")
+    assert [(c["path"], c["media"]) for c in caps] == [("data/raw/a.txt", "data/raw/a.mp4"),
+                                                       ("data/raw/b.txt", "data/raw/b.mp4")]
