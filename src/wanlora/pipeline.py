@@ -52,7 +52,8 @@ STAGES: tuple[Stage, ...] = (
     # anything else runs. Its output does not change with the values, so nothing else reruns for it.
     Stage(
         "check", "validate the whole params.yaml before any other stage runs",
-        deps=("params.yaml",), code=("src/wanlora/workspace.py",), params=(), outs=(CHECK_MARKER,),
+        deps=("params.yaml",), code=("src/wanlora/workspace.py", "src/wanlora/pipeline.py"), params=(),
+        outs=(CHECK_MARKER,),
     ),
     Stage(
         "scan", "index raw files and their hashes, media apart from captions",
