@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,19 +32,23 @@ def test_check_stage_refuses_stage_outputs_committed_to_git(tmp_path: Path):
     assert (tmp_path / "data/check.json").is_file()
 
 
-def test_check_stage_stops_dvc_repro_on_a_typo_before_any_other_stage(tmp_path: Path):
+def test_a_typo_added_after_a_run_stops_dvc_repro_before_any_other_stage(tmp_path: Path):
+    """No stage lists train.learning_rate, so without the check stage DVC would find nothing changed
+    ("Data and pipelines are up to date"); the check stage depends on params.yaml as a file."""
     params = make_params("smoke", 24)
     prepare(tmp_path, params)
     write_params(tmp_path / "params.yaml", params, "test")
     commit(tmp_path, "workspace")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc = [sys.executable, "-m", "dvc", "repro"]
+    first = subprocess.run([*dvc, "check"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert first.returncode == 0 and "Running stage 'check'" in first.stdout, first.stdout + first.stderr
     text = (tmp_path / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(text.replace("\n  lr: ", "\n  learning_rate: 0.0002\n  lr: ", 1))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=tmp_path, capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run(dvc, cwd=tmp_path, capture_output=True, text=True, env=env)
     assert done.returncode != 0
     assert "train.learning_rate: unknown key; did you mean 'lr'?" in done.stdout + done.stderr
-    assert "Running stage 'scan'" not in done.stdout
+    assert re.findall(r"Running stage '(\w+)'", done.stdout) == ["check"]
 
 
 def test_set_param_edits_one_line_and_keeps_comments(tmp_path: Path):
