@@ -202,3 +202,10 @@ def test_output_is_not_cut_at_80_columns_when_piped():
     from wanlora.cli import console
 
     assert console.width >= 160 and console.soft_wrap
+
+
+def test_demo_into_someone_elses_folder_is_one_message(tmp_path: Path, monkeypatch, capsys):
+    (tmp_path / "thesis.tex").write_text("mine")
+    code, out = _main(monkeypatch, capsys, "demo", str(tmp_path), "--no-run")
+    assert (code, out.strip()) == (2, f"error: {tmp_path} exists and is not a wanlora workspace; pick a new folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]

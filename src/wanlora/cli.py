@@ -165,7 +165,9 @@ def audit(
     from wanlora.export.audit import audit as run_audit
     from wanlora.workspace import require
 
-    result = run_audit(file, require(workspace), console)
+    if file.suffix.lower() == ".safetensors" and file.is_file():  # only then is there lineage to compare
+        workspace = require(workspace)
+    result = run_audit(file, workspace, console)
     raise typer.Exit(0 if result.all_unchanged else 1 if result.ok else 2)
 
 

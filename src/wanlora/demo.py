@@ -10,10 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from wanlora.config import Params, parse_params
+from wanlora.errors import UserError
 from wanlora.presets import write_params
 from wanlora.workspace import commit, prepare, track_raw
 
 DEMO_TRIGGER = "zqx"
+
+
+class FolderTaken(UserError, FileExistsError):
+    """The demo would write into a folder that holds someone's files."""
 
 
 def demo_params(steps: int) -> Params:
@@ -39,7 +44,7 @@ def make_demo(folder: Path, steps: int = 120) -> Params:
 
     params = demo_params(steps)
     if folder.exists() and any(folder.iterdir()) and not (folder / "params.yaml").exists():
-        raise FileExistsError(f"{folder} exists and is not a wanlora workspace; pick a new folder")
+        raise FolderTaken(f"{folder} exists and is not a wanlora workspace; pick a new folder")
     prepare(folder, params, own_repo=True)
     raw = folder / "data/raw"
     if not any(raw.iterdir()):
