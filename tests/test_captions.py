@@ -34,16 +34,16 @@ def make_workspace(tmp_path: Path, files: dict[str, bytes | None], sampled: list
     samples.jsonl listing `sampled` stems (default: all)."""
     raw = tmp_path / "data/raw"
     raw.mkdir(parents=True)
-    clips = []
+    clips, index = [], []
     for stem, caption in files.items():
         (raw / f"{stem}.mp4").write_bytes(b"video")
-        cap = None
         if caption is not None:
             (raw / f"{stem}.txt").write_bytes(caption)
-            cap = f"data/raw/{stem}.txt"
-        clips.append({"id": f"main/{stem}.mp4", "dataset": "main", "path": f"data/raw/{stem}.mp4",
-                      "caption_path": cap, "status": "ok"})
+            index.append({"id": f"main/{stem}.txt", "dataset": "main", "path": f"data/raw/{stem}.txt",
+                          "sha256": "", "media": f"data/raw/{stem}.mp4"})
+        clips.append({"id": f"main/{stem}.mp4", "dataset": "main", "path": f"data/raw/{stem}.mp4", "status": "ok"})
     write_jsonl(tmp_path / "data/trimmed/clips.jsonl", clips)
+    write_jsonl(tmp_path / "data/index/captions.jsonl", index)
     stems = list(files) if sampled is None else sampled
     write_jsonl(tmp_path / "data/buckets/samples.jsonl",
                 [{"id": f"main/{s}.mp4#0", "clip_id": f"main/{s}.mp4", "dataset": "main"} for s in stems])
@@ -54,7 +54,8 @@ def run(ws: Path, trigger: str = "sks", dop_class: str = "person", **caption_kw)
     """Run the stage on workspace `ws`; return captions by id and the problem rows."""
     ds = DatasetConfig(folder="data/raw", captions=CaptionConfig(**caption_kw))
     run_stage(JobConfig(trigger_word=trigger), {"main": ds}, DopConfig(preservation_class=dop_class),
-              ws / "data/trimmed/clips.jsonl", ws / "data/buckets/samples.jsonl", ws, ws / "data/captions", words)
+              ws / "data/trimmed/clips.jsonl", ws / "data/buckets/samples.jsonl", ws / "data/index/captions.jsonl", ws,
+              ws / "data/captions", words)
     records = {r["id"]: r for r in read_jsonl(ws / "data/captions/captions.jsonl")}
     problems = json.loads((ws / "data/captions/problems.json").read_text())["problems"]
     return records, problems
@@ -206,7 +207,7 @@ def test_on_error_fail_stops_after_writing_report(tmp_path):
     ds = DatasetConfig(folder="data/raw", on_error="fail")
     with pytest.raises(InputError, match=r"(?s)captions: 1 bad input\(s\).*data/raw/a.txt: caption is empty"):
         run_stage(JobConfig(), {"main": ds}, DopConfig(), ws / "data/trimmed/clips.jsonl",
-                  ws / "data/buckets/samples.jsonl", ws, ws / "data/captions", words)
+                  ws / "data/buckets/samples.jsonl", ws / "data/index/captions.jsonl", ws, ws / "data/captions", words)
     assert json.loads((ws / "data/captions/problems.json").read_text())["count"] == 1
     assert len(read_jsonl(ws / "data/captions/captions.jsonl")) == 1
 

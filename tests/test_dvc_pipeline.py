@@ -37,7 +37,7 @@ def workspace(tmp_path_factory) -> Path:
 def test_full_repro_then_nothing_reruns(workspace: Path):
     before = _raw_hashes(workspace)
     ran = _repro(workspace)
-    assert ran == ["scan", "trim", "bucket", "captions", "text_cache", "latent_cache", "train", "evaluate", "export"]
+    assert ran == ["check", "scan", "trim", "bucket", "captions", "text_cache", "latent_cache", "train", "evaluate", "export"]
     assert sorted(p.name for p in (workspace / "data/lora/high").glob("*.safetensors"))
     assert (workspace / "data/eval/report.html").is_file()
     assert _raw_hashes(workspace) == before, "raw data must never be modified"
@@ -85,13 +85,22 @@ def test_caption_edit_reruns_only_caption_stages(workspace: Path):
     assert ran[:3] == ["scan", "captions", "text_cache"]
 
 
+def test_adding_a_missing_caption_reruns_only_caption_stages(workspace: Path):
+    """The fix the captions report suggests for a clip without a caption: trim and bucket keep."""
+    assert not (workspace / "data/raw/run_cut.txt").exists()
+    (workspace / "data/raw/run_cut.txt").write_text("[trigger] running, then a cut", encoding="utf-8")
+    ran = _repro(workspace)
+    assert ran[:3] == ["scan", "captions", "text_cache"] and not {"trim", "bucket", "latent_cache"} & set(ran)
+
+
 def test_train_param_reruns_no_data_stage(workspace: Path):
     params_path = workspace / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
     params["train"]["lr"] = params["train"]["lr"] / 2
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     ran = _repro(workspace)
-    assert ran[0] == "train" and set(ran) <= {"train", "evaluate", "export"}
+    # params.yaml changed, so the check stage validates it first; its unchanged output reruns nothing
+    assert ran[:2] == ["check", "train"] and set(ran) <= {"check", "train", "evaluate", "export"}
 
 
 def test_readme_versioning_commands_bring_back_an_older_version(workspace: Path, tmp_path: Path):

@@ -41,8 +41,12 @@ def test_bucket_frames_suggest_nearest_valid_count(frames, nearest):
 
 
 def test_sample_frames_suggest_nearest():
-    assert "sample: num_frames=30 must be 4n+1: use 29" in error_of({"sample": {"num_frames": 30}})
-    assert "sample: num_frames=84 must be 4n+1: use 85" in error_of({"sample": {"num_frames": 84}})
+    # the key and its value, not the whole sample section
+    msg = error_of({"sample": {"num_frames": 30, "steps": 9, "prompts": ["a long prompt"]}})
+    assert "sample.num_frames: must be 4n+1 (the VAE's frame grid): use 29 (got 30)" in msg
+    assert "a long prompt" not in msg and "steps" not in msg
+    assert "sample.num_frames: must be 4n+1 (the VAE's frame grid): use 85 (got 84)" in error_of({"sample": {"num_frames": 84}})
+    assert "sample.height: must be a multiple of 16: use 480 (got 478)" in error_of({"sample": {"height": 478}})
 
 
 def test_rank_above_64_warns_but_parses():

@@ -184,3 +184,20 @@ def test_epoch_follows_every_resolution_and_window_of_the_bucket_stage():
     assert e.seconds == pytest.approx(4 * at(512) + 4 * at(768))
     assert "one epoch: 8 samples (every window, resolution and flip) in 2 bucket(s), 8 micro-steps" in render(
         plan(params, 80.0), e)
+
+
+def test_advice_is_about_this_config() -> None:
+    """No "quantize" for a base that already is uint4, no "fewer frames" when activations are tiny."""
+    uint4 = {"quantization": {"transformer": "uint4"}, "model": {"low_vram": True}, "multistage": {"switch_every": 1},
+             "datasets": {"main": {"bucket": {"resolutions": [64], "num_frames": [9]}}}}
+    switching = plan(parse_params(uint4), 24.0)
+    advice = [s for s in switching.suggestions if "switch_every" in s]
+    assert advice and "quantiz" not in advice[0]
+    small_card = plan(parse_params(uint4), 8.0)  # 7.6 GiB of uint4 weights + 2 GiB context > 8 GiB
+    assert not small_card.fits and small_card.experts[0].activations_gib < 0.1
+    (fix,) = [s for s in small_card.suggestions if "model.layer_offloading" in s]
+    assert "the base (7.6 GiB, uint4)" in fix and "num_frames" not in fix
+    long_clips = plan(parse_params({"quantization": {"transformer": "uint4"}, "model": {"low_vram": True},
+                                    "datasets": {"main": {"bucket": {"resolutions": [1024], "num_frames": [81]}}}}), 24.0)
+    (fix,) = [s for s in long_clips.suggestions if "activations" in s]
+    assert "81 frames at 1024x1024" in fix and "datasets.main.bucket.num_frames [81], resolutions [1024]" in fix

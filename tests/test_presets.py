@@ -75,3 +75,23 @@ def test_bad_recipe_and_tier_messages():
         make_params("character", 32)  # type: ignore[arg-type]
     with pytest.raises(ParamsError, match="24 GB is the smallest tier"):
         make_params("character", 16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("recipe", "vram"), ALL)
+def test_every_preset_fits_its_tier_by_the_planner(recipe, vram):
+    """`wanlora init --vram N` then `wanlora plan` (which assumes N) must not say "does NOT fit"."""
+    from wanlora.plan import plan
+
+    result = plan(make_params(recipe, vram), float(vram))
+    assert result.fits, (recipe, vram, result.peak_gib)
+
+
+def test_smoke_recipe_runs_on_a_cpu_without_a_gpu_tier():
+    p = make_params("smoke", 24, model="models/tiny")
+    assert p == make_params("smoke", 141, model="models/tiny")
+    ds = p.datasets["main"]
+    assert (p.job.device, p.model.dtype, p.quantization.transformer, p.model.low_vram) == ("cpu", "fp32", "none", False)
+    assert (ds.bucket.resolutions, ds.bucket.num_frames, p.train.steps, p.train.optimizer) == ([64], [9], 8, "adamw")
+    assert p.save.every * 2 == p.train.steps and p.sample.validation_samples == 1
+    text = describe("smoke", 24)
+    assert text.startswith("job.device: cpu  (") and "quantization" not in text and "GB" not in text

@@ -32,11 +32,9 @@ def test_scan_indexes_media_and_captions_and_reports_unsafe_links(tmp_path: Path
 
     media = {r["id"]: r for r in read_jsonl(tmp_path / "data/index/media.jsonl")}
     assert sorted(media) == ["main/a.mp4", "main/empty.mp4", "main/sub/b.png"]
-    assert media["main/a.mp4"]["caption_path"] == "data/raw/a.txt"
     assert media["main/a.mp4"]["sha256"] == sha256_file(raw / "a.mp4")
-    assert media["main/sub/b.png"]["caption_path"] is None
     caps = read_jsonl(tmp_path / "data/index/captions.jsonl")
-    assert [c["path"] for c in caps] == ["data/raw/a.txt"]
+    assert [(c["path"], c["media"]) for c in caps] == [("data/raw/a.txt", "data/raw/a.mp4")]
 
     import json
     problems = json.loads((tmp_path / "data/index/problems.json").read_text())["problems"]
@@ -81,3 +79,53 @@ def test_same_media_under_two_names_or_in_two_datasets_is_reported(tmp_path: Pat
         ("data/raw/a_copy.mp4", f"same content as data/more/a.mp4 (sha256 {digest}): 3 copies train 3x as often as one clip"),
     ]
     assert sum("empty file" in p["reason"] for p in problems) == 2
+
+
+def test_an_empty_dataset_stops_the_scan_with_the_fix(tmp_path: Path):
+    """Not 30 "is empty" warnings and a text encoder load before train finds nothing to train."""
+    import pytest
+
+    from wanlora.data.scan import EmptyDataset
+
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    (raw / "notes.txt").write_text("a caption with no clip")
+    with pytest.raises(EmptyDataset, match=r"dataset 'main': data/raw holds no clip or image \(1 other file\(s\)\), "
+                                           r"so there is nothing to train\. Fix: copy your clips .* into data/raw, "
+                                           r"then `dvc add data/raw` and `dvc repro`"):
+        run_stage(parse_params({}).datasets, tmp_path, tmp_path / "data/index")
+    assert not (tmp_path / "data/index").exists()
+
+
+def test_stages_print_our_message_about_a_cut_video_without_ffmpegs_own_line(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from wanlora.media.synth import ClipSpec, make_clip
+
+    make_clip(tmp_path / "full.mp4", ClipSpec(moving=24))
+    data = (tmp_path / "full.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])
+    code = ("from wanlora.stages._common import run\nfrom wanlora.media.probe import probe\n"
+            "def main():\n    try:\n        probe('cut.mp4')\n    except Exception as e:\n        print('ours:', e)\n"
+            "run(main)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert "ours: incomplete MP4" in done.stdout, done.stdout + done.stderr
+    assert "moov atom not found" not in done.stdout + done.stderr
+
+
+def test_adding_a_missing_caption_changes_only_the_caption_index(tmp_path: Path):
+    """The fix the captions report suggests must not rerun trim and bucket (they read media.jsonl)."""
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    (raw / "a.mp4").write_bytes(b"video-a")
+    (raw / "b.mp4").write_bytes(b"video-b")
+    (raw / "a.txt").write_text("a caption")
+    params = parse_params({})
+    run_stage(params.datasets, tmp_path, tmp_path / "before")
+    (raw / "b.txt").write_text("the missing caption")
+    run_stage(params.datasets, tmp_path, tmp_path / "after")
+    assert (tmp_path / "before/media.jsonl").read_bytes() == (tmp_path / "after/media.jsonl").read_bytes()
+    caps = read_jsonl(tmp_path / "after/captions.jsonl")
+    assert [(c["path"], c["media"]) for c in caps] == [("data/raw/a.txt", "data/raw/a.mp4"),
+                                                       ("data/raw/b.txt", "data/raw/b.mp4")]

@@ -212,8 +212,7 @@ def test_stage_on_demo_dataset(tmp_path: Path) -> None:
         assert rec["keep_start_s"] == pytest.approx(rec["keep_start"] / gt["fps"], abs=1e-3)
         assert rec["path"] == f"data/raw/{name}"
         assert len(rec["sha256"]) == 64
-    assert clips["main/walk_black_intro.mp4"]["caption_path"] == "data/raw/walk_black_intro.txt"
-    assert clips["main/run_cut.mp4"]["caption_path"] is None
+    assert "caption_path" not in clips["main/walk_black_intro.mp4"]  # captions pair through the caption index
     assert clips["main/alias.mp4"]["sha256"] == clips["main/run_cut.mp4"]["sha256"]
     img = clips["main/portrait.png"]
     assert (img["kind"], img["frames"], img["width"], img["height"], img["crop"]) == ("image", 1, 64, 96, [0, 0, 64, 96])
@@ -295,7 +294,7 @@ def test_stage_reads_the_scan_index_when_given(tmp_path: Path) -> None:
     trim.run_stage(ds, tmp_path, tmp_path / "indexed", index=tmp_path / "data" / "index" / "media.jsonl")
     assert (tmp_path / "walked" / "clips.jsonl").read_bytes() == (tmp_path / "indexed" / "clips.jsonl").read_bytes()
     clips = by_id(read_jsonl(tmp_path / "indexed" / "clips.jsonl"))
-    assert clips["main/a.mp4"]["keep_start"] == 6 and clips["main/a.mp4"]["caption_path"] == "data/raw/a.txt"
+    assert clips["main/a.mp4"]["keep_start"] == 6
 
 
 def test_webm_without_a_frame_count_is_trimmed_and_counted(tmp_path: Path) -> None:

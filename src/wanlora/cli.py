@@ -1,10 +1,12 @@
 """The `wanlora` command: what a person does by hand. Each command wraps one library function.
 
-Heavy imports (torch, diffusers, cv2) happen inside the commands so `wanlora --help` is instant.
+Heavy imports (torch, diffusers, cv2) happen inside the commands so `wanlora --help` is instant,
+and each command reads and validates params.yaml before them, so a typo is reported at once.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,18 +14,42 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from wanlora.config import load_params
+from wanlora import __version__
+from wanlora.config import Params, load_params
 from wanlora.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
-console = Console()
+# Piped into a file or CI log, rich would cut tables at 80 columns; paths need more.
+console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Folder holding params.yaml and dvc.yaml.")]
 
 
+def _params(workspace: Path) -> Params:
+    """Validated params of the workspace; a folder that is none says where the workspace is."""
+    from wanlora.workspace import require
+
+    return load_params(require(workspace) / "params.yaml")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"wanlora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Raw video clips in, Wan 2.2 LoRAs out, through a DVC pipeline."""
+
+
 @app.command()
 def init(
-    recipe: Annotated[str, typer.Option(help="character, style or motion.")] = "character",
+    recipe: Annotated[str, typer.Option(help="character, style or motion; smoke: a CPU check of the whole "
+                                              "path with the tiny model of `wanlora make-tiny`.")] = "character",
     vram: Annotated[int, typer.Option(help="GPU memory in GB: 24, 48, 80 or 141.")] = 24,
     model: Annotated[Optional[str], typer.Option(help="Local diffusers folder or hub id.")] = None,
     trigger: Annotated[Optional[str], typer.Option(help="Trigger word.")] = None,
@@ -31,15 +57,20 @@ def init(
     force: Annotated[bool, typer.Option(help="Overwrite an existing params.yaml.")] = False,
 ) -> None:
     """Write params.yaml from a recipe and hardware tier, plus dvc.yaml and stages/."""
-    from wanlora.presets import describe, make_params, write_params
-    from wanlora.workspace import prepare
+    from wanlora.presets import init_header, make_params, write_params
+    from wanlora.workspace import check_model, commit, has_commit, prepare
 
     target = workspace / "params.yaml"
     if target.exists() and not force:
         raise typer.BadParameter(f"{target} exists; pass --force to overwrite it")
     params = make_params(recipe, vram, model=model, trigger=trigger)  # type: ignore[arg-type]
-    write_params(target, params, f"wanlora init --recipe {recipe} --vram {vram}\n" + describe(recipe, vram))  # type: ignore[arg-type]
+    note = check_model(model, workspace) if model is not None else None
     prepare(workspace, params)
+    write_params(target, params, init_header(recipe, vram))  # type: ignore[arg-type]
+    if (workspace / ".git").is_dir() and not has_commit(workspace):
+        commit(workspace, f"wanlora init --recipe {recipe} --vram {vram}")  # dvclive needs a revision
+    if note:
+        console.print(escape(note))
     console.print(f"wrote {target}, dvc.yaml and stages/; put clips in {params.datasets['main'].folder} and run `dvc repro`")
 
 
@@ -49,7 +80,7 @@ def sync(workspace: WorkspaceOpt = Path(".")) -> None:
     from wanlora.pipeline import is_repo_checkout
     from wanlora.pipeline import sync as do_sync
 
-    changed = do_sync(workspace, load_params(workspace / "params.yaml"), is_repo_checkout(workspace))
+    changed = do_sync(workspace, _params(workspace), is_repo_checkout(workspace))
     console.print("\n".join(f"updated {p}" for p in changed) or "dvc.yaml and stages/ are up to date")
 
 
@@ -60,12 +91,13 @@ def demo(
     run: Annotated[bool, typer.Option(help="Run `dvc repro` after setting up.")] = True,
 ) -> None:
     """Generate clips and a tiny model in a new workspace, then run the whole pipeline there."""
-    from wanlora.demo import make_demo, repro
+    from wanlora.demo import make_demo
+    from wanlora.workspace import dvc_repro
 
     make_demo(folder, steps=steps)
     console.print(f"demo workspace ready in {folder}")
     if run:
-        repro(folder)
+        dvc_repro(folder)
         console.print(f"done: see {folder}/data/eval/report.html and {folder}/data/exports/")
 
 
@@ -98,19 +130,29 @@ def import_aitk(
 
 @app.command()
 def plan(
-    gpu_gib: Annotated[float, typer.Option("--gpu-gib", help="GPU memory in GiB.")] = 80.0,
+    gpu_gib: Annotated[Optional[float], typer.Option(
+        "--gpu-gib", help="GPU memory in GiB; default: the --vram params.yaml was made for, else 24.")] = None,
     workspace: WorkspaceOpt = Path("."),
 ) -> None:
     """Predict peak memory and step time for params.yaml on a GPU of this size (and, once the
-    bucket stage has run, the cost of one epoch over its samples)."""
+    bucket stage has run, the cost of one epoch over its samples).
+
+    Exit status: 0 it fits (or job.device is cpu), 1 it does not fit.
+    """
+    from wanlora.presets import init_vram
+
+    params = _params(workspace)  # before the planner's torch import: a params typo is reported at once
+    if gpu_gib is None:
+        gpu_gib = float(init_vram(workspace / "params.yaml") or 24)
     from wanlora.io import read_jsonl
     from wanlora.plan import epoch, render
     from wanlora.plan import plan as predict
 
-    params = load_params(workspace / "params.yaml")
     samples = workspace / "data/buckets/samples.jsonl"
     epoch_plan = epoch(params, read_jsonl(samples)) if samples.is_file() else None
-    console.print(render(predict(params, gpu_gib), epoch_plan))
+    result = predict(params, gpu_gib)
+    console.print(render(result, epoch_plan), highlight=False)
+    raise typer.Exit(0 if result.fits or result.device == "cpu" else 1)
 
 
 @app.command()
@@ -125,8 +167,11 @@ def audit(
     tensors that do not match it, an empty sample list, a sidecar missing or altered, a forged path).
     """
     from wanlora.export.audit import audit as run_audit
+    from wanlora.workspace import require
 
-    result = run_audit(file, workspace)
+    if file.suffix.lower() == ".safetensors" and file.is_file():  # only then is there lineage to compare
+        workspace = require(workspace)
+    result = run_audit(file, workspace, console)
     raise typer.Exit(0 if result.all_unchanged else 1 if result.ok else 2)
 
 
@@ -141,7 +186,7 @@ def import_lora(
     from wanlora.export.formats import load_base_config
     from wanlora.export.imports import import_to_file
 
-    params = load_params(workspace / "params.yaml")
+    params = _params(workspace)
     base = load_base_config(params.model.name_or_path, params.model.revision)
     console.print(f"wrote {import_to_file(file, out, base, expert)}")
 
@@ -149,15 +194,31 @@ def import_lora(
 @app.command()
 def export(
     step: Annotated[str, typer.Option(help="'best', 'last' or a step number.")] = "best",
-    out: Annotated[Optional[Path], typer.Option(help="Folder; default job.output_dir.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Write a copy here instead, outside DVC; default: data/exports/ through the export stage.")] = None,
     workspace: WorkspaceOpt = Path("."),
 ) -> None:
-    """Write a checkpoint pair as ComfyUI and diffusers files."""
-    from wanlora.export.stage import run_stage
+    """Write a checkpoint pair as ComfyUI and diffusers files.
 
-    params = load_params(workspace / "params.yaml")
-    params.export.step = step
-    run_stage(params, workspace, out or workspace / params.job.output_dir)
+    Without --out this is the export stage: `--step` becomes export.step in params.yaml and
+    `dvc repro --single-item export` rewrites data/exports/, so the export a git commit pins
+    and the one `wanlora audit` reads are the same file, recorded in dvc.lock.
+    """
+    from wanlora.config import parse_params
+    from wanlora.export.stage import choose_step, list_checkpoints, run_stage
+    from wanlora.workspace import dvc_repro, set_param
+
+    params = _params(workspace)
+    chosen = parse_params({**params.model_dump(mode="json"), "export": {**params.export.model_dump(), "step": step}},
+                          "--step")
+    choose_step(chosen.export.step, list(list_checkpoints(workspace / "data/lora")), workspace / "data/eval/metrics.json")
+    if out is not None:
+        run_stage(chosen, workspace, out)
+        return
+    if chosen.export.step != params.export.step:
+        set_param(workspace / "params.yaml", ("export", "step"), chosen.export.step)
+        console.print(f"params.yaml: export.step {params.export.step} -> {chosen.export.step}")
+    dvc_repro(workspace, "--single-item", "export")
 
 
 def main() -> None:
@@ -165,7 +226,7 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        console.print(f"[red]{escape(str(err))}[/]")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         raise SystemExit(2) from None
 
 

@@ -429,13 +429,21 @@ class SampleConfig(Section):
         default_factory=lambda: [100, 300, 500, 700, 900, 950], description="Fixed timesteps of validation loss."
     )
 
-    @model_validator(mode="after")
-    def _shape(self) -> "SampleConfig":
-        if (self.num_frames - 1) % 4:
-            raise ValueError(f"num_frames={self.num_frames} must be 4n+1: use {nearest_4n1(self.num_frames)}")
-        if self.width % 16 or self.height % 16:
-            raise ValueError(f"width and height must be multiples of 16, got {self.width}x{self.height}")
-        return self
+    # Field validators, not one for the section: the error then names sample.num_frames and its
+    # value, not the whole sample mapping.
+    @field_validator("num_frames")
+    @classmethod
+    def _four_n_plus_one(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"must be 4n+1 (the VAE's frame grid): use {nearest_4n1(v)}")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16: use {max(16, round(v / 16) * 16)}")
+        return v
 
 
 class ExportConfig(Section):

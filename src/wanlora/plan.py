@@ -164,6 +164,7 @@ class PlanResult:
     fits: bool
     s_per_step: float
     switch_overhead: float
+    device: str = "auto"
     suggestions: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -249,18 +250,33 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
                 suggestions.append(f"{' and '.join(change)}: peak {alt.peak_gib:.1f} GiB, {alt.s_per_step:.2f} s/step")
                 break
         else:
-            suggestions.append("nothing fits at this clip size: lower datasets.*.bucket.num_frames or resolutions, "
-                               "or turn on model.layer_offloading")
+            suggestions.append(_nothing_fits(params, result))
     if result.switch_overhead > 0.05:
+        halve = " or quantization.transformer: float8 to halve the copy" if quant == "none" else ""
         suggestions.append(
             f"expert switches cost {100 * result.switch_overhead:.0f}% of training time: raise "
-            f"multistage.switch_every (now {params.multistage.switch_every}) or quantize to halve the copy"
+            f"multistage.switch_every (now {params.multistage.switch_every}){halve}"
         )
     if params.model.compile is False:
         faster = step_seconds(config, result.tokens, checkpointing, True, params.train.optimizer, params.train.dop.enabled,
                               params.quantization.fp8_matmul)
         suggestions.append(f"model.compile: true would take ~{faster:.2f} s/step (first step compiles, ~40 s)")
-    return PlanResult(**{**result.__dict__, "suggestions": tuple(suggestions)})
+    return PlanResult(**{**result.__dict__, "device": params.job.device, "suggestions": tuple(suggestions)})
+
+
+def _nothing_fits(params: Params, result: PlanResult) -> str:
+    """Advice when no checkpointing / quantization / offloading mix fits: about the larger term."""
+    e = result.experts[0]
+    fixed = e.weights_gib + e.lora_gib * len(result.experts) + RESERVE_GIB
+    if fixed >= result.gpu_gib or e.activations_gib < fixed:
+        return (f"the base ({e.weights_gib:.1f} GiB, {result.quantization}) with LoRA state and {RESERVE_GIB:.0f} GiB "
+                f"of context is {fixed:.1f} GiB of the {result.gpu_gib:g}: turn on model.layer_offloading (blocks "
+                "stream from host memory; the planner does not predict its speed), or use a larger GPU")
+    frames, height, width = result.clip
+    buckets = {name: (ds.bucket.num_frames, ds.bucket.resolutions) for name, ds in params.datasets.items()}
+    now = "; ".join(f"datasets.{n}.bucket.num_frames {f}, resolutions {r}" for n, (f, r) in buckets.items())
+    return (f"activations of the largest sample ({frames} frames at {width}x{height}) are "
+            f"{e.activations_gib:.1f} GiB: lower its frames or resolution (now {now})")
 
 
 @dataclass(frozen=True)
@@ -297,6 +313,9 @@ def epoch(params: Params, samples: list[dict], checkpointing: Checkpointing | No
 
 def render(result: PlanResult, epoch_plan: EpochPlan | None = None) -> str:
     """The text `wanlora plan` prints (with an epoch line when the samples are bucketed)."""
+    if result.device == "cpu":  # the smoke recipe: GPU memory and H200 step times say nothing about it
+        return ("job.device is cpu: training uses no GPU, so there is no GPU memory or step time to predict; "
+                "set job.device to auto or cuda (the GPU recipes do) for a prediction")
     f, h, w = result.clip
     lines = [
         f"largest sample: {f} frames at {w}x{h} -> {result.tokens} tokens; base {result.quantization}, "

@@ -14,6 +14,7 @@ checkpointing 33 frames at 512x512 (9,216 tokens) need ~9 GiB of activations and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from wanlora.config import Params, ParamsError, dump_params, parse_params
 from wanlora.io import atomic_write_text
 
-Recipe = Literal["character", "style", "motion"]
+Recipe = Literal["character", "style", "motion", "smoke"]
 Vram = Literal[24, 48, 80, 141]
 
 
@@ -84,6 +85,9 @@ TIERS: dict[int, tuple[Setting, ...]] = {
         Setting("model.layer_offloading", False, "one float8 expert and its activations fit"),
         *_tier_resolutions([512, 768, 1024], [41, 61],
                            "81 frames at 1024x1024 (86k tokens, ~71 GiB of activations) would not fit; 61 does"),
+        Setting("train.gradient_checkpointing", "full",
+                "61f@1024 keeps ~69 GiB of activations with selective checkpointing, ~52 GiB with full: "
+                "only full fits beside a float8 expert (`wanlora plan` shows both)"),
         Setting("multistage.switch_every", 1,
                 "a ~0.5 s expert swap is small beside a ~20 s step; alternating every step balances both"),
         Setting("sample.width", 832, "Wan 2.2's native 16:9 480p"),
@@ -148,7 +152,33 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
                                    "a dog doing [trigger] in a meadow"],
                 "different subjects show the motion is learned, not the people who performed it"),
     ),
+    # Not a way to train: a check of the whole path (your clips and captions through every stage to
+    # an export and its audit) in minutes on a CPU, with the tiny model of `wanlora make-tiny`,
+    # before GPU hours go into the real recipe. No tier applies (see _settings): no quantization,
+    # both tiny experts resident, the schema defaults.
+    "smoke": (
+        Setting("job.device", "cpu", "the tiny model runs anywhere; no GPU is needed to check the path"),
+        Setting("model.dtype", "fp32", "a CPU has no fast bf16 matmuls; float32 is quicker there"),
+        *_tier_resolutions([64], [9], "the smallest windows: every clip still goes through trim, bucket and VAE"),
+        Setting("network.rank", 4, "a tiny model has tiny layers"),
+        Setting("network.alpha", 4, "alpha = rank keeps the update scale at 1"),
+        Setting("train.steps", 8, "enough for two checkpoints of both experts; the tiny model learns nothing"),
+        Setting("train.optimizer", "adamw", "bitsandbytes' 8-bit AdamW needs a GPU"),
+        Setting("train.gradient_checkpointing", "none", "tiny activations: recomputing them only costs time"),
+        Setting("multistage.switch_every", 2, "both experts train within the few steps"),
+        Setting("save.every", 4, "two checkpoint pairs: evaluate and export then have a choice"),
+        Setting("sample.prompts", ["[trigger] in a short test clip"], "one prompt shows the sampler runs"),
+        Setting("sample.steps", 2, "the sampler path, not picture quality"),
+        Setting("sample.num_frames", 9, "the training length"),
+        Setting("sample.width", 64, "the training size"),
+        Setting("sample.height", 64, "the training size"),
+        Setting("sample.validation_samples", 1, "one held-out sample gives a validation loss, so 'best' exists"),
+    ),
 }
+
+
+#: Recipes that run on the CPU, where a GPU tier's settings mean nothing.
+CPU_RECIPES = {"smoke"}
 
 
 def _settings(recipe: str, vram: int) -> tuple[Setting, ...]:
@@ -158,7 +188,7 @@ def _settings(recipe: str, vram: int) -> tuple[Setting, ...]:
         fits = [t for t in TIERS if t <= vram]
         hint = f"use {max(fits)} (the largest tier at or below your card)" if fits else "24 GB is the smallest tier"
         raise ParamsError(f"vram {vram} is not a tier ({', '.join(map(str, TIERS))}); {hint}")
-    return TIERS[vram] + RECIPES[recipe]
+    return RECIPES[recipe] if recipe in CPU_RECIPES else TIERS[vram] + RECIPES[recipe]
 
 
 def _put(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -183,6 +213,21 @@ def make_params(recipe: Recipe, vram: Vram, model: str | None = None, trigger: s
 def describe(recipe: Recipe, vram: Vram) -> str:
     """One line per preset setting, `key: value  (why)`, for the header of the written params.yaml."""
     return "\n".join(f"{s.key}: {s.value}  ({s.why})" for s in _settings(recipe, vram))
+
+
+def init_header(recipe: Recipe, vram: Vram) -> str:
+    """The header `wanlora init` writes: the command line, then why each preset value is there."""
+    return f"wanlora init --recipe {recipe} --vram {vram}\n" + describe(recipe, vram)
+
+
+_INIT_LINE = re.compile(r"# wanlora init --recipe \S+ --vram (\d+)\n")
+
+
+def init_vram(path: str | Path) -> int | None:
+    """The GPU tier `wanlora init` wrote `path` for (its header's first line), if it did."""
+    with open(path, encoding="utf-8") as f:
+        m = _INIT_LINE.fullmatch(f.readline())
+    return int(m.group(1)) if m else None
 
 
 def write_params(path: str | Path, params: Params, header_comment: str) -> None:

@@ -51,7 +51,8 @@ def run_data_stages(ws: Path, params, count_tokens=lambda s: len(s.split())) -> 
     buckets.run_stage(params.datasets, ws / "data/trimmed/clips.jsonl", ws / "data/buckets")
     captions.run_stage(job=params.job, datasets=params.datasets, dop=params.train.dop,
                        clips_manifest=ws / "data/trimmed/clips.jsonl",
-                       samples_manifest=ws / "data/buckets/samples.jsonl", workspace=ws,
+                       samples_manifest=ws / "data/buckets/samples.jsonl",
+                       caption_index=ws / "data/index/captions.jsonl", workspace=ws,
                        out_dir=ws / "data/captions", count_tokens=count_tokens)
 
 

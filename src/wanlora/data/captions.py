@@ -241,6 +241,7 @@ def run_stage(
     dop: DopConfig,
     clips_manifest: Path,
     samples_manifest: Path,
+    caption_index: Path,
     workspace: Path,
     out_dir: Path,
     count_tokens: Callable[[str], int],
@@ -248,13 +249,18 @@ def run_stage(
 ) -> None:
     """Write out_dir/captions.jsonl (clips that have samples) and out_dir/problems.json.
 
+    Which clip has which caption file comes from the scan stage's caption index (its `media`
+    field), not from the clips manifest: adding a missing caption then changes only the caption
+    chain, and trim and bucket do not rerun.
+
     `trigger_only` (train.unload_text_encoder) ignores caption files: each clip's caption is the
     trigger word, as AI Toolkit trains when its text encoder is unloaded.
 
     Both files are written before any dataset's on_error policy can stop the stage, so a failed
     run still leaves the report that says what to fix.
     """
-    clips = {c["id"]: c for c in read_jsonl(clips_manifest)}
+    pairs = {row["media"]: row["path"] for row in read_jsonl(caption_index)}
+    clips = {c["id"]: {**c, "caption_path": pairs.get(c["path"])} for c in read_jsonl(clips_manifest)}
     wanted = sorted({s["clip_id"] for s in read_jsonl(samples_manifest)})
     trigger = normalize_whitespace(job.trigger_word)
     check_trigger(trigger)

@@ -2,10 +2,11 @@
 
 Why a stage of its own: DVC cannot depend on "the videos in data/raw but not the captions beside
 them". Were trim to depend on the folder, editing one caption would rerun trim and everything
-after it. The index splits the folder in two files: `media.jsonl` (each clip or image, its hash and
-whether a caption exists) and `captions.jsonl` (each caption file and its hash). Trim depends on
-the first, captions on the second, so a caption edit reruns only this cheap hashing pass and the
-stages downstream of captions.
+after it. The index splits the folder in two files: `media.jsonl` (each clip or image and its
+hash) and `captions.jsonl` (each caption file, its hash and the media file it belongs to). Trim
+depends on the first, captions on the second, so editing, adding or deleting a caption reruns
+only this cheap hashing pass and the stages downstream of captions: which clip has a caption is
+a fact of the caption chain alone, so it is recorded there and nowhere in the media chain.
 
 The folder walk is `wanlora.media.listing.list_dataset`: links are followed only when they stay
 inside the dataset folder; loops, escapes, unknown files and orphan captions are reported.
@@ -16,9 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from wanlora.config import DatasetConfig
+from wanlora.errors import UserError
 from wanlora.io import sha256_file, write_jsonl
 from wanlora.media.listing import list_dataset
 from wanlora.report import Problem, settle, write_problems
+
+
+class EmptyDataset(UserError, FileNotFoundError):
+    """A dataset folder without a single clip or image: stop in the first stage, not after loading models."""
 
 
 def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path) -> None:
@@ -31,26 +37,31 @@ def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path
                 f"dataset '{name}': folder {folder} does not exist; create it or fix datasets.{name}.folder"
             )
         listing = list_dataset(folder, ds.captions.extension, show=lambda p: p.relative_to(workspace).as_posix())
+        if not listing.media:
+            raise EmptyDataset(
+                f"dataset '{name}': {ds.folder} holds no clip or image ({len(listing.problems)} other file(s)), so "
+                f"there is nothing to train. Fix: copy your clips (.mp4, .mov, ...) with same-stem .{ds.captions.extension} "
+                f"captions into {ds.folder}, then `dvc add {ds.folder}` and `dvc repro`"
+            )
         problems = list(listing.problems)
         for path in listing.media:
             if path.stat().st_size == 0:
                 problems.append(Problem(path.relative_to(workspace).as_posix(), "empty file (0 bytes)",
                                         "copy the file again from its source, or delete it", "scan"))
-            cap = listing.captions.get(path)
             media_rows.append({
                 "id": f"{name}/{path.relative_to(folder).as_posix()}",
                 "dataset": name,
                 "path": path.relative_to(workspace).as_posix(),
                 "sha256": sha256_file(path),
                 "size": path.stat().st_size,
-                "caption_path": cap.relative_to(workspace).as_posix() if cap else None,
             })
-        for path in sorted(listing.captions.values()):
+        for media, path in sorted(listing.captions.items(), key=lambda pair: pair[1]):
             caption_rows.append({
                 "id": f"{name}/{path.relative_to(folder).as_posix()}",
                 "dataset": name,
                 "path": path.relative_to(workspace).as_posix(),
                 "sha256": sha256_file(path),
+                "media": media.relative_to(workspace).as_posix(),
             })
         settle(problems, "skip", "scan")  # scan only reports; trim and captions apply on_error
         all_problems += problems

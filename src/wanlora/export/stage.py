@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from wanlora.config import Params
+from wanlora.errors import UserError
 from wanlora.export import formats
 from wanlora.export.imports import read_lora
 from wanlora.export.lineage import PREFIX, sidecar_names, tensors_sha256
@@ -25,6 +26,14 @@ from wanlora.io import atomic_write_bytes, atomic_write_json, sha256_file
 STEP_FILE = re.compile(r"step_(\d+)\.safetensors\Z")
 EXPERTS = ("high", "low")
 console = Console(stderr=True)
+
+
+class NoSuchStep(UserError, ValueError):
+    """The step asked for has no checkpoint pair; the message lists those that exist."""
+
+
+class NoCheckpoints(UserError, FileNotFoundError):
+    """Nothing to choose from yet (no checkpoints, or no metrics for 'best'); the message says which stage to run."""
 
 
 def list_checkpoints(lora_dir: Path) -> dict[int, dict[str, Path]]:
@@ -42,24 +51,24 @@ def list_checkpoints(lora_dir: Path) -> dict[int, dict[str, Path]]:
 def choose_step(spec: str, available: list[int], metrics_path: Path) -> int:
     """The step `spec` names; errors list the steps that exist."""
     if not available:
-        raise FileNotFoundError("no checkpoints in data/lora/{high,low}/: run the train stage first")
+        raise NoCheckpoints("no checkpoints in data/lora/{high,low}/: run the train stage first (`dvc repro`)")
     listing = ", ".join(map(str, available))
     if spec == "last":
         return available[-1]
     if spec == "best":
         if not metrics_path.is_file():
-            raise FileNotFoundError(
+            raise NoCheckpoints(
                 f"{metrics_path}: missing, so 'best' is unknown; run the evaluate stage, or set export.step "
                 f"to 'last' or one of: {listing}"
             )
         best = json.loads(metrics_path.read_text(encoding="utf-8")).get("best_step")
         if best is None:
-            raise ValueError(f"{metrics_path}: no best_step (no validation loss); set export.step to one of: {listing}")
+            raise NoSuchStep(f"{metrics_path}: no best_step (no validation loss); set export.step to one of: {listing}")
         step = int(best)
     else:
         step = int(spec)
     if step not in available:
-        raise ValueError(f"no checkpoint for step {step}; available steps: {listing}")
+        raise NoSuchStep(f"no checkpoint for step {step}; available steps: {listing}")
     return step
 
 

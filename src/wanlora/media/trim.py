@@ -148,7 +148,7 @@ class ClipOutcome:
 def analyse_file(path: Path, ds: DatasetConfig, base: dict) -> ClipOutcome:
     """Probe, trim and crop one media file; a bad file becomes a skipped record plus a Problem.
 
-    `base` holds the record's identity fields (id, dataset, path, sha256, caption_path).
+    `base` holds the record's identity fields (id, dataset, path, sha256).
     """
     record = {
         **base,
@@ -190,8 +190,8 @@ def analyse_file(path: Path, ds: DatasetConfig, base: dict) -> ClipOutcome:
 def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path, index: Path | None = None) -> None:
     """Write out_dir/clips.jsonl, report.md and problems.json for every dataset's raw folder.
 
-    With `index` (the scan stage's data/index/media.jsonl) the media list, hashes and caption
-    paths come from it, so trim depends only on what DVC tracks and hashes nothing twice; without
+    With `index` (the scan stage's data/index/media.jsonl) the media list and hashes come from
+    it, so trim depends only on what DVC tracks and hashes nothing twice; without
     it, each dataset folder is walked here (standalone use, benchmarks).
     """
     workspace = Path(workspace)
@@ -222,7 +222,7 @@ def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path
 
 def _identity(row: dict) -> dict:
     """The identity fields of a clips.jsonl record, from a scan index row."""
-    return {k: row[k] for k in ("id", "dataset", "path", "sha256", "caption_path")}
+    return {k: row[k] for k in ("id", "dataset", "path", "sha256")}
 
 
 def _walk_entries(name: str, ds: DatasetConfig, workspace: Path) -> tuple[list[tuple[Path, dict]], list[Problem]]:
@@ -238,13 +238,11 @@ def _walk_entries(name: str, ds: DatasetConfig, workspace: Path) -> tuple[list[t
     listing = list_dataset(folder, ds.captions.extension, show)
     entries = []
     for path in listing.media:
-        caption = listing.captions.get(path)
         entries.append((path, {
             "id": f"{name}/{path.relative_to(folder).as_posix()}",
             "dataset": name,
             "path": show(path),
             "sha256": sha256_file(path),
-            "caption_path": show(caption) if caption else None,
         }))  # fmt: skip
     return entries, list(listing.problems)
 

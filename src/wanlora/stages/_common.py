@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,12 @@ WORKSPACE = Path(".")
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage; an error a person must fix prints as its message (file and fix), not a traceback."""
+    """Run a stage; an error a person must fix prints as its message (file and fix), not a traceback.
+
+    OpenCV's bundled FFmpeg logs its own lines ("moov atom not found") before our message about
+    the same file says what it means and what to do; it is silenced unless the person asks for it.
+    """
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when FFmpeg is first used
     try:
         main()
     except UserError as err:

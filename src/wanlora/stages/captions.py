@@ -12,6 +12,7 @@ def main() -> None:
         dop=params.train.dop,
         clips_manifest=WORKSPACE / "data/trimmed/clips.jsonl",
         samples_manifest=WORKSPACE / "data/buckets/samples.jsonl",
+        caption_index=WORKSPACE / "data/index/captions.jsonl",
         workspace=WORKSPACE,
         out_dir=WORKSPACE / "data/captions",
         count_tokens=make_token_counter(root),

@@ -1,0 +1,65 @@
+"""Workspace setup and checks: what `wanlora init`, the check stage and `wanlora export` rely on."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wanlora.config import ParamsError, load_params
+from wanlora.errors import UserError
+from wanlora.presets import make_params, write_params
+from wanlora.workspace import check_stage, commit, prepare, set_param
+
+
+def test_check_stage_refuses_stage_outputs_committed_to_git(tmp_path: Path):
+    """The state the issue's "obvious repair" left: outputs in git make DVC refuse them after training."""
+    prepare(tmp_path, make_params("smoke", 24))
+    (tmp_path / "data/index").mkdir(parents=True)
+    (tmp_path / "data/index/media.jsonl").write_text("")
+    (tmp_path / "data/train_live").mkdir(parents=True)
+    (tmp_path / "data/train_live/metrics.json").write_text("{}")
+    subprocess.run(["git", "add", "-f", "data/index", "data/train_live"], cwd=tmp_path, check=True)
+    with pytest.raises(UserError, match=r"git tracks stage outputs that DVC must own: data/index, data/train_live\. "
+                                        r"Fix: `git rm -r -q --cached data/index data/train_live"):
+        check_stage(tmp_path)
+    subprocess.run(["git", "rm", "-r", "-q", "--cached", "data/index", "data/train_live"], cwd=tmp_path, check=True)
+    check_stage(tmp_path)
+    assert (tmp_path / "data/check.json").is_file()
+
+
+def test_a_typo_added_after_a_run_stops_dvc_repro_before_any_other_stage(tmp_path: Path):
+    """No stage lists train.learning_rate, so without the check stage DVC would find nothing changed
+    ("Data and pipelines are up to date"); the check stage depends on params.yaml as a file."""
+    params = make_params("smoke", 24)
+    prepare(tmp_path, params)
+    write_params(tmp_path / "params.yaml", params, "test")
+    commit(tmp_path, "workspace")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc = [sys.executable, "-m", "dvc", "repro"]
+    first = subprocess.run([*dvc, "check"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert first.returncode == 0 and "Running stage 'check'" in first.stdout, first.stdout + first.stderr
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("\n  lr: ", "\n  learning_rate: 0.0002\n  lr: ", 1))
+    done = subprocess.run(dvc, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode != 0
+    assert "train.learning_rate: unknown key; did you mean 'lr'?" in done.stdout + done.stderr
+    assert re.findall(r"Running stage '(\w+)'", done.stdout) == ["check"]
+
+
+def test_set_param_edits_one_line_and_keeps_comments(tmp_path: Path):
+    path = tmp_path / "params.yaml"
+    write_params(path, make_params("character", 24), "wanlora init --recipe character --vram 24\nwhy: because")
+    before = path.read_text()
+    set_param(path, ("export", "step"), "1500")
+    after = path.read_text()
+    assert after.startswith("# wanlora init --recipe character --vram 24\n# why: because\n")
+    assert [a for a, b in zip(before.splitlines(), after.splitlines()) if a != b] == ["  step: best"]
+    assert load_params(path).export.step == "1500"
+    with pytest.raises(ParamsError, match="export.step: must be 'best', 'last' or a step number"):
+        set_param(path, ("export", "step"), "latest")
+    assert path.read_text() == after and not list(tmp_path.glob(".params.yaml*"))
