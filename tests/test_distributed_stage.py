@@ -95,3 +95,17 @@ def test_two_rank_state_resumes_in_one_process(template, tmp_path):
     assert (after["epoch"], after["position"]) == (3, 0)  # +1 batch per step: the global position went on
     assert after["parallel"] == {"mode": "data", "world": 1}
     assert sorted(p.name for p in (ws / "data/lora/low").iterdir())[-1] == "step_000004.safetensors"
+
+
+def _odd_steps_refused(params, ws: Path) -> None:
+    from wanlora.train.distributed import DistributedError
+
+    with pytest.raises(DistributedError, match=r"train.steps is 3, .* multiple of 2, or train.parallel: data"):
+        loop.run_stage(params, ws)
+
+
+def test_expert_parallel_refuses_a_step_count_it_would_overshoot(template, tmp_path):
+    """Each expert-parallel round steps both experts (global step +2): 3 steps would end at 4."""
+    ws = copy_workspace(template[0], tmp_path / "ws")
+    launch(_odd_steps_refused, (tiny_params(template[1], train={"steps": 3}), ws), world=2)
+    assert not (ws / "data/lora").exists()

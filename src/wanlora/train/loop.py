@@ -224,6 +224,11 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     root = resolve_model(params.model.name_or_path, params.model.revision)
     env = env if env is not None else init_distributed(params.job.device)  # cuda:N, never a bare "cuda"
     plan = plan_parallel(env.world, active, params.train.parallel)
+    if params.train.steps % plan.step_increment:  # a round steps both experts: 13 would end at 14
+        raise DistributedError(
+            f"train.steps is {params.train.steps}, but expert-parallel training steps both experts in each "
+            f"round ({plan.step_increment} steps a round). Fix: set train.steps to a multiple of "
+            f"{plan.step_increment}, or train.parallel: data")
     groups = make_groups(plan, env)
     mine = plan.experts_of(env.rank)
     if params.train.sharded_base and len(mine) > 1:
