@@ -41,6 +41,8 @@ ROWS = {
     "81f_1024_float8_sel_offload": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"},
                                      "quantization": {"transformer": "float8"}, "model": {"activation_offloading": True}},
                                     (81, 1024, 1024), "selective", True),
+    "81f_1024_float8_fullckpt": ({"multistage": {"train_low_noise": False}, "quantization": {"transformer": "float8"}},
+                                 (81, 1024, 1024), "full", False),
     # third session
     "81f_float8_1expert_adamw": ({"multistage": {"train_low_noise": False}, "train": {"optimizer": "adamw"},
                                   "quantization": {"transformer": "float8"}}, (81, 480, 832), "selective", True),
@@ -112,7 +114,8 @@ def test_prediction_within_15_percent_of_the_h200_measurement(name: str) -> None
 def test_the_tables_hold_the_rows_the_planner_was_calibrated_on() -> None:
     table = _gpu_table()
     assert set(ROWS) <= set(table)
-    assert all(table[n]["device"] == "NVIDIA H100 80GB HBM3" for n in ROWS)
+    # call 4's table has no device column: its heading names the same H100 kind
+    assert all(table[n].get("device", "NVIDIA H100 80GB HBM3") == "NVIDIA H100 80GB HBM3" for n in ROWS)
     h200 = _gpu_table(H200_HEADING)
     assert set(H200_ROWS) <= set(h200)
     assert all(h200[n]["device"] == "NVIDIA H200" for n in H200_ROWS)

@@ -29,12 +29,15 @@ GIB = 1024**3
 TEXT_LEN = 512
 
 # ------------------------------------------- calibration (memory: H100 2026-11-25; time: H200 2026-12-01)
-#: Activation GiB per video token held at the step's peak, per checkpointing mode. selective: slope
-#: of 36.8 GiB (9,216 tokens) -> 61.6 GiB (32,760 tokens), one bf16 expert, compiled. full: 21.35
-#: GiB of the float8 33f run minus its weights and LoRA, over 9,216 tokens (the naive runs of
-#: STACK.md, 35.0 -> 53.8 GiB from 9,216 to 32,760 tokens, give the same slope, 0.80e-3).
-#: none: not measured; an estimate from the tensors a Wan block saves (~250 KB/token/block).
-ACT_GIB_PER_TOKEN = {"selective": 1.056e-3, "full": 0.800e-3, "none": 9.3e-3}
+#: Activation GiB per video token held at the step's peak, per checkpointing mode, plus a fixed part.
+#: selective: slope of 36.8 GiB (9,216 tokens) -> 61.6 GiB (32,760 tokens), one bf16 expert,
+#: compiled. full: the float8 runs at 33f@512² (21.35 GiB, 9,216 tokens) and 81f@1024² (74.0 GiB,
+#: 86,016 tokens) less weights and LoRA: 7.4 and 60.1 GiB, a slope of 0.686e-3 and 1.08 GiB that
+#: does not grow with the clip (the one block being recomputed). A slope through the 33f run alone
+#: (0.80e-3) overstated the 81f@1024² run by 9 GiB. none: not measured; an estimate from the tensors
+#: a Wan block saves (~250 KB/token/block).
+ACT_GIB_PER_TOKEN = {"selective": 1.056e-3, "full": 0.686e-3, "none": 9.3e-3}
+ACT_FIXED_GIB = {"selective": 0.0, "full": 1.08, "none": 0.0}
 #: With `model.activation_offloading` what stays on the GPU is one block's working set, which grows
 #: with the tokens, and the prefetch window (`PREFETCH_BYTES` of fetched activations waiting for
 #: backward). Fitted on two float8, selective, compiled runs on an H100 (third session): activations
@@ -193,7 +196,7 @@ def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointi
     lora = lora_parameters(config, params.network.rank, params.network.target_modules)
     lora_g = lora * (LORA_BYTES + OPTIMIZER_BYTES[tr.optimizer]) / GIB
     held = tokens * (2 if tr.dop.enabled else 1)  # the class prompt doubles the trained batch
-    act = ACT_GIB_PER_TOKEN[checkpointing] * held
+    act = ACT_FIXED_GIB[checkpointing] + ACT_GIB_PER_TOKEN[checkpointing] * held
     if offload:
         act = min(act, ACT_OFFLOADED_GIB_PER_TOKEN * held + PREFETCH_BYTES / GIB)
     text = TEXT_LEN * config["text_dim"] * 2 * tr.batch_size / GIB
