@@ -17,9 +17,9 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
-from wanlora.media.probe import REENCODE_FIX, MediaError, MediaInfo, displayed_size, probe
+from wanlora.media.probe import REENCODE_FIX, MediaError, MediaInfo, displayed_size, open_image, probe
 
 
 def iter_frames(
@@ -125,8 +125,10 @@ def read_frames(path: str | Path, indices: Sequence[int], info: MediaInfo | None
 
 def _load_image(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:  # the probe's size limits: the file may have changed since
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except MediaError:
+        raise
     except (OSError, SyntaxError, ValueError) as err:  # changed or damaged since it was probed
         raise MediaError(f"image cannot be decoded ({err})", "re-save it as .png or .jpg, or delete it") from None
 
