@@ -90,7 +90,8 @@ def test_load_frames_crops_resizes_flips_and_scales(workspace):
 def _stage(root, workspace, samples, mode="distribution", enabled=("main",)):
     write_jsonl(workspace / "samples.jsonl", samples)
     out = workspace / "cache"
-    run_stage(root, workspace / "samples.jsonl", workspace, out, mode, "fp32", "cpu", set(enabled))
+    run_stage(root, workspace / "samples.jsonl", workspace, out, mode, "fp32", "cpu", set(enabled),
+              {d: "data/raw" for d in enabled})
     return out
 
 
@@ -278,3 +279,25 @@ def test_huge_clip_memory_follows_the_bucket_not_the_source(tmp_path):
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["shape"] == [3, 9, 64, 64]
     assert got["mib"] < 1200, got  # measured 691 MiB (was 3738 MiB)
+
+
+def test_sample_path_leaving_the_dataset_folder_stops_the_stage(tmp_path_factory, workspace, tmp_path):
+    """A samples.jsonl swapped on a shared remote can name any file; the stage refuses it before
+    decoding anything, and so does the trainer's dataset (on-the-fly encoding reads the same path)."""
+    from wanlora.data.dataset import build_dataset
+    from wanlora.io import ManifestPathError
+
+    outside = tmp_path.parent / "elsewhere.mp4"
+    write_clip(outside, clip_frames(9, 48, 40))
+    good = _sample("main/a.mp4#0", "data/raw/a.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40])
+    bad = _sample("main/x.mp4#0", "data/raw/../../elsewhere.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40])
+    with pytest.raises(ManifestPathError, match=r"sample main/x.mp4#0: path 'data/raw/../../elsewhere.mp4' lies "
+                                                r"outside its dataset folder data/raw"):
+        _stage(tiny_model(tmp_path_factory), workspace, [good, bad])
+    assert not (workspace / "cache/index.json").exists()
+    write_jsonl(workspace / "data/buckets/samples.jsonl", [good, {**bad, "path": str(outside)}])
+    write_jsonl(workspace / "data/captions/captions.jsonl",
+                [{"id": s["clip_id"], "caption": "sks", "caption_dop": None} for s in (good, bad)])
+    with pytest.raises(ManifestPathError, match="outside its dataset folder data/raw"):
+        build_dataset(workspace, vae_config={}, expect_vae=None, cached_datasets=set(), folders={"main": "data/raw"},
+                      encode=lambda record: {})

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from rich.progress import track
 
-from wanlora.io import atomic_write_json, read_jsonl, sha256_json
+from wanlora.io import atomic_write_json, dataset_file, read_jsonl, sha256_json
 from wanlora.report import Problem, settle, write_problems
 from wanlora.models.cachefiles import (
     INDEX,
@@ -176,14 +176,18 @@ def run_stage(
     dtype: str,
     device: str,
     enabled_datasets: set[str],
+    folders: Mapping[str, str],
     store: Path | None = None,
 ) -> None:
     """Encode the samples of `enabled_datasets` that have no valid cache file, remove files no
-    longer needed, write index.json."""
+    longer needed, write index.json. `folders` (dataset name -> folder) confines the files read:
+    a sample whose path leaves its dataset folder stops the stage (`dataset_file`)."""
     if mode not in ("distribution", "mode"):
         raise ValueError(f"latent mode {mode!r}: use 'distribution' or 'mode'")
     out_dir, workspace = Path(out_dir), Path(workspace)
     samples = [s for s in read_jsonl(samples_manifest) if s["dataset"] in enabled_datasets]
+    for s in samples:
+        dataset_file(workspace, folders[s["dataset"]], s["path"], f"{samples_manifest}: sample {s['id']}")
     vae_id = model_identity(root, "vae")
     keys = {s["id"]: sample_key(s, vae_id, mode, dtype) for s in samples}
     todo = [s for s in samples if not restore(out_dir, store, keys[s["id"]], vae=vae_id)]

@@ -238,6 +238,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     vae_config = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
+                         folders={n: d.folder for n, d in params.datasets.items()},
                          encode=_vae_encoder(root, params, workspace, device))
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
     if env.is_main:
