@@ -96,6 +96,16 @@ def run_key(params: Params, workspace: Path, base: Mapping[str, str]) -> str:
     return sha256_json({"params": read, "inputs": inputs, "base": dict(sorted(base.items()))})[:16]
 
 
+def _adapter(params: Params) -> dict[str, str]:
+    """The AI Toolkit recovery adapter's identity (hub commit and sha256), when one is used."""
+    source = params.quantization.recovery.source
+    if params.quantization.transformer == "none" or source in ("fitted", "none"):
+        return {}
+    from wanlora.models.recovery import resolve_adapter_source
+
+    return {"adapter": resolve_adapter_source(source).identity}
+
+
 def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, device: torch.device,
                  dtype: torch.dtype, where: torch.device, calib: list[dict] | None) -> tuple[torch.nn.Module, list[BlockOffload]]:
     """Load into `where` (the device, or host memory for an expert that waits), quantize with its
@@ -279,7 +289,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         dists=dists,
         schedule=ExpertSchedule(mine, ms.switch_every, ms.expert_choice, high_mass),
         placer=placer, offloads=offloads,
-        state_dir=workspace / "scratch/train" / run_key(params, workspace, base_identity),
+        state_dir=workspace / "scratch/train" / run_key(params, workspace, {**base_identity, **_adapter(params)}),
         base_identity=base_identity,
         expect_encoder=expect_encoder,
         env=env, plan=plan, groups=groups,
