@@ -166,7 +166,8 @@ def _iter_pyav(path: Path, info: MediaInfo, start: int, stop: int | None, gray: 
             stream = container.streams.video[0]
             # frame threading holds a decoded frame per thread: fine at 4K, gigabytes at 8K on many cores
             cc = stream.codec_context
-            stream.thread_type = "AUTO" if cc.width * cc.height <= _FRAME_THREADS_MAX_PIXELS else "SLICE"
+            big = cc is not None and cc.width * cc.height > _FRAME_THREADS_MAX_PIXELS
+            stream.thread_type = "SLICE" if big else "AUTO"
             t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             if start > 0:
                 container.seek(_seek_ts(stream, t0, start, info.fps), stream=stream, backward=True)

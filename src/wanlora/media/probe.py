@@ -178,7 +178,8 @@ def _probe_pyav(path: Path) -> MediaInfo:
         fps = float(rate) if rate else 0.0
         if not (fps > 0 and math.isfinite(fps)):
             raise MediaError("frame rate unknown", REENCODE_FIX)
-        check_size(stream.codec_context.width, stream.codec_context.height)  # before a frame is decoded
+        if stream.codec_context is not None:  # None without a decoder: the decode below reports it
+            check_size(stream.codec_context.width, stream.codec_context.height)  # before a frame is decoded
         try:
             first = next(container.decode(stream), None)
         except av.error.FFmpegError as err:
