@@ -59,8 +59,9 @@ _WEIGHTS_NAME = {"transformer": "diffusion_pytorch_model.safetensors", "transfor
                  "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
 _INDEX_FIRST = {"transformer", "transformer_2", "vae"}
 _SAFE_TORCH = (2, 6)  # torch.load(weights_only=True) is bypassable up to 2.5.1 (CVE-2025-32434)
-#: Full-content hashes of local shards, keyed by (path, size, mtime, inode), relative to the
-#: workspace a stage runs in (git-ignored), so a 28 GB expert is hashed once, not every run.
+#: Full-content hashes of local shards, keyed by (path, size, mtime, inode), in the git-ignored
+#: scratch/ of the workspace a stage runs in (its cwd), so a 28 GB expert is hashed once, not every
+#: run; outside a workspace nothing is kept.
 HASH_CACHE = Path("scratch/model_hashes.json")
 _SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash")
@@ -319,7 +320,7 @@ def content_sha256(path: Path) -> str:
     if isinstance(entry, dict) and entry.get("stamp") == stamp and _SHA256_NAME.match(str(entry.get("sha256"))):
         return entry["sha256"]
     digest = sha256_file(path)
-    if HASH_CACHE.parent.is_dir():  # the workspace's scratch/; elsewhere (tests, scripts) nothing is kept
+    if HASH_CACHE.parent.is_dir() or Path("params.yaml").is_file():  # in a workspace (stages run there)
         cache = {k: v for k, v in _load_hash_cache().items() if Path(k).exists()}
         cache[key] = {"stamp": stamp, "sha256": digest}
         atomic_write_json(HASH_CACHE, cache)
