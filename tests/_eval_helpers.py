@@ -216,7 +216,7 @@ def make_eval_workspace(root: Path, steps=(2, 4)) -> Path:
     text.run_stage(tiny, root / "data/captions/captions.jsonl", params.sample.prompts, "sks",
                    root / "data/cache/text", "fp32", "none", "cpu", dropout=("sks", "person"))
     latents.run_stage(tiny, root / "data/buckets/samples.jsonl", root, root / "data/cache/latents",
-                      "distribution", "fp32", "cpu", {"main"})
+                      "distribution", "fp32", "cpu", {"main"}, {"main": "data/raw"})
     live = root / "data/train_live/plots/metrics"
     live.mkdir(parents=True)
     for name in ("loss_high", "loss_low", "lr"):  # dvclive's layout: step<TAB>name

@@ -291,3 +291,63 @@ def test_ui_generated_job(tmp_path):
     assert (params.network.rank, params.datasets["ohwx"].bucket.num_frames, params.sample.prompts) == (
         32, [41], ["ohwx waving"])
     assert (params.quantization.transformer, params.multistage.switch_every, params.job.device) == ("uint4", 1, "cuda")
+
+
+# ------------------------------------------------------------ untrusted configs (issue 22)
+ALIAS_BOMB = CONFIG_24GB.replace("meta:\n", """\
+lol: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+lol2: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+lol3: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+lol4: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+lol5: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+lol6: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+lol7: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+lol8: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+lol9: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+meta:
+""")
+
+
+def test_yaml_alias_bomb_is_refused_fast(tmp_path):
+    """The review's experiment: a 645-byte alias bomb took 58 s and printed 5 MB in import-aitk.
+    Run in a subprocess so that the old behaviour fails on the time bound instead of hanging."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, ALIAS_BOMB)
+    code = ("import sys\nfrom pathlib import Path\nfrom wanlora.aitk import import_config\n"
+            "try:\n    import_config(Path(sys.argv[1]))\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=30)
+    assert out.stdout.startswith("ParamsError") and "expands to more than 100,000 values" in out.stdout, out.stdout[:2000]
+    assert len(out.stdout) < 1000
+    # a recursive alias is infinitely large: refused the same way
+    with pytest.raises(ParamsError, match="expands to more than"):
+        import_config(write(tmp_path, CONFIG_24GB.replace("meta:\n", "loop: &x [*x]\nmeta:\n")))
+
+
+def test_small_aliases_import_and_long_values_are_shortened_in_notes(tmp_path):
+    text = CONFIG_24GB.replace('    - type: \'sd_trainer\'', '    - type: \'sd_trainer\'\n      odd: &o {a: 1}\n      odd2: *o')
+    text = text.replace("meta:\n", f"huge: {'x' * 100_000}\nmeta:\n")
+    params, unmapped = import_config(write(tmp_path, text))
+    assert "odd.a=1 (not supported)" in unmapped and "odd2.a=1 (not supported)" in unmapped
+    huge = next(n for n in unmapped if n.startswith("huge="))
+    assert len(huge) < 300 and huge.endswith("... (100,002 characters) (not supported)")
+
+
+def test_paths_that_leave_the_workspace_are_flagged(tmp_path):
+    text = (CONFIG_24GB.replace('name: "tabby_cat_v2"', 'name: "../../../x"')
+            .replace('training_folder: "runs"', 'training_folder: "/home/someone/ai-toolkit/output"')
+            .replace('folder_path: "/clips/tabby"', 'folder_path: "../../secrets/tabby"'))
+    params, unmapped = import_config(write(tmp_path, text))
+    assert params.job.name == "x"
+    assert "config.name='../../../x' (not a plain file name; imported as job.name 'x')" in unmapped
+    assert params.job.output_dir == "exports"
+    assert any(n.startswith("training_folder='/home/someone/ai-toolkit/output' (outside the workspace") for n in unmapped)
+    assert params.datasets["tabby"].folder == "../../secrets/tabby"
+    assert any(n.startswith("datasets.tabby.folder='../../secrets/tabby' (has '..'") for n in unmapped)
+    for bad in ('"../runs"', '"~/runs"'):
+        params, _ = import_config(write(tmp_path, CONFIG_24GB.replace('training_folder: "runs"', f"training_folder: {bad}")))
+        assert params.job.output_dir == "exports"
+    params, unmapped = import_config(write(tmp_path, CONFIG_24GB))  # plain values pass unflagged
+    assert (params.job.name, params.job.output_dir) == ("tabby_cat_v2", "runs")
+    assert not any("outside the workspace" in n or "plain file name" in n for n in unmapped)

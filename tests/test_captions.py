@@ -302,3 +302,27 @@ def test_unload_text_encoder_captions_every_clip_with_the_trigger_alone(tmp_path
     clip = {"id": "main/a.mp4", "dataset": "main", "path": "data/raw/a.mp4", "caption_path": None}
     record = _clip_caption(clip, params.datasets["main"], params.job, params.train.dop, tmp_path, len, True)
     assert (record["caption"], record["caption_dop"], record["source"]) == ("zqx", "dog", "trigger_only")
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "link"])
+def test_caption_path_leaving_the_dataset_folder_is_refused(tmp_path, where):
+    """The review's experiment: clips.jsonl swapped on a shared remote names `~/.netrc` as a
+    caption; the captions stage copied its text into captions.jsonl, which is then pushed."""
+    from wanlora.io import ManifestPathError
+
+    secret = tmp_path / "home/.netrc"
+    secret.parent.mkdir()
+    secret.write_text("machine example.com login me password hunter2")
+    ws = make_workspace(tmp_path / "ws", {"a": b"sks on a beach", "b": b"sks in a park"})
+    clips = read_jsonl(ws / "data/trimmed/clips.jsonl")
+    if where == "link":  # a link inside the folder whose target is outside
+        (ws / "data/raw/b.txt").unlink()
+        (ws / "data/raw/b.txt").symlink_to(secret)
+    else:
+        clips[1]["caption_path"] = str(secret) if where == "absolute" else "data/raw/../../../home/.netrc"
+    write_jsonl(ws / "data/trimmed/clips.jsonl", clips)
+    with pytest.raises(ManifestPathError, match=r"caption of clip main/b.mp4: path .* lies outside its dataset "
+                                                r"folder data/raw.*verify: true"):
+        run(ws)
+    out = ws / "data/captions/captions.jsonl"
+    assert not out.exists() or "hunter2" not in out.read_text()

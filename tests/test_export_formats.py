@@ -232,3 +232,37 @@ def test_peft_named_file_without_alpha(tmp_path: Path):
     sd2, meta = import_lora(path, TINY)
     assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 4.0
     assert torch.equal(sd2["transformer.blocks.1.attn2.to_v.lora_B.weight"], lora["blocks.1.attn2.to_v"].up)
+
+
+def _with_alpha_pattern(tmp_path: Path, pattern: dict) -> Path:
+    """A diffusers-format LoRA (peft keys) whose header's adapter config carries `pattern`."""
+    lora = random_lora(tiny_transformer(1), seed=3, rank=4, alpha=4.0, targets=["to_v"])
+    sd, _ = formats.write_ours(lora)
+    cfg = {"transformer.r": 4, "transformer.lora_alpha": 4.0, "transformer.alpha_pattern": pattern}
+    path = tmp_path / "foreign.safetensors"
+    formats.save_safetensors(path, sd, {"lora_adapter_metadata": json.dumps(cfg)})
+    return path
+
+
+def test_alpha_pattern_is_matched_literally(tmp_path: Path):
+    lora, _, _ = read_lora(_with_alpha_pattern(tmp_path, {"blocks.1.attn2.to_v": 2.0, "o_v": 8.0}))
+    assert lora["blocks.1.attn2.to_v"].alpha == 2.0  # full name
+    assert lora["blocks.0.attn2.to_v"].alpha == 4.0  # 'o_v' is not a whole-name suffix: lora_alpha
+    lora, _, _ = read_lora(_with_alpha_pattern(tmp_path, {"attn2.to_v": 1.0}))
+    assert {m.alpha for name, m in lora.items() if name.endswith("attn2.to_v")} == {1.0}
+    with pytest.raises(LoraFormatError, match=r"alpha_pattern key '\(' is not a module name"):
+        read_lora(_with_alpha_pattern(tmp_path, {"(": 1.0}))  # was re.error
+
+
+def test_redos_alpha_pattern_fails_fast(tmp_path: Path):
+    """The review's experiment: a crafted alpha_pattern hung import-lora at 100% CPU (killed at
+    30 s). The read runs in a subprocess, since a regex cannot be interrupted from Python."""
+    import subprocess
+    import sys
+
+    path = _with_alpha_pattern(tmp_path, {r"(([\w.]*)*)*!": 2.0})
+    code = ("import sys\nfrom pathlib import Path\nfrom wanlora.export.imports import read_lora\n"
+            "try:\n    read_lora(Path(sys.argv[1]))\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=30,
+                         env={**os.environ}, cwd=tmp_path)
+    assert "LoraFormatError" in out.stdout and "is not a module name" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,7 +91,8 @@ def test_load_frames_crops_resizes_flips_and_scales(workspace):
 def _stage(root, workspace, samples, mode="distribution", enabled=("main",)):
     write_jsonl(workspace / "samples.jsonl", samples)
     out = workspace / "cache"
-    run_stage(root, workspace / "samples.jsonl", workspace, out, mode, "fp32", "cpu", set(enabled))
+    run_stage(root, workspace / "samples.jsonl", workspace, out, mode, "fp32", "cpu", set(enabled),
+              {d: "data/raw" for d in enabled})
     return out
 
 
@@ -214,3 +216,94 @@ def test_an_undecodable_sample_is_reported_and_skipped(tmp_path_factory, workspa
     problems = json.loads((out / "problems.json").read_text())["problems"]
     assert [p["path"] for p in problems] == ["data/raw/a.mp4"]
     assert "main/a.mp4#0 cannot be encoded: frames [7, 9] cannot be decoded" in problems[0]["reason"]
+
+
+def test_frames_scaled_as_decoded_equal_whole_frames_scaled_after(workspace):
+    """Crop and resize per decoded frame give exactly the pixels of decoding all frames first."""
+    import cv2
+
+    from wanlora.media.decode import read_frames
+
+    def fit(f):
+        return cv2.resize(np.ascontiguousarray(f[4:38, 8:38]), (16, 16), interpolation=cv2.INTER_AREA)
+
+    video = _sample("main/a.mp4#0", "data/raw/a.mp4", [2, 3, 5, 8, 9, 3], [8, 4, 30, 34], size=(16, 16))
+    path = workspace / "data/raw/a.mp4"
+    want = np.stack([fit(f) for f in read_frames(path, video["frame_indices"])])
+    assert np.array_equal(read_frames(path, video["frame_indices"], transform=fit), want)
+    video["num_frames"] = 5
+    video["frame_indices"] = video["frame_indices"][:5]
+    got = load_frames(video, workspace)
+    assert torch.equal(got, torch.from_numpy(want[:5]).permute(3, 0, 1, 2).float() / 127.5 - 1.0)
+
+
+# VmHWM (peak RSS of this process image), not ru_maxrss, which Linux carries over from the
+# forking parent across exec and would hide growth below pytest's own size.
+_PEAK = """
+import json, re, sys
+from pathlib import Path
+from wanlora.models.latents import load_frames
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1])
+sample = json.loads(sys.argv[1])
+base = hwm()
+pixels = load_frames(sample, Path(sys.argv[2]))
+print(json.dumps({"shape": list(pixels.shape), "mib": (hwm() - base) / 1024}))
+"""
+
+
+def test_huge_clip_memory_follows_the_bucket_not_the_source(tmp_path):
+    """The review's experiment: a small 8192x8192 clip took 4.2 GB to make a 9-frame 64x64 sample
+    (every frame kept at full RGB size before resizing). Peak RSS growth of a fresh process is
+    bounded now by about one source frame; nine 8192x8192 RGB frames alone are 1728 MiB."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux /proc for the peak RSS")
+    import subprocess
+    import sys
+
+    import av
+
+    path = tmp_path / "big.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width = stream.height = 8192
+        stream.pix_fmt, stream.options = "yuv420p", {"preset": "ultrafast", "crf": "40"}
+        rgb = np.zeros((8192, 8192, 3), np.uint8)
+        rgb[:, :, 0] = np.arange(8192, dtype=np.uint8)[None, :]
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        del rgb
+        for t in range(9):
+            frame.pts = t
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    sample = _sample("main/big.mp4#0", "big.mp4", list(range(9)), [0, 0, 8192, 8192], size=(64, 64))
+    run = subprocess.run([sys.executable, "-c", _PEAK, json.dumps(sample), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["shape"] == [3, 9, 64, 64]
+    assert got["mib"] < 1200, got  # 691 MiB, was 3737 MiB (bench/RESULTS.md)
+
+
+def test_sample_path_leaving_the_dataset_folder_stops_the_stage(tmp_path_factory, workspace, tmp_path):
+    """A samples.jsonl swapped on a shared remote can name any file; the stage refuses it before
+    decoding anything, and so does the trainer's dataset (on-the-fly encoding reads the same path)."""
+    from wanlora.data.dataset import build_dataset
+    from wanlora.io import ManifestPathError
+
+    outside = tmp_path.parent / "elsewhere.mp4"
+    write_clip(outside, clip_frames(9, 48, 40))
+    good = _sample("main/a.mp4#0", "data/raw/a.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40])
+    bad = _sample("main/x.mp4#0", "data/raw/../../elsewhere.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40])
+    with pytest.raises(ManifestPathError, match=r"sample main/x.mp4#0: path 'data/raw/../../elsewhere.mp4' lies "
+                                                r"outside its dataset folder data/raw"):
+        _stage(tiny_model(tmp_path_factory), workspace, [good, bad])
+    assert not (workspace / "cache/index.json").exists()
+    write_jsonl(workspace / "data/buckets/samples.jsonl", [good, {**bad, "path": str(outside)}])
+    write_jsonl(workspace / "data/captions/captions.jsonl",
+                [{"id": s["clip_id"], "caption": "sks", "caption_dop": None} for s in (good, bad)])
+    with pytest.raises(ManifestPathError, match="outside its dataset folder data/raw"):
+        build_dataset(workspace, vae_config={}, expect_vae=None, cached_datasets=set(), folders={"main": "data/raw"},
+                      encode=lambda record: {})

@@ -117,9 +117,9 @@ def test_pickle_weights_are_refused_unread(model, tmp_path):
     (model / "text_encoder/pytorch_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
     (model / "transformer/diffusion_pytorch_model.safetensors").unlink()
     (model / "transformer/diffusion_pytorch_model.pt").write_bytes(pickle.dumps(_Trap(marker)))
-    with pytest.raises(ModelError, match=r"text_encoder: weights only as pickle \(pytorch_model.bin\); wanlora loads safetensors only"):
+    with pytest.raises(ModelError, match=r"text_encoder: holds a pickle file \(pytorch_model.bin\); wanlora loads safetensors only"):
         load_text_encoder(model, "fp32")
-    with pytest.raises(ModelError, match=r"transformer: weights only as pickle \(diffusion_pytorch_model.pt\)"):
+    with pytest.raises(ModelError, match=r"transformer: holds a pickle file \(diffusion_pytorch_model.pt\)"):
         load_transformer(model, "high", "fp32")
     assert not marker.exists()
 
@@ -207,3 +207,175 @@ def test_skipped_modules_are_never_read_and_the_rest_loads_as_diffusers_does(tmp
             assert got[key].dtype == t.dtype and torch.equal(got[key], t), key
     assert part.blocks[0].norm2.weight.dtype == torch.float32  # diffusers' _keep_in_fp32_modules
     assert not any(p.requires_grad for p in part.parameters() if not p.is_meta)
+
+
+# ------------------------------------------------------------ untrusted folders (issue 22)
+def _shard_in_two(folder, index_name="diffusion_pytorch_model.safetensors.index.json"):
+    """Re-save a part as two safetensors shards plus the index diffusers reads; returns the tensors."""
+    tensors = load_file(folder / "diffusion_pytorch_model.safetensors")
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {f"diffusion_pytorch_model-0000{i}-of-00002.safetensors": names[i - 1 :: 2] for i in (1, 2)}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, folder / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_decoy_index_beside_the_loaders_index_is_refused(model, tmp_path):
+    """The review's experiment: `decoy.safetensors.index.json` (sorted first, all real shards) was
+    the one checked, while diffusers reads `diffusion_pytorch_model.safetensors.index.json`,
+    which names `evil.bin`, a pickle it would torch.load."""
+    marker = tmp_path / "UNPICKLED"
+    folder = model / "transformer"
+    weight_map = _shard_in_two(folder, "decoy.safetensors.index.json")
+    (folder / "evil.bin").write_bytes(pickle.dumps(_Trap(marker)))
+    evil = {k: "evil.bin" for k in weight_map}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": evil}))
+    with pytest.raises(ModelError, match=r"holds a pickle file \(evil.bin\)"):
+        check_layout(model, ["transformer"])
+    (folder / "evil.bin").rename(folder / "evil.data")  # no pickle suffix: two indexes are still refused
+    with pytest.raises(ModelError, match=r"decoy.safetensors.index.json, diffusion_pytorch_model.safetensors.index.json, "
+                                         r"but the loader reads only diffusion_pytorch_model.safetensors.index.json"):
+        load_transformer(model, "high", "fp32")
+    (folder / "decoy.safetensors.index.json").unlink()  # the loader's own index naming a non-safetensors shard
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "evil.data" for k in weight_map}}))
+    with pytest.raises(ModelError, match=r"shard 'evil.data' is not a .safetensors file"):
+        load_transformer(model, "high", "fp32")
+    assert not marker.exists()
+
+
+def test_index_under_another_name_and_pickle_beside_safetensors(model, tmp_path):
+    folder = model / "vae"
+    _shard_in_two(folder, "model.safetensors.index.json")  # transformers' name, not diffusers'
+    with pytest.raises(ModelError, match=r"vae: shard index\(es\) model.safetensors.index.json, but the loader reads "
+                                         r"only diffusion_pytorch_model.safetensors.index.json"):
+        check_layout(model, ["vae"])
+    marker = tmp_path / "UNPICKLED"
+    (model / "text_encoder/pytorch_model.bin").write_bytes(pickle.dumps(_Trap(marker)))  # beside model.safetensors
+    with pytest.raises(ModelError, match=r"text_encoder: holds a pickle file \(pytorch_model.bin\)"):
+        check_layout(model, ["text_encoder"])
+    assert not marker.exists()
+
+
+def test_text_encoder_checks_the_file_transformers_opens_first(model):
+    """transformers opens model.safetensors before model.safetensors.index.json: a broken single
+    file is what must be caught, whatever the index says."""
+    folder = model / "text_encoder"
+    data = (folder / "model.safetensors").read_bytes()
+    shutil.copy(folder / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+    index = {"weight_map": {k: "model-00001-of-00001.safetensors" for k in load_file(folder / "model.safetensors")}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ModelError, match=r"model.safetensors: truncated or padded"):
+        check_layout(model, ["text_encoder"])
+
+
+def test_auto_map_tokenizer_never_runs_its_code(model, tmp_path, monkeypatch):
+    """The review's experiment: a tokenizer_config.json with auto_map and a .py beside it made
+    transformers ask "Do you wish to run the custom code?"; answering yes ran it. The stand-in
+    for that answer says yes whenever the caller did not say no (trust_remote_code=None)."""
+    import transformers.dynamic_module_utils as dyn
+    import transformers.models.auto.tokenization_auto as tokenization_auto
+
+    marker = tmp_path / "RAN"
+    folder = model / "tokenizer"
+    (folder / "evil_tok.py").write_text(
+        f"import os\nos.makedirs({str(marker)!r}, exist_ok=True)\n"
+        "from transformers import T5Tokenizer\n\nclass EvilTokenizer(T5Tokenizer):\n    pass\n"
+    )
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]}}))
+    monkeypatch.setattr(tokenization_auto, "resolve_trust_remote_code", lambda trust, *a, **k: trust is not False)
+    monkeypatch.setattr(dyn, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    with pytest.raises(ModelError, match=r"tokenizer_config.json: has auto_map, .*never runs a model folder's code"):
+        make_token_counter(model)
+    assert not marker.exists()
+    # and were the check bypassed, transformers is told no: the folder's code still does not run
+    monkeypatch.setattr("wanlora.models.loading._refuse_remote_code", lambda folder: None)
+    make_token_counter(model)
+    assert not marker.exists()
+
+
+def test_auto_map_in_a_model_config_is_refused(model):
+    cfg_path = model / "text_encoder/config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "modeling_evil.Evil"}}))
+    with pytest.raises(ModelError, match=r"text_encoder/config.json: has auto_map"):
+        load_text_encoder(model, "fp32")
+
+
+def test_torch_with_the_weights_only_bypass_is_refused(model, monkeypatch):
+    from wanlora.models import loading
+
+    loading.require_safe_torch("2.6.0")
+    loading.require_safe_torch("2.13.0+cpu")
+    with pytest.raises(ModelError, match=r"torch 2.5.1\+cu124: .*CVE-2025-32434.*install torch>=2.6"):
+        loading.require_safe_torch("2.5.1+cu124")
+    monkeypatch.setattr(torch, "__version__", "2.4.1")
+    with pytest.raises(ModelError, match="torch 2.4.1"):
+        loading.load_vae(model, "fp32")
+
+
+def test_pyproject_requires_a_torch_without_the_bypass():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert "torch>=2.6" in project["dependencies"]
+
+
+def _big_part(root, seed=0):
+    """A part folder whose one shard holds 6 MiB of tensor data (more than the first and last MiB)."""
+    folder = root / "transformer"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    save_file({"w": torch.randn(1536, 1024, generator=g)}, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    return folder / "diffusion_pytorch_model.safetensors"
+
+
+def test_identity_sees_a_change_in_the_middle_of_a_shard(tmp_path):
+    shard = _big_part(tmp_path / "a")
+    before = model_identity(tmp_path / "a", "transformer")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, 3 MiB from either end
+    shard.write_bytes(bytes(data))
+    assert model_identity(tmp_path / "a", "transformer") != before
+
+
+def test_identity_hashes_a_local_shard_once_and_trusts_hub_blobs(tmp_path, monkeypatch):
+    """A local shard is hashed in full once per (size, mtime): the cache lives in the workspace's
+    scratch/. A hub-cache file is named by the hub's sha256 of its content, so it is not read."""
+    from wanlora.models import loading
+
+    shard = _big_part(tmp_path / "local")
+    ws = tmp_path / "ws"
+    (ws / "scratch").mkdir(parents=True)
+    monkeypatch.chdir(ws)
+    reads = []
+    real = loading.sha256_file
+    monkeypatch.setattr(loading, "sha256_file", lambda p: reads.append(p.name) or real(p))
+    first = model_identity(tmp_path / "local", "transformer")
+    assert reads == ["diffusion_pytorch_model.safetensors"]
+    cached = json.loads((ws / "scratch/model_hashes.json").read_text())
+    assert [v["sha256"] for v in cached.values()] == [real(shard)]
+    reads.clear()
+    assert model_identity(tmp_path / "local", "transformer") == first and reads == []  # the next run reads nothing
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert model_identity(tmp_path / "local", "transformer") == first and reads == ["diffusion_pytorch_model.safetensors"]
+
+    # the hub's layout: snapshots/<commit>/transformer/<file> -> ../../../blobs/<sha256>
+    repo = tmp_path / "hub/models--o--m"
+    snap = repo / "snapshots" / ("c" * 40) / "transformer"
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    blob = repo / "blobs" / real(shard)
+    shutil.copy(shard, blob)
+    (snap / "diffusion_pytorch_model.safetensors").symlink_to(os.path.relpath(blob, snap))
+    shutil.copy(shard.parent / "config.json", snap / "config.json")
+    reads.clear()
+    assert model_identity(snap.parent, "transformer") == first
+    assert reads == []  # the shard itself is never read

@@ -153,3 +153,55 @@ def test_keyframe_near_returns_a_keyframe_inside_the_range(tmp_path: Path) -> No
         after = [k for k in keys if k > before]
         got = keyframe_near(tmp_path / "k.mp4", info, target, before + 1, 60)
         assert (got[0] if got else None) == (after[0] if after else None)
+
+
+def _bomb_png(path: Path, width: int, height: int) -> Path:
+    """A 1-bit all-black PNG of any size, written without holding its pixels: the review's
+    24 KB file that claims 20000x10000."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)
+    body = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_bomb_is_a_media_error_naming_the_limit(tmp_path: Path) -> None:
+    bomb = _bomb_png(tmp_path / "bomb.png", 20000, 10000)
+    assert bomb.stat().st_size < 64_000
+    with pytest.raises(MediaError, match=r"over the size limit \(16384 px a side, 67,108,864 pixels\)") as err:
+        probe(bomb)  # was PIL's DecompressionBombError, which is no OSError
+    assert "downscale it" in err.value.fix
+    # under PIL's own limits, but over ours: the exact size is named
+    with pytest.raises(MediaError, match=r"12000x6000 is over the size limit"):
+        probe(_bomb_png(tmp_path / "big.png", 12000, 6000))
+    with pytest.raises(MediaError, match=r"20000x64 is over the size limit"):
+        probe(_bomb_png(tmp_path / "long.png", 20000, 64))  # few pixels, too long a side
+    assert probe(_bomb_png(tmp_path / "ok.png", 4096, 2048)).width == 4096
+
+
+def test_image_bomb_is_skipped_by_the_trim_stage(tmp_path: Path) -> None:
+    """The review's experiment: the bomb aborted the trim stage with a traceback even with
+    on_error: skip. Now it is one skipped file, the good clip goes on."""
+    import json
+
+    from wanlora.config import DatasetConfig
+    from wanlora.io import read_jsonl
+    from wanlora.media import trim
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    make_clip(raw / "good.mp4", ClipSpec(moving=24))
+    _bomb_png(raw / "bomb.png", 20000, 10000)
+    trim.run_stage({"d": DatasetConfig(folder="raw", on_error="skip")}, tmp_path, tmp_path / "out")
+    clips = {c["id"]: c for c in read_jsonl(tmp_path / "out/clips.jsonl")}
+    assert clips["d/good.mp4"]["status"] == "ok"
+    assert clips["d/bomb.png"]["status"] == "skipped"
+    assert "over the size limit (16384 px a side" in clips["d/bomb.png"]["reason"]
+    assert json.loads((tmp_path / "out/problems.json").read_text())["count"] == 1

@@ -253,3 +253,48 @@ def test_weights_from_safetensors_reads_a_diffusers_folder(tmp_path, shard):
         assert torch.equal(load(name), model.get_submodule(name).weight)
     with pytest.raises(KeyError, match="no tensor blocks.9.attn1.to_q.weight"):
         load("blocks.9.attn1.to_q")
+
+
+def test_hub_adapter_is_fetched_at_a_revision_and_its_hash_recorded(tmp_path, monkeypatch, capsys):
+    """AI Toolkit's hub form was downloaded from whatever `main` was, and nothing recorded which
+    file was used. Now the revision is passed (pinned with @, else main), and the identity names
+    the commit it resolved to and the file's sha256 (the hub's blob name, as in its cache)."""
+    import hashlib
+    import os
+
+    import huggingface_hub
+
+    from wanlora.models.recovery import resolve_adapter_source
+
+    calls = []
+    commits = {"main": "a" * 40, "v1": "b" * 40, "b" * 40: "b" * 40}
+
+    def fake_download(repo_id, filename, revision=None, **kw):  # the hub cache's layout
+        calls.append((repo_id, filename, revision))
+        repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+        data = f"adapter at {commits[revision]}".encode()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        snap = repo / "snapshots" / commits[revision]
+        snap.mkdir(parents=True, exist_ok=True)
+        if not (snap / filename).is_symlink():
+            (snap / filename).symlink_to(os.path.relpath(blob, snap))
+        return str(snap / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    resolve_adapter_source.cache_clear()
+    src = "ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors"
+    unpinned = resolve_adapter_source(src)
+    assert calls[-1] == ("ostris/accuracy_recovery_adapters", "wan22_14b_t2i_torchao_uint4.safetensors", "main")
+    sha_main = hashlib.sha256(f"adapter at {'a' * 40}".encode()).hexdigest()
+    assert unpinned.identity == f"ostris/accuracy_recovery_adapters@{'a' * 40}/wan22_14b_t2i_torchao_uint4.safetensors#{sha_main}"
+    printed = "".join(capsys.readouterr().err.split())  # rich wraps long lines anywhere
+    assert f"Pinit:quantization.recovery.source:{src}@{'a' * 40}" in printed
+    pinned = resolve_adapter_source(f"{src}@{'b' * 40}")
+    assert calls[-1][2] == "b" * 40 and ("b" * 40) in pinned.identity and pinned.identity != unpinned.identity
+    assert "not pinned" not in capsys.readouterr().err
+    local = tmp_path / "ara.safetensors"
+    _write_adapter(local)
+    assert resolve_adapter_source(str(local)).identity == f"ara.safetensors#{hashlib.sha256(local.read_bytes()).hexdigest()}"
+    resolve_adapter_source.cache_clear()

@@ -119,11 +119,14 @@ def test_sigkill_of_the_stage_then_resume(template, uninterrupted, tmp_path):
 def test_run_key_follows_what_the_stage_reads(template):
     ws, root = template
     base = tiny_params(root, **RICH)
-    key = loop.run_key(base, ws)
+    experts = {"high": "models/wan@main#1111", "low": "models/wan@main#2222"}
+    key = loop.run_key(base, ws, experts)
     same = tiny_params(root, **RICH, sample={"prompts": ["[trigger] on a beach"]}, export={"step": "last"})
-    assert loop.run_key(same, ws) == key  # sample/export edits keep a half-trained run resumable
-    assert loop.run_key(tiny_params(root, **{**RICH, "network": {"rank": 8}}), ws) != key
-    assert loop.run_key(tiny_params(root, **RICH, job={"seed": 4}), ws) != key
+    assert loop.run_key(same, ws, experts) == key  # sample/export edits keep a half-trained run resumable
+    assert loop.run_key(tiny_params(root, **{**RICH, "network": {"rank": 8}}), ws, experts) != key
+    assert loop.run_key(tiny_params(root, **RICH, job={"seed": 4}), ws, experts) != key
+    # new weights under the same model path (a re-download, an edited shard) start a new run
+    assert loop.run_key(base, ws, {**experts, "low": "models/wan@main#3333"}) != key
 
 
 def test_save_state_sweeps_leftovers_of_killed_saves(tmp_path):

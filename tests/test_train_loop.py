@@ -253,7 +253,7 @@ def test_uncached_dataset_encodes_on_the_fly_like_the_cache(ws, template):
     shutil.rmtree(ws / "data/cache/latents")
     latent_cache(root=template[1], samples_manifest=ws / "data/buckets/samples.jsonl", workspace=ws,
                  out_dir=ws / "data/cache/latents", mode="distribution", dtype="fp32", device="cpu",
-                 enabled_datasets={"main"})
+                 enabled_datasets={"main"}, folders={"main": "data/raw"})
     cached = loop.setup(tiny_params(template[1], train={"steps": 2}), ws)
     live = loop.setup(tiny_params(template[1], train={"steps": 2}, datasets={"main": {"cache_latents": False}}), ws)
     assert cached.data.items[0].cached and not live.data.items[0].cached

@@ -52,6 +52,11 @@ from pydantic import ValidationError
 from wanlora.config import Params, ParamsError, format_errors
 
 _MISSING = object()
+#: Limits on an imported config: real AI Toolkit jobs are a few KB with a few hundred values.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+NOTE_CHARS = 200
+_DEFAULT_OUTPUT_DIR = "exports"
 
 # Keys that never change what is trained (logging, UI state, options of other architectures).
 _IGNORED = {
@@ -169,7 +174,7 @@ class _Import:
         self.put(ours, kind(_get(self.tree, ours) * factor), f"{source} {how}")
 
     def note(self, key: str, value: Any, why: str) -> None:
-        self.notes.append(f"{key}={value!r} ({why})")
+        self.notes.append(f"{key}={_short(value)} ({why})")
 
     def leftovers(self) -> None:
         """Report every key no rule consumed, unless it cannot matter (see _IGNORED, _NOOP_DEFAULTS)."""
@@ -181,14 +186,47 @@ class _Import:
         self.src.clear()
 
 
+def _short(value: Any, limit: int = NOTE_CHARS) -> str:
+    """repr of a value for a note, cut to `limit` characters (a config can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _expanded_size(data: Any, cap: int) -> int:
+    """Values in `data` counted as if every YAML alias were written out, stopping past `cap`:
+    aliases share one object, so a 645-byte file can stand for billions of values (and a
+    recursive alias for infinitely many), which the key walk and notes would then expand."""
+    count, stack = 0, [data]
+    while stack and count <= cap:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ParamsError(f"{path}: {path.stat().st_size:,} bytes; an AI Toolkit job config is a few KB "
+                          f"(limit {MAX_CONFIG_BYTES:,}). Fix: pass the job's .yaml or .json itself")
     text = path.read_text(encoding="utf-8")
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ParamsError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {err}") from None
+        raise ParamsError(f"{path}: not valid {kind}: {err}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to be an AI Toolkit job config") from None
+    if _expanded_size(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ParamsError(
+            f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases such as *name repeat "
+            "what they point to; nested ones multiply). Fix: write the values out, or remove the aliases"
+        )
     config = data.get("config") if isinstance(data, dict) else None
     process = config.get("process") if isinstance(config, dict) else None
     if not isinstance(process, list) or not process or not isinstance(process[0], dict):
@@ -570,6 +608,26 @@ def _validate(imp: _Import, path: Path) -> Params:
         raise ParamsError("\n".join(lines)) from None
 
 
+def _confine(imp: _Import) -> None:
+    """Keep what the import writes inside the workspace: `config.name` (used in export file
+    names) becomes a plain file name, an absolute or escaping `training_folder` (where exports
+    go) is not carried over, and a dataset `folder_path` with `..` is flagged."""
+    name = str(imp.tree["job"]["name"])
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip("._-") or "wan22_lora"
+    if safe != name:
+        imp.put("job.name", safe, "config.name")
+        imp.note("config.name", name, f"not a plain file name; imported as job.name {safe!r}")
+    out = str(imp.tree["job"]["output_dir"])
+    if Path(out).is_absolute() or ".." in Path(out).parts or out.startswith("~"):
+        imp.put("job.output_dir", _DEFAULT_OUTPUT_DIR, "training_folder")
+        imp.note("training_folder", out, "outside the workspace: wanlora writes exports inside it; kept "
+                 f"job.output_dir {_DEFAULT_OUTPUT_DIR!r} (pass `wanlora export --out` to copy them elsewhere)")
+    for ds_name, ds in imp.tree["datasets"].items():
+        if ".." in Path(str(ds["folder"])).parts:
+            imp.note(f"datasets.{ds_name}.folder", ds["folder"], "has '..': it reads clips from outside the "
+                     "folder the config names; check this is the data you mean")
+
+
 def import_config(path: Path) -> tuple[Params, list[str]]:
     """Params for an AI Toolkit job config (YAML or JSON), and every key it could not map, as
     "key=value (why)" with keys relative to config.process[0]."""
@@ -587,6 +645,7 @@ def import_config(path: Path) -> tuple[Params, list[str]]:
     if not imp.tree["datasets"]:
         raise ParamsError(f"{path}: config.process[0].datasets is empty; add a dataset with a folder_path")
     _sample(imp)
+    _confine(imp)
     imp.leftovers()
     meta = data.get("meta")
     for key, value in sorted(meta.items() if isinstance(meta, dict) else []):

@@ -117,7 +117,7 @@ class RecoveryConfig(Section):
     source: str = Field(
         "fitted",
         description="'fitted' (calibrated locally on your cached data), 'none', or the path / "
-        "hub path of an AI Toolkit adapter (.safetensors).",
+        "hub path of an AI Toolkit adapter (owner/repo/file.safetensors, pin a revision with a trailing @COMMIT).",
     )
     rank: int = Field(16, ge=1, le=512, description="Rank of a locally fitted correction.")
     calibration_samples: int = Field(8, ge=1, description="Cached samples used for calibration.")

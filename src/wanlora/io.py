@@ -19,6 +19,8 @@ from typing import Any, BinaryIO
 
 import yaml
 
+from wanlora.errors import UserError
+
 HASH_CHUNK = 1 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -86,6 +88,30 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{n}: not valid JSON ({err}); rerun the stage that writes it") from None
     return out
+
+
+class ManifestPathError(UserError):
+    """A manifest names a file outside its dataset folder: edited, or swapped on a shared remote."""
+
+
+def dataset_file(workspace: str | Path, folder: str | Path, rel: str, where: str) -> Path:
+    """`rel`, a path read from a manifest (relative to the workspace, or absolute when the dataset
+    folder lies elsewhere), as a path, refused unless it resolves inside the dataset `folder`.
+
+    Our stages only ever write paths inside the folder (the listing follows a link only when its
+    target stays inside), so anything else was put there by hand or by whoever could write the
+    DVC remote, e.g. `~/.netrc`, whose text the captions stage would otherwise copy into
+    captions.jsonl and push. `where` names the manifest and record for the message."""
+    path = Path(workspace) / rel
+    root = (Path(workspace) / folder).resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ManifestPathError(
+            f"{where}: path {str(rel)[:200]!r} lies outside its dataset folder {folder}; wanlora never writes "
+            "such a path, so the manifest was edited or replaced (a shared DVC remote?). Fix: rebuild it from "
+            "the raw data (`dvc repro --force <the stage that writes it>`), and set `verify: true` on DVC "
+            "remotes others can write"
+        )
+    return path
 
 
 def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:

@@ -95,7 +95,8 @@ STAGES: tuple[Stage, ...] = (
         "latent_cache", "encode every sample window with the VAE once",
         deps=("data/index/media.jsonl", "data/buckets/samples.jsonl"),
         code=("src/wanlora/models", "src/wanlora/media"),
-        params=(*MODEL_KEYS, "datasets.{ds}.cache_latents", "train.latent_mode", "job.device"),
+        params=(*MODEL_KEYS, "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "train.latent_mode",
+                "job.device"),  # folder: sample paths must stay inside it (io.dataset_file)
         outs=("data/cache/latents",),
     ),
     Stage(
@@ -105,7 +106,7 @@ STAGES: tuple[Stage, ...] = (
               "src/wanlora/data/captions.py", "src/wanlora/export/lineage.py", "src/wanlora/export/formats.py",
               "src/wanlora/lock.py", "src/wanlora/pipeline.py"),
         params=("job.seed", "job.trigger_word", "job.device", "model", "quantization", "multistage", "network",
-                "save", "train", "datasets.{ds}.cache_latents"),
+                "save", "train", "datasets.{ds}.cache_latents", "datasets.{ds}.folder"),
         outs=("data/lora", "data/train_live", "data/train_perf"),
         plots=({"data/train_live/plots/metrics": {"x": "step"}},
                {"data/train_perf/perf.json": {"x": "step", "y": ["step_time", "samples_per_s", "peak_mem"]}}),

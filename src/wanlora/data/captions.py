@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import track
 
 from wanlora.config import CaptionConfig, DatasetConfig, DopConfig, JobConfig
-from wanlora.io import read_jsonl, sha256_text, write_jsonl
+from wanlora.io import dataset_file, read_jsonl, sha256_text, write_jsonl
 from wanlora.report import Problem, console, settle, write_problems
 
 STAGE = "captions"
@@ -203,7 +203,7 @@ def _clip_caption(
     if trigger_only:  # AI Toolkit's unload_text_encoder: every clip is captioned by the trigger alone
         raw, warnings = "[trigger]", []
         source, source_sha = "trigger_only", sha256_text("[trigger]")
-    elif rel and (workspace / rel).is_file():
+    elif rel and dataset_file(workspace, ds.folder, rel, f"caption of clip {clip['id']}").is_file():
         data = (workspace / rel).read_bytes()
         raw, warnings = decode_caption(data, cfg.non_utf8)
         source, source_sha = rel, hashlib.sha256(data).hexdigest()

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from wanlora.io import read_jsonl
+from wanlora.io import dataset_file, read_jsonl
 from wanlora.models.latents import INDEX, draw_latent, load_latents, normalize_latents
 from wanlora.errors import rebuild_fix
 from wanlora.report import InputError, Problem
@@ -99,6 +99,7 @@ def build_dataset(
     vae_config: dict,
     expect_vae: str | None,
     cached_datasets: set[str],
+    folders: Mapping[str, str],
     encode: Encode | None = None,
 ) -> TrainData:
     """Join manifests and caches; report samples that cannot train, stop when none can.
@@ -118,6 +119,10 @@ def build_dataset(
     items: list[Item] = []
     problems: list[Problem] = []
     for rec in read_jsonl(samples_path):
+        if rec["dataset"] not in folders:
+            raise InputError(f"{samples_path}: sample {rec['id']} of dataset '{rec['dataset']}', which params.yaml "
+                             "does not have. Fix: rerun `dvc repro` after `wanlora sync`")
+        dataset_file(workspace, folders[rec["dataset"]], rec["path"], f"{samples_path}: sample {rec['id']}")
         cap = captions.get(rec["clip_id"])
         if cap is None:
             problems.append(Problem(rec["id"], "no caption for its clip (see data/captions/problems.json)",

@@ -198,10 +198,26 @@ def _adapter_config(metadata: Mapping[str, str]) -> dict[str, Any]:
     return {k.removeprefix(OURS_PREFIX): v for k, v in cfg.items()}
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
 def _pattern_value(module: str, patterns: Mapping[str, Any]) -> Any:
-    """peft's rank_pattern / alpha_pattern lookup: a key matches a module name's suffix."""
+    """peft's rank_pattern / alpha_pattern lookup: a key matches a whole-name suffix of the module
+    (`attn1.to_q` matches `blocks.0.attn1.to_q`).
+
+    Differs from peft on purpose: peft compiles each key as a regular expression
+    (`peft.utils.other.get_pattern_key`), so a key read from a downloaded file could hang the
+    import (catastrophic backtracking) or crash it (invalid syntax). Keys are matched literally,
+    and a key that is not a plain module name is refused rather than silently ignored, which would
+    rescale that module's LoRA."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
+        if not isinstance(key, str) or not _MODULE_NAME.fullmatch(key):
+            raise LoraFormatError(
+                f"alpha_pattern key {str(key)[:80]!r} is not a module name (letters, digits, '_' and '.'); "
+                "wanlora matches module names literally and never runs a pattern read from a file. Fix: "
+                "re-save the LoRA with full module names in alpha_pattern (peft writes those)"
+            )
+        if module == key or module.endswith("." + key):
             return value
     return None
 

@@ -11,11 +11,17 @@ demuxers read. Images go through Pillow, which applies EXIF orientation like eve
 Rotation is recorded as PyAV reports it (`VideoFrame.rotation`, the ffmpeg display matrix):
 degrees counter-clockwise that the coded frame turns for display, normalised to 0/90/180/270.
 A phone's portrait clip (legacy `rotate=90` tag) reads as 270. Sizes are after that rotation.
+
+Size limits (`MAX_SIDE`, `MAX_PIXELS`) are checked from headers before any frame is decoded: a
+24 KB PNG can claim 20000x10000 pixels (PIL's `DecompressionBombError`, which is not an OSError,
+used to escape as a traceback) and a 233 KB clip 8192x8192. Over the limit is a bad file like
+any other, with the limit in the message, so `on_error: skip` skips it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +36,13 @@ IMAGE_EXT = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 # EXIF orientation tag -> counter-clockwise display rotation (mirrored variants keep their turn;
 # decoding applies the full transpose through Pillow, so the mirror is still honoured).
 _EXIF_ROTATION = {1: 0, 2: 0, 3: 180, 4: 180, 5: 270, 6: 270, 7: 90, 8: 90}
+
+#: Largest frame side and area we decode (8192x8192 still passes: 8K video is 7680x4320). A
+#: training bucket is at most ~1280 px a side, so anything bigger is only shrunk anyway.
+MAX_SIDE = 16384
+MAX_PIXELS = 8192 * 8192
+_TOO_BIG_FIX = ("downscale it first (e.g. `ffmpeg -i IN -vf scale=-2:2160 OUT`, or any image editor) "
+                "or move it out of the dataset folder")
 
 REENCODE_FIX = "re-export it as H.264 .mp4 (e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`) or delete it"
 
@@ -72,6 +85,14 @@ def displayed_size(width: int, height: int, rotation: int) -> tuple[int, int]:
     return (height, width) if rotation in (90, 270) else (width, height)
 
 
+def check_size(width: int, height: int) -> None:
+    """MediaError (with the limits) for a frame over `MAX_SIDE` or `MAX_PIXELS`."""
+    if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
+        raise MediaError(
+            f"{width}x{height} is over the size limit ({MAX_SIDE} px a side, {MAX_PIXELS:,} pixels)", _TOO_BIG_FIX
+        )
+
+
 def probe(path: str | Path, backend: Literal["auto", "pyav", "opencv"] = "auto") -> MediaInfo:
     """Probe one file; raise MediaError (reason, fix) if it is unusable."""
     path = Path(path)
@@ -103,11 +124,30 @@ def probe(path: str | Path, backend: Literal["auto", "pyav", "opencv"] = "auto")
         raise
 
 
+def open_image(path: Path) -> Image.Image:
+    """Pillow's lazy open (header only), refusing sizes over our limits before any pixel is
+    decoded. PIL's own bomb check (an error at twice its MAX_IMAGE_PIXELS, a warning below) is
+    superseded by ours, which is lower and names the limit."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise MediaError(f"image is over the size limit ({MAX_SIDE} px a side, {MAX_PIXELS:,} pixels)",
+                         _TOO_BIG_FIX) from None
+    try:
+        check_size(*im.size)
+    except MediaError:
+        im.close()
+        raise
+    return im
+
+
 def _probe_image(path: Path) -> MediaInfo:
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.verify()  # reads the whole stream: catches truncated files
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()  # verify() checks the structure only: a damaged JPEG body fails here, not in trim
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
@@ -138,6 +178,8 @@ def _probe_pyav(path: Path) -> MediaInfo:
         fps = float(rate) if rate else 0.0
         if not (fps > 0 and math.isfinite(fps)):
             raise MediaError("frame rate unknown", REENCODE_FIX)
+        if stream.codec_context is not None:  # None without a decoder: the decode below reports it
+            check_size(stream.codec_context.width, stream.codec_context.height)  # before a frame is decoded
         try:
             first = next(container.decode(stream), None)
         except av.error.FFmpegError as err:
@@ -154,6 +196,7 @@ def _probe_pyav(path: Path) -> MediaInfo:
             frames = max(1, int(round(seconds * fps)))
         rotation = normalise_rotation(first.rotation or 0)
         w, h = displayed_size(first.width, first.height, rotation)
+    check_size(w, h)
     return MediaInfo("video", fps, int(frames), w, h, rotation, "pyav")
 
 
@@ -164,6 +207,7 @@ def _probe_opencv(path: Path) -> MediaInfo:
             raise MediaError("not a readable video (neither PyAV nor OpenCV can open it)", REENCODE_FIX)
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        check_size(int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0))
         ok, frame = cap.read()
         if not ok or frame is None:
             raise MediaError("video opens but no frame can be decoded", REENCODE_FIX)
@@ -174,6 +218,7 @@ def _probe_opencv(path: Path) -> MediaInfo:
         h, w = frame.shape[:2]
     finally:
         cap.release()
+    check_size(w, h)
     return MediaInfo("video", fps, frames, w, h, rotation, "opencv")
 
 

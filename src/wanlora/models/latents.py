@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from rich.progress import track
 
-from wanlora.io import atomic_write_json, read_jsonl, sha256_json
 from wanlora.errors import rebuild_fix
+from wanlora.io import atomic_write_json, dataset_file, read_jsonl, sha256_json
 from wanlora.report import Problem, settle, write_problems
 from wanlora.models.cachefiles import (
     INDEX,
@@ -71,6 +71,7 @@ def load_frames(sample: Mapping[str, Any], workspace: str | Path) -> torch.Tenso
     upright, cropped to `crop`, resized to the bucket (area averaging when shrinking, bicubic when
     enlarging), mirrored when `flip`."""
     from wanlora.media.decode import read_frames
+    from wanlora.media.probe import probe
 
     sid = sample["id"]
     indices = list(sample["frame_indices"])
@@ -78,17 +79,20 @@ def load_frames(sample: Mapping[str, Any], workspace: str | Path) -> torch.Tenso
     if len(indices) != sample["num_frames"]:
         raise ValueError(f"sample {sid}: {len(indices)} frame_indices but num_frames={sample['num_frames']}. {_REBUCKET}")
     path = Path(workspace) / sample["path"]
-    frames = read_frames(path, indices)  # [F, H, W, 3] uint8 RGB, displayed orientation
+    info = probe(path)
     x, y, w, h = sample["crop"]
-    if x < 0 or y < 0 or w < 1 or h < 1 or x + w > frames.shape[2] or y + h > frames.shape[1]:
+    if x < 0 or y < 0 or w < 1 or h < 1 or x + w > info.width or y + h > info.height:
         raise ValueError(
-            f"sample {sid}: crop {sample['crop']} lies outside the {frames.shape[2]}x{frames.shape[1]} "
+            f"sample {sid}: crop {sample['crop']} lies outside the {info.width}x{info.height} "
             f"frames of {path}. {_REBUCKET}"
         )
     size = (int(sample["width"]), int(sample["height"]))
-    shrink = w >= size[0] and h >= size[1]
-    interp = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
-    out = np.stack([cv2.resize(np.ascontiguousarray(f[y : y + h, x : x + w]), size, interpolation=interp) for f in frames])
+    interp = cv2.INTER_AREA if w >= size[0] and h >= size[1] else cv2.INTER_CUBIC
+
+    def fit(frame: np.ndarray) -> np.ndarray:  # applied as each frame is decoded: memory follows the bucket
+        return cv2.resize(np.ascontiguousarray(frame[y : y + h, x : x + w]), size, interpolation=interp)
+
+    out = read_frames(path, indices, info, transform=fit)  # [F, h, w, 3] uint8 RGB, displayed orientation
     if sample.get("flip"):
         out = out[:, :, ::-1]
     pixels = torch.from_numpy(np.ascontiguousarray(out)).permute(3, 0, 1, 2).float()
@@ -173,14 +177,18 @@ def run_stage(
     dtype: str,
     device: str,
     enabled_datasets: set[str],
+    folders: Mapping[str, str],
     store: Path | None = None,
 ) -> None:
     """Encode the samples of `enabled_datasets` that have no valid cache file, remove files no
-    longer needed, write index.json."""
+    longer needed, write index.json. `folders` (dataset name -> folder) confines the files read:
+    a sample whose path leaves its dataset folder stops the stage (`dataset_file`)."""
     if mode not in ("distribution", "mode"):
         raise ValueError(f"latent mode {mode!r}: use 'distribution' or 'mode'")
     out_dir, workspace = Path(out_dir), Path(workspace)
     samples = [s for s in read_jsonl(samples_manifest) if s["dataset"] in enabled_datasets]
+    for s in samples:
+        dataset_file(workspace, folders[s["dataset"]], s["path"], f"{samples_manifest}: sample {s['id']}")
     vae_id = model_identity(root, "vae")
     keys = {s["id"]: sample_key(s, vae_id, mode, dtype) for s in samples}
     todo = [s for s in samples if not restore(out_dir, store, keys[s["id"]], vae=vae_id)]

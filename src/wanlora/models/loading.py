@@ -4,10 +4,18 @@ Layout (Wan-AI/Wan2.2-T2V-A14B-Diffusers and ai-toolkit/Wan2.2-T2V-A14B-Diffuser
 `model_index.json` (boundary_ratio 0.875), `transformer/` (high-noise expert, t >= 875),
 `transformer_2/` (low-noise expert), `vae/`, `text_encoder/` (UMT5-XXL), `tokenizer/`, `scheduler/`.
 
-Safety: weights are read only from safetensors (`use_safetensors=True` everywhere, and
-`check_layout` refuses a part whose weights exist only as a pickle: .bin/.pt/.pth/.ckpt/.pkl),
-so a downloaded file can never run code. Hub downloads fetch only the json/safetensors/tokenizer
-files of the parts a stage needs.
+Safety: a downloaded folder can neither be unpickled nor run its own code.
+- `check_layout` validates exactly the files each loader will open: diffusers reads
+  `diffusion_pytorch_model.safetensors.index.json` when present, else the single file; transformers
+  reads `model.safetensors` first, else its index. A part with a second index, an index naming a
+  shard that is not a plain `.safetensors` name, or any pickle file (.bin/.pt/.pth/.ckpt/.pkl) is
+  refused before a loader sees it (a decoy index could otherwise pass the check while the loader
+  `torch.load`s the shards of the real one).
+- A `*config.json` with `auto_map` (which makes transformers offer to import the folder's Python)
+  is refused, and every transformers call passes `trust_remote_code=False`.
+- torch older than 2.6 is refused where weights load: `torch.load(weights_only=True)`, the
+  libraries' last line of defence, can be bypassed up to 2.5.1 (CVE-2025-32434).
+Hub downloads fetch only the json/safetensors/tokenizer files of the parts a stage needs.
 
 Memory: `from_pretrained(..., low_cpu_mem_usage=True, device_map=device)` builds the model on the
 meta device and fills it shard by shard from memory-mapped safetensors, so host memory never holds
@@ -20,7 +28,6 @@ which are clean page cache the kernel can drop, not a second private copy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -36,7 +43,7 @@ if TYPE_CHECKING:  # imported lazily at run time: a stage that needs the VAE ski
     from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from wanlora.errors import UserError
-from wanlora.io import sha256_file, sha256_json
+from wanlora.io import atomic_write_json, sha256_file, sha256_json
 
 ALL_PARTS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
 MODEL_PARTS = {"transformer", "transformer_2", "vae", "text_encoder"}
@@ -45,7 +52,18 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
-_FINGERPRINT_BYTES = 1 << 20
+# The file each loader opens with use_safetensors=True (its index adds `.index.json`); diffusers
+# prefers the index, transformers the single file (diffusers ModelMixin.from_pretrained /
+# _fetch_index_file; transformers modeling_utils._get_resolved_checkpoint_files).
+_WEIGHTS_NAME = {"transformer": "diffusion_pytorch_model.safetensors", "transformer_2": "diffusion_pytorch_model.safetensors",
+                 "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+_INDEX_FIRST = {"transformer", "transformer_2", "vae"}
+_SAFE_TORCH = (2, 6)  # torch.load(weights_only=True) is bypassable up to 2.5.1 (CVE-2025-32434)
+#: Full-content hashes of local shards, keyed by (path, size, mtime, inode), in the git-ignored
+#: scratch/ of the workspace a stage runs in (its cwd), so a 28 GB expert is hashed once, not every
+#: run; outside a workspace nothing is kept.
+HASH_CACHE = Path("scratch/model_hashes.json")
+_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash")
 
 
@@ -165,34 +183,85 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files a part loads, from its index when sharded; checks every shard."""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-            raise ModelError(f"{indexes[0]}: unreadable shard index. Fix: download it again") from None
+def _refuse_pickles(folder: Path) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelError(
+            f"{folder}: holds a pickle file ({pickles[0]}); wanlora loads safetensors only, because "
+            "unpickling a downloaded file can run arbitrary code. Fix: use the safetensors release of the "
+            "model and delete the pickle files from this folder (or convert them yourself in a sandbox you trust)"
+        )
+
+
+def _weight_files(folder: Path, part: str) -> list[Path]:
+    """Exactly the safetensors files `part`'s loader will open (see `_WEIGHTS_NAME`), each a plain
+    name inside `folder`; refuses pickles, a second index, or an index under another name."""
+    _refuse_pickles(folder)
+    name = _WEIGHTS_NAME[part]
+    indexes = sorted(p.name for p in folder.glob("*.index.json"))
+    if len(indexes) > 1 or (indexes and indexes[0] != f"{name}.index.json"):
+        raise ModelError(
+            f"{folder}: shard index(es) {', '.join(indexes)}, but the loader reads only {name}.index.json "
+            "(a second index could make the check and the loader see different files). Fix: download "
+            f"{part}/ again from a source you trust, keeping only {name}.index.json"
+        )
+    single, index = folder / name, folder / f"{name}.index.json"
+    if not index.is_file() or (single.is_file() and part not in _INDEX_FIRST):
+        if not single.is_file():
+            raise ModelError(f"{folder}: no {name} (nor {index.name}). Fix: download {part}/ again")
+        return [single]
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
-        outside = [s for s in names if Path(s).name != s]
-        if outside:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise ModelError(f"{index}: unreadable shard index. Fix: download it again") from None
+    bad = [s for s in names if not isinstance(s, str) or Path(s).name != s or not s.endswith(".safetensors")]
+    if bad:
+        raise ModelError(
+            f"{index}: shard {str(bad[0])[:200]!r} is not a .safetensors file in {folder}; wanlora reads only "
+            "safetensors shards beside their index. Fix: download the model again from a source you trust"
+        )
+    missing = [s for s in names if not (folder / s).is_file()]
+    if missing:
+        raise ModelError(
+            f"{folder}: {index.name} names {len(missing)} missing shard(s), first {missing[0]}. "
+            "Fix: finish the download (all shards listed in the index)"
+        )
+    return [folder / s for s in names]
+
+
+def _refuse_remote_code(folder: Path) -> None:
+    """transformers imports a folder's own Python for a config with `auto_map` (after asking
+    "Do you wish to run the custom code?" on a terminal); Wan 2.2 needs none, so any is refused."""
+    for config in sorted(folder.glob("*config.json")):
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelError(f"{config}: not valid JSON. Fix: download {folder.name}/ again") from None
+        if isinstance(data, dict) and "auto_map" in data:
             raise ModelError(
-                f"{indexes[0]}: shard name {outside[0]!r} points outside {folder}. Fix: download the "
-                "model again from a source you trust"
+                f"{config}: has auto_map, which asks transformers to run Python code shipped with the model; "
+                "wanlora never runs a model folder's code. Fix: use the official release (its configs have no "
+                "auto_map), or delete the auto_map entry and any .py files if you trust the weights"
             )
-        missing = [s for s in names if not (folder / s).is_file()]
-        if missing:
-            raise ModelError(
-                f"{folder}: {indexes[0].name} names {len(missing)} missing shard(s), first {missing[0]}. "
-                "Fix: finish the download (all shards listed in the index)"
-            )
-        return [folder / s for s in names]
-    return sorted(folder.glob("*.safetensors"))
+
+
+def require_safe_torch(version: str | None = None) -> None:
+    """Refuse a torch whose `weights_only` unpickler can be bypassed (before 2.6), with the fix."""
+    from packaging.version import Version
+
+    version = str(version or torch.__version__)
+    if Version(version).release[:2] < _SAFE_TORCH:
+        raise ModelError(
+            f"torch {version}: torch.load(weights_only=True) can be bypassed to run code before torch 2.6 "
+            "(CVE-2025-32434), and the model libraries fall back to it for non-safetensors files. "
+            "Fix: install torch>=2.6 (pip install -U 'torch>=2.6')"
+        )
 
 
 def check_layout(root: str | Path, parts: Sequence[str]) -> None:
     """Raise ModelError unless `root` has every part in `parts` with config and readable
-    safetensors weights. Reads only file headers, never tensors."""
+    safetensors weights, no pickles and no remote code. Reads only file headers, never tensors."""
     root = Path(root)
     if not (root / "model_index.json").is_file():
         raise ModelError(
@@ -211,46 +280,60 @@ def check_layout(root: str | Path, parts: Sequence[str]) -> None:
         config = folder / _CONFIG_FILES.get(part, "config.json")
         if not config.is_file():
             raise ModelError(f"{folder}: missing {config.name}. Fix: download {part}/ again")
+        _refuse_remote_code(folder)
         if part == "tokenizer" and not any((folder / f).is_file() for f in ("tokenizer.json", "spiece.model")):
             raise ModelError(f"{folder}: neither tokenizer.json nor spiece.model. Fix: download tokenizer/ again")
         if part in MODEL_PARTS:
-            weights = _weight_files(folder)
-            if not weights:
-                pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
-                if pickles:
-                    raise ModelError(
-                        f"{folder}: weights only as pickle ({pickles[0]}); wanlora loads safetensors "
-                        "only, because unpickling a downloaded file can run arbitrary code. Fix: use "
-                        "the safetensors release of the model, or convert the file yourself in a "
-                        "sandbox you trust"
-                    )
-                raise ModelError(f"{folder}: no .safetensors weights. Fix: download {part}/ again")
-            for w in weights:
+            for w in _weight_files(folder, part):
                 read_safetensors_header(w)
 
 
 # ------------------------------------------------------------------------------- identities
-def _shard_fingerprint(path: Path) -> str:
-    """sha256 of a shard's header and its first and last MiB of tensor data: two checkpoints of
-    one architecture (the two experts, or a fine-tune) share names, sizes and headers, but not
-    these bytes. Reads 2 MiB whatever the shard size."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(_FINGERPRINT_BYTES))
-        if size > 2 * _FINGERPRINT_BYTES:
-            f.seek(size - _FINGERPRINT_BYTES)
-            h.update(f.read())
-    return h.hexdigest()
+def _hub_blob_sha256(path: Path) -> str | None:
+    """The sha256 the hub gave this file, when it is a hub-cache link: huggingface_hub stores a
+    large (LFS) file once as `blobs/<sha256 of its content>` and links `snapshots/<commit>/...`
+    to it. None for anything else (a copied folder, a small git-stored file)."""
+    if not path.is_symlink():
+        return None
+    blob = path.resolve()
+    return blob.name if blob.parent.name == "blobs" and _SHA256_NAME.match(blob.name) else None
+
+
+def _load_hash_cache() -> dict[str, Any]:
+    try:
+        data = json.loads(HASH_CACHE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a weight file's whole content: the hub's blob hash where the file came from the
+    hub, else computed once and kept in `HASH_CACHE` under (path, size, mtime, inode), so a run
+    that finds the file unchanged reads none of it (a 28 GB expert hashes in about a minute)."""
+    hub = _hub_blob_sha256(path)
+    if hub:
+        return hub
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+    entry = _load_hash_cache().get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and _SHA256_NAME.match(str(entry.get("sha256"))):
+        return entry["sha256"]
+    digest = sha256_file(path)
+    if HASH_CACHE.parent.is_dir() or Path("params.yaml").is_file():  # in a workspace (stages run there)
+        cache = {k: v for k, v in _load_hash_cache().items() if Path(k).exists()}
+        cache[key] = {"stamp": stamp, "sha256": digest}
+        atomic_write_json(HASH_CACHE, cache)
+    return digest
 
 
 def model_identity(root: str | Path, part: str) -> str:
     """Short stable identity of one part: its configs and small files by content, each
-    safetensors shard by name, size and a fingerprint of its first and last MiB (hashing 28 GB
-    would take minutes; the header alone cannot tell the two experts apart). Two folders with the
-    same identity hold the same model for every practical purpose; used as cache keys and as the
-    'base model' in lineage. Header-only fields that diffusers rewrites on save (version,
-    _name_or_path) are left out, so re-saving a model keeps its identity."""
+    safetensors shard by name, size and the sha256 of its whole content (`content_sha256`: the
+    hub's blob hash, or a full hash cached by size and mtime), so no byte of the weights can
+    change unnoticed. Two folders with the same identity hold the same model; used as cache keys,
+    in the training run key and as the 'base model' in lineage. Header-only fields that diffusers
+    rewrites on save (version, _name_or_path) are left out, so re-saving a model keeps its identity."""
     folder = Path(root) / part
     entries = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -258,7 +341,7 @@ def model_identity(root: str | Path, part: str) -> str:
         if any(s.startswith(".") for s in rel.split("/")):
             continue
         if path.suffix == ".safetensors":
-            entries.append([rel, path.stat().st_size, _shard_fingerprint(path)])
+            entries.append([rel, path.stat().st_size, content_sha256(path)])
         elif rel.endswith("config.json"):
             config = json.loads(path.read_text(encoding="utf-8"))
             entries.append([rel, {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}])
@@ -316,6 +399,7 @@ def load_transformer(
     if expert not in EXPERT_FOLDERS:
         raise ValueError(f"expert {expert!r}: use 'high' or 'low'")
     part = EXPERT_FOLDERS[expert]
+    require_safe_torch()
     check_layout(root, [part])
     if skip:
         return _load_transformer_except(Path(root) / part, to_dtype(dtype), torch.device(device), frozenset(skip))
@@ -341,7 +425,7 @@ def _load_transformer_except(folder: Path, dtype: torch.dtype, device: torch.dev
         model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
     keep_fp32 = WanTransformer3DModel._keep_in_fp32_modules or []
     state = {}
-    for shard in _weight_files(folder):
+    for shard in _weight_files(folder, folder.name):
         with safe_open(str(shard), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if key.rpartition(".")[0] in skip:
@@ -368,6 +452,7 @@ def load_vae(root: str | Path, dtype: str | torch.dtype, device: str = "cpu") ->
     """The Wan VAE, frozen. fp32 is the safe choice for encoding (it is small: ~250 MB)."""
     from diffusers import AutoencoderKLWan
 
+    require_safe_torch()
     check_layout(root, ["vae"])
     vae = AutoencoderKLWan.from_pretrained(
         root, subfolder="vae", torch_dtype=to_dtype(dtype), use_safetensors=True,
@@ -380,9 +465,11 @@ def load_text_encoder(root: str | Path, dtype: str | torch.dtype, device: str = 
     """UMT5 encoder, frozen, streamed from safetensors shards straight to `device`."""
     from transformers import UMT5EncoderModel
 
+    require_safe_torch()
     check_layout(root, ["text_encoder"])
     model = UMT5EncoderModel.from_pretrained(
-        Path(root) / "text_encoder", dtype=to_dtype(dtype), use_safetensors=True, device_map=str(device)
+        Path(root) / "text_encoder", dtype=to_dtype(dtype), use_safetensors=True, device_map=str(device),
+        trust_remote_code=False,
     )
     return model.eval().requires_grad_(False)
 
@@ -391,7 +478,7 @@ def load_tokenizer(root: str | Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     check_layout(root, ["tokenizer"])
-    return AutoTokenizer.from_pretrained(Path(root) / "tokenizer")
+    return AutoTokenizer.from_pretrained(Path(root) / "tokenizer", trust_remote_code=False)
 
 
 def clean_prompt(text: str) -> str:

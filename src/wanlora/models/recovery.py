@@ -28,9 +28,11 @@ Two sources:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,20 +209,46 @@ def relative_error(reference: Tensor, approx: Tensor) -> float:
 
 
 # -------------------------------------------------------------------- AI Toolkit adapters
-def resolve_adapter_source(source: str) -> Path:
-    """A local file, or AI Toolkit's hub form `owner/repo/file.safetensors` fetched with
-    huggingface_hub (cached; needs network the first time)."""
+_ADAPTER_HUB = re.compile(r"^([\w.-]+)/([\w.-]+)/([\w.-]+\.safetensors)(?:@([\w.-]+))?$")
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """An accuracy-recovery adapter on disk and what it is: `owner/repo@<commit>/<file>#<sha256>`
+    for a hub file (the commit the revision resolved to), `<file name>#<sha256>` for a local one.
+    The identity keys the quantized-weight cache and the training run, so a changed adapter never
+    meets weights or a half-trained LoRA made with another."""
+
+    path: Path
+    identity: str
+
+
+@functools.lru_cache(maxsize=8)
+def resolve_adapter_source(source: str) -> AdapterFile:
+    """A local file, or AI Toolkit's hub form `owner/repo/file.safetensors`, optionally pinned as
+    `owner/repo/file.safetensors@<commit or tag>`, fetched with huggingface_hub at that revision
+    (cached; needs network the first time). Unpinned means `main`, and the run says which commit
+    that was and how to pin it, since `main` can move under a re-download."""
+    from wanlora.models.loading import content_sha256
+
     if os.path.exists(source):
-        return Path(source)
-    parts = source.split("/")
-    if len(parts) != 3 or not parts[2].endswith(".safetensors"):
+        path = Path(source)
+        return AdapterFile(path, f"{path.name}#{content_sha256(path)}")
+    m = _ADAPTER_HUB.match(source)
+    if not m:
         raise FileNotFoundError(
             f"quantization.recovery.source={source!r}: no such file, and not a hub path of the form "
-            "owner/repo/file.safetensors (e.g. ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors)"
+            "owner/repo/file.safetensors[@revision] (e.g. ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors)"
         )
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(f"{parts[0]}/{parts[1]}", filename=parts[2]))
+    repo, name, revision = f"{m[1]}/{m[2]}", m[3], m[4] or "main"
+    path = Path(hf_hub_download(repo, filename=name, revision=revision))
+    commit = path.parent.name  # huggingface_hub returns snapshots/<commit>/<file>
+    if m[4] is None:
+        console.print(f"[yellow]recovery: {source} is not pinned; using {repo}@{commit}. Pin it: "
+                      f"quantization.recovery.source: {source}@{commit}[/]")
+    return AdapterFile(path, f"{repo}@{commit}/{name}#{content_sha256(path)}")
 
 
 _NATIVE_ATTN = {"self_attn": "attn1", "cross_attn": "attn2"}
@@ -295,7 +323,7 @@ def read_aitk_adapter(state: dict[str, Tensor], expert: Expert | None, source: s
 def _load_adapter_state(source: str) -> tuple[dict[str, Tensor], str]:
     from safetensors.torch import load_file
 
-    path = resolve_adapter_source(source)
+    path = resolve_adapter_source(source).path
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: accuracy-recovery adapters are read from .safetensors only")
     return load_file(str(path)), str(path)
@@ -326,7 +354,7 @@ def load_aitk_adapter(model: nn.Module, source: str, expert: Expert | None) -> l
         dtype = getattr(module, "compute_dtype", None) or dequantized_weight(module).dtype
         device = next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
         attach_correction(module, down.to(device, dtype), up.to(device, dtype), scale=1.0)
-    console.print(f"recovery: {len(pairs)} layers corrected by {path}")
+    console.print(f"recovery: {len(pairs)} layers corrected by {resolve_adapter_source(source).identity}")
     return sorted(pairs)
 
 
@@ -667,7 +695,7 @@ def prepare_quantized_expert(
                 f"uint4 weights; set quantization.transformer: uint4 (got {mode}) or recovery.source: fitted"
             )
         targets = adapter_targets(rec.source, expert)
-        key = {**source_key, "expert": expert, "adapter": rec.source}
+        key = {**source_key, "expert": expert, "adapter": resolve_adapter_source(rec.source).identity}
         model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, exclude=(), include=targets,
                                 device=device, partial_loader=partial_loader)
         model = model if home is None else model.to(home)
@@ -839,7 +867,7 @@ def anisotropic(
 
 
 __all__ = [
-    "ErrorPair", "LowRankCorrection", "RecoveryReport", "Whitener", "adapter_targets", "aitk_module_name",
+    "AdapterFile", "ErrorPair", "LowRankCorrection", "RecoveryReport", "Whitener", "adapter_targets", "aitk_module_name",
     "anisotropic", "attach_correction", "block_report", "capture_block_inputs", "corrections",
     "detach_correction", "distill_block", "fit_block", "fit_correction", "fit_correction_whitened", "fit_model",
     "load_aitk_adapter", "load_corrections", "prepare_quantized_expert", "read_aitk_adapter", "recovery_report", "reference_block", "relative_error",

@@ -16,4 +16,5 @@ def main() -> None:
         device=resolve_device(params.job.device),
         store=WORKSPACE / "scratch/cache/latents",
         enabled_datasets={name for name, ds in params.datasets.items() if ds.cache_latents},
+        folders={name: ds.folder for name, ds in params.datasets.items()},
     )

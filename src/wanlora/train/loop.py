@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,13 +86,24 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------ helpers
-def run_key(params: Params, workspace: Path) -> str:
+def run_key(params: Params, workspace: Path, base: Mapping[str, str]) -> str:
     """Folder name of this run's resumable state: a hash of the params the train stage declares
     (so editing sample prompts does not throw away a half-trained run, and the key cannot drift from
-    what DVC reruns the stage for) and of its input manifests."""
+    what DVC reruns the stage for), of its input manifests and of `base`, the identity of each
+    expert trained (new weights at the same path start a new run)."""
     read = {k: v for k, v in stage_values("train", params).items() if k not in PLACEMENT_KEYS}
     inputs = {f: sha256_file(workspace / f) for f in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl")}
-    return sha256_json({"params": read, "inputs": inputs})[:16]
+    return sha256_json({"params": read, "inputs": inputs, "base": dict(sorted(base.items()))})[:16]
+
+
+def _adapter(params: Params) -> dict[str, str]:
+    """The AI Toolkit recovery adapter's identity (hub commit and sha256), when one is used."""
+    source = params.quantization.recovery.source
+    if params.quantization.transformer == "none" or source in ("fitted", "none"):
+        return {}
+    from wanlora.models.recovery import resolve_adapter_source
+
+    return {"adapter": resolve_adapter_source(source).identity}
 
 
 def _load_expert(root: Path, expert: Expert, params: Params, workspace: Path, device: torch.device,
@@ -242,6 +254,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     vae_config = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
+                         folders={n: d.folder for n, d in params.datasets.items()},
                          encode=_vae_encoder(root, params, workspace, device))
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
     if env.is_main:
@@ -254,6 +267,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     dists = {e: TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band(e, boundary),
                                      params.model.flow_shift) for e in active}
     expect_encoder = encoder_identity(root)
+    base_identity = {e: model_identity(root, EXPERT_FOLDERS[e]) for e in active}
     experts, offloads, where = {}, [], {}
     for e in mine:
         calib = _calibration_inputs(data, dists[e], workspace, params, expect_encoder, device, dtype)
@@ -281,8 +295,8 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         dists=dists,
         schedule=ExpertSchedule(mine, ms.switch_every, ms.expert_choice, high_mass),
         placer=placer, offloads=offloads,
-        state_dir=workspace / "scratch/train" / run_key(params, workspace),
-        base_identity={e: model_identity(root, EXPERT_FOLDERS[e]) for e in active},
+        state_dir=workspace / "scratch/train" / run_key(params, workspace, {**base_identity, **_adapter(params)}),
+        base_identity=base_identity,
         expect_encoder=expect_encoder,
         env=env, plan=plan, groups=groups,
     )
