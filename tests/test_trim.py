@@ -342,3 +342,17 @@ def test_a_dark_scene_inside_bars_is_picture_not_bar() -> None:
         f[20:100] = scene
         frames.append(f.astype(np.uint8))
     assert detect_crop(frames, 16) == [0, 20, 160, 80]
+
+
+def test_a_media_index_path_leaving_the_dataset_folder_is_refused(tmp_path: Path) -> None:
+    """A media.jsonl swapped on a shared remote cannot point trim at a file outside the dataset."""
+    from wanlora.io import ManifestPathError, write_jsonl
+
+    outside = tmp_path / "elsewhere.mp4"
+    make_clip(outside, ClipSpec(moving=8))
+    (tmp_path / "data/raw").mkdir(parents=True)
+    write_jsonl(tmp_path / "media.jsonl", [{"id": "main/a.mp4", "dataset": "main", "path": "data/raw/../../elsewhere.mp4",
+                                            "sha256": "0" * 64}])
+    with pytest.raises(ManifestPathError, match=r"main/a.mp4: path .* lies outside its dataset folder data/raw"):
+        trim.run_stage({"main": DatasetConfig()}, tmp_path, tmp_path / "out", index=tmp_path / "media.jsonl")
+    assert not (tmp_path / "out").exists()

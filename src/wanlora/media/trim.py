@@ -21,7 +21,7 @@ import numpy as np
 from rich.progress import track
 
 from wanlora.config import DatasetConfig, TrimConfig
-from wanlora.io import atomic_write_text, read_jsonl, sha256_file, write_jsonl
+from wanlora.io import atomic_write_text, dataset_file, read_jsonl, sha256_file, write_jsonl
 from wanlora.media.decode import iter_frames, keyframe_near
 from wanlora.media.letterbox import detect_crop
 from wanlora.media.listing import STAGE, list_dataset
@@ -203,7 +203,9 @@ def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path
         if rows is None:
             entries, problems[name] = _walk_entries(name, ds, workspace)
         else:
-            entries, problems[name] = [(workspace / r["path"], _identity(r)) for r in rows if r["dataset"] == name], []
+            entries = [(dataset_file(workspace, ds.folder, r["path"], f"{index}: {r['id']}"), _identity(r))
+                       for r in rows if r["dataset"] == name]
+            problems[name] = []
         outcomes[name] = []
         for path, base in track(entries, description=f"trim {name}", console=console, transient=True):
             outcome = analyse_file(path, ds, base)
