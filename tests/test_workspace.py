@@ -18,7 +18,9 @@ from wanlora.workspace import check_stage, commit, prepare, set_param
 
 def test_check_stage_refuses_stage_outputs_committed_to_git(tmp_path: Path):
     """The state the issue's "obvious repair" left: outputs in git make DVC refuse them after training."""
-    prepare(tmp_path, make_params("smoke", 24))
+    params = make_params("smoke", 24)
+    prepare(tmp_path, params)
+    write_params(tmp_path / "params.yaml", params, "test")
     (tmp_path / "data/index").mkdir(parents=True)
     (tmp_path / "data/index/media.jsonl").write_text("")
     (tmp_path / "data/train_live").mkdir(parents=True)
@@ -63,3 +65,34 @@ def test_set_param_edits_one_line_and_keeps_comments(tmp_path: Path):
     with pytest.raises(ParamsError, match="export.step: must be 'best', 'last' or a step number"):
         set_param(path, ("export", "step"), "latest")
     assert path.read_text() == after and not list(tmp_path.glob(".params.yaml*"))
+
+
+def test_a_dataset_added_without_sync_stops_dvc_repro_at_the_check(tmp_path: Path):
+    """dvc.yaml lists folders and params per dataset: a dataset added to params.yaml by hand would
+    be read by no declared dependency, so the check stage names `wanlora sync`."""
+    params = make_params("smoke", 24)
+    prepare(tmp_path, params)
+    write_params(tmp_path / "params.yaml", params, "test")
+    commit(tmp_path, "workspace")
+    (tmp_path / "data/more").mkdir(parents=True)
+    with_more = params.model_copy(deep=True)
+    with_more.datasets["more"] = with_more.datasets["main"].model_copy(update={"folder": "data/more"})
+    write_params(tmp_path / "params.yaml", with_more, "test")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=tmp_path, capture_output=True, text=True,
+                          env=env)
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0 and "dvc.yaml no longer match params.yaml" in out, out
+    assert "Fix: run `wanlora sync`, then `dvc repro`" in out
+    assert re.findall(r"Running stage '(\w+)'", done.stdout) == ["check"]
+
+
+def test_a_stage_script_written_by_another_version_refuses_to_run(tmp_path: Path):
+    """After an upgrade DVC sees the new package only through the stage scripts' version line."""
+    prepare(tmp_path, make_params("smoke", 24))
+    script = tmp_path / "stages/scan.py"
+    script.write_text(re.sub(r"\(wanlora [^)]+\)", "(wanlora 0.0.1)", script.read_text(), count=1))
+    done = subprocess.run([sys.executable, "-P", "stages/scan.py"], cwd=tmp_path, capture_output=True, text=True)
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, out
+    assert "stages/scan.py was written by wanlora 0.0.1, but wanlora" in out and "Fix: run `wanlora sync`" in out

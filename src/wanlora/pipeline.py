@@ -212,15 +212,23 @@ def ignored_outputs() -> list[str]:
     return [f"/{out}" for stage in STAGES for out in stage.outs]
 
 
+def _generated(workspace: Path, params: Params, in_repo: bool) -> dict[Path, str]:
+    files = {workspace / "dvc.yaml": dvc_yaml(params, in_repo)}
+    return files | {workspace / "stages" / f"{s.name}.py": stage_script(s) for s in STAGES}
+
+
+def stale_files(workspace: Path, params: Params, in_repo: bool) -> list[Path]:
+    """The generated files whose text is not what `sync` would write for these params now."""
+    return [path for path, text in _generated(workspace, params, in_repo).items()
+            if not path.exists() or path.read_text(encoding="utf-8") != text]
+
+
 def sync(workspace: Path, params: Params, in_repo: bool) -> list[Path]:
     """Write dvc.yaml and stages/*.py for a workspace; returns the files that changed."""
-    files = {workspace / "dvc.yaml": dvc_yaml(params, in_repo)}
-    files |= {workspace / "stages" / f"{s.name}.py": stage_script(s) for s in STAGES}
-    changed = []
-    for path, text in files.items():
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            atomic_write_text(path, text)
-            changed.append(path)
+    files = _generated(workspace, params, in_repo)
+    changed = stale_files(workspace, params, in_repo)
+    for path in changed:
+        atomic_write_text(path, files[path])
     return changed
 
 

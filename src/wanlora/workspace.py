@@ -18,7 +18,7 @@ import yaml
 from wanlora.config import Params, load_params
 from wanlora.errors import UserError
 from wanlora.io import atomic_write_json, atomic_write_text
-from wanlora.pipeline import CHECK_MARKER, STAGES, ignored_outputs, is_repo_checkout, sync
+from wanlora.pipeline import CHECK_MARKER, STAGES, ignored_outputs, is_repo_checkout, stale_files, sync
 
 #: Never versioned: resumable training state, downloaded or generated models, bytecode.
 GITIGNORE = ("/scratch/", "/models/", "__pycache__/")
@@ -135,7 +135,20 @@ def check_stage(workspace: Path) -> None:
             f"git tracks stage outputs that DVC must own: {', '.join(tracked)}. Fix: "
             f"`git rm -r -q --cached {' '.join(tracked)} && git commit -m 'untrack stage outputs'`, then `dvc repro`"
         )
-    atomic_write_json(workspace / CHECK_MARKER, {"checked": ["params.yaml", "stage outputs not in git"]})
+    _check_synced(workspace)
+    atomic_write_json(workspace / CHECK_MARKER, {"checked": ["params.yaml", "stage outputs not in git",
+                                                             "dvc.yaml and stages/ match params.yaml"]})
+
+
+def _check_synced(workspace: Path) -> None:
+    """dvc.yaml lists params and folders per dataset: one added to params.yaml without `wanlora
+    sync` would be read by no stage's declared deps, and its clips would change nothing DVC sees."""
+    stale = stale_files(workspace, load_params(workspace / "params.yaml"), is_repo_checkout(workspace))
+    if stale:
+        names = ", ".join(p.relative_to(workspace).as_posix() for p in stale)
+        raise UserError(f"{names} no longer match params.yaml and this wanlora (a dataset added or renamed, or "
+                        "wanlora upgraded?). "
+                        "Fix: run `wanlora sync`, then `dvc repro`")
 
 
 def check_model(name_or_path: str, workspace: Path) -> str:
