@@ -96,3 +96,16 @@ def test_a_stage_script_written_by_another_version_refuses_to_run(tmp_path: Path
     out = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == 1, out
     assert "stages/scan.py was written by wanlora 0.0.1, but wanlora" in out and "Fix: run `wanlora sync`" in out
+
+
+def test_track_raw_refuses_a_link_even_to_a_file_inside_the_folder(tmp_path: Path):
+    """`ln -s clip.mp4 data/raw/copy.mp4`: `dvc add` would turn the link into a second copy."""
+    from wanlora.workspace import track_raw
+
+    params = make_params("smoke", 24)
+    prepare(tmp_path, params)
+    (tmp_path / "data/raw/clip.mp4").write_bytes(b"clip")
+    (tmp_path / "data/raw/copy.mp4").symlink_to("clip.mp4")
+    with pytest.raises(UserError, match=r"holds symlinks .*\n  data/raw/copy.mp4\nFix: replace each link"):
+        track_raw(tmp_path, params)
+    assert (tmp_path / "data/raw/copy.mp4").is_symlink() and not (tmp_path / "data/raw.dvc").exists()

@@ -78,15 +78,23 @@ def track_raw(workspace: Path, params: Params) -> None:
     Refuses folders holding symlinks: DVC follows them (a loop crashes it, and a link out of the
     folder is replaced by a copy of its target, which would modify the raw data we promise to keep).
     """
-    from wanlora.media.listing import list_dataset
-
-    links = [p for ds in params.datasets.values()
-             for p in list_dataset(workspace / ds.folder, ds.captions.extension).problems if "link" in p.reason]
+    links = sorted(p.relative_to(workspace).as_posix() for ds in params.datasets.values()
+                   for p in _walk_links(workspace / ds.folder))
     if links:
-        listing = "\n".join("  " + p.line() for p in links)
-        raise ValueError(f"cannot track the raw data with DVC while it holds symlinks:\n{listing}")
+        listing = "\n".join(f"  {p}" for p in links)
+        raise UserError(f"cannot track the raw data with DVC while it holds symlinks (`dvc add` would replace "
+                        f"each with a copy of its target):\n{listing}\nFix: replace each link with the file itself, "
+                        "or move it out of the folder")
     folders = sorted({ds.folder for ds in params.datasets.values()})
     _run([sys.executable, "-m", "dvc", "add", "-q", *folders], workspace)
+
+
+def _walk_links(folder: Path) -> list[Path]:
+    """Every symlink under `folder` (not followed), links to files inside it included."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [Path(root) / n for n in dirs + files if (Path(root) / n).is_symlink()]
+    return found
 
 
 def commit(workspace: Path, message: str) -> None:
