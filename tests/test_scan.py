@@ -129,3 +129,24 @@ def test_adding_a_missing_caption_changes_only_the_caption_index(tmp_path: Path)
     caps = read_jsonl(tmp_path / "after/captions.jsonl")
     assert [(c["path"], c["media"]) for c in caps] == [("data/raw/a.txt", "data/raw/a.mp4"),
                                                        ("data/raw/b.txt", "data/raw/b.mp4")]
+
+
+def test_on_error_fail_stops_the_scan_listing_every_file_it_found_bad(tmp_path: Path):
+    """With `on_error: fail` the first stage that sees a bad file stops (scan used to only warn, and
+    every later stage ran); its report is written first, so the reason stays on disk."""
+    import json
+
+    import pytest
+
+    from wanlora.report import InputError
+
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    (raw / "a.mp4").write_bytes(b"video-a")
+    (raw / "notes.gif").write_bytes(b"GIF89a")
+    (raw / "empty.mp4").write_bytes(b"")
+    params = parse_params({"datasets": {"main": {"on_error": "fail"}}})
+    with pytest.raises(InputError, match=r"scan: 2 bad input\(s\), and on_error is 'fail':\n.*notes\.gif.*\n.*empty\.mp4"):
+        run_stage(params.datasets, tmp_path, tmp_path / "data/index")
+    assert json.loads((tmp_path / "data/index/problems.json").read_text())["count"] == 2
+    run_stage(parse_params({}).datasets, tmp_path, tmp_path / "data/index")  # skip: reported, not fatal

@@ -58,7 +58,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "scan", "index raw files and their hashes, media apart from captions",
         deps=(CHECK_MARKER,), code=("src/wanlora/data/scan.py", "src/wanlora/media/listing.py", "src/wanlora/media/probe.py"),
-        params=("datasets.{ds}.folder", "datasets.{ds}.captions.extension"),
+        params=("datasets.{ds}.folder", "datasets.{ds}.captions.extension", "datasets.{ds}.on_error"),
         outs=("data/index",), dataset_folders=True,
     ),
     Stage(

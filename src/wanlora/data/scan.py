@@ -29,7 +29,8 @@ class EmptyDataset(UserError, FileNotFoundError):
 
 def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path) -> None:
     """Write out_dir/media.jsonl, out_dir/captions.jsonl and out_dir/problems.json."""
-    media_rows, caption_rows, all_problems = [], [], []
+    media_rows, caption_rows = [], []
+    by_dataset: dict[str, list[Problem]] = {}
     for name, ds in datasets.items():
         folder = workspace / ds.folder
         if not folder.is_dir():
@@ -63,15 +64,15 @@ def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path
                 "sha256": sha256_file(path),
                 "media": media.relative_to(workspace).as_posix(),
             })
-        settle(problems, "skip", "scan")  # scan only reports; trim and captions apply on_error
-        all_problems += problems
-    duplicates = duplicate_media(media_rows)
-    settle(duplicates, "skip", "scan")
-    all_problems += duplicates
+        by_dataset[name] = problems
+    duplicates = duplicate_media(media_rows)  # a copy still trains: reported, never fatal
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "media.jsonl", media_rows)
     write_jsonl(out_dir / "captions.jsonl", caption_rows)
-    write_problems(out_dir / "problems.json", all_problems)
+    write_problems(out_dir / "problems.json", [p for ps in by_dataset.values() for p in ps] + duplicates)
+    settle(duplicates, "skip", "scan")
+    for name, ds in datasets.items():  # the first stage that sees a bad file applies on_error: fail
+        settle(by_dataset[name], ds.on_error, "scan")
 
 
 def duplicate_media(rows: list[dict]) -> list[Problem]:
