@@ -15,8 +15,17 @@ from wanlora.io import sha256_file
 pytestmark = pytest.mark.slow
 
 
+AUDIT = Path(__file__).with_name("_write_audit")  # its sitecustomize logs every write a stage opens
+
+
+def _write_log(ws: Path) -> Path:
+    return ws.parent / "writes.log"
+
+
 def _repro(ws: Path) -> list[str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(AUDIT), os.environ.get("PYTHONPATH")])),
+           "WANLORA_WRITE_LOG": str(_write_log(ws))}
     out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     return re.findall(r"Running stage '([\w]+)'", out.stdout)
@@ -42,6 +51,19 @@ def test_full_repro_then_nothing_reruns(workspace: Path):
     assert (workspace / "data/eval/report.html").is_file()
     assert _raw_hashes(workspace) == before, "raw data must never be modified"
     assert _repro(workspace) == []
+
+
+def test_no_stage_writes_a_file_at_its_final_name(workspace: Path):
+    """Every write a stage makes goes to a hidden temp file renamed into place (wanlora.io), so a
+    kill anywhere leaves each final name whole. Checked on the first, full `dvc repro`: every file a
+    stage process opened for writing under the workspace is a `.<name>.*.tmp` or lies in scratch/."""
+    opened = [line.split("\t") for line in _write_log(workspace).read_text().splitlines()]
+    assert {stage for stage, _ in opened} >= {"scan.py", "trim.py", "train.py", "evaluate.py", "export.py"}
+    root = str(workspace.resolve()) + os.sep
+    in_place = sorted({(stage, path[len(root):]) for stage, path in opened if path.startswith(root)
+                       and not path[len(root):].startswith("scratch/")
+                       and not (Path(path).name.startswith(".") and Path(path).name.endswith(".tmp"))})
+    assert not in_place, f"written at their final names: {in_place}"
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
