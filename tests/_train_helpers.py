@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save
 
 from wanlora.config import Params, parse_params
+from wanlora.data.split import run_stage as split_stage
 from wanlora.io import atomic_write_bytes, atomic_write_json, read_jsonl, write_jsonl
 from wanlora.models.latents import sample_key
 from wanlora.models.loading import model_identity
@@ -50,6 +51,7 @@ def write_inputs(ws: Path, n_clips: int = 2, buckets: list[str] | None = None) -
                         "bucket": buckets[i], "frame_indices": list(range(f)), "crop": [0, 0, w, h], "flip": False})
     write_jsonl(ws / "data/captions/captions.jsonl", captions)
     write_jsonl(ws / "data/buckets/samples.jsonl", samples)
+    split_stage(parse_params({"sample": {"validation_clips": 0}}), ws)  # nothing held out unless a test says so
 
 
 def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, scale: float = 2.0,

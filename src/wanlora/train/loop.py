@@ -24,6 +24,7 @@ import torch
 from wanlora.config import Params
 from wanlora.data.captions import dropout_texts
 from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches, small_buckets
+from wanlora.data.split import SPLIT_FILE
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
@@ -92,7 +93,8 @@ def run_key(params: Params, workspace: Path, base: Mapping[str, str]) -> str:
     what DVC reruns the stage for), of its input manifests and of `base`, the identity of each
     expert trained (new weights at the same path start a new run)."""
     read = {k: v for k, v in stage_values("train", params).items() if k not in PLACEMENT_KEYS}
-    inputs = {f: sha256_file(workspace / f) for f in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl")}
+    inputs = {f: sha256_file(workspace / f)
+              for f in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl", SPLIT_FILE)}
     return sha256_json({"params": read, "inputs": inputs, "base": dict(sorted(base.items()))})[:16]
 
 
@@ -172,6 +174,7 @@ def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
                             sidecar_dir=tr.state_dir / "lora" / expert)
     meta["wanlora.timesteps"] = json.dumps(tr.dists[expert].describe(), sort_keys=True)
     meta.update(BASE_MODEL_VERSION)
+    meta["wanlora.held_out_clips"] = json.dumps(list(tr.data.held_out))  # listed samples these never trained
     return meta
 
 
