@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import statistics
 
 import av
 import numpy as np
@@ -116,3 +118,28 @@ def test_svg_plot_draws_one_polyline_per_series_and_escapes_names():
     svg = svg_plot({"a<b": [(0, 1.0), (1, 0.5)], "empty": [], "nan": [(0, float("nan"))]}, "loss & co")
     assert svg.count("<polyline") == 1 and 'data-name="a&lt;b"' in svg and "loss &amp; co" in svg
     assert "no data" in svg_plot({}, "nothing")
+
+
+def test_best_is_the_earliest_checkpoint_within_one_paired_standard_error_of_the_lowest():
+    from wanlora.evaluate.best import choose_best, paired_noise
+
+    base = [1.0, 2.0, 3.0, 4.0]  # per-term losses differ by timestep; the noise is in the differences
+    terms = {100: [x + 0.30 for x in base], 200: [x + 0.10 for x in base],
+             300: [x + 0.02 + e for x, e in zip(base, (0.06, -0.06, 0.05, -0.05))], 400: base, 500: [x + 0.2 for x in base]}
+    c = choose_best(terms)
+    # step 300 is 0.02 above the lowest (400) on average, its paired differences spread by ~0.06: a
+    # standard error of ~0.03 (from the formula here, not from the code under test)
+    d = [0.08, -0.04, 0.07, -0.03]
+    se = statistics.stdev(d) / math.sqrt(4)
+    assert paired_noise(terms[300], terms[400]) == pytest.approx(se)
+    assert 0.02 <= se  # so 300 is within noise, 200 (0.10 above, no spread) is not
+    assert (c.step, c.lowest_step) == (300, 400) and c.noise == pytest.approx(se)
+    assert c.loss == pytest.approx(2.52) and c.lowest_loss == pytest.approx(2.5)
+    assert "step 300" in c.reason and "within one standard error" in c.reason and "step 400" in c.reason
+    # with no spread, only the lowest counts; ties go to the earlier step
+    clean = {1: [1.0, 1.0], 2: [0.5, 0.5], 3: [0.5, 0.5], 4: [0.7, 0.7]}
+    assert choose_best(clean).step == 2 and "lowest held-out loss" in choose_best(clean).reason
+    assert choose_best({5: [], 6: []}) is None
+    assert choose_best({1: [0.3]}, "training-clip").reason.startswith("step 1: lowest training-clip loss")
+    with pytest.raises(ValueError, match="terms do not pair"):
+        paired_noise([1.0, 2.0], [1.0])

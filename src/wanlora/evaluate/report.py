@@ -72,7 +72,7 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: in
     for label, xv in sorted((marks or {}).items(), key=lambda m: m[1]):
         if x0 <= xv <= x1:
             parts.append(f'<line class="mark" data-name="{escape(label)}" x1="{sx(xv):.1f}" y1="{top}" '
-                         f'x2="{sx(xv):.1f}" y2="{height - bottom}" stroke="#2ca02c" stroke-dasharray="4 3"/>')
+                         f'x2="{sx(xv):.1f}" y2="{height - bottom}" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="4 3"/>')
             parts.append(f'<text x="{sx(xv) + 3:.1f}" y="{top + 12}" font-size="11" fill="#2ca02c">'
                          f'{escape(label)}</text>')
     for i, (name, s) in enumerate(sorted(series.items())):
