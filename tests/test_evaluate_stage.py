@@ -216,3 +216,33 @@ def test_both_fixed_noise_curves_render_in_chromium(evaluated, tmp_path):
     for plot in (rgb[:310], rgb[310:620]):  # the high-noise plot above the low-noise one, 300 px each
         assert pixels(plot, PALETTE[0]) > 100 and pixels(plot, PALETTE[1]) > 100  # two curves
         assert pixels(plot, PALETTE[2]) > 10  # the best marker and its label
+
+
+def test_too_few_clips_fall_back_to_a_training_clip_loss_labelled_everywhere(tmp_path):
+    """Three clips cannot spare one (at most one in five is held out): the loss is on training
+    clips, and metrics, best.json, the report, export.json and the export header all say so."""
+    from wanlora.export import run_stage as export
+    from wanlora.export.formats import read_header
+
+    ws = make_eval_workspace(tmp_path, steps=(2, 4), n_clips=3)
+    params = load_params(ws / "params.yaml")
+    params.sample.prompts, params.sample.baseline = [], False
+    run_stage(params, ws, ws / "data/eval")
+    out = ws / "data/eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["basis"] == "training_clips" and metrics["held_out_clips"] == 0
+    assert sorted(metrics["steps"]["2"]) == ["train_high", "train_low"]  # no held-out number pretends to be one
+    rows = json.loads((out / "val_loss.json").read_text())
+    assert [r["step"] for r in rows] == [0, 2, 4] and rows[1]["held_out_high"] is None
+    assert rows[1]["train_high"] == metrics["steps"]["2"]["train_high"]
+    best = json.loads((out / "best.json").read_text())
+    assert best["basis"] == "training_clips" and "too few to spare one" in best["split"]
+    assert all("training-clip loss" in c["reason"] for c in best["experts"].values())
+    html = (out / "report.html").read_text()
+    assert 'id="basis-warning"' in html and "Every loss on this page is on training clips" in html
+    assert "fixed-noise loss (training clips only)" in html and "held-out:" not in html
+    export(params, ws, ws / "data/exports")
+    summary = json.loads((ws / "data/exports/export.json").read_text())
+    assert {p["basis"] for p in summary["experts"].values()} == {"training_clips"}
+    _, meta = read_header(next((ws / "data/exports/comfyui").glob("*_high_noise.safetensors")))
+    assert json.loads(meta["wanlora.export_choice"])["basis"] == "training_clips"

@@ -286,8 +286,11 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
                "best": {e: c["step"] for e, c in best.items()},
                "baseline": rows[0].losses, "steps": {str(r.step): r.losses for r in rows[1:]}}
     atomic_write_json(out_dir / "metrics.json", metrics)
-    # rows for `dvc plots`: the baseline is step 0 (a LoRA's B starts at zero, so it is the untrained start)
-    atomic_write_json(out_dir / "val_loss.json", [{"step": r.step or 0, **r.losses} for r in rows if r.losses])
+    # rows for `dvc plots`: the baseline is step 0 (a LoRA's B starts at zero, so it is the untrained start);
+    # every key in every row, null where not measured: dvc drops a whole plot when a field is missing
+    keys = [f"{name}_{e}" for e in ("high", "low") for name in ("train", "held_out")]
+    atomic_write_json(out_dir / "val_loss.json",
+                      [{"step": r.step or 0, **{k: r.losses.get(k) for k in keys}} for r in rows if r.losses])
 
     train = read_train_curves(workspace / "data/train_live")
     curves = {"training loss (per step, random noise)": {k: v for k, v in train.items() if "loss" in k}}
