@@ -19,7 +19,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from wanlora.data.split import BASIS_LABEL, HELD_OUT, Split
+from wanlora.data.split import BASIS_LABEL, HELD_OUT, TRAINING_CLIPS, Split
 from wanlora.io import read_jsonl
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
@@ -162,11 +162,10 @@ def fixed_noise_curves(rows: list[ReportRow], expert: str) -> dict[str, list[tup
 
 def _best_section(split: Split, best: dict[str, dict]) -> list[str]:
     h = ['<section id="best"><h2>Best checkpoint per expert</h2>']
-    if split.basis != HELD_OUT:
+    if split.basis == TRAINING_CLIPS:
         h.append(f'<p class="warn" id="basis-warning">No held-out clips: {escape(split.reason)}. Every loss on '
-                 "this page is on training clips; it falls as the LoRA memorises them, so the checkpoint below "
-                 "is a guess: compare the samples.</p>")
-    else:
+                 "this page is on training clips, and the checkpoint below is a guess.</p>")
+    elif split.basis == HELD_OUT:
         h.append(f"<p>Validation on {escape(BASIS_LABEL[split.basis])}: {escape(split.reason)} "
                  f"({escape(', '.join(split.held_out_clips))}).</p>")
     if not best:

@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from wanlora.config import Params
-from wanlora.evaluate import media
 from wanlora.data.split import BASIS_LABEL, HELD_OUT, SPLIT_FILE, Split, read_split
+from wanlora.evaluate import media
 from wanlora.evaluate.best import choose_best
 from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curves, render_report
 from wanlora.evaluate.validation import ValItem, fixed_noise_losses
@@ -214,9 +214,9 @@ def _evaluate_one(params: Params, plan: Plan, step: int | None, get: Any, scratc
             _write_samples(s_entry, videos, params.sample.fps)
         if v_entry is not None and not v_done:
             experts = {"high": loaded.pipe.transformer, "low": loaded.pipe.transformer_2}
-            s = params.sample
-            v_done = {name: fixed_noise_losses(experts, items, s.validation_timesteps, plan.base["boundary"],
-                                               params.job.seed, s.validation_noise_draws)
+            cfg = params.sample
+            v_done = {name: fixed_noise_losses(experts, items, cfg.validation_timesteps, plan.base["boundary"],
+                                               params.job.seed, cfg.validation_noise_draws)
                       for name, items in loaded.val_items.items()}
             atomic_write_json(v_entry / "result.json", v_done)
     return s_entry, v_done or {}
@@ -228,12 +228,13 @@ def _means(terms: dict[str, dict[str, list[float]]]) -> dict[str, float]:
             for e, t in sorted(by_expert.items()) if t}
 
 
-def choose_experts(terms: dict[int, dict[str, dict[str, list[float]]]], split: Split) -> dict[str, dict]:
-    """Each expert's best checkpoint on the held-out terms (on the training-clip terms when the
-    split holds nothing out, labelled so)."""
+def choose_experts(terms: dict[int, dict[str, dict[str, list[float]]]], split: Split,
+                   experts: set[str]) -> dict[str, dict]:
+    """Each trained expert's best checkpoint on the held-out terms (on the training-clip terms when
+    the split holds nothing out, labelled so)."""
     name, label = ("held_out", "held-out") if split.basis == HELD_OUT else ("train", "training-clip")
     out = {}
-    for e in ("high", "low"):
+    for e in sorted(experts):
         choice = choose_best({step: t.get(name, {}).get(e, []) for step, t in terms.items()}, label)
         if choice is not None:
             out[e] = choice.as_dict()
@@ -265,7 +266,8 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
     if samples_out.exists():
         shutil.rmtree(samples_out)  # our own output: rebuilt from the cache each run
     split = plan.split
-    best = choose_experts({s: t for s, (_, t) in results.items() if s is not None}, split)
+    trained = {e for files in plan.checkpoints.values() for e in files}  # one expert may not train
+    best = choose_experts({s: t for s, (_, t) in results.items() if s is not None}, split, trained)
     rows: list[ReportRow] = []
     for step, (entry, terms) in results.items():
         label = "baseline" if step is None else f"step_{step:06d}"
