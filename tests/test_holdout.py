@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from _train_helpers import make_workspace, tiny_params, write_latents
@@ -71,30 +72,46 @@ def test_held_out_clips_never_reach_a_training_step(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_overfitting_shows_and_best_is_not_the_last_step(tmp_path):
-    """Five training clips, one held out; constant latents per clip (patch [1, 1, 1] lets the tiny
-    model carry every value) and a high learning rate, so the LoRA memorises its clips: the loss on
-    training clips keeps falling, the held-out loss falls first (denoising in general) and then
-    rises (the captions now recall training clips), and best sits at the turn."""
-    from wanlora.evaluate import run_stage as evaluate
+    """Six clips, one held out, 160 steps. Each clip's latent is one vector per channel (patch
+    [1, 1, 1] lets the tiny model carry every value); the five training clips share a look
+    (0.7 c + 0.3 own) that the held-out clip lacks (-0.7 c + 0.3 own). The low-noise LoRA first
+    learns to denoise such latents at all, which helps every clip, then pulls every output toward
+    the training look: its training-clip loss keeps falling while the held-out loss turns up, and
+    best sits at the turn. Measured: held-out 1.45 at the base, 1.30 at step 20, 1.69 at step 160;
+    training clips 1.65, 0.94, 0.75. The high-noise expert, where the noise hides the look, keeps
+    improving on the held-out clip over these steps; its best is still its lowest held-out loss."""
+    from wanlora.evaluate.stage import run_stage as evaluate
 
     root = tmp_path / "model"
     ws = make_workspace(tmp_path / "ws", root, n_clips=6, patch=[1, 1, 1], scale=1.0, smooth=True)
-    params = tiny_params(root, train={"steps": 300, "lr": 2e-2, "max_grad_norm": 0},
+    params = tiny_params(root, train={"steps": 160, "lr": 2e-2, "lr_scheduler": "cosine", "max_grad_norm": 0},
                          network={"rank": 16, "alpha": 16, "target_modules": [*DEFAULT_TARGETS, "proj_out"]},
-                         save={"every": 30, "keep_last": 100}, multistage={"switch_every": 1},
-                         sample={"prompts": [], "baseline": False, "validation_clips": 1})
-    split.run_stage(params, ws)
+                         save={"every": 20, "keep_last": 100}, multistage={"switch_every": 1},
+                         sample={"prompts": [], "validation_clips": 1, "validation_timesteps": [100, 500, 900, 950]})
+    held = set(split.run_stage(params, ws)["held_out_clips"])
+    look: list[torch.Tensor] = []
+
+    def mean_of(rec: dict, g: torch.Generator) -> torch.Tensor:
+        if not look:
+            look.append(torch.randn(16, 1, 1, 1, generator=g))
+        return (-0.7 if rec["clip_id"] in held else 0.7) * look[0] + 0.3 * torch.randn(16, 1, 1, 1, generator=g)
+
+    write_latents(ws, root, mean_of=mean_of)
     loop.train(loop.setup(params, ws))
     evaluate(params, ws, ws / "data/eval")
+
     metrics = json.loads((ws / "data/eval/metrics.json").read_text())
     best = json.loads((ws / "data/eval/best.json").read_text())["experts"]
     steps = sorted(int(s) for s in metrics["steps"])
-    assert steps == list(range(30, 301, 30))
+    assert steps == list(range(20, 161, 20))
+    rows = [metrics["baseline"]] + [metrics["steps"][str(s)] for s in steps]  # step 0: the base model
     for e in ("high", "low"):
-        held = [metrics["steps"][str(s)][f"held_out_{e}"] for s in steps]
-        train = [metrics["steps"][str(s)][f"train_{e}"] for s in steps]
-        low = held.index(min(held))
-        assert train[-1] < train[low] < train[0], f"{e}: training-clip loss {train}"
-        assert 0 < low < len(steps) - 1 and held[-1] > 1.2 * held[low], f"{e}: held-out loss {held}"
-        assert best[e]["step"] < steps[-1] and best[e]["lowest_step"] == steps[low]
-        assert best[e]["step"] <= steps[low]
+        held_loss = [r[f"held_out_{e}"] for r in rows]
+        lowest = min(range(1, len(rows)), key=lambda i: held_loss[i])
+        assert best[e]["lowest_step"] == steps[lowest - 1] and best[e]["step"] <= best[e]["lowest_step"]
+    held_loss, train_loss = [r["held_out_low"] for r in rows], [r["train_low"] for r in rows]
+    turn = held_loss.index(min(held_loss))
+    assert 0 < turn < len(rows) - 1 and held_loss[-1] > 1.15 * held_loss[turn], f"held-out: {held_loss}"
+    assert train_loss[-1] == min(train_loss) and train_loss[-1] < 0.9 * train_loss[turn] < train_loss[0], \
+        f"training clips: {train_loss}"
+    assert best["low"]["step"] < steps[-1]
