@@ -39,7 +39,7 @@ def test_whole_clips_are_held_out_by_a_seeded_choice():
     assert choose_split(list(reversed(samples)), captioned, _params(validation_clips=3)) == split
     other = choose_split(samples, captioned, parse_params({"job": {"seed": 8}, "sample": {"validation_clips": 3}}))
     assert set(other["held_out_clips"]) != held
-    assert "3 of 20 training clip(s) held out" in split["reason"]
+    assert "3 of 20 clip(s) held out" in split["reason"]
 
 
 def test_at_most_a_fifth_and_too_few_clips_fall_back_to_a_labelled_training_loss():

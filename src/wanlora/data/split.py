@@ -77,7 +77,7 @@ def choose_split(samples: list[dict], captioned: set[str], params: Params) -> di
         held = sorted(order[:n])
         basis = HELD_OUT if n else TRAINING_CLIPS
         if n == want:
-            reason = f"{n} of {len(training)} training clip(s) held out by a seeded choice (job.seed {params.job.seed})"
+            reason = f"{n} of {len(training)} clip(s) held out by a seeded choice (job.seed {params.job.seed})"
         elif n:
             reason = (f"{n} clip(s) held out, not the {want} asked for: at most one clip in {MAX_HELD_SHARE} "
                       f"of {len(training)} is held out")

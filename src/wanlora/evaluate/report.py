@@ -73,8 +73,8 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: in
         if x0 <= xv <= x1:
             parts.append(f'<line class="mark" data-name="{escape(label)}" x1="{sx(xv):.1f}" y1="{top}" '
                          f'x2="{sx(xv):.1f}" y2="{height - bottom}" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="4 3"/>')
-            parts.append(f'<text x="{sx(xv) + 3:.1f}" y="{top + 12}" font-size="11" fill="#2ca02c">'
-                         f'{escape(label)}</text>')
+            parts.append(f'<text x="{sx(xv) - 3:.1f}" y="{height - bottom - 4}" text-anchor="end" font-size="11" '
+                         f'fill="#2ca02c">{escape(label)}</text>')
     for i, (name, s) in enumerate(sorted(series.items())):
         good = [(x, y) for x, y in s if math.isfinite(y)]
         if not good:
