@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -194,28 +195,29 @@ def test_report_screenshot_is_not_blank(evaluated, tmp_path):
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed")
 def test_both_fixed_noise_curves_render_in_chromium(evaluated, tmp_path):
     """The page's loss section as Chromium draws it: per expert the held-out curve (first palette
-    colour) and the training-clip curve (second), and the dashed best marker (green). The section
-    is rendered alone because the sample videos' random pixels hold every colour."""
+    colour) and the training-clip curve (second), and the dashed best marker (green). Each plot is
+    rendered alone because the sample videos' random pixels hold every colour."""
     from wanlora.evaluate.report import PALETTE
 
     _, _, out = evaluated
     html = (out / "report.html").read_text()
     head, curves = html.split("<body>", 1)[0], html.split('<section id="curves">', 1)[1].split("</section>", 1)[0]
-    fixed = curves.split("training loss (per step", 1)[0].rsplit("<svg", 1)[0]  # the two fixed-noise plots
-    page = tmp_path / "curves.html"
-    page.write_text(f"{head}<body><section>{fixed}</section></body></html>")
-    shot = tmp_path / "curves.png"
-    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=700,700", page.as_uri()], check=True, timeout=120, capture_output=True)
-    rgb = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    plots = re.findall(r"<svg.*?</svg>", curves, re.S)[:2]  # the high- and low-noise fixed-noise plots
+    assert [re.search(r'aria-label="([^"]*)"', p)[1] for p in plots] == [
+        "high-noise expert: fixed-noise loss", "low-noise expert: fixed-noise loss"]
 
     def pixels(area: np.ndarray, color: str) -> int:
         want = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
         return int((np.abs(area - want).sum(axis=2) < 40).sum())
 
-    for plot in (rgb[:310], rgb[310:620]):  # the high-noise plot above the low-noise one, 300 px each
-        assert pixels(plot, PALETTE[0]) > 100 and pixels(plot, PALETTE[1]) > 100  # two curves
-        assert pixels(plot, PALETTE[2]) > 10  # the best marker and its label
+    for i, plot in enumerate(plots):
+        page, shot = tmp_path / f"plot{i}.html", tmp_path / f"plot{i}.png"
+        page.write_text(f"{head}<body>{plot}</body></html>")
+        subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                        "--window-size=700,340", page.as_uri()], check=True, timeout=120, capture_output=True)
+        rgb = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+        assert pixels(rgb, PALETTE[0]) > 100 and pixels(rgb, PALETTE[1]) > 100  # two curves
+        assert pixels(rgb, PALETTE[2]) > 10  # the best marker and its label
 
 
 def test_too_few_clips_fall_back_to_a_training_clip_loss_labelled_everywhere(tmp_path):

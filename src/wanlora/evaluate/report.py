@@ -38,8 +38,15 @@ class ReportRow:
 
 
 # ------------------------------------------------------------------------------------ plots
-def _fmt(v: float) -> str:
-    return f"{v:.3g}"
+def _ticks(lo: float, hi: float) -> list[str]:
+    """Labels of the low, middle and high tick: 3 significant digits, more when they would repeat
+    (checkpoint losses often differ in the third digit)."""
+    values = (lo, (lo + hi) / 2, hi)
+    for digits in range(3, 9):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == 3:
+            break
+    return labels
 
 
 def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: int = 640, height: int = 300,
@@ -65,10 +72,10 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: in
     parts = [head, f'<text x="{left}" y="16" font-weight="bold">{escape(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
              'fill="none" stroke="#999"/>']
-    for frac in (0.0, 0.5, 1.0):
+    for frac, ylabel, xlabel in zip((0.0, 0.5, 1.0), _ticks(y0, y1), _ticks(x0, x1)):
         yv, xv = y0 + frac * (y1 - y0), x0 + frac * (x1 - x0)
-        parts.append(f'<text x="{left - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end" font-size="11">{_fmt(yv)}</text>')
-        parts.append(f'<text x="{sx(xv):.1f}" y="{height - 10}" text-anchor="middle" font-size="11">{_fmt(xv)}</text>')
+        parts.append(f'<text x="{left - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end" font-size="11">{ylabel}</text>')
+        parts.append(f'<text x="{sx(xv):.1f}" y="{height - 10}" text-anchor="middle" font-size="11">{xlabel}</text>')
     for label, xv in sorted((marks or {}).items(), key=lambda m: m[1]):
         if x0 <= xv <= x1:
             parts.append(f'<line class="mark" data-name="{escape(label)}" x1="{sx(xv):.1f}" y1="{top}" '
