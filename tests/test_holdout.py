@@ -61,9 +61,11 @@ def test_held_out_clips_never_reach_a_training_step(tmp_path, monkeypatch):
     assert not set(loaded) & held_samples  # not even a latent of them was read
     trainable = {r["id"] for r in read_jsonl(ws / "data/buckets/samples.jsonl")} - held_samples
     assert seen == trainable  # 20 samples in 30 batches of 2: all of them trained
-    assert sorted(tr.data.held_out) == sorted(held)
+    assert sorted(tr.data.held_out) == sorted(held_samples)
     with safe_open(str(ws / "data/lora/high/step_000030.safetensors"), framework="pt") as f:
-        assert json.loads(f.metadata()["wanlora.held_out_clips"]) == sorted(held)
+        rows = {r["id"]: r for r in json.loads(f.metadata()["wanlora.samples"])}
+    assert {i for i, r in rows.items() if not r["trained"]} == held_samples  # the lineage says which and why
+    assert {rows[i]["reason"] for i in held_samples} == {split.HELD_OUT_REASON}
     # another split is another run: its resumable state is not reused
     key = loop.run_key(params, ws)
     split.run_stage(tiny_params(root, sample={"validation_clips": 0}), ws)

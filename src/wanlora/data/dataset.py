@@ -80,7 +80,7 @@ class TrainData:
     cache_dir: Path
     expect_vae: str | None = None
     encode: Encode | None = None
-    held_out: tuple[str, ...] = ()  # clip ids left out for validation
+    held_out: tuple[str, ...] = ()  # sample ids left out for validation (every window of a held-out clip)
 
     def latent(self, i: int, generator: torch.Generator) -> torch.Tensor:
         """Latent [C, F, H, W] of item `i` in the transformer's space (float32, CPU)."""
@@ -122,11 +122,13 @@ def build_dataset(
             raise InputError(f"{path}: missing. Fix: run the {stage} stage first (`dvc repro {stage}`)")
     captions = {r["id"]: r for r in read_jsonl(captions_path)}
     latents = _latent_index(cache_dir, expect_vae)
-    held_out = read_split(workspace).held_out_clips
+    held_clips = read_split(workspace).held_out_clips
+    held_out: list[str] = []
     items: list[Item] = []
     problems: list[Problem] = []
     for rec in read_jsonl(samples_path):
-        if rec["clip_id"] in held_out:
+        if rec["clip_id"] in held_clips:
+            held_out.append(rec["id"])
             continue
         if rec["dataset"] not in folders:
             raise InputError(f"{samples_path}: sample {rec['id']} of dataset '{rec['dataset']}', which params.yaml "
@@ -149,12 +151,12 @@ def build_dataset(
         items.append(Item(rec["id"], rec["bucket"], cap["caption"], cap.get("caption_dop"), cached, rec))
     if not items:
         listing = "".join(f"\n  {p.line()}" for p in problems[:10])
-        held = f", {len(held_out)} clip(s) held out for validation" if held_out else ""
+        held = f", {len(held_clips)} clip(s) held out for validation" if held_clips else ""
         raise InputError(
             f"{samples_path}: no sample can be trained ({len(problems)} problem(s){held}).{listing}\n"
             "Fix: add clips to the dataset folder (or give a dataset role: train) and rerun `dvc repro`."
         )
-    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode, held_out)
+    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode, tuple(held_out))
 
 
 def small_buckets(buckets: list[str], batch_size: int) -> list[Problem]:

@@ -33,6 +33,7 @@ from wanlora.report import InputError
 SPLIT_FILE = "data/split/validation.json"
 MAX_HELD_SHARE = 5  # hold out at most one clip in this many
 HELD_OUT, TRAINING_CLIPS, NONE = "held_out", "training_clips", "none"
+HELD_OUT_REASON = f"held out for validation ({SPLIT_FILE})"  # what a LoRA's lineage says of these samples
 BASIS_LABEL = {HELD_OUT: "held-out clips", TRAINING_CLIPS: "training clips (nothing held out)", NONE: "none"}
 
 

@@ -24,7 +24,7 @@ import torch
 from wanlora.config import Params
 from wanlora.data.captions import dropout_texts
 from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches, small_buckets
-from wanlora.data.split import SPLIT_FILE
+from wanlora.data.split import HELD_OUT_REASON, SPLIT_FILE
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
@@ -168,13 +168,12 @@ def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
     ss_base_model_version. Deterministic (no clock), so a resumed run writes the same bytes."""
     from wanlora.export.lineage import lineage_metadata
 
+    skipped = {p.path: p.reason for p in tr.data.problems} | dict.fromkeys(tr.data.held_out, HELD_OUT_REASON)
     meta = lineage_metadata(tr.params, tr.workspace, tr.step, expert, tr.base_identity[expert],
-                            trained=[it.id for it in tr.data.items],
-                            skipped={p.path: p.reason for p in tr.data.problems},
+                            trained=[it.id for it in tr.data.items], skipped=skipped,
                             sidecar_dir=tr.state_dir / "lora" / expert)
     meta["wanlora.timesteps"] = json.dumps(tr.dists[expert].describe(), sort_keys=True)
     meta.update(BASE_MODEL_VERSION)
-    meta["wanlora.held_out_clips"] = json.dumps(list(tr.data.held_out))  # listed samples these never trained
     return meta
 
 
