@@ -114,7 +114,7 @@ def test_team_workflow_push_clone_pull_audit(workspace: Path, tmp_path: Path):
     assert "all sources, captions, manifests, params and the checkpoint match the workspace" in " ".join(
         result.output.split())
 
-    caption = clone / "data/raw/walk_black_intro.txt"
+    caption = clone / "data/raw/dance_frozen_outro.txt"  # a trained clip (walk_black_intro is held out)
     caption.write_text(caption.read_text(encoding="utf-8") + " at dusk", encoding="utf-8")
     result = CliRunner().invoke(app, ["audit", str(export), "--workspace", str(clone)])
     assert result.exit_code == 1 and "changed" in result.output
