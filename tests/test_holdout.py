@@ -67,9 +67,9 @@ def test_held_out_clips_never_reach_a_training_step(tmp_path, monkeypatch):
     assert {i for i, r in rows.items() if not r["trained"]} == held_samples  # the lineage says which and why
     assert {rows[i]["reason"] for i in held_samples} == {split.HELD_OUT_REASON}
     # another split is another run: its resumable state is not reused
-    key = loop.run_key(params, ws)
+    key = loop.run_key(params, ws, tr.base_identity)
     split.run_stage(tiny_params(root, sample={"validation_clips": 0}), ws)
-    assert loop.run_key(params, ws) != key
+    assert loop.run_key(params, ws, tr.base_identity) != key
 
 
 @pytest.mark.slow
