@@ -172,15 +172,17 @@ def save_checkpoint(root: Path, lora: dict[str, LoraModule], step: int, expert: 
 
 EVAL_SAMPLE = {"prompts": ["[trigger] walking", "a red car"], "steps": 2, "guidance_scale": 2.0, "num_frames": 5,
                "width": 32, "height": 32, "fps": 8, "seed": 3, "every_checkpoint": 2,
-               "validation_samples": 2, "validation_timesteps": [500, 900]}
+               "validation_clips": 1, "validation_timesteps": [500, 900]}
 
 
-def make_eval_workspace(root: Path, steps=(2, 4)) -> Path:
-    """A trained workspace on the tiny model: clips, manifests, real text and latent caches made by
-    the caching stages, checkpoint pairs with non-zero LoRAs, dvclive curves, dataset reports."""
+def make_eval_workspace(root: Path, steps=(2, 4), n_clips: int = 5) -> Path:
+    """A trained workspace on the tiny model: clips, manifests, the split (one of five clips held
+    out), real text and latent caches made by the caching stages, checkpoint pairs with non-zero
+    LoRAs, dvclive curves, dataset reports."""
     import numpy as np
 
     from wanlora.config import dump_params, parse_params
+    from wanlora.data.split import run_stage as split_stage
     from wanlora.evaluate.media import write_mp4
     from wanlora.io import atomic_write_json, sha256_file, sha256_text, write_jsonl
     from wanlora.models import latents, text
@@ -193,7 +195,7 @@ def make_eval_workspace(root: Path, steps=(2, 4)) -> Path:
     make_tiny(root / "models/tiny", seed=0)
     rng = np.random.default_rng(0)
     clips, samples, captions = [], [], []
-    for i in range(3):
+    for i in range(n_clips):
         rel = f"data/raw/c{i}.mp4"
         write_mp4(root / rel, rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8), 8)
         cid = f"main/c{i}.mp4"
@@ -209,7 +211,8 @@ def make_eval_workspace(root: Path, steps=(2, 4)) -> Path:
     write_jsonl(root / "data/trimmed/clips.jsonl", clips)
     write_jsonl(root / "data/buckets/samples.jsonl", samples)
     write_jsonl(root / "data/captions/captions.jsonl", captions)
-    atomic_write_json(root / "data/buckets/histogram.json", [{"bucket": "32x32x5", "count": 3}])
+    split_stage(params, root)
+    atomic_write_json(root / "data/buckets/histogram.json", [{"bucket": "32x32x5", "count": n_clips}])
     atomic_write_json(root / "data/captions/problems.json", {"count": 1, "problems": [
         {"path": "data/raw/x.mp4", "reason": "no caption <file>", "fix": "write x.txt", "stage": "captions"}]})
     tiny = root / "models/tiny"
@@ -234,5 +237,4 @@ def add_checkpoint(root: Path, step: int) -> None:
     for expert, seed in (("high", 1), ("low", 2)):
         lora = random_lora(tiny_transformer(seed), seed=step * 7 + seed, rank=4, alpha=2.0,
                            targets=list(DEFAULT_TARGETS))
-        save_ours(root / f"data/lora/{expert}/step_{step:06d}.safetensors", lora,
-                  {"wanlora.step": str(step), "wanlora.expert": expert})
+        save_checkpoint(root, lora, step, expert)  # sealed with lineage: export accepts it

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
 
 from wanlora.config import Params, parse_params
+from wanlora.data.split import run_stage as split_stage
 from wanlora.io import atomic_write_bytes, atomic_write_json, read_jsonl, write_jsonl
 from wanlora.models.latents import sample_key
 from wanlora.models.loading import model_identity
@@ -50,19 +52,23 @@ def write_inputs(ws: Path, n_clips: int = 2, buckets: list[str] | None = None) -
                         "bucket": buckets[i], "frame_indices": list(range(f)), "crop": [0, 0, w, h], "flip": False})
     write_jsonl(ws / "data/captions/captions.jsonl", captions)
     write_jsonl(ws / "data/buckets/samples.jsonl", samples)
+    split_stage(parse_params({"sample": {"validation_clips": 0}}), ws)  # nothing held out unless a test says so
 
 
 def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, scale: float = 2.0,
-                  smooth: bool = False) -> None:
+                  smooth: bool = False, mean_of: Callable[[dict, torch.Generator], torch.Tensor] | None = None) -> None:
     """A latent cache as the latent_cache stage writes it (distribution mode, index.json). With
-    `smooth`, each sample's latent is one random vector per channel, constant over space and time."""
+    `smooth`, each sample's latent is one random vector per channel, constant over space and time;
+    `mean_of(record, generator)` gives that vector ([16, 1, 1, 1]) instead of a random one."""
     g = torch.Generator().manual_seed(seed)
     vae = vae or model_identity(root, "vae")
     keys = {}
     for rec in read_jsonl(ws / "data/buckets/samples.jsonl"):
         w, h, f = (int(x) for x in rec["bucket"].split("x"))
         shape = (16, (f - 1) // 4 + 1, h // 8, w // 8)
-        if smooth:
+        if mean_of is not None:
+            mean = mean_of(rec, g).expand(shape).contiguous()
+        elif smooth:
             mean = (torch.randn(16, 1, 1, 1, generator=g) * scale).expand(shape).contiguous()
         else:
             mean = torch.randn(shape, generator=g) * scale

@@ -46,9 +46,11 @@ def workspace(tmp_path_factory) -> Path:
 def test_full_repro_then_nothing_reruns(workspace: Path):
     before = _raw_hashes(workspace)
     ran = _repro(workspace)
-    assert ran == ["check", "scan", "trim", "bucket", "captions", "text_cache", "latent_cache", "train", "evaluate", "export"]
+    assert ran == ["check", "scan", "trim", "bucket", "captions", "split", "text_cache", "latent_cache", "train",
+                   "evaluate", "export"]
     assert sorted(p.name for p in (workspace / "data/lora/high").glob("*.safetensors"))
     assert (workspace / "data/eval/report.html").is_file()
+    _demo_validates_on_a_held_out_clip(workspace)
     assert _raw_hashes(workspace) == before, "raw data must never be modified"
     assert _repro(workspace) == []
 
@@ -64,6 +66,47 @@ def test_no_stage_writes_a_file_at_its_final_name(workspace: Path):
                        and not path[len(root):].startswith("scratch/")
                        and not (Path(path).name.startswith(".") and Path(path).name.endswith(".tmp"))})
     assert not in_place, f"written at their final names: {in_place}"
+
+
+def _demo_validates_on_a_held_out_clip(ws: Path) -> None:
+    """The demo holds a whole clip out, never trains on it, and its report shows per expert the
+    training-clip and the held-out curve (issue 24); export says which step each file came from."""
+    import json
+    from html.parser import HTMLParser
+
+    from safetensors import safe_open
+
+    split = json.loads((ws / "data/split/validation.json").read_text())
+    assert split["basis"] == "held_out" and len(split["held_out_clips"]) == 1
+    lora = sorted((ws / "data/lora/low").glob("step_*.safetensors"))[-1]
+    with safe_open(str(lora), framework="pt") as f:
+        rows = json.loads(f.metadata()["wanlora.samples"])
+    held = [r for r in rows if r["id"].split("#")[0] in split["held_out_clips"]]
+    assert held and not any(r["trained"] for r in held)
+
+    class Plots(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.plots: dict[str, list[tuple[str, int]]] = {}
+            self._plot = None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "svg":
+                self._plot = self.plots.setdefault(a["aria-label"], [])
+            elif tag == "polyline":
+                self._plot.append((a["data-name"], len(a["points"].split())))
+
+    page = Plots()
+    page.feed((ws / "data/eval/report.html").read_text())
+    checkpoints = len(json.loads((ws / "data/eval/metrics.json").read_text())["steps"])
+    for e in ("high", "low"):  # both curves, a point per checkpoint and the base model
+        assert page.plots[f"{e}-noise expert: fixed-noise loss"] == [
+            ("held-out", checkpoints + 1), ("training clips", checkpoints + 1)]
+    best = json.loads((ws / "data/eval/best.json").read_text())["experts"]
+    export = json.loads((ws / "data/exports/export.json").read_text())
+    assert {e: p["step"] for e, p in export["experts"].items()} == {e: c["step"] for e, c in best.items()}
+    assert all(p["basis"] == "held_out" and p["reason"] == best[e]["reason"] for e, p in export["experts"].items())
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -93,7 +136,7 @@ def test_team_workflow_push_clone_pull_audit(workspace: Path, tmp_path: Path):
     assert "all sources, captions, manifests, params and the checkpoint match the workspace" in " ".join(
         result.output.split())
 
-    caption = clone / "data/raw/walk_black_intro.txt"
+    caption = clone / "data/raw/dance_frozen_outro.txt"  # a trained clip (walk_black_intro is held out)
     caption.write_text(caption.read_text(encoding="utf-8") + " at dusk", encoding="utf-8")
     result = CliRunner().invoke(app, ["audit", str(export), "--workspace", str(clone)])
     assert result.exit_code == 1 and "changed" in result.output
@@ -104,7 +147,7 @@ def test_caption_edit_reruns_only_caption_stages(workspace: Path):
     caption.write_text(caption.read_text(encoding="utf-8") + " in the rain", encoding="utf-8")
     ran = _repro(workspace)
     assert "trim" not in ran and "bucket" not in ran and "latent_cache" not in ran
-    assert ran[:3] == ["scan", "captions", "text_cache"]
+    assert ran[:2] == ["scan", "captions"] and "text_cache" in ran
 
 
 def test_adding_a_missing_caption_reruns_only_caption_stages(workspace: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -54,22 +55,37 @@ def test_contact_sheet_is_prompts_by_frames(evaluated):
 
 
 def test_metrics_and_validation_rows(evaluated):
-    _, _, out = evaluated
+    ws, _, out = evaluated
+    split = json.loads((ws / "data/split/validation.json").read_text())
+    assert split["basis"] == "held_out" and len(split["held_out_clips"]) == 1  # one clip in five
+    assert split["validation_samples"] == [split["held_out_clips"][0] + "#0"]
+    assert len(split["training_samples"]) == 1 and split["training_samples"] != split["validation_samples"]
     metrics = json.loads((out / "metrics.json").read_text())
     steps = metrics["steps"]
-    assert sorted(steps) == ["2", "4"]
+    assert sorted(steps) == ["2", "4"] and metrics["basis"] == "held_out"
+    keys = ["held_out_high", "held_out_low", "train_high", "train_low"]
     for m in [*steps.values(), metrics["baseline"]]:
-        assert m["val_loss"] == pytest.approx((m["val_loss_high"] + m["val_loss_low"]) / 2)
-    assert steps["2"]["val_loss_high"] != metrics["baseline"]["val_loss_high"]
-    assert metrics["best_step"] == min((2, 4), key=lambda s: steps[str(s)]["val_loss"])
+        assert sorted(m) == keys
+        assert m["held_out_high"] != m["train_high"]  # two different clips at the same noise
+    assert steps["2"]["held_out_high"] != metrics["baseline"]["held_out_high"]
+    best = json.loads((out / "best.json").read_text())
+    assert best["basis"] == "held_out" and best["held_out_clips"] == split["held_out_clips"]
+    for e in ("high", "low"):
+        c = best["experts"][e]
+        assert c["lowest_step"] == min((2, 4), key=lambda s: (steps[str(s)][f"held_out_{e}"], s))
+        assert c["step"] <= c["lowest_step"] and c["loss"] == pytest.approx(steps[str(c["step"])][f"held_out_{e}"])
+        assert c["noise"] > 0 and f"step {c['step']}" in c["reason"]
+    assert metrics["best"] == {e: c["step"] for e, c in best["experts"].items()}
     rows = json.loads((out / "val_loss.json").read_text())
-    assert [r["step"] for r in rows] == [2, 4] and rows[0]["val_loss_low"] == steps["2"]["val_loss_low"]
+    assert [r["step"] for r in rows] == [0, 2, 4]  # the baseline is step 0
+    assert rows[0]["held_out_low"] == metrics["baseline"]["held_out_low"]
+    assert rows[1]["train_low"] == steps["2"]["train_low"]
 
 
 class _Grid(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.rows, self.cells, self.videos, self.series, self.best = [], {}, [], [], None
+        self.rows, self.cells, self.videos, self.series, self.marks, self.best = [], {}, [], [], [], {}
         self._row = None
 
     def handle_starttag(self, tag, attrs):
@@ -84,8 +100,11 @@ class _Grid(HTMLParser):
             self.videos.append((self._row, a["src"], a["poster"]))
         elif tag == "polyline":
             self.series.append(a["data-name"])
-        elif "data-best-step" in a:
-            self.best = int(a["data-best-step"])
+        elif tag == "line" and a.get("class") == "mark":
+            self.marks.append(a["data-name"])
+        for e in ("high", "low"):
+            if f"data-best-{e}" in a:
+                self.best[e] = int(a[f"data-best-{e}"])
 
     def handle_endtag(self, tag):
         if tag == "tr":
@@ -104,11 +123,18 @@ def test_report_page_has_the_grid_curves_and_dataset(evaluated):
         ("step 4", "samples/step_000004/prompt_00.mp4"), ("step 4", "samples/step_000004/prompt_01.mp4")]
     assert all((out / v).is_file() and (out / p).is_file() for _, v, p in grid.videos)  # relative links
     assert html.count("not sampled") == 2
-    assert grid.best == json.loads((out / "metrics.json").read_text())["best_step"]
-    assert grid.series == ["loss_high", "loss_low", "val_loss_high", "val_loss_low", "lr"]
-    assert [label for label in ("training loss", "validation loss", "lr") if f'aria-label="{label}"' in html] == [
-        "training loss", "validation loss", "lr"]  # lr on its own scale, not among the losses
-    assert "sks walking" in html and "32x32x5" in html and "3 clip(s) kept, 0 skipped, 2.2 s" in html
+    best = json.loads((out / "metrics.json").read_text())["best"]
+    assert grid.best == best
+    # per expert, training-clip and held-out loss in one plot, the chosen step marked; then the
+    # trainer's curves, lr on its own scale
+    assert grid.series == ["held-out", "training clips"] * 2 + ["loss_high", "loss_low", "lr"]
+    assert grid.marks == [f"best {best['high']}", f"best {best['low']}"]
+    labels = ["high-noise expert: fixed-noise loss", "low-noise expert: fixed-noise loss",
+              "training loss (per step, random noise)", "lr"]
+    assert [html.index(f'aria-label="{label}"') for label in labels] == sorted(
+        html.index(f'aria-label="{label}"') for label in labels)
+    assert "basis-warning" not in html and "main/c" in html  # the held-out clip is named
+    assert "sks walking" in html and "32x32x5" in html and "5 clip(s) kept, 0 skipped, 3.8 s" in html
     assert "no caption &lt;file&gt;" in html  # user text is escaped
     assert "http" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # offline
 
@@ -128,7 +154,7 @@ def test_rerun_samples_nothing_and_a_new_checkpoint_only_itself(evaluated, monke
     monkeypatch.undo()
 
     calls = {"generate": 0, "val": 0}
-    real_generate, real_val = sampling.generate, stage.validation_loss
+    real_generate, real_val = sampling.generate, stage.fixed_noise_losses
 
     def counting_generate(*a, **k):
         calls["generate"] += 1
@@ -139,14 +165,14 @@ def test_rerun_samples_nothing_and_a_new_checkpoint_only_itself(evaluated, monke
         return real_val(*a, **k)
 
     monkeypatch.setattr(sampling, "generate", counting_generate)
-    monkeypatch.setattr(stage, "validation_loss", counting_val)
+    monkeypatch.setattr(stage, "fixed_noise_losses", counting_val)
     add_checkpoint(ws, 6)
     try:
         run_stage(params, ws, out)
     finally:
         for e in ("high", "low"):
             (ws / f"data/lora/{e}/step_000006.safetensors").unlink()
-    assert calls == {"generate": 1, "val": 1}
+    assert calls == {"generate": 1, "val": 2}  # held-out and training clips
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["baseline", "step_000004", "step_000006"]
     assert (out / "samples/step_000004/prompt_00.mp4").read_bytes() == before[Path("samples/step_000004/prompt_00.mp4")]
 
@@ -164,3 +190,61 @@ def test_report_screenshot_is_not_blank(evaluated, tmp_path):
     img = np.asarray(Image.open(shot).convert("L")).astype(float)
     assert img.std() > 10  # text, tables, contact sheets and plots: not a blank page
     assert (img < 128).mean() > 0.01
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed")
+def test_both_fixed_noise_curves_render_in_chromium(evaluated, tmp_path):
+    """The page's loss section as Chromium draws it: per expert the held-out curve (first palette
+    colour) and the training-clip curve (second), and the dashed best marker (green). Each plot is
+    rendered alone because the sample videos' random pixels hold every colour."""
+    from wanlora.evaluate.report import PALETTE
+
+    _, _, out = evaluated
+    html = (out / "report.html").read_text()
+    head, curves = html.split("<body>", 1)[0], html.split('<section id="curves">', 1)[1].split("</section>", 1)[0]
+    plots = re.findall(r"<svg.*?</svg>", curves, re.S)[:2]  # the high- and low-noise fixed-noise plots
+    assert [re.search(r'aria-label="([^"]*)"', p)[1] for p in plots] == [
+        "high-noise expert: fixed-noise loss", "low-noise expert: fixed-noise loss"]
+
+    def pixels(area: np.ndarray, color: str) -> int:
+        want = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+        return int((np.abs(area - want).sum(axis=2) < 40).sum())
+
+    for i, plot in enumerate(plots):
+        page, shot = tmp_path / f"plot{i}.html", tmp_path / f"plot{i}.png"
+        page.write_text(f"{head}<body>{plot}</body></html>")
+        subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                        "--window-size=700,340", page.as_uri()], check=True, timeout=120, capture_output=True)
+        rgb = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+        assert pixels(rgb, PALETTE[0]) > 100 and pixels(rgb, PALETTE[1]) > 100  # two curves
+        assert pixels(rgb, PALETTE[2]) > 10  # the best marker and its label
+
+
+def test_too_few_clips_fall_back_to_a_training_clip_loss_labelled_everywhere(tmp_path):
+    """Three clips cannot spare one (at most one in five is held out): the loss is on training
+    clips, and metrics, best.json, the report, export.json and the export header all say so."""
+    from wanlora.export.stage import run_stage as export
+    from wanlora.export.formats import read_header
+
+    ws = make_eval_workspace(tmp_path, steps=(2, 4), n_clips=3)
+    params = load_params(ws / "params.yaml")
+    params.sample.prompts, params.sample.baseline = [], False
+    run_stage(params, ws, ws / "data/eval")
+    out = ws / "data/eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["basis"] == "training_clips" and metrics["held_out_clips"] == 0
+    assert sorted(metrics["steps"]["2"]) == ["train_high", "train_low"]  # no held-out number pretends to be one
+    rows = json.loads((out / "val_loss.json").read_text())
+    assert [r["step"] for r in rows] == [0, 2, 4] and rows[1]["held_out_high"] is None
+    assert rows[1]["train_high"] == metrics["steps"]["2"]["train_high"]
+    best = json.loads((out / "best.json").read_text())
+    assert best["basis"] == "training_clips" and "too few to spare one" in best["split"]
+    assert all("training-clip loss" in c["reason"] for c in best["experts"].values())
+    html = (out / "report.html").read_text()
+    assert 'id="basis-warning"' in html and "Every loss on this page is on training clips" in html
+    assert "fixed-noise loss (training clips only)" in html and "held-out:" not in html
+    export(params, ws, ws / "data/exports")
+    summary = json.loads((ws / "data/exports/export.json").read_text())
+    assert {p["basis"] for p in summary["experts"].values()} == {"training_clips"}
+    _, meta = read_header(next((ws / "data/exports/comfyui").glob("*_high_noise.safetensors")))
+    assert json.loads(meta["wanlora.export_choice"])["basis"] == "training_clips"

@@ -1,8 +1,10 @@
-"""Pieces of the evaluate stage: held-out choice, expert routing of validation loss, media, plots."""
+"""Pieces of the evaluate stage: expert routing of the fixed-noise loss, media, plots."""
 
 from __future__ import annotations
 
 import io
+import math
+import statistics
 
 import av
 import numpy as np
@@ -12,18 +14,7 @@ import torch
 from wanlora.evaluate import media
 from wanlora.evaluate.report import svg_plot
 from wanlora.evaluate.stage import steps_to_sample
-from wanlora.evaluate.validation import ValItem, fixed_noise, held_out_ids, validation_loss
-
-
-def test_held_out_ids_are_a_deterministic_seeded_choice():
-    ids = [f"main/c{i}.mp4#0" for i in range(20)]
-    first = held_out_ids(ids, 3, seed=42)
-    assert first == held_out_ids(list(reversed(ids)), 3, seed=42)  # input order does not matter
-    assert first == sorted(first) and len(set(first)) == 3 and set(first) <= set(ids)
-    assert first != held_out_ids(ids, 3, seed=43)
-    assert set(first) <= set(held_out_ids(ids, 5, seed=42))  # more samples extend the choice
-    assert held_out_ids(ids[:2], 5, seed=1) == sorted(ids[:2])
-    assert held_out_ids(ids, 0, seed=1) == []
+from wanlora.evaluate.validation import ValItem, fixed_noise, fixed_noise_losses
 
 
 class _Recorder(torch.nn.Module):
@@ -43,16 +34,16 @@ def test_validation_loss_routes_each_timestep_to_its_expert_with_fixed_noise():
     experts = {"high": _Recorder(), "low": _Recorder()}
     x0 = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     items = [ValItem("a", x0, torch.zeros(512, 32)), ValItem("b", -x0, torch.zeros(512, 32))]
-    losses = validation_loss(experts, items, [100, 874, 875, 950], boundary_ratio=0.875, seed=5)
-    assert experts["high"].seen == [875.0, 950.0, 875.0, 950.0]
-    assert experts["low"].seen == [100.0, 874.0, 100.0, 874.0]
-    # a zero prediction's loss is mean((noise - x0)^2) with the fixed noise of (item, timestep)
-    want_high = np.mean([float(((fixed_noise(x0[None].shape, 5, i, j) - it.latent[None]) ** 2).mean())
-                         for i, it in enumerate(items) for j in (2, 3)])
-    assert losses["val_loss_high"] == pytest.approx(want_high, rel=1e-6)
-    again = validation_loss(experts, items, [100, 874, 875, 950], boundary_ratio=0.875, seed=5)
-    assert again == losses
-    assert validation_loss(experts, items, [100], 0.875, 5)["val_loss_high"] is None
+    terms = fixed_noise_losses(experts, items, [100, 874, 875, 950], boundary_ratio=0.875, seed=5, draws=2)
+    assert experts["high"].seen == [875.0] * 2 + [950.0] * 2 + [875.0] * 2 + [950.0] * 2
+    assert experts["low"].seen == [100.0] * 2 + [874.0] * 2 + [100.0] * 2 + [874.0] * 2
+    # a zero prediction's loss is mean((noise - x0)^2) with the fixed noise of (item, timestep, draw)
+    want_high = [float(((fixed_noise(x0[None].shape, 5, i, j, d) - it.latent[None]) ** 2).mean())
+                 for i, it in enumerate(items) for j in (2, 3) for d in (0, 1)]
+    assert terms["high"] == pytest.approx(want_high, rel=1e-6)
+    assert len(set(terms["high"])) == 8  # every draw is its own noise
+    assert fixed_noise_losses(experts, items, [100, 874, 875, 950], 0.875, 5, 2) == terms
+    assert fixed_noise_losses(experts, items, [100], 0.875, 5)["high"] == []
 
 
 def test_validation_loss_runs_a_bf16_expert_in_its_compute_dtype(tmp_path):
@@ -67,8 +58,8 @@ def test_validation_loss_runs_a_bf16_expert_in_its_compute_dtype(tmp_path):
     model = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.float32  # the case that broke
     items = [ValItem("a", torch.randn(16, 2, 4, 4), torch.randn(512, TINY["text_dim"]))]
-    losses = validation_loss({"high": model, "low": model}, items, [100, 900], boundary_ratio=0.875, seed=5)
-    assert all(v is not None and np.isfinite(v) for v in losses.values())
+    terms = fixed_noise_losses({"high": model, "low": model}, items, [100, 900], boundary_ratio=0.875, seed=5)
+    assert all(len(t) == 1 and np.isfinite(t[0]) for t in terms.values())
 
 
 class _Pipe:
@@ -127,3 +118,28 @@ def test_svg_plot_draws_one_polyline_per_series_and_escapes_names():
     svg = svg_plot({"a<b": [(0, 1.0), (1, 0.5)], "empty": [], "nan": [(0, float("nan"))]}, "loss & co")
     assert svg.count("<polyline") == 1 and 'data-name="a&lt;b"' in svg and "loss &amp; co" in svg
     assert "no data" in svg_plot({}, "nothing")
+
+
+def test_best_is_the_earliest_checkpoint_within_one_paired_standard_error_of_the_lowest():
+    from wanlora.evaluate.best import choose_best, paired_noise
+
+    base = [1.0, 2.0, 3.0, 4.0]  # per-term losses differ by timestep; the noise is in the differences
+    terms = {100: [x + 0.30 for x in base], 200: [x + 0.10 for x in base],
+             300: [x + 0.02 + e for x, e in zip(base, (0.06, -0.06, 0.05, -0.05))], 400: base, 500: [x + 0.2 for x in base]}
+    c = choose_best(terms)
+    # step 300 is 0.02 above the lowest (400) on average, its paired differences spread by ~0.06: a
+    # standard error of ~0.03 (from the formula here, not from the code under test)
+    d = [0.08, -0.04, 0.07, -0.03]
+    se = statistics.stdev(d) / math.sqrt(4)
+    assert paired_noise(terms[300], terms[400]) == pytest.approx(se)
+    assert 0.02 <= se  # so 300 is within noise, 200 (0.10 above, no spread) is not
+    assert (c.step, c.lowest_step) == (300, 400) and c.noise == pytest.approx(se)
+    assert c.loss == pytest.approx(2.52) and c.lowest_loss == pytest.approx(2.5)
+    assert "step 300" in c.reason and "within one standard error" in c.reason and "step 400" in c.reason
+    # with no spread, only the lowest counts; ties go to the earlier step
+    clean = {1: [1.0, 1.0], 2: [0.5, 0.5], 3: [0.5, 0.5], 4: [0.7, 0.7]}
+    assert choose_best(clean).step == 2 and "lowest held-out loss" in choose_best(clean).reason
+    assert choose_best({5: [], 6: []}) is None
+    assert choose_best({1: [0.3]}, "training-clip").reason.startswith("step 1: lowest training-clip loss")
+    with pytest.raises(ValueError, match="terms do not pair"):
+        paired_noise([1.0, 2.0], [1.0])

@@ -46,14 +46,22 @@ def _peft_adapted(model, lora):
     return model
 
 
+def _best(ws: Path, high: int, low: int, basis: str = "held_out") -> None:
+    """best.json as the evaluate stage writes it (`wanlora.evaluate.stage.choose_experts`)."""
+    experts = {e: {"step": s, "loss": 0.5, "lowest_step": s, "lowest_loss": 0.5, "noise": 0.01,
+                   "reason": f"step {s}: lowest held-out loss"} for e, s in (("high", high), ("low", low))}
+    atomic_write_json(ws / "data/eval/best.json", {"basis": basis, "experts": experts})
+
+
 def test_export_best_step_for_comfyui_and_diffusers(tmp_path: Path):
     ws, made = _trained_workspace(tmp_path)
-    atomic_write_json(ws / "data/eval/metrics.json", {"best_step": 2, "steps": {}})
+    _best(ws, 2, 2)
     out = ws / "data/exports"
     run_stage(made["params"], ws, out)
 
     summary = json.loads((out / "export.json").read_text())
-    assert summary["step"] == 2 and summary["chosen_by"] == "best"
+    assert summary["chosen_by"] == "best" and {e: p["step"] for e, p in summary["experts"].items()} == {
+        "high": 2, "low": 2}
     assert sorted(f["path"] for f in summary["files"]) == [
         "comfyui/cat_step000002_high_noise.safetensors", "comfyui/cat_step000002_low_noise.safetensors",
         "diffusers/cat_step000002_high_noise.safetensors", "diffusers/cat_step000002_low_noise.safetensors"]
@@ -92,7 +100,8 @@ def test_last_and_numbered_steps(tmp_path: Path):
     params = made["params"]
     params.export.step, params.export.formats = "last", ["diffusers"]
     run_stage(params, ws, ws / "out")
-    assert json.loads((ws / "out/export.json").read_text())["step"] == 6
+    assert {e: p["step"] for e, p in json.loads((ws / "out/export.json").read_text())["experts"].items()} == {
+        "high": 6, "low": 6}
     assert not (ws / "out/comfyui").exists()
     params.export.step = "4"
     run_stage(params, ws, ws / "out4")
@@ -105,8 +114,33 @@ def test_missing_step_lists_available_steps(tmp_path: Path):
     with pytest.raises(ValueError, match="no checkpoint for step 3; available steps: 2, 4"):
         run_stage(made["params"], ws, ws / "out")
     made["params"].export.step = "best"
-    with pytest.raises(FileNotFoundError, match="metrics.json: missing.*one of: 2, 4"):
+    with pytest.raises(FileNotFoundError, match="best.json: missing.*one of: 2, 4"):
         run_stage(made["params"], ws, ws / "out")
+    atomic_write_json(ws / "data/eval/best.json", {"basis": "none", "experts": {}})
+    with pytest.raises(ValueError, match="no fixed-noise loss for the high-noise expert.*one of: 2, 4"):
+        run_stage(made["params"], ws, ws / "out")
+
+
+def test_best_exports_each_expert_from_its_own_step_and_says_why(tmp_path: Path):
+    """The high- and low-noise LoRAs may stop improving at different steps (issue 24): each file
+    comes from its expert's best step, and its header and export.json say which and why."""
+    ws, made = _trained_workspace(tmp_path, steps=(2, 4, 6))
+    _best(ws, 4, 2)
+    run_stage(made["params"], ws, ws / "out")
+    names = sorted(p.name for p in (ws / "out/diffusers").glob("*.safetensors"))
+    assert names == ["cat_step000002_low_noise.safetensors", "cat_step000004_high_noise.safetensors"]
+    for expert, step in (("high", 4), ("low", 2)):
+        path = ws / f"out/comfyui/cat_step{step:06d}_{expert}_noise.safetensors"
+        _, meta = read_header(path)
+        assert meta["wanlora.step"] == str(step) and meta["wanlora.exported_from"] == f"step_{step:06d}.safetensors"
+        assert json.loads(meta["wanlora.export_choice"]) == {
+            "step": step, "by": "best", "basis": "held_out", "reason": f"step {step}: lowest held-out loss"}
+        back = read_native(load_safetensors(path)[0])
+        assert torch.equal(back["blocks.0.attn1.to_q"].down, made["loras"][step, expert]["blocks.0.attn1.to_q"].down)
+    summary = json.loads((ws / "out/export.json").read_text())
+    assert summary["experts"]["high"] == {"step": 4, "by": "best", "basis": "held_out",
+                                          "reason": "step 4: lowest held-out loss"}
+    assert {(f["expert"], f["step"]) for f in summary["files"]} == {("high", 4), ("low", 2)}
 
 
 def test_no_checkpoints_says_run_train(tmp_path: Path):

@@ -184,7 +184,7 @@ def workspaces(tmp_path_factory) -> tuple[Path, Path, dict[str, float]]:
     params_path = ref / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
     params["save"].update(every=2, keep_last=2)
-    params["sample"].update(prompts=params["sample"]["prompts"][:1], validation_samples=1)
+    params["sample"].update(prompts=params["sample"]["prompts"][:1], validation_clips=1)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     kill = ref.parent / "kill"
     shutil.copytree(ref, kill, symlinks=True)

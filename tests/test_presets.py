@@ -92,6 +92,6 @@ def test_smoke_recipe_runs_on_a_cpu_without_a_gpu_tier():
     ds = p.datasets["main"]
     assert (p.job.device, p.model.dtype, p.quantization.transformer, p.model.low_vram) == ("cpu", "fp32", "none", False)
     assert (ds.bucket.resolutions, ds.bucket.num_frames, p.train.steps, p.train.optimizer) == ([64], [9], 8, "adamw")
-    assert p.save.every * 2 == p.train.steps and p.sample.validation_samples == 1
+    assert p.save.every * 2 == p.train.steps and p.sample.validation_clips == 1
     text = describe("smoke", 24)
     assert text.startswith("job.device: cpu  (") and "quantization" not in text and "GB" not in text

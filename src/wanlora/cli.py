@@ -205,13 +205,13 @@ def export(
     and the one `wanlora audit` reads are the same file, recorded in dvc.lock.
     """
     from wanlora.config import parse_params
-    from wanlora.export.stage import choose_step, list_checkpoints, run_stage
+    from wanlora.export.stage import choose_steps, list_checkpoints, run_stage
     from wanlora.workspace import dvc_repro, set_param
 
     params = _params(workspace)
     chosen = parse_params({**params.model_dump(mode="json"), "export": {**params.export.model_dump(), "step": step}},
                           "--step")
-    choose_step(chosen.export.step, list(list_checkpoints(workspace / "data/lora")), workspace / "data/eval/metrics.json")
+    choose_steps(chosen.export.step, list_checkpoints(workspace / "data/lora"), workspace / "data/eval/best.json")
     if out is not None:
         run_stage(chosen, workspace, out)
         return

@@ -406,6 +406,16 @@ class DatasetConfig(Section):
     flip_horizontal: bool = Field(False, description="Add mirrored copies (not for text or asymmetry).")
     cache_latents: bool = Field(True, description="Encode windows once with the VAE.")
     on_error: Literal["skip", "fail"] = Field("skip", description="Bad input: report and skip, or stop.")
+    role: Literal["train", "validation"] = Field(
+        "train", description="validation: never trained on; its clips give the held-out loss that picks 'best' "
+        "(sample.validation_clips is then not taken from the training datasets)."
+    )
+
+    @model_validator(mode="after")
+    def _validation_cached(self) -> "DatasetConfig":
+        if self.role == "validation" and not self.cache_latents:
+            raise ValueError("a validation dataset is scored from the latent cache: set cache_latents: true")
+        return self
 
 
 # ------------------------------------------------------------------------------------ sample
@@ -424,10 +434,26 @@ class SampleConfig(Section):
     walk_seed: bool = Field(True, description="Prompt i uses seed + i.")
     every_checkpoint: int = Field(1, ge=1, description="Sample every Nth saved checkpoint.")
     baseline: bool = Field(True, description="Also sample without the LoRA at the same seeds.")
-    validation_samples: int = Field(2, ge=0, description="Held-out samples for validation loss.")
+    validation_clips: int = Field(
+        2, ge=0, description="Whole clips (or images) held out of training for the validation loss, chosen by "
+        "job.seed, when no dataset has role: validation; at most a fifth of the clips (fewer: the loss is on "
+        "training clips, labelled so). 0: no validation loss."
+    )
     validation_timesteps: list[int] = Field(
         default_factory=lambda: [100, 300, 500, 700, 900, 950], description="Fixed timesteps of validation loss."
     )
+    validation_noise_draws: int = Field(
+        2, ge=1, le=16, description="Fixed noise draws per clip and timestep; their spread sets the noise margin "
+        "of the 'best' checkpoint choice."
+    )
+
+    @field_validator("validation_timesteps")
+    @classmethod
+    def _timesteps(cls, v: list[int]) -> list[int]:
+        bad = [t for t in v if not 0 <= t < 1000]
+        if bad:
+            raise ValueError(f"timesteps must lie in 0..999, got {bad}")
+        return v
 
     # Field validators, not one for the section: the error then names sample.num_frames and its
     # value, not the whole sample mapping.
@@ -447,7 +473,10 @@ class SampleConfig(Section):
 
 
 class ExportConfig(Section):
-    step: str = Field("best", description="'best' (lowest validation loss), 'last', or a step number.")
+    step: str = Field(
+        "best", description="'best' (per expert: lowest held-out loss, or an earlier checkpoint within its noise; "
+        "README: how best is chosen), 'last', or a step number."
+    )
     formats: list[Literal["comfyui", "diffusers"]] = Field(
         default_factory=lambda: ["comfyui", "diffusers"], description="File formats to write."
     )

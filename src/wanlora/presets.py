@@ -172,7 +172,7 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
         Setting("sample.num_frames", 9, "the training length"),
         Setting("sample.width", 64, "the training size"),
         Setting("sample.height", 64, "the training size"),
-        Setting("sample.validation_samples", 1, "one held-out sample gives a validation loss, so 'best' exists"),
+        Setting("sample.validation_clips", 1, "one held-out clip (a training-clip loss under five clips), so 'best' exists"),
     ),
 }
 

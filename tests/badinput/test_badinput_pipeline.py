@@ -37,7 +37,7 @@ def _params():
     data = demo_params(2).model_dump(mode="json")
     data["datasets"]["main"]["bucket"]["windows_per_clip"] = 1
     data["save"].update(every=2, keep_last=1)
-    data["sample"].update(prompts=data["sample"]["prompts"][:1], validation_samples=1, baseline=False)
+    data["sample"].update(prompts=data["sample"]["prompts"][:1], validation_clips=1, baseline=False)
     return parse_params(data, "bad-input pipeline params")
 
 
@@ -79,8 +79,8 @@ def test_repro_completes_trains_every_good_clip_and_reports_every_bad_one(pipeli
         else:
             assert case.name in trained, (case, sorted(trained))
     assert {c.name for c in cases if c.expect != "skip"} == trained
-    # validation holds out captioned samples only, so there is a best step for export to pick
-    assert json.loads((ws / "data/eval/metrics.json").read_text())["best_step"] == 2
+    # validation scores captioned clips only, so there is a best step for export to pick
+    assert json.loads((ws / "data/eval/metrics.json").read_text())["best"] == {"high": 2, "low": 2}
     assert list((ws / "data/exports").rglob("*.safetensors"))
     assert raw_state(ws / "data/raw") == before, "raw data must never be modified"
 

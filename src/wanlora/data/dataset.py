@@ -11,6 +11,10 @@ Latents are returned in the transformer's space (`normalize_latents`); a 'distri
 sampled (`draw_latent`) from the trainer's generator each time, so the draw is part of the
 reproducible stream.
 
+Held-out clips (`data/split/validation.json`, written by the split stage) are left out here,
+every window and flipped copy of them, before anything else sees the list: no batch, no
+calibration input and no epoch order can reach a clip the evaluate stage validates on.
+
 Order: each epoch is a permutation from a generator seeded by (seed, epoch); samples are grouped
 by bucket in that order and cut into batches, and the batches are permuted again, so a batch never
 mixes buckets and the whole order is a pure function of (seed, epoch): resuming needs only the
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from wanlora.data.split import read_split
 from wanlora.io import dataset_file, read_jsonl
 from wanlora.models.latents import INDEX, draw_latent, load_latents, normalize_latents
 from wanlora.errors import rebuild_fix
@@ -75,6 +80,7 @@ class TrainData:
     cache_dir: Path
     expect_vae: str | None = None
     encode: Encode | None = None
+    held_out: tuple[str, ...] = ()  # sample ids left out for validation (every window of a held-out clip)
 
     def latent(self, i: int, generator: torch.Generator) -> torch.Tensor:
         """Latent [C, F, H, W] of item `i` in the transformer's space (float32, CPU)."""
@@ -116,9 +122,14 @@ def build_dataset(
             raise InputError(f"{path}: missing. Fix: run the {stage} stage first (`dvc repro {stage}`)")
     captions = {r["id"]: r for r in read_jsonl(captions_path)}
     latents = _latent_index(cache_dir, expect_vae)
+    held_clips = read_split(workspace).held_out_clips
+    held_out: list[str] = []
     items: list[Item] = []
     problems: list[Problem] = []
     for rec in read_jsonl(samples_path):
+        if rec["clip_id"] in held_clips:
+            held_out.append(rec["id"])
+            continue
         if rec["dataset"] not in folders:
             raise InputError(f"{samples_path}: sample {rec['id']} of dataset '{rec['dataset']}', which params.yaml "
                              "does not have. Fix: rerun `dvc repro` after `wanlora sync`")
@@ -140,11 +151,12 @@ def build_dataset(
         items.append(Item(rec["id"], rec["bucket"], cap["caption"], cap.get("caption_dop"), cached, rec))
     if not items:
         listing = "".join(f"\n  {p.line()}" for p in problems[:10])
+        held = f", {len(held_clips)} clip(s) held out for validation" if held_clips else ""
         raise InputError(
-            f"{samples_path}: no sample can be trained ({len(problems)} problem(s)).{listing}\n"
-            "Fix: add clips to the dataset folder and rerun `dvc repro`."
+            f"{samples_path}: no sample can be trained ({len(problems)} problem(s){held}).{listing}\n"
+            "Fix: add clips to the dataset folder (or give a dataset role: train) and rerun `dvc repro`."
         )
-    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode)
+    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode, tuple(held_out))
 
 
 def small_buckets(buckets: list[str], batch_size: int) -> list[Problem]:

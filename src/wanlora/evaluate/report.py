@@ -1,4 +1,9 @@
-"""The static report page: checkpoints x prompts, loss curves, dataset summary, best checkpoint.
+"""The static report page: best checkpoints, checkpoints x prompts, loss curves, dataset summary.
+
+Per expert, the fixed-noise loss on held-out clips and on training clips share one plot, with the
+chosen checkpoint marked: a held-out curve that turns up while the training one keeps falling is
+the LoRA memorising its clips. Without held-out clips the page says, wherever a loss appears,
+that it is a training-clip loss.
 
 One self-contained HTML file with relative links to the videos and sheets beside it: it opens
 offline from the DVC cache, a zip, or a CI artefact. Plots are inline SVG drawn here (no
@@ -14,6 +19,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from wanlora.data.split import BASIS_LABEL, HELD_OUT, TRAINING_CLIPS, Split
 from wanlora.io import read_jsonl
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
@@ -32,12 +38,21 @@ class ReportRow:
 
 
 # ------------------------------------------------------------------------------------ plots
-def _fmt(v: float) -> str:
-    return f"{v:.3g}"
+def _ticks(lo: float, hi: float) -> list[str]:
+    """Labels of the low, middle and high tick: 3 significant digits, more when they would repeat
+    (checkpoint losses often differ in the third digit)."""
+    values = (lo, (lo + hi) / 2, hi)
+    for digits in range(3, 9):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == 3:
+            break
+    return labels
 
 
-def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: int = 640, height: int = 300) -> str:
-    """A line plot as inline SVG; empty series are left out, an empty plot says so."""
+def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: int = 640, height: int = 300,
+             marks: dict[str, float] | None = None) -> str:
+    """A line plot as inline SVG; empty series are left out, an empty plot says so; `marks`
+    draws a labelled vertical line at each x (the chosen checkpoint)."""
     pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y)]
     head = f'<svg class="plot" role="img" aria-label="{escape(title)}" width="{width}" height="{height}" ' \
            f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">'
@@ -57,10 +72,16 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: in
     parts = [head, f'<text x="{left}" y="16" font-weight="bold">{escape(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
              'fill="none" stroke="#999"/>']
-    for frac in (0.0, 0.5, 1.0):
+    for frac, ylabel, xlabel in zip((0.0, 0.5, 1.0), _ticks(y0, y1), _ticks(x0, x1)):
         yv, xv = y0 + frac * (y1 - y0), x0 + frac * (x1 - x0)
-        parts.append(f'<text x="{left - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end" font-size="11">{_fmt(yv)}</text>')
-        parts.append(f'<text x="{sx(xv):.1f}" y="{height - 10}" text-anchor="middle" font-size="11">{_fmt(xv)}</text>')
+        parts.append(f'<text x="{left - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end" font-size="11">{ylabel}</text>')
+        parts.append(f'<text x="{sx(xv):.1f}" y="{height - 10}" text-anchor="middle" font-size="11">{xlabel}</text>')
+    for label, xv in sorted((marks or {}).items(), key=lambda m: m[1]):
+        if x0 <= xv <= x1:
+            parts.append(f'<line class="mark" data-name="{escape(label)}" x1="{sx(xv):.1f}" y1="{top}" '
+                         f'x2="{sx(xv):.1f}" y2="{height - bottom}" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="4 3"/>')
+            parts.append(f'<text x="{sx(xv) - 3:.1f}" y="{height - bottom - 4}" text-anchor="end" font-size="11" '
+                         f'fill="#2ca02c">{escape(label)}</text>')
     for i, (name, s) in enumerate(sorted(series.items())):
         good = [(x, y) for x, y in s if math.isfinite(y)]
         if not good:
@@ -123,44 +144,73 @@ table.grid th.prompt{max-width:260px;font-weight:normal;font-style:italic}
 table.grid video{display:block;width:256px;height:auto;background:#000;image-rendering:pixelated}
 img.sheet{width:256px;display:block;margin-top:6px;image-rendering:pixelated}
 svg.plot{display:inline-block;margin:0 12px 12px 0}
-.best{background:#eaffea} .loss{font-size:12px;color:#555}
+.best{background:#eaffea} .loss{font-size:12px;color:#555} .tag{color:#2ca02c;font-size:12px}
+.warn{background:#fff3cd;border:1px solid #e0c36a;padding:8px}
 """
 
 
-def _loss_text(losses: dict[str, float | None]) -> str:
-    shown = [f"{k.removeprefix('val_loss_')} {v:.4f}" for k, v in sorted(losses.items())
-             if v is not None and k != "val_loss"]
-    return "val loss: " + ", ".join(shown) if shown else ""
+SETS = (("held_out", "held-out"), ("train", "training clips"))
+
+
+def _loss_text(losses: dict[str, float]) -> str:
+    parts = []
+    for key, name in SETS:
+        shown = [f"{e} {losses[f'{key}_{e}']:.4f}" for e in ("high", "low") if f"{key}_{e}" in losses]
+        if shown:
+            parts.append(f"{name}: " + ", ".join(shown))
+    return "; ".join(parts)
+
+
+def fixed_noise_curves(rows: list[ReportRow], expert: str) -> dict[str, list[tuple[float, float]]]:
+    """Training-clip and held-out loss of one expert per checkpoint (the baseline at step 0)."""
+    return {name: [(float(r.step or 0), r.losses[f"{key}_{expert}"]) for r in rows if f"{key}_{expert}" in r.losses]
+            for key, name in SETS}
+
+
+def _best_section(split: Split, best: dict[str, dict]) -> list[str]:
+    h = ['<section id="best"><h2>Best checkpoint per expert</h2>']
+    if split.basis == TRAINING_CLIPS:
+        h.append(f'<p class="warn" id="basis-warning">No held-out clips: {escape(split.reason)}. Every loss on '
+                 "this page is on training clips, and the checkpoint below is a guess.</p>")
+    elif split.basis == HELD_OUT:
+        h.append(f"<p>Validation on {escape(BASIS_LABEL[split.basis])}: {escape(split.reason)} "
+                 f"({escape(', '.join(split.held_out_clips))}).</p>")
+    if not best:
+        h.append("<p>No fixed-noise loss (sample.validation_clips is 0, or no timestep in an expert's band): "
+                 "set export.step to a step number.</p>")
+    else:
+        h.append('<table id="best-table"><tr><th>expert</th><th>step</th><th>why</th></tr>')
+        h += [f'<tr><td>{e}-noise</td><td data-best-{e}="{c["step"]}">{c["step"]}</td><td>{escape(c["reason"])}'
+              "</td></tr>" for e, c in sorted(best.items())]
+        h.append("</table><p><code>wanlora export</code> takes these with export.step: best; the two files may "
+                 "come from different steps.</p>")
+    h.append("</section>")
+    return h
 
 
 def render_report(
     title: str,
     prompts: list[str],
     rows: list[ReportRow],
-    best_step: int | None,
+    split: Split,
+    best: dict[str, dict],
     curves: dict[str, dict[str, list[tuple[float, float]]]],
     summary: dict[str, Any],
 ) -> str:
     """The whole page as a string (written atomically by the stage)."""
     h = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
          f"<title>{escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{escape(title)}</h1>"]
-    best = next((r for r in rows if r.step is not None and r.step == best_step), None)
-    h.append('<section id="best"><h2>Best checkpoint</h2>')
-    if best is None:
-        h.append("<p>No validation loss yet (sample.validation_samples is 0, or no held-out sample).</p>")
-    else:
-        h.append(f'<p>Step <strong data-best-step="{best.step}">{best.step}</strong>: lowest validation loss '
-                 f'({escape(_loss_text(best.losses))}). <code>wanlora export</code> picks it with '
-                 "export.step: best.</p>")
-    h.append("</section>")
+    h += _best_section(split, best)
 
     h.append('<section id="samples"><h2>Samples</h2><table class="grid" id="grid"><thead><tr><th>checkpoint</th>')
     h += [f'<th class="prompt">{escape(p)}</th>' for p in prompts]
     h.append("</tr></thead><tbody>")
     for row in rows:
-        cls = ' class="best"' if best is row else ""
+        tags = [f"best {e}" for e, c in sorted(best.items()) if c["step"] == row.step]
+        cls = ' class="best"' if tags else ""
         h.append(f'<tr{cls} data-checkpoint="{escape(row.label)}"><th>{escape(row.label)}'
-                 f'<div class="loss">{escape(_loss_text(row.losses))}</div>')
+                 + (f' <span class="tag">{escape(", ".join(tags))}</span>' if tags else "")
+                 + f'<div class="loss">{escape(_loss_text(row.losses))}</div>')
         if row.sheet:
             h.append(f'<a href="{escape(row.sheet)}"><img class="sheet" src="{escape(row.sheet)}" '
                      f'alt="contact sheet {escape(row.label)}"></a>')
@@ -173,6 +223,12 @@ def render_report(
     h.append("</tbody></table></section>")
 
     h.append('<section id="curves"><h2>Loss</h2>')
+    h.append("<p>Fixed-noise loss per expert: the same timesteps and noise at every checkpoint, on held-out "
+             "clips and on as many training clips. Step 0 is the base model.</p>")
+    for e in ("high", "low"):
+        marks = {f"best {best[e]['step']}": float(best[e]["step"])} if e in best else {}
+        title = f"{e}-noise expert: fixed-noise loss" + ("" if split.basis == HELD_OUT else " (training clips only)")
+        h.append(svg_plot(fixed_noise_curves(rows, e), title, marks=marks))
     h += [svg_plot(series, name) for name, series in curves.items()]
     h.append("</section>")
 

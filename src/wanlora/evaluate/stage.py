@@ -1,4 +1,10 @@
-"""The evaluate stage: samples per checkpoint, validation loss, metrics and the report page.
+"""The evaluate stage: samples per checkpoint, fixed-noise losses, the best checkpoints, the report.
+
+Per checkpoint and expert it measures the fixed-noise loss on the held-out clips and on as many
+training clips, at the same timesteps and noise (`wanlora.data.split` says which; `validation`
+how), chooses each expert's best checkpoint on the held-out loss (`best`), and writes
+`best.json` (what export reads), `metrics.json`, `val_loss.json` (rows for `dvc plots`) and
+`report.html`.
 
 Work is cached per checkpoint in `scratch/eval/<key>/` (git-ignored, outside DVC's outs), keyed
 by everything the result depends on: the LoRA files' bytes, the base model's identity, the
@@ -19,13 +25,16 @@ from rich.console import Console
 from rich.progress import Progress
 
 from wanlora.config import Params
+from wanlora.data.split import BASIS_LABEL, HELD_OUT, SPLIT_FILE, Split, read_split
 from wanlora.evaluate import media
+from wanlora.evaluate.best import choose_best
 from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curves, render_report
-from wanlora.evaluate.validation import ValItem, held_out_ids, validation_loss
+from wanlora.evaluate.validation import ValItem, fixed_noise_losses
 from wanlora.export.stage import list_checkpoints
 from wanlora.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file, sha256_json
+from wanlora.report import InputError
 
-EVAL_FORMAT = 1  # bump when cached results would no longer match what this code writes
+EVAL_FORMAT = 2  # bump when cached results would no longer match what this code writes
 TEXT_DIR, LATENT_DIR = "data/cache/text", "data/cache/latents"
 console = Console(stderr=True)
 
@@ -56,7 +65,7 @@ class Plan:
     root: Path
     checkpoints: dict[int, dict[str, Path]]
     sampled: list[int]
-    held_out: list[str]
+    split: Split
     base: dict[str, Any]
     _hashes: dict[int, dict[str, str]] = field(default_factory=dict)
 
@@ -77,7 +86,8 @@ class Plan:
 
     def val_key(self, params: Params, step: int | None) -> str:
         s = params.sample
-        settings = {"timesteps": s.validation_timesteps, "seed": params.job.seed, "held_out": self.held_out}
+        settings = {"timesteps": s.validation_timesteps, "seed": params.job.seed, "draws": s.validation_noise_draws,
+                    "held_out": self.split.validation_samples, "train": self.split.training_samples}
         return sha256_json({"kind": "val", **self.base, "val": settings, "lora": self.lora_id(step)})[:20]
 
 
@@ -90,12 +100,6 @@ def make_plan(params: Params, workspace: Path) -> Plan:
         raise FileNotFoundError(f"{workspace / 'data/lora'}: no checkpoints; run the train stage first")
     ms = params.multistage
     boundary = ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root)
-    samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
-    # Only captioned samples can be scored: holding out one whose caption was rejected left the
-    # run without a validation loss, and export (step: best) then stopped the pipeline.
-    captioned = {r["id"] for r in read_jsonl(workspace / "data/captions/captions.jsonl")}
-    usable = [s["id"] for s in samples if s["clip_id"] in captioned]
-    held = held_out_ids(usable, params.sample.validation_samples, params.job.seed)
     base = {
         "format": EVAL_FORMAT,
         "model": {p: model_identity(root, p) for p in ("transformer", "transformer_2", "vae")},
@@ -107,7 +111,8 @@ def make_plan(params: Params, workspace: Path) -> Plan:
         "latent_cache": _hash_or_absent(workspace / LATENT_DIR / "index.json"),
         "captions": _hash_or_absent(workspace / "data/captions/captions.jsonl"),
     }
-    return Plan(root, checkpoints, steps_to_sample(list(checkpoints), params.sample.every_checkpoint), held, base)
+    return Plan(root, checkpoints, steps_to_sample(list(checkpoints), params.sample.every_checkpoint),
+                read_split(workspace), base)
 
 
 # ------------------------------------------------------------------------------- the models
@@ -116,11 +121,11 @@ class Loaded:
     pipe: Any
     prompt_embeds: list
     negative_embeds: Any
-    val_items: list[ValItem]
+    val_items: dict[str, list[ValItem]]  # "held_out" and "train": the split's scored samples
 
 
 def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
-    """Both experts, the VAE, the prompts' cached embeddings and the held-out items."""
+    """Both experts, the VAE, the prompts' cached embeddings and the scored samples."""
     import torch
 
     from wanlora.evaluate.sampling import build_pipeline
@@ -152,15 +157,18 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
     samples = {s["id"]: s for s in read_jsonl(workspace / "data/buckets/samples.jsonl")}
     captions = {c["id"]: c for c in read_jsonl(workspace / "data/captions/captions.jsonl")}
     vae_config, vae_id = load_vae_config(plan.root), model_identity(plan.root, "vae")
-    items = []
-    for sid in plan.held_out:
-        cap = captions.get(samples[sid]["clip_id"])
+
+    def item(sid: str) -> ValItem:
+        cap = captions.get(samples[sid]["clip_id"]) if sid in samples else None
         if cap is None:
-            console.print(f"[yellow]evaluate:[/] held-out sample {sid} has no caption; left out of validation")
-            continue
+            raise InputError(f"{workspace / SPLIT_FILE}: sample {sid} is not in the samples or captions "
+                             "manifest. Fix: rerun the split stage (`dvc repro split`)")
         cached = load_latents(workspace / LATENT_DIR, sid, vae_id)
         z = cached["mean"] if "mean" in cached else cached["latent"]  # the mode: no random draw
-        items.append(ValItem(sid, normalize_latents(z.float(), vae_config), embed(cap["caption"])[0]))
+        return ValItem(sid, normalize_latents(z.float(), vae_config), embed(cap["caption"])[0])
+
+    items = {"held_out": [item(s) for s in plan.split.validation_samples],
+             "train": [item(s) for s in plan.split.training_samples]}
     return Loaded(pipe, prompt_embeds, negative, items)
 
 
@@ -190,7 +198,7 @@ def _evaluate_one(params: Params, plan: Plan, step: int | None, get: Any, scratc
 
     want_samples = bool(params.sample.prompts) and ((step in plan.sampled) if step is not None
                                                      else params.sample.baseline)
-    want_val = bool(plan.held_out)
+    want_val = bool(plan.split.validation_samples or plan.split.training_samples)
     s_entry = scratch / plan.sample_key(params, step) if want_samples else None
     v_entry = scratch / plan.val_key(params, step) if want_val else None
     s_done = _finished(s_entry) if s_entry else None
@@ -206,20 +214,35 @@ def _evaluate_one(params: Params, plan: Plan, step: int | None, get: Any, scratc
             _write_samples(s_entry, videos, params.sample.fps)
         if v_entry is not None and not v_done:
             experts = {"high": loaded.pipe.transformer, "low": loaded.pipe.transformer_2}
-            v_done = validation_loss(experts, loaded.val_items, params.sample.validation_timesteps,
-                                     plan.base["boundary"], params.job.seed)
+            cfg = params.sample
+            v_done = {name: fixed_noise_losses(experts, items, cfg.validation_timesteps, plan.base["boundary"],
+                                               params.job.seed, cfg.validation_noise_draws)
+                      for name, items in loaded.val_items.items()}
             atomic_write_json(v_entry / "result.json", v_done)
     return s_entry, v_done or {}
 
 
-def _combined(losses: dict[str, float | None]) -> float | None:
-    """One number per checkpoint pair: the mean of the experts' validation losses."""
-    vals = [v for k, v in losses.items() if k in ("val_loss_high", "val_loss_low") and v is not None]
-    return sum(vals) / len(vals) if vals else None
+def _means(terms: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """{"held_out_high": mean, "train_low": ...} of one checkpoint's per-term losses (empty left out)."""
+    return {f"{name}_{e}": sum(t) / len(t) for name, by_expert in sorted(terms.items())
+            for e, t in sorted(by_expert.items()) if t}
+
+
+def choose_experts(terms: dict[int, dict[str, dict[str, list[float]]]], split: Split,
+                   experts: set[str]) -> dict[str, dict]:
+    """Each trained expert's best checkpoint on the held-out terms (on the training-clip terms when
+    the split holds nothing out, labelled so)."""
+    name, label = ("held_out", "held-out") if split.basis == HELD_OUT else ("train", "training-clip")
+    out = {}
+    for e in sorted(experts):
+        choice = choose_best({step: t.get(name, {}).get(e, []) for step, t in terms.items()}, label)
+        if choice is not None:
+            out[e] = choice.as_dict()
+    return out
 
 
 def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
-    """DVC stage `evaluate`: writes samples/, metrics.json, val_loss.json and report.html to out_dir."""
+    """DVC stage `evaluate`: writes samples/, best.json, metrics.json, val_loss.json and report.html."""
     workspace, out_dir = Path(workspace), Path(out_dir)
     plan = make_plan(params, workspace)
     scratch = workspace / "scratch/eval"
@@ -242,16 +265,13 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
     samples_out = out_dir / "samples"
     if samples_out.exists():
         shutil.rmtree(samples_out)  # our own output: rebuilt from the cache each run
+    split = plan.split
+    trained = {e for files in plan.checkpoints.values() for e in files}  # one expert may not train
+    best = choose_experts({s: t for s, (_, t) in results.items() if s is not None}, split, trained)
     rows: list[ReportRow] = []
-    metrics: dict[str, Any] = {"steps": {}}
-    for step, (entry, losses) in results.items():
+    for step, (entry, terms) in results.items():
         label = "baseline" if step is None else f"step_{step:06d}"
-        losses = {**losses, "val_loss": _combined(losses)} if losses else {}
-        if step is None:
-            metrics["baseline"] = losses
-        else:
-            metrics["steps"][str(step)] = losses
-        row = ReportRow(label if step is None else f"step {step}", step, [], [], None, losses)
+        row = ReportRow(label if step is None else f"step {step}", step, [], [], None, _means(terms))
         if entry is not None:
             done = _finished(entry) or {}
             target = samples_out / label
@@ -261,20 +281,24 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
             row.sheet = f"samples/{label}/contact_sheet.png"
         rows.append(row)
 
-    scored = {int(s): v["val_loss"] for s, v in metrics["steps"].items() if v.get("val_loss") is not None}
-    metrics["best_step"] = min(scored, key=lambda s: (scored[s], s)) if scored else None
+    atomic_write_json(out_dir / "best.json", {"basis": split.basis, "basis_label": BASIS_LABEL[split.basis],
+                                              "split": split.reason, "held_out_clips": list(split.held_out_clips),
+                                              "experts": best})
+    metrics = {"basis": split.basis, "held_out_clips": len(split.held_out_clips),
+               "best": {e: c["step"] for e, c in best.items()},
+               "baseline": rows[0].losses, "steps": {str(r.step): r.losses for r in rows[1:]}}
     atomic_write_json(out_dir / "metrics.json", metrics)
-    val_rows = [{"step": int(s), **{k: v for k, v in m.items() if v is not None}} for s, m in metrics["steps"].items()]
-    atomic_write_json(out_dir / "val_loss.json", val_rows)
+    # rows for `dvc plots`: the baseline is step 0 (a LoRA's B starts at zero, so it is the untrained start);
+    # every key in every row, null where not measured: dvc drops a whole plot when a field is missing
+    keys = [f"{name}_{e}" for e in ("high", "low") for name in ("train", "held_out")]
+    atomic_write_json(out_dir / "val_loss.json",
+                      [{"step": r.step or 0, **{k: r.losses.get(k) for k in keys}} for r in rows if r.losses])
 
     train = read_train_curves(workspace / "data/train_live")
-    curves = {"training loss": {k: v for k, v in train.items() if "loss" in k}}
-    curves["validation loss"] = {
-        k: sorted((float(s), m[k]) for s, m in metrics["steps"].items() if m.get(k) is not None)
-        for k in ("val_loss_high", "val_loss_low")
-    }
+    curves = {"training loss (per step, random noise)": {k: v for k, v in train.items() if "loss" in k}}
     curves.update({k: {k: v} for k, v in train.items() if "loss" not in k})  # lr, grad norm, ...: own scales
-    page = render_report(f"{params.job.name}: evaluation", prompt_texts(params), rows, metrics["best_step"],
+    page = render_report(f"{params.job.name}: evaluation", prompt_texts(params), rows, split, best,
                          curves, dataset_summary(workspace))
     atomic_write_text(out_dir / "report.html", page)
-    console.print(f"evaluate: {out_dir / 'report.html'}; best step {metrics['best_step']}")
+    picks = ", ".join(f"{e} step {c['step']}" for e, c in best.items()) or "none"
+    console.print(f"evaluate: {out_dir / 'report.html'}; best ({BASIS_LABEL[split.basis]}): {picks}")

@@ -1,18 +1,21 @@
-"""The export stage: one checkpoint pair, written for ComfyUI and for diffusers.
+"""The export stage: one checkpoint per expert, written for ComfyUI and for diffusers.
 
-The step is a number, "last", or "best" (lowest validation loss, from the evaluate stage's
-metrics.json). Each expert becomes one file per format, named so a user sees at once which file
-goes into which loader slot: `<job>_step000500_high_noise.safetensors`. The lineage header is
-copied forward unchanged (a checkpoint whose tensors no longer match its recorded hash is refused),
-plus what export decided (format, file name, source file and hash), so `wanlora audit` works on
-exports too.
+The step is a number, "last", or "best": per expert, what the evaluate stage chose on the
+held-out loss (`data/eval/best.json`, `wanlora.evaluate.best`), so the high- and low-noise files
+may come from different steps. Each expert becomes one file per format, named so a user sees at
+once which file goes into which loader slot and from which step: `<job>_step000500_high_noise.safetensors`.
+The lineage header is copied forward unchanged (a checkpoint whose tensors no longer match its
+recorded hash is refused), plus what export decided (format, file name, source file and hash, and
+why that step: `wanlora.export_choice`), so `wanlora audit` works on exports too.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -48,33 +51,56 @@ def list_checkpoints(lora_dir: Path) -> dict[int, dict[str, Path]]:
     return dict(sorted(found.items()))
 
 
-def choose_step(spec: str, available: list[int], metrics_path: Path) -> int:
-    """The step `spec` names; errors list the steps that exist."""
-    if not available:
+@dataclass(frozen=True)
+class Pick:
+    """One expert's exported step and why: written into the file's header and export.json."""
+
+    step: int
+    by: str  # the export.step setting
+    basis: str  # what the loss was measured on (held_out | training_clips), or "" when no loss chose it
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "by": self.by, "basis": self.basis, "reason": self.reason}
+
+
+def choose_steps(spec: str, checkpoints: dict[int, dict[str, Path]], best_path: Path) -> dict[str, Pick]:
+    """The step each expert's file comes from; errors list the steps that exist."""
+    if not checkpoints:
         raise NoCheckpoints("no checkpoints in data/lora/{high,low}/: run the train stage first (`dvc repro`)")
-    listing = ", ".join(map(str, available))
+    listing = ", ".join(map(str, checkpoints))
+    experts = sorted({e for files in checkpoints.values() for e in files})
     if spec == "last":
-        return available[-1]
-    if spec == "best":
-        if not metrics_path.is_file():
-            raise NoCheckpoints(
-                f"{metrics_path}: missing, so 'best' is unknown; run the evaluate stage, or set export.step "
-                f"to 'last' or one of: {listing}"
-            )
-        best = json.loads(metrics_path.read_text(encoding="utf-8")).get("best_step")
-        if best is None:
-            raise NoSuchStep(f"{metrics_path}: no best_step (no validation loss); set export.step to one of: {listing}")
-        step = int(best)
-    else:
+        return {e: Pick(max(s for s, f in checkpoints.items() if e in f), spec, "", "the last checkpoint")
+                for e in experts}
+    if spec != "best":
         step = int(spec)
-    if step not in available:
-        raise NoSuchStep(f"no checkpoint for step {step}; available steps: {listing}")
-    return step
+        if step not in checkpoints:
+            raise NoSuchStep(f"no checkpoint for step {step}; available steps: {listing}")
+        return {e: Pick(step, spec, "", f"export.step is {step}") for e in sorted(checkpoints[step])}
+    if not best_path.is_file():
+        raise NoCheckpoints(f"{best_path}: missing, so 'best' is unknown; run the evaluate stage, or set "
+                            f"export.step to 'last' or one of: {listing}")
+    record = json.loads(best_path.read_text(encoding="utf-8"))
+    picks = {}
+    for e in experts:
+        choice = record.get("experts", {}).get(e)
+        if choice is None:
+            raise NoSuchStep(f"{best_path}: no fixed-noise loss for the {e}-noise expert (sample.validation_clips "
+                             f"is 0, or no sample.validation_timesteps in its band); set export.step to one of: "
+                             f"{listing}")
+        step = int(choice["step"])
+        if e not in checkpoints.get(step, {}):
+            raise NoSuchStep(f"{best_path}: best {e}-noise step {step} has no checkpoint (rerun the evaluate "
+                             f"stage); available steps: {listing}")
+        picks[e] = Pick(step, spec, record["basis"], choice["reason"])
+    return picks
 
 
-def export_file(src: Path, fmt: str, dst: Path, output_name: str | None = None) -> Path:
-    """Convert one of our checkpoint files to `fmt` ('comfyui' | 'diffusers') at `dst`; with
-    `output_name` (the job name) the header gets AI Toolkit's `ss_output_name` too."""
+def export_file(src: Path, fmt: str, dst: Path, output_name: str | None = None, pick: Pick | None = None) -> Path:
+    """Convert one of our checkpoint files to `fmt` ('comfyui' | 'diffusers') at `dst`. With
+    `output_name` (the job name) the header gets AI Toolkit's `ss_output_name` too, with `pick`
+    why this step (`wanlora.export_choice`)."""
     lora, meta, kind = read_lora(src)
     if kind != "ours":
         raise formats.LoraFormatError(f"{src}: expected a wanlora checkpoint (peft keys), found {kind} keys")
@@ -87,6 +113,8 @@ def export_file(src: Path, fmt: str, dst: Path, output_name: str | None = None) 
     # What export itself decided, apart from the training record it carries unchanged.
     carried.update({PREFIX + "format": fmt, PREFIX + "exported_name": dst.name, PREFIX + "exported_from": src.name,
                     PREFIX + "exported_from_sha256": sha256_file(src)})
+    if pick is not None:
+        carried[PREFIX + "export_choice"] = json.dumps(pick.as_dict(), sort_keys=True)
     if fmt == "comfyui":
         tensors, extra = formats.write_comfy(lora), {}
     elif fmt == "diffusers":
@@ -102,16 +130,20 @@ def export_file(src: Path, fmt: str, dst: Path, output_name: str | None = None) 
 
 
 def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
-    """Write the chosen checkpoint pair in every configured format, plus `export.json`."""
+    """Write each expert's chosen checkpoint in every configured format, plus `export.json`."""
     workspace, out_dir = Path(workspace), Path(out_dir)
     checkpoints = list_checkpoints(workspace / "data/lora")
-    step = choose_step(params.export.step, list(checkpoints), workspace / "data/eval/metrics.json")
+    picks = choose_steps(params.export.step, checkpoints, workspace / "data/eval/best.json")
     written = []
     for fmt in params.export.formats:
-        for expert, src in sorted(checkpoints[step].items()):
-            dst = out_dir / fmt / f"{params.job.name}_step{step:06d}_{expert}_noise.safetensors"
-            export_file(src, fmt, dst, output_name=params.job.name)
-            written.append({"format": fmt, "expert": expert, "path": dst.relative_to(out_dir).as_posix(),
-                            "sha256": sha256_file(dst)})
-            console.print(f"export: {fmt} {expert} noise -> {dst}")
-    atomic_write_json(out_dir / "export.json", {"step": step, "chosen_by": params.export.step, "files": written})
+        for expert, pick in sorted(picks.items()):
+            dst = out_dir / fmt / f"{params.job.name}_step{pick.step:06d}_{expert}_noise.safetensors"
+            export_file(checkpoints[pick.step][expert], fmt, dst, output_name=params.job.name, pick=pick)
+            written.append({"format": fmt, "expert": expert, "step": pick.step,
+                            "path": dst.relative_to(out_dir).as_posix(), "sha256": sha256_file(dst)})
+            console.print(f"export: {fmt} {expert} noise, step {pick.step} -> {dst}")
+    for expert, pick in sorted(picks.items()):
+        console.print(f"export: {expert}-noise step {pick.step}: {pick.reason}")
+    atomic_write_json(out_dir / "export.json", {"chosen_by": params.export.step,
+                                                "experts": {e: p.as_dict() for e, p in sorted(picks.items())},
+                                                "files": written})

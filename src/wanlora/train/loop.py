@@ -24,6 +24,7 @@ import torch
 from wanlora.config import Params
 from wanlora.data.captions import dropout_texts
 from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches, small_buckets
+from wanlora.data.split import HELD_OUT_REASON, SPLIT_FILE
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
@@ -92,7 +93,8 @@ def run_key(params: Params, workspace: Path, base: Mapping[str, str]) -> str:
     what DVC reruns the stage for), of its input manifests and of `base`, the identity of each
     expert trained (new weights at the same path start a new run)."""
     read = {k: v for k, v in stage_values("train", params).items() if k not in PLACEMENT_KEYS}
-    inputs = {f: sha256_file(workspace / f) for f in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl")}
+    inputs = {f: sha256_file(workspace / f)
+              for f in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl", SPLIT_FILE)}
     return sha256_json({"params": read, "inputs": inputs, "base": dict(sorted(base.items()))})[:16]
 
 
@@ -166,9 +168,9 @@ def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
     ss_base_model_version. Deterministic (no clock), so a resumed run writes the same bytes."""
     from wanlora.export.lineage import lineage_metadata
 
+    skipped = {p.path: p.reason for p in tr.data.problems} | dict.fromkeys(tr.data.held_out, HELD_OUT_REASON)
     meta = lineage_metadata(tr.params, tr.workspace, tr.step, expert, tr.base_identity[expert],
-                            trained=[it.id for it in tr.data.items],
-                            skipped={p.path: p.reason for p in tr.data.problems},
+                            trained=[it.id for it in tr.data.items], skipped=skipped,
                             sidecar_dir=tr.state_dir / "lora" / expert)
     meta["wanlora.timesteps"] = json.dumps(tr.dists[expert].describe(), sort_keys=True)
     meta.update(BASE_MODEL_VERSION)
