@@ -120,8 +120,11 @@ def test_commands_outside_a_workspace_say_where_it_is(tmp_path: Path, monkeypatc
     instead of suggesting `wanlora init`, and audit does not report clips as missing (exit 1)."""
     ws = tmp_path / "my-lora"
     assert runner.invoke(app, ["init", "--workspace", str(ws)]).exit_code == 0
-    lora = tmp_path / "x_high_noise.safetensors"
-    lora.write_bytes(b"")
+    lora = tmp_path / "x_high_noise.safetensors"  # a file with lineage: only that needs a workspace
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(lora), metadata={"wanlora.lineage_version": "2"})
     monkeypatch.chdir(tmp_path)
     for argv in (["plan"], ["export", "--step", "last"], ["sync"], ["audit", str(lora)],
                  ["import-lora", str(lora), "out.safetensors"]):

@@ -167,10 +167,11 @@ def audit(
     tensors that do not match it, an empty sample list, a sidecar missing or altered, a forged path).
     """
     from wanlora.export.audit import audit as run_audit
+    from wanlora.export.audit import carries_lineage
     from wanlora.workspace import require
 
-    if file.suffix.lower() == ".safetensors" and file.is_file():  # only then is there lineage to compare
-        workspace = require(workspace)
+    if file.suffix.lower() == ".safetensors" and file.is_file() and carries_lineage(file):
+        workspace = require(workspace)  # only lineage needs a workspace to compare with
     result = run_audit(file, workspace, console)
     raise typer.Exit(0 if result.all_unchanged else 1 if result.ok else 2)
 

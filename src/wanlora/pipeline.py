@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from wanlora import __version__
 from wanlora.config import Params
@@ -169,12 +170,13 @@ def stage_params(stage: Stage, params: Params) -> list[str]:
 
 
 def stage_values(name: str, params: Params) -> dict[str, Any]:
-    """Every params leaf the named stage declares, with its value: what its outputs may depend on.
+    """Every params leaf the named stage declares, with its value in JSON form (as the LoRA header
+    stores it: a tuple becomes a list): what its outputs may depend on.
 
     Code that keys a stage's own caches on params (the train run key) takes them from here, so the
     key and DVC's rerun decision follow one declaration."""
     stage = next(s for s in STAGES if s.name == name)
-    return {key: param_value(key, params) for key in stage_params(stage, params)}
+    return {key: to_jsonable_python(param_value(key, params)) for key in stage_params(stage, params)}
 
 
 def stage_script(stage: Stage) -> str:

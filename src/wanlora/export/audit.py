@@ -322,6 +322,15 @@ def _summary(samples: list[SampleCheck], manifests: list[ManifestCheck], params:
     return f"{head}; " + "; ".join(issues)
 
 
+def carries_lineage(file: Path) -> bool:
+    """Whether `file` has a readable header with wanlora lineage: only then is there a workspace to
+    compare it with (a file that cannot be vouched for is reported as such wherever it is audited)."""
+    try:
+        return has_lineage(read_header(Path(file))[1])
+    except (LoraFormatError, OSError):
+        return False
+
+
 def verify(file: Path, workspace: Path) -> AuditResult:
     """The audit without printing (for tests and other callers)."""
     file, workspace = Path(file), Path(workspace)
