@@ -212,3 +212,25 @@ def test_demo_into_someone_elses_folder_is_one_message(tmp_path: Path, monkeypat
     code, out = _main(monkeypatch, capsys, "demo", str(tmp_path), "--no-run")
     assert (code, out.strip()) == (2, f"error: {tmp_path} exists and is not a wanlora workspace; pick a new folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
+
+
+def test_import_lora_reads_a_relative_model_folder_from_the_workspace(tmp_path: Path, monkeypatch):
+    """`import-lora -w DIR` from elsewhere: models/tiny is DIR's, not the current folder's (it fell
+    through to the hub with a traceback)."""
+    from wanlora.export import formats
+
+    ws = tmp_path / "ws"
+    assert runner.invoke(app, ["init", "--workspace", str(ws)]).exit_code == 0
+    (ws / "models/tiny").mkdir(parents=True)
+    text = (ws / "params.yaml").read_text()
+    (ws / "params.yaml").write_text(text.replace("name_or_path: Wan-AI/Wan2.2-T2V-A14B-Diffusers", "name_or_path: models/tiny"))
+    seen = []
+
+    def fake(name, revision):
+        seen.append(name)
+        raise formats.LoraFormatError("stop here")
+
+    monkeypatch.setattr(formats, "load_base_config", fake)
+    monkeypatch.chdir(tmp_path)
+    runner.invoke(app, ["import-lora", str(tmp_path / "x.safetensors"), "out.safetensors", "-w", str(ws)])
+    assert seen == [str(ws / "models/tiny")]

@@ -188,7 +188,9 @@ def import_lora(
     from wanlora.export.imports import import_to_file
 
     params = _params(workspace)
-    base = load_base_config(params.model.name_or_path, params.model.revision)
+    local = workspace / params.model.name_or_path  # a relative folder means the workspace's, as in the stages
+    name = str(local) if local.is_dir() else params.model.name_or_path
+    base = load_base_config(name, params.model.revision)
     console.print(f"wrote {import_to_file(file, out, base, expert)}")
 
 

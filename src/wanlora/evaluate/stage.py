@@ -183,7 +183,7 @@ def _write_samples(entry: Path, videos: list, fps: int) -> dict[str, Any]:
     files = []
     for i, v in enumerate(videos):
         media.write_mp4(entry / f"prompt_{i:02d}.mp4", v, fps)
-        media.write_png(entry / f"prompt_{i:02d}.png", v[len(v) // 2])
+        media.write_png(entry / f"prompt_{i:02d}.png", v[0])  # the first frame, as docs/architecture.md says
         files.append(f"prompt_{i:02d}.mp4")
     media.write_png(entry / "contact_sheet.png", media.contact_sheet(videos))
     result = {"videos": files, "frames": int(videos[0].shape[0]),
