@@ -148,7 +148,7 @@ def test_empty_caption_file_falls_back_to_the_default_with_a_warning(tmp_path):
     a = records["main/a.mp4"]
     assert (a["caption"], a["source"], a["source_sha256"]) == ("a sks video", "default", sha256_text("a [trigger] video"))
     assert a["warnings"] == ["data/raw/a.txt is empty: used datasets.main.captions.default_caption"]
-    assert records["main/b.mp4"]["caption"] == "sks, a cat" and records["main/b.mp4"]["warnings"] == []
+    assert records["main/b.mp4"]["caption"] == "sks a cat" and records["main/b.mp4"]["warnings"] == []
 
 
 def test_encodings(tmp_path):
@@ -314,13 +314,13 @@ def test_caption_path_leaving_the_dataset_folder_is_refused(tmp_path, where):
     secret.parent.mkdir()
     secret.write_text("machine example.com login me password hunter2")
     ws = make_workspace(tmp_path / "ws", {"a": b"sks on a beach", "b": b"sks in a park"})
-    clips = read_jsonl(ws / "data/trimmed/clips.jsonl")
+    index = read_jsonl(ws / "data/index/captions.jsonl")  # the scan stage's caption pairing
     if where == "link":  # a link inside the folder whose target is outside
         (ws / "data/raw/b.txt").unlink()
         (ws / "data/raw/b.txt").symlink_to(secret)
     else:
-        clips[1]["caption_path"] = str(secret) if where == "absolute" else "data/raw/../../../home/.netrc"
-    write_jsonl(ws / "data/trimmed/clips.jsonl", clips)
+        index[1]["path"] = str(secret) if where == "absolute" else "data/raw/../../../home/.netrc"
+    write_jsonl(ws / "data/index/captions.jsonl", index)
     with pytest.raises(ManifestPathError, match=r"caption of clip main/b.mp4: path .* lies outside its dataset "
                                                 r"folder data/raw.*verify: true"):
         run(ws)
