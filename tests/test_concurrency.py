@@ -70,6 +70,7 @@ def _slow_workspace(ws: Path) -> None:
     params = demo_params(2)
     prepare(ws, params)
     write_params(ws / "params.yaml", params, "concurrency test")
+    (ws / "data/raw/a.mp4").write_bytes(b"a clip")  # scan stops on an empty dataset
     script = ws / "stages/scan.py"
     script.write_text("import time\ntime.sleep(30)\n" + script.read_text())
 

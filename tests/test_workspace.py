@@ -82,7 +82,7 @@ def test_a_dataset_added_without_sync_stops_dvc_repro_at_the_check(tmp_path: Pat
     done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=tmp_path, capture_output=True, text=True,
                           env=env)
     out = " ".join((done.stdout + done.stderr).split())
-    assert done.returncode != 0 and "dvc.yaml no longer match params.yaml" in out, out
+    assert done.returncode != 0 and "dvc.yaml no longer matches params.yaml" in out, out
     assert "Fix: run `wanlora sync`, then `dvc repro`" in out
     assert re.findall(r"Running stage '(\w+)'", done.stdout) == ["check"]
 

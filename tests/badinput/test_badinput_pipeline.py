@@ -123,7 +123,7 @@ def test_a_pickle_only_model_is_refused_without_unpickling(pipeline, tmp_path):
     finally:
         (ws / "params.yaml").write_text(good)
     err = " ".join((done.stdout + done.stderr).split())
-    assert done.returncode != 0 and "weights only as pickle (pytorch_model.bin)" in err, err[-3000:]
+    assert done.returncode != 0 and "holds a pickle file (pytorch_model.bin)" in err, err[-3000:]
     assert not marker.exists(), "a pickle was unpickled"
 
 
