@@ -53,6 +53,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+def copy_tree(src: str | Path, dst: str | Path) -> None:
+    """Copy every file under `src` to the same place under `dst`, each by an atomic write (a kill
+    leaves each file whole or absent, never torn: `shutil.copytree` writes final names in place)."""
+    src, dst = Path(src), Path(dst)
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        atomic_write_bytes(dst / path.relative_to(src), path.read_bytes())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

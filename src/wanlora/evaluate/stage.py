@@ -31,7 +31,7 @@ from wanlora.evaluate.best import choose_best
 from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curves, render_report
 from wanlora.evaluate.validation import ValItem, fixed_noise_losses
 from wanlora.export.stage import list_checkpoints
-from wanlora.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file, sha256_json
+from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, read_jsonl, sha256_file, sha256_json
 from wanlora.report import InputError
 
 EVAL_FORMAT = 2  # bump when cached results would no longer match what this code writes
@@ -275,7 +275,7 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
         if entry is not None:
             done = _finished(entry) or {}
             target = samples_out / label
-            shutil.copytree(entry, target)
+            copy_tree(entry, target)
             row.videos = [f"samples/{label}/{v}" for v in done.get("videos", [])]
             row.posters = [v.removesuffix(".mp4") + ".png" for v in row.videos]
             row.sheet = f"samples/{label}/contact_sheet.png"
