@@ -155,7 +155,7 @@ def test_adding_a_missing_caption_reruns_only_caption_stages(workspace: Path):
     assert not (workspace / "data/raw/run_cut.txt").exists()
     (workspace / "data/raw/run_cut.txt").write_text("[trigger] running, then a cut", encoding="utf-8")
     ran = _repro(workspace)
-    assert ran[:3] == ["scan", "captions", "text_cache"] and not {"trim", "bucket", "latent_cache"} & set(ran)
+    assert ran[:2] == ["scan", "captions"] and "text_cache" in ran and not {"trim", "bucket", "latent_cache"} & set(ran)
 
 
 def test_train_param_reruns_no_data_stage(workspace: Path):

@@ -199,7 +199,7 @@ def test_kill_each_stage_anywhere_then_resume_to_identical_outputs(workspaces):
     log = []
     for stage in STAGES:
         if stage == "train":  # first exactly inside the first checkpoint save of a fresh run
-            Repro(ws, "text_cache", "latent_cache").finish()
+            Repro(ws, "split", "text_cache", "latent_cache").finish()  # every input of train
             child = subprocess.run([sys.executable, "-P", "-c", SAVE_KILLER, "3"], cwd=ws, env=ENV,
                                    capture_output=True, text=True)
             assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
