@@ -141,6 +141,64 @@ def test_parking_keeps_one_host_copy_and_leaves_the_lora_alone() -> None:
         park_frozen(model, "disk", torch.device("cpu"), False)
 
 
+class _FakeCudart:
+    """Records `cudaHostRegister` / `cudaHostUnregister` calls, as a CPU stand-in for CUDA."""
+
+    def __init__(self) -> None:
+        self.registered: dict[int, int] = {}
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
+        self.registered[ptr] = nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_a_host_mirror_is_unregistered_when_its_last_tensor_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A freed host mirror must not stay registered with CUDA: on an H200, `bench/gpu_smoke.py`'s
+    EMA resume check failed with "CUDA error: invalid argument" in the checkpoint's `.cpu()` copies
+    after earlier trainers' mirrors had been freed while still registered (the C library reused
+    their addresses). The registration now lives exactly as long as some tensor uses the memory."""
+    import gc
+
+    from wanlora.models.accel import park_frozen
+
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    model = _tiny_expert()
+    park_frozen(model, "host", torch.device("cpu"), False)
+    ((address, nbytes),) = fake.registered.items()
+    kept = next(p for p in model.parameters() if not p.requires_grad)
+    assert address <= kept.data_ptr() < address + nbytes
+    del model
+    gc.collect()
+    assert fake.unregistered == []  # a frozen weight still lives in the mirror: keep it page-locked
+    del kept
+    gc.collect()
+    assert fake.unregistered == [address]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_copies_to_the_host_work_after_pinned_buffers_are_freed() -> None:
+    """The GPU side of the test above: host memory freed while registered and handed out again
+    made device-to-host copies fail ("CUDA error: invalid argument")."""
+    from wanlora.models.activation_offload import pinned_buffer
+
+    src = torch.randn(24 << 20, device="cuda")  # 96 MiB: spans a freed 64 MiB buffer and more
+    for size in (64 << 20, 128 << 20, 64 << 20):
+        buf = pinned_buffer(size)
+        buf.fill_(1)
+        del buf
+        copies = [src.cpu(), src[: 8 << 20].cpu()]
+        torch.cuda.synchronize()
+        assert all(torch.equal(c, src[: c.numel()].cpu()) for c in copies)
+
+
 def test_experts_share_one_host_arena_and_keep_their_gradients() -> None:
     """Two experts that train in turn stage their activations in one host arena: each forward
     reuses it from the start (two arenas would pin both experts' activations), and the gradients

@@ -32,6 +32,7 @@ memory the host has available when the expert is set up); activations beyond tha
 
 from __future__ import annotations
 
+import mmap
 import os
 import weakref
 from dataclasses import dataclass
@@ -70,13 +71,39 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+class _RegisteredPages(mmap.mmap):
+    """Anonymous host pages registered with CUDA for as long as anything uses them.
+
+    `torch.frombuffer` keeps this object alive while any tensor shares its memory, so the pages
+    are unregistered exactly when the last view dies, and before they are unmapped. A registration
+    left behind by freed memory is stale: the next allocation the C library places at that
+    address (a `.cpu()` copy's destination, say) lies in a range CUDA still thinks is page-locked,
+    and copies into it fail with "CUDA error: invalid argument" (seen on an H200 in
+    `bench/gpu_smoke.py`: a checkpoint's `.cpu()` after an earlier trainer's host mirror was freed).
+    """
+
+    registered = False
+
+    def __del__(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.address)
+            self.registered = False
+
+
 def pinned_buffer(nbytes: int) -> torch.Tensor:
     """`nbytes` of host memory, page-locked with `cudaHostRegister` when CUDA is there, exactly
-    that size (PyTorch's pinned allocator would round up to a power of two and cache the block)."""
-    flat = torch.empty(nbytes, dtype=torch.uint8)
-    if torch.cuda.is_available() and nbytes:
-        err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), nbytes, 0)
-        if int(err) != 0:  # still correct, only the copies become synchronous
+    that size (PyTorch's pinned allocator would round up to a power of two and cache the block),
+    and unregistered when the last tensor using it is freed (`_RegisteredPages`)."""
+    if not nbytes:
+        return torch.empty(0, dtype=torch.uint8)
+    pages = _RegisteredPages(-1, nbytes)
+    flat = torch.frombuffer(pages, dtype=torch.uint8)
+    if torch.cuda.is_available():
+        pages.address = flat.data_ptr()
+        err = torch.cuda.cudart().cudaHostRegister(pages.address, nbytes, 0)
+        if int(err) == 0:
+            pages.registered = True
+        else:  # still correct, only the copies become synchronous
             print(f"wanlora: cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}); host copies stay pageable")
     return flat
 
