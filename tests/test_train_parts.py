@@ -13,7 +13,7 @@ from wanlora.config import NetworkConfig, TrainConfig
 from wanlora.data.dataset import epoch_batches, small_buckets
 from wanlora.models.geometry import TINY, build_transformer
 from wanlora.train import checkpoint as ckpt
-from wanlora.train.experts import ExpertPlacer, ExpertSchedule, plan_placement
+from wanlora.train.experts import ExpertPlacer, ExpertSchedule, park_loaded, plan_placement
 from wanlora.io import safetensors_bytes
 from wanlora.train.lora import Ema, add_lora, lora_disabled, lora_state_dict, set_lora_scale
 from wanlora.train.offload import BlockOffload
@@ -221,6 +221,28 @@ def test_placer_moves_outgoing_expert_out_before_bringing_the_next_in():
     moves.clear()
     both.activate("high")
     assert [(w) for _, w, _ in moves] == ["device"]  # both fit: the waiting expert joins, none leaves
+
+
+def test_an_expert_already_loaded_is_parked_before_the_next_loads_onto_the_device():
+    """Fitted 4-bit recovery loads both experts onto the GPU in turn; on the 24 GB tier the first
+    stayed there while the second was fitted, 24.8 GiB on the card (bench/RESULTS.md, second H200
+    session). Unless both fit, the loaded ones go to host memory first; the placer fetches back
+    the one that trains first."""
+    moves = []
+    models = {"high": torch.nn.Linear(1, 1)}
+    where = {"high": "device"}
+    mover = lambda m, w, nb: moves.append((m, w, nb))  # noqa: E731
+    park_loaded(models, where, fit=False, mover=mover)
+    assert moves == [(models["high"], "host", False)] and where == {"high": "host"}
+    park_loaded(models, where, fit=False, mover=mover)
+    assert len(moves) == 1  # already parked: nothing moves twice
+    where["high"] = "device"
+    park_loaded(models, where, fit=True, mover=mover)
+    assert len(moves) == 1 and where == {"high": "device"}  # both fit: it stays
+    models["low"], where["low"] = torch.nn.Linear(1, 1), "device"
+    placer = ExpertPlacer(models, torch.device("meta"), fit=False, mover=mover, where=dict(where, high="host"))
+    placer.prepare("high")  # what setup does next: the first expert comes back, the fitted one leaves
+    assert [(w) for _, w, _ in moves[1:]] == ["host", "device"]
 
 
 def test_block_offload_visits_the_device_only_around_each_block():

@@ -39,7 +39,7 @@ from wanlora.train.distributed import (
     Cursor, DistEnv, DistributedError, GlobalBatch, derive_seed, distributed, init_distributed, rank_share,
     shard, take_batches,
 )
-from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit, make_mover
+from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit, make_mover, park_loaded
 from wanlora.train.lora import BASE_MODEL_VERSION, Ema, add_lora, lora_file_bytes
 from wanlora.train.monitor import Monitor, peak_memory_gib
 from wanlora.train.offload import BlockOffload
@@ -275,8 +275,12 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         calib = _calibration_inputs(data, dists[e], workspace, params, expect_encoder, device, dtype)
         # The first expert loads onto the device, the other waits in host memory, unless its 4-bit
         # recovery is fitted: calibration runs the expert's forward on inputs on the device (an
-        # A14B forward on the CPU is far too slow), so it loads there and the placer parks it after.
+        # A14B forward on the CPU is far too slow), so it loads there, once the experts already
+        # loaded are parked if they cannot all stay (`park_loaded`); the placer then fetches the first.
         where[e] = "device" if e == mine[0] or device.type == "cpu" or calib is not None else "host"
+        if where[e] == "device" and experts and device.type == "cuda":
+            park_loaded(experts, where, both_fit(params, experts, device),
+                        make_mover(device, {id(b) for off in offloads for b in off.blocks}))
         experts[e], off = _load_expert(root, e, params, workspace, device, dtype,
                                        device if where[e] == "device" else torch.device("cpu"), calib)
         if params.train.sharded_base:
