@@ -60,10 +60,22 @@ EXPERT_SEEDS = {"high": 1, "low": 2}
 SAVE_AT = 2  # the data-parallel run saves after this many steps and runs one more
 
 
-def tiny_expert(seed: int) -> WanTransformer3DModel:
-    """The tiny expert with a rank-4 LoRA whose B is non-zero (so every LoRA tensor gets a gradient)."""
+def tiny_expert(seed: int, dtype: torch.dtype = torch.float32, fp8: bool = False, **config) -> WanTransformer3DModel:
+    """The tiny expert (TINY_CFG, `config` overriding) with a rank-4 LoRA whose B is non-zero (so
+    every LoRA tensor gets a gradient). In `dtype` as `from_pretrained(torch_dtype=...)` loads it
+    (diffusers' fp32 modules kept fp32); `fp8`: float8 block linears with fp8 matmuls (`models.quant`)."""
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**TINY_CFG)
+    model = WanTransformer3DModel(**{**TINY_CFG, **config})
+    if dtype != torch.float32:
+        keep = set(model._keep_in_fp32_modules)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not keep & set(name.split(".")):
+                t.data = t.data.to(dtype)
+    if fp8:
+        from wanlora.models.quant import enable_fp8_matmul, quantize_transformer
+
+        quantize_transformer(model, "float8", device="cpu")
+        enable_fp8_matmul(model)
     add_lora(model, NET)
     g = torch.Generator().manual_seed(seed + 100)
     for name, p in model.named_parameters():
@@ -80,13 +92,14 @@ def lora_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 class SyntheticData:
     """Per-item clean latents and text embeddings (what the caches hold), drawn once from a seed."""
 
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=lambda: SHAPES)
     latents: list[torch.Tensor] = field(default_factory=list)
     embeds: list[torch.Tensor] = field(default_factory=list)
     seen_t: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         g = torch.Generator().manual_seed(SEED)
-        self.latents = [torch.randn(SHAPES[b], generator=g) for b in BUCKETS]
+        self.latents = [torch.randn(self.shapes[b], generator=g) for b in BUCKETS]
         self.embeds = [torch.randn(8, TINY_CFG["text_dim"], generator=g) for _ in BUCKETS]
         self.dists = {e: TimestepDistribution("linear", "balanced", expert_band(e, BOUNDARY)) for e in ("high", "low")}
 
@@ -112,13 +125,15 @@ def accumulate_grads(model: torch.nn.Module, data: SyntheticData, batches: list,
 
 def run_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: SyntheticData, cursor: Cursor,
               steps: range, env: DistEnv, *, expert: str, accum: int = 1, group=None,
-              group_rank: int = 0, group_world: int = 1) -> list[StepOutcome]:
-    """Optimizer steps `steps` of one expert; group_world ranks each run `accum` micro-batches."""
+              group_rank: int = 0, group_world: int = 1, sp: int = 1,
+              dtype: torch.dtype = torch.float32) -> list[StepOutcome]:
+    """Optimizer steps `steps` of one expert; group_world replicas (of `sp` ranks each) each run
+    `accum` micro-batches."""
     out = []
     for step in steps:
         mine = rank_share(take_batches(data.order, cursor, accum * group_world), group_rank, group_world)
         out.append(optimizer_step(model, opt, mine, data.make_batch, expert=expert, step=step, cfg=CFG, seed=SEED,
-                                  dtype=torch.float32, env=env, group=group))
+                                  dtype=dtype, env=env, group=group, sp=sp))
     return out
 
 

@@ -303,6 +303,11 @@ class TrainConfig(Section):
         1, ge=0, description="GPUs `dvc repro` trains on: the stage re-runs itself under torchrun with this many "
         "processes (0 = every visible GPU). Ignored when launched by torchrun or accelerate."
     )
+    sequence_parallel: int = Field(
+        1, ge=1, description="Split each sample's tokens over this many GPUs (Ulysses: self-attention trades heads "
+        "for tokens by all-to-all), for clips one GPU cannot hold; the GPU count must be a multiple (the rest is "
+        "data- or expert-parallel). Must divide the heads (A14B 40: 2, 4, 5, 8) and every bucket's tokens."
+    )
 
     @field_validator("betas")
     @classmethod
@@ -326,6 +331,10 @@ class TrainConfig(Section):
         if self.sharded_base and self.optimizer != "adamw":
             raise ValueError(f"sharded_base needs optimizer: adamw (got {self.optimizer!r}): the "
                              "8-bit and Adafactor optimizers cannot step FSDP's sharded parameters")
+        if self.sharded_base and self.sequence_parallel > 1:
+            raise ValueError("sharded_base and sequence_parallel > 1 together are not supported yet (FSDP over "
+                             "sequence-parallel ranks is untested): sequence parallelism already divides the "
+                             "activations; for the weights use quantization.transformer: float8")
         return self
 
 
@@ -511,6 +520,17 @@ class Params(Section):
         if not v:
             raise ValueError("needs at least one dataset, e.g. {main: {folder: data/raw}}")
         return v
+
+    @model_validator(mode="after")
+    def _sequence_dropout(self) -> "Params":
+        """LoRA dropout draws its mask from the batch's seed over the layer's input; under sequence
+        parallelism each rank's input is its token shard, so the masks (and the step) would differ
+        from one GPU's, and every shard would reuse the same draw."""
+        if self.train.sequence_parallel > 1 and self.network.dropout > 0:
+            raise ValueError(f"network.dropout {self.network.dropout} with train.sequence_parallel "
+                             f"{self.train.sequence_parallel}: dropout masks would be drawn per token shard, so the "
+                             "step would not be one GPU's. Fix: network.dropout: 0, or train.sequence_parallel: 1")
+        return self
 
 
 # ------------------------------------------------------------------------------- loading

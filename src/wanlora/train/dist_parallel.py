@@ -21,6 +21,12 @@ checkpointing, quantized bases and FSDP all see the bare module; there is no no_
 for accumulation and no "parameter marked ready twice" failure when DOP runs two forwards before
 one backward. Gradients are summed in fp32, the LoRA's master dtype (`wanlora.train.lora`).
 Expert-parallel groups of one rank skip the reduction entirely.
+
+Sequence-parallel (`train.sequence_parallel: S`, `wanlora.train.sequence_parallel`): S contiguous
+ranks run one replica, the same micro-batches with the same random draws, each on 1/S of the
+tokens; the plans above then count replicas (world = replicas x S) and an expert's group holds all
+ranks of its replicas. Each SP rank's LoRA gradient is its share of the replica's, so the group
+average with the loss scaled by the group size sums over SP and averages over replicas.
 """
 
 from __future__ import annotations
@@ -47,11 +53,19 @@ MakeBatch = Callable[[list[int], Expert, torch.Generator], StepBatch]
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    """Which ranks train which expert. In data mode every rank is in every expert's group."""
+    """Which ranks train which expert. In data mode every rank is in every expert's group.
+    `sp` ranks in a row form one sequence-parallel replica (1: every rank is a replica)."""
 
     mode: Literal["data", "expert"]
     world: int
     groups: dict[Expert, tuple[int, ...]]
+    sp: int = 1
+
+    def replica(self, rank: int, expert: Expert) -> tuple[int, int]:
+        """(index of `rank`'s replica in the expert's group, replicas in that group): which share
+        of the global batches the rank runs (`rank_share`), the same for all SP ranks of a replica."""
+        members = self.groups[expert]
+        return members.index(rank) // self.sp, len(members) // self.sp
 
     def experts_of(self, rank: int) -> tuple[Expert, ...]:
         """The experts rank `rank` loads and trains, in schedule order."""
@@ -75,24 +89,29 @@ class ParallelPlan:
         return 1 if self.mode == "data" else len(self.groups)
 
 
-def plan_parallel(world: int, active: Iterable[Expert], mode: Mode = "auto") -> ParallelPlan:
-    """The plan for `world` ranks and the active experts.
+def plan_parallel(world: int, active: Iterable[Expert], mode: Mode = "auto", sp: int = 1) -> ParallelPlan:
+    """The plan for `world` ranks and the active experts, with `sp` ranks per sequence-parallel
+    replica (`world` a multiple of it; `sequence_parallel.check_world`).
 
-    auto: expert-parallel when both experts train and the ranks split evenly, else data-parallel.
+    auto: expert-parallel when both experts train and the replicas split evenly, else data-parallel.
     """
     experts = tuple(e for e in ORDER if e in set(active))
     if not experts:
         raise DistributedError("no expert to train: set multistage.train_high_noise or train_low_noise to true")
     everyone = tuple(range(world))
-    can_split = len(experts) == 2 and world >= 2 and world % 2 == 0
+    replicas = world // sp
+    can_split = len(experts) == 2 and replicas >= 2 and replicas % 2 == 0
     if mode == "expert" and not can_split:
-        why = "only one expert is active" if len(experts) < 2 else f"{world} process(es) do not split in two"
-        raise DistributedError(f"train.parallel is 'expert' but {why}. Fix: launch an even number of processes "
+        why = "only one expert is active" if len(experts) < 2 else (
+            f"{world} process(es) do not split in two" if sp == 1 else
+            f"{world} processes are {replicas} sequence-parallel group(s) of {sp}, which do not split in two")
+        raise DistributedError(f"train.parallel is 'expert' but {why}. Fix: launch an even number of "
+                               f"{'processes' if sp == 1 else f'groups of {sp} processes'} "
                                "with both multistage.train_* true, or set train.parallel: data")
     if mode == "data" or (mode == "auto" and not can_split):
-        return ParallelPlan("data", world, {e: everyone for e in experts})
+        return ParallelPlan("data", world, {e: everyone for e in experts}, sp)
     half = world // 2
-    return ParallelPlan("expert", world, {"high": everyone[:half], "low": everyone[half:]})
+    return ParallelPlan("expert", world, {"high": everyone[:half], "low": everyone[half:]}, sp)
 
 
 def make_groups(plan: ParallelPlan, env: DistEnv) -> dict[Expert, Any]:
@@ -175,7 +194,8 @@ def world_metrics(plan: ParallelPlan, metrics: dict[Expert, dict[str, float]], s
     experts = [e for e in ORDER if e in plan.groups]
     names = sorted(next(iter(metrics.values())))
     width = 1 + len(names)
-    values = [0.0] * (width * len(experts)) + [samples / max(seconds, 1e-9), float(stop)]
+    rate = samples / plan.sp / max(seconds, 1e-9)  # the SP ranks of a replica ran the same samples
+    values = [0.0] * (width * len(experts)) + [rate, float(stop)]
     for expert, means in metrics.items():
         share = 1.0 / len(plan.groups[expert])  # every member holds the group's means: each adds its share
         at = width * experts.index(expert)
@@ -214,6 +234,7 @@ def optimizer_step(
     group: Any = None,
     before_update: Callable[[], None] | None = None,
     micro_batches: int | None = None,
+    sp: int = 1,
 ) -> StepOutcome:
     """This rank's micro-batches of optimizer step `step`, the group's gradient average, the step.
 
@@ -225,12 +246,16 @@ def optimizer_step(
     micro-batches. If any rank met a non-finite loss, every rank skips the update (the flag is
     reduced with the loss), so the LoRAs never diverge. `before_update` runs between the last
     backward and the optimizer step (the trainer starts the next expert's weight copy there, to
-    overlap it with the update).
+    overlap it with the update). `sp`: ranks per sequence-parallel replica in `group`; they run
+    the same micro-batches, their losses are counted once and their gradients summed: with the
+    loss scaled by n/count (n ranks, count micro-batches of all replicas) the group mean is
+    (1/n) * sum over replicas of (n/count) * (its gradient, summed over its SP ranks), the mean
+    over micro-batches as with one rank per replica.
     """
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
     n = group_size(group, env)
-    count = micro_batches if micro_batches is not None else len(batches) * n
+    count = micro_batches if micro_batches is not None else len(batches) * n // sp
     loss, main, preservation, bad, samples = 0.0, 0.0, 0.0, 0, 0
     for b in batches:
         out = training_step(
@@ -244,7 +269,8 @@ def optimizer_step(
         preservation += (out.preservation or 0.0) / count
         bad += not out.finite
         samples += len(b.indices)
-    loss_sum, main_sum, pres_sum, bad_sum, samples_sum = sum_over([loss, main, preservation, bad, samples], group, env)
+    loss_sum, main_sum, pres_sum, bad_sum, samples_sum = (
+        v / sp for v in sum_over([loss, main, preservation, bad, samples], group, env))
     finite = bad_sum == 0
     if before_update is not None:
         before_update()

@@ -45,13 +45,14 @@ from wanlora.train.monitor import Monitor, peak_memory_gib
 from wanlora.train.offload import BlockOffload
 from wanlora.train.flowmatch import add_noise
 from wanlora.train.optim import build_optimizer
+from wanlora.train.sequence_parallel import check_model_degree, check_world, enable_sequence_parallel, make_sequence_group
 from wanlora.train.step import StepBatch
 from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEXT_DIR = "data/cache/text"
 # Where the run trains, not what it computes: a run resumes on another GPU count or device.
-PLACEMENT_KEYS = ("train.gpus", "job.device")
+PLACEMENT_KEYS = ("train.gpus", "job.device", "train.sequence_parallel")
 
 
 class BadLossError(UserError, RuntimeError):
@@ -188,12 +189,12 @@ def next_batches(tr: Trainer, experts: list[Expert]) -> list[tuple[Expert, list[
     """This rank's micro-batches of the next optimizer step, given the step's expert per global
     micro-batch (`ExpertSchedule.take`): the group takes the next len(experts) batches of the
     global order, rank r every group-size-th from r. Returned per expert, in order of first
-    appearance, with that expert's global micro-batch count; advances the global (epoch, position)."""
-    members = tr.plan.groups[experts[0]]
+    appearance, with that expert's global micro-batch count; advances the global (epoch, position).
+    The ranks of one sequence-parallel replica take the same share."""
     cursor = Cursor(tr.epoch, tr.position)
     batches = take_batches(lambda epoch: epoch_order(tr, epoch), cursor, len(experts))
     tr.epoch, tr.position = cursor.epoch, cursor.position
-    rank, n = members.index(tr.env.rank), len(members)
+    rank, n = tr.plan.replica(tr.env.rank, experts[0])
     mine = list(zip(rank_share(batches, rank, n), shard(experts, rank, n)))
     return [(e, [b for b, x in mine if x == e], experts.count(e)) for e in dict.fromkeys(experts)]
 
@@ -237,13 +238,16 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
                          "Fix: set at least one of them to true in params.yaml")
     root = resolve_model(params.model.name_or_path, params.model.revision)
     env = env if env is not None else init_distributed(params.job.device)  # cuda:N, never a bare "cuda"
-    plan = plan_parallel(env.world, active, params.train.parallel)
+    sp = params.train.sequence_parallel
+    check_world(env.world, sp)
+    plan = plan_parallel(env.world, active, params.train.parallel, sp)
     if params.train.steps % plan.step_increment:  # a round steps both experts: 13 would end at 14
         raise DistributedError(
             f"train.steps is {params.train.steps}, but expert-parallel training steps both experts in each "
             f"round ({plan.step_increment} steps a round). Fix: set train.steps to a multiple of "
             f"{plan.step_increment}, or train.parallel: data")
     groups = make_groups(plan, env)
+    sequence = make_sequence_group(env, sp)
     mine = plan.experts_of(env.rank)
     if params.train.sharded_base and len(mine) > 1:
         raise DistributedError("train.sharded_base shards one expert per rank group, but this rank holds both: "
@@ -258,6 +262,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
                          folders={n: d.folder for n, d in params.datasets.items()},
                          encode=_vae_encoder(root, params, workspace, device))
+    check_model_degree(sp, root, mine, data.buckets(), vae_config)
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
     if env.is_main:
         for p in problems:
@@ -283,6 +288,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
                         make_mover(device, {id(b) for off in offloads for b in off.blocks}))
         experts[e], off = _load_expert(root, e, params, workspace, device, dtype,
                                        device if where[e] == "device" else torch.device("cpu"), calib)
+        enable_sequence_parallel(experts[e], sequence)
         if params.train.sharded_base:
             from wanlora.train.dist_fsdp import shard_base
 
@@ -339,7 +345,7 @@ def step_experts(tr: Trainer, parts: list[tuple[Expert, list[GlobalBatch], int]]
         out = outs[expert] = optimizer_step(
             model, tr.optimizers[expert], mine, lambda idx, e, g: make_batch(tr, idx, e, g), expert=expert,
             step=tr.step, cfg=tr.params.train, seed=tr.params.job.seed, dtype=tr.dtype, env=tr.env,
-            group=tr.groups[expert], before_update=prefetch, micro_batches=count)
+            group=tr.groups[expert], before_update=prefetch, micro_batches=count, sp=tr.plan.sp)
         if out.finite and expert in tr.emas:
             tr.emas[expert].update(model)
         for off in tr.offloads:  # an offloaded block left on the device goes home before the next expert runs
@@ -368,7 +374,8 @@ def train(tr: Trainer) -> None:
             started = time.perf_counter()
             choice = torch.Generator().manual_seed(derive_seed(tr.params.job.seed, "expert", tr.step))
             members = plan.groups[tr.schedule.active[0]]  # this rank's group, whichever expert it trains
-            parts = next_batches(tr, tr.schedule.take(cfg.gradient_accumulation * len(members), choice))
+            replicas = len(members) // plan.sp  # sequence-parallel ranks share their micro-batches
+            parts = next_batches(tr, tr.schedule.take(cfg.gradient_accumulation * replicas, choice))
             outs = step_experts(tr, parts)
             tr.bad_steps = 0 if all(o.finite for o in outs.values()) else tr.bad_steps + 1
             if tr.bad_steps and env.rank == members[0]:
