@@ -189,3 +189,71 @@ def test_one_process_state_resumes_under_sp(ranks, request) -> None:
     got = load_file(out / f"{tag}_lora.safetensors")
     for k, v in lora_state_dict(model).items():
         torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+# --------------------------------------------------------------------------- the train stage
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The train stage on the tiny workspace (2 heads, 8-token samples, both experts, 4 steps,
+    saves every 2): one process; SP 2 on two ranks; SP 2 killed after its step-2 save and resumed
+    in one process; one process killed there and resumed under SP 2."""
+    from _train_helpers import copy_workspace, crash_at_step, make_workspace, tiny_params
+    from test_distributed_stage import _crash_at_step_2
+
+    from wanlora.train import loop
+
+    base = tmp_path_factory.mktemp("sp_stage")
+    template, model = make_workspace(base / "template", base / "model"), base / "model"
+    one_p, sp_p = (tiny_params(model, train={"steps": 4, "sequence_parallel": n}) for n in (1, 2))
+    ws = {name: copy_workspace(template, base / name) for name in ("one", "sp", "sp_then_one", "one_then_sp")}
+    loop.run_stage(one_p, ws["one"])
+    launch(loop.run_stage, (sp_p, ws["sp"]), world=2)
+    with pytest.raises(AssertionError, match="ranks failed"):
+        launch(_crash_at_step_2, (sp_p, ws["sp_then_one"]), world=2)
+    loop.run_stage(one_p, ws["sp_then_one"])
+    with pytest.MonkeyPatch.context() as mp:
+        crash_at_step(mp, 2)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_stage(one_p, ws["one_then_sp"])
+    launch(loop.run_stage, (sp_p, ws["one_then_sp"]), world=2)
+    return {**ws, "model": model}
+
+
+def _history(ws: Path) -> list[dict]:
+    return json.loads(next((ws / "scratch/train").glob("*/state_000004/state.json")).read_text())["history"]
+
+
+@pytest.mark.parametrize("run", ["sp", "sp_then_one", "one_then_sp"])
+def test_train_stage_under_sp_equals_one_process_and_resumes_across_topologies(stage_runs, run) -> None:
+    """Same LoRA files and losses as the one-process run, whichever topology wrote which half
+    (the run key leaves train.sequence_parallel out, like train.gpus: one state folder)."""
+    one, other = stage_runs["one"], stage_runs[run]
+    assert [p.name for p in (other / "scratch/train").iterdir()] == [p.name for p in (one / "scratch/train").iterdir()]
+    for expert in ("high", "low"):
+        for step in (2, 4):
+            name = f"data/lora/{expert}/step_{step:06d}.safetensors"
+            got, want = load_file(other / name), load_file(one / name)
+            assert sorted(got) == sorted(want)
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=f"{name} {k}")
+    rows, want_rows = _history(other), _history(one)
+    assert [r["step"] for r in rows] == [1.0, 2.0, 3.0, 4.0]
+    for a, b in zip(rows, want_rows, strict=True):
+        keys = sorted(k for k in b if k.startswith("loss_"))
+        assert keys == sorted(k for k in a if k.startswith("loss_")) and keys
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-6)
+        # the gradient itself, before Adam (which would hide an SP gradient counted twice)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_train_stage_refuses_a_degree_the_model_cannot_split(stage_runs) -> None:
+    """Checked from the experts' config.json and the bucket manifest, before any weight loads:
+    the tiny model's 2 heads split over 2 ranks only."""
+    from wanlora.train.sequence_parallel import check_model_degree
+
+    ws, model = stage_runs["one"], stage_runs["model"]
+    buckets = [json.loads(line)["bucket"] for line in (ws / "data/buckets/samples.jsonl").read_text().splitlines()]
+    vae = json.loads((model / "vae" / "config.json").read_text())
+    check_model_degree(2, model, ("high", "low"), buckets, vae)
+    with pytest.raises(DistributedError, match=r"is 4, .* 2 attention heads.*: 2\. Fix"):
+        check_model_degree(4, model, ("high", "low"), buckets, vae)
