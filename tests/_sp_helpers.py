@@ -133,6 +133,24 @@ def scenario_steps(env: DistEnv, out: Path, results: dict) -> None:
 SCENARIOS = [scenario_exact, scenario_steps]
 
 
+def compiled_main(out: Path) -> None:
+    """The fp32 case with every block compiled as `apply_accel(compile=True)` does, but with the
+    `aot_eager` backend and fullgraph: dynamo and AOT autograd trace forward and backward through
+    the all-to-alls with no graph break; only inductor's code generation (a C++ build per graph on
+    CPU, minutes here) is left out."""
+    with distributed("cpu") as env:
+        sp = make_sequence_group(env, env.world)
+        model = expert_case(CASES["fp32"], sp)
+        for block in model.blocks:
+            block.compile(backend="aot_eager", fullgraph=True)
+        got = forward_backward(model, CASES["fp32"])
+        for k, v in got.items():
+            if k.startswith("grad."):
+                dist.all_reduce(v, group=sp.group)
+        if env.is_main:
+            atomic_write_bytes(out / "compiled.safetensors", tensors_bytes(got))
+
+
 def main(out: Path) -> None:
     with distributed("cpu") as env:
         results: dict = {"world": env.world}

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_helpers import SAVE_AT, SyntheticData, launch, lora_params, run_steps, tiny_expert  # noqa: E402
-from _sp_helpers import CASES, SP_CFG, SP_SHAPES, expert_case, forward_backward, main  # noqa: E402
+from _sp_helpers import CASES, SP_CFG, SP_SHAPES, compiled_main, expert_case, forward_backward, main  # noqa: E402
 
 from wanlora.config import parse_params  # noqa: E402
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint  # noqa: E402
@@ -144,6 +144,18 @@ def test_sequence_parallel_forward_and_backward_equal_the_single_process_expert(
     scale = max(float(want[k].abs().max()) for k in grads)
     for k in grads:
         torch.testing.assert_close(got[k], want[k], atol=grad_tol * scale, rtol=grad_tol, msg=k)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_trace_the_exchange_without_graph_breaks(tmp_path) -> None:
+    """torch.compile of each block (fullgraph, aot_eager) on 2 ranks: same prediction, bitwise,
+    and the same gradients as the eager single-process expert (~30 s of CPU time tracing)."""
+    launch(compiled_main, (tmp_path,), world=2, timeout=400)
+    got = load_file(tmp_path / "compiled.safetensors")
+    want = forward_backward(expert_case(CASES["fp32"], SequenceGroup()), CASES["fp32"])
+    assert torch.equal(got["pred"], want["pred"])
+    for k in (k for k in want if k.startswith("grad.")):
+        torch.testing.assert_close(got[k], want[k], atol=1e-8, rtol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("ranks, sp", [("two", 2), ("four", 2), ("four", 4)])
