@@ -183,6 +183,12 @@ def test_plan_defaults_to_the_init_tier_and_exits_1_when_it_does_not_fit(tmp_pat
     assert code == 1 and "on a 16 GiB GPU: does NOT fit" in out
 
 
+def test_plan_gpus_option_predicts_the_launch(tmp_path: Path, monkeypatch, capsys):
+    assert runner.invoke(app, ["init", "--vram", "80", "--workspace", str(tmp_path)]).exit_code == 0
+    code, out = _main(monkeypatch, capsys, "plan", "--gpus", "4", "-w", str(tmp_path))
+    assert code == 0 and "4 GPUs: 4 replicas, expert-parallel (each GPU holds one expert)" in out
+
+
 def test_plan_of_a_cpu_run_says_so(tmp_path: Path, monkeypatch, capsys):
     assert runner.invoke(app, ["init", "--recipe", "smoke", "--workspace", str(tmp_path)]).exit_code == 0
     code, out = _main(monkeypatch, capsys, "plan", "-w", str(tmp_path))

@@ -204,3 +204,47 @@ def test_advice_is_about_this_config() -> None:
                                     "datasets": {"main": {"bucket": {"resolutions": [1024], "num_frames": [81]}}}}), 24.0)
     (fix,) = [s for s in long_clips.suggestions if "activations" in s]
     assert "81 frames at 1024x1024" in fix and "datasets.main.bucket.num_frames [81], resolutions [1024]" in fix
+
+
+# ------------------------------------------------------------------ several GPUs (issue 21)
+def _one_expert_1024(**train) -> object:
+    return parse_params({"model": {"name_or_path": "x"}, "multistage": {"train_low_noise": False},
+                         "train": {"optimizer": "adamw", **train},
+                         "datasets": {"main": {"bucket": {"resolutions": [1024], "num_frames": [81]}}}})
+
+
+def test_sequence_parallel_divides_activations_per_gpu_and_says_it_is_unmeasured() -> None:
+    """Weights and LoRA state stay whole on every GPU; activations and compute divide by N; the
+    all-to-alls are a model (ALL_TO_ALL_GBPS) that the render labels as not yet measured."""
+    one = plan(_one_expert_1024(), 141)
+    two, eight = (plan(_one_expert_1024(sequence_parallel=n), 141, gpus=n) for n in (2, 8))
+    a1, a2, a8 = (r.experts[0].activations_gib for r in (one, two, eight))
+    assert one.experts[0].weights_gib == two.experts[0].weights_gib == eight.experts[0].weights_gib
+    assert 0.5 < a2 / a1 < 0.55 and 0.125 < a8 / a1 < 0.14  # the exchange's two staging copies on top
+    assert one.peak_gib - two.peak_gib == pytest.approx(a1 - a2)
+    assert 0.5 < two.s_per_step / one.s_per_step < 0.52 and two.comm_s > eight.comm_s > 0
+    assert (two.mode, two.sp, eight.samples_per_s) == ("one", 2, pytest.approx(1 / eight.s_per_step))
+    text = render(two)
+    assert "2 GPUs: one replica of 2 GPUs sharing each sample's tokens" in text
+    assert "not yet measured on GPU" in text
+    with pytest.raises(ValueError, match="--gpus 3 is not a multiple of train.sequence_parallel 2"):
+        plan(_one_expert_1024(sequence_parallel=2), 141, gpus=3)
+
+
+def test_plan_modes_of_several_gpus_and_the_sequence_parallel_suggestion() -> None:
+    """DP and EP speed-ups from the 2x H100 table; EP holds one expert per GPU; on 80 GB cards a
+    clip one GPU cannot hold in bf16 is told which train.sequence_parallel fits."""
+    both = parse_params({"model": {"name_or_path": "x"}, "train": {"optimizer": "adamw"}})
+    one = plan(both, 80)
+    data = parse_params({"model": {"name_or_path": "x"}, "train": {"optimizer": "adamw", "parallel": "data"}})
+    ep, dp = plan(both, 80, gpus=2), plan(data, 80, gpus=2)
+    assert (ep.mode, dp.mode) == ("expert", "data")
+    assert ep.resident == "one" and ep.switch_overhead == 0 and [e.expert for e in ep.experts] == ["high"]
+    assert ep.samples_per_s == pytest.approx(2 * 0.983 / ep.s_per_step)
+    assert dp.samples_per_s == pytest.approx(2 * 0.953 / dp.s_per_step) and dp.peak_gib == one.peak_gib
+    big = plan(_one_expert_1024(), 80, gpus=4)
+    assert not big.fits
+    (advice,) = [s for s in big.suggestions if "sequence_parallel" in s]
+    assert advice.startswith("train.sequence_parallel: 2 (2 GPUs share each sample's tokens): peak ")
+    assert float(advice.split("peak ")[1].split(" GiB")[0]) + 2 <= 80
+    assert not [s for s in plan(_one_expert_1024(), 80).suggestions if "sequence_parallel" in s]  # one GPU: no advice

@@ -132,9 +132,12 @@ def import_aitk(
 def plan(
     gpu_gib: Annotated[Optional[float], typer.Option(
         "--gpu-gib", help="GPU memory in GiB; default: the --vram params.yaml was made for, else 24.")] = None,
+    gpus: Annotated[Optional[int], typer.Option(
+        "--gpus", min=1, help="GPUs of the launch (train.sequence_parallel of them share each sample); "
+        "default: train.gpus, else 1.")] = None,
     workspace: WorkspaceOpt = Path("."),
 ) -> None:
-    """Predict peak memory and step time for params.yaml on a GPU of this size (and, once the
+    """Predict peak memory per GPU and step time for params.yaml on GPUs of this size (and, once the
     bucket stage has run, the cost of one epoch over its samples).
 
     Exit status: 0 it fits (or job.device is cpu), 1 it does not fit.
@@ -150,7 +153,10 @@ def plan(
 
     samples = workspace / "data/buckets/samples.jsonl"
     epoch_plan = epoch(params, read_jsonl(samples)) if samples.is_file() else None
-    result = predict(params, gpu_gib)
+    try:
+        result = predict(params, gpu_gib, gpus=gpus or params.train.gpus or 1)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     console.print(render(result, epoch_plan), highlight=False)
     raise typer.Exit(0 if result.fits or result.device == "cpu" else 1)
 

@@ -73,6 +73,18 @@ FETCH_S_PER_GIB = 0.0211
 #: Memory max_memory_allocated does not show: CUDA context, cuBLAS/cuDNN workspaces, fragmentation.
 RESERVE_GIB = 2.0
 
+# ------------------------------------------- several GPUs (`--gpus N`; bench/RESULTS.md, multi-GPU sections)
+#: Throughput of N GPUs over N x one GPU's, measured on two H100s with NVLink at 33f@512² (issue 9):
+#: data-parallel 1.91x, expert-parallel 1.97x. Not measured at 4 or 8 GPUs.
+PARALLEL_EFFICIENCY = {"data": 0.953, "expert": 0.983}
+#: Sequence parallelism, NOT YET MEASURED ON A GPU (bench/RESULTS.md: "not yet run"). A model:
+#: every block's self-attention moves q, k, v and its output through one all-to-all each, per
+#: forward, backward and checkpointing recompute, at an assumed all-to-all rate per GPU over NVLink;
+#: per-token activations and compute divide by N; the exchange keeps two extra copies of a block's
+#: [tokens/N, dim] bf16 tensor alive at once (staged and received).
+ALL_TO_ALL_GBPS = 200.0
+EXCHANGE_COPIES = 2
+
 #: Bytes per stored weight element of quantized linears (codes + scales/zero points).
 QUANT_BYTES = {"none": 2.0, "float8": 1.0, "qfloat8": 1.0, "uint4": 0.5 + 3 / 64, "nf4": 0.5 + 4 / 64}
 #: Optimizer state bytes per LoRA parameter: 8-bit or float32 moments (torch keeps them in the
@@ -169,6 +181,11 @@ class PlanResult:
     switch_overhead: float
     device: str = "auto"
     suggestions: tuple[str, ...] = field(default_factory=tuple)
+    gpus: int = 1
+    sp: int = 1  # train.sequence_parallel: GPUs sharing one sample's tokens
+    mode: Literal["one", "data", "expert"] = "one"  # how the replicas (gpus / sp) split the work
+    samples_per_s: float = 0.0  # all GPUs together
+    comm_s: float = 0.0  # of s_per_step: sequence-parallel all-to-alls (modelled, unmeasured)
 
 
 def step_seconds(config: dict[str, Any], tokens: int, checkpointing: Checkpointing, compiled: bool,
@@ -186,22 +203,41 @@ def step_seconds(config: dict[str, Any], tokens: int, checkpointing: Checkpointi
     return t + OPTIMIZER_S[optimizer]
 
 
+def exchange_seconds(config: dict[str, Any], tokens: int, sp: int, checkpointing: Checkpointing,
+                     dop: bool = False) -> float:
+    """Modelled seconds of a micro-step's sequence-parallel all-to-alls (unmeasured, see
+    ALL_TO_ALL_GBPS): 4 per block and pass, each sending (sp-1)/sp of a [tokens/sp, dim] bf16 tensor."""
+    if sp == 1:
+        return 0.0
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    passes = 2 + (0 if checkpointing == "none" else 1)  # forward, backward, recompute
+    sent = 4 * passes * config["num_layers"] * (tokens / sp) * d * 2 * (sp - 1) / sp
+    return sent * (2 if dop else 1) / (ALL_TO_ALL_GBPS * 1e9)
+
+
 def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointing: Checkpointing,
-             quant: str, clip: tuple[int, int, int], offload: bool) -> PlanResult:
+             quant: str, clip: tuple[int, int, int], offload: bool, sp: int = 1,
+             experts_per_gpu: int = 2) -> PlanResult:
+    """One GPU's memory and step time; with `sp` GPUs sharing each sample's tokens, and at most
+    `experts_per_gpu` experts on it (1 under expert-parallel)."""
     ms, tr = params.multistage, params.train
-    names = [e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on]
+    names = [e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on][:experts_per_gpu]
     tokens = clip_tokens(*clip, config) * tr.batch_size
     compiled = params.model.compile
     w = weight_gib(config, quant)
     lora = lora_parameters(config, params.network.rank, params.network.target_modules)
     lora_g = lora * (LORA_BYTES + OPTIMIZER_BYTES[tr.optimizer]) / GIB
-    held = tokens * (2 if tr.dop.enabled else 1)  # the class prompt doubles the trained batch
+    held = tokens * (2 if tr.dop.enabled else 1) / sp  # the class prompt doubles the trained batch
     act = ACT_FIXED_GIB[checkpointing] + ACT_GIB_PER_TOKEN[checkpointing] * held
     if offload:
         act = min(act, ACT_OFFLOADED_GIB_PER_TOKEN * held + PREFETCH_BYTES / GIB)
+    if sp > 1:
+        act += EXCHANGE_COPIES * held * config["num_attention_heads"] * config["attention_head_dim"] * 2 / GIB
     text = TEXT_LEN * config["text_dim"] * 2 * tr.batch_size / GIB
     fp8 = params.quantization.fp8_matmul and quant == "float8"
-    s = step_seconds(config, tokens, checkpointing, compiled, tr.optimizer, tr.dop.enabled, fp8)
+    compute = step_seconds(config, tokens, checkpointing, compiled, tr.optimizer, tr.dop.enabled, fp8)
+    comm = exchange_seconds(config, tokens, sp, checkpointing, tr.dop.enabled)
+    s = (compute - OPTIMIZER_S[tr.optimizer]) / sp + OPTIMIZER_S[tr.optimizer] + comm
     plans = tuple(ExpertPlan(e, w, lora_g, act + text, s) for e in names)
     lora_all = lora_g * len(names)  # every expert's LoRA and optimizer state stay on the GPU
     both = len(names) * w + lora_all + act + text
@@ -214,16 +250,32 @@ def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointi
         per_switch = w * FETCH_S_PER_GIB
         switch = per_switch / (ms.switch_every * tr.gradient_accumulation * s)
     return PlanResult(gpu_gib, clip, tokens, quant, checkpointing, compiled, resident, plans, peak,
-                      peak + RESERVE_GIB <= gpu_gib, s, switch)
+                      peak + RESERVE_GIB <= gpu_gib, s, switch, sp=sp, comm_s=comm)
+
+
+def parallel_mode(params: Params, gpus: int) -> Literal["one", "data", "expert"]:
+    """How the trainer splits `gpus` (`dist_parallel.plan_parallel` over the sequence-parallel replicas)."""
+    ms, sp = params.multistage, params.train.sequence_parallel
+    if gpus % sp:
+        raise ValueError(f"--gpus {gpus} is not a multiple of train.sequence_parallel {sp}: the trainer "
+                         "refuses that launch; give a multiple of it")
+    replicas = gpus // sp
+    if replicas == 1:
+        return "one"
+    both = ms.train_high_noise and ms.train_low_noise
+    split = both and replicas % 2 == 0 and params.train.parallel != "data"
+    return "expert" if split else "data"
 
 
 def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = None,
-         config: dict[str, Any] | None = None, clip: tuple[int, int, int] | None = None) -> PlanResult:
-    """Predict memory and time for `params` on a GPU of `gpu_gib` GiB, and suggest what fits.
+         config: dict[str, Any] | None = None, clip: tuple[int, int, int] | None = None,
+         gpus: int = 1) -> PlanResult:
+    """Predict memory per GPU and time for `params` on `gpus` GPUs of `gpu_gib` GiB, and suggest what fits.
 
     checkpointing: None reads params (train.gradient_checkpointing), as the
     trainer does. config: the expert geometry (default Wan 2.2 A14B). clip: (frames, height, width)
-    of the largest sample (default: from the datasets' buckets).
+    of the largest sample (default: from the datasets' buckets). gpus: the GPU count of the launch;
+    train.sequence_parallel of them share each sample, the replicas are data- or expert-parallel.
     """
     if gpu_gib <= 0:
         raise ValueError(f"gpu_gib={gpu_gib}: give the GPU's memory in GiB, e.g. 80 or 24")
@@ -233,7 +285,13 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
         checkpointing = params.train.gradient_checkpointing
     quant = params.quantization.transformer
     offload = params.model.activation_offloading
-    result = _predict(params, gpu_gib, config, checkpointing, quant, clip, offload)
+    mode, sp = parallel_mode(params, gpus), params.train.sequence_parallel
+    per_gpu = 1 if mode == "expert" else 2
+
+    def predict(ck: Checkpointing, q: str, off: bool, sp: int = sp) -> PlanResult:
+        return _predict(params, gpu_gib, config, ck, q, clip, off, sp, per_gpu)
+
+    result = predict(checkpointing, quant, offload)
     suggestions = []
     if not result.fits:
         # the faster levers first; activation offloading (host RAM, ~2% slower at 81f) after them
@@ -241,7 +299,7 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
                            ("selective", quant, True), ("selective", "float8", True), ("full", "uint4", offload)):
             if (ck, q, off) == (checkpointing, quant, offload) or (quant == "uint4" and q == "float8"):
                 continue
-            alt = _predict(params, gpu_gib, config, ck, q, clip, off)  # type: ignore[arg-type]
+            alt = predict(ck, q, off)  # type: ignore[arg-type]
             if alt.fits:
                 change = []
                 if q != quant:
@@ -254,6 +312,9 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
                 break
         else:
             suggestions.append(_nothing_fits(params, result))
+        sharing = _sequence_parallel_advice(params, result, gpus, config, predict)
+        if sharing:
+            suggestions.append(sharing)
     if result.switch_overhead > 0.05:
         halve = " or quantization.transformer: float8 to halve the copy" if quant == "none" else ""
         suggestions.append(
@@ -264,7 +325,28 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
         faster = step_seconds(config, result.tokens, checkpointing, True, params.train.optimizer, params.train.dop.enabled,
                               params.quantization.fp8_matmul)
         suggestions.append(f"model.compile: true would take ~{faster:.2f} s/step (first step compiles, ~40 s)")
-    return PlanResult(**{**result.__dict__, "device": params.job.device, "suggestions": tuple(suggestions)})
+    replicas = gpus // sp
+    rate = replicas / result.s_per_step * (PARALLEL_EFFICIENCY[mode] if mode != "one" else 1.0)
+    return PlanResult(**{**result.__dict__, "device": params.job.device, "suggestions": tuple(suggestions),
+                         "gpus": gpus, "mode": mode, "samples_per_s": rate})
+
+
+def _sequence_parallel_advice(params: Params, result: PlanResult, gpus: int, config: dict[str, Any],
+                              predict: Any) -> str | None:
+    """When the run does not fit and there are GPUs to share a sample: the smallest
+    train.sequence_parallel (dividing the heads, the largest clip's tokens and `gpus`) that fits
+    with the levers as they are."""
+    from wanlora.train.sequence_parallel import valid_degrees
+
+    if params.train.sequence_parallel > 1 or gpus < 2:
+        return None
+    for n in (n for n in valid_degrees(config["num_attention_heads"], [clip_tokens(*result.clip, config)])
+              if n <= gpus and gpus % n == 0):
+        alt = predict(result.checkpointing, result.quantization, params.model.activation_offloading, n)
+        if alt.fits:
+            return (f"train.sequence_parallel: {n} ({n} GPUs share each sample's tokens): peak {alt.peak_gib:.1f} GiB "
+                    f"a GPU, {alt.s_per_step:.2f} s/step (sequence parallelism is modelled, not yet measured on GPU)")
+    return None
 
 
 def _nothing_fits(params: Params, result: PlanResult) -> str:
@@ -337,6 +419,18 @@ def render(result: PlanResult, epoch_plan: EpochPlan | None = None) -> str:
         lines.append(f"one epoch: {epoch_plan.samples} samples (every window, resolution and flip) in "
                      f"{epoch_plan.buckets} bucket(s), {epoch_plan.micro_steps} micro-steps, "
                      f"~{epoch_plan.seconds / 60:.1f} min per expert")
+    if result.gpus > 1:
+        replicas = result.gpus // result.sp
+        how = {"one": "one replica", "data": f"{replicas} data-parallel replicas",
+               "expert": f"{replicas} replicas, expert-parallel (each GPU holds one expert)"}[result.mode]
+        sp = (f" of {result.sp} GPUs sharing each sample's tokens (sequence-parallel; all-to-alls "
+              f"{result.comm_s:.2f} s of the step)" if result.sp > 1 else "")
+        lines.append(f"{result.gpus} GPUs: {how}{sp}; memory above is per GPU; ~{result.samples_per_s:.3f} samples/s in all")
+        if result.mode != "one":
+            lines.append("data/expert-parallel efficiency as measured on 2 H100s (bench/RESULTS.md); 4 and 8 GPUs unmeasured")
+        if result.sp > 1:
+            lines.append("sequence parallelism is a model (compute / N plus all-to-alls at an assumed "
+                         f"{ALL_TO_ALL_GBPS:.0f} GB/s), not yet measured on GPU (bench/RESULTS.md)")
     lines += [f"suggestion: {s}" for s in result.suggestions]
     lines.append("times calibrated on one H200 (bench/RESULTS.md); scale by your GPU's bf16 rate")
     return "\n".join(lines)
