@@ -6,10 +6,8 @@
 # over N GPUs per replica), FxHxW (the clip, e.g. 81x1024x1024), full (full checkpointing), offload
 # (activation offloading). Run the 1-GPU data row of a clip first: the others' efficiency is measured
 # against it. Default: data:1 data:2 expert:2 data:2:sharded.
-# Issue 21's SP table on an 8-GPU kind (bench/RESULTS.md, "not yet run"):
-#   bench/run_scaling.sh data:1:81x832x480@200 data:2:sp2:81x832x480 data:4:sp4:81x832x480 data:8:sp8:81x832x480 \
-#     data:1:81x1024x1024:offload@300 data:2:sp2:81x1024x1024 data:4:sp4:81x1024x1024 data:8:sp8:81x1024x1024 \
-#     data:8:sp2:81x1024x1024 expert:8:sp4:81x1024x1024 data:8:sp8:81x1280x720
+# Issue 21's SP table (three calls on an 8-GPU kind) is in bench/RESULTS.md, "sequence parallelism";
+# e.g. data:8:sp8:81x1024x1024@120 is 8 GPUs sharing each 81f@1024² clip.
 # A CPU dry run of the harness: PY=/work/venv/bin/python BENCH_ARGS=--tiny bench/run_scaling.sh
 set -u
 source "$(dirname "$0")/gpu_env.sh"

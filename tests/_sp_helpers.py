@@ -24,7 +24,7 @@ from wanlora.io import atomic_write_bytes, atomic_write_json
 from wanlora.models.accel import AccelSettings, apply_accel
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
 from wanlora.train.dist_parallel import plan_parallel
-from wanlora.train.distributed import Cursor, DistEnv, batch_generator, distributed
+from wanlora.train.distributed import Cursor, DistEnv, DistributedError, batch_generator, distributed, gather_objects
 from wanlora.train.lora import lora_state_dict
 from wanlora.train.optim import build_optimizer
 from wanlora.train.sequence_parallel import SequenceGroup, enable_sequence_parallel, make_sequence_group
@@ -130,7 +130,20 @@ def scenario_steps(env: DistEnv, out: Path, results: dict) -> None:
         _sp_run(env, out, sp_size, results)
     _sp_run(env, out, env.world, results, resume_from=out / "one_state")
 
-SCENARIOS = [scenario_exact, scenario_steps]
+def scenario_state_mismatch(env: DistEnv, out: Path, results: dict) -> None:
+    """Nodes with their own workspace copies, the state on node 0's only: rank 0 reads the
+    one-process state, the others an empty folder; every rank must stop, none may train on."""
+    model = tiny_expert(0, **SP_CFG)
+    folder = out / "one_state" if env.rank == 0 else out / f"empty_{env.rank}"
+    try:
+        load_parallel_checkpoint(folder, env, {"low": ExpertParts(model, build_optimizer(lora_params(model), CFG))})
+        said = None
+    except DistributedError as err:
+        said = str(err)
+    results["state_mismatch"] = gather_objects(said, env)
+
+
+SCENARIOS = [scenario_exact, scenario_steps, scenario_state_mismatch]
 
 
 def compiled_main(out: Path) -> None:

@@ -191,6 +191,17 @@ def test_sp_state_resumes_in_one_process(ranks, sp, request) -> None:
         torch.testing.assert_close(v, got[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+def test_ranks_that_find_different_states_stop_together(two) -> None:
+    """A multi-node launch whose nodes hold their own workspace copies and only node 0 the state
+    (README, several nodes): rank 1 would start at step 0 while rank 0 resumed at 2."""
+    _, results = two
+    said = results["state_mismatch"]
+    assert len(said) == 2 and said[0].startswith(str(two[0] / "one_state")) and "empty_1" in said[1]
+    for message in said:  # each rank names its own folder, and the same finding
+        assert "the ranks found different training states (step by rank: [2, None]" in message
+        assert "copy node 0's folder to the others" in message
+
+
 @pytest.mark.parametrize("ranks", ["two", "four"])
 def test_one_process_state_resumes_under_sp(ranks, request) -> None:
     out, results = request.getfixturevalue(ranks)

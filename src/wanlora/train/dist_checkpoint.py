@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from wanlora.train import checkpoint as ckpt
 from wanlora.train.dist_parallel import ParallelPlan, is_sharded
-from wanlora.train.distributed import Cursor, DistEnv, barrier
+from wanlora.train.distributed import Cursor, DistEnv, DistributedError, barrier, gather_objects
 from wanlora.train.experts import ORDER
 from wanlora.train.lora import Ema, load_lora_state_dict, lora_state_dict
 from wanlora.train.timesteps import Expert
@@ -189,6 +189,12 @@ def load_parallel_checkpoint(folder: Path, env: DistEnv, local: dict[Expert, Exp
     position, history, ...) or None when there is none. Every rank reads the files itself."""
     barrier(env)  # a state being written by rank 0 is complete before anyone reads
     found = ckpt.load_state(folder)
+    steps = gather_objects(None if found is None else int(found[1]["step"]), env)
+    if len(set(steps)) > 1:  # e.g. nodes with their own workspace copies, the state only on node 0's
+        raise DistributedError(
+            f"{folder}: the ranks found different training states (step by rank: {steps}; None: no state). "
+            "Fix: give every node the same scratch/train/<run key>/ (a shared workspace, or copy node 0's "
+            "folder to the others) before resuming, or delete it everywhere to start again")
     if found is None:
         return None
     tensors, plain = found
