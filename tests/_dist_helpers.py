@@ -242,9 +242,14 @@ SCENARIOS = [scenario_cache_split, scenario_dp_grads, scenario_dp_resume, scenar
 
 
 def main(out: Path) -> None:
+    run_scenarios(SCENARIOS, out)
+
+
+def run_scenarios(scenarios: list[Callable[[DistEnv, Path, dict], None]], out: Path) -> None:
+    """Every scenario in turn on this rank; rank 0 writes out/results.json (with their seconds)."""
     with distributed("cpu") as env:
         results: dict = {"world": env.world}
-        for scenario in SCENARIOS:
+        for scenario in scenarios:
             started = time.perf_counter()
             scenario(env, out, results)
             results.setdefault("seconds", {})[scenario.__name__] = round(time.perf_counter() - started, 2)

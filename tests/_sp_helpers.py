@@ -12,15 +12,16 @@ parallelism as the reference.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from _dist_helpers import CFG, SAVE_AT, SEED, SyntheticData, lora_params, run_steps, tensors_bytes, tiny_expert
-from wanlora.io import atomic_write_bytes, atomic_write_json
+from _dist_helpers import (
+    CFG, SAVE_AT, SEED, SyntheticData, lora_params, run_scenarios, run_steps, tensors_bytes, tiny_expert,
+)
+from wanlora.io import atomic_write_bytes
 from wanlora.models.accel import AccelSettings, apply_accel
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
 from wanlora.train.dist_parallel import plan_parallel
@@ -72,14 +73,25 @@ def case_batch():
 def forward_backward(model: torch.nn.Module, case: Case) -> dict[str, torch.Tensor]:
     """The expert's prediction (no-grad forward) and the LoRA gradients of one `training_step`."""
     batch = case_batch()
+    x, emb = batch.latents.to(case.dtype), batch.embeds.to(case.dtype)
+    tokens = x.shape[2] * x.shape[3] * x.shape[4] // 4  # the (1, 2, 2) patch
+    per_token = batch.timesteps[:, None] + torch.arange(tokens) * 7.0  # TI2V-5B's one timestep per token
     with torch.no_grad():
-        x = batch.latents.to(case.dtype)
-        pred = model(hidden_states=x, timestep=batch.timesteps, encoder_hidden_states=batch.embeds.to(case.dtype),
-                     return_dict=False)[0]
+        pred = model(hidden_states=x, timestep=batch.timesteps, encoder_hidden_states=emb, return_dict=False)[0]
+        pred_tokens = model(hidden_states=x, timestep=per_token, encoder_hidden_states=emb, return_dict=False)[0]
     losses = training_step(model, batch, dtype=case.dtype)
-    out = {"pred": pred.float(), "loss": torch.tensor(losses.total, dtype=torch.float64)}
+    out = {"pred": pred.float(), "pred_per_token_t": pred_tokens.float(),
+           "loss": torch.tensor(losses.total, dtype=torch.float64)}
     out.update({f"grad.{n}": p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
     return out
+
+
+def sum_gradients(got: dict[str, torch.Tensor], sp: SequenceGroup) -> dict[str, torch.Tensor]:
+    """The SP ranks' gradient shares summed into the whole gradient (in place), on every rank."""
+    for k, v in got.items():
+        if k.startswith("grad."):
+            dist.all_reduce(v, group=sp.group)
+    return got
 
 
 # ------------------------------------------------------------------------------ scenarios
@@ -88,10 +100,7 @@ def scenario_exact(env: DistEnv, out: Path, results: dict) -> None:
     gradients of one step (the ranks' gradients are shares of the whole one)."""
     sp = make_sequence_group(env, env.world)
     for name, case in CASES.items():
-        got = forward_backward(expert_case(case, sp), case)
-        for k, v in got.items():
-            if k.startswith("grad."):
-                dist.all_reduce(v, group=sp.group)
+        got = sum_gradients(forward_backward(expert_case(case, sp), case), sp)
         if env.is_main:
             atomic_write_bytes(out / f"exact_{name}.safetensors", tensors_bytes(got))
 
@@ -156,23 +165,13 @@ def compiled_main(out: Path) -> None:
         model = expert_case(CASES["fp32"], sp)
         for block in model.blocks:
             block.compile(backend="aot_eager", fullgraph=True)
-        got = forward_backward(model, CASES["fp32"])
-        for k, v in got.items():
-            if k.startswith("grad."):
-                dist.all_reduce(v, group=sp.group)
+        got = sum_gradients(forward_backward(model, CASES["fp32"]), sp)
         if env.is_main:
             atomic_write_bytes(out / "compiled.safetensors", tensors_bytes(got))
 
 
 def main(out: Path) -> None:
-    with distributed("cpu") as env:
-        results: dict = {"world": env.world}
-        for scenario in SCENARIOS:
-            started = time.perf_counter()
-            scenario(env, out, results)
-            results.setdefault("seconds", {})[scenario.__name__] = round(time.perf_counter() - started, 2)
-        if env.is_main:
-            atomic_write_json(out / "results.json", results)
+    run_scenarios(SCENARIOS, out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _dist_helpers import SAVE_AT, SyntheticData, launch, lora_params, run_steps, tiny_expert  # noqa: E402
+from _dist_helpers import CFG, SAVE_AT, SyntheticData, launch, lora_params, run_steps, tiny_expert  # noqa: E402
 from _sp_helpers import CASES, SP_CFG, SP_SHAPES, compiled_main, expert_case, forward_backward, main  # noqa: E402
 
 from wanlora.config import parse_params  # noqa: E402
@@ -32,7 +32,6 @@ from wanlora.train.optim import build_optimizer  # noqa: E402
 from wanlora.train.sequence_parallel import (  # noqa: E402
     SequenceGroup, bucket_tokens, check_degree, check_world, valid_degrees,
 )
-from _dist_helpers import CFG  # noqa: E402
 
 ONE = DistEnv()
 WAN_VAE = {"scale_factor_temporal": 4, "scale_factor_spatial": 8}
@@ -140,6 +139,8 @@ def test_sequence_parallel_forward_and_backward_equal_the_single_process_expert(
     if ranks == "two" and case.dtype == torch.float32:
         assert torch.equal(got["pred"], want["pred"]), "two ranks: the prediction is bitwise the unsplit one"
     torch.testing.assert_close(got["pred"], want["pred"], atol=pred_tol, rtol=pred_tol)
+    assert not torch.allclose(want["pred_per_token_t"], want["pred"])  # per-token timesteps shard with the tokens
+    torch.testing.assert_close(got["pred_per_token_t"], want["pred_per_token_t"], atol=pred_tol, rtol=pred_tol)
     torch.testing.assert_close(got["loss"], want["loss"], atol=0, rtol=max(pred_tol, 1e-6))
     scale = max(float(want[k].abs().max()) for k in grads)
     for k in grads:

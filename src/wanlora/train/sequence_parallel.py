@@ -263,16 +263,10 @@ def enable_sequence_parallel(model: torch.nn.Module, sp: SequenceGroup) -> torch
     def gather_tokens(_module: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
         return _Gather.apply(out, 1, sp)  # [B, S/N, C*patch] -> [B, S, C*patch] before unpatchify
 
-    model._wanlora_sequence_hooks = [
-        model.patch_embedding.register_forward_hook(shard_tokens),
-        model.rope.register_forward_hook(shard_rope),
-        model.register_forward_pre_hook(shard_timestep, with_kwargs=True),
-        model.proj_out.register_forward_hook(gather_tokens),
-    ]
+    model.patch_embedding.register_forward_hook(shard_tokens)
+    model.rope.register_forward_hook(shard_rope)
+    model.register_forward_pre_hook(shard_timestep, with_kwargs=True)
+    model.proj_out.register_forward_hook(gather_tokens)
     model._wanlora_sequence = sp
     return model
 
-
-def sequence_group_of(model: torch.nn.Module) -> SequenceGroup:
-    """The group a model runs sequence-parallel over (size 1 when it does not)."""
-    return getattr(model, "_wanlora_sequence", None) or SequenceGroup()
