@@ -220,7 +220,8 @@ def test_one_process_state_resumes_under_sp(ranks, request) -> None:
 def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The train stage on the tiny workspace (2 heads, 8-token samples, both experts, 4 steps,
     saves every 2): one process; SP 2 on two ranks; SP 2 killed after its step-2 save and resumed
-    in one process; one process killed there and resumed under SP 2."""
+    in one process; one process killed there and resumed under SP 2; expert-parallel on two ranks,
+    and on four as two SP groups of two."""
     from _train_helpers import copy_workspace, crash_at_step, make_workspace, tiny_params
     from test_distributed_stage import _crash_at_step_2
 
@@ -240,18 +241,23 @@ def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         with pytest.raises(KeyboardInterrupt):
             loop.run_stage(one_p, ws["one_then_sp"])
     launch(loop.run_stage, (sp_p, ws["one_then_sp"]), world=2)
-    return {**ws, "model": model}
+    ep = {name: copy_workspace(template, base / name) for name in ("ep", "ep_sp")}
+    launch(loop.run_stage, (tiny_params(model, train={"steps": 4}), ep["ep"]), world=2)
+    launch(loop.run_stage, (tiny_params(model, train={"steps": 4, "sequence_parallel": 2}), ep["ep_sp"]), world=4)
+    return {**ws, **ep, "model": model}
 
 
 def _history(ws: Path) -> list[dict]:
     return json.loads(next((ws / "scratch/train").glob("*/state_000004/state.json")).read_text())["history"]
 
 
-@pytest.mark.parametrize("run", ["sp", "sp_then_one", "one_then_sp"])
-def test_train_stage_under_sp_equals_one_process_and_resumes_across_topologies(stage_runs, run) -> None:
-    """Same LoRA files and losses as the one-process run, whichever topology wrote which half
-    (the run key leaves train.sequence_parallel out, like train.gpus: one state folder)."""
-    one, other = stage_runs["one"], stage_runs[run]
+@pytest.mark.parametrize("run, reference", [("sp", "one"), ("sp_then_one", "one"), ("one_then_sp", "one"),
+                                            ("ep_sp", "ep")])
+def test_train_stage_under_sp_equals_one_process_and_resumes_across_topologies(stage_runs, run, reference) -> None:
+    """Same LoRA files and losses as without SP, whichever topology wrote which half (the run
+    key leaves train.sequence_parallel out, like train.gpus: one state folder); expert-parallel
+    x SP 2 on four ranks is expert-parallel on two (each expert on its own SP group)."""
+    one, other = stage_runs[reference], stage_runs[run]
     assert [p.name for p in (other / "scratch/train").iterdir()] == [p.name for p in (one / "scratch/train").iterdir()]
     for expert in ("high", "low"):
         for step in (2, 4):
@@ -259,9 +265,12 @@ def test_train_stage_under_sp_equals_one_process_and_resumes_across_topologies(s
             got, want = load_file(other / name), load_file(one / name)
             assert sorted(got) == sorted(want)
             for k in want:
-                torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=f"{name} {k}")
+                # 1% of lr (1e-3): Adam's first steps move an element whose gradient is near eps by
+                # up to lr whatever its size, so gradient sums in another order (1e-6 relative) show
+                # up to ~2e-6 here (a wrong gradient scale, which Adam hides, fails the grad_norm check)
+                torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=f"{name} {k}")
     rows, want_rows = _history(other), _history(one)
-    assert [r["step"] for r in rows] == [1.0, 2.0, 3.0, 4.0]
+    assert [r["step"] for r in rows] == ([2.0, 4.0] if reference == "ep" else [1.0, 2.0, 3.0, 4.0])
     for a, b in zip(rows, want_rows, strict=True):
         keys = sorted(k for k in b if k.startswith("loss_"))
         assert keys == sorted(k for k in a if k.startswith("loss_")) and keys
