@@ -27,12 +27,18 @@ size, which is that sum for SP and the usual mean for DP (see `optimizer_step`).
 
 Why our own processor and not diffusers' context parallelism (`enable_parallelism`,
 `ContextParallelConfig(ulysses_degree=N)`, diffusers 0.42 `attention_dispatch.TemplatedUlyssesAttention`):
-that path wraps attention in a custom autograd Function whose backward runs the attention
-forward again and hides the SDPA op from autograd, so our selective checkpointing (which keeps
-self-attention outputs by recognising the SDPA op, `models.accel`) would recompute attention in
-backward twice, and it takes a DeviceMesh of its own rather than our DP x SP groups. Here the
+that path wraps attention in a custom autograd Function with backward ops of its own (the native
+one runs the attention forward again) that hide the SDPA op from autograd, so our selective
+checkpointing (which keeps self-attention outputs by recognising the SDPA op, `models.accel`)
+could not keep them, and it takes a DeviceMesh of its own rather than our DP x SP groups. Here the
 all-to-alls are torch's differentiable functional collectives (`all_to_all_single_autograd`,
 traceable by torch.compile) and SDPA stays a plain op.
+
+The other levers: checkpointing (full or selective) recomputes a block's all-to-alls with it, on
+every rank in the same order; activation offloading and fp8 matmuls act on each rank's own
+tensors; regional compile traces the exchange with no graph break. All are tested on CPU gloo
+(tests/test_sequence_parallel.py), none yet on a GPU. Refused in params: `train.sharded_base`
+(FSDP over SP ranks is untested) and `network.dropout` > 0 (masks would be drawn per shard).
 """
 
 from __future__ import annotations
