@@ -102,11 +102,15 @@ def demo(
 
 
 @app.command("make-tiny")
-def make_tiny(out: Annotated[Path, typer.Argument(help="Folder to write the tiny model to.")], seed: int = 0) -> None:
-    """Write a tiny random Wan 2.2 T2V model in the real diffusers layout (tests, demo)."""
+def make_tiny(
+    out: Annotated[Path, typer.Argument(help="Folder to write the tiny model to.")],
+    seed: int = 0,
+    variant: Annotated[str, typer.Option(help="t2v-a14b or i2v-a14b.")] = "t2v-a14b",
+) -> None:
+    """Write a tiny random Wan 2.2 model of one variant in the real diffusers layout (tests, demo)."""
     from wanlora.models.tiny import make_tiny as build
 
-    console.print(f"tiny model written to {build(out, seed=seed)}")
+    console.print(f"tiny {variant} model written to {build(out, seed=seed, variant=variant)}")
 
 
 @app.command("import-aitk")

@@ -76,9 +76,13 @@ class JobConfig(Section):
 class ModelConfig(Section):
     name_or_path: str = Field(
         DEFAULT_MODEL,
-        description="Local diffusers folder or hub id of Wan 2.2 T2V A14B (two experts, VAE, UMT5).",
+        description="Local diffusers folder or hub id of a Wan 2.2 model (T2V A14B, I2V A14B or TI2V-5B).",
     )
     revision: str = Field("main", description="Hub revision (branch, tag or commit) to pin.")
+    variant: Literal["auto", "t2v-a14b", "i2v-a14b", "ti2v-5b"] = Field(
+        "auto", description="Which Wan 2.2 model: auto reads it from the folder (model_index.json and the "
+        "transformer config); a name is checked against the folder, and a mismatch stops naming both."
+    )
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Compute dtype of the base and of the LoRA matmul; LoRA weights, gradients "
         "and optimizer state stay float32.")

@@ -34,7 +34,8 @@ import torch
 
 from wanlora.data.split import read_split
 from wanlora.io import dataset_file, read_jsonl
-from wanlora.models.latents import INDEX, draw_latent, load_latents, normalize_latents
+from wanlora.models.latents import INDEX, check_variant, draw_latent, load_latents, normalize_latents
+from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant
 from wanlora.errors import rebuild_fix
 from wanlora.report import InputError, Problem
 
@@ -56,8 +57,9 @@ class Item:
     record: dict = field(repr=False, compare=False)
 
 
-def _latent_index(cache_dir: Path, expect_vae: str | None) -> dict[str, str]:
-    """sample_id -> cache key, after checking the cache was made by the current VAE."""
+def _latent_index(cache_dir: Path, expect_vae: str | None, variant: Variant) -> dict[str, str]:
+    """sample_id -> cache key, after checking the cache was made by the current VAE for the
+    current variant."""
     path = cache_dir / INDEX
     if not path.is_file():
         return {}
@@ -67,6 +69,7 @@ def _latent_index(cache_dir: Path, expect_vae: str | None) -> dict[str, str]:
             f"{path}: latent cache made by VAE {index.get('vae')!r}, but the model's VAE is {expect_vae!r} "
             f"(model.name_or_path changed, or its weights?). {rebuild_fix('latent_cache')}"
         )
+    check_variant(index, path, variant)
     return dict(index.get("samples", {}))
 
 
@@ -107,6 +110,7 @@ def build_dataset(
     cached_datasets: set[str],
     folders: Mapping[str, str],
     encode: Encode | None = None,
+    variant: Variant = VARIANTS[LEGACY_VARIANT],
 ) -> TrainData:
     """Join manifests and caches; report samples that cannot train, stop when none can.
 
@@ -121,7 +125,7 @@ def build_dataset(
         if not path.is_file():
             raise InputError(f"{path}: missing. Fix: run the {stage} stage first (`dvc repro {stage}`)")
     captions = {r["id"]: r for r in read_jsonl(captions_path)}
-    latents = _latent_index(cache_dir, expect_vae)
+    latents = _latent_index(cache_dir, expect_vae, variant)
     held_clips = read_split(workspace).held_out_clips
     held_out: list[str] = []
     items: list[Item] = []

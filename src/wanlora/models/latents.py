@@ -47,6 +47,7 @@ from wanlora.models.cachefiles import (
 )
 from wanlora.models.geometry import TEMPORAL_FACTOR, latent_shape
 from wanlora.models.loading import load_vae, model_identity, to_dtype
+from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant, recorded_variant, refuse_other_variant
 
 #: Frames larger than this (in pixels) are encoded in overlapping tiles to bound VAE memory.
 #: Up to 720p the Wan VAE encodes whole frames on a 24 GB card; tiles change the last bits.
@@ -147,9 +148,19 @@ def draw_latent(cached: Mapping[str, torch.Tensor], generator: torch.Generator |
 
 
 # --------------------------------------------------------------------------------- stage
-def sample_key(sample: Mapping[str, Any], vae: str, mode: str, dtype: str) -> str:
-    """File stem of a sample's latents: changes whenever its pixels or the encoding could."""
-    return sha256_json({"sample": {k: sample.get(k) for k in _KEY_FIELDS}, "vae": vae, "mode": mode, "dtype": dtype})
+def variant_fields(variant: Variant) -> dict[str, str]:
+    """What the cache records of the variant: nothing for T2V A14B (caches made before the variant
+    switch are T2V caches, and stay valid byte for byte), its name for the others, whose items
+    hold more than the latent (I2V: the start image's condition latent)."""
+    return {} if variant.name == LEGACY_VARIANT else {"variant": variant.name}
+
+
+def sample_key(sample: Mapping[str, Any], vae: str, mode: str, dtype: str,
+               variant: Variant = VARIANTS[LEGACY_VARIANT]) -> str:
+    """File stem of a sample's latents: changes whenever its pixels or the encoding could (the
+    variant too: I2V A14B shares T2V's VAE but its items carry the condition latent)."""
+    return sha256_json({"sample": {k: sample.get(k) for k in _KEY_FIELDS}, "vae": vae, "mode": mode, "dtype": dtype,
+                        **variant_fields(variant)})
 
 
 def encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) -> dict[str, torch.Tensor]:
@@ -179,6 +190,7 @@ def run_stage(
     enabled_datasets: set[str],
     folders: Mapping[str, str],
     store: Path | None = None,
+    variant: Variant = VARIANTS[LEGACY_VARIANT],
 ) -> None:
     """Encode the samples of `enabled_datasets` that have no valid cache file, remove files no
     longer needed, write index.json. `folders` (dataset name -> folder) confines the files read:
@@ -190,8 +202,9 @@ def run_stage(
     for s in samples:
         dataset_file(workspace, folders[s["dataset"]], s["path"], f"{samples_manifest}: sample {s['id']}")
     vae_id = model_identity(root, "vae")
-    keys = {s["id"]: sample_key(s, vae_id, mode, dtype) for s in samples}
-    todo = [s for s in samples if not restore(out_dir, store, keys[s["id"]], vae=vae_id)]
+    tag = variant_fields(variant)
+    keys = {s["id"]: sample_key(s, vae_id, mode, dtype, variant) for s in samples}
+    todo = [s for s in samples if not restore(out_dir, store, keys[s["id"]], vae=vae_id, **tag)]
 
     problems: list[Problem] = []
     if todo:
@@ -207,7 +220,7 @@ def run_stage(
                     continue
                 meta = {
                     "vae": vae_id, "sample_id": s["id"], "bucket": s["bucket"], "dtype": dtype,
-                    "mode": mode, "sha256": s["sha256"], "frames": str(len(s["frame_indices"])),
+                    "mode": mode, "sha256": s["sha256"], "frames": str(len(s["frame_indices"])), **tag,
                 }
                 save_item(out_dir, store, keys[s["id"]], tensors, meta)
         finally:
@@ -215,18 +228,28 @@ def run_stage(
             free(device)
 
     remove_stale(out_dir, set(keys.values()))
-    atomic_write_json(out_dir / INDEX, {"vae": vae_id, "mode": mode, "dtype": dtype, "samples": keys})
+    atomic_write_json(out_dir / INDEX, {"vae": vae_id, "mode": mode, "dtype": dtype, **tag, "samples": keys})
     write_problems(out_dir / "problems.json", problems)
     settle(problems, "skip", "latent_cache")  # the trainer reports these samples as uncached, and skips them
 
 
-def load_latents(cache_dir: str | Path, sample_id: str, expect_vae: str | None = None) -> dict[str, torch.Tensor]:
-    """The cached tensors of one sample (`mean`+`logvar`, or `latent`). With `expect_vae`
-    (`model_identity(root, "vae")`), a cache made by another VAE is an error."""
+def check_variant(index: Mapping[str, Any], cache_dir: Path, variant: Variant) -> None:
+    """A cache made for another variant is refused: I2V A14B and T2V A14B share one VAE, so the VAE
+    check alone would let a T2V cache (no condition latents) reach an I2V trainer."""
+    refuse_other_variant(f"{cache_dir}", recorded_variant(dict(index)), variant, _RERUN)
+
+
+def load_latents(cache_dir: str | Path, sample_id: str, expect_vae: str | None = None,
+                 variant: Variant | None = None) -> dict[str, torch.Tensor]:
+    """The cached tensors of one sample (`mean`+`logvar`, or `latent`; `condition` for I2V). With
+    `expect_vae` (`model_identity(root, "vae")`), a cache made by another VAE is an error; with
+    `variant`, one made for another variant."""
     cache_dir = Path(cache_dir)
     index = read_index(cache_dir, _RERUN)
     if expect_vae is not None and index.get("vae") != expect_vae:
         raise CacheError(f"{cache_dir}: made with VAE {index.get('vae')}, but the model now has {expect_vae}. {_RERUN}")
+    if variant is not None:
+        check_variant(index, cache_dir, variant)
     key = index["samples"].get(sample_id)
     if key is None:
         raise CacheError(f"{cache_dir}: no latents for sample {sample_id!r}. {_RERUN}")

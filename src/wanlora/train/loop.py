@@ -28,6 +28,7 @@ from wanlora.data.split import HELD_OUT_REASON, SPLIT_FILE
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
+from wanlora.models.variant import Variant, resolve_variant
 from wanlora.pipeline import stage_values
 from wanlora.report import InputError, console, write_problems
 from wanlora.train import checkpoint as ckpt
@@ -76,6 +77,7 @@ class Trainer:
     state_dir: Path
     base_identity: dict[Expert, str]  # content identity of each expert's weights (`model_identity`)
     expect_encoder: str | None
+    variant: Variant  # the Wan 2.2 model the folder holds (`wanlora.models.variant`)
     env: DistEnv = field(default_factory=DistEnv)
     plan: ParallelPlan | None = None
     groups: dict[Expert, object] = field(default_factory=dict)
@@ -172,7 +174,7 @@ def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
     skipped = {p.path: p.reason for p in tr.data.problems} | dict.fromkeys(tr.data.held_out, HELD_OUT_REASON)
     meta = lineage_metadata(tr.params, tr.workspace, tr.step, expert, tr.base_identity[expert],
                             trained=[it.id for it in tr.data.items], skipped=skipped,
-                            sidecar_dir=tr.state_dir / "lora" / expert)
+                            sidecar_dir=tr.state_dir / "lora" / expert, variant=tr.variant.name)
     meta["wanlora.timesteps"] = json.dumps(tr.dists[expert].describe(), sort_keys=True)
     meta.update(BASE_MODEL_VERSION)
     return meta
@@ -237,6 +239,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         raise InputError("multistage: train_high_noise and train_low_noise are both false. "
                          "Fix: set at least one of them to true in params.yaml")
     root = resolve_model(params.model.name_or_path, params.model.revision)
+    variant = resolve_variant(params.model.variant, root)  # before minutes of loading the wrong model
     env = env if env is not None else init_distributed(params.job.device)  # cuda:N, never a bare "cuda"
     sp = params.train.sequence_parallel
     check_world(env.world, sp)
@@ -261,7 +264,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
                          folders={n: d.folder for n, d in params.datasets.items()},
-                         encode=_vae_encoder(root, params, workspace, device))
+                         encode=_vae_encoder(root, params, workspace, device), variant=variant)
     check_model_degree(sp, root, mine, data.buckets(), vae_config)
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
     if env.is_main:
@@ -309,7 +312,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         placer=placer, offloads=offloads,
         state_dir=workspace / "scratch/train" / run_key(params, workspace, {**base_identity, **_adapter(params)}),
         base_identity=base_identity,
-        expect_encoder=expect_encoder,
+        expect_encoder=expect_encoder, variant=variant,
         env=env, plan=plan, groups=groups,
     )
     _check_shapes(tr)
