@@ -101,9 +101,9 @@ def counted(monkeypatch):
     calls: list[str] = []
     real = latents.encode_sample
 
-    def spy(vae, sample, workspace, mode):
+    def spy(vae, sample, workspace, mode, *variant):
         calls.append(sample["id"])
-        return real(vae, sample, workspace, mode)
+        return real(vae, sample, workspace, mode, *variant)
 
     monkeypatch.setattr(latents, "encode_sample", spy)
     return calls

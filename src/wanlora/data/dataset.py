@@ -34,6 +34,7 @@ import torch
 
 from wanlora.data.split import read_split
 from wanlora.io import dataset_file, read_jsonl
+from wanlora.models.condition import condition_input
 from wanlora.models.latents import INDEX, check_variant, draw_latent, load_latents, normalize_latents
 from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant
 from wanlora.errors import rebuild_fix
@@ -84,16 +85,33 @@ class TrainData:
     expect_vae: str | None = None
     encode: Encode | None = None
     held_out: tuple[str, ...] = ()  # sample ids left out for validation (every window of a held-out clip)
+    variant: Variant = VARIANTS[LEGACY_VARIANT]
+
+    def _tensors(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.items[i]
+        if item.cached:
+            cached = load_latents(self.cache_dir, item.id, self.expect_vae, self.variant)
+        else:
+            cached = self.encode(item.record)  # type: ignore[misc]
+        return {k: v.float().cpu() for k, v in cached.items()}
 
     def latent(self, i: int, generator: torch.Generator) -> torch.Tensor:
         """Latent [C, F, H, W] of item `i` in the transformer's space (float32, CPU)."""
-        item = self.items[i]
-        if item.cached:
-            cached = load_latents(self.cache_dir, item.id, self.expect_vae)
-        else:
-            cached = self.encode(item.record)  # type: ignore[misc]
-        cached = {k: v.float().cpu() for k, v in cached.items()}
-        return normalize_latents(draw_latent(cached, generator), self.vae_config)
+        return self.inputs(i, generator)[0]
+
+    def inputs(self, i: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(latent, condition) of item `i`: the latent as `latent` gives it, and for an I2V variant
+        the condition channels (frame mask + normalised start-image latent, `condition_input`);
+        None for T2V. One read of the cache file for both."""
+        cached = self._tensors(i)
+        latent = normalize_latents(draw_latent(cached, generator), self.vae_config)
+        if not self.variant.image_condition:
+            return latent, None
+        if "condition" not in cached:
+            raise CacheMismatch(f"{self.cache_dir}: sample {self.items[i].id} has no start-image condition latent, "
+                                f"which {self.variant.name} trains with. {rebuild_fix('latent_cache')}")
+        cond = normalize_latents(cached["condition"], self.vae_config)
+        return latent, condition_input(cond, self.variant.temporal_factor)
 
     def channels(self) -> int:
         return len(self.vae_config["latents_mean"])
@@ -160,7 +178,7 @@ def build_dataset(
             f"{samples_path}: no sample can be trained ({len(problems)} problem(s){held}).{listing}\n"
             "Fix: add clips to the dataset folder (or give a dataset role: train) and rerun `dvc repro`."
         )
-    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode, tuple(held_out))
+    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode, tuple(held_out), variant)
 
 
 def small_buckets(buckets: list[str], batch_size: int) -> list[Problem]:

@@ -15,7 +15,8 @@ plain function of the VAE, lets the noise be drawn in the space the VAE defined,
 constants in one place (vae/config.json).
 
 Contract: `<out>/<key>.safetensors` with `mean` and `logvar` [16, F', H/8, W/8] (distribution)
-or `latent` (mode); metadata vae, sample_id, bucket, dtype, mode, sha256, frames;
+or `latent` (mode), and for I2V A14B `condition` (the start-image condition latent, raw mode, same
+shape); metadata vae, sample_id, bucket, dtype, mode, sha256, frames, and variant unless T2V;
 `<out>/index.json` maps sample id -> key and records the VAE identity. The key covers the
 source bytes, frames, crop, size, flip, VAE identity, mode and dtype.
 """
@@ -45,6 +46,7 @@ from wanlora.models.cachefiles import (
     restore,
     save_item,
 )
+from wanlora.models.condition import condition_pixels
 from wanlora.models.geometry import TEMPORAL_FACTOR, latent_shape
 from wanlora.models.loading import load_vae, model_identity, to_dtype
 from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant, recorded_variant, refuse_other_variant
@@ -163,9 +165,12 @@ def sample_key(sample: Mapping[str, Any], vae: str, mode: str, dtype: str,
                         **variant_fields(variant)})
 
 
-def encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) -> dict[str, torch.Tensor]:
+def encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str,
+                  variant: Variant = VARIANTS[LEGACY_VARIANT]) -> dict[str, torch.Tensor]:
     """One sample's latents as the cache stores them (CPU tensors), tiling large frames. The
-    trainer's on-the-fly encoding calls it too, so cached and uncached datasets see the same latents."""
+    trainer's on-the-fly encoding calls it too, so cached and uncached datasets see the same latents.
+    An I2V variant adds `condition`: the raw VAE mode of the condition video (the sample's first
+    frame, then zeros: `wanlora.models.condition`), which the trainer normalises like the latent."""
     pixels = load_frames(sample, workspace)
     _, frames, height, width = pixels.shape
     latent_shape(frames, height, width)  # checks the bucket's sides before the VAE sees them
@@ -174,9 +179,10 @@ def encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) ->
     else:
         vae.disable_tiling()
     mean, logvar = encode_frames(vae, pixels)
-    if mode == "mode":
-        return {"latent": mean.cpu()}
-    return {"mean": mean.cpu(), "logvar": logvar.cpu()}
+    out = {"latent": mean.cpu()} if mode == "mode" else {"mean": mean.cpu(), "logvar": logvar.cpu()}
+    if variant.image_condition:
+        out["condition"] = encode_frames(vae, condition_pixels(pixels))[0].cpu()
+    return out
 
 
 def run_stage(
@@ -212,7 +218,7 @@ def run_stage(
         try:
             for s in track(todo, description=f"latent_cache: encoding {len(todo)} sample(s)"):
                 try:
-                    tensors = encode_sample(vae, s, workspace, mode)
+                    tensors = encode_sample(vae, s, workspace, mode, variant)
                 except (ValueError, OSError) as err:  # one bad window must not stop the dataset
                     problems.append(Problem(s["path"], f"sample {s['id']} cannot be encoded: {err}",
                                             "re-export the clip, or delete it and rerun `dvc repro`", "latent_cache"))

@@ -27,6 +27,7 @@ from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches
 from wanlora.data.split import HELD_OUT_REASON, SPLIT_FILE
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
+from wanlora.models.condition import model_input
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.models.variant import Variant, resolve_variant
 from wanlora.pipeline import stage_values
@@ -145,16 +146,17 @@ def _calibration_inputs(data: TrainData, dist: TimestepDistribution, workspace: 
     g = torch.Generator().manual_seed(params.job.seed + 7)
     out = []
     for i in range(min(q.recovery.calibration_samples, len(data.items))):
-        x0 = data.latent(i, g)[None]
+        x0, cond = data.inputs(i, g)
+        x0 = x0[None]
         t = dist.sample(1, g)
         emb = pad_embeds([load_text_embeds(workspace / TEXT_DIR, data.items[i].caption, expect_encoder)])
-        xt = add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        xt = model_input(add_noise(x0, torch.randn(x0.shape, generator=g), t), None if cond is None else cond[None])
         out.append({"hidden_states": xt.to(device, dtype), "timestep": t.to(device),
                     "encoder_hidden_states": emb.to(device, dtype)})
     return out
 
 
-def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.device) -> Encode | None:
+def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.device, variant: Variant) -> Encode | None:
     """On-the-fly encoding for datasets with cache_latents: false (None when all are cached)."""
     if all(d.cache_latents for d in params.datasets.values()):
         return None
@@ -162,7 +164,7 @@ def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.devi
     from wanlora.models.loading import load_vae
 
     vae = load_vae(root, torch.float32, str(device))
-    return lambda record: encode_sample(vae, record, workspace, params.train.latent_mode)
+    return lambda record: encode_sample(vae, record, workspace, params.train.latent_mode, variant)
 
 
 def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
@@ -205,7 +207,9 @@ def make_batch(tr: Trainer, indices: list[int], expert: Expert, g: torch.Generat
     """Draw everything random for one micro-batch from its own generator (keyed by the batch's
     global position, see `wanlora.train.distributed`), in a fixed order."""
     cfg = tr.params.train
-    latents = torch.stack([tr.data.latent(i, g) for i in indices])
+    pairs = [tr.data.inputs(i, g) for i in indices]
+    latents = torch.stack([x for x, _ in pairs])
+    condition = None if pairs[0][1] is None else torch.stack([c for _, c in pairs]).to(tr.device)
     t = tr.dists[expert].sample(len(indices), g)
     noise = torch.randn(latents.shape, generator=g)
     dropped = (torch.rand(len(indices), generator=g) < cfg.caption_dropout).tolist()
@@ -224,7 +228,7 @@ def make_batch(tr: Trainer, indices: list[int], expert: Expert, g: torch.Generat
     dev = tr.device
     return StepBatch(latents.to(dev), noise.to(dev), t.to(dev), embeds(captions).to(dev),
                      None if class_embeds is None else class_embeds.to(dev),
-                     None if (w := tr.dists[expert].loss_weights(t)) is None else w.to(dev))
+                     None if (w := tr.dists[expert].loss_weights(t)) is None else w.to(dev), condition)
 
 
 # ---------------------------------------------------------------------------- lifecycle
@@ -264,7 +268,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
                          folders={n: d.folder for n, d in params.datasets.items()},
-                         encode=_vae_encoder(root, params, workspace, device), variant=variant)
+                         encode=_vae_encoder(root, params, workspace, device, variant), variant=variant)
     check_model_degree(sp, root, mine, data.buckets(), vae_config)
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
     if env.is_main:
@@ -327,9 +331,10 @@ def _check_shapes(tr: Trainer) -> None:
         if emb.shape[-1] != m.config.text_dim:
             raise InputError(f"{tr.workspace / TEXT_DIR}: embeddings are {emb.shape[-1]} wide but the {e}-noise "
                              f"expert expects {m.config.text_dim}. {rebuild_fix('text_cache')}")
-        if tr.data.channels() != m.config.in_channels:
-            raise InputError(f"the VAE has {tr.data.channels()} latent channels but the {e}-noise expert "
-                             f"takes {m.config.in_channels}. Fix: use one model folder for both")
+        if tr.data.channels() + tr.variant.condition_channels != m.config.in_channels:
+            raise InputError(f"the VAE has {tr.data.channels()} latent channels (+{tr.variant.condition_channels} "
+                             f"condition channels for {tr.variant.name}) but the {e}-noise expert takes "
+                             f"{m.config.in_channels}. Fix: use one model folder for both")
 
 
 def step_experts(tr: Trainer, parts: list[tuple[Expert, list[GlobalBatch], int]]) -> dict[Expert, StepOutcome]:
