@@ -179,3 +179,103 @@ def test_tiny_i2v_overfits_and_reads_the_start_image(tmp_path):
 
     right, swapped = loss(torch.stack([c_a, c_b])), loss(torch.stack([c_b, c_a]))
     assert swapped > 4 * right, f"right start images {right:.3f}, swapped {swapped:.3f}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, model) -> Path:
+    """A tiny I2V workspace trained 4 steps (both experts), exported in both formats, with a start image."""
+    from PIL import Image
+
+    from _train_helpers import make_workspace
+    from wanlora.export.stage import run_stage as export_stage
+    from wanlora.train import loop
+
+    base = tmp_path_factory.mktemp("trained")
+    ws = make_workspace(base / "ws", model, variant="i2v-a14b")
+    Image.fromarray(clip_frames(1, 40, 30, seed=3)[0]).save(ws / "start.png")
+    params = _eval_params(model)
+    loop.run_stage(params, ws)
+    export_stage(params, ws, ws / "data/exports")
+    return ws
+
+
+def _eval_params(model: Path):
+    return tiny_params(model, train={"steps": 4, "lr": 5e-2}, save={"every": 4},
+                       sample={"prompts": ["sks person walking in the park 0"], "images": ["start.png"], "steps": 3, "num_frames": 5,
+                               "width": 32, "height": 32, "guidance_scale": 2.0, "validation_clips": 0},
+                       export={"step": "last"})
+
+
+def test_exported_lora_in_wan_i2v_pipeline_reproduces_our_sampler(trained, model):
+    """The diffusers files export writes, loaded by a fresh `WanImageToVideoPipeline` from the model
+    folder (low-noise file into transformer_2), from the same start image, embeddings, scheduler and
+    seed, make the video our evaluate sampler makes; and that video is not the baseline's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from PIL import Image
+
+    from wanlora.evaluate import sampling
+    from wanlora.evaluate.stage import load_models, make_plan
+
+    params = _eval_params(model)
+    plan = make_plan(params, trained)
+    assert plan.variant.name == "i2v-a14b" and plan.start_frames[0].shape == (32, 32, 3)
+    loaded = load_models(params, trained, plan)
+    with sampling.lora_applied(loaded.pipe, plan.checkpoints[4], "step_4", plan.variant):
+        ours = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample,
+                                 plan.start_frames)[0]
+    baseline = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample,
+                                 plan.start_frames)[0]
+
+    theirs_pipe = WanImageToVideoPipeline.from_pretrained(model)
+    theirs_pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=params.model.flow_shift)
+    files = {e: next((trained / "data/exports/diffusers").glob(f"*_{e}_noise.safetensors")) for e in ("high", "low")}
+    theirs_pipe.load_lora_weights(str(files["high"]), adapter_name="a")
+    theirs_pipe.load_lora_weights(str(files["low"]), adapter_name="a", load_into_transformer_2=True)
+    out = theirs_pipe(image=Image.fromarray(plan.start_frames[0]), prompt_embeds=loaded.prompt_embeds[0],
+                      negative_prompt_embeds=loaded.negative_embeds, height=32, width=32, num_frames=5,
+                      num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator("cpu").manual_seed(42),
+                      output_type="np", return_dict=False)[0][0]
+    assert ours.shape == (5, 32, 32, 3)
+    assert abs(ours - baseline).max() > 1e-3  # the LoRA changes the video
+    assert abs(ours - out).max() < 1e-4
+
+
+def test_exported_files_are_i2v_loras_without_image_keys(trained):
+    """ComfyUI native keys for the 2.2 I2V experts (no k_img/v_img: Wan 2.2 has no image
+    cross-attention), and every file says which variant it fits."""
+    from safetensors import safe_open
+
+    comfy = sorted((trained / "data/exports/comfyui").glob("*.safetensors"))
+    assert len(comfy) == 2
+    for path in comfy + sorted((trained / "data/exports/diffusers").glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+        assert meta["wanlora.variant"] == "i2v-a14b"
+        assert not [k for k in keys if "img" in k or "add_k_proj" in k or "add_v_proj" in k]
+    with safe_open(str(comfy[0]), "pt") as f:
+        assert all(k.startswith("diffusion_model.blocks.") for k in f.keys())
+
+
+def test_a_t2v_lora_is_refused_by_the_i2v_sampler(trained, model, tmp_path):
+    """A T2V A14B LoRA has the I2V experts' layer shapes and would load silently; its header's
+    variant (or none: files before the switch are T2V) stops it, naming both models."""
+    from safetensors.torch import load_file, save_file
+
+    from wanlora.evaluate import sampling
+    from wanlora.export.formats import read_header
+    from wanlora.models.variant import VariantError
+
+    src = next((trained / "data/lora/high").glob("*.safetensors"))
+    _, meta = read_header(src)
+    t2v = tmp_path / "t2v_high.safetensors"
+    save_file(load_file(src), t2v, {k: v for k, v in meta.items() if k != "wanlora.variant"})
+
+    class Pipe:  # refused before anything is loaded into it
+        def load_lora_weights(self, *a, **k):
+            raise AssertionError("loaded")
+
+    with pytest.raises(VariantError) as err:
+        with sampling.lora_applied(Pipe(), {"high": t2v}, "x", I2V):
+            pass
+    msg = str(err.value)
+    assert "made for t2v-a14b" in msg and "the model is i2v-a14b" in msg and "36 input channels" in msg

@@ -437,6 +437,11 @@ class SampleConfig(Section):
         default_factory=lambda: ["[trigger] walking through a park"], description="Prompts per checkpoint."
     )
     negative_prompt: str = Field("", description="Negative prompt for classifier-free guidance.")
+    images: list[str] = Field(
+        default_factory=list, description="I2V: the start image of each prompt (workspace-relative image, or a "
+        "video whose first frame is used), one per prompt; empty: prompt i starts from the first frame of the "
+        "i-th held-out sample (of the training samples when none is held out). T2V and 5B text-to-video: empty."
+    )
     steps: int = Field(25, ge=1, description="Sampler steps.")
     guidance_scale: float = Field(3.5, ge=1, description="Classifier-free guidance scale (2-4 works).")
     num_frames: int = Field(33, ge=1, description="Frames per sample, 4n+1.")
@@ -459,6 +464,13 @@ class SampleConfig(Section):
         2, ge=1, le=16, description="Fixed noise draws per clip and timestep; their spread sets the noise margin "
         "of the 'best' checkpoint choice."
     )
+
+    @model_validator(mode="after")
+    def _one_image_per_prompt(self) -> "SampleConfig":
+        if self.images and len(self.images) != len(self.prompts):
+            raise ValueError(f"sample.images lists {len(self.images)} start image(s) for {len(self.prompts)} "
+                             "prompt(s): give one per prompt, or none to start from held-out samples' first frames")
+        return self
 
     @field_validator("validation_timesteps")
     @classmethod
