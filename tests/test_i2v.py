@@ -279,3 +279,42 @@ def test_a_t2v_lora_is_refused_by_the_i2v_sampler(trained, model, tmp_path):
             pass
     msg = str(err.value)
     assert "made for t2v-a14b" in msg and "the model is i2v-a14b" in msg and "36 input channels" in msg
+
+
+@pytest.mark.slow
+def test_the_i2v_demo_runs_the_whole_pipeline(tmp_path):
+    """`wanlora demo --variant i2v-a14b` (4 steps): every stage runs on the tiny I2V model, the cache
+    holds each sample's condition latent, the samples start from the held-out clip's first frame,
+    and the exports fit i2v-a14b and pass the audit."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from wanlora.data.split import read_split
+    from wanlora.demo import make_demo
+    from wanlora.evaluate.start_images import first_frame
+    from wanlora.export.audit import verify
+    from wanlora.io import read_jsonl
+
+    ws = tmp_path / "demo"
+    make_demo(ws, steps=4, variant="i2v-a14b")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    index = json.loads((ws / "data/cache/latents/index.json").read_text())
+    assert index["variant"] == "i2v-a14b"
+    with safe_open(str(ws / f"data/cache/latents/{next(iter(index['samples'].values()))}.safetensors"), "pt") as f:
+        assert {"mean", "logvar", "condition"} <= set(f.keys())
+    split = read_split(ws)
+    samples = {s["id"]: s for s in read_jsonl(ws / "data/buckets/samples.jsonl")}
+    start = first_frame(samples[split.validation_samples[0]], ws, 64, 64)
+    result = json.loads((ws / "data/eval/samples/baseline/result.json").read_text())
+    assert result["size"] == [64, 64] and start.shape == (64, 64, 3) and start.std() > 5  # a real picture
+    exports = sorted((ws / "data/exports").glob("*/*.safetensors"))
+    assert len(exports) == 4
+    for path in exports:
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["wanlora.variant"] == "i2v-a14b"
+    assert verify(exports[0], ws).all_unchanged

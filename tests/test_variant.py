@@ -138,3 +138,26 @@ def test_the_lora_header_names_the_variant(tmp_path):
     meta = lineage.lineage_metadata(parse_params({}), tmp_path, 2, "high", "x", ["main/clip0.mp4#0"], {},
                                     variant="i2v-a14b")
     assert meta["wanlora.variant"] == "i2v-a14b" and recorded_variant(meta) == "i2v-a14b"
+
+
+def test_import_lora_refuses_a_lora_recorded_for_another_variant(tmp_path):
+    """A T2V LoRA has every layer shape of the I2V experts (only the patch embedding differs), so the
+    shape check passes it; the variant its header records stops it, and an import records the
+    variant it was checked against."""
+    from _eval_helpers import random_lora, save_ours, tiny_transformer
+
+    from wanlora.export.imports import import_lora
+    from wanlora.models.geometry import TINY, TINY_I2V
+
+    from wanlora.config import DEFAULT_TARGETS
+
+    model = tiny_transformer(0)
+    lora = random_lora(model, seed=1, targets=DEFAULT_TARGETS)  # a LoRA on patch_embedding would not fit
+    t2v_file = save_ours(tmp_path / "t2v_high_noise.safetensors", lora, {"wanlora.variant": "t2v-a14b"})
+    with pytest.raises(VariantError) as err:
+        import_lora(t2v_file, {**TINY_I2V, "rope_max_seq_len": 32})
+    assert "made for t2v-a14b" in str(err.value) and "the model is i2v-a14b" in str(err.value)
+    _, meta = import_lora(t2v_file, {**TINY, "rope_max_seq_len": 32})
+    assert meta["wanlora.variant"] == "t2v-a14b"
+    foreign = save_ours(tmp_path / "theirs_high_noise.safetensors", lora)  # no variant: nothing to go by
+    assert import_lora(foreign, {**TINY_I2V, "rope_max_seq_len": 32})[1]["wanlora.variant"] == "i2v-a14b"

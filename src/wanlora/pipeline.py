@@ -138,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "export", "write the chosen checkpoint for ComfyUI and diffusers",
         deps=("data/lora", "data/eval/best.json"),
-        code=("src/wanlora/export", "src/wanlora/pipeline.py"),
+        code=("src/wanlora/export", "src/wanlora/models/variant.py", "src/wanlora/pipeline.py"),
         params=("export", "job.name"),
         outs=("data/exports",),
     ),
