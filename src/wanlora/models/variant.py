@@ -190,22 +190,6 @@ def resolve_variant(setting: str, model_dir: str | Path) -> Variant:
     )
 
 
-def declared_variant(setting: str, name_or_path: str, workspace: str | Path = ".") -> Variant:
-    """The variant params name without loading anything, for planning (`wanlora plan`): an explicit
-    `model.variant`; else a local folder's (`detect_variant`); else a hub id by its name
-    (`...I2V-A14B...`); else T2V A14B. The stages check the folder itself when they run."""
-    if setting != "auto":
-        return get_variant(setting)
-    local = Path(workspace) / Path(name_or_path).expanduser()
-    if (local / "model_index.json").is_file():
-        return detect_variant(local)
-    name = name_or_path.lower()
-    for v in VARIANTS.values():
-        if v.hub_id.split("/")[1].lower().removeprefix("wan2.2-").removesuffix("-diffusers") in name:
-            return v
-    return VARIANTS[LEGACY_VARIANT]
-
-
 def variant_of_config(config: dict[str, Any]) -> Variant | None:
     """The variant whose experts have this transformer config's input width (None: no Wan 2.2 one)."""
     return next((v for v in VARIANTS.values() if v.in_channels == config.get("in_channels")), None)
