@@ -43,7 +43,16 @@ def pipe(model):
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory, model) -> Path:
     """A workspace with one real 9-frame 32x48 clip window encoded by the latent_cache stage."""
-    ws = tmp_path_factory.mktemp("ws")
+    return _cached_workspace(tmp_path_factory.mktemp("ws"), model, last_frame=False)
+
+
+@pytest.fixture(scope="module")
+def cached_last(tmp_path_factory, model) -> Path:
+    """The same, encoded with train.last_frame (the condition holds the window's last frame too)."""
+    return _cached_workspace(tmp_path_factory.mktemp("ws_last"), model, last_frame=True)
+
+
+def _cached_workspace(ws: Path, model: Path, last_frame: bool) -> Path:
     write_clip(ws / "data/raw/a.mp4", clip_frames(12, 48, 32))
     sample = {"id": "main/a.mp4#0", "clip_id": "main/a.mp4", "dataset": "main", "path": "data/raw/a.mp4",
               "sha256": "ab" * 32, "kind": "video", "width": 48, "height": 32, "num_frames": 9,
@@ -55,14 +64,14 @@ def cached(tmp_path_factory, model) -> Path:
 
     split_stage(parse_params({"sample": {"validation_clips": 0}}), ws)
     latents.run_stage(model, ws / "data/buckets/samples.jsonl", ws, ws / "data/cache/latents", "distribution",
-                      "fp32", "cpu", {"main"}, {"main": "data/raw"}, variant=I2V)
+                      "fp32", "cpu", {"main"}, {"main": "data/raw"}, variant=I2V, last_frame=last_frame)
     return ws
 
 
-def _dataset(ws: Path, model: Path):
+def _dataset(ws: Path, model: Path, last_frame: bool = False, variant=I2V):
     return build_dataset(ws, vae_config=json.loads((model / "vae/config.json").read_text()),
                          expect_vae=model_identity(model, "vae"), cached_datasets={"main"},
-                         folders={"main": "data/raw"}, variant=I2V)
+                         folders={"main": "data/raw"}, variant=variant, last_frame=last_frame)
 
 
 @pytest.mark.parametrize("last", [False, True])
@@ -126,6 +135,54 @@ def test_training_step_prediction_is_the_pipelines(pipe, cached, model, dtype):
     assert seen[0].shape == (1, 16, 3, 4, 6)
     tol = {"rtol": 0, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 2e-2}
     torch.testing.assert_close(seen[0].float(), ref.float(), **tol)
+
+
+def test_last_frame_condition_is_prepare_latents_with_last_image(pipe, cached_last, model):
+    """train.last_frame: the condition holds the window's first and last frame, as prepare_latents
+    builds it from `image` and `last_image`; a cache made without it (or with it, for a run without)
+    is refused, and the setting means nothing to T2V."""
+    from wanlora.models.cachefiles import CacheError
+    from wanlora.models.condition import check_last_frame
+    from wanlora.models.variant import VariantError
+
+    data = _dataset(cached_last, model, last_frame=True)
+    _, cond = data.inputs(0, torch.Generator().manual_seed(0))
+    pixels = latents.load_frames(data.items[0].record, cached_last)
+    _, ref = pipe.prepare_latents(pixels[None, :, 0], 1, 16, 32, 48, 9, torch.float32, "cpu",
+                                  torch.Generator().manual_seed(0), last_image=pixels[None, :, -1])
+    torch.testing.assert_close(cond, ref[0], rtol=0, atol=1e-6)
+    assert cond[3, -1].eq(1).all() and cond[:3, -1].eq(0).all()
+    with pytest.raises(CacheError, match="made with the last frame, but train.last_frame is false"):
+        _dataset(cached_last, model, last_frame=False)
+    with pytest.raises(VariantError, match="train.last_frame is set, but the model is t2v-a14b"):
+        check_last_frame(True, VARIANTS["t2v-a14b"])
+
+
+def test_the_sampler_hands_start_and_end_frames_to_the_pipeline():
+    """generate passes each prompt's start frame as `image` and, with train.last_frame, its end
+    frame as `last_image` (uint8 pixels unchanged), at the prompt's seed."""
+    import numpy as np
+
+    from wanlora.config import SampleConfig
+    from wanlora.evaluate import sampling
+
+    seen = []
+
+    class Pipe:
+        _execution_device = "cpu"
+
+        def __call__(self, **kw):
+            seen.append(kw)
+            return (np.zeros((1, 5, 32, 32, 3), np.float32),)
+
+    cfg = SampleConfig(prompts=["a", "b"], num_frames=5, width=32, height=32)
+    starts = [np.full((32, 32, 3), v, np.uint8) for v in (10, 20)]
+    ends = [np.full((32, 32, 3), v, np.uint8) for v in (30, 40)]
+    sampling.generate(Pipe(), [torch.zeros(1, 4, 32)] * 2, torch.zeros(1, 4, 32), cfg, starts, ends)
+    assert [np.asarray(k["image"])[0, 0, 0] for k in seen] == [10, 20]
+    assert [np.asarray(k["last_image"])[0, 0, 0] for k in seen] == [30, 40]
+    sampling.generate(Pipe(), [torch.zeros(1, 4, 32)] * 2, torch.zeros(1, 4, 32), cfg, starts)
+    assert "last_image" not in seen[-1]
 
 
 def test_condition_channels_follow_the_latent_frames():

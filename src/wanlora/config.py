@@ -271,6 +271,11 @@ class TrainConfig(Section):
     timestep_bias: Literal["balanced", "high_noise", "low_noise"] = Field(
         "balanced", description="Skew of the timestep draw."
     )
+    last_frame: bool = Field(
+        False, description="I2V A14B: condition every sample on its last frame as well as its first (first-and-last-"
+        "frame to video, WanImageToVideoPipeline's last_image); samples then end on the held-out clip's last frame, "
+        "or on sample.last_images."
+    )
     latent_mode: Literal["distribution", "mode"] = Field(
         "distribution", description="Cache VAE mean+logvar and sample each step, or cache the deterministic mode."
     )
@@ -442,6 +447,10 @@ class SampleConfig(Section):
         "video whose first frame is used), one per prompt; empty: prompt i starts from the first frame of the "
         "i-th held-out sample (of the training samples when none is held out). T2V and 5B text-to-video: empty."
     )
+    last_images: list[str] = Field(
+        default_factory=list, description="I2V with train.last_frame: the last frame of each prompt's video, one per "
+        "prompt beside sample.images; empty: the last frame of the sample the start frame came from."
+    )
     steps: int = Field(25, ge=1, description="Sampler steps.")
     guidance_scale: float = Field(3.5, ge=1, description="Classifier-free guidance scale (2-4 works).")
     num_frames: int = Field(33, ge=1, description="Frames per sample, 4n+1.")
@@ -467,9 +476,13 @@ class SampleConfig(Section):
 
     @model_validator(mode="after")
     def _one_image_per_prompt(self) -> "SampleConfig":
-        if self.images and len(self.images) != len(self.prompts):
-            raise ValueError(f"sample.images lists {len(self.images)} start image(s) for {len(self.prompts)} "
-                             "prompt(s): give one per prompt, or none to start from held-out samples' first frames")
+        for key, what in (("images", "start"), ("last_images", "last")):
+            listed = getattr(self, key)
+            if listed and len(listed) != len(self.prompts):
+                raise ValueError(f"sample.{key} lists {len(listed)} {what} image(s) for {len(self.prompts)} prompt(s): "
+                                 f"give one per prompt, or none to take held-out samples' {what} frames")
+        if self.last_images and not self.images:
+            raise ValueError("sample.last_images needs sample.images (a start image for each prompt as well)")
         return self
 
     @field_validator("validation_timesteps")

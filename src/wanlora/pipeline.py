@@ -103,6 +103,7 @@ STAGES: tuple[Stage, ...] = (
         deps=("data/index/media.jsonl", "data/buckets/samples.jsonl"),
         code=("src/wanlora/models", "src/wanlora/media"),
         params=(*MODEL_KEYS, "model.variant", "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "train.latent_mode",
+                "train.last_frame",
                 "job.device"),  # folder: sample paths must stay inside it (io.dataset_file)
         outs=("data/cache/latents",),
     ),
@@ -128,7 +129,8 @@ STAGES: tuple[Stage, ...] = (
         code=("src/wanlora/evaluate", "src/wanlora/models", "src/wanlora/train", "src/wanlora/export",
               "src/wanlora/data/split.py", "src/wanlora/pipeline.py"),
         params=("job.name", "job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.variant", "model.dtype",
-                "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "sample"),
+                "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "train.last_frame",
+                "sample"),
         outs=("data/eval",), metrics=("data/eval/metrics.json",),
         # per expert, the fixed-noise loss on training clips beside the held-out one: the gap is overfitting
         plots=tuple({f"fixed_noise_loss_{e}": {"x": "step", "title": f"{e}-noise expert: fixed-noise loss",

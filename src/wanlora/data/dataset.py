@@ -58,7 +58,7 @@ class Item:
     record: dict = field(repr=False, compare=False)
 
 
-def _latent_index(cache_dir: Path, expect_vae: str | None, variant: Variant) -> dict[str, str]:
+def _latent_index(cache_dir: Path, expect_vae: str | None, variant: Variant, last_frame: bool) -> dict[str, str]:
     """sample_id -> cache key, after checking the cache was made by the current VAE for the
     current variant."""
     path = cache_dir / INDEX
@@ -70,7 +70,7 @@ def _latent_index(cache_dir: Path, expect_vae: str | None, variant: Variant) -> 
             f"{path}: latent cache made by VAE {index.get('vae')!r}, but the model's VAE is {expect_vae!r} "
             f"(model.name_or_path changed, or its weights?). {rebuild_fix('latent_cache')}"
         )
-    check_variant(index, path, variant)
+    check_variant(index, path, variant, last_frame)
     return dict(index.get("samples", {}))
 
 
@@ -86,11 +86,12 @@ class TrainData:
     encode: Encode | None = None
     held_out: tuple[str, ...] = ()  # sample ids left out for validation (every window of a held-out clip)
     variant: Variant = VARIANTS[LEGACY_VARIANT]
+    last_frame: bool = False  # I2V: the condition holds each sample's last frame too (`train.last_frame`)
 
     def _tensors(self, i: int) -> dict[str, torch.Tensor]:
         item = self.items[i]
         if item.cached:
-            cached = load_latents(self.cache_dir, item.id, self.expect_vae, self.variant)
+            cached = load_latents(self.cache_dir, item.id, self.expect_vae, self.variant, self.last_frame)
         else:
             cached = self.encode(item.record)  # type: ignore[misc]
         return {k: v.float().cpu() for k, v in cached.items()}
@@ -111,7 +112,7 @@ class TrainData:
             raise CacheMismatch(f"{self.cache_dir}: sample {self.items[i].id} has no start-image condition latent, "
                                 f"which {self.variant.name} trains with. {rebuild_fix('latent_cache')}")
         cond = normalize_latents(cached["condition"], self.vae_config)
-        return latent, condition_input(cond, self.variant.temporal_factor)
+        return latent, condition_input(cond, self.variant.temporal_factor, self.last_frame)
 
     def channels(self) -> int:
         return len(self.vae_config["latents_mean"])
@@ -129,6 +130,7 @@ def build_dataset(
     folders: Mapping[str, str],
     encode: Encode | None = None,
     variant: Variant = VARIANTS[LEGACY_VARIANT],
+    last_frame: bool = False,
 ) -> TrainData:
     """Join manifests and caches; report samples that cannot train, stop when none can.
 
@@ -143,7 +145,7 @@ def build_dataset(
         if not path.is_file():
             raise InputError(f"{path}: missing. Fix: run the {stage} stage first (`dvc repro {stage}`)")
     captions = {r["id"]: r for r in read_jsonl(captions_path)}
-    latents = _latent_index(cache_dir, expect_vae, variant)
+    latents = _latent_index(cache_dir, expect_vae, variant, last_frame)
     held_clips = read_split(workspace).held_out_clips
     held_out: list[str] = []
     items: list[Item] = []
@@ -178,7 +180,7 @@ def build_dataset(
             f"{samples_path}: no sample can be trained ({len(problems)} problem(s){held}).{listing}\n"
             "Fix: add clips to the dataset folder (or give a dataset role: train) and rerun `dvc repro`."
         )
-    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode, tuple(held_out), variant)
+    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode, tuple(held_out), variant, last_frame)
 
 
 def small_buckets(buckets: list[str], batch_size: int) -> list[Problem]:

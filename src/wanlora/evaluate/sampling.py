@@ -74,10 +74,11 @@ def lora_applied(pipe, files: Mapping[str, Path], name: str,
 @torch.no_grad()
 def generate(
     pipe, prompt_embeds: list[torch.Tensor], negative_embeds: torch.Tensor, cfg: SampleConfig,
-    images: list[np.ndarray] | None = None,
+    images: list[np.ndarray] | None = None, last_images: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """One video per prompt ([F, H, W, 3] floats in [0, 1]) at its fixed seed; with `images`
-    (uint8 [H, W, 3], one per prompt) each starts from its image (image-to-video pipelines).
+    (uint8 [H, W, 3], one per prompt) each starts from its image (image-to-video pipelines), and
+    with `last_images` ends on one (the pipeline's `last_image`).
 
     Embeddings are [1, 512, D] (padded), handed over on the pipeline's execution device: WanPipeline
     casts given embeddings to the transformer's dtype but leaves them where they are. The generator
@@ -90,6 +91,8 @@ def generate(
     videos = []
     for i, (emb, seed) in enumerate(zip(prompt_embeds, prompt_seeds(cfg))):
         start = {} if images is None else {"image": Image.fromarray(images[i])}
+        if last_images is not None:
+            start["last_image"] = Image.fromarray(last_images[i])
         out = pipe(
             **start,
             prompt_embeds=emb.to(device),

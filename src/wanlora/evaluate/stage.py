@@ -33,6 +33,7 @@ from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curve
 from wanlora.evaluate.validation import ValItem, fixed_noise_losses
 from wanlora.export.stage import list_checkpoints
 from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, read_jsonl, sha256_file, sha256_json
+from wanlora.models.condition import check_last_frame
 from wanlora.models.variant import LEGACY_VARIANT, Variant, resolve_variant
 from wanlora.report import InputError
 
@@ -71,6 +72,7 @@ class Plan:
     base: dict[str, Any]
     variant: Variant
     start_frames: list[Any] | None = None  # I2V: uint8 [H, W, 3] start image per prompt (`start_images`)
+    end_frames: list[Any] | None = None  # I2V with train.last_frame: the last frame of each prompt
     _hashes: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def lora_id(self, step: int | None) -> dict[str, str] | None:
@@ -86,9 +88,9 @@ class Plan:
         settings = {"prompts": prompt_texts(params), "negative": s.negative_prompt, "steps": s.steps,
                     "guidance": s.guidance_scale, "frames": s.num_frames, "size": [s.width, s.height],
                     "fps": s.fps, "seed": s.seed, "walk_seed": s.walk_seed}
-        if self.start_frames is not None:  # what each prompt starts from, by content
-            settings["start_images"] = [hashlib.sha256(f.tobytes() + str(f.shape).encode()).hexdigest()
-                                        for f in self.start_frames]
+        for name, frames in (("start_images", self.start_frames), ("end_images", self.end_frames)):
+            if frames is not None:  # what each prompt starts (ends) with, by content
+                settings[name] = [hashlib.sha256(f.tobytes() + str(f.shape).encode()).hexdigest() for f in frames]
         return sha256_json({"kind": "samples", **self.base, "sample": settings, "lora": self.lora_id(step)})[:20]
 
     def val_key(self, params: Params, step: int | None) -> str:
@@ -103,6 +105,7 @@ def make_plan(params: Params, workspace: Path) -> Plan:
 
     root = resolve_model(params.model.name_or_path, params.model.revision)
     variant = resolve_variant(params.model.variant, root)
+    check_last_frame(params.train.last_frame, variant)
     checkpoints = list_checkpoints(workspace / "data/lora")
     if not checkpoints:
         raise FileNotFoundError(f"{workspace / 'data/lora'}: no checkpoints; run the train stage first")
@@ -121,17 +124,22 @@ def make_plan(params: Params, workspace: Path) -> Plan:
         **({} if variant.name == LEGACY_VARIANT else {"variant": variant.name}),  # T2V keys stay as they were
     }
     split = read_split(workspace)
-    frames = None
+    frames = ends = None
     if variant.image_condition and params.sample.prompts:
         from wanlora.evaluate.start_images import start_frames
 
         samples = {s["id"]: s for s in read_jsonl(workspace / "data/buckets/samples.jsonl")}
         frames = start_frames(params.sample, split, samples, workspace)
+        if params.train.last_frame:
+            ends = start_frames(params.sample, split, samples, workspace, last=True)
     elif params.sample.images:
         raise InputError(f"sample.images lists start images, but {root} holds {variant.describe()}, which "
                          "samples from text alone. Fix: empty sample.images, or use an image-to-video model")
+    if params.sample.last_images and not params.train.last_frame:
+        raise InputError("sample.last_images lists end frames, but train.last_frame is false, so the LoRA "
+                         "never learned to end on one. Fix: empty sample.last_images, or set train.last_frame: true")
     return Plan(root, checkpoints, steps_to_sample(list(checkpoints), params.sample.every_checkpoint),
-                split, base, variant, frames)
+                split, base, variant, frames, ends)
 
 
 # ------------------------------------------------------------------------------- the models
@@ -184,12 +192,13 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
         if cap is None:
             raise InputError(f"{workspace / SPLIT_FILE}: sample {sid} is not in the samples or captions "
                              "manifest. Fix: rerun the split stage (`dvc repro split`)")
-        cached = load_latents(workspace / LATENT_DIR, sid, vae_id, plan.variant)
+        last = params.train.last_frame
+        cached = load_latents(workspace / LATENT_DIR, sid, vae_id, plan.variant, last)
         z = cached["mean"] if "mean" in cached else cached["latent"]  # the mode: no random draw
         cond = None
         if plan.variant.image_condition:
             cond = condition_input(normalize_latents(cached["condition"].float(), vae_config),
-                                   plan.variant.temporal_factor)
+                                   plan.variant.temporal_factor, last)
         return ValItem(sid, normalize_latents(z.float(), vae_config), embed(cap["caption"])[0], cond)
 
     items = {"held_out": [item(s) for s in plan.split.validation_samples],
@@ -236,7 +245,7 @@ def _evaluate_one(params: Params, plan: Plan, step: int | None, get: Any, scratc
     with sampling.lora_applied(loaded.pipe, files, name, plan.variant):
         if s_entry is not None and not s_done:
             videos = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample,
-                                       plan.start_frames)
+                                       plan.start_frames, plan.end_frames)
             _write_samples(s_entry, videos, params.sample.fps)
         if v_entry is not None and not v_done:
             experts = {"high": loaded.pipe.transformer, "low": loaded.pipe.transformer_2}

@@ -27,6 +27,15 @@ from __future__ import annotations
 
 import torch
 
+from wanlora.models.variant import Variant, VariantError
+
+
+def check_last_frame(last_frame: bool, variant: Variant) -> None:
+    """`train.last_frame` only means something to a model that takes a condition video."""
+    if last_frame and not variant.image_condition:
+        raise VariantError(f"train.last_frame is set, but the model is {variant.describe()}, which takes no "
+                           "condition frames. Fix: set train.last_frame: false, or use Wan 2.2 I2V A14B")
+
 
 def condition_pixels(pixels: torch.Tensor, last: bool = False) -> torch.Tensor:
     """[C, F, H, W] pixels in [-1, 1] -> the condition video: frame 0 kept (and frame F-1 with

@@ -19,4 +19,5 @@ def main() -> None:
         enabled_datasets={name for name, ds in params.datasets.items() if ds.cache_latents},
         folders={name: ds.folder for name, ds in params.datasets.items()},
         variant=resolve_variant(params.model.variant, root),
+        last_frame=params.train.last_frame,
     )

@@ -27,7 +27,7 @@ from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches
 from wanlora.data.split import HELD_OUT_REASON, SPLIT_FILE
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
-from wanlora.models.condition import model_input
+from wanlora.models.condition import check_last_frame, model_input
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.models.variant import Variant, resolve_variant
 from wanlora.pipeline import stage_values
@@ -164,7 +164,8 @@ def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.devi
     from wanlora.models.loading import load_vae
 
     vae = load_vae(root, torch.float32, str(device))
-    return lambda record: encode_sample(vae, record, workspace, params.train.latent_mode, variant)
+    return lambda record: encode_sample(vae, record, workspace, params.train.latent_mode, variant,
+                                        params.train.last_frame)
 
 
 def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
@@ -244,6 +245,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
                          "Fix: set at least one of them to true in params.yaml")
     root = resolve_model(params.model.name_or_path, params.model.revision)
     variant = resolve_variant(params.model.variant, root)  # before minutes of loading the wrong model
+    check_last_frame(params.train.last_frame, variant)
     env = env if env is not None else init_distributed(params.job.device)  # cuda:N, never a bare "cuda"
     sp = params.train.sequence_parallel
     check_world(env.world, sp)
@@ -268,7 +270,8 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
                          folders={n: d.folder for n, d in params.datasets.items()},
-                         encode=_vae_encoder(root, params, workspace, device, variant), variant=variant)
+                         encode=_vae_encoder(root, params, workspace, device, variant), variant=variant,
+                         last_frame=params.train.last_frame)
     check_model_degree(sp, root, mine, data.buckets(), vae_config)
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
     if env.is_main:
