@@ -80,10 +80,6 @@ class Variant:
         """Channels the transformer takes beside the noisy latent (I2V A14B: 4 mask + 16 image)."""
         return self.in_channels - self.latent_channels
 
-    @property
-    def expert_folders(self) -> dict[str, str]:
-        return dict(zip(self.experts, self.folders))
-
     def describe(self) -> str:
         """One line naming what a mismatch message must show: channels, dims, expert count."""
         cond = (f" = {self.latent_channels} latent + {self.temporal_factor} mask + "
