@@ -12,28 +12,30 @@ from safetensors.torch import save
 from wanlora.config import Params, parse_params
 from wanlora.data.split import run_stage as split_stage
 from wanlora.io import atomic_write_bytes, atomic_write_json, read_jsonl, write_jsonl
-from wanlora.models.latents import sample_key
+from wanlora.models.latents import sample_key, variant_fields
 from wanlora.models.loading import model_identity
 from wanlora.models.text import run_stage as text_cache
-from wanlora.models.geometry import TINY, build_transformer
+from wanlora.models.geometry import TINY_CONFIGS, build_transformer
 from wanlora.models.tiny import make_tiny
+from wanlora.models.variant import VARIANTS
 
 BUCKET = "32x32x5"
 LATENT_SHAPE = (16, 2, 4, 4)  # 5 frames at 32x32 through the Wan VAE
 
 
-def tiny_model(folder: Path, patch: list[int] | None = None) -> Path:
-    """The project's tiny model; with `patch`, both experts rebuilt with that patch size.
+def tiny_model(folder: Path, patch: list[int] | None = None, variant: str = "t2v-a14b") -> Path:
+    """The project's tiny model (of `variant`); with `patch`, both experts rebuilt with that patch size.
 
     The overfit test uses patch [1, 1, 1]: with the tiny width (32) a [1, 2, 2] patch (64 values)
     cannot pass through the model, so no training could drive the loss near zero.
     """
     if not (folder / "model_index.json").is_file():
-        make_tiny(folder)
+        make_tiny(folder, variant=variant)
         if patch is not None:
             for seed, part in enumerate(("transformer", "transformer_2")):
                 shutil.rmtree(folder / part)
-                build_transformer({**TINY, "patch_size": patch}, torch.float32, "cpu", seed).save_pretrained(folder / part)
+                build_transformer({**TINY_CONFIGS[variant], "patch_size": patch}, torch.float32, "cpu",
+                                  seed).save_pretrained(folder / part)
     return folder
 
 
@@ -56,10 +58,15 @@ def write_inputs(ws: Path, n_clips: int = 2, buckets: list[str] | None = None) -
 
 
 def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, scale: float = 2.0,
-                  smooth: bool = False, mean_of: Callable[[dict, torch.Generator], torch.Tensor] | None = None) -> None:
+                  smooth: bool = False, mean_of: Callable[[dict, torch.Generator], torch.Tensor] | None = None,
+                  variant: str = "t2v-a14b") -> None:
     """A latent cache as the latent_cache stage writes it (distribution mode, index.json). With
     `smooth`, each sample's latent is one random vector per channel, constant over space and time;
-    `mean_of(record, generator)` gives that vector ([16, 1, 1, 1]) instead of a random one."""
+    `mean_of(record, generator)` gives that vector ([16, 1, 1, 1]) instead of a random one. An I2V
+    `variant` adds each sample's `condition` (its first latent frame, then the latent of zeros:
+    random as well) and the variant tags the stage writes."""
+    v = VARIANTS[variant]
+    tag = variant_fields(v)
     g = torch.Generator().manual_seed(seed)
     vae = vae or model_identity(root, "vae")
     keys = {}
@@ -73,21 +80,25 @@ def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, s
         else:
             mean = torch.randn(shape, generator=g) * scale
         tensors = {"mean": mean, "logvar": torch.full(shape, -6.0)}
-        keys[rec["id"]] = key = sample_key(rec, vae, "distribution", "fp32")
-        meta = {"vae": vae, "sample_id": rec["id"], "bucket": rec["bucket"], "dtype": "fp32", "mode": "distribution"}
+        if v.image_condition:
+            tensors["condition"] = torch.cat([mean[:, :1], torch.randn(16, shape[1] - 1, *shape[2:], generator=g)], 1)
+        keys[rec["id"]] = key = sample_key(rec, vae, "distribution", "fp32", v)
+        meta = {"vae": vae, "sample_id": rec["id"], "bucket": rec["bucket"], "dtype": "fp32", "mode": "distribution",
+                **tag}
         atomic_write_bytes(ws / f"data/cache/latents/{key}.safetensors", save(tensors, meta))
     atomic_write_json(ws / "data/cache/latents/index.json",
-                      {"vae": vae, "mode": "distribution", "dtype": "fp32", "samples": keys})
+                      {"vae": vae, "mode": "distribution", "dtype": "fp32", **tag, "samples": keys})
 
 
 def make_workspace(ws: Path, model_dir: Path, n_clips: int = 2, patch: list[int] | None = None,
-                   scale: float = 2.0, smooth: bool = False, buckets: list[str] | None = None) -> Path:
-    root = tiny_model(model_dir, patch)
+                   scale: float = 2.0, smooth: bool = False, buckets: list[str] | None = None,
+                   variant: str = "t2v-a14b") -> Path:
+    root = tiny_model(model_dir, patch, variant)
     ws.mkdir(parents=True, exist_ok=True)
     write_inputs(ws, n_clips, buckets)
     text_cache(root=root, captions_manifest=ws / "data/captions/captions.jsonl", prompts=[], trigger="sks",
                dropout=("sks", "person"), out_dir=ws / "data/cache/text", dtype="fp32", quant="none", device="cpu")
-    write_latents(ws, root, scale=scale, smooth=smooth)
+    write_latents(ws, root, scale=scale, smooth=smooth, variant=variant)
     return ws
 
 

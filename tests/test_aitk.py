@@ -219,7 +219,8 @@ def test_out_of_range_names_both_keys(tmp_path):
 
 
 def test_wrong_arch_and_bad_files(tmp_path):
-    with pytest.raises(ParamsError, match="model.arch='flux': wanlora trains Wan 2.2 T2V A14B only"):
+    with pytest.raises(ParamsError, match="model.arch='flux': wanlora imports Wan 2.2 A14B jobs: "
+                                          "wan22_14b \\(t2v-a14b\\), wan22_14b_i2v \\(i2v-a14b\\)"):
         import_config(write(tmp_path, CONFIG_24GB.replace("arch: 'wan22_14b'", "arch: 'flux'")))
     with pytest.raises(ParamsError, match="no config.process list; expected an AI Toolkit job config"):
         import_config(write(tmp_path, "job: extension\nconfig: {name: x}\n"))
@@ -351,3 +352,23 @@ def test_paths_that_leave_the_workspace_are_flagged(tmp_path):
     params, unmapped = import_config(write(tmp_path, CONFIG_24GB))  # plain values pass unflagged
     assert (params.job.name, params.job.output_dir) == ("tabby_cat_v2", "runs")
     assert not any("outside the workspace" in n or "plain file name" in n for n in unmapped)
+
+
+def test_an_i2v_job_imports_as_the_i2v_variant(tmp_path):
+    """AI Toolkit's `wan22_14b_i2v` arch (Wan2214bI2VModel, extensions_built_in/diffusion_models/wan22/
+    wan22_14b_i2v_model.py) becomes model.variant i2v-a14b; a job without name_or_path gets the
+    official I2V release; per-prompt start images (`ctrl_img`) are reported, not silently dropped."""
+    text = CONFIG_24GB.replace("arch: 'wan22_14b'", "arch: 'wan22_14b_i2v'")
+    params, notes = import_config(write(tmp_path, text))
+    assert params.model.variant == "i2v-a14b"
+    assert params.model.name_or_path == "ai-toolkit/Wan2.2-T2V-A14B-Diffusers-bf16"  # given: kept as it is
+    bare = text.replace('        name_or_path: "ai-toolkit/Wan2.2-T2V-A14B-Diffusers-bf16"\n', "")
+    assert bare != text
+    params, _ = import_config(write(tmp_path, bare, "bare.yaml"))
+    assert params.model.name_or_path == "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+    assert import_config(write(tmp_path, CONFIG_24GB, "t2v.yaml"))[0].model.variant == "auto"
+    samples = text.replace("      sample:\n", "      sample:\n        samples:\n          - prompt: 'sks waves'\n"
+                           "            ctrl_img: /home/me/start.png\n", 1)
+    assert samples != text
+    _, notes = import_config(write(tmp_path, samples, "samples.yaml"))
+    assert any("ctrl_img" in n and "sample.images" in n for n in notes)

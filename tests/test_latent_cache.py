@@ -101,9 +101,9 @@ def counted(monkeypatch):
     calls: list[str] = []
     real = latents.encode_sample
 
-    def spy(vae, sample, workspace, mode):
+    def spy(vae, sample, workspace, mode, *variant):
         calls.append(sample["id"])
-        return real(vae, sample, workspace, mode)
+        return real(vae, sample, workspace, mode, *variant)
 
     monkeypatch.setattr(latents, "encode_sample", spy)
     return calls
@@ -201,10 +201,10 @@ def test_an_undecodable_sample_is_reported_and_skipped(tmp_path_factory, workspa
     """One bad window must not stop the whole cache: it is reported, the rest is encoded."""
     real = latents.encode_sample
 
-    def flaky(vae, sample, ws, mode):
+    def flaky(vae, sample, ws, mode, *variant):
         if sample["id"] == "main/a.mp4#0":
             raise ValueError("frames [7, 9] cannot be decoded")
-        return real(vae, sample, ws, mode)
+        return real(vae, sample, ws, mode, *variant)
 
     monkeypatch.setattr(latents, "encode_sample", flaky)
     samples = [

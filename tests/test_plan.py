@@ -248,3 +248,20 @@ def test_plan_modes_of_several_gpus_and_the_sequence_parallel_suggestion() -> No
     assert advice.startswith("train.sequence_parallel: 2 (2 GPUs share each sample's tokens): peak ")
     assert float(advice.split("peak ")[1].split(" GiB")[0]) + 2 <= 80
     assert not [s for s in plan(_one_expert_1024(), 80).suggestions if "sequence_parallel" in s]  # one GPU: no advice
+
+
+def test_i2v_geometry_counts_its_36_input_channels() -> None:
+    """Wan 2.2 I2V A14B: T2V's experts but a 36-channel patch embedding (Wan-AI/Wan2.2-I2V-A14B-
+    Diffusers transformer/config.json); its FLOPs and parameters differ from T2V's by exactly that layer."""
+    from wanlora.models.geometry import CONFIGS, TINY_I2V, WAN22_A14B, WAN22_I2V_A14B, forward_flops, train_flops
+
+    assert CONFIGS["i2v-a14b"] is WAN22_I2V_A14B and WAN22_I2V_A14B["in_channels"] == 36
+    assert {k: v for k, v in WAN22_I2V_A14B.items() if k != "in_channels"} == \
+        {k: v for k, v in WAN22_A14B.items() if k != "in_channels"}
+    n, d, patch = 9216, 5120, 4
+    assert train_flops(WAN22_I2V_A14B, n) - train_flops(WAN22_A14B, n) == 2 * n * patch * 20 * d
+    assert forward_flops(WAN22_I2V_A14B, n)["patch_in"] == 2 * n * patch * 36 * d
+    assert sum(expert_parameters(WAN22_I2V_A14B).values()) - sum(expert_parameters(WAN22_A14B).values()) == \
+        patch * 20 * d
+    model = build_transformer(TINY_I2V, torch.float32)
+    assert sum(expert_parameters(TINY_I2V).values()) == sum(p.numel() for p in model.parameters())

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from wanlora.config import Params, ParamsError, load_params, parse_params
-from wanlora.presets import RECIPES, TIERS, describe, make_params, write_params
+from wanlora.presets import RECIPES, TIERS, VARIANT_SETTINGS, describe, init_header, init_vram, make_params, write_params
 
 ALL = list(itertools.product(["character", "style", "motion"], [24, 48, 80, 141]))
 
@@ -60,7 +60,7 @@ def test_model_and_trigger_override():
 
 
 def test_every_setting_has_a_reason_and_a_real_key():
-    for s in itertools.chain(*TIERS.values(), *RECIPES.values()):
+    for s in itertools.chain(*TIERS.values(), *RECIPES.values(), *VARIANT_SETTINGS.values()):
         assert len(s.why) > 15, s.key
         node = Params().model_dump()
         for part in s.key.split("."):
@@ -95,3 +95,23 @@ def test_smoke_recipe_runs_on_a_cpu_without_a_gpu_tier():
     assert p.save.every * 2 == p.train.steps and p.sample.validation_clips == 1
     text = describe("smoke", 24)
     assert text.startswith("job.device: cpu  (") and "quantization" not in text and "GB" not in text
+
+
+@pytest.mark.parametrize(("recipe", "vram"), ALL)
+def test_i2v_presets_are_the_tier_and_recipe_on_the_i2v_model(recipe, vram, tmp_path):
+    """`wanlora init --variant i2v-a14b`: the A14B tier and recipe as for T2V (the experts differ
+    only by their patch embedding), on the official I2V release, checked by the planner at the
+    I2V geometry, with a header that says so and still gives `wanlora plan` its tier."""
+    from wanlora.models.geometry import WAN22_I2V_A14B
+    from wanlora.plan import plan
+
+    p = make_params(recipe, vram, variant="i2v-a14b")
+    t2v = make_params(recipe, vram)
+    assert (p.model.variant, p.model.name_or_path) == ("i2v-a14b", "Wan-AI/Wan2.2-I2V-A14B-Diffusers")
+    assert p.model_copy(update={"model": t2v.model}) == t2v
+    assert plan(p, float(vram), config=WAN22_I2V_A14B).fits
+    path = tmp_path / "params.yaml"
+    write_params(path, p, init_header(recipe, vram, "i2v-a14b"))
+    assert path.read_text().startswith(f"# wanlora init --recipe {recipe} --vram {vram} --variant i2v-a14b\n")
+    assert init_vram(path) == vram and load_params(path) == p
+    assert make_params("smoke", 24, model="models/tiny", variant="i2v-a14b").model.name_or_path == "models/tiny"

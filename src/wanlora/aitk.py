@@ -50,6 +50,7 @@ import yaml
 from pydantic import ValidationError
 
 from wanlora.config import Params, ParamsError, format_errors
+from wanlora.models.variant import LEGACY_VARIANT, get_variant
 
 _MISSING = object()
 #: Limits on an imported config: real AI Toolkit jobs are a few KB with a few hundred values.
@@ -111,6 +112,9 @@ _SCHEDULERS = {"constant", "cosine", "linear"}
 _TIMESTEP_TYPES = {"linear", "sigmoid", "shift", "weighted"}
 _BIAS = {"balanced": "balanced", "content": "high_noise", "style": "low_noise"}
 _ATTENTION = {"native": "auto", "flash": "flash"}
+#: AI Toolkit's model.arch -> our variant (extensions_built_in/diffusion_models/wan22/: Wan2214bModel,
+#: Wan2214bI2VModel).
+ARCHES = {"wan22_14b": "t2v-a14b", "wan22_14b_i2v": "i2v-a14b"}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -326,12 +330,19 @@ def _quantization(imp: _Import) -> None:
 
 def _model(imp: _Import) -> None:
     arch = imp.take("model.arch", None)
-    if str(arch).split(":")[0] != "wan22_14b":  # the UI writes 'wan22_14b:t2v'; AI Toolkit drops the tag
+    name = str(arch).split(":")[0]  # the UI writes 'wan22_14b:t2v'; AI Toolkit drops the tag
+    if name not in ARCHES:
         raise ParamsError(
-            f"AI Toolkit key model.arch={arch!r}: wanlora trains Wan 2.2 T2V A14B only (arch wan22_14b)"
+            f"AI Toolkit key model.arch={arch!r}: wanlora imports Wan 2.2 A14B jobs: "
+            + ", ".join(f"{a} ({v})" for a, v in ARCHES.items())
         )
+    variant = get_variant(ARCHES[name])
+    if variant.name != LEGACY_VARIANT:  # T2V jobs import as they always did: auto finds T2V in a T2V folder
+        imp.put("model.variant", variant.name, "model.arch")
     if imp.has("model.name_or_path"):
         imp.put("model.name_or_path", imp.take("model.name_or_path"), "model.name_or_path")
+    elif variant.name != LEGACY_VARIANT:
+        imp.put("model.name_or_path", variant.hub_id, "model.arch")
     for ours, theirs in (("model.low_vram", "model.low_vram"), ("model.compile", "model.compile"),
                          ("multistage.train_high_noise", "model.model_kwargs.train_high_noise"),
                          ("multistage.train_low_noise", "model.model_kwargs.train_low_noise")):
@@ -580,6 +591,10 @@ def _sample(imp: _Import) -> None:
     i = 0
     while imp.has(f"sample.samples[{i}].prompt"):
         prompts.append(imp.take(f"sample.samples[{i}].prompt"))
+        if imp.has(f"sample.samples[{i}].ctrl_img"):  # an I2V start image, usually a path on the AI Toolkit machine
+            imp.note(f"sample.samples[{i}].ctrl_img", imp.take(f"sample.samples[{i}].ctrl_img"),
+                     "start image not imported: copy it into the workspace and list it in sample.images (one "
+                     "per prompt); without them each prompt starts from a held-out clip's first frame")
         for key in [k for k in imp.src if k.startswith(f"sample.samples[{i}].")]:
             imp.note(key, imp.take(key), "per-prompt settings not supported: every prompt uses the sample.* values")
         i += 1

@@ -53,6 +53,7 @@ def init(
     vram: Annotated[int, typer.Option(help="GPU memory in GB: 24, 48, 80 or 141.")] = 24,
     model: Annotated[Optional[str], typer.Option(help="Local diffusers folder or hub id.")] = None,
     trigger: Annotated[Optional[str], typer.Option(help="Trigger word.")] = None,
+    variant: Annotated[str, typer.Option(help="Wan 2.2 model: t2v-a14b or i2v-a14b.")] = "t2v-a14b",
     workspace: WorkspaceOpt = Path("."),
     force: Annotated[bool, typer.Option(help="Overwrite an existing params.yaml.")] = False,
 ) -> None:
@@ -63,10 +64,10 @@ def init(
     target = workspace / "params.yaml"
     if target.exists() and not force:
         raise typer.BadParameter(f"{target} exists; pass --force to overwrite it")
-    params = make_params(recipe, vram, model=model, trigger=trigger)  # type: ignore[arg-type]
+    params = make_params(recipe, vram, model=model, trigger=trigger, variant=variant)  # type: ignore[arg-type]
     note = check_model(model, workspace) if model is not None else None
     prepare(workspace, params)
-    write_params(target, params, init_header(recipe, vram))  # type: ignore[arg-type]
+    write_params(target, params, init_header(recipe, vram, variant))  # type: ignore[arg-type]
     if (workspace / ".git").is_dir() and not has_commit(workspace):
         commit(workspace, f"wanlora init --recipe {recipe} --vram {vram}")  # dvclive needs a revision
     if note:
@@ -89,12 +90,13 @@ def demo(
     folder: Annotated[Path, typer.Argument(help="New folder for the demo workspace.")],
     steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 120,
     run: Annotated[bool, typer.Option(help="Run `dvc repro` after setting up.")] = True,
+    variant: Annotated[str, typer.Option(help="Wan 2.2 model of the tiny demo: t2v-a14b or i2v-a14b.")] = "t2v-a14b",
 ) -> None:
     """Generate clips and a tiny model in a new workspace, then run the whole pipeline there."""
     from wanlora.demo import make_demo
     from wanlora.workspace import dvc_repro
 
-    make_demo(folder, steps=steps)
+    make_demo(folder, steps=steps, variant=variant)
     console.print(f"demo workspace ready in {folder}")
     if run:
         dvc_repro(folder)
@@ -102,11 +104,15 @@ def demo(
 
 
 @app.command("make-tiny")
-def make_tiny(out: Annotated[Path, typer.Argument(help="Folder to write the tiny model to.")], seed: int = 0) -> None:
-    """Write a tiny random Wan 2.2 T2V model in the real diffusers layout (tests, demo)."""
+def make_tiny(
+    out: Annotated[Path, typer.Argument(help="Folder to write the tiny model to.")],
+    seed: int = 0,
+    variant: Annotated[str, typer.Option(help="t2v-a14b or i2v-a14b.")] = "t2v-a14b",
+) -> None:
+    """Write a tiny random Wan 2.2 model of one variant in the real diffusers layout (tests, demo)."""
     from wanlora.models.tiny import make_tiny as build
 
-    console.print(f"tiny model written to {build(out, seed=seed)}")
+    console.print(f"tiny {variant} model written to {build(out, seed=seed, variant=variant)}")
 
 
 @app.command("import-aitk")

@@ -76,9 +76,13 @@ class JobConfig(Section):
 class ModelConfig(Section):
     name_or_path: str = Field(
         DEFAULT_MODEL,
-        description="Local diffusers folder or hub id of Wan 2.2 T2V A14B (two experts, VAE, UMT5).",
+        description="Local diffusers folder or hub id of a Wan 2.2 model (T2V A14B, I2V A14B or TI2V-5B).",
     )
     revision: str = Field("main", description="Hub revision (branch, tag or commit) to pin.")
+    variant: Literal["auto", "t2v-a14b", "i2v-a14b", "ti2v-5b"] = Field(
+        "auto", description="Which Wan 2.2 model: auto reads it from the folder (model_index.json and the "
+        "transformer config); a name is checked against the folder, and a mismatch stops naming both."
+    )
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Compute dtype of the base and of the LoRA matmul; LoRA weights, gradients "
         "and optimizer state stay float32.")
@@ -267,6 +271,11 @@ class TrainConfig(Section):
     timestep_bias: Literal["balanced", "high_noise", "low_noise"] = Field(
         "balanced", description="Skew of the timestep draw."
     )
+    last_frame: bool = Field(
+        False, description="I2V A14B: condition every sample on its last frame as well as its first (first-and-last-"
+        "frame to video, WanImageToVideoPipeline's last_image); samples then end on the held-out clip's last frame, "
+        "or on sample.last_images."
+    )
     latent_mode: Literal["distribution", "mode"] = Field(
         "distribution", description="Cache VAE mean+logvar and sample each step, or cache the deterministic mode."
     )
@@ -433,6 +442,15 @@ class SampleConfig(Section):
         default_factory=lambda: ["[trigger] walking through a park"], description="Prompts per checkpoint."
     )
     negative_prompt: str = Field("", description="Negative prompt for classifier-free guidance.")
+    images: list[str] = Field(
+        default_factory=list, description="I2V: the start image of each prompt (workspace-relative image, or a "
+        "video whose first frame is used), one per prompt; empty: prompt i starts from the first frame of the "
+        "i-th held-out sample (of the training samples when none is held out). T2V and 5B text-to-video: empty."
+    )
+    last_images: list[str] = Field(
+        default_factory=list, description="I2V with train.last_frame: the last frame of each prompt's video, one per "
+        "prompt beside sample.images; empty: the last frame of the sample the start frame came from."
+    )
     steps: int = Field(25, ge=1, description="Sampler steps.")
     guidance_scale: float = Field(3.5, ge=1, description="Classifier-free guidance scale (2-4 works).")
     num_frames: int = Field(33, ge=1, description="Frames per sample, 4n+1.")
@@ -455,6 +473,17 @@ class SampleConfig(Section):
         2, ge=1, le=16, description="Fixed noise draws per clip and timestep; their spread sets the noise margin "
         "of the 'best' checkpoint choice."
     )
+
+    @model_validator(mode="after")
+    def _one_image_per_prompt(self) -> "SampleConfig":
+        for key, what in (("images", "start"), ("last_images", "last")):
+            listed = getattr(self, key)
+            if listed and len(listed) != len(self.prompts):
+                raise ValueError(f"sample.{key} lists {len(listed)} {what} image(s) for {len(self.prompts)} prompt(s): "
+                                 f"give one per prompt, or none to take held-out samples' {what} frames")
+        if self.last_images and not self.images:
+            raise ValueError("sample.last_images needs sample.images (a start image for each prompt as well)")
+        return self
 
     @field_validator("validation_timesteps")
     @classmethod

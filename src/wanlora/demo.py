@@ -11,6 +11,7 @@ from pathlib import Path
 
 from wanlora.config import Params, parse_params
 from wanlora.errors import UserError
+from wanlora.models.variant import LEGACY_VARIANT
 from wanlora.presets import write_params
 from wanlora.workspace import commit, prepare, track_raw
 
@@ -21,12 +22,13 @@ class FolderTaken(UserError, FileExistsError):
     """The demo would write into a folder that holds someone's files."""
 
 
-def demo_params(steps: int) -> Params:
+def demo_params(steps: int, variant: str = LEGACY_VARIANT) -> Params:
     """The smoke recipe (CPU, 64-pixel buckets, 9 frames), made long enough to show learning:
-    more steps and checkpoints, two frame windows per clip, two prompts with and without the trigger."""
+    more steps and checkpoints, two frame windows per clip, two prompts with and without the trigger.
+    An I2V demo samples each prompt from the held-out clip's first frame."""
     from wanlora.presets import make_params
 
-    tree = make_params("smoke", 24, model="models/tiny", trigger=DEMO_TRIGGER).model_dump(mode="json")
+    tree = make_params("smoke", 24, model="models/tiny", trigger=DEMO_TRIGGER, variant=variant).model_dump(mode="json")
     tree["job"] |= {"name": "demo", "seed": 7}
     tree["multistage"]["switch_every"] = 5
     tree["save"] |= {"every": max(1, steps // 3), "keep_last": 3, "dtype": "fp32"}
@@ -37,12 +39,13 @@ def demo_params(steps: int) -> Params:
     return parse_params(tree, "demo params")
 
 
-def make_demo(folder: Path, steps: int = 120) -> Params:
-    """Create (or refresh) a demo workspace; the raw clips and tiny model are made once."""
+def make_demo(folder: Path, steps: int = 120, variant: str = LEGACY_VARIANT) -> Params:
+    """Create (or refresh) a demo workspace of `variant`; the raw clips and tiny model are made once
+    (a tiny model of another variant already there is refused by the stages, naming both)."""
     from wanlora.media.synth import make_demo_raw
     from wanlora.models.tiny import make_tiny
 
-    params = demo_params(steps)
+    params = demo_params(steps, variant)
     if folder.exists() and any(folder.iterdir()) and not (folder / "params.yaml").exists():
         raise FolderTaken(f"{folder} exists and is not a wanlora workspace; pick a new folder")
     prepare(folder, params, own_repo=True)
@@ -50,7 +53,7 @@ def make_demo(folder: Path, steps: int = 120) -> Params:
     if not any(raw.iterdir()):
         make_demo_raw(raw, seed=0)
     if not (folder / "models/tiny/model_index.json").exists():
-        make_tiny(folder / "models/tiny", seed=0)
+        make_tiny(folder / "models/tiny", seed=0, variant=variant)
     write_params(folder / "params.yaml", params, "wanlora demo")
     track_raw(folder, params)
     commit(folder, "wanlora demo workspace")

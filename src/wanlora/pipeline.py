@@ -102,7 +102,8 @@ STAGES: tuple[Stage, ...] = (
         "latent_cache", "encode every sample window with the VAE once",
         deps=("data/index/media.jsonl", "data/buckets/samples.jsonl"),
         code=("src/wanlora/models", "src/wanlora/media"),
-        params=(*MODEL_KEYS, "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "train.latent_mode",
+        params=(*MODEL_KEYS, "model.variant", "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "train.latent_mode",
+                "train.last_frame",
                 "job.device"),  # folder: sample paths must stay inside it (io.dataset_file)
         outs=("data/cache/latents",),
     ),
@@ -127,8 +128,9 @@ STAGES: tuple[Stage, ...] = (
               "data/captions/problems.json", "data/split/validation.json"),
         code=("src/wanlora/evaluate", "src/wanlora/models", "src/wanlora/train", "src/wanlora/export",
               "src/wanlora/data/split.py", "src/wanlora/pipeline.py"),
-        params=("job.name", "job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.dtype",
-                "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "sample"),
+        params=("job.name", "job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.variant", "model.dtype",
+                "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "train.last_frame",
+                "sample"),
         outs=("data/eval",), metrics=("data/eval/metrics.json",),
         # per expert, the fixed-noise loss on training clips beside the held-out one: the gap is overfitting
         plots=tuple({f"fixed_noise_loss_{e}": {"x": "step", "title": f"{e}-noise expert: fixed-noise loss",
@@ -138,7 +140,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "export", "write the chosen checkpoint for ComfyUI and diffusers",
         deps=("data/lora", "data/eval/best.json"),
-        code=("src/wanlora/export", "src/wanlora/pipeline.py"),
+        code=("src/wanlora/export", "src/wanlora/models/variant.py", "src/wanlora/pipeline.py"),
         params=("export", "job.name"),
         outs=("data/exports",),
     ),

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from wanlora.config import Params, ParamsError, dump_params, parse_params
 from wanlora.io import atomic_write_text
+from wanlora.models.variant import LEGACY_VARIANT, VARIANTS
 
 Recipe = Literal["character", "style", "motion", "smoke"]
 Vram = Literal[24, 48, 80, 141]
@@ -177,18 +178,35 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
 }
 
 
+#: What a variant changes on top of its tier and recipe. I2V A14B's experts are T2V's but for a
+#: 36-channel patch embedding (20 channels more into a 5120-wide layer: ~0.1M parameters of 14B),
+#: so every A14B tier's memory figures hold for it unchanged.
+VARIANT_SETTINGS: dict[str, tuple[Setting, ...]] = {
+    "t2v-a14b": (),
+    "i2v-a14b": (
+        Setting("model.name_or_path", VARIANTS["i2v-a14b"].hub_id, "the official Wan 2.2 I2V A14B release"),
+        Setting("model.variant", "i2v-a14b",
+                "checked against the folder: a T2V base would train a LoRA that fits no I2V model"),
+        Setting("sample.images", [],
+                "each prompt starts from a held-out clip's first frame; list your own start images here"),
+    ),
+}
+
 #: Recipes that run on the CPU, where a GPU tier's settings mean nothing.
 CPU_RECIPES = {"smoke"}
 
 
-def _settings(recipe: str, vram: int) -> tuple[Setting, ...]:
+def _settings(recipe: str, vram: int, variant: str = LEGACY_VARIANT) -> tuple[Setting, ...]:
+    if variant not in VARIANT_SETTINGS:
+        raise ParamsError(f"variant '{variant}' has no presets; choose one of: {', '.join(VARIANT_SETTINGS)}")
     if recipe not in RECIPES:
         raise ParamsError(f"recipe '{recipe}' is unknown; choose one of: {', '.join(RECIPES)}")
     if vram not in TIERS:
         fits = [t for t in TIERS if t <= vram]
         hint = f"use {max(fits)} (the largest tier at or below your card)" if fits else "24 GB is the smallest tier"
         raise ParamsError(f"vram {vram} is not a tier ({', '.join(map(str, TIERS))}); {hint}")
-    return RECIPES[recipe] if recipe in CPU_RECIPES else TIERS[vram] + RECIPES[recipe]
+    chosen = RECIPES[recipe] if recipe in CPU_RECIPES else TIERS[vram] + RECIPES[recipe]
+    return chosen + VARIANT_SETTINGS[variant]
 
 
 def _put(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -198,10 +216,12 @@ def _put(tree: dict[str, Any], key: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def make_params(recipe: Recipe, vram: Vram, model: str | None = None, trigger: str | None = None) -> Params:
-    """Validated params for a recipe on a tier: schema defaults, then the tier, then the recipe."""
+def make_params(recipe: Recipe, vram: Vram, model: str | None = None, trigger: str | None = None,
+                variant: str = LEGACY_VARIANT) -> Params:
+    """Validated params for a recipe on a tier: schema defaults, then the tier, then the recipe,
+    then what the variant changes (`VARIANT_SETTINGS`)."""
     tree = Params().model_dump(mode="json")
-    for s in _settings(recipe, vram):
+    for s in _settings(recipe, vram, variant):
         _put(tree, s.key, s.value)
     if model is not None:
         tree["model"]["name_or_path"] = model
@@ -210,17 +230,18 @@ def make_params(recipe: Recipe, vram: Vram, model: str | None = None, trigger: s
     return parse_params(tree, f"preset {recipe}/{vram}GB")
 
 
-def describe(recipe: Recipe, vram: Vram) -> str:
+def describe(recipe: Recipe, vram: Vram, variant: str = LEGACY_VARIANT) -> str:
     """One line per preset setting, `key: value  (why)`, for the header of the written params.yaml."""
-    return "\n".join(f"{s.key}: {s.value}  ({s.why})" for s in _settings(recipe, vram))
+    return "\n".join(f"{s.key}: {s.value}  ({s.why})" for s in _settings(recipe, vram, variant))
 
 
-def init_header(recipe: Recipe, vram: Vram) -> str:
+def init_header(recipe: Recipe, vram: Vram, variant: str = LEGACY_VARIANT) -> str:
     """The header `wanlora init` writes: the command line, then why each preset value is there."""
-    return f"wanlora init --recipe {recipe} --vram {vram}\n" + describe(recipe, vram)
+    flag = "" if variant == LEGACY_VARIANT else f" --variant {variant}"
+    return f"wanlora init --recipe {recipe} --vram {vram}{flag}\n" + describe(recipe, vram, variant)
 
 
-_INIT_LINE = re.compile(r"# wanlora init --recipe \S+ --vram (\d+)\n")
+_INIT_LINE = re.compile(r"# wanlora init --recipe \S+ --vram (\d+)( --variant \S+)?\n")
 
 
 def init_vram(path: str | Path) -> int | None:

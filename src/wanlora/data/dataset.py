@@ -34,7 +34,9 @@ import torch
 
 from wanlora.data.split import read_split
 from wanlora.io import dataset_file, read_jsonl
-from wanlora.models.latents import INDEX, draw_latent, load_latents, normalize_latents
+from wanlora.models.condition import condition_input
+from wanlora.models.latents import INDEX, check_variant, draw_latent, load_latents, normalize_latents
+from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant
 from wanlora.errors import rebuild_fix
 from wanlora.report import InputError, Problem
 
@@ -56,8 +58,9 @@ class Item:
     record: dict = field(repr=False, compare=False)
 
 
-def _latent_index(cache_dir: Path, expect_vae: str | None) -> dict[str, str]:
-    """sample_id -> cache key, after checking the cache was made by the current VAE."""
+def _latent_index(cache_dir: Path, expect_vae: str | None, variant: Variant, last_frame: bool) -> dict[str, str]:
+    """sample_id -> cache key, after checking the cache was made by the current VAE for the
+    current variant."""
     path = cache_dir / INDEX
     if not path.is_file():
         return {}
@@ -67,6 +70,7 @@ def _latent_index(cache_dir: Path, expect_vae: str | None) -> dict[str, str]:
             f"{path}: latent cache made by VAE {index.get('vae')!r}, but the model's VAE is {expect_vae!r} "
             f"(model.name_or_path changed, or its weights?). {rebuild_fix('latent_cache')}"
         )
+    check_variant(index, path, variant, last_frame)
     return dict(index.get("samples", {}))
 
 
@@ -81,16 +85,34 @@ class TrainData:
     expect_vae: str | None = None
     encode: Encode | None = None
     held_out: tuple[str, ...] = ()  # sample ids left out for validation (every window of a held-out clip)
+    variant: Variant = VARIANTS[LEGACY_VARIANT]
+    last_frame: bool = False  # I2V: the condition holds each sample's last frame too (`train.last_frame`)
+
+    def _tensors(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.items[i]
+        if item.cached:
+            cached = load_latents(self.cache_dir, item.id, self.expect_vae, self.variant, self.last_frame)
+        else:
+            cached = self.encode(item.record)  # type: ignore[misc]
+        return {k: v.float().cpu() for k, v in cached.items()}
 
     def latent(self, i: int, generator: torch.Generator) -> torch.Tensor:
         """Latent [C, F, H, W] of item `i` in the transformer's space (float32, CPU)."""
-        item = self.items[i]
-        if item.cached:
-            cached = load_latents(self.cache_dir, item.id, self.expect_vae)
-        else:
-            cached = self.encode(item.record)  # type: ignore[misc]
-        cached = {k: v.float().cpu() for k, v in cached.items()}
-        return normalize_latents(draw_latent(cached, generator), self.vae_config)
+        return self.inputs(i, generator)[0]
+
+    def inputs(self, i: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(latent, condition) of item `i`: the latent as `latent` gives it, and for an I2V variant
+        the condition channels (frame mask + normalised start-image latent, `condition_input`);
+        None for T2V. One read of the cache file for both."""
+        cached = self._tensors(i)
+        latent = normalize_latents(draw_latent(cached, generator), self.vae_config)
+        if not self.variant.image_condition:
+            return latent, None
+        if "condition" not in cached:
+            raise CacheMismatch(f"{self.cache_dir}: sample {self.items[i].id} has no start-image condition latent, "
+                                f"which {self.variant.name} trains with. {rebuild_fix('latent_cache')}")
+        cond = normalize_latents(cached["condition"], self.vae_config)
+        return latent, condition_input(cond, self.variant.temporal_factor, self.last_frame)
 
     def channels(self) -> int:
         return len(self.vae_config["latents_mean"])
@@ -107,6 +129,8 @@ def build_dataset(
     cached_datasets: set[str],
     folders: Mapping[str, str],
     encode: Encode | None = None,
+    variant: Variant = VARIANTS[LEGACY_VARIANT],
+    last_frame: bool = False,
 ) -> TrainData:
     """Join manifests and caches; report samples that cannot train, stop when none can.
 
@@ -121,7 +145,7 @@ def build_dataset(
         if not path.is_file():
             raise InputError(f"{path}: missing. Fix: run the {stage} stage first (`dvc repro {stage}`)")
     captions = {r["id"]: r for r in read_jsonl(captions_path)}
-    latents = _latent_index(cache_dir, expect_vae)
+    latents = _latent_index(cache_dir, expect_vae, variant, last_frame)
     held_clips = read_split(workspace).held_out_clips
     held_out: list[str] = []
     items: list[Item] = []
@@ -156,7 +180,7 @@ def build_dataset(
             f"{samples_path}: no sample can be trained ({len(problems)} problem(s){held}).{listing}\n"
             "Fix: add clips to the dataset folder (or give a dataset role: train) and rerun `dvc repro`."
         )
-    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode, tuple(held_out))
+    return TrainData(items, problems, vae_config, cache_dir, expect_vae, encode, tuple(held_out), variant, last_frame)
 
 
 def small_buckets(buckets: list[str], batch_size: int) -> list[Problem]:

@@ -1,4 +1,4 @@
-"""Sampling through both experts with WanPipeline itself, from cached text embeddings.
+"""Sampling through both experts with the variant's diffusers pipeline itself, from cached text embeddings.
 
 Using the pipeline (not a loop of our own) keeps the routing exactly diffusers': the high-noise
 expert for timesteps >= boundary_ratio * 1000, the low-noise one below, classifier-free guidance
@@ -6,7 +6,9 @@ on both. The scheduler is flow-match Euler with the params' shift, so samples ar
 across checkpoints and runs whatever scheduler the model folder ships. UMT5 is never loaded:
 prompts come from the text cache, padded as the pipeline pads them. LoRAs enter as peft adapters
 (loaded with diffusers' own loader, the low-noise file into `transformer_2`) and leave again,
-so one loaded base serves every checkpoint and the baseline.
+so one loaded base serves every checkpoint and the baseline. I2V A14B samples through
+`WanImageToVideoPipeline` from a start image per prompt (`wanlora.evaluate.start_images`), with no
+image encoder (Wan 2.2 has none); a LoRA made for another variant is refused before it loads.
 """
 
 from __future__ import annotations
@@ -21,21 +23,21 @@ import torch
 from wanlora.config import SampleConfig
 from wanlora.export.formats import folded_state_dict
 from wanlora.export.imports import read_lora
+from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant, recorded_variant, refuse_other_variant
 
 
-def build_pipeline(transformer, transformer_2, vae, boundary_ratio: float, shift: float):
-    """A text-encoder-free WanPipeline around already loaded parts."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+def build_pipeline(transformer, transformer_2, vae, boundary_ratio: float, shift: float,
+                   variant: Variant = VARIANTS[LEGACY_VARIANT]):
+    """A text-encoder-free pipeline of `variant` (WanPipeline or WanImageToVideoPipeline) around
+    already loaded parts."""
+    import diffusers
 
-    pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        transformer=transformer,
-        transformer_2=transformer_2,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
-        boundary_ratio=boundary_ratio,
-    )
+    parts = dict(tokenizer=None, text_encoder=None, transformer=transformer, transformer_2=transformer_2, vae=vae,
+                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+                 boundary_ratio=boundary_ratio)
+    if variant.image_condition:
+        parts.update(image_encoder=None, image_processor=None)
+    pipe = getattr(diffusers, variant.pipeline)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -46,16 +48,21 @@ def prompt_seeds(cfg: SampleConfig) -> list[int]:
 
 
 @contextlib.contextmanager
-def lora_applied(pipe, files: Mapping[str, Path], name: str) -> Iterator[None]:
+def lora_applied(pipe, files: Mapping[str, Path], name: str,
+                 variant: Variant = VARIANTS[LEGACY_VARIANT]) -> Iterator[None]:
     """Load a checkpoint's LoRA files ({"high"|"low": path}) as adapter `name`, remove it after.
 
     alpha/rank is folded into B, because a state dict handed to `load_lora_weights` carries no
-    adapter metadata and diffusers would assume alpha = rank.
+    adapter metadata and diffusers would assume alpha = rank. A file whose header names another
+    variant is refused: a T2V LoRA has the I2V experts' shapes and would load without a word.
     """
     loaded = []
     try:
         for expert, path in sorted(files.items()):
-            lora, _, _ = read_lora(Path(path))
+            lora, meta, _ = read_lora(Path(path))
+            refuse_other_variant(str(path), recorded_variant(meta), variant,
+                                 "Fix: evaluate it with the model it was trained on (model.name_or_path), "
+                                 "or train a LoRA for this model")
             pipe.load_lora_weights(folded_state_dict(lora), adapter_name=name, load_into_transformer_2=expert == "low")
             loaded.append(pipe.transformer if expert == "high" else pipe.transformer_2)
         yield
@@ -66,9 +73,12 @@ def lora_applied(pipe, files: Mapping[str, Path], name: str) -> Iterator[None]:
 
 @torch.no_grad()
 def generate(
-    pipe, prompt_embeds: list[torch.Tensor], negative_embeds: torch.Tensor, cfg: SampleConfig
+    pipe, prompt_embeds: list[torch.Tensor], negative_embeds: torch.Tensor, cfg: SampleConfig,
+    images: list[np.ndarray] | None = None, last_images: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """One video per prompt ([F, H, W, 3] floats in [0, 1]) at its fixed seed.
+    """One video per prompt ([F, H, W, 3] floats in [0, 1]) at its fixed seed; with `images`
+    (uint8 [H, W, 3], one per prompt) each starts from its image (image-to-video pipelines), and
+    with `last_images` ends on one (the pipeline's `last_image`).
 
     Embeddings are [1, 512, D] (padded), handed over on the pipeline's execution device: WanPipeline
     casts given embeddings to the transformer's dtype but leaves them where they are. The generator
@@ -76,9 +86,15 @@ def generate(
     """
     device = pipe._execution_device
     negative = negative_embeds.to(device)
+    from PIL import Image
+
     videos = []
-    for emb, seed in zip(prompt_embeds, prompt_seeds(cfg)):
+    for i, (emb, seed) in enumerate(zip(prompt_embeds, prompt_seeds(cfg))):
+        start = {} if images is None else {"image": Image.fromarray(images[i])}
+        if last_images is not None:
+            start["last_image"] = Image.fromarray(last_images[i])
         out = pipe(
+            **start,
             prompt_embeds=emb.to(device),
             negative_prompt_embeds=negative,
             height=cfg.height,

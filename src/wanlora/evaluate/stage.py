@@ -15,6 +15,7 @@ own samples, and when nothing is missing the base model is not even loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curve
 from wanlora.evaluate.validation import ValItem, fixed_noise_losses
 from wanlora.export.stage import list_checkpoints
 from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, read_jsonl, sha256_file, sha256_json
+from wanlora.models.condition import check_last_frame
+from wanlora.models.variant import LEGACY_VARIANT, Variant, resolve_variant
 from wanlora.report import InputError
 
 EVAL_FORMAT = 2  # bump when cached results would no longer match what this code writes
@@ -67,6 +70,9 @@ class Plan:
     sampled: list[int]
     split: Split
     base: dict[str, Any]
+    variant: Variant
+    start_frames: list[Any] | None = None  # I2V: uint8 [H, W, 3] start image per prompt (`start_images`)
+    end_frames: list[Any] | None = None  # I2V with train.last_frame: the last frame of each prompt
     _hashes: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def lora_id(self, step: int | None) -> dict[str, str] | None:
@@ -82,6 +88,9 @@ class Plan:
         settings = {"prompts": prompt_texts(params), "negative": s.negative_prompt, "steps": s.steps,
                     "guidance": s.guidance_scale, "frames": s.num_frames, "size": [s.width, s.height],
                     "fps": s.fps, "seed": s.seed, "walk_seed": s.walk_seed}
+        for name, frames in (("start_images", self.start_frames), ("end_images", self.end_frames)):
+            if frames is not None:  # what each prompt starts (ends) with, by content
+                settings[name] = [hashlib.sha256(f.tobytes() + str(f.shape).encode()).hexdigest() for f in frames]
         return sha256_json({"kind": "samples", **self.base, "sample": settings, "lora": self.lora_id(step)})[:20]
 
     def val_key(self, params: Params, step: int | None) -> str:
@@ -95,6 +104,8 @@ def make_plan(params: Params, workspace: Path) -> Plan:
     from wanlora.models.loading import boundary_ratio, model_identity, resolve_model
 
     root = resolve_model(params.model.name_or_path, params.model.revision)
+    variant = resolve_variant(params.model.variant, root)
+    check_last_frame(params.train.last_frame, variant)
     checkpoints = list_checkpoints(workspace / "data/lora")
     if not checkpoints:
         raise FileNotFoundError(f"{workspace / 'data/lora'}: no checkpoints; run the train stage first")
@@ -110,9 +121,25 @@ def make_plan(params: Params, workspace: Path) -> Plan:
         "text_cache": _hash_or_absent(workspace / TEXT_DIR / "index.json"),
         "latent_cache": _hash_or_absent(workspace / LATENT_DIR / "index.json"),
         "captions": _hash_or_absent(workspace / "data/captions/captions.jsonl"),
+        **({} if variant.name == LEGACY_VARIANT else {"variant": variant.name}),  # T2V keys stay as they were
     }
+    split = read_split(workspace)
+    frames = ends = None
+    if variant.image_condition and params.sample.prompts:
+        from wanlora.evaluate.start_images import start_frames
+
+        samples = {s["id"]: s for s in read_jsonl(workspace / "data/buckets/samples.jsonl")}
+        frames = start_frames(params.sample, split, samples, workspace)
+        if params.train.last_frame:
+            ends = start_frames(params.sample, split, samples, workspace, last=True)
+    elif params.sample.images:
+        raise InputError(f"sample.images lists start images, but {root} holds {variant.describe()}, which "
+                         "samples from text alone. Fix: empty sample.images, or use an image-to-video model")
+    if params.sample.last_images and not params.train.last_frame:
+        raise InputError("sample.last_images lists end frames, but train.last_frame is false, so the LoRA "
+                         "never learned to end on one. Fix: empty sample.last_images, or set train.last_frame: true")
     return Plan(root, checkpoints, steps_to_sample(list(checkpoints), params.sample.every_checkpoint),
-                read_split(workspace), base)
+                split, base, variant, frames, ends)
 
 
 # ------------------------------------------------------------------------------- the models
@@ -129,6 +156,7 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
     import torch
 
     from wanlora.evaluate.sampling import build_pipeline
+    from wanlora.models.condition import condition_input
     from wanlora.models.latents import load_latents, normalize_latents
     from wanlora.models.expert import load_base
     from wanlora.models.loading import load_vae, load_vae_config, model_identity
@@ -141,7 +169,8 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
     experts = {e: load_base(plan.root, e, params, workspace, where, work=device, sampling=True)
                for e in ("high", "low")}
     vae = load_vae(plan.root, "fp32", where)
-    pipe = build_pipeline(experts["high"], experts["low"], vae, plan.base["boundary"], params.model.flow_shift)
+    pipe = build_pipeline(experts["high"], experts["low"], vae, plan.base["boundary"], params.model.flow_shift,
+                          plan.variant)
     if params.model.low_vram and str(device).startswith("cuda"):
         pipe.enable_model_cpu_offload(device=device)
 
@@ -163,9 +192,14 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
         if cap is None:
             raise InputError(f"{workspace / SPLIT_FILE}: sample {sid} is not in the samples or captions "
                              "manifest. Fix: rerun the split stage (`dvc repro split`)")
-        cached = load_latents(workspace / LATENT_DIR, sid, vae_id)
+        last = params.train.last_frame
+        cached = load_latents(workspace / LATENT_DIR, sid, vae_id, plan.variant, last)
         z = cached["mean"] if "mean" in cached else cached["latent"]  # the mode: no random draw
-        return ValItem(sid, normalize_latents(z.float(), vae_config), embed(cap["caption"])[0])
+        cond = None
+        if plan.variant.image_condition:
+            cond = condition_input(normalize_latents(cached["condition"].float(), vae_config),
+                                   plan.variant.temporal_factor, last)
+        return ValItem(sid, normalize_latents(z.float(), vae_config), embed(cap["caption"])[0], cond)
 
     items = {"held_out": [item(s) for s in plan.split.validation_samples],
              "train": [item(s) for s in plan.split.training_samples]}
@@ -208,9 +242,10 @@ def _evaluate_one(params: Params, plan: Plan, step: int | None, get: Any, scratc
     loaded = get()
     name = "baseline" if step is None else f"step_{step:06d}"
     files = {} if step is None else plan.checkpoints[step]
-    with sampling.lora_applied(loaded.pipe, files, name):
+    with sampling.lora_applied(loaded.pipe, files, name, plan.variant):
         if s_entry is not None and not s_done:
-            videos = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample)
+            videos = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample,
+                                       plan.start_frames, plan.end_frames)
             _write_samples(s_entry, videos, params.sample.fps)
         if v_entry is not None and not v_done:
             experts = {"high": loaded.pipe.transformer, "low": loaded.pipe.transformer_2}

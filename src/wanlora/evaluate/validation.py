@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from wanlora.models.condition import model_input
 from wanlora.train.flowmatch import NUM_TRAIN_TIMESTEPS, add_noise, per_sample_mse, velocity_target
 
 
@@ -27,11 +28,13 @@ def expert_of(t: int, boundary_ratio: float) -> str:
 
 @dataclass
 class ValItem:
-    """One scored sample (held-out or training): its normalised latent [C, F, H, W] and padded text embedding [L, D]."""
+    """One scored sample (held-out or training): its normalised latent [C, F, H, W], padded text
+    embedding [L, D] and, for I2V, its condition channels [20, F, H, W] (`wanlora.models.condition`)."""
 
     id: str
     latent: torch.Tensor
     embeds: torch.Tensor
+    condition: torch.Tensor | None = None
 
 
 def fixed_noise(shape: torch.Size, seed: int, item_index: int, t_index: int, draw: int = 0) -> torch.Tensor:
@@ -67,7 +70,8 @@ def fixed_noise_losses(
             tt = torch.tensor([float(t)])
             for d in range(draws):
                 noise = fixed_noise(x0.shape, seed, i, j, d)
-                x_t = add_noise(x0, noise, tt)
+                cond = None if item.condition is None else item.condition.unsqueeze(0)
+                x_t = model_input(add_noise(x0, noise, tt), cond)
                 pred = model(
                     x_t.to(param.device, dtype),
                     tt.to(param.device),

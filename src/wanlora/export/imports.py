@@ -21,6 +21,7 @@ import torch
 from wanlora.export import formats
 from wanlora.export.formats import Lora, LoraFormatError
 from wanlora.io import sha256_file
+from wanlora.models.variant import VARIANT_KEY, refuse_other_variant, variant_of_config
 
 Expert = Literal["high", "low"]
 _AITK_EXPERT = {"high": ".transformer_1.", "low": ".transformer_2."}
@@ -100,6 +101,10 @@ def import_lora(
     """
     path = Path(path)
     lora, source_meta, fmt = read_lora(path, expert, foreign=True)
+    base = variant_of_config(base_config)
+    if base is not None and VARIANT_KEY in source_meta:  # T2V and I2V A14B LoRAs have the same shapes
+        refuse_other_variant(str(path), source_meta[VARIANT_KEY], base,
+                             "Fix: import it with the model it was trained for (--model)")
     formats.check_against_base(lora, formats.base_shapes(base_config), str(path))
     sd, meta = formats.write_ours(lora)
     meta.update(
@@ -111,6 +116,8 @@ def import_lora(
             "wanlora.imported_metadata": json.dumps(foreign_metadata(source_meta), sort_keys=True),
         }
     )
+    if base is not None:
+        meta[VARIANT_KEY] = base.name  # checked against this base: evaluate and export hold it to it
     found = expert or expert_from_name(path)
     if found:
         meta["wanlora.expert"] = found

@@ -36,6 +36,7 @@ from wanlora import __version__
 from wanlora.config import Params
 from wanlora.export.formats import Lora, read_ours
 from wanlora.io import atomic_write_text, read_jsonl, sha256_file, sha256_text
+from wanlora.models.variant import LEGACY_VARIANT
 from wanlora.pipeline import stage_values
 
 PREFIX = "wanlora."
@@ -154,6 +155,7 @@ def lineage_metadata(
     trained: Collection[str],
     skipped: Mapping[str, str],
     sidecar_dir: Path | None = None,
+    variant: str = LEGACY_VARIANT,
 ) -> dict[str, str]:
     """safetensors metadata for a LoRA of `expert` ('high' | 'low') saved at `step`.
 
@@ -161,6 +163,8 @@ def lineage_metadata(
     `trained` the sample ids training used, `skipped` {sample id: why not} for the others. A
     sample list over 64 KB is written to `sidecar_dir` (default: data/lora/<expert>/, where the
     trainer saves) as `lineage-<hash>.json`; exports copy it along. `seal` adds the tensor hash.
+    `variant` (`wanlora.models.variant`) is the Wan 2.2 model it fits: evaluate, export and
+    `import` refuse it on another one.
     """
     if expert not in ("high", "low"):
         raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
@@ -177,6 +181,7 @@ def lineage_metadata(
         ),
         "step": str(int(step)),
         "expert": expert,
+        "variant": variant,
         "base_model": base_model(params, workspace, base_fingerprint),
         "rank": str(params.network.rank),
         "alpha": str(params.network.alpha),

@@ -1,7 +1,8 @@
-"""Shapes, configs and FLOP counts of the Wan 2.2 T2V A14B transformer, without any weights.
+"""Shapes, configs and FLOP counts of the Wan 2.2 transformers, without any weights.
 
 `WAN22_A14B` is the config diffusers stores in `transformer/config.json` (and, identical,
-`transformer_2/config.json`) of Wan-AI/Wan2.2-T2V-A14B-Diffusers; `TINY` is the two-layer
+`transformer_2/config.json`) of Wan-AI/Wan2.2-T2V-A14B-Diffusers, `WAN22_I2V_A14B` the I2V
+release's (`CONFIGS` per variant); `TINY` is the two-layer
 version the tests and the demo use. Benchmarks and memory planning build a full-size expert
 from `WAN22_A14B` with random weights (`build_transformer`), so GPU work needs no 28 GB
 download, and report MFU with `train_flops`.
@@ -47,6 +48,16 @@ TINY: dict[str, Any] = {
     "ffn_dim": 64,
     "num_layers": 2,
 }
+
+#: Wan 2.2 I2V A14B: each expert as T2V's, but the patch embedding takes 36 channels (noisy
+#: latent 16 + frame mask 4 + start-image latent 16; Wan-AI/Wan2.2-I2V-A14B-Diffusers, no image
+#: encoder: image_dim stays None, so the blocks have no k_img/v_img).
+WAN22_I2V_A14B: dict[str, Any] = {**WAN22_A14B, "in_channels": 36}
+TINY_I2V: dict[str, Any] = {**TINY, "in_channels": 36}
+
+#: Full-size and tiny transformer config of each variant (`wanlora.models.variant`).
+CONFIGS: dict[str, dict[str, Any]] = {"t2v-a14b": WAN22_A14B, "i2v-a14b": WAN22_I2V_A14B}
+TINY_CONFIGS: dict[str, dict[str, Any]] = {"t2v-a14b": TINY, "i2v-a14b": TINY_I2V}
 
 LATENT_CHANNELS = 16
 TEMPORAL_FACTOR = 4

@@ -15,7 +15,8 @@ plain function of the VAE, lets the noise be drawn in the space the VAE defined,
 constants in one place (vae/config.json).
 
 Contract: `<out>/<key>.safetensors` with `mean` and `logvar` [16, F', H/8, W/8] (distribution)
-or `latent` (mode); metadata vae, sample_id, bucket, dtype, mode, sha256, frames;
+or `latent` (mode), and for I2V A14B `condition` (the start-image condition latent, raw mode, same
+shape); metadata vae, sample_id, bucket, dtype, mode, sha256, frames, and variant unless T2V;
 `<out>/index.json` maps sample id -> key and records the VAE identity. The key covers the
 source bytes, frames, crop, size, flip, VAE identity, mode and dtype.
 """
@@ -45,8 +46,10 @@ from wanlora.models.cachefiles import (
     restore,
     save_item,
 )
+from wanlora.models.condition import check_last_frame, condition_pixels
 from wanlora.models.geometry import TEMPORAL_FACTOR, latent_shape
 from wanlora.models.loading import load_vae, model_identity, to_dtype
+from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant, recorded_variant, refuse_other_variant
 
 #: Frames larger than this (in pixels) are encoded in overlapping tiles to bound VAE memory.
 #: Up to 720p the Wan VAE encodes whole frames on a 24 GB card; tiles change the last bits.
@@ -147,14 +150,30 @@ def draw_latent(cached: Mapping[str, torch.Tensor], generator: torch.Generator |
 
 
 # --------------------------------------------------------------------------------- stage
-def sample_key(sample: Mapping[str, Any], vae: str, mode: str, dtype: str) -> str:
-    """File stem of a sample's latents: changes whenever its pixels or the encoding could."""
-    return sha256_json({"sample": {k: sample.get(k) for k in _KEY_FIELDS}, "vae": vae, "mode": mode, "dtype": dtype})
+def variant_fields(variant: Variant, last_frame: bool = False) -> dict[str, str]:
+    """What the cache records of the variant: nothing for T2V A14B (caches made before the variant
+    switch are T2V caches, and stay valid byte for byte), its name for the others, whose items
+    hold more than the latent (I2V: the start image's condition latent), and `last_frame` when the
+    condition holds the last frame too (`train.last_frame`)."""
+    fields = {} if variant.name == LEGACY_VARIANT else {"variant": variant.name}
+    return fields | ({"last_frame": "1"} if last_frame else {})
 
 
-def encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) -> dict[str, torch.Tensor]:
+def sample_key(sample: Mapping[str, Any], vae: str, mode: str, dtype: str,
+               variant: Variant = VARIANTS[LEGACY_VARIANT], last_frame: bool = False) -> str:
+    """File stem of a sample's latents: changes whenever its pixels or the encoding could (the
+    variant too: I2V A14B shares T2V's VAE but its items carry the condition latent)."""
+    return sha256_json({"sample": {k: sample.get(k) for k in _KEY_FIELDS}, "vae": vae, "mode": mode, "dtype": dtype,
+                        **variant_fields(variant, last_frame)})
+
+
+def encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str,
+                  variant: Variant = VARIANTS[LEGACY_VARIANT], last_frame: bool = False) -> dict[str, torch.Tensor]:
     """One sample's latents as the cache stores them (CPU tensors), tiling large frames. The
-    trainer's on-the-fly encoding calls it too, so cached and uncached datasets see the same latents."""
+    trainer's on-the-fly encoding calls it too, so cached and uncached datasets see the same latents.
+    An I2V variant adds `condition`: the raw VAE mode of the condition video (the sample's first
+    frame, with `last_frame` its last one too, zeros between: `wanlora.models.condition`), which
+    the trainer normalises like the latent."""
     pixels = load_frames(sample, workspace)
     _, frames, height, width = pixels.shape
     latent_shape(frames, height, width)  # checks the bucket's sides before the VAE sees them
@@ -163,9 +182,10 @@ def encode_sample(vae, sample: Mapping[str, Any], workspace: Path, mode: str) ->
     else:
         vae.disable_tiling()
     mean, logvar = encode_frames(vae, pixels)
-    if mode == "mode":
-        return {"latent": mean.cpu()}
-    return {"mean": mean.cpu(), "logvar": logvar.cpu()}
+    out = {"latent": mean.cpu()} if mode == "mode" else {"mean": mean.cpu(), "logvar": logvar.cpu()}
+    if variant.image_condition:
+        out["condition"] = encode_frames(vae, condition_pixels(pixels, last_frame))[0].cpu()
+    return out
 
 
 def run_stage(
@@ -179,19 +199,23 @@ def run_stage(
     enabled_datasets: set[str],
     folders: Mapping[str, str],
     store: Path | None = None,
+    variant: Variant = VARIANTS[LEGACY_VARIANT],
+    last_frame: bool = False,
 ) -> None:
     """Encode the samples of `enabled_datasets` that have no valid cache file, remove files no
     longer needed, write index.json. `folders` (dataset name -> folder) confines the files read:
     a sample whose path leaves its dataset folder stops the stage (`dataset_file`)."""
     if mode not in ("distribution", "mode"):
         raise ValueError(f"latent mode {mode!r}: use 'distribution' or 'mode'")
+    check_last_frame(last_frame, variant)
     out_dir, workspace = Path(out_dir), Path(workspace)
     samples = [s for s in read_jsonl(samples_manifest) if s["dataset"] in enabled_datasets]
     for s in samples:
         dataset_file(workspace, folders[s["dataset"]], s["path"], f"{samples_manifest}: sample {s['id']}")
     vae_id = model_identity(root, "vae")
-    keys = {s["id"]: sample_key(s, vae_id, mode, dtype) for s in samples}
-    todo = [s for s in samples if not restore(out_dir, store, keys[s["id"]], vae=vae_id)]
+    tag = variant_fields(variant, last_frame)
+    keys = {s["id"]: sample_key(s, vae_id, mode, dtype, variant, last_frame) for s in samples}
+    todo = [s for s in samples if not restore(out_dir, store, keys[s["id"]], vae=vae_id, **tag)]
 
     problems: list[Problem] = []
     if todo:
@@ -199,7 +223,7 @@ def run_stage(
         try:
             for s in track(todo, description=f"latent_cache: encoding {len(todo)} sample(s)"):
                 try:
-                    tensors = encode_sample(vae, s, workspace, mode)
+                    tensors = encode_sample(vae, s, workspace, mode, variant, last_frame)
                 except (ValueError, OSError) as err:  # one bad window must not stop the dataset
                     problems.append(Problem(s["path"], f"sample {s['id']} cannot be encoded: {err}",
                                             "re-export the clip, or delete it and rerun `dvc repro`", "latent_cache"))
@@ -207,7 +231,7 @@ def run_stage(
                     continue
                 meta = {
                     "vae": vae_id, "sample_id": s["id"], "bucket": s["bucket"], "dtype": dtype,
-                    "mode": mode, "sha256": s["sha256"], "frames": str(len(s["frame_indices"])),
+                    "mode": mode, "sha256": s["sha256"], "frames": str(len(s["frame_indices"])), **tag,
                 }
                 save_item(out_dir, store, keys[s["id"]], tensors, meta)
         finally:
@@ -215,18 +239,33 @@ def run_stage(
             free(device)
 
     remove_stale(out_dir, set(keys.values()))
-    atomic_write_json(out_dir / INDEX, {"vae": vae_id, "mode": mode, "dtype": dtype, "samples": keys})
+    atomic_write_json(out_dir / INDEX, {"vae": vae_id, "mode": mode, "dtype": dtype, **tag, "samples": keys})
     write_problems(out_dir / "problems.json", problems)
     settle(problems, "skip", "latent_cache")  # the trainer reports these samples as uncached, and skips them
 
 
-def load_latents(cache_dir: str | Path, sample_id: str, expect_vae: str | None = None) -> dict[str, torch.Tensor]:
-    """The cached tensors of one sample (`mean`+`logvar`, or `latent`). With `expect_vae`
-    (`model_identity(root, "vae")`), a cache made by another VAE is an error."""
+def check_variant(index: Mapping[str, Any], cache_dir: Path, variant: Variant, last_frame: bool = False) -> None:
+    """A cache made for another variant is refused: I2V A14B and T2V A14B share one VAE, so the VAE
+    check alone would let a T2V cache (no condition latents) reach an I2V trainer. So is one whose
+    condition latents hold the last frame when `train.last_frame` says otherwise, or the reverse."""
+    refuse_other_variant(f"{cache_dir}", recorded_variant(dict(index)), variant, _RERUN)
+    if (index.get("last_frame") == "1") != last_frame:
+        made = "with" if index.get("last_frame") == "1" else "without"
+        raise CacheError(f"{cache_dir}: condition latents made {made} the last frame, but train.last_frame is "
+                         f"{str(last_frame).lower()}. {_RERUN}")
+
+
+def load_latents(cache_dir: str | Path, sample_id: str, expect_vae: str | None = None,
+                 variant: Variant | None = None, last_frame: bool = False) -> dict[str, torch.Tensor]:
+    """The cached tensors of one sample (`mean`+`logvar`, or `latent`; `condition` for I2V). With
+    `expect_vae` (`model_identity(root, "vae")`), a cache made by another VAE is an error; with
+    `variant`, one made for another variant."""
     cache_dir = Path(cache_dir)
     index = read_index(cache_dir, _RERUN)
     if expect_vae is not None and index.get("vae") != expect_vae:
         raise CacheError(f"{cache_dir}: made with VAE {index.get('vae')}, but the model now has {expect_vae}. {_RERUN}")
+    if variant is not None:
+        check_variant(index, cache_dir, variant, last_frame)
     key = index["samples"].get(sample_id)
     if key is None:
         raise CacheError(f"{cache_dir}: no latents for sample {sample_id!r}. {_RERUN}")

@@ -81,8 +81,10 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _hub_patterns(parts: Sequence[str]) -> list[str]:
-    """Files to download for `parts`: configs, safetensors and tokenizer files; never pickles."""
-    patterns = ["model_index.json"]
+    """Files to download for `parts`: configs, safetensors and tokenizer files; never pickles.
+    The configs `detect_variant` reads come whatever the parts, so a stage that needs only the
+    VAE still knows which Wan 2.2 model it serves."""
+    patterns = ["model_index.json", "transformer/config.json", "transformer_2/config.json", "vae/config.json"]
     for part in parts:
         if part == "tokenizer":
             patterns += [f"{part}/*.json", f"{part}/*.model", f"{part}/*.txt"]

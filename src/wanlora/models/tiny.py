@@ -1,4 +1,4 @@
-"""A tiny random Wan 2.2 T2V A14B in the real diffusers layout, built offline in under a second.
+"""A tiny random Wan 2.2 T2V A14B or I2V A14B in the real diffusers layout, built offline in under a second.
 
 Tests and the demo run every stage on it: same folder layout, same classes, same config keys as
 Wan-AI/Wan2.2-T2V-A14B-Diffusers, so the loaders, caches, trainer and sampler take the code paths
@@ -13,13 +13,11 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from wanlora.models.geometry import TINY, build_transformer
-
-#: T2V A14B's expert switch: the high-noise expert takes timesteps >= 875 of 1000.
-BOUNDARY_RATIO = 0.875
+from wanlora.models.geometry import TINY, TINY_CONFIGS, build_transformer
+from wanlora.models.variant import get_variant
 
 #: The real repo samples with UniPC in flow-prediction mode (AI Toolkit ships the same config).
 SCHEDULER = {
@@ -81,23 +79,33 @@ def tiny_vae(seed: int) -> AutoencoderKLWan:
     ).eval()
 
 
-def make_tiny(out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny Wan 2.2 T2V model (two 2-layer experts, VAE, UMT5, tokenizer, UniPC
-    scheduler, model_index.json with boundary_ratio 0.875) to `out_dir`; return `out_dir`.
+def make_tiny(out_dir: Path, seed: int = 0, variant: str = "t2v-a14b") -> Path:
+    """Write a tiny Wan 2.2 model of `variant` (`wanlora.models.variant`) to `out_dir`; return it.
 
-    Every component gets its own seed offset so changing one part's size leaves the others'
-    weights alone. Loadable by `wanlora.models.loading` and by `WanPipeline.from_pretrained`.
+    t2v-a14b: two 2-layer experts, VAE, UMT5, tokenizer, UniPC scheduler, model_index.json with
+    boundary_ratio 0.875, loadable by `WanPipeline.from_pretrained`. i2v-a14b: the same parts with
+    36-channel experts and boundary_ratio 0.9 as a `WanImageToVideoPipeline` with no image encoder
+    (Wan 2.2 I2V has none). Every component gets its own seed offset so changing one part's size
+    leaves the others' weights alone; the T2V files are those this function always wrote.
     """
     out_dir = Path(out_dir)
+    v = get_variant(variant)
+    if v.name not in TINY_CONFIGS:
+        raise ValueError(f"make-tiny: no tiny {v.name} yet; use one of {', '.join(TINY_CONFIGS)}")
+    config = TINY_CONFIGS[v.name]
     tokenizer = tiny_tokenizer()
-    pipe = WanPipeline(
+    parts = dict(
         tokenizer=tokenizer,
         text_encoder=tiny_text_encoder(len(tokenizer), seed + 3),
         vae=tiny_vae(seed + 2),
         scheduler=UniPCMultistepScheduler(**SCHEDULER),
-        transformer=build_transformer(TINY, torch.float32, "cpu", seed),
-        transformer_2=build_transformer(TINY, torch.float32, "cpu", seed + 1),
-        boundary_ratio=BOUNDARY_RATIO,
+        transformer=build_transformer(config, torch.float32, "cpu", seed),
+        transformer_2=build_transformer(config, torch.float32, "cpu", seed + 1),
+        boundary_ratio=v.boundary,
     )
+    if v.pipeline == "WanImageToVideoPipeline":
+        pipe = WanImageToVideoPipeline(**parts, image_encoder=None, image_processor=None)
+    else:
+        pipe = WanPipeline(**parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

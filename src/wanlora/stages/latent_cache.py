@@ -1,5 +1,6 @@
 from wanlora.models.latents import run_stage
 from wanlora.models.loading import resolve_model
+from wanlora.models.variant import resolve_variant
 from wanlora.stages._common import WORKSPACE, load, resolve_device
 
 
@@ -17,4 +18,6 @@ def main() -> None:
         store=WORKSPACE / "scratch/cache/latents",
         enabled_datasets={name for name, ds in params.datasets.items() if ds.cache_latents},
         folders={name: ds.folder for name, ds in params.datasets.items()},
+        variant=resolve_variant(params.model.variant, root),
+        last_frame=params.train.last_frame,
     )

@@ -27,7 +27,9 @@ from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches
 from wanlora.data.split import HELD_OUT_REASON, SPLIT_FILE
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
+from wanlora.models.condition import check_last_frame, model_input
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
+from wanlora.models.variant import Variant, resolve_variant
 from wanlora.pipeline import stage_values
 from wanlora.report import InputError, console, write_problems
 from wanlora.train import checkpoint as ckpt
@@ -76,6 +78,7 @@ class Trainer:
     state_dir: Path
     base_identity: dict[Expert, str]  # content identity of each expert's weights (`model_identity`)
     expect_encoder: str | None
+    variant: Variant  # the Wan 2.2 model the folder holds (`wanlora.models.variant`)
     env: DistEnv = field(default_factory=DistEnv)
     plan: ParallelPlan | None = None
     groups: dict[Expert, object] = field(default_factory=dict)
@@ -143,16 +146,17 @@ def _calibration_inputs(data: TrainData, dist: TimestepDistribution, workspace: 
     g = torch.Generator().manual_seed(params.job.seed + 7)
     out = []
     for i in range(min(q.recovery.calibration_samples, len(data.items))):
-        x0 = data.latent(i, g)[None]
+        x0, cond = data.inputs(i, g)
+        x0 = x0[None]
         t = dist.sample(1, g)
         emb = pad_embeds([load_text_embeds(workspace / TEXT_DIR, data.items[i].caption, expect_encoder)])
-        xt = add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        xt = model_input(add_noise(x0, torch.randn(x0.shape, generator=g), t), None if cond is None else cond[None])
         out.append({"hidden_states": xt.to(device, dtype), "timestep": t.to(device),
                     "encoder_hidden_states": emb.to(device, dtype)})
     return out
 
 
-def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.device) -> Encode | None:
+def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.device, variant: Variant) -> Encode | None:
     """On-the-fly encoding for datasets with cache_latents: false (None when all are cached)."""
     if all(d.cache_latents for d in params.datasets.values()):
         return None
@@ -160,7 +164,8 @@ def _vae_encoder(root: Path, params: Params, workspace: Path, device: torch.devi
     from wanlora.models.loading import load_vae
 
     vae = load_vae(root, torch.float32, str(device))
-    return lambda record: encode_sample(vae, record, workspace, params.train.latent_mode)
+    return lambda record: encode_sample(vae, record, workspace, params.train.latent_mode, variant,
+                                        params.train.last_frame)
 
 
 def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
@@ -172,7 +177,7 @@ def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
     skipped = {p.path: p.reason for p in tr.data.problems} | dict.fromkeys(tr.data.held_out, HELD_OUT_REASON)
     meta = lineage_metadata(tr.params, tr.workspace, tr.step, expert, tr.base_identity[expert],
                             trained=[it.id for it in tr.data.items], skipped=skipped,
-                            sidecar_dir=tr.state_dir / "lora" / expert)
+                            sidecar_dir=tr.state_dir / "lora" / expert, variant=tr.variant.name)
     meta["wanlora.timesteps"] = json.dumps(tr.dists[expert].describe(), sort_keys=True)
     meta.update(BASE_MODEL_VERSION)
     return meta
@@ -203,7 +208,9 @@ def make_batch(tr: Trainer, indices: list[int], expert: Expert, g: torch.Generat
     """Draw everything random for one micro-batch from its own generator (keyed by the batch's
     global position, see `wanlora.train.distributed`), in a fixed order."""
     cfg = tr.params.train
-    latents = torch.stack([tr.data.latent(i, g) for i in indices])
+    pairs = [tr.data.inputs(i, g) for i in indices]
+    latents = torch.stack([x for x, _ in pairs])
+    condition = None if pairs[0][1] is None else torch.stack([c for _, c in pairs]).to(tr.device)
     t = tr.dists[expert].sample(len(indices), g)
     noise = torch.randn(latents.shape, generator=g)
     dropped = (torch.rand(len(indices), generator=g) < cfg.caption_dropout).tolist()
@@ -222,7 +229,7 @@ def make_batch(tr: Trainer, indices: list[int], expert: Expert, g: torch.Generat
     dev = tr.device
     return StepBatch(latents.to(dev), noise.to(dev), t.to(dev), embeds(captions).to(dev),
                      None if class_embeds is None else class_embeds.to(dev),
-                     None if (w := tr.dists[expert].loss_weights(t)) is None else w.to(dev))
+                     None if (w := tr.dists[expert].loss_weights(t)) is None else w.to(dev), condition)
 
 
 # ---------------------------------------------------------------------------- lifecycle
@@ -237,6 +244,8 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         raise InputError("multistage: train_high_noise and train_low_noise are both false. "
                          "Fix: set at least one of them to true in params.yaml")
     root = resolve_model(params.model.name_or_path, params.model.revision)
+    variant = resolve_variant(params.model.variant, root)  # before minutes of loading the wrong model
+    check_last_frame(params.train.last_frame, variant)
     env = env if env is not None else init_distributed(params.job.device)  # cuda:N, never a bare "cuda"
     sp = params.train.sequence_parallel
     check_world(env.world, sp)
@@ -261,7 +270,8 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
                          folders={n: d.folder for n, d in params.datasets.items()},
-                         encode=_vae_encoder(root, params, workspace, device))
+                         encode=_vae_encoder(root, params, workspace, device, variant), variant=variant,
+                         last_frame=params.train.last_frame)
     check_model_degree(sp, root, mine, data.buckets(), vae_config)
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
     if env.is_main:
@@ -309,7 +319,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
         placer=placer, offloads=offloads,
         state_dir=workspace / "scratch/train" / run_key(params, workspace, {**base_identity, **_adapter(params)}),
         base_identity=base_identity,
-        expect_encoder=expect_encoder,
+        expect_encoder=expect_encoder, variant=variant,
         env=env, plan=plan, groups=groups,
     )
     _check_shapes(tr)
@@ -324,9 +334,10 @@ def _check_shapes(tr: Trainer) -> None:
         if emb.shape[-1] != m.config.text_dim:
             raise InputError(f"{tr.workspace / TEXT_DIR}: embeddings are {emb.shape[-1]} wide but the {e}-noise "
                              f"expert expects {m.config.text_dim}. {rebuild_fix('text_cache')}")
-        if tr.data.channels() != m.config.in_channels:
-            raise InputError(f"the VAE has {tr.data.channels()} latent channels but the {e}-noise expert "
-                             f"takes {m.config.in_channels}. Fix: use one model folder for both")
+        if tr.data.channels() + tr.variant.condition_channels != m.config.in_channels:
+            raise InputError(f"the VAE has {tr.data.channels()} latent channels (+{tr.variant.condition_channels} "
+                             f"condition channels for {tr.variant.name}) but the {e}-noise expert takes "
+                             f"{m.config.in_channels}. Fix: use one model folder for both")
 
 
 def step_experts(tr: Trainer, parts: list[tuple[Expert, list[GlobalBatch], int]]) -> dict[Expert, StepOutcome]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from wanlora.models.activation_offload import offload_context
+from wanlora.models.condition import model_input
 from wanlora.train import flowmatch as fm
 from wanlora.train.lora import lora_disabled
 
@@ -31,7 +32,9 @@ class StepBatch:
 
     latents: clean latents x0 [B, C, F, H, W]; noise: same shape; timesteps: [B] in [0, 1000];
     embeds: text embeddings [B, L, D] (the trigger word alone where dropped); class_embeds: the DOP
-    class prompt's embeddings [B, L, D] or None; weights: per-sample loss weights [B] or None.
+    class prompt's embeddings [B, L, D] or None; weights: per-sample loss weights [B] or None;
+    condition: I2V A14B's condition channels [B, 20, F, H, W] (frame mask + start-image latent,
+    `wanlora.models.condition`) fed beside the noisy latent, or None.
     """
 
     latents: torch.Tensor
@@ -40,6 +43,7 @@ class StepBatch:
     embeds: torch.Tensor
     class_embeds: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    condition: torch.Tensor | None = None
 
 
 @dataclass
@@ -72,7 +76,8 @@ def training_step(
 ) -> StepLosses:
     """Forward, loss and backward of `expert` (its LoRA enabled) on `batch`.
 
-    The loss is the (weighted) MSE against the velocity target, plus, when `batch.class_embeds`
+    The loss is the (weighted) MSE against the velocity target (every latent frame, I2V's first
+    one included: `wanlora.models.condition`), plus, when `batch.class_embeds`
     is given, `dop_multiplier` times the MSE between the LoRA's and the frozen base's
     predictions on the class prompt (same noisy latent, timestep and noise). With `batch_dop`
     the trigger and class passes run as one forward of twice the batch. Backward runs on
@@ -82,7 +87,7 @@ def training_step(
     x0 = batch.latents.to(dtype)
     noise = batch.noise.to(dtype)
     t = batch.timesteps.to(x0.device, torch.float32)
-    xt = fm.add_noise(x0, noise, t)
+    xt = model_input(fm.add_noise(x0, noise, t), batch.condition)  # I2V: the start image beside the noise
     target = fm.velocity_target(x0, noise)
     emb = batch.embeds.to(dtype)
     n = x0.shape[0]
