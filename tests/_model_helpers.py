@@ -12,6 +12,7 @@ from wanlora.io import write_jsonl
 from wanlora.models.tiny import make_tiny
 
 _BUILT: dict[int, Path] = {}
+_BUILT_TI2V: dict[int, Path] = {}
 
 
 def tiny_model(tmp_path_factory, seed: int = 0) -> Path:
@@ -20,6 +21,13 @@ def tiny_model(tmp_path_factory, seed: int = 0) -> Path:
     if seed not in _BUILT:
         _BUILT[seed] = make_tiny(tmp_path_factory.mktemp(f"tiny{seed}") / "model", seed=seed)
     return _BUILT[seed]
+
+
+def tiny_ti2v_model(tmp_path_factory, seed: int = 0) -> Path:
+    """A tiny TI2V 5B folder built once per process and seed (read-only, as `tiny_model`)."""
+    if seed not in _BUILT_TI2V:
+        _BUILT_TI2V[seed] = make_tiny(tmp_path_factory.mktemp(f"tiny_ti2v{seed}") / "model", seed=seed, variant="ti2v-5b")
+    return _BUILT_TI2V[seed]
 
 
 def copy_model(src: Path, dst: Path) -> Path:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from wanlora.aitk import import_config
-from wanlora.config import ParamsError, dump_params, parse_params
+from wanlora.config import Params, ParamsError, dump_params, parse_params
 
 ALPHA_NOTE = ("network.linear_alpha={!r} (AI Toolkit's Wan LoRA is peft-format: alpha = rank, update scale 1, "
               "whatever linear_alpha says; imported as network.alpha {!r})")
@@ -220,7 +220,8 @@ def test_out_of_range_names_both_keys(tmp_path):
 
 def test_wrong_arch_and_bad_files(tmp_path):
     with pytest.raises(ParamsError, match="model.arch='flux': wanlora imports Wan 2.2 A14B jobs: "
-                                          "wan22_14b \\(t2v-a14b\\), wan22_14b_i2v \\(i2v-a14b\\)"):
+                                          "wan22_14b \\(t2v-a14b\\), wan22_14b_i2v \\(i2v-a14b\\), "
+                                          "wan22_5b \\(ti2v-5b\\)"):
         import_config(write(tmp_path, CONFIG_24GB.replace("arch: 'wan22_14b'", "arch: 'flux'")))
     with pytest.raises(ParamsError, match="no config.process list; expected an AI Toolkit job config"):
         import_config(write(tmp_path, "job: extension\nconfig: {name: x}\n"))
@@ -372,3 +373,32 @@ def test_an_i2v_job_imports_as_the_i2v_variant(tmp_path):
     assert samples != text
     _, notes = import_config(write(tmp_path, samples, "samples.yaml"))
     assert any("ctrl_img" in n and "sample.images" in n for n in notes)
+
+
+def test_a_5b_job_imports_as_ti2v_with_do_i2v_as_the_i2v_share(tmp_path):
+    """AI Toolkit's `wan22_5b` arch (Wan225bModel, extensions_built_in/diffusion_models/wan22/
+    wan22_5b_model.py) becomes model.variant ti2v-5b on the official 5B release. It has one
+    transformer, so switch_boundary_every and train_high/low_noise are reported, not set (the 5B
+    trainer refuses multistage settings), and the EMA decay is not squared for alternating experts;
+    `do_i2v` (get_noise_prediction: every video conditioned on its first frame) is i2v_share 1.0,
+    its absence (AI Toolkit's default False: text-to-video only) 0.0."""
+    from wanlora.models.variant import VARIANTS
+    from wanlora.train.ti2v import check_params
+
+    text = (CONFIG_24GB.replace("arch: 'wan22_14b'", "arch: 'wan22_5b'")
+            .replace('        name_or_path: "ai-toolkit/Wan2.2-T2V-A14B-Diffusers-bf16"\n', "")
+            .replace('qtype: "uint4|ostris/accuracy_recovery_adapters/wan22_14b_t2i_torchao_uint4.safetensors"',
+                     'qtype: "qfloat8"')
+            .replace("          resolution: [512, 768]\n", "          resolution: [512, 768]\n          do_i2v: true\n")
+            .replace("        gradient_accumulation: 2\n", "        gradient_accumulation: 1\n        ema_config:\n"
+                     "          use_ema: true\n          ema_decay: 0.99\n"))
+    params, notes = import_config(write(tmp_path, text))
+    assert (params.model.variant, params.model.name_or_path) == ("ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+    assert params.multistage == Params().multistage
+    check_params(params, VARIANTS["ti2v-5b"])  # nothing the 5B trainer would refuse
+    assert params.datasets["tabby"].i2v_share == 1.0
+    assert params.train.ema.decay == 0.99  # one transformer: every optimizer step is its own
+    assert any(n.startswith("train.switch_boundary_every=10 (TI2V 5B is one transformer") for n in notes)
+    assert any(n.startswith("model.model_kwargs.train_low_noise=False (TI2V 5B is one transformer") for n in notes)
+    t2v_only, _ = import_config(write(tmp_path, text.replace("          do_i2v: true\n", ""), "t2v.yaml"))
+    assert t2v_only.datasets["tabby"].i2v_share == 0.0

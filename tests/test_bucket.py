@@ -104,7 +104,7 @@ def test_too_short_raises() -> None:
 
 
 def test_choose_frames_takes_the_largest_that_fits() -> None:
-    spread = BucketConfig(num_frames=[9, 17, 33], frame_sampling="spread")
+    spread = BucketConfig(num_frames=[9, 17, 33], frame_sampling="spread", fps=16)
     assert choose_frames(0, 20, 24, spread) == 17
     assert choose_frames(0, 33, 24, spread) == 33
     assert choose_frames(0, 8, 24, spread) is None
@@ -144,7 +144,7 @@ def test_auto_spreads_only_within_25_percent_of_true_speed() -> None:
     assert frame_indices(0, 61, 24, 33, "auto", target_fps=16) == frame_indices(0, 61, 24, 33, "spread")
     assert len(frame_indices(0, 62, 24, 33, "auto", target_fps=16)) == 2  # beyond: two true-speed windows
     # 0.75x: 37 frames hold 33 spread at 0.75x speed; 36 do not, so 33 frames do not fit at all
-    cfg = BucketConfig(num_frames=[17, 33])
+    cfg = BucketConfig(num_frames=[17, 33], fps=16)
     assert choose_frames(0, 37, 24, cfg) == 33 and choose_frames(0, 36, 24, cfg) == 17
     assert time_scale(*frame_indices(0, 37, 24, 33, "auto", target_fps=16)[0][::32], 33, 24, 16) == 0.75
 

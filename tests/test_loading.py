@@ -47,7 +47,7 @@ def test_local_folder_resolves_and_loads_each_expert(tmp_path_factory):
     assert torch.equal(low.state_dict()[w], want_low[w])
     assert not torch.equal(want_high[w], want_low[w])
     assert not any(p.requires_grad for p in high.parameters())
-    with pytest.raises(ValueError, match="expert 'mid': use 'high' or 'low'"):
+    with pytest.raises(ValueError, match="expert 'mid': use 'high', 'low' or 'main'"):
         load_transformer(root, "mid", "bf16")
 
 

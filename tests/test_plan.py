@@ -265,3 +265,29 @@ def test_i2v_geometry_counts_its_36_input_channels() -> None:
         patch * 20 * d
     model = build_transformer(TINY_I2V, torch.float32)
     assert sum(expert_parameters(TINY_I2V).values()) == sum(p.numel() for p in model.parameters())
+
+
+
+def test_ti2v_plan_uses_the_5b_geometry(tmp_path):
+    """A TI2V 5B params.yaml is planned as one 5B transformer (from model.variant, the local
+    folder, or the official hub id): tokens at the 16x VAE (121 frames at 768x768: 31 x 24 x 24),
+    the bf16 5B's weights (~9.3 GiB), a time embedding per token, and no expert switching."""
+    from wanlora.models.geometry import WAN22_TI2V_5B, forward_flops
+    from wanlora.models.tiny import make_tiny
+    from wanlora.plan import plan, plan_variant, step_seconds
+
+    buckets = {"datasets": {"main": {"bucket": {"resolutions": [768], "num_frames": [121]}}}}
+    by_hub = parse_params({"model": {"name_or_path": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}, **buckets})
+    folder = make_tiny(tmp_path / "tiny5b", variant="ti2v-5b")
+    assert plan_variant(by_hub).name == plan_variant(parse_params({"model": {"name_or_path": str(folder)}})).name \
+        == plan_variant(parse_params({"model": {"name_or_path": "/elsewhere", "variant": "ti2v-5b"}})).name == "ti2v-5b"
+    r = plan(by_hub, 24.0)
+    assert r.tokens == 31 * 24 * 24 and [e.expert for e in r.experts] == ["main"] and r.switch_overhead == 0
+    assert r.experts[0].weights_gib == pytest.approx(4_999_787_712 * 2 / 2**30, rel=0.01)
+    assert r.fits and "one transformer" in render(r)
+    # the per-token time embedding is counted: more time than the same geometry with one timestep per sample
+    with_tokens = step_seconds(WAN22_TI2V_5B, r.tokens, "selective", False, "adamw8bit", expand_timesteps=True)
+    assert with_tokens > step_seconds(WAN22_TI2V_5B, r.tokens, "selective", False, "adamw8bit")
+    assert forward_flops(WAN22_TI2V_5B, r.tokens, 512, True)["time_embed"] > 1e12
+    a14b = plan(parse_params(buckets), 24.0)  # the same buckets on A14B: 4x the tokens, two experts
+    assert a14b.tokens == 4 * r.tokens and len(a14b.experts) == 2

@@ -35,7 +35,7 @@ def test_preset_values_and_round_trip(recipe, vram, tmp_path):
     ds = p.datasets["main"]
     assert (p.quantization.transformer, p.quantization.text_encoder, p.model.low_vram) == (qt, te, low)
     assert (ds.bucket.resolutions, ds.bucket.num_frames, p.multistage.switch_every) == (res, frames, switch)
-    assert (ds.bucket.frame_sampling, ds.bucket.every_resolution, ds.bucket.fps) == ("auto", True, 16.0)
+    assert (ds.bucket.frame_sampling, ds.bucket.every_resolution, ds.bucket.fps) == ("auto", True, None)  # 16: the variant's
     rank, steps, ttype, bias, dop_on, dop_cls = RECIPE_FACTS[recipe]
     assert (p.network.rank, p.network.alpha, p.train.steps) == (rank, rank, steps)
     assert (p.train.timestep_type, p.train.timestep_bias) == (ttype, bias)
@@ -115,3 +115,31 @@ def test_i2v_presets_are_the_tier_and_recipe_on_the_i2v_model(recipe, vram, tmp_
     assert path.read_text().startswith(f"# wanlora init --recipe {recipe} --vram {vram} --variant i2v-a14b\n")
     assert init_vram(path) == vram and load_params(path) == p
     assert make_params("smoke", 24, model="models/tiny", variant="i2v-a14b").model.name_or_path == "models/tiny"
+
+
+TI2V_ALL = [(r, v) for r in ("character", "style", "motion") for v in (12, 16, 24)]
+
+
+@pytest.mark.parametrize(("recipe", "vram"), TI2V_ALL)
+def test_ti2v_presets_fit_their_12_16_24_gb_tiers(recipe, vram, tmp_path):
+    """`wanlora init --variant ti2v-5b --vram 12|16|24`: the official 5B release, no multistage
+    setting (one transformer: the trainer would refuse one), buckets at the 5B's own 24 fps (fps
+    null), sample sides multiples of 32, and `wanlora plan` at the 5B geometry says it fits."""
+    from wanlora.plan import plan
+    from wanlora.train.ti2v import check_params
+    from wanlora.models.variant import VARIANTS
+
+    p = make_params(recipe, vram, variant="ti2v-5b")
+    assert (p.model.variant, p.model.name_or_path) == ("ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+    assert p.multistage == Params().multistage and p.datasets["main"].bucket.fps is None
+    check_params(p, VARIANTS["ti2v-5b"])  # nothing the 5B trainer refuses
+    assert p.sample.width % 32 == 0 and p.sample.height % 32 == 0
+    result = plan(p, float(vram))
+    assert result.fits and [e.expert for e in result.experts] == ["main"], (recipe, vram, result.peak_gib)
+    path = tmp_path / "params.yaml"
+    write_params(path, p, init_header(recipe, vram, "ti2v-5b"))
+    assert init_vram(path) == vram and load_params(path) == p
+    with pytest.raises(ParamsError, match=r"vram 48 is not a tier \(12, 16, 24\); use 24"):
+        make_params(recipe, 48, variant="ti2v-5b")  # type: ignore[arg-type]
+    smoke = make_params("smoke", 24, model="models/tiny", variant="ti2v-5b")
+    assert smoke.multistage == Params().multistage and smoke.model.name_or_path == "models/tiny"

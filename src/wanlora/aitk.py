@@ -113,8 +113,8 @@ _TIMESTEP_TYPES = {"linear", "sigmoid", "shift", "weighted"}
 _BIAS = {"balanced": "balanced", "content": "high_noise", "style": "low_noise"}
 _ATTENTION = {"native": "auto", "flash": "flash"}
 #: AI Toolkit's model.arch -> our variant (extensions_built_in/diffusion_models/wan22/: Wan2214bModel,
-#: Wan2214bI2VModel).
-ARCHES = {"wan22_14b": "t2v-a14b", "wan22_14b_i2v": "i2v-a14b"}
+#: Wan2214bI2VModel, Wan225bModel).
+ARCHES = {"wan22_14b": "t2v-a14b", "wan22_14b_i2v": "i2v-a14b", "wan22_5b": "ti2v-5b"}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -152,6 +152,7 @@ class _Import:
         self.origin: dict[str, str] = {}
         self.notes: list[str] = []
         self.per_optimizer_step = 1  # AI Toolkit steps per optimizer step (legacy accumulation)
+        self.one_transformer = False  # TI2V 5B: no experts, so no multistage settings (set by _model)
 
     def take(self, key: str, default: Any = _MISSING) -> Any:
         """The value of an AI Toolkit key (consumed), or `default` when absent."""
@@ -337,6 +338,7 @@ def _model(imp: _Import) -> None:
             + ", ".join(f"{a} ({v})" for a, v in ARCHES.items())
         )
     variant = get_variant(ARCHES[name])
+    imp.one_transformer = len(variant.experts) == 1
     if variant.name != LEGACY_VARIANT:  # T2V jobs import as they always did: auto finds T2V in a T2V folder
         imp.put("model.variant", variant.name, "model.arch")
     if imp.has("model.name_or_path"):
@@ -346,7 +348,9 @@ def _model(imp: _Import) -> None:
     for ours, theirs in (("model.low_vram", "model.low_vram"), ("model.compile", "model.compile"),
                          ("multistage.train_high_noise", "model.model_kwargs.train_high_noise"),
                          ("multistage.train_low_noise", "model.model_kwargs.train_low_noise")):
-        if imp.has(theirs):
+        if imp.has(theirs) and imp.one_transformer and ours.startswith("multistage."):
+            imp.note(theirs, imp.take(theirs), "TI2V 5B is one transformer: no expert to leave out")
+        elif imp.has(theirs):
             imp.put(ours, imp.take(theirs), theirs)
     offload = imp.take("model.layer_offloading", None)
     if offload is None and imp.has("model.auto_memory"):  # the deprecated spelling
@@ -452,7 +456,7 @@ def _accumulation(imp: _Import) -> None:
         imp.put("train.gradient_accumulation", accum, "train.gradient_accumulation")
         n = accum
     ms = tree["multistage"]
-    if ms["train_high_noise"] and ms["train_low_noise"] and ms["switch_every"] % n:
+    if not imp.one_transformer and ms["train_high_noise"] and ms["train_low_noise"] and ms["switch_every"] % n:
         # switch_every counts micro-batches: a step holds both experts, each averaging its own share
         n = n // 2 if n % (2 * ms["switch_every"]) == 0 else n
     if n > 1:  # AI Toolkit sums an expert's n gradients, we average them: same Adam step with eps and clip / n
@@ -466,6 +470,10 @@ def _train(imp: _Import) -> None:
     for ours, theirs, default in (("train.steps", "train.steps", 1000), ("train.batch_size", "train.batch_size", 1),
                                   ("train.max_grad_norm", "train.max_grad_norm", 1.0),
                                   ("multistage.switch_every", "train.switch_boundary_every", 1)):
+        if imp.one_transformer and ours.startswith("multistage."):
+            if imp.has(theirs):  # Wan225bModel has one transformer: AI Toolkit never switches
+                imp.note(theirs, imp.take(theirs), "TI2V 5B is one transformer: nothing to switch between")
+            continue
         imp.put(ours, imp.take(theirs, default), theirs)
     for ours, theirs in (("train.gradient_checkpointing", "train.gradient_checkpointing"),
                          ("train.unload_text_encoder", "train.unload_text_encoder")):
@@ -525,7 +533,7 @@ def _preservation(imp: _Import) -> None:
         return
     imp.put("train.ema.decay", decay, "train.ema_config.ema_decay")
     tree = imp.tree
-    both = tree["multistage"]["train_high_noise"] and tree["multistage"]["train_low_noise"]
+    both = not imp.one_transformer and tree["multistage"]["train_high_noise"] and tree["multistage"]["train_low_noise"]
     switch, accum = tree["multistage"]["switch_every"], tree["train"]["gradient_accumulation"]
     if both and switch == accum:
         # the experts alternate every optimizer step: AI Toolkit's update at the other expert's
@@ -557,6 +565,8 @@ def _datasets(imp: _Import, count: int) -> None:
         imp.put(f"{ds}.bucket.resolutions", res if isinstance(res, list) else [res], f"{p}.resolution")
         imp.put(f"{ds}.bucket.num_frames", [imp.take(f"{p}.num_frames", 1)], f"{p}.num_frames")
         imp.put(f"{ds}.flip_horizontal", bool(imp.take(f"{p}.flip_x", False)), f"{p}.flip_x")
+        if imp.one_transformer:  # Wan225bModel.get_noise_prediction: do_i2v conditions every video on its first frame
+            imp.put(f"{ds}.i2v_share", 1.0 if imp.take(f"{p}.do_i2v", False) else 0.0, f"{p}.do_i2v")
         default_caption = imp.take(f"{p}.default_caption", None)
         if default_caption:
             imp.put(f"{ds}.captions.default_caption", default_caption, f"{p}.default_caption")

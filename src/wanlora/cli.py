@@ -50,10 +50,10 @@ def _root(
 def init(
     recipe: Annotated[str, typer.Option(help="character, style or motion; smoke: a CPU check of the whole "
                                               "path with the tiny model of `wanlora make-tiny`.")] = "character",
-    vram: Annotated[int, typer.Option(help="GPU memory in GB: 24, 48, 80 or 141.")] = 24,
+    vram: Annotated[int, typer.Option(help="GPU memory in GB: 24, 48, 80 or 141 (TI2V 5B: 12, 16 or 24).")] = 24,
     model: Annotated[Optional[str], typer.Option(help="Local diffusers folder or hub id.")] = None,
     trigger: Annotated[Optional[str], typer.Option(help="Trigger word.")] = None,
-    variant: Annotated[str, typer.Option(help="Wan 2.2 model: t2v-a14b or i2v-a14b.")] = "t2v-a14b",
+    variant: Annotated[str, typer.Option(help="Wan 2.2 model: t2v-a14b, i2v-a14b or ti2v-5b.")] = "t2v-a14b",
     workspace: WorkspaceOpt = Path("."),
     force: Annotated[bool, typer.Option(help="Overwrite an existing params.yaml.")] = False,
 ) -> None:
@@ -90,7 +90,7 @@ def demo(
     folder: Annotated[Path, typer.Argument(help="New folder for the demo workspace.")],
     steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 120,
     run: Annotated[bool, typer.Option(help="Run `dvc repro` after setting up.")] = True,
-    variant: Annotated[str, typer.Option(help="Wan 2.2 model of the tiny demo: t2v-a14b or i2v-a14b.")] = "t2v-a14b",
+    variant: Annotated[str, typer.Option(help="Wan 2.2 model of the tiny demo: t2v-a14b, i2v-a14b or ti2v-5b.")] = "t2v-a14b",
 ) -> None:
     """Generate clips and a tiny model in a new workspace, then run the whole pipeline there."""
     from wanlora.demo import make_demo
@@ -107,7 +107,7 @@ def demo(
 def make_tiny(
     out: Annotated[Path, typer.Argument(help="Folder to write the tiny model to.")],
     seed: int = 0,
-    variant: Annotated[str, typer.Option(help="t2v-a14b or i2v-a14b.")] = "t2v-a14b",
+    variant: Annotated[str, typer.Option(help="t2v-a14b, i2v-a14b or ti2v-5b.")] = "t2v-a14b",
 ) -> None:
     """Write a tiny random Wan 2.2 model of one variant in the real diffusers layout (tests, demo)."""
     from wanlora.models.tiny import make_tiny as build

@@ -376,7 +376,10 @@ class BucketConfig(Section):
     windows_per_clip: int | None = Field(
         None, ge=1, description="At most this many windows per clip (null: as many as cover the kept range)."
     )
-    fps: float = Field(16.0, gt=0, description="Model frame rate: windows are resampled to it by time.")
+    fps: float | None = Field(
+        None, gt=0, description="Frame rate windows are resampled to by time; null: the model's own (16 for the "
+        "A14B models, 24 for TI2V 5B)."
+    )
     every_resolution: bool = Field(
         True, description="A sample at every listed resolution the clip reaches without upscaling (AI Toolkit); "
         "false: the largest only."
@@ -428,6 +431,11 @@ class DatasetConfig(Section):
         "train", description="validation: never trained on; its clips give the held-out loss that picks 'best' "
         "(sample.validation_clips is then not taken from the training datasets)."
     )
+    i2v_share: float | None = Field(
+        None, ge=0, le=1, description="TI2V 5B only: probability that a video sample trains image-to-video (its first "
+        "latent frame kept clean at t = 0 as the start image, left out of the loss) instead of text-to-video; "
+        "null: 0.5, so one LoRA serves both (AI Toolkit's do_i2v: true is 1.0). Images always train text-to-image."
+    )
 
     @model_validator(mode="after")
     def _validation_cached(self) -> "DatasetConfig":
@@ -456,7 +464,8 @@ class SampleConfig(Section):
     num_frames: int = Field(33, ge=1, description="Frames per sample, 4n+1.")
     width: int = Field(512, ge=16, description="Sample width, multiple of 16.")
     height: int = Field(512, ge=16, description="Sample height, multiple of 16.")
-    fps: int = Field(16, ge=1, description="Frame rate of written videos.")
+    fps: int | None = Field(None, ge=1, description="Frame rate of written videos; null: the model's own (16 for the "
+                            "A14B models, 24 for TI2V 5B).")
     seed: int = Field(42, ge=0, description="Seed of the first prompt.")
     walk_seed: bool = Field(True, description="Prompt i uses seed + i.")
     every_checkpoint: int = Field(1, ge=1, description="Sample every Nth saved checkpoint.")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from wanlora.config import Params, parse_params
 from wanlora.errors import UserError
-from wanlora.models.variant import LEGACY_VARIANT
+from wanlora.models.variant import LEGACY_VARIANT, VARIANTS
 from wanlora.presets import write_params
 from wanlora.workspace import commit, prepare, track_raw
 
@@ -25,12 +25,14 @@ class FolderTaken(UserError, FileExistsError):
 def demo_params(steps: int, variant: str = LEGACY_VARIANT) -> Params:
     """The smoke recipe (CPU, 64-pixel buckets, 9 frames), made long enough to show learning:
     more steps and checkpoints, two frame windows per clip, two prompts with and without the trigger.
-    An I2V demo samples each prompt from the held-out clip's first frame."""
+    An I2V demo samples each prompt from the held-out clip's first frame; a TI2V 5B demo from text
+    and from that frame, with its one transformer (no expert switching to set)."""
     from wanlora.presets import make_params
 
     tree = make_params("smoke", 24, model="models/tiny", trigger=DEMO_TRIGGER, variant=variant).model_dump(mode="json")
     tree["job"] |= {"name": "demo", "seed": 7}
-    tree["multistage"]["switch_every"] = 5
+    if len(VARIANTS[variant].experts) > 1:  # type: ignore[index]
+        tree["multistage"]["switch_every"] = 5
     tree["save"] |= {"every": max(1, steps // 3), "keep_last": 3, "dtype": "fp32"}
     tree["train"] |= {"steps": steps, "lr": 1e-3, "caption_dropout": 0.1}
     tree["datasets"]["main"]["bucket"] |= {"frame_sampling": "window", "windows_per_clip": 2, "fps": 8}

@@ -70,8 +70,10 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "bucket", "choose resolution and frame buckets, place frame windows",
-        deps=("data/trimmed/clips.jsonl",), code=("src/wanlora/data/buckets.py",),
-        params=("datasets.{ds}.bucket", "datasets.{ds}.flip_horizontal", "datasets.{ds}.on_error"),
+        deps=("data/trimmed/clips.jsonl",), code=("src/wanlora/data/buckets.py", "src/wanlora/models/variant.py", "src/wanlora/models/loading.py"),
+        # the model: its variant sets the frame rate (bucket.fps null) and the side alignment (TI2V 5B: 32 px)
+        params=("datasets.{ds}.bucket", "datasets.{ds}.flip_horizontal", "datasets.{ds}.on_error", *MODEL_KEYS,
+                "model.variant"),
         outs=("data/buckets",),
         plots=({"buckets": {"template": "bar_horizontal", "x": "count",
                             "y": {"data/buckets/histogram.json": "bucket"}}},),
@@ -116,7 +118,7 @@ STAGES: tuple[Stage, ...] = (
               "src/wanlora/export/formats.py",
               "src/wanlora/lock.py", "src/wanlora/pipeline.py"),
         params=("job.seed", "job.trigger_word", "job.device", "model", "quantization", "multistage", "network",
-                "save", "train", "datasets.{ds}.cache_latents", "datasets.{ds}.folder"),
+                "save", "train", "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "datasets.{ds}.i2v_share"),
         outs=("data/lora", "data/train_live", "data/train_perf"),
         plots=({"data/train_live/plots/metrics": {"x": "step"}},
                {"data/train_perf/perf.json": {"x": "step", "y": ["step_time", "samples_per_s", "peak_mem"]}}),

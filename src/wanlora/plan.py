@@ -1,7 +1,8 @@
 """`wanlora plan`: will this params.yaml fit on my GPU, and how long is a step?
 
-Peak memory and seconds per micro-step are predicted per expert from the geometry of Wan 2.2
-A14B (or any expert config) and the params: base weights by quantization mode, LoRA and optimizer
+Peak memory and seconds per micro-step are predicted per expert from the geometry of the Wan 2.2
+variant (A14B, or TI2V 5B with its activations scaled from the A14B calibration; any expert
+config) and the params: base weights by quantization mode, LoRA and optimizer
 state, activations per token under the checkpointing mode, and which experts stay on the GPU.
 The per-token activation sizes and the throughput constants are calibrated on measurements, not
 derived: they come from bench/RESULTS.md (GPU section), and tests/test_plan.py checks the
@@ -18,12 +19,14 @@ for that card; scale by your GPU's bf16 matmul rate otherwise.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from wanlora.config import Params
 from wanlora.models.activation_offload import PREFETCH_BYTES
-from wanlora.models.geometry import WAN22_A14B, forward_flops, latent_shape
+from wanlora.models.geometry import CONFIGS, WAN22_A14B, forward_flops, latent_shape
+from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant, detect_variant
 
 GIB = 1024**3
 TEXT_LEN = 512
@@ -139,8 +142,29 @@ def weight_gib(config: dict[str, Any], quant: str) -> float:
     return (n["block_linear"] * QUANT_BYTES[quant] + 2 * (n["block_other"] + n["outside"]) + scale_bytes) / GIB
 
 
-def clip_tokens(frames: int, height: int, width: int, config: dict[str, Any] = WAN22_A14B) -> int:
-    _, f, h, w = latent_shape(frames, height, width)
+def plan_variant(params: Params) -> Variant:
+    """The variant a plan is for, without downloading anything: `model.variant` when set; with
+    `auto`, what a local model folder holds, else the official release `model.name_or_path`
+    names, else T2V A14B (the planner's calibration model)."""
+    if params.model.variant != "auto":
+        return VARIANTS[params.model.variant]
+    folder = Path(params.model.name_or_path).expanduser()
+    if (folder / "model_index.json").is_file():
+        return detect_variant(folder)
+    by_hub = {v.hub_id.lower(): v for v in VARIANTS.values()}
+    return by_hub.get(params.model.name_or_path.lower(), VARIANTS[LEGACY_VARIANT])
+
+
+def activation_scale(config: dict[str, Any]) -> float:
+    """Activations per token relative to the A14B the constants were measured on: they grow with
+    depth x width. TI2V 5B (30 x 3072) is 0.45 of A14B (40 x 5120): an estimate scaled from the
+    A14B calibration, not a measurement (5B rows belong to the GPU measurements)."""
+    ref = WAN22_A14B["num_layers"] * WAN22_A14B["num_attention_heads"] * WAN22_A14B["attention_head_dim"]
+    return config["num_layers"] * config["num_attention_heads"] * config["attention_head_dim"] / ref
+
+
+def clip_tokens(frames: int, height: int, width: int, config: dict[str, Any] = WAN22_A14B, spatial: int = 8) -> int:
+    _, f, h, w = latent_shape(frames, height, width, spatial=spatial)
     p = config["patch_size"]
     return (f // p[0]) * (h // p[1]) * (w // p[2])
 
@@ -189,10 +213,11 @@ class PlanResult:
 
 
 def step_seconds(config: dict[str, Any], tokens: int, checkpointing: Checkpointing, compiled: bool,
-                 optimizer: str, dop: bool = False, fp8_matmul: bool = False) -> float:
-    """Predicted seconds of one micro-step of one expert (forward, backward, optimizer)."""
-    f = forward_flops(config, tokens, TEXT_LEN)
-    lin, att = f["video_linear"], f["attention"]
+                 optimizer: str, dop: bool = False, fp8_matmul: bool = False, expand_timesteps: bool = False) -> float:
+    """Predicted seconds of one micro-step of one expert (forward, backward, optimizer); with
+    `expand_timesteps` (TI2V 5B) the time embedding runs per token, and counts as linear work."""
+    f = forward_flops(config, tokens, TEXT_LEN, expand_timesteps)
+    lin, att = f["video_linear"] + (f["time_embed"] if expand_timesteps else 0.0), f["attention"]
     bf16 = LINEAR_TFLOPS["compiled" if compiled else "eager"] * 1e12
     forward = LINEAR_FP8_TFLOPS * 1e12 if fp8_matmul else bf16  # forward and recompute passes
     forward_passes = 1 if checkpointing == "none" else 2
@@ -216,26 +241,32 @@ def exchange_seconds(config: dict[str, Any], tokens: int, sp: int, checkpointing
 
 
 def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointing: Checkpointing,
-             quant: str, clip: tuple[int, int, int], offload: bool, sp: int = 1,
+             quant: str, clip: tuple[int, int, int], offload: bool, variant: Variant, sp: int = 1,
              experts_per_gpu: int = 2) -> PlanResult:
     """One GPU's memory and step time; with `sp` GPUs sharing each sample's tokens, and at most
-    `experts_per_gpu` experts on it (1 under expert-parallel)."""
+    `experts_per_gpu` experts on it (1 under expert-parallel); TI2V 5B: its one transformer."""
     ms, tr = params.multistage, params.train
     names = [e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on][:experts_per_gpu]
-    tokens = clip_tokens(*clip, config) * tr.batch_size
+    if len(variant.experts) == 1:
+        names = list(variant.experts)
+    tokens = clip_tokens(*clip, config, variant.spatial_factor) * tr.batch_size
     compiled = params.model.compile
     w = weight_gib(config, quant)
     lora = lora_parameters(config, params.network.rank, params.network.target_modules)
     lora_g = lora * (LORA_BYTES + OPTIMIZER_BYTES[tr.optimizer]) / GIB
     held = tokens * (2 if tr.dop.enabled else 1) / sp  # the class prompt doubles the trained batch
-    act = ACT_FIXED_GIB[checkpointing] + ACT_GIB_PER_TOKEN[checkpointing] * held
+    scale = activation_scale(config)
+    act = ACT_FIXED_GIB[checkpointing] + ACT_GIB_PER_TOKEN[checkpointing] * scale * held
     if offload:
-        act = min(act, ACT_OFFLOADED_GIB_PER_TOKEN * held + PREFETCH_BYTES / GIB)
+        act = min(act, ACT_OFFLOADED_GIB_PER_TOKEN * scale * held + PREFETCH_BYTES / GIB)
+    if variant.expand_timesteps:  # the per-token modulation table every block reads: [tokens, 6, dim] bf16
+        act += held * 6 * config["num_attention_heads"] * config["attention_head_dim"] * 2 / GIB
     if sp > 1:
         act += EXCHANGE_COPIES * held * config["num_attention_heads"] * config["attention_head_dim"] * 2 / GIB
     text = TEXT_LEN * config["text_dim"] * 2 * tr.batch_size / GIB
     fp8 = params.quantization.fp8_matmul and quant == "float8"
-    compute = step_seconds(config, tokens, checkpointing, compiled, tr.optimizer, tr.dop.enabled, fp8)
+    compute = step_seconds(config, tokens, checkpointing, compiled, tr.optimizer, tr.dop.enabled, fp8,
+                           variant.expand_timesteps)
     comm = exchange_seconds(config, tokens, sp, checkpointing, tr.dop.enabled)
     s = (compute - OPTIMIZER_S[tr.optimizer]) / sp + OPTIMIZER_S[tr.optimizer] + comm
     plans = tuple(ExpertPlan(e, w, lora_g, act + text, s) for e in names)
@@ -273,13 +304,15 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
     """Predict memory per GPU and time for `params` on `gpus` GPUs of `gpu_gib` GiB, and suggest what fits.
 
     checkpointing: None reads params (train.gradient_checkpointing), as the
-    trainer does. config: the expert geometry (default Wan 2.2 A14B). clip: (frames, height, width)
-    of the largest sample (default: from the datasets' buckets). gpus: the GPU count of the launch;
-    train.sequence_parallel of them share each sample, the replicas are data- or expert-parallel.
+    trainer does. config: the expert geometry (default: the variant's, `plan_variant`). clip:
+    (frames, height, width) of the largest sample (default: from the datasets' buckets). gpus: the
+    GPU count of the launch; train.sequence_parallel of them share each sample, the replicas are
+    data- or expert-parallel.
     """
     if gpu_gib <= 0:
         raise ValueError(f"gpu_gib={gpu_gib}: give the GPU's memory in GiB, e.g. 80 or 24")
-    config = config or WAN22_A14B
+    variant = plan_variant(params)
+    config = config or CONFIGS[variant.name]
     clip = clip or largest_clip(params)
     if checkpointing is None:
         checkpointing = params.train.gradient_checkpointing
@@ -289,7 +322,7 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
     per_gpu = 1 if mode == "expert" else 2
 
     def predict(ck: Checkpointing, q: str, off: bool, sp: int = sp) -> PlanResult:
-        return _predict(params, gpu_gib, config, ck, q, clip, off, sp, per_gpu)
+        return _predict(params, gpu_gib, config, ck, q, clip, off, variant, sp, per_gpu)
 
     result = predict(checkpointing, quant, offload)
     suggestions = []
@@ -323,7 +356,7 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
         )
     if params.model.compile is False:
         faster = step_seconds(config, result.tokens, checkpointing, True, params.train.optimizer, params.train.dop.enabled,
-                              params.quantization.fp8_matmul)
+                              params.quantization.fp8_matmul, variant.expand_timesteps)
         suggestions.append(f"model.compile: true would take ~{faster:.2f} s/step (first step compiles, ~40 s)")
     replicas = gpus // sp
     rate = replicas / result.s_per_step * (PARALLEL_EFFICIENCY[mode] if mode != "one" else 1.0)
@@ -340,7 +373,8 @@ def _sequence_parallel_advice(params: Params, result: PlanResult, gpus: int, con
 
     if params.train.sequence_parallel > 1 or gpus < 2:
         return None
-    for n in (n for n in valid_degrees(config["num_attention_heads"], [clip_tokens(*result.clip, config)])
+    tokens = clip_tokens(*result.clip, config, plan_variant(params).spatial_factor)
+    for n in (n for n in valid_degrees(config["num_attention_heads"], [tokens])
               if n <= gpus and gpus % n == 0):
         alt = predict(result.checkpointing, result.quantization, params.model.activation_offloading, n)
         if alt.fits:
@@ -378,7 +412,8 @@ def epoch(params: Params, samples: list[dict], checkpointing: Checkpointing | No
           config: dict[str, Any] | None = None) -> EpochPlan:
     """What one epoch over data/buckets/samples.jsonl costs: batches never mix buckets, so each
     bucket contributes ceil(count / batch_size) micro-steps at its own token count."""
-    config = config or WAN22_A14B
+    variant = plan_variant(params)
+    config = config or CONFIGS[variant.name]
     checkpointing = checkpointing or params.train.gradient_checkpointing
     tr, q = params.train, params.quantization
     fp8 = q.fp8_matmul and q.transformer == "float8"
@@ -389,10 +424,10 @@ def epoch(params: Params, samples: list[dict], checkpointing: Checkpointing | No
     steps, seconds = 0, 0.0
     for (f, h, w), n in counts.items():
         k = math.ceil(n / tr.batch_size)
-        tokens = clip_tokens(f, h, w, config) * tr.batch_size
+        tokens = clip_tokens(f, h, w, config, variant.spatial_factor) * tr.batch_size
         steps += k
         seconds += k * step_seconds(config, tokens, checkpointing, params.model.compile, tr.optimizer,
-                                    tr.dop.enabled, fp8)
+                                    tr.dop.enabled, fp8, variant.expand_timesteps)
     return EpochPlan(len(samples), len(counts), steps, seconds)
 
 
@@ -409,7 +444,8 @@ def render(result: PlanResult, epoch_plan: EpochPlan | None = None) -> str:
     ]
     for e in result.experts:
         lines.append(f"{e.expert:<8}{e.weights_gib:>12.1f}{e.lora_gib:>14.2f}{e.activations_gib:>17.1f}{e.s_per_step:>9.2f}")
-    where = "both experts on the GPU" if result.resident == "both" else "one expert on the GPU, the other in host memory"
+    where = ("one transformer" if len(result.experts) == 1 else
+             "both experts on the GPU" if result.resident == "both" else "one expert on the GPU, the other in host memory")
     verdict = "fits" if result.fits else "does NOT fit"
     lines.append(f"peak {result.peak_gib:.1f} GiB (+{RESERVE_GIB:.0f} GiB context/workspace) on a "
                  f"{result.gpu_gib:g} GiB GPU: {verdict} ({where})")

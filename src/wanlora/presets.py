@@ -24,7 +24,7 @@ from wanlora.io import atomic_write_text
 from wanlora.models.variant import LEGACY_VARIANT, VARIANTS
 
 Recipe = Literal["character", "style", "motion", "smoke"]
-Vram = Literal[24, 48, 80, 141]
+Vram = Literal[12, 16, 24, 48, 80, 141]
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,15 @@ class Setting:
     why: str
 
 
-def _tier_resolutions(sides: list[int], frames: list[int], why: str) -> tuple[Setting, ...]:
+def _tier_resolutions(sides: list[int], frames: list[int], why: str,
+                      pace: str = "16-fps windows keep motion at its true speed; spreading an 8 s clip over 33 "
+                                  "frames plays it 4x fast") -> tuple[Setting, ...]:
     return (
         Setting("datasets.main.bucket.resolutions", sides, why),
         Setting("datasets.main.bucket.num_frames", frames, why),
         Setting("datasets.main.bucket.every_resolution", True,
                 "each clip at every listed size it reaches without upscaling, as AI Toolkit trains it"),
-        Setting("datasets.main.bucket.frame_sampling", "auto",
-                "16-fps windows keep motion at its true speed; spreading an 8 s clip over 33 frames plays it 4x fast"),
+        Setting("datasets.main.bucket.frame_sampling", "auto", pace),
     )
 
 
@@ -105,6 +106,46 @@ TIERS: dict[int, tuple[Setting, ...]] = {
         Setting("sample.width", 1280, "Wan 2.2's 720p, which fits easily here"),
         Setting("sample.height", 720, "Wan 2.2's 720p, which fits easily here"),
         Setting("sample.num_frames", 81, "Wan 2.2's native 5 s clip"),
+    ),
+}
+
+#: Why TI2V 5B buckets sample by time: at its own 24 fps (bucket.fps left null).
+_TI2V_PACE = "windows at the 5B's 24 fps keep motion at its true speed (121 frames is its native 5 s)"
+
+
+def _ti2v_samples(side: int, frames: int, why: str) -> tuple[Setting, ...]:
+    """Square samples of `side` px and `frames` frames (both multiples the 5B accepts)."""
+    return (Setting("sample.width", side, why), Setting("sample.height", side, why),
+            Setting("sample.num_frames", frames, "the 5B's native 5 s at 24 fps" if frames == 121 else
+                    "the longest training window"))
+
+
+#: TI2V 5B's tiers: one 5B transformer (~9.3 GiB in bf16, ~4.7 GiB in float8) and the 16x VAE,
+#: whose tokens are a quarter of A14B's at one clip size, put video LoRAs on 12-24 GB cards. The
+#: figures are `wanlora plan`'s, whose activations for 5B are scaled from the A14B calibration.
+TI2V_TIERS: dict[int, tuple[Setting, ...]] = {
+    12: (
+        Setting("quantization.transformer", "float8", "a float8 5B (~4.7 GiB) leaves 12 GB room for 81-frame windows"),
+        Setting("quantization.text_encoder", "float8", "UMT5-XXL is ~11 GiB in bf16; float8 halves it while caching"),
+        *_tier_resolutions([512], [49, 81], "81 frames at 512x512 (5k tokens at 16x): ~8 GiB at the peak", _TI2V_PACE),
+        *_ti2v_samples(512, 81, "samples at the training size cost no extra memory"),
+    ),
+    16: (
+        Setting("quantization.transformer", "float8", "a float8 5B (~4.7 GiB) keeps near-bf16 quality"),
+        Setting("quantization.text_encoder", "float8", "UMT5-XXL in float8 leaves room to cache with the VAE loaded"),
+        *_tier_resolutions([512, 768], [49, 81, 121], "121 frames at 768x768 (18k tokens) fit with full checkpointing",
+                           _TI2V_PACE),
+        Setting("train.gradient_checkpointing", "full",
+                "121f@768 keeps ~14 GiB at the peak with selective checkpointing, ~12 GiB with full: "
+                "only full fits 16 GB (`wanlora plan` shows both)"),
+        *_ti2v_samples(768, 121, "AI Toolkit's 5B sample size"),
+    ),
+    24: (
+        Setting("quantization.transformer", "none", "the bf16 5B is ~9.3 GiB: no quantization error, memory allows it"),
+        Setting("quantization.text_encoder", "float8", "UMT5-XXL in float8 leaves room to cache with the VAE loaded"),
+        *_tier_resolutions([512, 768], [49, 81, 121], "121 frames at 768x768 beside a bf16 5B: ~19 GiB at the peak",
+                           _TI2V_PACE),
+        *_ti2v_samples(768, 121, "AI Toolkit's 5B sample size"),
     ),
 }
 
@@ -190,6 +231,13 @@ VARIANT_SETTINGS: dict[str, tuple[Setting, ...]] = {
         Setting("sample.images", [],
                 "each prompt starts from a held-out clip's first frame; list your own start images here"),
     ),
+    "ti2v-5b": (
+        Setting("model.name_or_path", VARIANTS["ti2v-5b"].hub_id, "the official Wan 2.2 TI2V 5B release"),
+        Setting("model.variant", "ti2v-5b",
+                "checked against the folder: an A14B base has other shapes and a 16-channel VAE"),
+        Setting("sample.images", [],
+                "each prompt is sampled from text and from a held-out clip's first frame; list start images here"),
+    ),
 }
 
 #: Recipes that run on the CPU, where a GPU tier's settings mean nothing.
@@ -201,11 +249,15 @@ def _settings(recipe: str, vram: int, variant: str = LEGACY_VARIANT) -> tuple[Se
         raise ParamsError(f"variant '{variant}' has no presets; choose one of: {', '.join(VARIANT_SETTINGS)}")
     if recipe not in RECIPES:
         raise ParamsError(f"recipe '{recipe}' is unknown; choose one of: {', '.join(RECIPES)}")
-    if vram not in TIERS:
-        fits = [t for t in TIERS if t <= vram]
-        hint = f"use {max(fits)} (the largest tier at or below your card)" if fits else "24 GB is the smallest tier"
-        raise ParamsError(f"vram {vram} is not a tier ({', '.join(map(str, TIERS))}); {hint}")
-    chosen = RECIPES[recipe] if recipe in CPU_RECIPES else TIERS[vram] + RECIPES[recipe]
+    one = len(VARIANTS[variant].experts) == 1  # type: ignore[index]
+    tiers = TI2V_TIERS if one else TIERS
+    if vram not in tiers:
+        fits = [t for t in tiers if t <= vram]
+        hint = f"use {max(fits)} (the largest tier at or below your card)" if fits else f"{min(tiers)} GB is the smallest tier"
+        raise ParamsError(f"vram {vram} is not a tier ({', '.join(map(str, tiers))}); {hint}")
+    chosen = RECIPES[recipe] if recipe in CPU_RECIPES else tiers[vram] + RECIPES[recipe]
+    if one:  # one transformer: no expert settings (the trainer refuses them)
+        chosen = tuple(s for s in chosen if not s.key.startswith("multistage."))
     return chosen + VARIANT_SETTINGS[variant]
 
 

@@ -1,10 +1,11 @@
 """Stage bucket: which resolution, frame count and source frames each training sample uses.
 
-Samples in one batch must share a shape, and Wan needs sides divisible by 16 and 4n+1 frames, so
-every clip is assigned a bucket `W x H x F`. The math lives in small pure functions, tested directly:
+Samples in one batch must share a shape, and Wan needs sides divisible by 16 (TI2V 5B: 32, its VAE
+compresses 16x before the 2x2 patch) and 4n+1 frames, so every clip is assigned a bucket `W x H x F`.
+The math lives in small pure functions, tested directly:
 
-- `bucket_sizes(area)`: the 16-px-aligned sizes of (at most) a target area over a range of aspect
-  ratios, each the largest such size for its width.
+- `bucket_sizes(area, step)`: the `step`-aligned sizes of (at most) a target area over a range of
+  aspect ratios, each the largest such size for its width (`step` is the variant's `bucket_align`).
 - `choose_buckets(w, h, resolutions, allow_upscale, every)`: for each listed resolution, the size
   whose aspect ratio is closest to the (cropped) source; every resolution the source reaches
   without upscaling gets one (AI Toolkit trains each clip at every resolution in its list), or only
@@ -61,15 +62,16 @@ def _nearest_aspect(sizes: list[tuple[int, int]], width: int, height: int) -> tu
 
 
 def choose_buckets(
-    width: int, height: int, resolutions: list[int], allow_upscale: bool, every: bool = True
+    width: int, height: int, resolutions: list[int], allow_upscale: bool, every: bool = True, step: int = STEP
 ) -> list[tuple[int, int]]:
-    """Bucket sizes (w, h) for a source of width x height, largest first; [] if it is smaller than
-    16 px on a side. `every`: one per resolution it reaches; otherwise the largest only."""
-    if width < STEP or height < STEP:
+    """Bucket sizes (w, h), multiples of `step`, for a source of width x height, largest first; []
+    if it is smaller than `step` px on a side. `every`: one per resolution it reaches; otherwise
+    the largest only."""
+    if width < step or height < step:
         return []
     sizes = []
     for res in sorted(resolutions, reverse=True):
-        w, h = _nearest_aspect(bucket_sizes(res * res), width, height)
+        w, h = _nearest_aspect(bucket_sizes(res * res, step), width, height)
         if allow_upscale or (w <= width and h <= height):
             sizes.append((w, h))
             if not every:
@@ -79,8 +81,8 @@ def choose_buckets(
     # smaller than every resolution: aligned sizes inside the source, not much below the largest one
     inside = [
         (w, h)
-        for w in range(STEP, width + 1, STEP)
-        for h in range(STEP, height + 1, STEP)
+        for w in range(step, width + 1, step)
+        for h in range(step, height + 1, step)
         if max(w / h, h / w) <= MAX_ASPECT
     ]
     most = max(w * h for w, h in inside)
@@ -193,16 +195,17 @@ def choose_frames(
 
 
 # --------------------------------------------------------------------------------- stage
-def plan_clip(clip: dict, ds: DatasetConfig) -> tuple[list[dict], Problem | None]:
-    """Samples of one ok clip record (resolutions x windows x flips), or a Problem saying why it
-    fits no bucket."""
-    cfg = ds.bucket
+def plan_clip(clip: dict, ds: DatasetConfig, align: int = STEP, fps: float = 16.0) -> tuple[list[dict], Problem | None]:
+    """Samples of one ok clip record (resolutions x windows x flips) with sides multiples of
+    `align`, or a Problem saying why it fits no bucket; `fps` is the model's frame rate, used
+    where `ds.bucket.fps` is null."""
+    cfg = resolved_bucket(ds, fps)
     crop = clip["crop"] or [0, 0, clip["width"], clip["height"]]
-    sizes = choose_buckets(crop[2], crop[3], cfg.resolutions, cfg.allow_upscale, cfg.every_resolution)
+    sizes = choose_buckets(crop[2], crop[3], cfg.resolutions, cfg.allow_upscale, cfg.every_resolution, align)
     if not sizes:
         return [], Problem(
             clip["path"],
-            f"picture {crop[2]}x{crop[3]} px is smaller than the smallest bucket side ({STEP} px)",
+            f"picture {crop[2]}x{crop[3]} px is smaller than the smallest bucket side ({align} px)",
             "use a larger source, or check the letterbox crop in data/trimmed/report.md",
             STAGE,
         )
@@ -266,9 +269,18 @@ def _too_short(clip: dict, cfg: BucketConfig) -> Problem:
     )
 
 
-def run_stage(datasets: dict[str, DatasetConfig], clips_manifest: Path, out_dir: Path) -> None:
+def resolved_bucket(ds: DatasetConfig, fps: float) -> BucketConfig:
+    """`ds.bucket` with `fps: null` set to the model's frame rate `fps` (the variant's: 16 for the
+    A14B models, 24 for TI2V 5B); an explicit fps is kept."""
+    return ds.bucket if ds.bucket.fps is not None else ds.bucket.model_copy(update={"fps": float(fps)})
+
+
+def run_stage(datasets: dict[str, DatasetConfig], clips_manifest: Path, out_dir: Path, *,
+              fps: float = 16.0, align: int = STEP) -> None:
     """Write out_dir/samples.jsonl, histogram.json, report.json (problems) and report.md (every
-    sample's bucket and time scale, with warnings) from the trim manifest."""
+    sample's bucket and time scale, with warnings) from the trim manifest. `fps` is the model's
+    frame rate (for datasets that leave `bucket.fps` null) and `align` the multiple every bucket
+    side is: both the variant's (`Variant.fps`, `Variant.bucket_align`)."""
     clips = read_jsonl(clips_manifest)
     samples: list[dict] = []
     problems: dict[str, list[Problem]] = {name: [] for name in datasets}
@@ -281,7 +293,7 @@ def run_stage(datasets: dict[str, DatasetConfig], clips_manifest: Path, out_dir:
                 f"{clips_manifest}: clip {clip['id']} belongs to dataset '{clip['dataset']}', which params.yaml "
                 f"no longer defines ({', '.join(datasets)}); rerun the trim stage"
             )
-        got, problem = plan_clip(clip, ds)
+        got, problem = plan_clip(clip, ds, align, fps)
         samples += got
         if problem:
             problems[clip["dataset"]].append(problem)

@@ -21,6 +21,7 @@ from typing import Any
 
 from wanlora.data.split import BASIS_LABEL, HELD_OUT, TRAINING_CLIPS, Split
 from wanlora.io import read_jsonl
+from wanlora.train.timesteps import EXPERTS
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
@@ -155,7 +156,7 @@ SETS = (("held_out", "held-out"), ("train", "training clips"))
 def _loss_text(losses: dict[str, float]) -> str:
     parts = []
     for key, name in SETS:
-        shown = [f"{e} {losses[f'{key}_{e}']:.4f}" for e in ("high", "low") if f"{key}_{e}" in losses]
+        shown = [f"{e} {losses[f'{key}_{e}']:.4f}" for e in EXPERTS if f"{key}_{e}" in losses]
         if shown:
             parts.append(f"{name}: " + ", ".join(shown))
     return "; ".join(parts)
@@ -225,9 +226,10 @@ def render_report(
     h.append('<section id="curves"><h2>Loss</h2>')
     h.append("<p>Fixed-noise loss per expert: the same timesteps and noise at every checkpoint, on held-out "
              "clips and on as many training clips. Step 0 is the base model.</p>")
-    for e in ("high", "low"):
+    one = any(fixed_noise_curves(rows, "main").values()) or "main" in best  # TI2V 5B: its one transformer
+    for e in ("main",) if one else ("high", "low"):
         marks = {f"best {best[e]['step']}": float(best[e]["step"])} if e in best else {}
-        title = f"{e}-noise expert: fixed-noise loss" + ("" if split.basis == HELD_OUT else " (training clips only)")
+        title = ("transformer" if e == "main" else f"{e}-noise expert") + ": fixed-noise loss" + ("" if split.basis == HELD_OUT else " (training clips only)")
         h.append(svg_plot(fixed_noise_curves(rows, e), title, marks=marks))
     h += [svg_plot(series, name) for name, series in curves.items()]
     h.append("</section>")

@@ -35,11 +35,26 @@ def build_pipeline(transformer, transformer_2, vae, boundary_ratio: float, shift
     parts = dict(tokenizer=None, text_encoder=None, transformer=transformer, transformer_2=transformer_2, vae=vae,
                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
                  boundary_ratio=boundary_ratio)
+    if variant.expand_timesteps:  # TI2V 5B: one transformer, a timestep per token
+        parts.update(transformer_2=None, boundary_ratio=None, expand_timesteps=True)
     if variant.image_condition:
         parts.update(image_encoder=None, image_processor=None)
     pipe = getattr(diffusers, variant.pipeline)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def image_pipeline(pipe):
+    """TI2V 5B from a start image: `WanImageToVideoPipeline` with `expand_timesteps` around the
+    text-to-video pipeline's own modules (one transformer: a LoRA loaded into `pipe` is in both),
+    which keeps the start image's latent as the clean first frame at t = 0 (`wanlora.train.ti2v`)."""
+    from diffusers import WanImageToVideoPipeline
+
+    i2v = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, image_encoder=None, image_processor=None,
+                                  transformer=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler,
+                                  expand_timesteps=True)
+    i2v.set_progress_bar_config(disable=True)
+    return i2v
 
 
 def prompt_seeds(cfg: SampleConfig) -> list[int]:
@@ -64,7 +79,7 @@ def lora_applied(pipe, files: Mapping[str, Path], name: str,
                                  "Fix: evaluate it with the model it was trained on (model.name_or_path), "
                                  "or train a LoRA for this model")
             pipe.load_lora_weights(folded_state_dict(lora), adapter_name=name, load_into_transformer_2=expert == "low")
-            loaded.append(pipe.transformer if expert == "high" else pipe.transformer_2)
+            loaded.append(pipe.transformer_2 if expert == "low" else pipe.transformer)  # high, or TI2V 5B's main
         yield
     finally:
         for model in loaded:

@@ -36,6 +36,7 @@ from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, read_jso
 from wanlora.models.condition import check_last_frame
 from wanlora.models.variant import LEGACY_VARIANT, Variant, resolve_variant
 from wanlora.report import InputError
+from wanlora.train import ti2v
 
 EVAL_FORMAT = 2  # bump when cached results would no longer match what this code writes
 TEXT_DIR, LATENT_DIR = "data/cache/text", "data/cache/latents"
@@ -48,6 +49,18 @@ def steps_to_sample(steps: list[int], every: int) -> list[int]:
     Counted from the first, so a new checkpoint does not shift which older ones are sampled."""
     steps = sorted(steps)
     return sorted({s for i, s in enumerate(steps) if (i + 1) % every == 0} | set(steps[-1:]))
+
+
+def sample_fps(params: Params, variant: Variant) -> int:
+    """Frame rate of the written videos: sample.fps, or the model's own (`Variant.fps`) when null."""
+    return params.sample.fps or variant.fps
+
+
+def column_labels(params: Params, variant: Variant) -> list[str]:
+    """One label per sampled video: the prompts; TI2V 5B samples each prompt twice, from text
+    alone and then from its start image (`wanlora.evaluate.start_images`), one model doing both."""
+    texts = prompt_texts(params)
+    return texts + [f"{t} (from its start image)" for t in texts] if variant.expand_timesteps else texts
 
 
 def prompt_texts(params: Params) -> list[str]:
@@ -87,7 +100,7 @@ class Plan:
         s = params.sample
         settings = {"prompts": prompt_texts(params), "negative": s.negative_prompt, "steps": s.steps,
                     "guidance": s.guidance_scale, "frames": s.num_frames, "size": [s.width, s.height],
-                    "fps": s.fps, "seed": s.seed, "walk_seed": s.walk_seed}
+                    "fps": sample_fps(params, self.variant), "seed": s.seed, "walk_seed": s.walk_seed}
         for name, frames in (("start_images", self.start_frames), ("end_images", self.end_frames)):
             if frames is not None:  # what each prompt starts (ends) with, by content
                 settings[name] = [hashlib.sha256(f.tobytes() + str(f.shape).encode()).hexdigest() for f in frames]
@@ -110,10 +123,18 @@ def make_plan(params: Params, workspace: Path) -> Plan:
     if not checkpoints:
         raise FileNotFoundError(f"{workspace / 'data/lora'}: no checkpoints; run the train stage first")
     ms = params.multistage
-    boundary = ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root)
+    ti2v.check_params(params, variant)
+    align = variant.bucket_align
+    if params.sample.width % align or params.sample.height % align:  # WanPipeline would round down with a warning
+        fit = [max(align, round(v / align) * align) for v in (params.sample.width, params.sample.height)]
+        raise InputError(f"sample.width x sample.height is {params.sample.width}x{params.sample.height}, but "
+                         f"{variant.label} needs multiples of {align} px (VAE {variant.spatial_factor}x, 2x2 patch). "
+                         f"Fix: set sample.width: {fit[0]} and sample.height: {fit[1]}")
+    boundary = None if variant.boundary is None else (
+        ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root))
     base = {
         "format": EVAL_FORMAT,
-        "model": {p: model_identity(root, p) for p in ("transformer", "transformer_2", "vae")},
+        "model": {p: model_identity(root, p) for p in (*variant.folders, "vae")},
         "dtype": params.model.dtype,
         "quant": {k: v for k, v in params.quantization.model_dump(mode="json").items()
                   if k not in ("cache_dir", "text_encoder")},  # mode, group, fp8 matmuls, recovery
@@ -125,7 +146,7 @@ def make_plan(params: Params, workspace: Path) -> Plan:
     }
     split = read_split(workspace)
     frames = ends = None
-    if variant.image_condition and params.sample.prompts:
+    if (variant.image_condition or variant.expand_timesteps) and params.sample.prompts:  # TI2V 5B: both ways
         from wanlora.evaluate.start_images import start_frames
 
         samples = {s["id"]: s for s in read_jsonl(workspace / "data/buckets/samples.jsonl")}
@@ -167,15 +188,16 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
     where = "cpu" if params.model.low_vram else device
     # the base the LoRAs trained against: same cached quantization, recovery and fp8 setting
     experts = {e: load_base(plan.root, e, params, workspace, where, work=device, sampling=True)
-               for e in ("high", "low")}
+               for e in plan.variant.experts}
     vae = load_vae(plan.root, "fp32", where)
-    pipe = build_pipeline(experts["high"], experts["low"], vae, plan.base["boundary"], params.model.flow_shift,
+    first = experts[plan.variant.experts[0]]
+    pipe = build_pipeline(first, experts.get("low"), vae, plan.base["boundary"], params.model.flow_shift,
                           plan.variant)
     if params.model.low_vram and str(device).startswith("cuda"):
         pipe.enable_model_cpu_offload(device=device)
 
     text_dir, encoder = workspace / TEXT_DIR, encoder_identity(plan.root)
-    dtype = experts["high"].dtype
+    dtype = first.dtype
 
     def embed(text: str) -> torch.Tensor:
         return pad_embeds([load_text_embeds(text_dir, text, encoder)]).to(dtype)
@@ -244,11 +266,16 @@ def _evaluate_one(params: Params, plan: Plan, step: int | None, get: Any, scratc
     files = {} if step is None else plan.checkpoints[step]
     with sampling.lora_applied(loaded.pipe, files, name, plan.variant):
         if s_entry is not None and not s_done:
-            videos = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample,
-                                       plan.start_frames, plan.end_frames)
-            _write_samples(s_entry, videos, params.sample.fps)
+            if plan.variant.expand_timesteps:  # TI2V 5B: every prompt from text alone, then from its start image
+                videos = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample)
+                videos += sampling.generate(sampling.image_pipeline(loaded.pipe), loaded.prompt_embeds,
+                                            loaded.negative_embeds, params.sample, plan.start_frames)
+            else:
+                videos = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample,
+                                           plan.start_frames, plan.end_frames)
+            _write_samples(s_entry, videos, sample_fps(params, plan.variant))
         if v_entry is not None and not v_done:
-            experts = {"high": loaded.pipe.transformer, "low": loaded.pipe.transformer_2}
+            experts = dict(zip(plan.variant.experts, (loaded.pipe.transformer, loaded.pipe.transformer_2)))
             cfg = params.sample
             v_done = {name: fixed_noise_losses(experts, items, cfg.validation_timesteps, plan.base["boundary"],
                                                params.job.seed, cfg.validation_noise_draws)
@@ -325,14 +352,14 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
     atomic_write_json(out_dir / "metrics.json", metrics)
     # rows for `dvc plots`: the baseline is step 0 (a LoRA's B starts at zero, so it is the untrained start);
     # every key in every row, null where not measured: dvc drops a whole plot when a field is missing
-    keys = [f"{name}_{e}" for e in ("high", "low") for name in ("train", "held_out")]
+    keys = [f"{name}_{e}" for e in plan.variant.experts for name in ("train", "held_out")]
     atomic_write_json(out_dir / "val_loss.json",
                       [{"step": r.step or 0, **{k: r.losses.get(k) for k in keys}} for r in rows if r.losses])
 
     train = read_train_curves(workspace / "data/train_live")
     curves = {"training loss (per step, random noise)": {k: v for k, v in train.items() if "loss" in k}}
     curves.update({k: {k: v} for k, v in train.items() if "loss" not in k})  # lr, grad norm, ...: own scales
-    page = render_report(f"{params.job.name}: evaluation", prompt_texts(params), rows, split, best,
+    page = render_report(f"{params.job.name}: evaluation", column_labels(params, plan.variant), rows, split, best,
                          curves, dataset_summary(workspace))
     atomic_write_text(out_dir / "report.html", page)
     picks = ", ".join(f"{e} step {c['step']}" for e, c in best.items()) or "none"

@@ -19,10 +19,13 @@ import torch
 
 from wanlora.models.condition import model_input
 from wanlora.train.flowmatch import NUM_TRAIN_TIMESTEPS, add_noise, per_sample_mse, velocity_target
+from wanlora.train.ti2v import frame_mask, token_timesteps
 
 
-def expert_of(t: int, boundary_ratio: float) -> str:
-    """The expert WanPipeline runs at timestep t."""
+def expert_of(t: int, boundary_ratio: float | None) -> str:
+    """The expert WanPipeline runs at timestep t (TI2V 5B, no boundary: its one transformer)."""
+    if boundary_ratio is None:
+        return "main"
     return "high" if t >= boundary_ratio * NUM_TRAIN_TIMESTEPS else "low"
 
 
@@ -51,13 +54,14 @@ def fixed_noise_losses(
     experts: Mapping[str, torch.nn.Module],
     items: list[ValItem],
     timesteps: list[int],
-    boundary_ratio: float,
+    boundary_ratio: float | None,
     seed: int,
     draws: int = 1,
 ) -> dict[str, list[float]]:
-    """{"high": [loss per (item, timestep, draw) of its band, in that order], "low": [...]}; an
-    expert with no timestep in the list (or no items) gets []."""
-    terms: dict[str, list[float]] = {"high": [], "low": []}
+    """{"high": [loss per (item, timestep, draw) of its band, in that order], "low": [...]} (TI2V
+    5B: {"main": [...]}, text-to-video with its timestep on every token); an expert with no
+    timestep in the list (or no items) gets []."""
+    terms: dict[str, list[float]] = {e: [] for e in experts}
     for i, item in enumerate(items):
         x0 = item.latent.float().unsqueeze(0)
         for j, t in enumerate(timesteps):
@@ -68,13 +72,16 @@ def fixed_noise_losses(
             # expert's first parameter is its fp32 scale_shift_table
             dtype = getattr(model, "dtype", param.dtype)
             tt = torch.tensor([float(t)])
+            t_in = tt
+            if expert == "main":  # TI2V 5B takes a timestep per token
+                t_in = token_timesteps(tt, frame_mask(x0.shape, torch.tensor([False])), tuple(model.config.patch_size))
             for d in range(draws):
                 noise = fixed_noise(x0.shape, seed, i, j, d)
                 cond = None if item.condition is None else item.condition.unsqueeze(0)
                 x_t = model_input(add_noise(x0, noise, tt), cond)
                 pred = model(
                     x_t.to(param.device, dtype),
-                    tt.to(param.device),
+                    t_in.to(param.device),
                     item.embeds.unsqueeze(0).to(param.device, dtype),
                     return_dict=False,
                 )[0]

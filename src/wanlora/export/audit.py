@@ -283,7 +283,7 @@ def _digest(file: Path) -> str:
 def check_checkpoint(file: Path, fields: dict[str, str], workspace: Path) -> ManifestCheck:
     """The workspace's own checkpoint of this expert and step must hold the same tensors."""
     expert, step = fields.get("expert"), fields.get("step", "")
-    if expert not in ("high", "low") or not step.isdigit():
+    if expert not in ("high", "low", "main") or not step.isdigit():
         raise LineageError(f"expert {expert!r} / step {step!r} are not what wanlora writes")
     rel = f"data/lora/{expert}/step_{int(step):06d}.safetensors"
     path = workspace / rel

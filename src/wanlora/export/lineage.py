@@ -157,7 +157,7 @@ def lineage_metadata(
     sidecar_dir: Path | None = None,
     variant: str = LEGACY_VARIANT,
 ) -> dict[str, str]:
-    """safetensors metadata for a LoRA of `expert` ('high' | 'low') saved at `step`.
+    """safetensors metadata for a LoRA of `expert` ('high' | 'low' | 'main') saved at `step`.
 
     `base_fingerprint` is the content identity of the expert's weights (`model_identity`);
     `trained` the sample ids training used, `skipped` {sample id: why not} for the others. A
@@ -166,8 +166,8 @@ def lineage_metadata(
     `variant` (`wanlora.models.variant`) is the Wan 2.2 model it fits: evaluate, export and
     `import` refuse it on another one.
     """
-    if expert not in ("high", "low"):
-        raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
+    if expert not in ("high", "low", "main"):
+        raise ValueError(f"expert must be 'high', 'low' or 'main' (TI2V 5B's one transformer), got {expert!r}")
     workspace = Path(workspace)
     samples_json = json.dumps(sample_records(workspace, set(trained), skipped), sort_keys=True,
                               separators=(",", ":"))

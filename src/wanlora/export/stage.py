@@ -3,7 +3,8 @@
 The step is a number, "last", or "best": per expert, what the evaluate stage chose on the
 held-out loss (`data/eval/best.json`, `wanlora.evaluate.best`), so the high- and low-noise files
 may come from different steps. Each expert becomes one file per format, named so a user sees at
-once which file goes into which loader slot and from which step: `<job>_step000500_high_noise.safetensors`.
+once which file goes into which loader slot and from which step: `<job>_step000500_high_noise.safetensors`
+(TI2V 5B's one transformer: `<job>_step000500.safetensors`, one file as AI Toolkit writes it).
 The lineage header is copied forward unchanged (a checkpoint whose tensors no longer match its
 recorded hash is refused), plus what export decided (format, file name, source file and hash, and
 why that step: `wanlora.export_choice`), so `wanlora audit` works on exports too.
@@ -27,7 +28,17 @@ from wanlora.export.lineage import PREFIX, sidecar_names, tensors_sha256
 from wanlora.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 STEP_FILE = re.compile(r"step_(\d+)\.safetensors\Z")
-EXPERTS = ("high", "low")
+EXPERTS = ("high", "low", "main")  # main: TI2V 5B's one transformer
+
+
+def expert_label(expert: str) -> str:
+    """How messages name an expert: 'high-noise expert', or 'transformer' for TI2V 5B's one."""
+    return "transformer" if expert == "main" else f"{expert}-noise expert"
+
+
+def export_name(job: str, step: int, expert: str) -> str:
+    """File name of an export: the loader slot it goes to (high / low noise) and its step."""
+    return f"{job}_step{step:06d}" + ("" if expert == "main" else f"_{expert}_noise") + ".safetensors"
 console = Console(stderr=True)
 
 
@@ -40,7 +51,7 @@ class NoCheckpoints(UserError, FileNotFoundError):
 
 
 def list_checkpoints(lora_dir: Path) -> dict[int, dict[str, Path]]:
-    """{step: {expert: file}} of `data/lora/{high,low}/step_NNNNNN.safetensors`."""
+    """{step: {expert: file}} of `data/lora/{high,low,main}/step_NNNNNN.safetensors`."""
     found: dict[int, dict[str, Path]] = {}
     for expert in EXPERTS:
         folder = lora_dir / expert
@@ -86,12 +97,12 @@ def choose_steps(spec: str, checkpoints: dict[int, dict[str, Path]], best_path: 
     for e in experts:
         choice = record.get("experts", {}).get(e)
         if choice is None:
-            raise NoSuchStep(f"{best_path}: no fixed-noise loss for the {e}-noise expert (sample.validation_clips "
+            raise NoSuchStep(f"{best_path}: no fixed-noise loss for the {expert_label(e)} (sample.validation_clips "
                              f"is 0, or no sample.validation_timesteps in its band); set export.step to one of: "
                              f"{listing}")
         step = int(choice["step"])
         if e not in checkpoints.get(step, {}):
-            raise NoSuchStep(f"{best_path}: best {e}-noise step {step} has no checkpoint (rerun the evaluate "
+            raise NoSuchStep(f"{best_path}: best {expert_label(e)} step {step} has no checkpoint (rerun the evaluate "
                              f"stage); available steps: {listing}")
         picks[e] = Pick(step, spec, record["basis"], choice["reason"])
     return picks
@@ -137,13 +148,13 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
     written = []
     for fmt in params.export.formats:
         for expert, pick in sorted(picks.items()):
-            dst = out_dir / fmt / f"{params.job.name}_step{pick.step:06d}_{expert}_noise.safetensors"
+            dst = out_dir / fmt / export_name(params.job.name, pick.step, expert)
             export_file(checkpoints[pick.step][expert], fmt, dst, output_name=params.job.name, pick=pick)
             written.append({"format": fmt, "expert": expert, "step": pick.step,
                             "path": dst.relative_to(out_dir).as_posix(), "sha256": sha256_file(dst)})
-            console.print(f"export: {fmt} {expert} noise, step {pick.step} -> {dst}")
+            console.print(f"export: {fmt} {expert_label(expert)}, step {pick.step} -> {dst}")
     for expert, pick in sorted(picks.items()):
-        console.print(f"export: {expert}-noise step {pick.step}: {pick.reason}")
+        console.print(f"export: {expert_label(expert)} step {pick.step}: {pick.reason}")
     atomic_write_json(out_dir / "export.json", {"chosen_by": params.export.step,
                                                 "experts": {e: p.as_dict() for e, p in sorted(picks.items())},
                                                 "files": written})

@@ -2,8 +2,10 @@
 
 `WAN22_A14B` is the config diffusers stores in `transformer/config.json` (and, identical,
 `transformer_2/config.json`) of Wan-AI/Wan2.2-T2V-A14B-Diffusers, `WAN22_I2V_A14B` the I2V
-release's (`CONFIGS` per variant); `TINY` is the two-layer
-version the tests and the demo use. Benchmarks and memory planning build a full-size expert
+release's, `WAN22_TI2V_5B` the one of Wan-AI/Wan2.2-TI2V-5B-Diffusers (one transformer, 48 latent
+channels from the Wan 2.2 VAE, whose 16x spatial compression makes a 2x2 patch 32 pixels), all in
+`CONFIGS` per variant; `TINY_CONFIGS` holds the two-layer versions the tests and the demo use.
+Benchmarks and memory planning build a full-size expert
 from `WAN22_A14B` with random weights (`build_transformer`), so GPU work needs no 28 GB
 download, and report MFU with `train_flops`.
 """
@@ -55,9 +57,31 @@ TINY: dict[str, Any] = {
 WAN22_I2V_A14B: dict[str, Any] = {**WAN22_A14B, "in_channels": 36}
 TINY_I2V: dict[str, Any] = {**TINY, "in_channels": 36}
 
+#: Transformer config of Wan 2.2 TI2V 5B (checked against the hub's config.json and against the
+#: Wan team's `wan/configs/wan_ti2v_5B.py`: dim 3072 = 24 heads x 128, 30 layers, ffn 14336,
+#: in_dim 48). The rest of the structure (patch, qk norm, rotary) is the A14B's.
+WAN22_TI2V_5B: dict[str, Any] = {
+    **WAN22_A14B,
+    "num_attention_heads": 24,
+    "in_channels": 48,
+    "out_channels": 48,
+    "ffn_dim": 14336,
+    "num_layers": 30,
+}
+
+#: Two-layer 5B transformer; channels stay 48 (the tiny Wan 2.2 VAE's z_dim), sizes as `TINY`.
+TINY_TI2V_5B: dict[str, Any] = {
+    **WAN22_TI2V_5B,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "text_dim": 32,
+    "ffn_dim": 64,
+    "num_layers": 2,
+}
+
 #: Full-size and tiny transformer config of each variant (`wanlora.models.variant`).
-CONFIGS: dict[str, dict[str, Any]] = {"t2v-a14b": WAN22_A14B, "i2v-a14b": WAN22_I2V_A14B}
-TINY_CONFIGS: dict[str, dict[str, Any]] = {"t2v-a14b": TINY, "i2v-a14b": TINY_I2V}
+CONFIGS: dict[str, dict[str, Any]] = {"t2v-a14b": WAN22_A14B, "i2v-a14b": WAN22_I2V_A14B, "ti2v-5b": WAN22_TI2V_5B}
+TINY_CONFIGS: dict[str, dict[str, Any]] = {"t2v-a14b": TINY, "i2v-a14b": TINY_I2V, "ti2v-5b": TINY_TI2V_5B}
 
 LATENT_CHANNELS = 16
 TEMPORAL_FACTOR = 4
@@ -106,35 +130,38 @@ def _check_frames(num_frames: int) -> None:
         )
 
 
-def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(channels, frames, height, width) of the VAE latent of a clip: 4n+1 frames -> n+1, 8x spatial."""
+def latent_shape(num_frames: int, height: int, width: int, channels: int = LATENT_CHANNELS,
+                 spatial: int = SPATIAL_FACTOR) -> tuple[int, int, int, int]:
+    """(channels, frames, height, width) of the VAE latent of a clip: 4n+1 frames -> n+1, and
+    `spatial`x smaller sides (8 for the Wan 2.1 VAE of the A14B models, 16 with 48 channels for
+    the Wan 2.2 VAE of TI2V 5B)."""
     _check_frames(num_frames)
-    if height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
-        raise ValueError(f"{width}x{height}: sides must be multiples of {SPATIAL_FACTOR} for the VAE")
-    return (
-        LATENT_CHANNELS,
-        (num_frames - 1) // TEMPORAL_FACTOR + 1,
-        height // SPATIAL_FACTOR,
-        width // SPATIAL_FACTOR,
-    )
+    if height % spatial or width % spatial:
+        raise ValueError(f"{width}x{height}: sides must be multiples of {spatial} for the VAE")
+    return (channels, (num_frames - 1) // TEMPORAL_FACTOR + 1, height // spatial, width // spatial)
 
 
-def tokens(num_frames: int, height: int, width: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-    """Patched sequence length the transformer attends over (33 frames at 512x512: 9216)."""
-    _, f, h, w = latent_shape(num_frames, height, width)
+def tokens(num_frames: int, height: int, width: int, patch: tuple[int, int, int] = (1, 2, 2),
+           spatial: int = SPATIAL_FACTOR) -> int:
+    """Patched sequence length the transformer attends over (33 frames at 512x512: 9216 on A14B;
+    2304 on TI2V 5B, whose VAE compresses 16x)."""
+    _, f, h, w = latent_shape(num_frames, height, width, spatial=spatial)
     if f % patch[0] or h % patch[1] or w % patch[2]:
-        raise ValueError(f"{width}x{height}: sides must be multiples of {SPATIAL_FACTOR * patch[1]}")
+        raise ValueError(f"{width}x{height}: sides must be multiples of {spatial * patch[1]}")
     return (f // patch[0]) * (h // patch[1]) * (w // patch[2])
 
 
-def forward_flops(config: dict[str, Any], tokens: int, text_len: int = 512) -> dict[str, float]:
+def forward_flops(config: dict[str, Any], tokens: int, text_len: int = 512,
+                  expand_timesteps: bool = False) -> dict[str, float]:
     """Matmul FLOPs (2 per multiply-add) of one forward pass on one sample, by part.
 
     `video_linear`: projections and FFN of every block on the video tokens; `attention`: QK^T and
     PV of self-attention (tokens x tokens) and cross-attention (tokens x text); `text_linear`:
     the text embedder and every block's cross-attention K/V on the text; `time_embed`: the
-    timestep MLP and modulation projection; `patch_in` / `patch_out`: the patch embedding and the
-    output projection. Norms, softmax, rotary and modulation arithmetic are elementwise, not counted.
+    timestep MLP and modulation projection, once per sample, or once per token with
+    `expand_timesteps` (TI2V 5B: every token has its own timestep, so the MLP sees `tokens` rows);
+    `patch_in` / `patch_out`: the patch embedding and the output projection. Norms, softmax,
+    rotary and modulation arithmetic are elementwise, not counted.
     """
     d = config["num_attention_heads"] * config["attention_head_dim"]
     n, length, layers = tokens, text_len, config["num_layers"]
@@ -143,13 +170,13 @@ def forward_flops(config: dict[str, Any], tokens: int, text_len: int = 512) -> d
         "video_linear": float(layers * 2 * n * (6 * d * d + 2 * d * config["ffn_dim"])),
         "attention": float(layers * 2 * (2 * n * n * d + 2 * n * length * d)),
         "text_linear": float(2 * length * (config["text_dim"] * d + d * d) + layers * 2 * length * 2 * d * d),
-        "time_embed": float(2 * (config["freq_dim"] * d + d * d + d * 6 * d)),
+        "time_embed": float((n if expand_timesteps else 1) * 2 * (config["freq_dim"] * d + d * d + d * 6 * d)),
         "patch_in": float(2 * n * patch * config["in_channels"] * d),
         "patch_out": float(2 * n * d * patch * config["out_channels"]),
     }
 
 
-def train_flops(config: dict[str, Any], tokens: int, text_len: int = 512) -> float:
+def train_flops(config: dict[str, Any], tokens: int, text_len: int = 512, expand_timesteps: bool = False) -> float:
     """FLOPs of one LoRA training step of one expert on one sample, for MFU.
 
     Forward: every matmul (`forward_flops`). Backward with a frozen base: each linear layer on the
@@ -161,5 +188,5 @@ def train_flops(config: dict[str, Any], tokens: int, text_len: int = 512) -> flo
     gradient checkpointing (MFU counts useful work once). Wan pads text to `text_len` = 512
     tokens, so cross-attention always sees 512 keys.
     """
-    f = forward_flops(config, tokens, text_len)
+    f = forward_flops(config, tokens, text_len, expand_timesteps)
     return sum(f.values()) + f["video_linear"] + 2 * f["attention"] + f["patch_out"]

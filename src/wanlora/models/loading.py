@@ -47,7 +47,7 @@ from wanlora.io import atomic_write_json, sha256_file, sha256_json
 
 ALL_PARTS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
 MODEL_PARTS = {"transformer", "transformer_2", "vae", "text_encoder"}
-EXPERT_FOLDERS = {"high": "transformer", "low": "transformer_2"}
+EXPERT_FOLDERS = {"high": "transformer", "low": "transformer_2", "main": "transformer"}  # main: TI2V 5B
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -263,16 +263,23 @@ def require_safe_torch(version: str | None = None) -> None:
 
 def check_layout(root: str | Path, parts: Sequence[str]) -> None:
     """Raise ModelError unless `root` has every part in `parts` with config and readable
-    safetensors weights, no pickles and no remote code. Reads only file headers, never tensors."""
+    safetensors weights, no pickles and no remote code. Reads only file headers, never tensors.
+    A part model_index.json lists as absent (`[null, null]`: TI2V 5B's transformer_2) is skipped."""
     root = Path(root)
     if not (root / "model_index.json").is_file():
         raise ModelError(
             f"{root}: no model_index.json, so this is not a diffusers pipeline folder. Fix: point "
             "model.name_or_path at the folder that holds model_index.json, transformer/, transformer_2/"
         )
+    try:
+        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{root / 'model_index.json'}: unreadable ({err}). Fix: download it again") from None
     for part in parts:
         if part not in ALL_PARTS:
             raise ValueError(f"unknown part {part!r}; parts are {', '.join(ALL_PARTS)}")
+        if isinstance(index, dict) and index.get(part) == [None, None]:
+            continue
         folder = root / part
         if not folder.is_dir():
             raise ModelError(
@@ -384,12 +391,13 @@ def load_vae_config(root: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- loaders
 def load_transformer(
     root: str | Path,
-    expert: Literal["high", "low"],
+    expert: Literal["high", "low", "main"],
     dtype: str | torch.dtype,
     device: str = "cpu",
     skip: Collection[str] = (),
 ) -> WanTransformer3DModel:
-    """One expert (high -> transformer/, low -> transformer_2/), frozen, in `dtype` on `device`.
+    """One expert (high -> transformer/, low -> transformer_2/; TI2V 5B's main -> transformer/),
+    frozen, in `dtype` on `device`.
 
     `skip` names modules (qualified, `blocks.3.ffn.net.2`) whose tensors are not read: their
     parameters stay on the meta device for the caller to replace. A quantized-weight cache hit
@@ -399,7 +407,7 @@ def load_transformer(
     from diffusers import WanTransformer3DModel
 
     if expert not in EXPERT_FOLDERS:
-        raise ValueError(f"expert {expert!r}: use 'high' or 'low'")
+        raise ValueError(f"expert {expert!r}: use 'high', 'low' or 'main'")
     part = EXPERT_FOLDERS[expert]
     require_safe_torch()
     check_layout(root, [part])

@@ -1,10 +1,12 @@
-"""A tiny random Wan 2.2 T2V A14B or I2V A14B in the real diffusers layout, built offline in under a second.
+"""Tiny random Wan 2.2 models (T2V A14B, I2V A14B, TI2V 5B) in the real diffusers layouts, built
+offline in under a second.
 
-Tests and the demo run every stage on it: same folder layout, same classes, same config keys as
-Wan-AI/Wan2.2-T2V-A14B-Diffusers, so the loaders, caches, trainer and sampler take the code paths
-they take on the real model. Only the sizes differ (see `wanlora.models.geometry.TINY`). The
-files are a pure function of the seed: two builds with one seed are byte-identical, so a demo
-rebuilt from scratch keeps its DVC caches.
+Tests and the demo run every stage on them: same folder layout, same classes, same config keys as
+the Wan-AI/Wan2.2-*-Diffusers releases (TI2V 5B: one transformer, the 48-channel Wan 2.2 VAE with
+its 2x2 pixel patch and 16x spatial compression, `expand_timesteps` in model_index.json), so the
+loaders, caches, trainer and sampler take the code paths they take on the real models. Only the
+sizes differ (`wanlora.models.geometry.TINY_CONFIGS`). The files are a pure function of the seed:
+two builds with one seed are byte-identical, so a demo rebuilt from scratch keeps its DVC caches.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ SCHEDULER = {
     "solver_type": "bh2",
     "final_sigmas_type": "zero",
 }
+
+#: TI2V 5B ships the same UniPC configuration with the shift of its inference config (5.0).
+SCHEDULER_TI2V = {**SCHEDULER, "flow_shift": 5.0}
 
 _WORDS = (
     "a an the of in on at to with and or is are was his her their its this that it he she they "
@@ -79,13 +84,42 @@ def tiny_vae(seed: int) -> AutoencoderKLWan:
     ).eval()
 
 
+def tiny_vae_22(seed: int) -> AutoencoderKLWan:
+    """The Wan 2.2 VAE's structure at toy width: residual blocks, a 2x2 pixel patch in front of
+    the 8x convolutional downsampling (so 16x spatial and 12 input channels), 48 latent channels.
+    Its per-channel latent statistics are seeded values, not the real VAE's: the tiny model is
+    random, and non-trivial statistics make a missed (de)normalisation visible in tests."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    mean = (torch.rand(48, generator=g) - 0.5).tolist()
+    std = (0.5 + torch.rand(48, generator=g)).tolist()
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=TINY_CONFIGS["ti2v-5b"]["in_channels"],
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[round(v, 4) for v in mean],
+        latents_std=[round(v, 4) for v in std],
+    ).eval()
+
+
 def make_tiny(out_dir: Path, seed: int = 0, variant: str = "t2v-a14b") -> Path:
     """Write a tiny Wan 2.2 model of `variant` (`wanlora.models.variant`) to `out_dir`; return it.
 
     t2v-a14b: two 2-layer experts, VAE, UMT5, tokenizer, UniPC scheduler, model_index.json with
     boundary_ratio 0.875, loadable by `WanPipeline.from_pretrained`. i2v-a14b: the same parts with
     36-channel experts and boundary_ratio 0.9 as a `WanImageToVideoPipeline` with no image encoder
-    (Wan 2.2 I2V has none). Every component gets its own seed offset so changing one part's size
+    (Wan 2.2 I2V has none). ti2v-5b: one 2-layer transformer with 48 channels, the Wan 2.2 VAE,
+    model_index.json with expand_timesteps true and no boundary, loadable by
+    `WanPipeline.from_pretrained`, which then samples with a timestep per token as it does for the
+    real model. Every component gets its own seed offset so changing one part's size
     leaves the others' weights alone; the T2V files are those this function always wrote.
     """
     out_dir = Path(out_dir)
@@ -94,18 +128,17 @@ def make_tiny(out_dir: Path, seed: int = 0, variant: str = "t2v-a14b") -> Path:
         raise ValueError(f"make-tiny: no tiny {v.name} yet; use one of {', '.join(TINY_CONFIGS)}")
     config = TINY_CONFIGS[v.name]
     tokenizer = tiny_tokenizer()
-    parts = dict(
-        tokenizer=tokenizer,
-        text_encoder=tiny_text_encoder(len(tokenizer), seed + 3),
-        vae=tiny_vae(seed + 2),
-        scheduler=UniPCMultistepScheduler(**SCHEDULER),
-        transformer=build_transformer(config, torch.float32, "cpu", seed),
-        transformer_2=build_transformer(config, torch.float32, "cpu", seed + 1),
-        boundary_ratio=v.boundary,
-    )
-    if v.pipeline == "WanImageToVideoPipeline":
-        pipe = WanImageToVideoPipeline(**parts, image_encoder=None, image_processor=None)
+    parts = dict(tokenizer=tokenizer, text_encoder=tiny_text_encoder(len(tokenizer), seed + 3),
+                 transformer=build_transformer(config, torch.float32, "cpu", seed))
+    if v.expand_timesteps:  # TI2V 5B: one transformer, the Wan 2.2 VAE, a timestep per token
+        pipe = WanPipeline(**parts, vae=tiny_vae_22(seed + 2), scheduler=UniPCMultistepScheduler(**SCHEDULER_TI2V),
+                           expand_timesteps=True)
     else:
-        pipe = WanPipeline(**parts)
+        parts.update(vae=tiny_vae(seed + 2), scheduler=UniPCMultistepScheduler(**SCHEDULER),
+                     transformer_2=build_transformer(config, torch.float32, "cpu", seed + 1), boundary_ratio=v.boundary)
+        if v.pipeline == "WanImageToVideoPipeline":
+            pipe = WanImageToVideoPipeline(**parts, image_encoder=None, image_processor=None)
+        else:
+            pipe = WanPipeline(**parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 
 from wanlora.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
+from wanlora.train.timesteps import EXPERTS
 
 LATEST = "latest.json"
 
@@ -168,10 +169,10 @@ def prune_loras(folder: Path, keep_last: int) -> None:
 
 
 def publish_loras(folder: Path, out: Path) -> list[Path]:
-    """Make `out/{high,low}/` hold exactly the files of `folder/lora/` (LoRAs and their lineage
+    """Make `out/{high,low,main}/` hold exactly the files of `folder/lora/` (LoRAs and their lineage
     sidecars), as byte copies written atomically; files already identical are left alone."""
     published = []
-    for expert in ("high", "low"):
+    for expert in EXPERTS:
         src, dst = folder / "lora" / expert, out / expert
         wanted = {p.name: p for p in sorted(src.iterdir()) if not p.name.startswith(".")} if src.is_dir() else {}
         for stale in sorted(dst.iterdir()) if dst.is_dir() else []:

@@ -34,10 +34,10 @@ import torch
 
 from wanlora.config import Params
 from wanlora.models.accel import park_frozen
-from wanlora.train.timesteps import Expert
+from wanlora.train.timesteps import EXPERTS, Expert
 
 Choice = Literal["alternate", "proportional"]
-ORDER: tuple[Expert, ...] = ("high", "low")
+ORDER: tuple[Expert, ...] = EXPERTS
 
 
 @dataclass

@@ -42,12 +42,13 @@ from wanlora.train.distributed import (
     shard, take_batches,
 )
 from wanlora.train.experts import ExpertPlacer, ExpertSchedule, both_fit, make_mover, park_loaded
-from wanlora.train.lora import BASE_MODEL_VERSION, Ema, add_lora, lora_file_bytes
+from wanlora.train.lora import Ema, add_lora, base_model_version, lora_file_bytes
 from wanlora.train.monitor import Monitor, peak_memory_gib
 from wanlora.train.offload import BlockOffload
 from wanlora.train.flowmatch import add_noise
 from wanlora.train.optim import build_optimizer
 from wanlora.train.sequence_parallel import check_model_degree, check_world, enable_sequence_parallel, make_sequence_group
+from wanlora.train import ti2v
 from wanlora.train.step import StepBatch
 from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
 
@@ -179,7 +180,7 @@ def lora_metadata(tr: Trainer, expert: Expert) -> dict[str, str]:
                             trained=[it.id for it in tr.data.items], skipped=skipped,
                             sidecar_dir=tr.state_dir / "lora" / expert, variant=tr.variant.name)
     meta["wanlora.timesteps"] = json.dumps(tr.dists[expert].describe(), sort_keys=True)
-    meta.update(BASE_MODEL_VERSION)
+    meta.update(base_model_version(tr.variant.name))
     return meta
 
 
@@ -226,10 +227,15 @@ def make_batch(tr: Trainer, indices: list[int], expert: Expert, g: torch.Generat
     if cfg.dop.enabled:
         class_embeds = embeds([drop_class if d else it.caption_dop if it.caption_dop is not None else it.caption
                                for it, d in zip(items, dropped)])
+    clean_first = None
+    if tr.variant.expand_timesteps:  # drawn last, and only here: A14B batches keep their random stream
+        share = torch.tensor([ti2v.i2v_share(tr.params.datasets[it.record["dataset"]]) for it in items])
+        clean_first = (torch.rand(len(indices), generator=g) < share) & (latents.shape[2] > 1)  # images: T2I
     dev = tr.device
     return StepBatch(latents.to(dev), noise.to(dev), t.to(dev), embeds(captions).to(dev),
                      None if class_embeds is None else class_embeds.to(dev),
-                     None if (w := tr.dists[expert].loss_weights(t)) is None else w.to(dev), condition)
+                     None if (w := tr.dists[expert].loss_weights(t)) is None else w.to(dev), condition,
+                     None if clean_first is None else clean_first.to(dev))
 
 
 # ---------------------------------------------------------------------------- lifecycle
@@ -239,13 +245,16 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
 
     workspace = Path(workspace)
     ms = params.multistage
-    active: tuple[Expert, ...] = tuple(e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on)
-    if not active:
-        raise InputError("multistage: train_high_noise and train_low_noise are both false. "
-                         "Fix: set at least one of them to true in params.yaml")
     root = resolve_model(params.model.name_or_path, params.model.revision)
     variant = resolve_variant(params.model.variant, root)  # before minutes of loading the wrong model
     check_last_frame(params.train.last_frame, variant)
+    ti2v.check_params(params, variant)
+    active: tuple[Expert, ...] = tuple(e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on)
+    if len(variant.experts) == 1:
+        active = variant.experts  # TI2V 5B: its one transformer, every timestep
+    if not active:
+        raise InputError("multistage: train_high_noise and train_low_noise are both false. "
+                         "Fix: set at least one of them to true in params.yaml")
     env = env if env is not None else init_distributed(params.job.device)  # cuda:N, never a bare "cuda"
     sp = params.train.sequence_parallel
     check_world(env.world, sp)
@@ -279,7 +288,8 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
             console.print(f"[yellow]train:[/] {p.line()}")
         write_problems(workspace / "data/train_live/data_problems.json", problems)
 
-    boundary = ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root)
+    boundary = None if variant.boundary is None else (
+        ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root))
     cfg = params.train
     dists = {e: TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band(e, boundary),
                                      params.model.flow_shift) for e in active}
@@ -308,8 +318,8 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     placer = ExpertPlacer(experts, device, both_fit(params, experts, device), mover, where)
     placer.prepare(mine[0])
     trainable = {e: [p for p in m.parameters() if p.requires_grad] for e, m in experts.items()}
-    high_mass = TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band("high", boundary),
-                                     params.model.flow_shift).band_mass()
+    high_mass = 1.0 if boundary is None else TimestepDistribution(
+        cfg.timestep_type, cfg.timestep_bias, expert_band("high", boundary), params.model.flow_shift).band_mass()
     tr = Trainer(
         params=params, workspace=workspace, device=device, dtype=dtype, data=data, experts=experts,
         optimizers={e: build_optimizer(trainable[e], cfg) for e in mine},

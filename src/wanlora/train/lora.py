@@ -100,11 +100,13 @@ def load_lora_state_dict(expert: torch.nn.Module, state: dict[str, torch.Tensor]
         raise ValueError(f"LoRA tensors do not fit this expert: unexpected keys {sorted(unexpected)[:4]}")
 
 
-#: The kohya-style header key LoRA catalogues sort by, with the value AI Toolkit writes for Wan 2.2
-#: 14B (BaseSDTrainProcess.update_training_metadata, wan22_14b_model.get_base_model_version). Its
-#: companion ss_output_name (the job name) is added by the export, which is named after the job:
-#: in the training files it would make a rename of the job retrain.
-BASE_MODEL_VERSION = {"ss_base_model_version": "wan_2.2_14b"}
+def base_model_version(variant: str) -> dict[str, str]:
+    """The kohya-style header key LoRA catalogues sort by, with the value AI Toolkit writes
+    (BaseSDTrainProcess.update_training_metadata, `get_base_model_version` of its Wan 2.2 models:
+    "wan_2.2_5b" for TI2V 5B, "wan_2.2_14b" for both A14B models, I2V inheriting T2V's). Its
+    companion ss_output_name (the job name) is added by the export, which is named after the job:
+    in the training files it would make a rename of the job retrain."""
+    return {"ss_base_model_version": "wan_2.2_5b" if variant == "ti2v-5b" else "wan_2.2_14b"}
 
 
 def lora_file_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype, net: NetworkConfig,

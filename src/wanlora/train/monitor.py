@@ -1,7 +1,7 @@
 """What a person watches: a rich progress bar, and dvclive metrics for `dvc plots`.
 
-Metrics per optimizer step, in `data/train_live` (dvclive): loss_high / loss_low (the main
-flow-matching loss of the expert that trained), dop_high / dop_low (the preservation term, when
+Metrics per optimizer step, in `data/train_live` (dvclive): loss_high / loss_low (loss_main for
+TI2V 5B's one transformer: the main flow-matching loss of the expert that trained), dop_<expert> (the preservation term, when
 DOP is on; the optimized total is their sum), lr, grad_norm (before clipping). These are functions
 of the inputs, so two runs of the same inputs write the same bytes.
 
@@ -29,9 +29,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from wanlora.io import atomic_write_bytes, atomic_write_json
 from wanlora.report import console
+from wanlora.train.timesteps import EXPERTS
 
 SUMMARY_EVERY = 50
-METRICS = ("loss_high", "loss_low", "dop_high", "dop_low", "lr", "grad_norm")
+METRICS = (*(f"{m}_{e}" for m in ("loss", "dop") for e in EXPERTS), "lr", "grad_norm")  # main: TI2V 5B
 MEASUREMENTS = ("step_time", "samples_per_s", "peak_mem")
 
 
@@ -55,7 +56,7 @@ class Monitor:
         self.perf: list[dict[str, float]] = []
         for row in history:
             self._write(row)
-        self.last = {"loss_high": float("nan"), "loss_low": float("nan")}
+        self.last: dict[str, float] = {}
         self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.description}"), TimeRemainingColumn(), console=console)
         self.task = self.progress.add_task("", total=total, completed=start)
@@ -81,7 +82,7 @@ class Monitor:
         self._write(row)
         self.last.update({k: v for k, v in row.items() if k.startswith("loss_")})
         self.progress.update(self.task, completed=int(row["step"]), description=(
-            f"high {self.last['loss_high']:.4f} low {self.last['loss_low']:.4f} "
+            "".join(f"{e} {self.last[f'loss_{e}']:.4f} " for e in EXPERTS if f"loss_{e}" in self.last) +
             f"{row['step_time']:.2f}s/step {row.get('samples_per_s', float('nan')):.2f} samples/s "
             f"{row['peak_mem']:.1f}GiB"))
 

@@ -23,6 +23,7 @@ import torch
 from wanlora.models.activation_offload import offload_context
 from wanlora.models.condition import model_input
 from wanlora.train import flowmatch as fm
+from wanlora.train import ti2v
 from wanlora.train.lora import lora_disabled
 
 
@@ -35,6 +36,9 @@ class StepBatch:
     class prompt's embeddings [B, L, D] or None; weights: per-sample loss weights [B] or None;
     condition: I2V A14B's condition channels [B, 20, F, H, W] (frame mask + start-image latent,
     `wanlora.models.condition`) fed beside the noisy latent, or None.
+    clean_first: None for a model with one timestep per sample (A14B), or [B] bool for one with a
+    timestep per token (TI2V 5B, `wanlora.train.ti2v`): True where the sample trains image-to-video,
+    its first latent frame clean at t = 0 and left out of the loss.
     """
 
     latents: torch.Tensor
@@ -44,6 +48,7 @@ class StepBatch:
     class_embeds: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     condition: torch.Tensor | None = None
+    clean_first: torch.Tensor | None = None
 
 
 @dataclass
@@ -76,8 +81,9 @@ def training_step(
 ) -> StepLosses:
     """Forward, loss and backward of `expert` (its LoRA enabled) on `batch`.
 
-    The loss is the (weighted) MSE against the velocity target (every latent frame, I2V's first
-    one included: `wanlora.models.condition`), plus, when `batch.class_embeds`
+    The loss is the (weighted) MSE against the velocity target (I2V A14B: every latent frame, the
+    first one included, `wanlora.models.condition`; TI2V 5B image-to-video: the clean first frame
+    left out, `wanlora.train.ti2v`), plus, when `batch.class_embeds`
     is given, `dop_multiplier` times the MSE between the LoRA's and the frozen base's
     predictions on the class prompt (same noisy latent, timestep and noise). With `batch_dop`
     the trigger and class passes run as one forward of twice the batch. Backward runs on
@@ -89,6 +95,11 @@ def training_step(
     t = batch.timesteps.to(x0.device, torch.float32)
     xt = model_input(fm.add_noise(x0, noise, t), batch.condition)  # I2V: the start image beside the noise
     target = fm.velocity_target(x0, noise)
+    mask = None
+    if batch.clean_first is not None:  # TI2V 5B: a timestep per token, the start frame clean for I2V
+        mask = ti2v.frame_mask(x0.shape, batch.clean_first.to(x0.device))
+        xt = ti2v.condition(xt, x0, mask)
+        t = ti2v.token_timesteps(t, mask, tuple(expert.config.patch_size))
     emb = batch.embeds.to(dtype)
     n = x0.shape[0]
 
@@ -110,11 +121,14 @@ def training_step(
             p = pred.detach()
             target = p + guidance_scale * (target - p)
 
-    main = fm.weighted_mean(fm.per_sample_mse(pred, target), batch.weights)
+    def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return fm.per_sample_mse(a, b) if mask is None else ti2v.masked_per_sample_mse(a, b, mask)
+
+    main = fm.weighted_mean(mse(pred, target), batch.weights)
     total = main
     preservation = None
     if prior is not None:
-        pres = dop_multiplier * fm.per_sample_mse(pred_cls, prior).mean()
+        pres = dop_multiplier * mse(pred_cls, prior).mean()
         total = main + pres
         preservation = float(pres.detach())
     finite = bool(torch.isfinite(total.detach()))

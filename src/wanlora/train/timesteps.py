@@ -28,7 +28,7 @@ band (the expert's share when experts are chosen in proportion to their bands).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -36,7 +36,9 @@ from wanlora.train.flowmatch import NUM_TRAIN_TIMESTEPS, shift_sigma, unshift_si
 
 TimestepType = Literal["linear", "sigmoid", "shift", "weighted"]
 TimestepBias = Literal["balanced", "high_noise", "low_noise"]
-Expert = Literal["high", "low"]
+#: The A14B models' two experts, or TI2V 5B's single transformer ("main": every timestep).
+Expert = Literal["high", "low", "main"]
+EXPERTS: tuple[Expert, ...] = get_args(Expert)  # in order of noise, high first
 
 # Loss weight of the 'weighted' type at t = 1000, 900, ..., 0: knots read off AI Toolkit's
 # default_weighing_scheme (measured on Flex.1, seen on other flow-match models too), interpolated
@@ -50,8 +52,11 @@ _GRID = {"linear": "1000 (1 - u)", "weighted": "1000 (1 - u), loss times the wei
          "sigmoid": "1000 (1 - sigmoid(Phi^-1(u)))", "shift": "1000 shift_sigma(1 - u, flow_shift)"}
 
 
-def expert_band(expert: Expert, boundary_ratio: float) -> tuple[float, float]:
-    """[lo, hi] timestep interval of an expert: high noise takes t >= boundary*1000, low the rest."""
+def expert_band(expert: Expert, boundary_ratio: float | None) -> tuple[float, float]:
+    """[lo, hi] timestep interval of an expert: high noise takes t >= boundary*1000, low the rest,
+    a single transformer (TI2V 5B's "main", no boundary) all of them."""
+    if expert == "main":
+        return (0.0, _T)
     cut = boundary_ratio * _T
     return (cut, _T) if expert == "high" else (0.0, cut)
 
