@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wanlora.config import SampleConfig
+from wanlora.config import Params, SampleConfig
 from wanlora.export.formats import folded_state_dict
 from wanlora.export.imports import read_lora
 
@@ -38,6 +38,13 @@ def build_pipeline(transformer, transformer_2, vae, boundary_ratio: float, shift
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def prompt_texts(params: Params) -> list[str]:
+    """Sample prompts as the text cache stored them: [trigger] replaced by the trigger word."""
+    from wanlora.models.text import TRIGGER_PLACEHOLDER
+
+    return [p.replace(TRIGGER_PLACEHOLDER, params.job.trigger_word) for p in params.sample.prompts]
 
 
 def prompt_seeds(cfg: SampleConfig) -> list[int]:

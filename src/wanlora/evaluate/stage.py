@@ -28,6 +28,7 @@ from wanlora.config import Params
 from wanlora.data.split import BASIS_LABEL, HELD_OUT, SPLIT_FILE, Split, read_split
 from wanlora.evaluate import media
 from wanlora.evaluate.best import choose_best
+from wanlora.evaluate.sampling import prompt_texts
 from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curves, render_report
 from wanlora.evaluate.validation import ValItem, fixed_noise_losses
 from wanlora.export.stage import list_checkpoints
@@ -45,13 +46,6 @@ def steps_to_sample(steps: list[int], every: int) -> list[int]:
     Counted from the first, so a new checkpoint does not shift which older ones are sampled."""
     steps = sorted(steps)
     return sorted({s for i, s in enumerate(steps) if (i + 1) % every == 0} | set(steps[-1:]))
-
-
-def prompt_texts(params: Params) -> list[str]:
-    """Sample prompts as the text cache stored them: [trigger] replaced by the trigger word."""
-    from wanlora.models.text import TRIGGER_PLACEHOLDER
-
-    return [p.replace(TRIGGER_PLACEHOLDER, params.job.trigger_word) for p in params.sample.prompts]
 
 
 def _hash_or_absent(path: Path) -> str:

@@ -56,8 +56,11 @@ class Monitor:
         for row in history:
             self._write(row)
         self.last = {"loss_high": float("nan"), "loss_low": float("nan")}
+        # The ETA is the whole run's: speed over every step this process made (rich keeps the last
+        # 1000), so the time of previews and expert switches counts, not just the last 30 s of steps.
         self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.description}"), TimeRemainingColumn(), console=console)
+                                 TextColumn("{task.description}"), TimeRemainingColumn(), console=console,
+                                 speed_estimate_period=float("inf"))
         self.task = self.progress.add_task("", total=total, completed=start)
         self.progress.start()
 
