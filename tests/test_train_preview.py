@@ -235,13 +235,45 @@ def test_the_eta_counts_the_time_previews_take(tmp_path):
     assert 120 < eta < 180
 
 
-def test_a_kill_inside_a_publish_leaves_no_temp_file(runs, template, tmp_path):
-    """SIGKILL inside an atomic write leaves its hidden temp file beside the target, and DVC does
-    not always delete the outs before the rerun: the next publish removes them."""
+PUBLISH_KILLER = """
+import json, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])  # tests/: the helpers
+from _train_helpers import tiny_params
+from wanlora.train import loop
+real, count, k = os.replace, [0], int(sys.argv[3])
+def replace(src, dst):
+    if "train_live" in str(dst) and "previews" in str(dst):  # the k-th file the previews publish
+        count[0] += 1
+        if count[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+os.replace = replace
+loop.run_stage(tiny_params(Path(sys.argv[2]), sample=json.loads(sys.argv[5])), Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_kill_inside_a_publish_leaves_whole_files_and_no_temp_file(runs, template, tmp_path, k):
+    """SIGKILL exactly at the k-th rename of a preview publish (the first file; the middle of the
+    first preview): data/train_live holds no temp file (they live in the run's state) and only
+    whole files, and the rerun publishes what an uninterrupted run did, byte for byte."""
+    import sys
+
     _, (on, params) = runs
-    ws = copy_workspace(on, tmp_path / "torn")
-    for leftover in ("data/train_live/previews/step_000002/.contact_sheet.png.x1.tmp",
-                     "data/train_live/.index.html.x2.tmp", "data/train_perf/.previews.json.x3.tmp"):
-        (ws / leftover).write_bytes(b"half")
+    ws = copy_workspace(template[0], tmp_path / "torn")
+    child = subprocess.run([sys.executable, "-P", "-c", PUBLISH_KILLER, str(ws), str(template[1]), str(k),
+                            str(Path(__file__).parent), json.dumps(PREVIEW)], capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr[-2000:]
+    data = [p for p in (ws / "data").rglob("*") if p.is_file()]
+    assert [p for p in data if p.name.startswith(".")] == []
+    previews = [p for p in data if "previews" in p.parts]
+    assert len(previews) == k - 1  # the renames before the kill, nothing else
+    for p in previews:
+        assert p.read_bytes() == (on / p.relative_to(ws)).read_bytes()
+    assert list((ws / "scratch/train").glob("*/.publish/.*.tmp"))  # the kill's temp file, in the state
     loop.run_stage(params, ws)
-    assert sorted(p.name for p in ws.rglob(".*.tmp") if "data" in p.parts) == []
+    assert [p for p in ws.rglob(".*.tmp")] == []  # swept when the run came back
+    ref = on / "data/train_live"
+    for rel in sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file()):
+        assert (ws / "data/train_live" / rel).read_bytes() == (ref / rel).read_bytes(), rel

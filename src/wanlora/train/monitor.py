@@ -10,7 +10,8 @@ differ from run to run by nature, so they live apart from what "same inputs, sam
 
 dvclive appends to its .tsv files in place; it writes into the run's state folder, and every
 `SUMMARY_EVERY` steps and at the end each of its files is published into `data/train_live` by an
-atomic replace, so a kill never leaves a torn metrics file at a final name. dvclive's `next_step`
+atomic replace whose temp file lives in the state folder too (`PUBLISH_TEMP`), so a kill never
+leaves a torn metrics file at a final name, nor a temp file in an out. dvclive's `next_step`
 re-reads every metrics file to build its summary (and a Studio payload), which makes a long run
 quadratic; we append rows with `log_metric` at an explicit step and write the summary at publish
 time instead. Every logged value is a Python float (never a tensor, so no graph or device memory
@@ -27,12 +28,13 @@ import torch
 from dvclive import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from wanlora.io import atomic_write_bytes, atomic_write_json
+from wanlora.io import atomic_write_json, copy_tree, sweep_temps
 from wanlora.report import console
 
 SUMMARY_EVERY = 50
 METRICS = ("loss_high", "loss_low", "dop_high", "dop_low", "lr", "grad_norm")
 MEASUREMENTS = ("step_time", "samples_per_s", "peak_mem")
+PUBLISH_TEMP = ".publish"  # in the run's state folder: temp files of writes into data/
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -51,6 +53,8 @@ class Monitor:
     def __init__(self, live_dir: Path, perf_dir: Path, staging: Path, total: int, start: int,
                  history: list[dict[str, float]]) -> None:
         self.live_dir, self.perf_dir, self.staging = live_dir, perf_dir, staging
+        self.temp = staging.parent / PUBLISH_TEMP
+        sweep_temps(self.temp)
         self.live = Live(str(staging), dvcyaml=False, save_dvc_exp=False)
         self.perf: list[dict[str, float]] = []
         for row in history:
@@ -76,9 +80,8 @@ class Monitor:
 
     def publish(self) -> None:
         """Replace each of dvclive's files in `live_dir`, and `perf_dir`'s, atomically."""
-        for path in sorted(p for p in self.staging.rglob("*") if p.is_file()):
-            atomic_write_bytes(self.live_dir / path.relative_to(self.staging), path.read_bytes())
-        atomic_write_json(self.perf_dir / "perf.json", self.perf)
+        copy_tree(self.staging, self.live_dir, self.temp)
+        atomic_write_json(self.perf_dir / "perf.json", self.perf, self.temp)
 
     def log(self, row: dict[str, float]) -> None:
         self._write(row)

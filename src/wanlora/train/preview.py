@@ -13,9 +13,12 @@ Training never sees a preview: the global torch RNG state is forked around it (t
 from its own seeded generators anyway), the experts go back to train mode, and placement is put
 back on demand by the next step's `ExpertPlacer.activate`. Previews are written to the run's
 state folder first (`scratch/train/<key>/previews/<settings>/step_NNNNNN/`, result.json last
-means complete; timing.json beside it stays there), then published into `data/train_live/previews/`: DVC deletes data/train_live
-before it reruns the stage, and a resumed or finished run republishes what it already rendered.
-A kill during a preview leaves an incomplete folder that the resumed run renders again.
+means complete; its wall-clock time waits in `timings/` beside it), then published into
+`data/train_live/previews/` file by file, by renames from temp files in the state folder
+(`monitor.PUBLISH_TEMP`), and the live page last: a kill at any moment leaves only whole files in data/train_live and a page that
+shows the previews published before it. DVC deletes data/train_live before it reruns the stage,
+and a resumed or finished run republishes what it already rendered. A kill during a preview
+leaves an incomplete folder in the state that the resumed run renders again.
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from wanlora.config import Params, SampleConfig
-from wanlora.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_json
+from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, sha256_json, sweep_temps
 from wanlora.report import InputError, console
+from wanlora.train.monitor import PUBLISH_TEMP
 
 if TYPE_CHECKING:
     from wanlora.train.loop import Trainer
 
 PREVIEW_ADAPTER = "preview"
-TIMING = "timing.json"  # kept in the state folder: wall-clock, so published apart (train_perf)
+TIMINGS = "timings"  # beside the previews in the state folder: wall-clock, so published apart (train_perf)
 
 
 def preview_config(params: Params) -> SampleConfig:
@@ -67,6 +71,7 @@ class Previewer:
     store: Path  # state folder of these preview settings
     out: Path  # data/train_live
     perf: Path  # data/train_perf
+    temp: Path  # temp files of the publishes (io.atomic_open's temp_dir), in the run's state
     cfg: SampleConfig
     prompts: list[str]
     pipe: Any = None
@@ -94,8 +99,10 @@ def make_previewer(tr: Trainer) -> Previewer | None:
     cfg = preview_config(p)
     key = sha256_json({"sample": cfg.model_dump(mode="json"), "lora": dict(p.sample.preview_lora),
                        "prompts": prompt_texts(p)})[:16]
+    temp = tr.state_dir / PUBLISH_TEMP
+    sweep_temps(temp)
     return Previewer(p, tr.state_dir / "previews" / key, tr.workspace / "data/train_live",
-                     tr.workspace / "data/train_perf", cfg, prompt_texts(p))
+                     tr.workspace / "data/train_perf", temp, cfg, prompt_texts(p))
 
 
 def _pipeline(tr: Trainer, pv: Previewer) -> Any:
@@ -185,7 +192,8 @@ def render_preview(tr: Trainer, pv: Previewer) -> Path:
         files.append(f"prompt_{i:02d}.mp4")
     media.write_png(entry / "contact_sheet.png", media.contact_sheet(videos))
     seconds = time.perf_counter() - started
-    atomic_write_json(entry / TIMING, {"seconds": round(seconds, 3), "switches": moves[0]})
+    timing = {"seconds": round(seconds, 3), "switches": moves[0]}
+    atomic_write_json(pv.store / TIMINGS / f"{entry.name}.json", timing)
     atomic_write_json(entry / "result.json", {"step": tr.step, "videos": files})
     console.print(f"train: preview at step {tr.step} in {seconds:.1f}s ({moves[0]} expert moves): "
                   f"{pv.out / 'previews' / entry.name}")
@@ -200,33 +208,23 @@ def finished_previews(store: Path) -> list[dict[str, Any]]:
 
 
 def publish_previews(pv: Previewer, history: list[dict[str, float]]) -> None:
-    """Copy every complete preview into data/train_live/previews/ (byte copies written atomically),
-    the live page, and data/train_perf/previews.json (step, seconds, expert moves: the preview
-    time, beside the step times of perf.json; measurements, apart from what same inputs, same
-    bytes covers)."""
+    """Copy every complete preview into data/train_live/previews/, then data/train_perf/previews.json
+    (step, seconds, expert moves: the preview time, beside the step times of perf.json; measurements,
+    apart from what same inputs, same bytes covers), then the live page."""
     from wanlora.train.livepage import render_live_page
 
     done = finished_previews(pv.store)
     target = pv.out / "previews"
-    # temp files of writes a kill interrupted (`wanlora.io.atomic_open`): DVC may keep the outs
-    leftovers = [*target.rglob(".*.tmp"), *pv.out.glob(".index.html.*.tmp"), *pv.perf.glob(".previews.json.*.tmp")]
-    for stale in leftovers:
-        stale.unlink()
     keep = {f"step_{r['step']:06d}" for r in done}
     for stale in sorted(target.glob("step_*")) if target.is_dir() else []:
-        if stale.name not in keep:
+        if stale.name not in keep:  # rendered under other preview settings
             shutil.rmtree(stale)
+    timings = []
     for r in done:
         name = f"step_{r['step']:06d}"
-        for f in sorted(f for f in (pv.store / name).iterdir() if f.name != TIMING):
-            dst = target / name / f.name
-            data = f.read_bytes()
-            if not dst.is_file() or dst.read_bytes() != data:
-                atomic_write_bytes(dst, data)
-    timings = [{"step": r["step"], **json.loads((pv.store / f"step_{r['step']:06d}" / TIMING).read_text("utf-8"))}
-               for r in done]
-    atomic_write_json(pv.perf / "previews.json", timings)
+        copy_tree(pv.store / name, target / name, pv.temp)
+        timings.append({"step": r["step"], **json.loads((pv.store / TIMINGS / f"{name}.json").read_text("utf-8"))})
+    atomic_write_json(pv.perf / "previews.json", timings, pv.temp)
     total = pv.params.train.steps
     step = int(history[-1]["step"]) if history else 0
-    page = render_live_page(pv.prompts, done, history, step, total)
-    atomic_write_text(pv.out / "index.html", page)
+    atomic_write_text(pv.out / "index.html", render_live_page(pv.prompts, done, history, step, total), pv.temp)
