@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from wanlora import __version__
-from wanlora.config import Params
+from wanlora.config import Params, SampleConfig
 from wanlora.io import atomic_write_text
 
 # Imported by every stage through its entry (`wanlora.stages.<name>` and `stages/_common.py`).
@@ -48,6 +48,8 @@ class Stage:
 
 
 MODEL_KEYS = ("model.name_or_path", "model.revision")
+# evaluate reads every sample key but the previews' (train's alone: an edit reruns no evaluation)
+EVAL_SAMPLE = tuple(f"sample.{k}" for k in SampleConfig.model_fields if not k.startswith("preview"))
 #: What the check stage writes; scan depends on it, so it runs before every other stage.
 CHECK_MARKER = "data/check.json"
 STAGES: tuple[Stage, ...] = (
@@ -124,7 +126,7 @@ STAGES: tuple[Stage, ...] = (
         watch=("sample.prompts", "sample.negative_prompt", "sample.seed", "sample.walk_seed", "sample.fps",
                "sample.preview", "sample.preview_every", "sample.preview_steps", "sample.preview_guidance_scale",
                "sample.preview_num_frames", "sample.preview_width", "sample.preview_height", "sample.preview_lora"),
-        outs=("data/lora", "data/train_live", "data/train_perf"),
+        outs=("data/lora", "data/train_live", "data/train_perf"), metrics=("data/train_perf/summary.json",),
         plots=({"data/train_live/plots/metrics": {"x": "step"}},
                {"data/train_perf/perf.json": {"x": "step", "y": ["step_time", "samples_per_s", "peak_mem"]}}),
     ),
@@ -136,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
         code=("src/wanlora/evaluate", "src/wanlora/models", "src/wanlora/train", "src/wanlora/export",
               "src/wanlora/data/split.py", "src/wanlora/pipeline.py"),
         params=("job.name", "job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.dtype",
-                "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "sample"),
+                "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", *EVAL_SAMPLE),
         outs=("data/eval",), metrics=("data/eval/metrics.json",),
         # per expert, the fixed-noise loss on training clips beside the held-out one: the gap is overfitting
         plots=tuple({f"fixed_noise_loss_{e}": {"x": "step", "title": f"{e}-noise expert: fixed-noise loss",

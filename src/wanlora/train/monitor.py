@@ -7,6 +7,8 @@ of the inputs, so two runs of the same inputs write the same bytes.
 
 Measurements, in `data/train_perf/perf.json`: step_time (s), samples_per_s, peak_mem (GiB). They
 differ from run to run by nature, so they live apart from what "same inputs, same bytes" covers.
+`data/train_perf/summary.json` sums them up for `dvc exp show` (`perf_summary`), beside the
+evaluate stage's loss summary.
 
 dvclive appends to its .tsv files in place; it writes into the run's state folder, and every
 `SUMMARY_EVERY` steps and at the end each of its files is published into `data/train_live` by an
@@ -21,7 +23,9 @@ because DVC deletes the outputs before it reruns the stage.
 
 from __future__ import annotations
 
+import math
 import resource
+import statistics
 from pathlib import Path
 
 import torch
@@ -42,6 +46,23 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def perf_summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The run's throughput and memory: median samples/s and step time (the first steps' warm-up
+    and compilation move a median little), peak memory, and the seconds spent in steps (previews
+    and checkpoint saves are outside step_time: `data/train_perf/previews.json` has the former)."""
+    times = [r["step_time"] for r in rows if "step_time" in r]
+    rates = [r["samples_per_s"] for r in rows if math.isfinite(r.get("samples_per_s", math.nan))]
+    peaks = [r["peak_mem"] for r in rows if "peak_mem" in r]
+    out = {"train_s": round(sum(times), 3)} if times else {}
+    if times:
+        out["step_time_s"] = statistics.median(times)
+    if rates:
+        out["samples_per_s"] = statistics.median(rates)
+    if peaks:
+        out["peak_mem_gib"] = max(peaks)
+    return out
 
 
 class Monitor:
@@ -82,6 +103,7 @@ class Monitor:
         """Replace each of dvclive's files in `live_dir`, and `perf_dir`'s, atomically."""
         copy_tree(self.staging, self.live_dir, self.temp)
         atomic_write_json(self.perf_dir / "perf.json", self.perf, self.temp)
+        atomic_write_json(self.perf_dir / "summary.json", perf_summary(self.perf), self.temp)
 
     def log(self, row: dict[str, float]) -> None:
         self._write(row)
