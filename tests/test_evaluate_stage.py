@@ -138,8 +138,8 @@ def test_report_page_has_the_grid_curves_and_dataset(evaluated):
         ("step 4", "samples/step_000004/prompt_00.mp4"), ("step 4", "samples/step_000004/prompt_01.mp4")]
     assert all((out / v).is_file() and (out / p).is_file() for _, v, p in grid.videos)  # relative links
     assert html.count("not sampled") == 2
-    best = json.loads((out / "best.json").read_text())["experts"]
-    assert grid.best == {e: c["step"] for e, c in best.items()}
+    best = {e: c["step"] for e, c in json.loads((out / "best.json").read_text())["experts"].items()}
+    assert grid.best == best
     # per expert, training-clip and held-out loss in one plot, the chosen step marked; then the
     # trainer's curves, lr on its own scale
     assert grid.series == ["held-out", "training clips"] * 2 + ["loss_high", "loss_low", "lr"]

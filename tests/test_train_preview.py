@@ -235,22 +235,37 @@ def test_the_eta_counts_the_time_previews_take(tmp_path):
     assert 120 < eta < 180
 
 
-PUBLISH_KILLER = """
+KILLER = """
 import json, os, signal, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])  # tests/: the helpers
 from _train_helpers import tiny_params
 from wanlora.train import loop
-real, count, k = os.replace, [0], int(sys.argv[3])
+ws, real, count, k, where = Path(sys.argv[1]), os.replace, [0], int(sys.argv[3]), sys.argv[6]
 def replace(src, dst):
-    if "train_live" in str(dst) and "previews" in str(dst):  # the k-th file the previews publish
+    rel = Path(dst).relative_to(ws).as_posix()
+    if rel.startswith(where) and "/previews/" in f"/{rel}":  # the k-th preview file renamed there
         count[0] += 1
         if count[0] == k:
             os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst)
 os.replace = replace
-loop.run_stage(tiny_params(Path(sys.argv[2]), sample=json.loads(sys.argv[5])), Path(sys.argv[1]))
+loop.run_stage(tiny_params(Path(sys.argv[2]), sample=json.loads(sys.argv[5])), ws)
 """
+
+
+def _kill_at_rename(template, ws: Path, where: str, k: int) -> None:
+    import sys
+
+    child = subprocess.run([sys.executable, "-P", "-c", KILLER, str(ws), str(template[1]), str(k),
+                            str(Path(__file__).parent), json.dumps(PREVIEW), where], capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr[-2000:]
+
+
+def _same_live_files(ws: Path, ref: Path) -> None:
+    ref = ref / "data/train_live"
+    for rel in sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file()):
+        assert (ws / "data/train_live" / rel).read_bytes() == (ref / rel).read_bytes(), rel
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -258,13 +273,9 @@ def test_a_kill_inside_a_publish_leaves_whole_files_and_no_temp_file(runs, templ
     """SIGKILL exactly at the k-th rename of a preview publish (the first file; the middle of the
     first preview): data/train_live holds no temp file (they live in the run's state) and only
     whole files, and the rerun publishes what an uninterrupted run did, byte for byte."""
-    import sys
-
     _, (on, params) = runs
     ws = copy_workspace(template[0], tmp_path / "torn")
-    child = subprocess.run([sys.executable, "-P", "-c", PUBLISH_KILLER, str(ws), str(template[1]), str(k),
-                            str(Path(__file__).parent), json.dumps(PREVIEW)], capture_output=True, text=True)
-    assert child.returncode == -9, child.stderr[-2000:]
+    _kill_at_rename(template, ws, "data/train_live", k)
     data = [p for p in (ws / "data").rglob("*") if p.is_file()]
     assert [p for p in data if p.name.startswith(".")] == []
     previews = [p for p in data if "previews" in p.parts]
@@ -274,6 +285,17 @@ def test_a_kill_inside_a_publish_leaves_whole_files_and_no_temp_file(runs, templ
     assert list((ws / "scratch/train").glob("*/.publish/.*.tmp"))  # the kill's temp file, in the state
     loop.run_stage(params, ws)
     assert [p for p in ws.rglob(".*.tmp")] == []  # swept when the run came back
-    ref = on / "data/train_live"
-    for rel in sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file()):
-        assert (ws / "data/train_live" / rel).read_bytes() == (ref / rel).read_bytes(), rel
+    _same_live_files(ws, on)
+
+
+def test_a_kill_inside_a_preview_render_publishes_no_temp_file(runs, template, tmp_path):
+    """SIGKILL at the rename of the first preview's second file in the run's state leaves that
+    file's temp beside it there (what kill-anywhere found): the rerun renders the preview again
+    and publishes its files, never the dead write's temp."""
+    _, (on, params) = runs
+    ws = copy_workspace(template[0], tmp_path / "torn")
+    _kill_at_rename(template, ws, "scratch/train", 2)
+    assert list((ws / "scratch/train").glob("*/previews/*/step_000002/.*.tmp"))
+    loop.run_stage(params, ws)
+    assert [p for p in (ws / "data").rglob("*") if p.name.startswith(".")] == []
+    _same_live_files(ws, on)

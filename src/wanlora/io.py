@@ -61,12 +61,18 @@ def atomic_write_bytes(path: str | Path, data: bytes, temp_dir: str | Path | Non
 def copy_tree(src: str | Path, dst: str | Path, temp_dir: str | Path | None = None) -> None:
     """Copy every file under `src` to the same place under `dst`, each by an atomic write (a kill
     leaves each file whole or absent, never torn: `shutil.copytree` writes final names in place).
-    Files `dst` already holds with the same bytes are left alone; `temp_dir` as in `atomic_open`."""
+    Temp files that a killed write left in `src` are not copied; files `dst` already holds with the
+    same bytes are left alone; `temp_dir` as in `atomic_open`."""
     src, dst = Path(src), Path(dst)
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and not _is_temp(p.name)):
         target, data = dst / path.relative_to(src), path.read_bytes()
         if not target.is_file() or target.read_bytes() != data:
             atomic_write_bytes(target, data, temp_dir)
+
+
+def _is_temp(name: str) -> bool:
+    """`atomic_open`'s temp file names: `.<target name>.<random>.tmp`."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def sweep_temps(temp_dir: str | Path) -> None:
