@@ -144,8 +144,8 @@ def test_readme_experiments_compare_on_the_summary_columns(tmp_path: Path):
     rc, out = _run([*smoke, *block, show], tmp_path)
     assert rc == 0, "".join(out.values())[-6000:]
     runs = [line for line in block if line.startswith("dvc exp run")]
-    for line in runs:  # the caches and the index are kept: only what reads train.lr reruns
-        assert _stages(out[line]) == ["train", "evaluate", "export"], out[line][-3000:]
+    for line in runs:  # the caches and the index are kept: only what reads train.lr reruns (check always runs)
+        assert _stages(out[line]) == ["check", "train", "evaluate", "export"], out[line][-3000:]
 
     ws = tmp_path / "my-lora"
     table = list(csv.DictReader(io.StringIO(out[show])))
