@@ -112,6 +112,7 @@ def tiny_params(root: Path, **sections) -> Params:
                   "gradient_checkpointing": False},
         "multistage": {"switch_every": 2},
         "save": {"every": 2, "keep_last": 2, "dtype": "fp32"},
+        "sample": {"preview": False},  # on in tests/test_train_preview.py
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}

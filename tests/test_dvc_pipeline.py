@@ -99,7 +99,7 @@ def _demo_validates_on_a_held_out_clip(ws: Path) -> None:
 
     page = Plots()
     page.feed((ws / "data/eval/report.html").read_text())
-    checkpoints = len(json.loads((ws / "data/eval/metrics.json").read_text())["steps"])
+    checkpoints = len(json.loads((ws / "data/eval/val_loss.json").read_text())) - 1  # less the base model
     for e in ("high", "low"):  # both curves, a point per checkpoint and the base model
         assert page.plots[f"{e}-noise expert: fixed-noise loss"] == [
             ("held-out", checkpoints + 1), ("training clips", checkpoints + 1)]

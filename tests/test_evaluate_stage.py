@@ -60,26 +60,41 @@ def test_metrics_and_validation_rows(evaluated):
     assert split["basis"] == "held_out" and len(split["held_out_clips"]) == 1  # one clip in five
     assert split["validation_samples"] == [split["held_out_clips"][0] + "#0"]
     assert len(split["training_samples"]) == 1 and split["training_samples"] != split["validation_samples"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    steps = metrics["steps"]
-    assert sorted(steps) == ["2", "4"] and metrics["basis"] == "held_out"
+    rows = {r["step"]: r for r in json.loads((out / "val_loss.json").read_text())}
+    assert sorted(rows) == [0, 2, 4]  # the baseline is step 0
     keys = ["held_out_high", "held_out_low", "train_high", "train_low"]
-    for m in [*steps.values(), metrics["baseline"]]:
-        assert sorted(m) == keys
-        assert m["held_out_high"] != m["train_high"]  # two different clips at the same noise
-    assert steps["2"]["held_out_high"] != metrics["baseline"]["held_out_high"]
+    for r in rows.values():
+        assert sorted(k for k in r if k != "step") == keys
+        assert r["held_out_high"] != r["train_high"]  # two different clips at the same noise
+    assert rows[2]["held_out_high"] != rows[0]["held_out_high"]
     best = json.loads((out / "best.json").read_text())
     assert best["basis"] == "held_out" and best["held_out_clips"] == split["held_out_clips"]
     for e in ("high", "low"):
         c = best["experts"][e]
-        assert c["lowest_step"] == min((2, 4), key=lambda s: (steps[str(s)][f"held_out_{e}"], s))
-        assert c["step"] <= c["lowest_step"] and c["loss"] == pytest.approx(steps[str(c["step"])][f"held_out_{e}"])
+        assert c["lowest_step"] == min((2, 4), key=lambda s: (rows[s][f"held_out_{e}"], s))
+        assert c["step"] <= c["lowest_step"] and c["loss"] == pytest.approx(rows[c["step"]][f"held_out_{e}"])
         assert c["noise"] > 0 and f"step {c['step']}" in c["reason"]
-    assert metrics["best"] == {e: c["step"] for e, c in best["experts"].items()}
-    rows = json.loads((out / "val_loss.json").read_text())
-    assert [r["step"] for r in rows] == [0, 2, 4]  # the baseline is step 0
-    assert rows[0]["held_out_low"] == metrics["baseline"]["held_out_low"]
-    assert rows[1]["train_low"] == steps["2"]["train_low"]
+
+
+def test_metrics_are_a_flat_summary_with_no_step_in_a_key(evaluated):
+    """metrics.json is one row of scalars for `dvc exp show`: best step and held-out loss at the
+    best and at the last checkpoint per expert (val_loss.json's rows), the trainer's final loss
+    smoothed; no key names a checkpoint, so runs saved at other steps share every column."""
+    ws, _, out = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = {r["step"]: r for r in json.loads((out / "val_loss.json").read_text())}
+    best = json.loads((out / "best.json").read_text())["experts"]
+    assert not any(re.search(r"\d", k) for k in metrics)
+    assert all(isinstance(v, (int, float, str)) for v in metrics.values())
+    assert metrics["basis"] == "held_out" and metrics["held_out_clips"] == 1 and metrics["last_step"] == 4
+    for e in ("high", "low"):
+        assert metrics[f"best_step_{e}"] == best[e]["step"]
+        assert metrics[f"val_loss_best_{e}"] == rows[best[e]["step"]][f"held_out_{e}"]
+        assert metrics[f"val_loss_last_{e}"] == rows[4][f"held_out_{e}"]
+        losses = [v for _, v in stage.read_train_curves(ws / "data/train_live")[f"loss_{e}"]]
+        weights = [0.9 ** (len(losses) - 1 - i) for i in range(len(losses))]  # the debiased EMA, in closed form
+        assert metrics[f"train_loss_smoothed_{e}"] == pytest.approx(
+            sum(w * v for w, v in zip(weights, losses)) / sum(weights))
 
 
 class _Grid(HTMLParser):
@@ -123,7 +138,7 @@ def test_report_page_has_the_grid_curves_and_dataset(evaluated):
         ("step 4", "samples/step_000004/prompt_00.mp4"), ("step 4", "samples/step_000004/prompt_01.mp4")]
     assert all((out / v).is_file() and (out / p).is_file() for _, v, p in grid.videos)  # relative links
     assert html.count("not sampled") == 2
-    best = json.loads((out / "metrics.json").read_text())["best"]
+    best = {e: c["step"] for e, c in json.loads((out / "best.json").read_text())["experts"].items()}
     assert grid.best == best
     # per expert, training-clip and held-out loss in one plot, the chosen step marked; then the
     # trainer's curves, lr on its own scale
@@ -233,10 +248,9 @@ def test_too_few_clips_fall_back_to_a_training_clip_loss_labelled_everywhere(tmp
     out = ws / "data/eval"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["basis"] == "training_clips" and metrics["held_out_clips"] == 0
-    assert sorted(metrics["steps"]["2"]) == ["train_high", "train_low"]  # no held-out number pretends to be one
     rows = json.loads((out / "val_loss.json").read_text())
     assert [r["step"] for r in rows] == [0, 2, 4] and rows[1]["held_out_high"] is None
-    assert rows[1]["train_high"] == metrics["steps"]["2"]["train_high"]
+    assert metrics["val_loss_last_high"] == rows[2]["train_high"]  # the summary's basis: training clips
     best = json.loads((out / "best.json").read_text())
     assert best["basis"] == "training_clips" and "too few to spare one" in best["split"]
     assert all("training-clip loss" in c["reason"] for c in best["experts"].values())

@@ -102,11 +102,10 @@ def test_overfitting_shows_and_best_is_not_the_last_step(tmp_path):
     loop.train(loop.setup(params, ws))
     evaluate(params, ws, ws / "data/eval")
 
-    metrics = json.loads((ws / "data/eval/metrics.json").read_text())
+    rows = json.loads((ws / "data/eval/val_loss.json").read_text())  # step 0: the base model
     best = json.loads((ws / "data/eval/best.json").read_text())["experts"]
-    steps = sorted(int(s) for s in metrics["steps"])
-    assert steps == list(range(20, 161, 20))
-    rows = [metrics["baseline"]] + [metrics["steps"][str(s)] for s in steps]  # step 0: the base model
+    steps = [r["step"] for r in rows[1:]]
+    assert [r["step"] for r in rows] == [0, *range(20, 161, 20)]
     for e in ("high", "low"):
         held_loss = [r[f"held_out_{e}"] for r in rows]
         lowest = min(range(1, len(rows)), key=lambda i: held_loss[i])

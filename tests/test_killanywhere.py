@@ -36,7 +36,7 @@ SEED = int(os.environ.get("WANLORA_KILL_SEED", "0"))
 KILLS = int(os.environ.get("WANLORA_KILLS", "1"))
 STAGES = ("trim", "latent_cache", "train", "evaluate")
 # wall-clock step times and process memory: measurements, kept in an out of their own
-VOLATILE = {"data/train_perf/perf.json"}
+VOLATILE = {"data/train_perf/perf.json", "data/train_perf/summary.json", "data/train_perf/previews.json"}
 # Hashes of other files' bytes, recorded inside LoRAs and the export listing: they differ exactly
 # when some upstream file's bytes differ, which test_outputs_are_byte_identical checks on its own.
 BYTE_HASHES = {"wanlora.exported_from_sha256", "sha256"}

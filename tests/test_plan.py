@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wanlora.config import DEFAULT_TARGETS, NetworkConfig, parse_params
-from wanlora.models.geometry import TINY, build_transformer
+from wanlora.models.geometry import TINY, WAN22_A14B as WAN22, build_transformer
 from wanlora.plan import expert_parameters, lora_parameters, plan, render
 from wanlora.train.lora import add_lora
 
@@ -291,3 +291,38 @@ def test_ti2v_plan_uses_the_5b_geometry(tmp_path):
     assert forward_flops(WAN22_TI2V_5B, r.tokens, 512, True)["time_embed"] > 1e12
     a14b = plan(parse_params(buckets), 24.0)  # the same buckets on A14B: 4x the tokens, two experts
     assert a14b.tokens == 4 * r.tokens and len(a14b.experts) == 2
+
+
+@pytest.mark.parametrize("vram", [24, 48, 80, 141])
+@pytest.mark.parametrize("recipe", ["character", "style", "motion"])
+def test_default_previews_stay_under_five_percent_of_every_gpu_tier(recipe: str, vram: int) -> None:
+    """Issue 19's budget: the shipped preview settings cost under 5% of the run (predicted)."""
+    from wanlora.presets import make_params
+
+    params = make_params(recipe, vram, model="Wan-AI/Wan2.2-T2V-A14B-Diffusers")  # type: ignore[arg-type]
+    result = plan(params, float(vram))
+    every = params.sample.preview_every or params.save.every
+    assert result.previews is not None and result.previews.count == -(-params.train.steps // every)
+    assert 0 < result.previews.share < 0.05
+    assert f"previews: {result.previews.count} of" in render(result)
+
+
+def test_preview_cost_follows_its_settings_and_is_flagged_when_large() -> None:
+    """Forward passes: prompts x steps x 2 with guidance (the negative prompt), so guidance 1
+    halves the sampling part; previews every 10 steps of a 2,500-step run take over 5% and the
+    plan says which knobs lower it; one trained expert (nothing to route to) has none."""
+    from wanlora.plan import preview_seconds
+
+    base = {"sample": {"prompts": ["a", "b"], "preview_steps": 8, "preview_guidance_scale": 3.5},
+            "train": {"steps": 2500}, "save": {"every": 250}}
+    params = parse_params(base)
+    two = preview_seconds(params, WAN22, compiled=True, fetch_s=0.0)
+    one = preview_seconds(parse_params({**base, "sample": {**base["sample"], "preview_guidance_scale": 1.0}}),
+                          WAN22, compiled=True, fetch_s=0.0)
+    assert two == pytest.approx(2 * one) and one > 0
+    assert preview_seconds(params, WAN22, compiled=True, fetch_s=0.5) == pytest.approx(two + 0.5)
+    often = plan(parse_params({**base, "sample": {**base["sample"], "preview_every": 10}}), 141.0)
+    assert often.previews.count == 250 and often.previews.share > 0.05
+    assert any("sample.preview_every" in s for s in often.suggestions)
+    assert not any("preview" in s for s in plan(params, 141.0).suggestions)
+    assert plan(parse_params({**base, "multistage": {"train_low_noise": False}}), 141.0).previews is None

@@ -1,4 +1,5 @@
-"""The README's "Training on your own clips" commands, run verbatim as a first-time user would.
+"""The README's "Training on your own clips" commands, run verbatim as a first-time user would,
+and its "Running and comparing experiments" commands after them.
 
 The shell lines are read from README.md, so the README cannot change without this test seeing it.
 They run in one bash script (`set -e`: the first failing line stops it, as it would stop a person)
@@ -30,10 +31,10 @@ ALL_STAGES = ["check", "scan", "trim", "bucket", "captions", "split", "text_cach
               "evaluate", "export"]
 
 
-def readme_blocks() -> list[list[str]]:
-    """The bash blocks of the README's own-clips section, as lists of command lines."""
+def readme_blocks(heading: str = "Training on your own clips") -> list[list[str]]:
+    """The bash blocks of a README section (the own-clips one by default), as lists of command lines."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Training on your own clips\n", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     return [[line for line in block.splitlines() if line.strip()] for block in blocks]
 
@@ -123,3 +124,45 @@ def test_a_params_typo_stops_the_first_repro_with_did_you_mean(tmp_path: Path):
     assert "train.learning_rate: unknown key; did you mean 'lr'?" in out[repro]
     assert _stages(out[repro]) == ["check"]
     assert not (tmp_path / "my-lora/data/index").exists()
+
+
+def test_readme_experiments_compare_on_the_summary_columns(tmp_path: Path):
+    """The smoke block, then the experiments block as written: two `dvc exp run -S train.lr=...`
+    in the workspace `wanlora init` made. `dvc exp show --csv` then lists the summary columns of
+    both metrics files, each experiment's own values in them, and no column that names a step;
+    `dvc plots diff` drew both; `dvc exp apply` brought the chosen one's params and metrics back."""
+    import csv
+    import io
+    import json
+
+    import yaml
+
+    smoke, _ = readme_blocks()
+    (block,) = readme_blocks("Running and comparing experiments")
+    assert sum(line.startswith("dvc exp run -n") for line in block) == 2
+    show = "dvc exp show --csv  # the test's own"
+    rc, out = _run([*smoke, *block, show], tmp_path)
+    assert rc == 0, "".join(out.values())[-6000:]
+    runs = [line for line in block if line.startswith("dvc exp run")]
+    for line in runs:  # the caches and the index are kept: only what reads train.lr reruns (check always runs)
+        assert _stages(out[line]) == ["check", "train", "evaluate", "export"], out[line][-3000:]
+
+    ws = tmp_path / "my-lora"
+    table = list(csv.DictReader(io.StringIO(out[show])))
+    sections = set(yaml.safe_load((ws / "params.yaml").read_text(encoding="utf-8")))
+    meta = {"Experiment", "rev", "typ", "Created", "parent"}
+    # the rest are params (section.key) and deps (paths): what is left is every metrics column
+    metrics = {c for c in table[0] if c not in meta and "/" not in c and c.split(".")[0] not in sections}
+    assert metrics == {"basis", "held_out_clips", "last_step", "samples_per_s", "step_time_s", "peak_mem_gib", "train_s",
+                       *(f"{k}_{e}" for e in ("high", "low") for k in ("best_step", "val_loss_best", "val_loss_last",
+                                                                         "train_loss_smoothed"))}
+    by_name = {row["Experiment"]: row for row in table if row["Experiment"]}
+    assert {"lr-2e-4", "lr-5e-5"} <= set(by_name)
+    assert float(by_name["lr-2e-4"]["train.lr"]) == 2e-4 and float(by_name["lr-5e-5"]["train.lr"]) == 5e-5
+    assert by_name["lr-2e-4"]["val_loss_last_high"] != by_name["lr-5e-5"]["val_loss_last_high"]
+
+    page = (ws / "dvc_plots/index.html").read_text(encoding="utf-8")
+    assert "lr-2e-4" in page and "lr-5e-5" in page
+    applied = json.loads((ws / "data/eval/metrics.json").read_text(encoding="utf-8"))
+    assert applied["val_loss_last_high"] == pytest.approx(float(by_name["lr-2e-4"]["val_loss_last_high"]))
+    assert "lr: 0.0002" in (ws / "params.yaml").read_text(encoding="utf-8")

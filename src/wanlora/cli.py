@@ -100,7 +100,8 @@ def demo(
     console.print(f"demo workspace ready in {folder}")
     if run:
         dvc_repro(folder)
-        console.print(f"done: see {folder}/data/eval/report.html and {folder}/data/exports/")
+        console.print(f"done: see {folder}/data/eval/report.html, the previews of training in "
+                      f"{folder}/data/train_live/index.html, and {folder}/data/exports/")
 
 
 @app.command("make-tiny")

@@ -482,6 +482,15 @@ class SampleConfig(Section):
         2, ge=1, le=16, description="Fixed noise draws per clip and timestep; their spread sets the noise margin "
         "of the 'best' checkpoint choice."
     )
+    preview: bool = Field(True, description="Render the prompts during training into data/train_live/previews.")
+    preview_every: int = Field(0, ge=0, description="Preview every this many steps; 0: at every save (save.every).")
+    preview_steps: int = Field(8, ge=1, description="Sampler steps of a preview (4 with a step-distilled preview_lora).")
+    preview_guidance_scale: float = Field(3.5, ge=1, description="Guidance of previews (1 with a step-distilled preview_lora).")
+    preview_num_frames: int = Field(17, ge=1, description="Frames per preview, 4n+1.")
+    preview_width: int = Field(256, ge=16, description="Preview width, multiple of 16.")
+    preview_height: int = Field(256, ge=16, description="Preview height, multiple of 16.")
+    preview_lora: dict[Literal["high", "low"], str] = Field(
+        default_factory=dict, description="Safetensors LoRA per expert stacked for previews only (e.g. LightX2V).")
 
     @model_validator(mode="after")
     def _one_image_per_prompt(self) -> "SampleConfig":
@@ -504,14 +513,14 @@ class SampleConfig(Section):
 
     # Field validators, not one for the section: the error then names sample.num_frames and its
     # value, not the whole sample mapping.
-    @field_validator("num_frames")
+    @field_validator("num_frames", "preview_num_frames")
     @classmethod
     def _four_n_plus_one(cls, v: int) -> int:
         if (v - 1) % 4:
             raise ValueError(f"must be 4n+1 (the VAE's frame grid): use {nearest_4n1(v)}")
         return v
 
-    @field_validator("width", "height")
+    @field_validator("width", "height", "preview_width", "preview_height")
     @classmethod
     def _multiple_of_16(cls, v: int) -> int:
         if v % 16:

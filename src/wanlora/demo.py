@@ -37,7 +37,9 @@ def demo_params(steps: int, variant: str = LEGACY_VARIANT) -> Params:
     tree["train"] |= {"steps": steps, "lr": 1e-3, "caption_dropout": 0.1}
     tree["datasets"]["main"]["bucket"] |= {"frame_sampling": "window", "windows_per_clip": 2, "fps": 8}
     tree["sample"] |= {"prompts": ["[trigger] a red square moving right", "a blue circle on grey"],
-                       "steps": 4, "fps": 8, "guidance_scale": 3.0, "validation_clips": 1}
+                       "steps": 4, "fps": 8, "guidance_scale": 3.0, "validation_clips": 1,
+                       "preview_steps": 4, "preview_num_frames": 9, "preview_width": 64, "preview_height": 64,
+                       "preview_guidance_scale": 3.0}
     return parse_params(tree, "demo params")
 
 

@@ -27,14 +27,19 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Open a temp file beside `path`; on clean exit fsync and rename it over `path`.
+def atomic_open(path: str | Path, mode: str = "wb", temp_dir: str | Path | None = None) -> Iterator[BinaryIO]:
+    """Open a temp file beside `path` (or in `temp_dir`); on clean exit fsync and rename it over `path`.
 
-    On an exception (disk full included) the temp file is removed and `path` is untouched.
+    On an exception (disk full included) the temp file is removed and `path` is untouched. A
+    SIGKILL leaves the temp file where it was made: a writer that publishes into a DVC out while a
+    stage runs passes a `temp_dir` of its own state (same filesystem, so the rename stays atomic),
+    and the out only ever holds whole files at final names.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    where = Path(temp_dir) if temp_dir is not None else path.parent
+    where.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=where)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like any other file
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -48,25 +53,41 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
+def atomic_write_bytes(path: str | Path, data: bytes, temp_dir: str | Path | None = None) -> None:
+    with atomic_open(path, "wb", temp_dir) as f:
         f.write(data)
 
 
-def copy_tree(src: str | Path, dst: str | Path) -> None:
+def copy_tree(src: str | Path, dst: str | Path, temp_dir: str | Path | None = None) -> None:
     """Copy every file under `src` to the same place under `dst`, each by an atomic write (a kill
-    leaves each file whole or absent, never torn: `shutil.copytree` writes final names in place)."""
+    leaves each file whole or absent, never torn: `shutil.copytree` writes final names in place).
+    Temp files that a killed write left in `src` are not copied; files `dst` already holds with the
+    same bytes are left alone; `temp_dir` as in `atomic_open`."""
     src, dst = Path(src), Path(dst)
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        atomic_write_bytes(dst / path.relative_to(src), path.read_bytes())
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and not _is_temp(p.name)):
+        target, data = dst / path.relative_to(src), path.read_bytes()
+        if not target.is_file() or target.read_bytes() != data:
+            atomic_write_bytes(target, data, temp_dir)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def _is_temp(name: str) -> bool:
+    """`atomic_open`'s temp file names: `.<target name>.<random>.tmp`."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+def sweep_temps(temp_dir: str | Path) -> None:
+    """Remove the temp files writers killed mid-write left in `temp_dir`, a folder only one
+    process writes (`atomic_open`'s temp_dir, swept when that process starts)."""
+    for stale in Path(temp_dir).glob(".*.tmp"):
+        stale.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str, temp_dir: str | Path | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), temp_dir)
+
+
+def atomic_write_json(path: str | Path, obj: Any, temp_dir: str | Path | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", temp_dir)
 
 
 def atomic_write_yaml(path: str | Path, obj: Any) -> None:

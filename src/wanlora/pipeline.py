@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from wanlora import __version__
-from wanlora.config import Params
+from wanlora.config import Params, SampleConfig
 from wanlora.io import atomic_write_text
 
 # Imported by every stage through its entry (`wanlora.stages.<name>` and `stages/_common.py`).
@@ -41,9 +41,15 @@ class Stage:
     metrics: tuple[str, ...] = ()
     plots: tuple[dict[str, Any], ...] = field(default=())
     dataset_folders: bool = False  # the stage reads every dataset folder (deps on each)
+    # Params the stage reads only to show its progress (the train stage's previews): declared to
+    # DVC, so an edit reruns the stage and refreshes what it shows, but left out of `stage_values`,
+    # so the run key and the LoRA lineage ignore them and the rerun resumes the finished run.
+    watch: tuple[str, ...] = ()
 
 
 MODEL_KEYS = ("model.name_or_path", "model.revision")
+# evaluate reads every sample key but the previews' (train's alone: an edit reruns no evaluation)
+EVAL_SAMPLE = tuple(f"sample.{k}" for k in SampleConfig.model_fields if not k.startswith("preview"))
 #: What the check stage writes; scan depends on it, so it runs before every other stage.
 CHECK_MARKER = "data/check.json"
 STAGES: tuple[Stage, ...] = (
@@ -115,11 +121,15 @@ STAGES: tuple[Stage, ...] = (
               "data/cache/text", "data/cache/latents"),
         code=("src/wanlora/train", "src/wanlora/models", "src/wanlora/media", "src/wanlora/data/dataset.py",
               "src/wanlora/data/captions.py", "src/wanlora/data/split.py", "src/wanlora/export/lineage.py",
-              "src/wanlora/export/formats.py",
+              "src/wanlora/export/formats.py", "src/wanlora/export/imports.py", "src/wanlora/evaluate/__init__.py",
+              "src/wanlora/evaluate/sampling.py", "src/wanlora/evaluate/media.py", "src/wanlora/evaluate/report.py",
               "src/wanlora/lock.py", "src/wanlora/pipeline.py"),
         params=("job.seed", "job.trigger_word", "job.device", "model", "quantization", "multistage", "network",
                 "save", "train", "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "datasets.{ds}.i2v_share"),
-        outs=("data/lora", "data/train_live", "data/train_perf"),
+        watch=("sample.prompts", "sample.negative_prompt", "sample.seed", "sample.walk_seed", "sample.fps",
+               "sample.preview", "sample.preview_every", "sample.preview_steps", "sample.preview_guidance_scale",
+               "sample.preview_num_frames", "sample.preview_width", "sample.preview_height", "sample.preview_lora"),
+        outs=("data/lora", "data/train_live", "data/train_perf"), metrics=("data/train_perf/summary.json",),
         plots=({"data/train_live/plots/metrics": {"x": "step"}},
                {"data/train_perf/perf.json": {"x": "step", "y": ["step_time", "samples_per_s", "peak_mem"]}}),
     ),
@@ -132,7 +142,7 @@ STAGES: tuple[Stage, ...] = (
               "src/wanlora/data/split.py", "src/wanlora/pipeline.py"),
         params=("job.name", "job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.variant", "model.dtype",
                 "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "train.last_frame",
-                "sample"),
+                *EVAL_SAMPLE),
         outs=("data/eval",), metrics=("data/eval/metrics.json",),
         # per expert, the fixed-noise loss on training clips beside the held-out one: the gap is overfitting
         plots=tuple({f"fixed_noise_loss_{e}": {"x": "step", "title": f"{e}-noise expert: fixed-noise loss",
@@ -165,9 +175,11 @@ def leaf_keys(key: str, params: Params) -> list[str]:
     return [key]
 
 
-def stage_params(stage: Stage, params: Params) -> list[str]:
+def stage_params(stage: Stage, params: Params, watched: bool = True) -> list[str]:
+    """The leaf keys DVC tracks for the stage; with `watched=False`, only those its outputs' content
+    may depend on (not `Stage.watch`)."""
     keys: list[str] = []
-    for key in stage.params:
+    for key in (*stage.params, *stage.watch) if watched else stage.params:
         for ds in params.datasets if "{ds}" in key else [None]:
             keys += leaf_keys(key.format(ds=ds) if ds else key, params)
     return keys
@@ -180,7 +192,7 @@ def stage_values(name: str, params: Params) -> dict[str, Any]:
     Code that keys a stage's own caches on params (the train run key) takes them from here, so the
     key and DVC's rerun decision follow one declaration."""
     stage = next(s for s in STAGES if s.name == name)
-    return {key: to_jsonable_python(param_value(key, params)) for key in stage_params(stage, params)}
+    return {key: to_jsonable_python(param_value(key, params)) for key in stage_params(stage, params, watched=False)}
 
 
 def stage_script(stage: Stage) -> str:

@@ -75,6 +75,8 @@ OPTIMIZER_S = {"adamw8bit": 0.09, "adamw": 0.01, "adafactor": 0.03}
 FETCH_S_PER_GIB = 0.0211
 #: Memory max_memory_allocated does not show: CUDA context, cuBLAS/cuDNN workspaces, fragmentation.
 RESERVE_GIB = 2.0
+#: Above this share of the run's time `plan` suggests cheaper previews (issue 19's budget).
+PREVIEW_SHARE = 0.05
 
 # ------------------------------------------- several GPUs (`--gpus N`; bench/RESULTS.md, multi-GPU sections)
 #: Throughput of N GPUs over N x one GPU's, measured on two H100s with NVLink at 33f@512² (issue 9):
@@ -188,6 +190,16 @@ class ExpertPlan:
 
 
 @dataclass(frozen=True)
+class PreviewPlan:
+    """The previews' predicted cost (`wanlora.train.preview`): how many, seconds each, and their
+    share of the run's time (training steps, switches and previews together)."""
+
+    count: int
+    seconds: float
+    share: float
+
+
+@dataclass(frozen=True)
 class PlanResult:
     """What `wanlora plan` prints: per-expert memory and time, the peak, and what to change."""
 
@@ -203,6 +215,7 @@ class PlanResult:
     fits: bool
     s_per_step: float
     switch_overhead: float
+    previews: PreviewPlan | None = None
     device: str = "auto"
     suggestions: tuple[str, ...] = field(default_factory=tuple)
     gpus: int = 1
@@ -238,6 +251,35 @@ def exchange_seconds(config: dict[str, Any], tokens: int, sp: int, checkpointing
     passes = 2 + (0 if checkpointing == "none" else 1)  # forward, backward, recompute
     sent = 4 * passes * config["num_layers"] * (tokens / sp) * d * 2 * (sp - 1) / sp
     return sent * (2 if dop else 1) / (ALL_TO_ALL_GBPS * 1e9)
+
+
+def preview_seconds(params: Params, config: dict[str, Any], compiled: bool, fetch_s: float) -> float:
+    """Predicted seconds of one preview: per prompt, `preview_steps` forward passes of the model at
+    the preview's tokens (two with guidance above 1: the negative prompt too), at the step model's
+    forward rates, plus `fetch_s` for the expert it brings back. Derived from the calibrated
+    constants, not measured on its own; the VAE decode of a short small clip is left out."""
+    s = params.sample
+    if not (s.preview and s.prompts):
+        return 0.0
+    f = forward_flops(config, clip_tokens(s.preview_num_frames, s.preview_height, s.preview_width, config), TEXT_LEN)
+    forward = f["video_linear"] / (LINEAR_TFLOPS["compiled" if compiled else "eager"] * 1e12) + \
+        f["attention"] / (ATTENTION_TFLOPS * 1e12)
+    passes = len(s.prompts) * s.preview_steps * (2 if s.preview_guidance_scale > 1 else 1)
+    return passes * forward + fetch_s
+
+
+def _previews(params: Params, result: PlanResult, config: dict[str, Any], weights_gib: float) -> PreviewPlan | None:
+    """How many previews the run renders (every `preview_every`, else `save.every`, and the last
+    step) and their share; None when there are none (off, no prompts, one expert trained)."""
+    ms, tr, s = params.multistage, params.train, params.sample
+    if not (s.preview and s.prompts and ms.train_high_noise and ms.train_low_noise):
+        return None
+    every = s.preview_every or params.save.every
+    count = tr.steps // every + (1 if tr.steps % every else 0)
+    fetch = weights_gib * FETCH_S_PER_GIB if result.resident == "one" else 0.0
+    each = preview_seconds(params, config, result.compiled, fetch)
+    training = tr.steps * tr.gradient_accumulation * result.s_per_step * (1 + result.switch_overhead)
+    return PreviewPlan(count, each, count * each / (training + count * each))
 
 
 def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointing: Checkpointing,
@@ -360,8 +402,12 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
         suggestions.append(f"model.compile: true would take ~{faster:.2f} s/step (first step compiles, ~40 s)")
     replicas = gpus // sp
     rate = replicas / result.s_per_step * (PARALLEL_EFFICIENCY[mode] if mode != "one" else 1.0)
-    return PlanResult(**{**result.__dict__, "device": params.job.device, "suggestions": tuple(suggestions),
-                         "gpus": gpus, "mode": mode, "samples_per_s": rate})
+    previews = _previews(params, result, config, result.experts[0].weights_gib) if gpus == 1 else None
+    if previews is not None and previews.share > PREVIEW_SHARE:
+        suggestions.append(f"previews take {100 * previews.share:.0f}% of the run: raise sample.preview_every, or "
+                           "lower sample.preview_steps or its size (a step-distilled sample.preview_lora needs 4 steps)")
+    return PlanResult(**{**result.__dict__, "previews": previews, "device": params.job.device,
+                         "suggestions": tuple(suggestions), "gpus": gpus, "mode": mode, "samples_per_s": rate})
 
 
 def _sequence_parallel_advice(params: Params, result: PlanResult, gpus: int, config: dict[str, Any],
@@ -451,6 +497,9 @@ def render(result: PlanResult, epoch_plan: EpochPlan | None = None) -> str:
                  f"{result.gpu_gib:g} GiB GPU: {verdict} ({where})")
     if result.switch_overhead:
         lines.append(f"expert switching adds ~{100 * result.switch_overhead:.0f}% to training time")
+    if result.previews is not None:
+        p = result.previews
+        lines.append(f"previews: {p.count} of ~{p.seconds:.1f} s each, ~{100 * p.share:.1f}% of the run's time")
     if epoch_plan is not None:
         lines.append(f"one epoch: {epoch_plan.samples} samples (every window, resolution and flip) in "
                      f"{epoch_plan.buckets} bucket(s), {epoch_plan.micro_steps} micro-steps, "

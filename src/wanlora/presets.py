@@ -215,6 +215,10 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
         Setting("sample.width", 64, "the training size"),
         Setting("sample.height", 64, "the training size"),
         Setting("sample.validation_clips", 1, "one held-out clip (a training-clip loss under five clips), so 'best' exists"),
+        Setting("sample.preview_steps", 2, "previews at each save show the path, like the samples"),
+        Setting("sample.preview_num_frames", 9, "the training length"),
+        Setting("sample.preview_width", 64, "the training size"),
+        Setting("sample.preview_height", 64, "the training size"),
     ),
 }
 

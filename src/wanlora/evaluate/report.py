@@ -197,8 +197,10 @@ def render_report(
     best: dict[str, dict],
     curves: dict[str, dict[str, list[tuple[float, float]]]],
     summary: dict[str, Any],
+    previews: str | None = None,
 ) -> str:
-    """The whole page as a string (written atomically by the stage)."""
+    """The whole page as a string (written atomically by the stage); `previews`: the relative link
+    to the train stage's live page, when there is one."""
     h = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
          f"<title>{escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{escape(title)}</h1>"]
     h += _best_section(split, best)
@@ -221,7 +223,11 @@ def render_report(
                      f'playsinline preload="metadata"></video><a href="{escape(video)}">mp4</a></td>')
         h += ["<td>not sampled</td>"] * (len(prompts) - len(row.videos))
         h.append("</tr>")
-    h.append("</tbody></table></section>")
+    h.append("</tbody></table>")
+    if previews:
+        h.append('<p id="previews">The previews rendered during training (cheaper settings, the live LoRA at '
+                 f'every save): <a href="{escape(previews)}">data/train_live/index.html</a>.</p>')
+    h.append("</section>")
 
     h.append('<section id="curves"><h2>Loss</h2>')
     h.append("<p>Fixed-noise loss per expert: the same timesteps and noise at every checkpoint, on held-out "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wanlora.config import SampleConfig
+from wanlora.config import Params, SampleConfig
 from wanlora.export.formats import folded_state_dict
 from wanlora.export.imports import read_lora
 from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant, recorded_variant, refuse_other_variant
@@ -55,6 +55,13 @@ def image_pipeline(pipe):
                                   expand_timesteps=True)
     i2v.set_progress_bar_config(disable=True)
     return i2v
+
+
+def prompt_texts(params: Params) -> list[str]:
+    """Sample prompts as the text cache stored them: [trigger] replaced by the trigger word."""
+    from wanlora.models.text import TRIGGER_PLACEHOLDER
+
+    return [p.replace(TRIGGER_PLACEHOLDER, params.job.trigger_word) for p in params.sample.prompts]
 
 
 def prompt_seeds(cfg: SampleConfig) -> list[int]:

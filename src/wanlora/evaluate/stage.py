@@ -3,8 +3,8 @@
 Per checkpoint and expert it measures the fixed-noise loss on the held-out clips and on as many
 training clips, at the same timesteps and noise (`wanlora.data.split` says which; `validation`
 how), chooses each expert's best checkpoint on the held-out loss (`best`), and writes
-`best.json` (what export reads), `metrics.json`, `val_loss.json` (rows for `dvc plots`) and
-`report.html`.
+`best.json` (what export reads), `metrics.json` (the run's flat summary, `summary`), `val_loss.json`
+(rows per checkpoint for `dvc plots`) and `report.html`.
 
 Work is cached per checkpoint in `scratch/eval/<key>/` (git-ignored, outside DVC's outs), keyed
 by everything the result depends on: the LoRA files' bytes, the base model's identity, the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,9 @@ from wanlora.config import Params
 from wanlora.data.split import BASIS_LABEL, HELD_OUT, SPLIT_FILE, Split, read_split
 from wanlora.evaluate import media
 from wanlora.evaluate.best import choose_best
+from wanlora.evaluate.sampling import prompt_texts
 from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curves, render_report
+from wanlora.evaluate.summary import run_summary
 from wanlora.evaluate.validation import ValItem, fixed_noise_losses
 from wanlora.export.stage import list_checkpoints
 from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, read_jsonl, sha256_file, sha256_json
@@ -61,13 +64,6 @@ def column_labels(params: Params, variant: Variant) -> list[str]:
     alone and then from its start image (`wanlora.evaluate.start_images`), one model doing both."""
     texts = prompt_texts(params)
     return texts + [f"{t} (from its start image)" for t in texts] if variant.expand_timesteps else texts
-
-
-def prompt_texts(params: Params) -> list[str]:
-    """Sample prompts as the text cache stored them: [trigger] replaced by the trigger word."""
-    from wanlora.models.text import TRIGGER_PLACEHOLDER
-
-    return [p.replace(TRIGGER_PLACEHOLDER, params.job.trigger_word) for p in params.sample.prompts]
 
 
 def _hash_or_absent(path: Path) -> str:
@@ -346,21 +342,22 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
     atomic_write_json(out_dir / "best.json", {"basis": split.basis, "basis_label": BASIS_LABEL[split.basis],
                                               "split": split.reason, "held_out_clips": list(split.held_out_clips),
                                               "experts": best})
-    metrics = {"basis": split.basis, "held_out_clips": len(split.held_out_clips),
-               "best": {e: c["step"] for e, c in best.items()},
-               "baseline": rows[0].losses, "steps": {str(r.step): r.losses for r in rows[1:]}}
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    train = read_train_curves(workspace / "data/train_live")
+    checkpoints = {r.step: r.losses for r in rows if r.step is not None}
+    atomic_write_json(out_dir / "metrics.json",
+                      run_summary(split.basis, len(split.held_out_clips), best, checkpoints, train))
     # rows for `dvc plots`: the baseline is step 0 (a LoRA's B starts at zero, so it is the untrained start);
     # every key in every row, null where not measured: dvc drops a whole plot when a field is missing
     keys = [f"{name}_{e}" for e in plan.variant.experts for name in ("train", "held_out")]
     atomic_write_json(out_dir / "val_loss.json",
                       [{"step": r.step or 0, **{k: r.losses.get(k) for k in keys}} for r in rows if r.losses])
 
-    train = read_train_curves(workspace / "data/train_live")
     curves = {"training loss (per step, random noise)": {k: v for k, v in train.items() if "loss" in k}}
     curves.update({k: {k: v} for k, v in train.items() if "loss" not in k})  # lr, grad norm, ...: own scales
+    live = workspace / "data/train_live/index.html"
     page = render_report(f"{params.job.name}: evaluation", column_labels(params, plan.variant), rows, split, best,
-                         curves, dataset_summary(workspace))
+                         curves, dataset_summary(workspace),
+                         previews=Path(os.path.relpath(live, out_dir)).as_posix() if live.is_file() else None)
     atomic_write_text(out_dir / "report.html", page)
     picks = ", ".join(f"{e} step {c['step']}" for e, c in best.items()) or "none"
     console.print(f"evaluate: {out_dir / 'report.html'}; best ({BASIS_LABEL[split.basis]}): {picks}")

@@ -47,6 +47,7 @@ from wanlora.train.monitor import Monitor, peak_memory_gib
 from wanlora.train.offload import BlockOffload
 from wanlora.train.flowmatch import add_noise
 from wanlora.train.optim import build_optimizer
+from wanlora.train.preview import make_previewer, preview_due, publish_previews, render_preview
 from wanlora.train.sequence_parallel import check_model_degree, check_world, enable_sequence_parallel, make_sequence_group
 from wanlora.train import ti2v
 from wanlora.train.step import StepBatch
@@ -390,6 +391,9 @@ def train(tr: Trainer) -> None:
     cfg = tr.params.train
     plan, env = tr.plan, tr.env
     monitor = _monitor(tr) if env.is_main else None
+    preview = make_previewer(tr) if env.is_main else None
+    if preview is not None:
+        publish_previews(preview, tr.history)  # a resumed run shows what it rendered before the kill
     try:
         while tr.step < cfg.steps:
             started = time.perf_counter()
@@ -421,6 +425,8 @@ def train(tr: Trainer) -> None:
             tr.history.append(row)
             if monitor is not None:
                 monitor.log(row)
+            if preview is not None and preview_due(tr.params, previous, tr.step):
+                render_preview(tr, preview)  # before the save: a kill in it redoes the steps and the preview
             every = tr.params.save.every
             if tr.step // every > previous // every or tr.step >= cfg.steps:
                 save_checkpoint(tr)
@@ -473,3 +479,5 @@ def run_stage(params: Params, workspace: Path) -> None:
         elif env.is_main:
             ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
             _monitor(tr).close()
+            if (preview := make_previewer(tr)) is not None:
+                publish_previews(preview, tr.history)

@@ -7,10 +7,13 @@ of the inputs, so two runs of the same inputs write the same bytes.
 
 Measurements, in `data/train_perf/perf.json`: step_time (s), samples_per_s, peak_mem (GiB). They
 differ from run to run by nature, so they live apart from what "same inputs, same bytes" covers.
+`data/train_perf/summary.json` sums them up for `dvc exp show` (`perf_summary`), beside the
+evaluate stage's loss summary.
 
 dvclive appends to its .tsv files in place; it writes into the run's state folder, and every
 `SUMMARY_EVERY` steps and at the end each of its files is published into `data/train_live` by an
-atomic replace, so a kill never leaves a torn metrics file at a final name. dvclive's `next_step`
+atomic replace whose temp file lives in the state folder too (`PUBLISH_TEMP`), so a kill never
+leaves a torn metrics file at a final name, nor a temp file in an out. dvclive's `next_step`
 re-reads every metrics file to build its summary (and a Studio payload), which makes a long run
 quadratic; we append rows with `log_metric` at an explicit step and write the summary at publish
 time instead. Every logged value is a Python float (never a tensor, so no graph or device memory
@@ -20,20 +23,23 @@ because DVC deletes the outputs before it reruns the stage.
 
 from __future__ import annotations
 
+import math
 import resource
+import statistics
 from pathlib import Path
 
 import torch
 from dvclive import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from wanlora.io import atomic_write_bytes, atomic_write_json
+from wanlora.io import atomic_write_json, copy_tree, sweep_temps
 from wanlora.report import console
 from wanlora.train.timesteps import EXPERTS
 
 SUMMARY_EVERY = 50
 METRICS = (*(f"{m}_{e}" for m in ("loss", "dop") for e in EXPERTS), "lr", "grad_norm")  # main: TI2V 5B
 MEASUREMENTS = ("step_time", "samples_per_s", "peak_mem")
+PUBLISH_TEMP = ".publish"  # in the run's state folder: temp files of writes into data/
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -41,6 +47,23 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def perf_summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The run's throughput and memory: median samples/s and step time (the first steps' warm-up
+    and compilation move a median little), peak memory, and the seconds spent in steps (previews
+    and checkpoint saves are outside step_time: `data/train_perf/previews.json` has the former)."""
+    times = [r["step_time"] for r in rows if "step_time" in r]
+    rates = [r["samples_per_s"] for r in rows if math.isfinite(r.get("samples_per_s", math.nan))]
+    peaks = [r["peak_mem"] for r in rows if "peak_mem" in r]
+    out = {"train_s": round(sum(times), 3)} if times else {}
+    if times:
+        out["step_time_s"] = statistics.median(times)
+    if rates:
+        out["samples_per_s"] = statistics.median(rates)
+    if peaks:
+        out["peak_mem_gib"] = max(peaks)
+    return out
 
 
 class Monitor:
@@ -52,13 +75,18 @@ class Monitor:
     def __init__(self, live_dir: Path, perf_dir: Path, staging: Path, total: int, start: int,
                  history: list[dict[str, float]]) -> None:
         self.live_dir, self.perf_dir, self.staging = live_dir, perf_dir, staging
+        self.temp = staging.parent / PUBLISH_TEMP
+        sweep_temps(self.temp)
         self.live = Live(str(staging), dvcyaml=False, save_dvc_exp=False)
         self.perf: list[dict[str, float]] = []
         for row in history:
             self._write(row)
         self.last: dict[str, float] = {}
+        # The ETA is the whole run's: speed over every step this process made (rich keeps the last
+        # 1000), so the time of previews and expert switches counts, not just the last 30 s of steps.
         self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.description}"), TimeRemainingColumn(), console=console)
+                                 TextColumn("{task.description}"), TimeRemainingColumn(), console=console,
+                                 speed_estimate_period=float("inf"))
         self.task = self.progress.add_task("", total=total, completed=start)
         self.progress.start()
 
@@ -74,9 +102,9 @@ class Monitor:
 
     def publish(self) -> None:
         """Replace each of dvclive's files in `live_dir`, and `perf_dir`'s, atomically."""
-        for path in sorted(p for p in self.staging.rglob("*") if p.is_file()):
-            atomic_write_bytes(self.live_dir / path.relative_to(self.staging), path.read_bytes())
-        atomic_write_json(self.perf_dir / "perf.json", self.perf)
+        copy_tree(self.staging, self.live_dir, self.temp)
+        atomic_write_json(self.perf_dir / "perf.json", self.perf, self.temp)
+        atomic_write_json(self.perf_dir / "summary.json", perf_summary(self.perf), self.temp)
 
     def log(self, row: dict[str, float]) -> None:
         self._write(row)
