@@ -69,6 +69,15 @@ STAGES: tuple[Stage, ...] = (
         outs=("data/trimmed",),
     ),
     Stage(
+        "autocaption", "caption clips that have no caption file with a vision-language model",
+        deps=("data/trimmed/clips.jsonl", "data/index/captions.jsonl"),
+        code=("src/wanlora/data/autocaption.py", "src/wanlora/data/captions.py", "src/wanlora/media",
+              "src/wanlora/models/captioner.py", "src/wanlora/models/loading.py"),
+        params=("autocaption", "datasets.{ds}.folder", "datasets.{ds}.captions.extension",
+                "datasets.{ds}.captions.max_tokens", "job.device", *MODEL_KEYS),
+        outs=("data/autocaptions",),
+    ),
+    Stage(
         "bucket", "choose resolution and frame buckets, place frame windows",
         deps=("data/trimmed/clips.jsonl",), code=("src/wanlora/data/buckets.py",),
         params=("datasets.{ds}.bucket", "datasets.{ds}.flip_horizontal", "datasets.{ds}.on_error"),
@@ -78,7 +87,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "captions", "validate captions, inject the trigger, write DOP variants",
-        deps=("data/index/captions.jsonl", "data/trimmed/clips.jsonl", "data/buckets/samples.jsonl"),
+        deps=("data/index/captions.jsonl", "data/trimmed/clips.jsonl", "data/buckets/samples.jsonl",
+              "data/autocaptions"),
         code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py"),
         params=("job.trigger_word", "datasets.{ds}.folder", "datasets.{ds}.captions", "datasets.{ds}.on_error",
                 "train.dop.preservation_class", "train.unload_text_encoder", *MODEL_KEYS),

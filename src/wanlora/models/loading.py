@@ -107,14 +107,14 @@ def resolve_model(name_or_path: str, revision: str = "main", parts: Sequence[str
             "(with model_index.json, transformer/, transformer_2/, vae/, text_encoder/, tokenizer/)"
         )
     try:
-        root = _download(name_or_path, revision, parts)
+        root = _download(name_or_path, revision, _hub_patterns(parts))
     except ModelError as err:  # "models/wan" may be a mistyped local folder rather than a hub id
         raise ModelError(f"{err} (no local folder {local.resolve()} exists either)") from None
     check_layout(root, parts)
     return root
 
 
-def _download(repo_id: str, revision: str, parts: Sequence[str]) -> Path:
+def _download(repo_id: str, revision: str, patterns: Sequence[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -130,7 +130,7 @@ def _download(repo_id: str, revision: str, parts: Sequence[str]) -> Path:
     )
     try:
         return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=_hub_patterns(parts))
+            snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns))
         )
     except GatedRepoError:
         raise ModelError(
@@ -498,3 +498,84 @@ def make_token_counter(root: str | Path) -> Callable[[str], int]:
         return len(tokenizer(clean_prompt(text), add_special_tokens=True)["input_ids"])
 
     return count
+
+
+# -------------------------------------------------------------------------------- captioner
+#: What a transformers VLM folder needs: configs, safetensors, tokenizer and chat template; never pickles.
+CAPTIONER_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
+CAPTIONER_TYPES = ("qwen2_5_vl", "qwen3_vl")
+
+
+def resolve_captioner(name_or_path: str, revision: str = "main") -> Path:
+    """A local folder or a hub id (downloaded at `revision`, configs and safetensors only) of a
+    Qwen-VL-class captioner, checked by `check_captioner`; returns the folder."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        check_captioner(local)
+        return local
+    if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~")):
+        raise ModelError(
+            f"autocaption.model {name_or_path!r}: no such folder, and not a hub id (owner/name). Fix: point "
+            "autocaption.model at a Qwen-VL folder (config.json, *.safetensors, tokenizer files), or set "
+            "autocaption.mode: off"
+        )
+    try:
+        root = _download(name_or_path, revision, CAPTIONER_PATTERNS)
+    except ModelError as err:
+        raise ModelError(f"{err} (autocaption.model; or set autocaption.mode: off)") from None
+    check_captioner(root)
+    return root
+
+
+def check_captioner(root: Path) -> None:
+    """Raise ModelError unless `root` holds a Qwen-VL config, readable safetensors and a tokenizer."""
+    config = root / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{root}: no config.json, so this is not a transformers model folder. Fix: point "
+                         "autocaption.model at the folder that holds config.json")
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    if model_type not in CAPTIONER_TYPES:
+        raise ModelError(f"{config}: model_type {model_type!r}; the captioner must be one of "
+                         f"{', '.join(CAPTIONER_TYPES)}. Fix: use e.g. Qwen/Qwen3-VL-8B-Instruct")
+    weights = _weight_files(root)
+    if not weights:
+        pickles = sorted(p.name for p in root.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        why = f"weights only as pickle ({pickles[0]}); wanlora loads safetensors only" if pickles else "no .safetensors"
+        raise ModelError(f"{root}: {why}. Fix: use the safetensors release of the captioner")
+    for w in weights:
+        read_safetensors_header(w)
+    if not (root / "tokenizer.json").is_file():
+        raise ModelError(f"{root}: no tokenizer.json. Fix: download the captioner's tokenizer files again")
+
+
+def captioner_identity(root: str | Path) -> str:
+    """Short stable identity of a captioner folder (configs and tokenizer by content, shards by
+    fingerprint), as `model_identity` does for a Wan part: the key of the auto-caption store."""
+    root = Path(root)
+    entries = []
+    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if path.suffix == ".safetensors":
+            entries.append([path.name, path.stat().st_size, _shard_fingerprint(path)])
+        elif path.name.endswith("config.json"):
+            config = json.loads(path.read_text(encoding="utf-8"))
+            entries.append([path.name, {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}])
+        elif not path.name.endswith(PICKLE_SUFFIXES):
+            entries.append([path.name, sha256_file(path)])
+    return sha256_json(entries)[:16]
+
+
+def load_captioner(root: str | Path, dtype: str | torch.dtype, device: str = "cpu"):
+    """(model, tokenizer, image processor) of a checked captioner folder: safetensors only, no
+    remote code, frozen. The image processor is the PIL one, which needs no torchvision; frames go
+    in as images (transformers' video processors require torchvision)."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    root = Path(root)
+    check_captioner(root)
+    model = AutoModelForImageTextToText.from_pretrained(
+        root, dtype=to_dtype(dtype), use_safetensors=True, trust_remote_code=False, device_map=str(device)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    images = Qwen2VLImageProcessorPil.from_pretrained(root)
+    return model.eval().requires_grad_(False), tokenizer, images
