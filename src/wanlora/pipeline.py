@@ -101,6 +101,15 @@ STAGES: tuple[Stage, ...] = (
         outs=("data/split",),
     ),
     Stage(
+        "review", "one offline page of every sample as trained, its caption and origin, every problem",
+        deps=("data/trimmed/clips.jsonl", "data/buckets/samples.jsonl", "data/captions", "data/index/problems.json",
+              "data/trimmed/problems.json", "data/autocaptions/problems.json", "data/buckets/report.json"),
+        code=("src/wanlora/data/review.py", "src/wanlora/models/latents.py", "src/wanlora/models/cachefiles.py",
+              "src/wanlora/models/geometry.py", "src/wanlora/models/loading.py", "src/wanlora/media"),
+        params=(),
+        outs=("data/review",),
+    ),
+    Stage(
         "text_cache", "encode captions, DOP variants and prompts with UMT5 once",
         deps=("data/captions/captions.jsonl",),
         code=("src/wanlora/models", "src/wanlora/data/captions.py"),

@@ -199,7 +199,10 @@ def render_report(
 ) -> str:
     """The whole page as a string (written atomically by the stage)."""
     h = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{escape(title)}</h1>"]
+         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{escape(title)}</h1>",
+         # The review stage's page, beside data/eval/ in the workspace: the data this LoRA trained on.
+         '<p><a id="review" href="../review/index.html">Dataset review</a>: every training sample as trained, '
+         "its caption and where it came from, and every problem the data stages reported.</p>"]
     h += _best_section(split, best)
 
     h.append('<section id="samples"><h2>Samples</h2><table class="grid" id="grid"><thead><tr><th>checkpoint</th>')

@@ -1,0 +1,108 @@
+"""The dataset review page: every sample as trained, its caption and origin, every problem; offline."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from wanlora.config import AutocaptionConfig, DatasetConfig, DopConfig, JobConfig
+from wanlora.data import autocaption, buckets, captions, review
+from wanlora.io import read_jsonl
+from wanlora.media.decode import read_frames
+from wanlora.media.synth import ClipSpec, make_clip
+from wanlora.media.trim import run_stage as trim_stage
+from wanlora.models.latents import load_frames
+
+CHROMIUM = Path("/usr/bin/chromium")
+DS = {"main": DatasetConfig(folder="data/raw", captions={"default_caption": "a plain clip"},
+                            bucket={"resolutions": [64], "num_frames": [9]})}
+
+
+class Fixed:
+    def __init__(self, text: str):
+        self.text = text
+
+    def __call__(self, frames, instruction):
+        return self.text
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Three clips (caption file, auto caption, default caption), a letterboxed intro, one bad file."""
+    ws = tmp_path_factory.mktemp("review")
+    raw = ws / "data/raw"
+    raw.mkdir(parents=True)
+    make_clip(raw / "filed.mp4", ClipSpec(96, 64, 16, 24, intro="black", intro_frames=8, bars=(0, 8), seed=1))
+    (raw / "filed.txt").write_text("[trigger] walking past a wall\n", encoding="utf-8")
+    make_clip(raw / "auto.mp4", ClipSpec(64, 64, 16, 24, seed=2))
+    make_clip(raw / "plain.mp4", ClipSpec(64, 64, 16, 24, seed=3))
+    (raw / "empty.mp4").write_bytes(b"")
+    trim_stage(DS, ws, ws / "data/trimmed")
+    buckets.run_stage(DS, ws / "data/trimmed/clips.jsonl", ws / "data/buckets")
+    # plain.mp4 gets a refusal, so it falls back to the default caption.
+    texts = iter(["a figure crossing a sunlit courtyard", "I cannot describe this video"])
+
+    class Seq(Fixed):
+        def __call__(self, frames, instruction):
+            return next(texts)
+
+    autocaption.run_stage(ws / "data/trimmed/clips.jsonl", DS, AutocaptionConfig(frames=2), ws,
+                          ws / "data/autocaptions", ws / "scratch/autocaptions", "fake@main", "fake",
+                          lambda: Seq(""), read_frames, lambda t: len(t.split()))
+    captions.run_stage(JobConfig(trigger_word="zqx"), DS, DopConfig(), ws / "data/trimmed/clips.jsonl",
+                       ws / "data/buckets/samples.jsonl", ws, ws / "data/captions", lambda t: len(t.split()),
+                       autocaptions=ws / "data/autocaptions/captions.jsonl")
+    review.run_stage(ws, ws / "data/review")
+    return ws
+
+
+def test_every_sample_with_caption_origin_and_problems(workspace):
+    html = (workspace / "data/review/index.html").read_text(encoding="utf-8")
+    samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
+    assert sorted(re.findall(r"data-sample='([^']+)'", html)) == sorted(s["id"] for s in samples)
+    assert len(samples) == 3
+    assert "zqx walking past a wall" in html and "your caption file" in html
+    assert "zqx, a figure crossing a sunlit courtyard" in html and "data/autocaptions/main/auto.txt" in html
+    assert "zqx, a plain clip" in html and "default caption" in html
+    assert "DOP variant: person walking past a wall" in html
+    # Every problem of the data stages, with its fix: the bad file and the refused auto caption.
+    assert "data/raw/empty.mp4" in html and "empty file" in html
+    assert "the captioner refused" in html and "write plain.txt beside the clip yourself" in html
+    assert "http://" not in html and "https://" not in html  # offline: nothing to fetch
+
+
+def test_frames_are_the_trained_pixels(workspace):
+    """The page's first frame of the letterboxed clip is load_frames' output (trim, crop, resize)."""
+    html = (workspace / "data/review/index.html").read_text(encoding="utf-8")
+    sample = next(s for s in read_jsonl(workspace / "data/buckets/samples.jsonl") if s["clip_id"] == "main/filed.mp4")
+    block = html.split(f"data-sample='{sample['id']}'")[1]
+    first = re.search(r'src="data:image/png;base64,([^"]+)"', block).group(1)
+    shown = cv2.imdecode(np.frombuffer(base64.b64decode(first), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    pixels = load_frames({**sample, "frame_indices": sample["frame_indices"][:1], "num_frames": 1}, workspace)
+    trained = ((pixels[:, 0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    assert shown.shape == (sample["height"], sample["width"], 3)
+    assert np.array_equal(shown, trained)
+    assert sample["frame_indices"][0] >= 8  # after the black intro
+    assert "kept frames 8&ndash;32 of 32" in block
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed")
+def test_review_page_screenshot_is_not_blank(workspace, tmp_path):
+    shot = tmp_path / "shot.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1000,1400", (workspace / "data/review/index.html").as_uri()], check=True,
+                   timeout=120, capture_output=True)
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(float)
+    assert img.std() > 10 and (img.mean(axis=2) < 128).mean() > 0.01
+    saturated = (img.max(axis=2) - img.min(axis=2)) > 80  # the coloured frames rendered, not broken images
+    assert saturated.mean() > 0.01
