@@ -214,7 +214,8 @@ def test_captioner_hub_id_offline_names_the_fix(monkeypatch, tmp_path):
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf/hub"))
-    with pytest.raises(ModelError, match=r"Qwen/Qwen3-VL-8B-Instruct@main: not in the local hub cache.*hf download"):
+    offline = r"Qwen/Qwen3-VL-8B-Instruct@main: not in the local hub cache.*hf download.*set autocaption.model"
+    with pytest.raises(ModelError, match=offline):
         resolve_captioner("Qwen/Qwen3-VL-8B-Instruct", "main")
 
 

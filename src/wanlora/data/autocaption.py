@@ -156,7 +156,8 @@ def run_stage(
             record = {
                 "id": clip["id"], "dataset": clip["dataset"], "path": clip["path"], "sha256": clip["sha256"],
                 "keep_start": clip["keep_start"], "keep_end": clip["keep_end"], "crop": clip["crop"],
-                "frames": result["frames"], "model": model, "model_identity": identity, "prompt_sha256": sha256_text(cfg.prompt),
+                "frames": result["frames"], "model": model, "model_identity": identity,
+                "prompt_sha256": sha256_text(cfg.prompt),
                 "caption": result["caption"], "status": "bad" if result["problem"] else "ok",
             }
             if result["problem"]:

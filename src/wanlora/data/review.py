@@ -65,10 +65,11 @@ def _timeline(clip: dict, sample: dict) -> str:
     total = max(1, clip.get("frames") or 1)
     start, end = clip.get("keep_start") or 0, clip.get("keep_end") or total
     bar = f'<div class="kept" style="left:{100 * start / total:.2f}%;width:{100 * (end - start) / total:.2f}%"></div>'
-    ticks = "".join(f'<div class="tick" style="left:{100 * i / total:.2f}%"></div>' for i in sample["frame_indices"])
+    indices = sample["frame_indices"]
+    ticks = "".join(f'<div class="tick" style="left:{100 * i / total:.2f}%"></div>' for i in indices)
     return (f'<div class="timeline" title="kept frames {start}-{end} of {total}">{bar}{ticks}</div>'
             f'<div class="muted">kept frames {start}&ndash;{end} of {total}; this sample reads '
-            f'{len(sample["frame_indices"])} frames from {sample["frame_indices"][0]} to {sample["frame_indices"][-1]}</div>')
+            f'{len(indices)} frames from {indices[0]} to {indices[-1]}</div>')
 
 
 def _problems(workspace: Path) -> list[dict]:
@@ -87,12 +88,13 @@ def render(workspace: Path) -> str:
     samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
     problems = _problems(workspace)
     trained = [s for s in samples if s["clip_id"] in captions]
+    clip_ids = {s["clip_id"] for s in trained}
     origins: dict[str, int] = {}
-    for clip_id in {s["clip_id"] for s in trained}:
+    for clip_id in clip_ids:
         origins[captions[clip_id]["origin"]] = origins.get(captions[clip_id]["origin"], 0) + 1
     h = ["<!doctype html><html><head><meta charset='utf-8'><title>wanlora dataset review</title>",
          f"<style>{_CSS}</style></head><body>", "<h1>Dataset review</h1>",
-         f"<p class='muted'>{len(trained)} training samples from {len({s['clip_id'] for s in trained})} clips; captions: "
+         f"<p class='muted'>{len(trained)} training samples from {len(clip_ids)} clips; captions: "
          + (", ".join(f"{n} {escape(ORIGINS.get(o, o))}" for o, n in sorted(origins.items())) or "none")
          + f"; {len(problems)} problem(s). To accept an auto caption, copy its .txt from data/autocaptions/ beside "
          "the clip in your dataset folder (edit it first if you like): it becomes your own caption.</p>"]

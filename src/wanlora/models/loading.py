@@ -96,25 +96,35 @@ def _hub_patterns(parts: Sequence[str]) -> list[str]:
 def resolve_model(name_or_path: str, revision: str = "main", parts: Sequence[str] = ALL_PARTS) -> Path:
     """A local diffusers folder (used as is) or a hub id (downloaded, pinned to `revision`,
     limited to `parts`), checked with `check_layout`; returns the folder."""
+    return _local_or_hub(
+        name_or_path, revision, _hub_patterns(parts), lambda root: check_layout(root, parts),
+        f"model.name_or_path {name_or_path!r}: no such folder, and not a hub id (owner/name). "
+        "Fix: point model.name_or_path at a diffusers folder of Wan 2.2 T2V A14B "
+        "(with model_index.json, transformer/, transformer_2/, vae/, text_encoder/, tokenizer/)",
+    )
+
+
+def _local_or_hub(
+    name_or_path: str, revision: str, patterns: Sequence[str], check: Callable[[Path], None], not_a_model: str,
+    key: str = "model.name_or_path",
+) -> Path:
+    """A local folder as is, else a hub id downloaded at `revision` (only `patterns`); `check`ed either
+    way. `key` is the params key the fix in a download error names."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        check_layout(local, parts)
+        check(local)
         return local
     if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise ModelError(
-            f"model.name_or_path {name_or_path!r}: no such folder, and not a hub id (owner/name). "
-            "Fix: point model.name_or_path at a diffusers folder of Wan 2.2 T2V A14B "
-            "(with model_index.json, transformer/, transformer_2/, vae/, text_encoder/, tokenizer/)"
-        )
+        raise ModelError(not_a_model)
     try:
-        root = _download(name_or_path, revision, _hub_patterns(parts))
+        root = _download(name_or_path, revision, patterns, key)
     except ModelError as err:  # "models/wan" may be a mistyped local folder rather than a hub id
         raise ModelError(f"{err} (no local folder {local.resolve()} exists either)") from None
-    check_layout(root, parts)
+    check(root)
     return root
 
 
-def _download(repo_id: str, revision: str, patterns: Sequence[str]) -> Path:
+def _download(repo_id: str, revision: str, patterns: Sequence[str], key: str = "model.name_or_path") -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -125,7 +135,7 @@ def _download(repo_id: str, revision: str, patterns: Sequence[str]) -> Path:
 
     local_fix = (
         "Fix: download it once where the hub is reachable (`hf download "
-        f"{repo_id} --revision {revision}`) and set model.name_or_path to that folder, "
+        f"{repo_id} --revision {revision}`) and set {key} to that folder, "
         "or keep HF_HUB_OFFLINE=1 with the files already in the hub cache"
     )
     try:
@@ -509,22 +519,12 @@ CAPTIONER_TYPES = ("qwen2_5_vl", "qwen3_vl")
 def resolve_captioner(name_or_path: str, revision: str = "main") -> Path:
     """A local folder or a hub id (downloaded at `revision`, configs and safetensors only) of a
     Qwen-VL-class captioner, checked by `check_captioner`; returns the folder."""
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        check_captioner(local)
-        return local
-    if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise ModelError(
-            f"autocaption.model {name_or_path!r}: no such folder, and not a hub id (owner/name). Fix: point "
-            "autocaption.model at a Qwen-VL folder (config.json, *.safetensors, tokenizer files), or set "
-            "autocaption.mode: off"
-        )
-    try:
-        root = _download(name_or_path, revision, CAPTIONER_PATTERNS)
-    except ModelError as err:
-        raise ModelError(f"{err} (autocaption.model; or set autocaption.mode: off)") from None
-    check_captioner(root)
-    return root
+    return _local_or_hub(
+        name_or_path, revision, CAPTIONER_PATTERNS, check_captioner,
+        f"autocaption.model {name_or_path!r}: no such folder, and not a hub id (owner/name). Fix: point "
+        "autocaption.model at a Qwen-VL folder (config.json, *.safetensors, tokenizer files), or set "
+        "autocaption.mode: off", key="autocaption.model",
+    )
 
 
 def check_captioner(root: Path) -> None:
