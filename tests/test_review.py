@@ -106,3 +106,14 @@ def test_review_page_screenshot_is_not_blank(workspace, tmp_path):
     assert img.std() > 10 and (img.mean(axis=2) < 128).mean() > 0.01
     saturated = (img.max(axis=2) - img.min(axis=2)) > 80  # the coloured frames rendered, not broken images
     assert saturated.mean() > 0.01
+
+
+def test_evaluate_report_links_to_the_review_page(workspace):
+    """data/eval/report.html links ../review/index.html, which is where the review stage writes."""
+    from wanlora.evaluate.report import render_report
+
+    html = render_report("demo", ["a prompt"], [], None, {}, {"clips": 3, "skipped": 1, "seconds": 4.0,
+                                                             "buckets": [], "caption_problems": []})
+    href = re.search(r'<a id="review" href="([^"]+)"', html).group(1)
+    assert (workspace / "data/eval" / href).resolve() == (workspace / "data/review/index.html").resolve()
+    assert (workspace / "data/eval" / href).is_file()
