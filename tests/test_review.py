@@ -115,5 +115,6 @@ def test_evaluate_report_links_to_the_review_page(workspace):
     html = render_report("demo", ["a prompt"], [], None, {}, {"clips": 3, "skipped": 1, "seconds": 4.0,
                                                              "buckets": [], "caption_problems": []})
     href = re.search(r'<a id="review" href="([^"]+)"', html).group(1)
+    (workspace / "data/eval").mkdir(exist_ok=True)
     assert (workspace / "data/eval" / href).resolve() == (workspace / "data/review/index.html").resolve()
     assert (workspace / "data/eval" / href).is_file()
