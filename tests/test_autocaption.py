@@ -11,6 +11,7 @@ import pytest
 
 from wanlora.config import AutocaptionConfig, DatasetConfig, DopConfig, JobConfig
 from wanlora.data import autocaption, captions
+from wanlora.data.scan import run_stage as scan_stage
 from wanlora.io import read_jsonl, write_jsonl
 from wanlora.media.decode import read_frames
 from wanlora.media.synth import ClipSpec, make_clip
@@ -40,8 +41,13 @@ def _workspace(root: Path, clips: dict[str, tuple[ClipSpec, str | None]]) -> Pat
         make_clip(raw / name, spec)
         if caption is not None:
             (raw / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-    trim_stage(DATASETS, root, root / "data/trimmed")
+    _index(root)
     return root
+
+
+def _index(root: Path) -> None:
+    scan_stage(DATASETS, root, root / "data/index")
+    trim_stage(DATASETS, root, root / "data/trimmed", index=root / "data/index/media.jsonl")
 
 
 class Counting:
@@ -59,7 +65,7 @@ class Counting:
 
 
 def _run(ws: Path, describer, cfg: AutocaptionConfig = CFG, identity: str = "id0") -> None:
-    autocaption.run_stage(ws / "data/trimmed/clips.jsonl", DATASETS, cfg, ws, ws / "data/autocaptions",
+    autocaption.run_stage(ws / "data/trimmed/clips.jsonl", ws / "data/index/captions.jsonl", DATASETS, cfg, ws, ws / "data/autocaptions",
                           ws / "scratch/autocaptions", "tiny@main", identity, lambda: describer,
                           read_frames, words)
 
@@ -115,7 +121,7 @@ def test_adding_one_clip_captions_only_that_clip_and_mode_all_off(tmp_path):
     _run(ws, fake)
     assert len(fake.calls) == 1
     make_clip(ws / "data/raw/new.mp4", ClipSpec(64, 64, 16, 20, seed=9))
-    trim_stage(DATASETS, ws, ws / "data/trimmed")
+    _index(ws)
     _run(ws, fake)
     assert len(fake.calls) == 2
     ids = [r["id"] for r in read_jsonl(ws / "data/autocaptions/captions.jsonl")]
@@ -150,9 +156,10 @@ def test_bad_output_is_reported_and_not_trained(tmp_path, answer, reason):
     write_jsonl(ws / "samples.jsonl", [{"id": "s", "clip_id": "main/without.mp4"}])
     ds = {"main": DatasetConfig(folder="data/raw", captions={"default_caption": "a clip"})}
     captions.run_stage(JobConfig(trigger_word="sks"), ds, DopConfig(), ws / "data/trimmed/clips.jsonl",
-                       ws / "samples.jsonl", ws, ws / "data/captions", words, autocaptions=out / "captions.jsonl")
+                       ws / "samples.jsonl", ws / "data/index/captions.jsonl", ws, ws / "data/captions", words,
+                       autocaptions=out / "captions.jsonl")
     (cap,) = read_jsonl(ws / "data/captions/captions.jsonl")
-    assert (cap["origin"], cap["caption"]) == ("default", "sks, a clip")
+    assert (cap["origin"], cap["caption"]) == ("default", "sks a clip")
 
 
 def test_good_captions_pass_the_checks():
@@ -181,15 +188,15 @@ def test_precedence_file_then_auto_then_default(tmp_path):
     write_jsonl(ws / "samples.jsonl", [{"id": c, "clip_id": f"main/{c}"} for c in clips])
     ds = {"main": DatasetConfig(folder="data/raw", captions={"default_caption": "a default clip"})}
     captions.run_stage(JobConfig(trigger_word="sks"), ds, DopConfig(), ws / "data/trimmed/clips.jsonl",
-                       ws / "samples.jsonl", ws, ws / "data/captions", words,
+                       ws / "samples.jsonl", ws / "data/index/captions.jsonl", ws, ws / "data/captions", words,
                        autocaptions=ws / "data/autocaptions/captions.jsonl")
     got = {r["id"]: r for r in read_jsonl(ws / "data/captions/captions.jsonl")}
     assert (got["main/file.mp4"]["origin"], got["main/file.mp4"]["caption"]) == ("file", "sks from the file")
     assert got["main/file.mp4"]["source"] == "data/raw/file.txt"
     assert got["main/auto.mp4"]["origin"] == "auto"
-    assert got["main/auto.mp4"]["caption"] == "sks, " + auto["main/auto.mp4"]["caption"]
+    assert got["main/auto.mp4"]["caption"] == "sks " + auto["main/auto.mp4"]["caption"]
     assert got["main/auto.mp4"]["source"] == "data/autocaptions/main/auto.txt"
-    assert (got["main/default.mp4"]["origin"], got["main/default.mp4"]["caption"]) == ("default", "sks, a default clip")
+    assert (got["main/default.mp4"]["origin"], got["main/default.mp4"]["caption"]) == ("default", "sks a default clip")
 
 
 def test_captioner_loading_refuses_pickles_and_other_models(tmp_path, vlm):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from wanlora.config import AutocaptionConfig, DatasetConfig, DopConfig, JobConfig
 from wanlora.data import autocaption, buckets, captions, review
+from wanlora.data.scan import run_stage as scan_stage
 from wanlora.io import read_jsonl
 from wanlora.media.decode import read_frames
 from wanlora.media.synth import ClipSpec, make_clip
@@ -47,7 +48,8 @@ def workspace(tmp_path_factory) -> Path:
     make_clip(raw / "auto.mp4", ClipSpec(64, 64, 16, 24, seed=2))
     make_clip(raw / "plain.mp4", ClipSpec(64, 64, 16, 24, seed=3))
     (raw / "empty.mp4").write_bytes(b"")
-    trim_stage(DS, ws, ws / "data/trimmed")
+    scan_stage(DS, ws, ws / "data/index")
+    trim_stage(DS, ws, ws / "data/trimmed", index=ws / "data/index/media.jsonl")
     buckets.run_stage(DS, ws / "data/trimmed/clips.jsonl", ws / "data/buckets")
     # plain.mp4 gets a refusal, so it falls back to the default caption.
     texts = iter(["a figure crossing a sunlit courtyard", "I cannot describe this video"])
@@ -56,11 +58,11 @@ def workspace(tmp_path_factory) -> Path:
         def __call__(self, frames, instruction):
             return next(texts)
 
-    autocaption.run_stage(ws / "data/trimmed/clips.jsonl", DS, AutocaptionConfig(frames=2), ws,
+    autocaption.run_stage(ws / "data/trimmed/clips.jsonl", ws / "data/index/captions.jsonl", DS, AutocaptionConfig(frames=2), ws,
                           ws / "data/autocaptions", ws / "scratch/autocaptions", "fake@main", "fake",
                           lambda: Seq(""), read_frames, lambda t: len(t.split()))
     captions.run_stage(JobConfig(trigger_word="zqx"), DS, DopConfig(), ws / "data/trimmed/clips.jsonl",
-                       ws / "data/buckets/samples.jsonl", ws, ws / "data/captions", lambda t: len(t.split()),
+                       ws / "data/buckets/samples.jsonl", ws / "data/index/captions.jsonl", ws, ws / "data/captions", lambda t: len(t.split()),
                        autocaptions=ws / "data/autocaptions/captions.jsonl")
     review.run_stage(ws, ws / "data/review")
     return ws
@@ -70,10 +72,10 @@ def test_every_sample_with_caption_origin_and_problems(workspace):
     html = (workspace / "data/review/index.html").read_text(encoding="utf-8")
     samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
     assert sorted(re.findall(r"data-sample='([^']+)'", html)) == sorted(s["id"] for s in samples)
-    assert len(samples) == 3
+    assert {s["clip_id"] for s in samples} == {"main/filed.mp4", "main/auto.mp4", "main/plain.mp4"}
     assert "zqx walking past a wall" in html and "your caption file" in html
-    assert "zqx, a figure crossing a sunlit courtyard" in html and "data/autocaptions/main/auto.txt" in html
-    assert "zqx, a plain clip" in html and "default caption" in html
+    assert "zqx a figure crossing a sunlit courtyard" in html and "data/autocaptions/main/auto.txt" in html
+    assert "zqx a plain clip" in html and "default caption" in html
     assert "DOP variant: person walking past a wall" in html
     # Every problem of the data stages, with its fix: the bad file and the refused auto caption.
     assert "data/raw/empty.mp4" in html and "empty file" in html

@@ -179,7 +179,7 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
         Setting("sample.width", 64, "the training size"),
         Setting("sample.height", 64, "the training size"),
         Setting("sample.validation_clips", 1, "one held-out clip (a training-clip loss under five clips), so 'best' exists"),
-        Setting("autocaption.mode", "off", "the real captioner is ~17.5 GB; to check its path too, set "
+        Setting("autocaption.mode", "off", "the real captioner is an 8B model; to check its path too, set "
                 "autocaption.model to the captioner/ folder `wanlora make-tiny` writes and mode to missing"),
     ),
 }

@@ -56,7 +56,8 @@ _CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_c
 # prefers the index, transformers the single file (diffusers ModelMixin.from_pretrained /
 # _fetch_index_file; transformers modeling_utils._get_resolved_checkpoint_files).
 _WEIGHTS_NAME = {"transformer": "diffusion_pytorch_model.safetensors", "transformer_2": "diffusion_pytorch_model.safetensors",
-                 "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+                 "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+                 "captioner": "model.safetensors"}  # a transformers folder, like text_encoder/
 _INDEX_FIRST = {"transformer", "transformer_2", "vae"}
 _SAFE_TORCH = (2, 6)  # torch.load(weights_only=True) is bypassable up to 2.5.1 (CVE-2025-32434)
 #: Full-content hashes of local shards, keyed by (path, size, mtime, inode), in the git-ignored
@@ -537,25 +538,20 @@ def check_captioner(root: Path) -> None:
     if model_type not in CAPTIONER_TYPES:
         raise ModelError(f"{config}: model_type {model_type!r}; the captioner must be one of "
                          f"{', '.join(CAPTIONER_TYPES)}. Fix: use e.g. Qwen/Qwen3-VL-8B-Instruct")
-    weights = _weight_files(root)
-    if not weights:
-        pickles = sorted(p.name for p in root.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
-        why = f"weights only as pickle ({pickles[0]}); wanlora loads safetensors only" if pickles else "no .safetensors"
-        raise ModelError(f"{root}: {why}. Fix: use the safetensors release of the captioner")
-    for w in weights:
+    for w in _weight_files(root, "captioner"):  # refuses pickles; names the missing shard
         read_safetensors_header(w)
     if not (root / "tokenizer.json").is_file():
         raise ModelError(f"{root}: no tokenizer.json. Fix: download the captioner's tokenizer files again")
 
 
 def captioner_identity(root: str | Path) -> str:
-    """Short stable identity of a captioner folder (configs and tokenizer by content, shards by
-    fingerprint), as `model_identity` does for a Wan part: the key of the auto-caption store."""
+    """Short stable identity of a captioner folder (configs, tokenizer and shards by content),
+    as `model_identity` does for a Wan part: the key of the auto-caption store."""
     root = Path(root)
     entries = []
     for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
         if path.suffix == ".safetensors":
-            entries.append([path.name, path.stat().st_size, _shard_fingerprint(path)])
+            entries.append([path.name, path.stat().st_size, content_sha256(path)])
         elif path.name.endswith("config.json"):
             config = json.loads(path.read_text(encoding="utf-8"))
             entries.append([path.name, {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}])
