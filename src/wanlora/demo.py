@@ -35,7 +35,8 @@ def demo_params(steps: int) -> Params:
     tree["sample"] |= {"prompts": ["[trigger] a red square moving right", "a blue circle on grey"],
                        "steps": 4, "fps": 8, "guidance_scale": 3.0, "validation_clips": 1}
     # run_cut.mp4 has no caption file: the tiny random captioner writes one (nonsense words, real path).
-    tree["autocaption"] |= {"model": "models/tiny/captioner", "dtype": "fp32", "frames": 3, "frame_side": 64,
+    # The smoke recipe leaves autocaption off (users' own clips, no tiny captioner), so switch it on here.
+    tree["autocaption"] |= {"mode": "missing", "model": "models/tiny/captioner", "dtype": "fp32", "frames": 3, "frame_side": 64,
                             "max_new_tokens": 16, "repetition_penalty": 1.3}
     return parse_params(tree, "demo params")
 
