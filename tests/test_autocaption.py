@@ -115,25 +115,30 @@ def test_frames_come_from_the_kept_cropped_range(tmp_path):
     assert record["crop"] == [0, 12, 64, 40]
 
 
-def test_adding_one_clip_captions_only_that_clip_and_mode_all_off(tmp_path):
+def test_adding_one_clip_captions_only_that_clip_and_mode_all_off(tmp_path, vlm):
+    """The tiny VLM behind a call counter: each call is one clip the store did not hold."""
     ws = _workspace(tmp_path / "ws", TWO)
-    fake = Counting(answer="a person walking past a brick wall")
-    _run(ws, fake)
+    fake = Counting(_real(vlm))
+    _run(ws, fake, identity=captioner_identity(vlm))
+    first = (ws / "data/autocaptions/main/without.txt").read_bytes()
     assert len(fake.calls) == 1
     make_clip(ws / "data/raw/new.mp4", ClipSpec(64, 64, 16, 20, seed=9))
     _index(ws)
-    _run(ws, fake)
-    assert len(fake.calls) == 2
+    _run(ws, fake, identity=captioner_identity(vlm))
+    assert len(fake.calls) == 1 + 1
     ids = [r["id"] for r in read_jsonl(ws / "data/autocaptions/captions.jsonl")]
     assert ids == ["main/new.mp4", "main/without.mp4"]
+    assert (ws / "data/autocaptions/main/without.txt").read_bytes() == first  # from the store
+    assert (ws / "data/autocaptions/main/new.txt").is_file()
 
-    _run(ws, fake, AutocaptionConfig(**{**CFG.model_dump(), "mode": "all"}))
-    assert len(fake.calls) == 3  # only with.mp4 is new to the store
-    _run(ws, fake, AutocaptionConfig(**{**CFG.model_dump(), "mode": "off"}))
+    _run(ws, fake, AutocaptionConfig(**{**CFG.model_dump(), "mode": "all"}), identity=captioner_identity(vlm))
+    assert len(fake.calls) == 2 + 1  # only with.mp4 is new to the store
+    _run(ws, fake, AutocaptionConfig(**{**CFG.model_dump(), "mode": "off"}), identity=captioner_identity(vlm))
     assert read_jsonl(ws / "data/autocaptions/captions.jsonl") == []
-    # A new prompt is a new key: every clip is captioned again.
-    _run(ws, fake, AutocaptionConfig(**{**CFG.model_dump(), "prompt": "Describe the look."}))
-    assert len(fake.calls) == 5
+    # A new prompt is a new key: both clips without a file are captioned again.
+    _run(ws, fake, AutocaptionConfig(**{**CFG.model_dump(), "prompt": "Describe the look."}),
+         identity=captioner_identity(vlm))
+    assert len(fake.calls) == 3 + 2
 
 
 @pytest.mark.parametrize("answer, reason", [

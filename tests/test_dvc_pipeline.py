@@ -54,6 +54,7 @@ def test_full_repro_then_nothing_reruns(workspace: Path):
     assert sorted(p.name for p in (workspace / "data/lora/high").glob("*.safetensors"))
     assert (workspace / "data/eval/report.html").is_file()
     _demo_validates_on_a_held_out_clip(workspace)
+    _demo_autocaptions_its_uncaptioned_clip(workspace)
     assert _raw_hashes(workspace) == before, "raw data must never be modified"
     assert _repro(workspace) == []
 
@@ -69,6 +70,24 @@ def test_no_stage_writes_a_file_at_its_final_name(workspace: Path):
                        and not path[len(root):].startswith(("scratch/", ".dvc/"))  # .dvc: DVC's own (dvclive)
                        and not (Path(path).name.startswith(".") and Path(path).name.endswith(".tmp"))})
     assert not in_place, f"written at their final names: {in_place}"
+
+
+def _demo_autocaptions_its_uncaptioned_clip(ws: Path) -> None:
+    """run_cut.mp4 has no caption file: the tiny VLM captions it and it trains with that caption
+    (origin auto); the review page shows it with its origin; no other clip is auto-captioned."""
+    auto = [json.loads(line) for line in (ws / "data/autocaptions/captions.jsonl").open()]
+    assert [(r["id"], r["status"]) for r in auto] == [("main/run_cut.mp4", "ok")]
+    text = (ws / "data/autocaptions/main/run_cut.txt").read_text(encoding="utf-8").strip()
+    assert text == auto[0]["caption"] and len(text.split()) >= 3
+    records = {r["id"]: r for r in map(json.loads, (ws / "data/captions/captions.jsonl").open())}
+    assert records["main/run_cut.mp4"]["origin"] == "auto"
+    assert records["main/run_cut.mp4"]["caption"].startswith("zqx ")
+    assert {r["origin"] for i, r in records.items() if i != "main/run_cut.mp4"} == {"file"}
+    review = (ws / "data/review/index.html").read_text(encoding="utf-8")
+    assert "data-sample='main/run_cut.mp4#0'" in review and "data/autocaptions/main/run_cut.txt" in review
+    held = json.loads((ws / "data/split/validation.json").read_text())["held_out_clips"]
+    assert all(f"data-sample='{c}#0' data-held-out" in review for c in held)
+    assert 'href="../review/index.html"' in (ws / "data/eval/report.html").read_text(encoding="utf-8")
 
 
 def _demo_validates_on_a_held_out_clip(ws: Path) -> None:

@@ -83,6 +83,20 @@ def test_every_sample_with_caption_origin_and_problems(workspace):
     assert "http://" not in html and "https://" not in html  # offline: nothing to fetch
 
 
+def test_a_held_out_clip_is_shown_but_marked_not_trained(workspace, tmp_path):
+    """The split stage's held-out clips reach no batch: the page shows their samples (their captions
+    still matter to the validation loss) but says so, and does not count them as training samples."""
+    samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
+    html = review.render(workspace, frozenset({"main/plain.mp4"}))
+    held = sorted(re.findall(r"data-sample='([^']+)' data-held-out", html))
+    assert held == sorted(s["id"] for s in samples if s["clip_id"] == "main/plain.mp4") and held
+    assert sorted(re.findall(r"data-sample='([^']+)'", html)) == sorted(s["id"] for s in samples)
+    n_train = sum(s["clip_id"] != "main/plain.mp4" for s in samples)
+    assert f"{n_train} training samples from 2 clips, and {len(held)} sample(s) of 1 clip(s) held out" in html
+    assert "1 auto caption, 1 your caption file" in html  # the default-captioned clip is the held-out one
+    assert html.count("not trained: held out for validation") == len(held)
+
+
 def test_frames_are_the_trained_pixels(workspace):
     """The page's first frame of the letterboxed clip is load_frames' output (trim, crop, resize)."""
     html = (workspace / "data/review/index.html").read_text(encoding="utf-8")
@@ -114,8 +128,10 @@ def test_evaluate_report_links_to_the_review_page(workspace):
     """data/eval/report.html links ../review/index.html, which is where the review stage writes."""
     from wanlora.evaluate.report import render_report
 
-    html = render_report("demo", ["a prompt"], [], None, {}, {"clips": 3, "skipped": 1, "seconds": 4.0,
-                                                             "buckets": [], "caption_problems": []})
+    from wanlora.data.split import NONE, Split
+
+    html = render_report("demo", ["a prompt"], [], Split(NONE, "no clips", (), (), ()), {}, {},
+                         {"clips": 3, "skipped": 1, "seconds": 4.0, "buckets": [], "caption_problems": []})
     href = re.search(r'<a id="review" href="([^"]+)"', html).group(1)
     (workspace / "data/eval").mkdir(exist_ok=True)
     assert (workspace / "data/eval" / href).resolve() == (workspace / "data/review/index.html").resolve()

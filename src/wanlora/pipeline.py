@@ -102,9 +102,10 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "review", "one offline page of every sample as trained, its caption and origin, every problem",
-        deps=("data/trimmed/clips.jsonl", "data/buckets/samples.jsonl", "data/captions", "data/index/problems.json",
-              "data/trimmed/problems.json", "data/autocaptions/problems.json", "data/buckets/report.json"),
-        code=("src/wanlora/data/review.py", "src/wanlora/models/latents.py", "src/wanlora/models/cachefiles.py",
+        deps=("data/trimmed/clips.jsonl", "data/buckets/samples.jsonl", "data/captions", "data/split/validation.json",
+              "data/index/problems.json", "data/trimmed/problems.json", "data/autocaptions/problems.json",
+              "data/buckets/report.json"),
+        code=("src/wanlora/data/review.py", "src/wanlora/data/split.py", "src/wanlora/models/latents.py", "src/wanlora/models/cachefiles.py",
               "src/wanlora/models/geometry.py", "src/wanlora/models/loading.py", "src/wanlora/media"),
         params=(),
         outs=("data/review",),

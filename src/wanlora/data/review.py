@@ -4,7 +4,8 @@ Before anyone spends GPU hours, a person should see every training sample the wa
 sees it (frames after trim, crop, bucket resize and flip, decoded by the same `load_frames` the
 latent cache uses), where on its clip's timeline the sample sits, the caption it trains with and
 where that caption came from (the user's file, the auto caption, the default), its DOP variant,
-and every problem the data stages reported with its fix. The page embeds its frames as PNG data,
+whether the split stage holds its clip out for validation (shown, but never trained), and every
+problem the data stages reported with its fix. The page embeds its frames as PNG data,
 so it opens from the workspace folder, offline, and can be mailed as one file.
 """
 
@@ -12,14 +13,17 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Collection
 from html import escape
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from wanlora.data.split import HELD_OUT_REASON
 from wanlora.io import atomic_write_text, read_jsonl
 from wanlora.models.latents import load_frames
+from wanlora.report import problems_html
 
 #: Problems reports of the data stages, in pipeline order.
 PROBLEM_REPORTS = ("data/index/problems.json", "data/trimmed/problems.json", "data/autocaptions/problems.json",
@@ -40,6 +44,7 @@ td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 .origin{display:inline-block;padding:1px 6px;border-radius:3px;font-size:12px;color:#fff}
 .o-file{background:#2b6cb0}.o-auto{background:#b7791f}.o-default{background:#718096}.o-trigger_only{background:#553c9a}
 .caption{font-size:15px;margin:6px 0}.warn{color:#b7791f}
+.held{border-style:dashed;background:#f3f3f3}.held-note{color:#2c5282;font-weight:bold}
 """
 
 
@@ -81,41 +86,45 @@ def _problems(workspace: Path) -> list[dict]:
     return rows
 
 
-def render(workspace: Path) -> str:
-    """The review page for the workspace's current data manifests."""
+def render(workspace: Path, held_out: Collection[str] = ()) -> str:
+    """The review page for the workspace's current data manifests; `held_out` are the clip ids the
+    split stage keeps out of training (their samples are shown, marked, and not counted as trained)."""
     clips = {c["id"]: c for c in read_jsonl(workspace / "data/trimmed/clips.jsonl")}
     captions = {c["id"]: c for c in read_jsonl(workspace / "data/captions/captions.jsonl")}
     samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
     problems = _problems(workspace)
-    trained = [s for s in samples if s["clip_id"] in captions]
+    shown = [s for s in samples if s["clip_id"] in captions]
+    trained = [s for s in shown if s["clip_id"] not in held_out]
     clip_ids = {s["clip_id"] for s in trained}
     origins: dict[str, int] = {}
     for clip_id in clip_ids:
         origins[captions[clip_id]["origin"]] = origins.get(captions[clip_id]["origin"], 0) + 1
     h = ["<!doctype html><html><head><meta charset='utf-8'><title>wanlora dataset review</title>",
          f"<style>{_CSS}</style></head><body>", "<h1>Dataset review</h1>",
-         f"<p class='muted'>{len(trained)} training samples from {len(clip_ids)} clips; captions: "
+         f"<p class='muted'>{len(trained)} training samples from {len(clip_ids)} clips"
+         + (f", and {len(shown) - len(trained)} sample(s) of {len(held_out)} clip(s) {HELD_OUT_REASON}"
+            if held_out else "") + "; captions of the training clips: "
          + (", ".join(f"{n} {escape(ORIGINS.get(o, o))}" for o, n in sorted(origins.items())) or "none")
          + f"; {len(problems)} problem(s). To accept an auto caption, copy its .txt from data/autocaptions/ beside "
          "the clip in your dataset folder (edit it first if you like): it becomes your own caption.</p>"]
     h.append(f"<h2 id='problems'>Problems ({len(problems)})</h2>")
     if problems:
-        h.append("<table><tr><th>file</th><th>stage</th><th>problem</th><th>fix</th></tr>")
-        h += [f"<tr><td>{escape(p['path'])}</td><td>{escape(p.get('stage', ''))}</td><td>{escape(p['reason'])}</td>"
-              f"<td>{escape(p['fix'])}</td></tr>" for p in problems]
-        h.append("</table>")
+        h += problems_html(problems, ("path", "stage", "reason", "fix"), "problems-table")
     else:
         h.append("<p>No problems reported.</p>")
-    h.append(f"<h2 id='samples'>Samples ({len(trained)})</h2>")
-    for s in trained:
+    h.append(f"<h2 id='samples'>Samples ({len(shown)})</h2>")
+    for s in shown:
         cap, clip = captions[s["clip_id"]], clips.get(s["clip_id"], {})
         origin = cap["origin"]
         frames = "".join(f'<img alt="frame {i}" title="source frame {i}" src="{_png(rgb)}">'
                          for i, rgb in sample_frames(s, workspace))
         warnings = "".join(f"<div class='warn'>{escape(w)}</div>" for w in cap.get("warnings", []))
         source = "" if origin in ("default", "trigger_only") else f" <span class='muted'>{escape(cap['source'])}</span>"
+        held = s["clip_id"] in held_out
         h.append(
-            f"<div class='sample' data-sample='{escape(s['id'], quote=True)}'><b>{escape(s['id'])}</b> "
+            f"<div class='sample{' held' if held else ''}' data-sample='{escape(s['id'], quote=True)}'"
+            f"{' data-held-out' if held else ''}><b>{escape(s['id'])}</b> "
+            + (f"<span class='held-note'>not trained: {escape(HELD_OUT_REASON)}</span> " if held else "") +
             f"<span class='muted'>bucket {s['width']}x{s['height']}, {s['num_frames']} frames"
             f"{', mirrored' if s.get('flip') else ''}</span>"
             f"<div class='frames'>{frames}</div>{_timeline(clip, s)}"
@@ -127,6 +136,6 @@ def render(workspace: Path) -> str:
     return "\n".join(h) + "\n"
 
 
-def run_stage(workspace: Path, out_dir: Path) -> None:
+def run_stage(workspace: Path, out_dir: Path, held_out: Collection[str] = ()) -> None:
     """Write out_dir/index.html."""
-    atomic_write_text(out_dir / "index.html", render(workspace))
+    atomic_write_text(out_dir / "index.html", render(workspace, frozenset(held_out)))

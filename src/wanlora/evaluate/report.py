@@ -21,6 +21,7 @@ from typing import Any
 
 from wanlora.data.split import BASIS_LABEL, HELD_OUT, TRAINING_CLIPS, Split
 from wanlora.io import read_jsonl
+from wanlora.report import problems_html
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
@@ -246,9 +247,6 @@ def render_report(
     problems = summary["caption_problems"]
     h.append(f"<h3>Caption problems ({len(problems)})</h3>")
     if problems:
-        h.append('<table id="caption-problems"><tr><th>file</th><th>problem</th><th>fix</th></tr>')
-        h += [f"<tr><td>{escape(str(p.get('path')))}</td><td>{escape(str(p.get('reason')))}</td>"
-              f"<td>{escape(str(p.get('fix')))}</td></tr>" for p in problems]
-        h.append("</table>")
+        h += problems_html(problems, ("path", "reason", "fix"), "caption-problems")
     h.append("</section></body></html>")
     return "\n".join(h) + "\n"
