@@ -135,6 +135,7 @@ def make_lineage_workspace(root: Path, n_clips: int = 2, uncaptioned: int = 0, p
             continue
         text = f"sks clip number {i}" if has_file else "sks a clip"
         captions.append({"id": cid, "caption": text, "caption_sha256": sha256_text(text),
+                         "origin": "file" if has_file else "default",
                          "source": f"data/raw/{name}.txt" if has_file else "default",
                          "source_sha256": sha256_file(raw / f"{name}.txt") if has_file else sha256_text("a clip")})
     write_jsonl(root / "data/trimmed/clips.jsonl", clips)

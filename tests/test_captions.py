@@ -72,6 +72,7 @@ def test_records_inject_trigger_and_hash_sources(tmp_path):
         "caption": "sks a man walking",
         "caption_dop": "person a man walking",
         "caption_sha256": sha256_text("sks a man walking"),
+        "origin": "file",
         "source": "data/raw/a.txt",
         "source_sha256": hashlib.sha256(b"a  man\nwalking ").hexdigest(),
         "warnings": [],

@@ -1,5 +1,6 @@
 """The real thing: `dvc repro` of the demo workspace, and DVC rerunning only what changed."""
 
+import json
 import os
 import re
 import subprocess
@@ -46,11 +47,14 @@ def workspace(tmp_path_factory) -> Path:
 def test_full_repro_then_nothing_reruns(workspace: Path):
     before = _raw_hashes(workspace)
     ran = _repro(workspace)
-    assert ran == ["check", "scan", "trim", "bucket", "captions", "split", "text_cache", "latent_cache", "train",
-                   "evaluate", "export"]
+    stages = ["check", "scan", "trim", "autocaption", "bucket", "captions", "split", "review", "text_cache",
+              "latent_cache", "train", "evaluate", "export"]
+    assert sorted(ran) == sorted(stages)
+    assert ran.index("trim") < ran.index("autocaption") < ran.index("captions") < ran.index("review")
     assert sorted(p.name for p in (workspace / "data/lora/high").glob("*.safetensors"))
     assert (workspace / "data/eval/report.html").is_file()
     _demo_validates_on_a_held_out_clip(workspace)
+    _demo_autocaptions_its_uncaptioned_clip(workspace)
     assert _raw_hashes(workspace) == before, "raw data must never be modified"
     assert _repro(workspace) == []
 
@@ -66,6 +70,24 @@ def test_no_stage_writes_a_file_at_its_final_name(workspace: Path):
                        and not path[len(root):].startswith(("scratch/", ".dvc/"))  # .dvc: DVC's own (dvclive)
                        and not (Path(path).name.startswith(".") and Path(path).name.endswith(".tmp"))})
     assert not in_place, f"written at their final names: {in_place}"
+
+
+def _demo_autocaptions_its_uncaptioned_clip(ws: Path) -> None:
+    """run_cut.mp4 has no caption file: the tiny VLM captions it and it trains with that caption
+    (origin auto); the review page shows it with its origin; no other clip is auto-captioned."""
+    auto = [json.loads(line) for line in (ws / "data/autocaptions/captions.jsonl").open()]
+    assert [(r["id"], r["status"]) for r in auto] == [("main/run_cut.mp4", "ok")]
+    text = (ws / "data/autocaptions/main/run_cut.txt").read_text(encoding="utf-8").strip()
+    assert text == auto[0]["caption"] and len(text.split()) >= 3
+    records = {r["id"]: r for r in map(json.loads, (ws / "data/captions/captions.jsonl").open())}
+    assert records["main/run_cut.mp4"]["origin"] == "auto"
+    assert records["main/run_cut.mp4"]["caption"].startswith("zqx ")
+    assert {r["origin"] for i, r in records.items() if i != "main/run_cut.mp4"} == {"file"}
+    review = (ws / "data/review/index.html").read_text(encoding="utf-8")
+    assert "data-sample='main/run_cut.mp4#0'" in review and "data/autocaptions/main/run_cut.txt" in review
+    held = json.loads((ws / "data/split/validation.json").read_text())["held_out_clips"]
+    assert all(f"data-sample='{c}#0' data-held-out" in review for c in held)
+    assert 'href="../review/index.html"' in (ws / "data/eval/report.html").read_text(encoding="utf-8")
 
 
 def _demo_validates_on_a_held_out_clip(ws: Path) -> None:
@@ -147,15 +169,34 @@ def test_caption_edit_reruns_only_caption_stages(workspace: Path):
     caption.write_text(caption.read_text(encoding="utf-8") + " in the rain", encoding="utf-8")
     ran = _repro(workspace)
     assert "trim" not in ran and "bucket" not in ran and "latent_cache" not in ran
-    assert ran[:2] == ["scan", "captions"] and "text_cache" in ran
+    assert ran[:3] == ["scan", "autocaption", "captions"] and "text_cache" in ran  # autocaption: a store hit
+
+
+def test_autocaption_prompt_reruns_only_autocaption_and_what_follows(workspace: Path):
+    """The demo's run_cut.mp4 has no caption file: the tiny VLM captions it, and a new prompt
+    recaptions it without rescanning, retrimming or re-encoding any latents."""
+    auto = (workspace / "data/autocaptions/main/run_cut.txt").read_text(encoding="utf-8")
+    params_path = workspace / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["autocaption"]["prompt"] = "Describe the motion and the camera move."
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = _repro(workspace)
+    assert ran[:3] == ["check", "autocaption", "captions"]
+    assert not {"scan", "trim", "bucket", "latent_cache"} & set(ran)
+    assert (workspace / "data/autocaptions/main/run_cut.txt").read_text(encoding="utf-8") != auto
+    records = {r["id"]: r for r in map(json.loads, (workspace / "data/captions/captions.jsonl").open())}
+    assert records["main/run_cut.mp4"]["origin"] == "auto"
+    assert records["main/walk_black_intro.mp4"]["origin"] == "file"
 
 
 def test_adding_a_missing_caption_reruns_only_caption_stages(workspace: Path):
-    """The fix the captions report suggests for a clip without a caption: trim and bucket keep."""
+    """The fix the captions report suggests for a clip without a caption: trim and bucket keep.
+    Autocaption reruns (the caption index changed) and drops run_cut.mp4, which now has a file."""
     assert not (workspace / "data/raw/run_cut.txt").exists()
     (workspace / "data/raw/run_cut.txt").write_text("[trigger] running, then a cut", encoding="utf-8")
     ran = _repro(workspace)
-    assert ran[:2] == ["scan", "captions"] and "text_cache" in ran and not {"trim", "bucket", "latent_cache"} & set(ran)
+    assert ran[:3] == ["scan", "autocaption", "captions"] and "text_cache" in ran
+    assert not {"trim", "bucket", "latent_cache"} & set(ran)
 
 
 def test_train_param_reruns_no_data_stage(workspace: Path):

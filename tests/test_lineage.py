@@ -53,6 +53,7 @@ def test_lineage_records_declared_params_manifests_and_samples(tmp_path: Path):
     assert samples[0]["caption_source_sha256"] == sha256_file(ws / "data/raw/c0.txt")
     assert samples[0]["caption_sha256"] == sha256_text("sks clip number 0")
     assert samples[3]["caption_source"] == "default"
+    assert (samples[0]["caption_origin"], samples[3]["caption_origin"]) == ("file", "default")
     assert not {"git_commit", "git_dirty", "dvc_lock_sha256"} & set(lineage.lineage_fields(meta))
 
 

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MODEL = "/path/to/Wan2.2-T2V-A14B-Diffusers"
-ALL_STAGES = ["check", "scan", "trim", "bucket", "captions", "split", "text_cache", "latent_cache", "train",
-              "evaluate", "export"]
+ALL_STAGES = ["check", "scan", "trim", "autocaption", "bucket", "captions", "split", "review", "text_cache",
+              "latent_cache", "train", "evaluate", "export"]
 
 
 def readme_blocks(heading: str = "Training on your own clips") -> list[list[str]]:

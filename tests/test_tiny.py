@@ -22,6 +22,8 @@ LAYOUT = {
     "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
     "transformer_2/config.json", "transformer_2/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    *(f"captioner/{f}" for f in ("chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                                 "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json")),
 }
 
 
@@ -46,6 +48,27 @@ def test_layout_and_determinism(tmp_path_factory, tmp_path):
         "UniPCMultistepScheduler", "flow_prediction", True)
     config = json.loads(files["transformer/config.json"])
     assert {k: config[k] for k in TINY} == {**TINY, "patch_size": [1, 2, 2]}
+
+
+def test_tiny_captioner_is_qwen3_vl_and_captions_through_the_loader(tmp_path_factory):
+    """The captioner make_tiny writes has the default architecture, loads through
+    `load_captioner` (safetensors, no remote code) and writes text from frames."""
+    import numpy as np
+
+    from wanlora.config import DEFAULT_CAPTIONER
+    from wanlora.models.captioner import Captioner, Decoding
+
+    root = tiny_model(tmp_path_factory) / "captioner"
+    config = json.loads((root / "config.json").read_text())
+    assert config["model_type"] == "qwen3_vl" and "Qwen3-VL" in DEFAULT_CAPTIONER
+    captioner = Captioner(root, "fp32", "cpu", 64, Decoding(8, 1, 1.3))
+    assert type(captioner.model).__name__ == "Qwen3VLForConditionalGeneration"
+    frames = list(np.random.default_rng(0).integers(0, 255, (2, 48, 80, 3), dtype=np.uint8))
+    ids = captioner.prompt_ids(2, "describe it", captioner.images(images=[np.zeros((64, 64, 3), np.uint8)] * 2,
+                                                                  return_tensors="pt")["image_grid_thw"])
+    assert (ids == config["image_token_id"]).sum() == 8  # 64x64 = 4x4 patches of 16, merged 2x2: 4 tokens each
+    text = captioner(frames, "describe the person")
+    assert text and text == captioner(frames, "describe the person")
 
 
 def test_diffusers_pipeline_loads_and_generates(tmp_path_factory):

@@ -444,6 +444,59 @@ class DatasetConfig(Section):
         return self
 
 
+# ------------------------------------------------------------------------------- autocaption
+#: The default captioner: Qwen3-VL 8B (AI Toolkit's captioner family) is ~17.5 GB in bf16, so it fits
+#: the 24 GB tier on its own; the stage frees it before any expert or UMT5 is loaded.
+DEFAULT_CAPTIONER = "Qwen/Qwen3-VL-8B-Instruct"
+
+#: One prompt per `wanlora init` recipe, after the seed guide's caption advice: a character caption
+#: describes everything but the person (the trigger stands for them), a style caption names the look
+#: and not the objects, a motion caption names the motion and camera move in the same words each time.
+CAPTION_PROMPTS = {
+    "character": (
+        "These are frames from one video clip. Write one caption of at most 60 words for it. Call the "
+        "main person [trigger] and do not describe their face, age, ethnicity or body; describe their "
+        "clothing, pose and action, the setting, the lighting and the framing (close-up, medium or wide "
+        "shot). Plain prose, no lists, no preamble."
+    ),
+    "style": (
+        "These are frames from one video clip. Write one caption of at most 60 words that describes its "
+        "visual style only: colour palette, contrast, texture and grain, brushwork or rendering, lighting, "
+        "lens and depth of field. Name the subject in a few words only. End with: [trigger] style. "
+        "Plain prose, no lists, no preamble."
+    ),
+    "motion": (
+        "These are frames from one video clip, in order. Write one caption of at most 60 words. Start by "
+        "naming the main motion and the camera move explicitly (for example: orbit 180 around the subject, "
+        "dolly in, pan left, side scroll), then the subject and the setting in a few words. Use the word "
+        "[trigger] for the motion. Plain prose, no lists, no preamble."
+    ),
+}
+
+
+class AutocaptionConfig(Section):
+    """A vision-language model writes captions for clips that have none, as a cached DVC stage."""
+
+    mode: Literal["missing", "all", "off"] = Field(
+        "missing", description="missing: caption clips without a caption file; all: every clip (your files still "
+        "win in the captions stage); off: no auto captions."
+    )
+    model: str = Field(DEFAULT_CAPTIONER, description="Hub id or local folder of a Qwen-VL-class captioner "
+                       "(qwen2_5_vl, qwen3_vl), safetensors only.")
+    revision: str = Field("main", description="Hub revision (branch, tag or commit) of the captioner to pin.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Captioner dtype.")
+    prompt: str = Field(CAPTION_PROMPTS["character"], description="Instruction given with the frames; "
+                        "`wanlora init` sets the recipe's prompt. [trigger] becomes job.trigger_word later.")
+    frames: int = Field(6, ge=1, le=32, description="Frames per clip, spread over the kept, cropped range.")
+    frame_side: int = Field(448, ge=32, le=1344, description="Each frame is resized to about this side "
+                            "squared in pixels (aspect kept) before the captioner sees it.")
+    max_new_tokens: int = Field(160, ge=8, le=1024, description="Most tokens the captioner may write per clip.")
+    num_beams: int = Field(1, ge=1, le=8, description="Beam search width; 1 is greedy. Decoding never samples, "
+                           "so a rerun writes byte-identical captions.")
+    repetition_penalty: float = Field(1.05, ge=1.0, le=2.0, description="Penalty on repeated tokens while "
+                                      "decoding (1 disables).")
+
+
 # ------------------------------------------------------------------------------------ sample
 class SampleConfig(Section):
     prompts: list[str] = Field(
@@ -558,6 +611,7 @@ class Params(Section):
         default_factory=lambda: {"main": DatasetConfig()},
         description="Named datasets; each reads its own folder with its own settings.",
     )
+    autocaption: AutocaptionConfig = Field(default_factory=AutocaptionConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 

@@ -40,6 +40,10 @@ def demo_params(steps: int, variant: str = LEGACY_VARIANT) -> Params:
                        "steps": 4, "fps": 8, "guidance_scale": 3.0, "validation_clips": 1,
                        "preview_steps": 4, "preview_num_frames": 9, "preview_width": 64, "preview_height": 64,
                        "preview_guidance_scale": 3.0}
+    # run_cut.mp4 has no caption file: the tiny random captioner writes one (nonsense words, real path).
+    # The smoke recipe leaves autocaption off (users' own clips, no tiny captioner), so switch it on here.
+    tree["autocaption"] |= {"mode": "missing", "model": "models/tiny/captioner", "dtype": "fp32", "frames": 3, "frame_side": 64,
+                            "max_new_tokens": 16, "repetition_penalty": 1.3}
     return parse_params(tree, "demo params")
 
 

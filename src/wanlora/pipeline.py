@@ -75,6 +75,15 @@ STAGES: tuple[Stage, ...] = (
         outs=("data/trimmed",),
     ),
     Stage(
+        "autocaption", "caption clips that have no caption file with a vision-language model",
+        deps=("data/trimmed/clips.jsonl", "data/index/captions.jsonl"),
+        code=("src/wanlora/data/autocaption.py", "src/wanlora/data/captions.py", "src/wanlora/media",
+              "src/wanlora/models/captioner.py", "src/wanlora/models/loading.py"),
+        params=("autocaption", "datasets.{ds}.folder", "datasets.{ds}.captions.extension",
+                "datasets.{ds}.captions.max_tokens", "job.device", *MODEL_KEYS),
+        outs=("data/autocaptions",),
+    ),
+    Stage(
         "bucket", "choose resolution and frame buckets, place frame windows",
         deps=("data/trimmed/clips.jsonl",), code=("src/wanlora/data/buckets.py", "src/wanlora/models/variant.py", "src/wanlora/models/loading.py"),
         # the model: its variant sets the frame rate (bucket.fps null) and the side alignment (TI2V 5B: 32 px)
@@ -86,7 +95,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "captions", "validate captions, inject the trigger, write DOP variants",
-        deps=("data/index/captions.jsonl", "data/trimmed/clips.jsonl", "data/buckets/samples.jsonl"),
+        deps=("data/index/captions.jsonl", "data/trimmed/clips.jsonl", "data/buckets/samples.jsonl",
+              "data/autocaptions"),
         code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py"),
         params=("job.trigger_word", "datasets.{ds}.folder", "datasets.{ds}.captions", "datasets.{ds}.on_error",
                 "train.dop.preservation_class", "train.unload_text_encoder", *MODEL_KEYS),
@@ -97,6 +107,16 @@ STAGES: tuple[Stage, ...] = (
         deps=("data/buckets/samples.jsonl", "data/captions/captions.jsonl"), code=("src/wanlora/data/split.py",),
         params=("job.seed", "sample.validation_clips", "datasets.{ds}.role", "datasets.{ds}.cache_latents"),
         outs=("data/split",),
+    ),
+    Stage(
+        "review", "one offline page of every sample as trained, its caption and origin, every problem",
+        deps=("data/trimmed/clips.jsonl", "data/buckets/samples.jsonl", "data/captions", "data/split/validation.json",
+              "data/index/problems.json", "data/trimmed/problems.json", "data/autocaptions/problems.json",
+              "data/buckets/report.json"),
+        code=("src/wanlora/data/review.py", "src/wanlora/data/split.py", "src/wanlora/models/latents.py", "src/wanlora/models/cachefiles.py",
+              "src/wanlora/models/geometry.py", "src/wanlora/models/loading.py", "src/wanlora/media"),
+        params=(),
+        outs=("data/review",),
     ),
     Stage(
         "text_cache", "encode captions, DOP variants and prompts with UMT5 once",

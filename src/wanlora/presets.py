@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from wanlora.config import Params, ParamsError, dump_params, parse_params
+from wanlora.config import CAPTION_PROMPTS, Params, ParamsError, dump_params, parse_params
 from wanlora.io import atomic_write_text
 from wanlora.models.variant import LEGACY_VARIANT, VARIANTS
 
@@ -164,6 +164,8 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
                                    "close-up of [trigger] smiling, soft window light",
                                    "[trigger] running on a beach at sunset, tracking shot"],
                 "the same person across framing, light and motion shows identity is learned, not memorised"),
+        Setting("autocaption.prompt", CAPTION_PROMPTS["character"],
+                "auto captions describe everything but the person, so the trigger alone carries the identity"),
     ),
     "style": (
         Setting("network.rank", 16, "a look needs few directions; higher ranks start copying content"),
@@ -180,6 +182,8 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
                                    "a portrait of an old fisherman, [trigger] style",
                                    "a forest river in spring, [trigger] style"],
                 "varied subjects show the style transfers instead of its training content"),
+        Setting("autocaption.prompt", CAPTION_PROMPTS["style"],
+                "auto captions name the look, not the objects, so the style is not tied to the training content"),
     ),
     "motion": (
         Setting("network.rank", 16, "a motion is a small change to the model; 16 holds it"),
@@ -193,6 +197,8 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
                                    "an astronaut doing [trigger] on the moon",
                                    "a dog doing [trigger] in a meadow"],
                 "different subjects show the motion is learned, not the people who performed it"),
+        Setting("autocaption.prompt", CAPTION_PROMPTS["motion"],
+                "auto captions name the motion and camera move in the same words on every clip"),
     ),
     # Not a way to train: a check of the whole path (your clips and captions through every stage to
     # an export and its audit) in minutes on a CPU, with the tiny model of `wanlora make-tiny`,
@@ -219,6 +225,8 @@ RECIPES: dict[str, tuple[Setting, ...]] = {
         Setting("sample.preview_num_frames", 9, "the training length"),
         Setting("sample.preview_width", 64, "the training size"),
         Setting("sample.preview_height", 64, "the training size"),
+        Setting("autocaption.mode", "off", "the real captioner is an 8B model; to check its path too, set "
+                "autocaption.model to the captioner/ folder `wanlora make-tiny` writes and mode to missing"),
     ),
 }
 

@@ -7,6 +7,8 @@ the bad item (`on_error: skip`) or stop with every problem listed (`on_error: fa
 
 from __future__ import annotations
 
+import html
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -51,3 +53,15 @@ def write_problems(path: str | Path, problems: list[Problem]) -> None:
     """The problems report, an output of the stage; sorted so reruns write identical bytes."""
     rows = sorted((asdict(p) for p in problems), key=lambda r: (r["path"], r["reason"]))
     atomic_write_json(path, {"count": len(rows), "problems": rows})
+
+
+_HEADINGS = {"path": "file", "stage": "stage", "reason": "problem", "fix": "fix"}
+
+
+def problems_html(problems: list[dict], columns: Sequence[str], table_id: str) -> list[str]:
+    """Problem records (as problems.json stores them) as the lines of an HTML table, one column per
+    key: the review page and the evaluate report show the same reports the same way."""
+    h = [f'<table id="{table_id}"><tr>' + "".join(f"<th>{_HEADINGS[c]}</th>" for c in columns) + "</tr>"]
+    h += ["<tr>" + "".join(f"<td>{html.escape(str(p.get(c, '')))}</td>" for c in columns) + "</tr>" for p in problems]
+    h.append("</table>")
+    return h

@@ -195,28 +195,36 @@ def _relative(path: Path, workspace: Path) -> str:
 
 def _clip_caption(
     clip: dict, ds: DatasetConfig, job: JobConfig, dop: DopConfig, workspace: Path, count_tokens: Callable[[str], int],
-    trigger_only: bool = False,
+    trigger_only: bool = False, auto: dict | None = None,
 ) -> dict:
-    """The captions.jsonl record of one clip; raises CaptionError with the reason and fix."""
+    """The captions.jsonl record of one clip; raises CaptionError with the reason and fix.
+
+    Precedence: the user's caption file, then the clip's good auto caption (`auto`, a record of
+    data/autocaptions/captions.jsonl), then the dataset's default caption. `origin` says which;
+    `source` is the file read (the auto caption's .txt for auto), which `wanlora audit` re-hashes."""
     cfg = ds.captions
     rel = clip.get("caption_path")
     if trigger_only:  # AI Toolkit's unload_text_encoder: every clip is captioned by the trigger alone
         raw, warnings = "[trigger]", []
-        source, source_sha = "trigger_only", sha256_text("[trigger]")
+        origin, source, source_sha = "trigger_only", "trigger_only", sha256_text("[trigger]")
     elif rel and dataset_file(workspace, ds.folder, rel, f"caption of clip {clip['id']}").is_file():
         data = (workspace / rel).read_bytes()
         raw, warnings = decode_caption(data, cfg.non_utf8)
-        source, source_sha = rel, hashlib.sha256(data).hexdigest()
+        origin, source, source_sha = "file", rel, hashlib.sha256(data).hexdigest()
         if not normalize_whitespace(raw) and cfg.default_caption.strip():  # AI Toolkit does the same
             warnings.append(f"{rel} is empty: used datasets.{clip['dataset']}.captions.default_caption")
-            raw, source, source_sha = cfg.default_caption, "default", sha256_text(cfg.default_caption)
+            raw, origin, source, source_sha = cfg.default_caption, "default", "default", sha256_text(cfg.default_caption)
     elif rel:
         raise CaptionError(
             "caption file listed by the trim stage no longer exists", "restore it, or rerun `dvc repro` to rescan"
         )
+    elif auto is not None:
+        data = (workspace / auto["txt"]).read_bytes()
+        raw, warnings = data.decode("utf-8"), []
+        origin, source, source_sha = "auto", auto["txt"], hashlib.sha256(data).hexdigest()
     elif cfg.default_caption.strip():
         raw, warnings = cfg.default_caption, []
-        source, source_sha = "default", sha256_text(cfg.default_caption)
+        origin, source, source_sha = "default", "default", sha256_text(cfg.default_caption)
     else:
         stem = Path(clip["path"]).with_suffix("." + cfg.extension.lstrip(".")).name
         raise CaptionError(
@@ -229,6 +237,7 @@ def _clip_caption(
         "caption": caption.text,
         "caption_dop": caption.dop,
         "caption_sha256": sha256_text(caption.text),
+        "origin": origin,
         "source": source,
         "source_sha256": source_sha,
         "warnings": warnings + caption.warnings,
@@ -246,12 +255,16 @@ def run_stage(
     out_dir: Path,
     count_tokens: Callable[[str], int],
     trigger_only: bool = False,
+    autocaptions: Path | None = None,
 ) -> None:
     """Write out_dir/captions.jsonl (clips that have samples) and out_dir/problems.json.
 
     Which clip has which caption file comes from the scan stage's caption index (its `media`
     field), not from the clips manifest: adding a missing caption then changes only the caption
     chain, and trim and bucket do not rerun.
+
+    `autocaptions` (the autocaption stage's captions.jsonl) supplies a caption for clips without
+    a caption file; its bad captions are already reported there and are not used here.
 
     `trigger_only` (train.unload_text_encoder) ignores caption files: each clip's caption is the
     trigger word, as AI Toolkit trains when its text encoder is unloaded.
@@ -261,6 +274,7 @@ def run_stage(
     """
     pairs = {row["media"]: row["path"] for row in read_jsonl(caption_index)}
     clips = {c["id"]: {**c, "caption_path": pairs.get(c["path"])} for c in read_jsonl(clips_manifest)}
+    auto = {a["id"]: a for a in read_jsonl(autocaptions) if a["status"] == "ok"} if autocaptions else {}
     wanted = sorted({s["clip_id"] for s in read_jsonl(samples_manifest)})
     trigger = normalize_whitespace(job.trigger_word)
     check_trigger(trigger)
@@ -285,7 +299,7 @@ def run_stage(
                 "no longer has; rerun `dvc repro` after `wanlora sync`"
             )
         try:
-            records.append(_clip_caption(clip, ds, job, dop, workspace, count_tokens, trigger_only))
+            records.append(_clip_caption(clip, ds, job, dop, workspace, count_tokens, trigger_only, auto.get(clip_id)))
         except CaptionError as err:
             where = clip.get("caption_path") or clip["path"]
             fix = err.fix.replace("datasets.<name>", f"datasets.{clip['dataset']}")

@@ -22,6 +22,7 @@ from typing import Any
 from wanlora.data.split import BASIS_LABEL, HELD_OUT, TRAINING_CLIPS, Split
 from wanlora.io import read_jsonl
 from wanlora.train.timesteps import EXPERTS
+from wanlora.report import problems_html
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
@@ -202,7 +203,10 @@ def render_report(
     """The whole page as a string (written atomically by the stage); `previews`: the relative link
     to the train stage's live page, when there is one."""
     h = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{escape(title)}</h1>"]
+         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{escape(title)}</h1>",
+         # The review stage's page, beside data/eval/ in the workspace: the data this LoRA trained on.
+         '<p><a id="review" href="../review/index.html">Dataset review</a>: every training sample as trained, '
+         "its caption and where it came from, and every problem the data stages reported.</p>"]
     h += _best_section(split, best)
 
     h.append('<section id="samples"><h2>Samples</h2><table class="grid" id="grid"><thead><tr><th>checkpoint</th>')
@@ -251,9 +255,6 @@ def render_report(
     problems = summary["caption_problems"]
     h.append(f"<h3>Caption problems ({len(problems)})</h3>")
     if problems:
-        h.append('<table id="caption-problems"><tr><th>file</th><th>problem</th><th>fix</th></tr>')
-        h += [f"<tr><td>{escape(str(p.get('path')))}</td><td>{escape(str(p.get('reason')))}</td>"
-              f"<td>{escape(str(p.get('fix')))}</td></tr>" for p in problems]
-        h.append("</table>")
+        h += problems_html(problems, ("path", "reason", "fix"), "caption-problems")
     h.append("</section></body></html>")
     return "\n".join(h) + "\n"

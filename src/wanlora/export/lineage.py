@@ -134,8 +134,9 @@ def sample_records(workspace: Path, trained: Collection[str], skipped: Mapping[s
         row: dict[str, Any] = {"id": s["id"], "dataset": s.get("dataset"), "path": s["path"]}
         if s["id"] in trained:
             cap = captions.get(s["clip_id"], {})
-            row |= {"trained": True, "sha256": s["sha256"], "caption_source": cap.get("source"),
-                    "caption_source_sha256": cap.get("source_sha256"), "caption_sha256": cap.get("caption_sha256")}
+            row |= {"trained": True, "sha256": s["sha256"], "caption_origin": cap.get("origin"),  # file/auto/default
+                    "caption_source": cap.get("source"), "caption_source_sha256": cap.get("source_sha256"),
+                    "caption_sha256": cap.get("caption_sha256")}
         else:
             row |= {"trained": False, "reason": skipped.get(s["id"], "not used by training")}
         rows.append(row)

@@ -56,7 +56,8 @@ _CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_c
 # prefers the index, transformers the single file (diffusers ModelMixin.from_pretrained /
 # _fetch_index_file; transformers modeling_utils._get_resolved_checkpoint_files).
 _WEIGHTS_NAME = {"transformer": "diffusion_pytorch_model.safetensors", "transformer_2": "diffusion_pytorch_model.safetensors",
-                 "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+                 "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+                 "captioner": "model.safetensors"}  # a transformers folder, like text_encoder/
 _INDEX_FIRST = {"transformer", "transformer_2", "vae"}
 _SAFE_TORCH = (2, 6)  # torch.load(weights_only=True) is bypassable up to 2.5.1 (CVE-2025-32434)
 #: Full-content hashes of local shards, keyed by (path, size, mtime, inode), in the git-ignored
@@ -98,25 +99,35 @@ def _hub_patterns(parts: Sequence[str]) -> list[str]:
 def resolve_model(name_or_path: str, revision: str = "main", parts: Sequence[str] = ALL_PARTS) -> Path:
     """A local diffusers folder (used as is) or a hub id (downloaded, pinned to `revision`,
     limited to `parts`), checked with `check_layout`; returns the folder."""
+    return _local_or_hub(
+        name_or_path, revision, _hub_patterns(parts), lambda root: check_layout(root, parts),
+        f"model.name_or_path {name_or_path!r}: no such folder, and not a hub id (owner/name). "
+        "Fix: point model.name_or_path at a diffusers folder of Wan 2.2 T2V A14B "
+        "(with model_index.json, transformer/, transformer_2/, vae/, text_encoder/, tokenizer/)",
+    )
+
+
+def _local_or_hub(
+    name_or_path: str, revision: str, patterns: Sequence[str], check: Callable[[Path], None], not_a_model: str,
+    key: str = "model.name_or_path",
+) -> Path:
+    """A local folder as is, else a hub id downloaded at `revision` (only `patterns`); `check`ed either
+    way. `key` is the params key the fix in a download error names."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        check_layout(local, parts)
+        check(local)
         return local
     if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise ModelError(
-            f"model.name_or_path {name_or_path!r}: no such folder, and not a hub id (owner/name). "
-            "Fix: point model.name_or_path at a diffusers folder of Wan 2.2 T2V A14B "
-            "(with model_index.json, transformer/, transformer_2/, vae/, text_encoder/, tokenizer/)"
-        )
+        raise ModelError(not_a_model)
     try:
-        root = _download(name_or_path, revision, parts)
+        root = _download(name_or_path, revision, patterns, key)
     except ModelError as err:  # "models/wan" may be a mistyped local folder rather than a hub id
         raise ModelError(f"{err} (no local folder {local.resolve()} exists either)") from None
-    check_layout(root, parts)
+    check(root)
     return root
 
 
-def _download(repo_id: str, revision: str, parts: Sequence[str]) -> Path:
+def _download(repo_id: str, revision: str, patterns: Sequence[str], key: str = "model.name_or_path") -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -127,12 +138,12 @@ def _download(repo_id: str, revision: str, parts: Sequence[str]) -> Path:
 
     local_fix = (
         "Fix: download it once where the hub is reachable (`hf download "
-        f"{repo_id} --revision {revision}`) and set model.name_or_path to that folder, "
+        f"{repo_id} --revision {revision}`) and set {key} to that folder, "
         "or keep HF_HUB_OFFLINE=1 with the files already in the hub cache"
     )
     try:
         return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=_hub_patterns(parts))
+            snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns))
         )
     except GatedRepoError:
         raise ModelError(
@@ -508,3 +519,69 @@ def make_token_counter(root: str | Path) -> Callable[[str], int]:
         return len(tokenizer(clean_prompt(text), add_special_tokens=True)["input_ids"])
 
     return count
+
+
+# -------------------------------------------------------------------------------- captioner
+#: What a transformers VLM folder needs: configs, safetensors, tokenizer and chat template; never pickles.
+CAPTIONER_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
+CAPTIONER_TYPES = ("qwen2_5_vl", "qwen3_vl")
+
+
+def resolve_captioner(name_or_path: str, revision: str = "main") -> Path:
+    """A local folder or a hub id (downloaded at `revision`, configs and safetensors only) of a
+    Qwen-VL-class captioner, checked by `check_captioner`; returns the folder."""
+    return _local_or_hub(
+        name_or_path, revision, CAPTIONER_PATTERNS, check_captioner,
+        f"autocaption.model {name_or_path!r}: no such folder, and not a hub id (owner/name). Fix: point "
+        "autocaption.model at a Qwen-VL folder (config.json, *.safetensors, tokenizer files), or set "
+        "autocaption.mode: off", key="autocaption.model",
+    )
+
+
+def check_captioner(root: Path) -> None:
+    """Raise ModelError unless `root` holds a Qwen-VL config, readable safetensors and a tokenizer."""
+    config = root / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{root}: no config.json, so this is not a transformers model folder. Fix: point "
+                         "autocaption.model at the folder that holds config.json")
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    if model_type not in CAPTIONER_TYPES:
+        raise ModelError(f"{config}: model_type {model_type!r}; the captioner must be one of "
+                         f"{', '.join(CAPTIONER_TYPES)}. Fix: use e.g. Qwen/Qwen3-VL-8B-Instruct")
+    for w in _weight_files(root, "captioner"):  # refuses pickles; names the missing shard
+        read_safetensors_header(w)
+    if not (root / "tokenizer.json").is_file():
+        raise ModelError(f"{root}: no tokenizer.json. Fix: download the captioner's tokenizer files again")
+
+
+def captioner_identity(root: str | Path) -> str:
+    """Short stable identity of a captioner folder (configs, tokenizer and shards by content),
+    as `model_identity` does for a Wan part: the key of the auto-caption store."""
+    root = Path(root)
+    entries = []
+    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if path.suffix == ".safetensors":
+            entries.append([path.name, path.stat().st_size, content_sha256(path)])
+        elif path.name.endswith("config.json"):
+            config = json.loads(path.read_text(encoding="utf-8"))
+            entries.append([path.name, {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}])
+        elif not path.name.endswith(PICKLE_SUFFIXES):
+            entries.append([path.name, sha256_file(path)])
+    return sha256_json(entries)[:16]
+
+
+def load_captioner(root: str | Path, dtype: str | torch.dtype, device: str = "cpu"):
+    """(model, tokenizer, image processor) of a checked captioner folder: safetensors only, no
+    remote code, frozen. The image processor is the PIL one, which needs no torchvision; frames go
+    in as images (transformers' video processors require torchvision)."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    root = Path(root)
+    check_captioner(root)
+    model = AutoModelForImageTextToText.from_pretrained(
+        root, dtype=to_dtype(dtype), use_safetensors=True, trust_remote_code=False, device_map=str(device)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    images = Qwen2VLImageProcessorPil.from_pretrained(root)
+    return model.eval().requires_grad_(False), tokenizer, images

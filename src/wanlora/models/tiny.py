@@ -1,5 +1,6 @@
 """Tiny random Wan 2.2 models (T2V A14B, I2V A14B, TI2V 5B) in the real diffusers layouts, built
-offline in under a second.
+offline in under a second, and a tiny random Qwen3-VL captioner (the default architecture of the
+autocaption stage) beside them.
 
 Tests and the demo run every stage on them: same folder layout, same classes, same config keys as
 the Wan-AI/Wan2.2-*-Diffusers releases (TI2V 5B: one transformer, the 48-channel Wan 2.2 VAE with
@@ -141,4 +142,71 @@ def make_tiny(out_dir: Path, seed: int = 0, variant: str = "t2v-a14b") -> Path:
         else:
             pipe = WanPipeline(**parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    make_tiny_vlm(out_dir / CAPTIONER_FOLDER, seed + 4)
+    return out_dir
+
+
+#: Where `make_tiny` puts the tiny captioner, inside the Wan folder (diffusers ignores the extra folder).
+CAPTIONER_FOLDER = "captioner"
+_VLM_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>")
+#: Qwen's chat layout, reduced to what the captioner sends: one user turn of images and text.
+_VLM_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_vlm_tokenizer():
+    """A word-level tokenizer with Qwen's special tokens, built in memory (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in _WORDS if w not in ("sks", "ohwx")] + list(string.punctuation) + ["\n", "user", "assistant"]
+    vocab = {tok: i for i, tok in enumerate([*_VLM_SPECIAL, "<unk>", *dict.fromkeys(words)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    backend.add_special_tokens(list(_VLM_SPECIAL))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<unk>")
+    tokenizer.chat_template = _VLM_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_vlm(out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny random Qwen3-VL (2-layer vision tower and language model, width 32) with its
+    tokenizer, chat template and PIL image processor config, in the layout of
+    Qwen/Qwen3-VL-8B-Instruct; loadable by `wanlora.models.loading.load_captioner`."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    out_dir = Path(out_dir)
+    tokenizer = tiny_vlm_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _VLM_SPECIAL}
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "pad_token_id": ids["<|endoftext|>"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                "mrope_interleaved": True},
+        },
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+            "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 32,
+            "num_position_embeddings": 16, "deepstack_visual_indexes": [1],
+        },
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                             size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128}).save_pretrained(out_dir)
     return out_dir

@@ -17,4 +17,5 @@ def main() -> None:
         out_dir=WORKSPACE / "data/captions",
         count_tokens=make_token_counter(root),
         trigger_only=params.train.unload_text_encoder,
+        autocaptions=WORKSPACE / "data/autocaptions/captions.jsonl",
     )
