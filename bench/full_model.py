@@ -37,7 +37,8 @@ import torch
 from safetensors.torch import save_file
 
 from wanlora.models.geometry import TINY, WAN22_A14B, build_transformer
-from wanlora.models.tiny import BOUNDARY_RATIO, SCHEDULER, tiny_tokenizer
+from wanlora.models.tiny import SCHEDULER, tiny_tokenizer
+from wanlora.models.variant import get_variant
 
 #: text_encoder/config.json of Wan-AI/Wan2.2-T2V-A14B-Diffusers (UMT5-XXL, encoder only).
 UMT5_XXL = {
@@ -55,7 +56,7 @@ VAE_TINY = {"base_dim": 8, "z_dim": TINY["in_channels"], "dim_mult": [1, 1, 1, 1
 PARTS = ("transformer", "transformer_2", "text_encoder", "vae")
 #: (library, class) per part, as WanPipeline.save_pretrained writes them into model_index.json.
 INDEX = {
-    "_class_name": "WanPipeline", "boundary_ratio": BOUNDARY_RATIO, "expand_timesteps": False,
+    "_class_name": "WanPipeline", "boundary_ratio": get_variant("t2v-a14b").boundary, "expand_timesteps": False,
     "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
     "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "WanTransformer3DModel"],
     "transformer_2": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
