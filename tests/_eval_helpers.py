@@ -183,6 +183,7 @@ def make_eval_workspace(root: Path, steps=(2, 4), n_clips: int = 5) -> Path:
 
     from wanlora.config import dump_params, parse_params
     from wanlora.data.split import run_stage as split_stage
+    from wanlora.pipeline import CAPTION_MANIFEST, SAMPLES, SPLIT_FILE
     from wanlora.evaluate.media import write_mp4
     from wanlora.io import atomic_write_json, sha256_file, sha256_text, write_jsonl
     from wanlora.models import latents, text
@@ -211,7 +212,7 @@ def make_eval_workspace(root: Path, steps=(2, 4), n_clips: int = 5) -> Path:
     write_jsonl(root / "data/trimmed/clips.jsonl", clips)
     write_jsonl(root / "data/buckets/samples.jsonl", samples)
     write_jsonl(root / "data/captions/captions.jsonl", captions)
-    split_stage(params, root)
+    split_stage(params, root / SAMPLES, root / CAPTION_MANIFEST, root / SPLIT_FILE)
     atomic_write_json(root / "data/buckets/histogram.json", [{"bucket": "32x32x5", "count": n_clips}])
     atomic_write_json(root / "data/captions/problems.json", {"count": 1, "problems": [
         {"path": "data/raw/x.mp4", "reason": "no caption <file>", "fix": "write x.txt", "stage": "captions"}]})

@@ -45,6 +45,7 @@ from wanlora.export.lineage import (
     tensors_sha256,
 )
 from wanlora.io import read_jsonl, sha256_file, sha256_text
+from wanlora.pipeline import LORA
 
 UNCHANGED, CHANGED, MISSING, UNKNOWN, NONE = "unchanged", "changed", "missing", "unknown", "none"
 NOT_TRAINED = "not trained"
@@ -285,7 +286,7 @@ def check_checkpoint(file: Path, fields: dict[str, str], workspace: Path) -> Man
     expert, step = fields.get("expert"), fields.get("step", "")
     if expert not in ("high", "low") or not step.isdigit():
         raise LineageError(f"expert {expert!r} / step {step!r} are not what wanlora writes")
-    rel = f"data/lora/{expert}/step_{int(step):06d}.safetensors"
+    rel = f"{LORA}/{expert}/step_{int(step):06d}.safetensors"
     path = workspace / rel
     recorded = fields["tensors_sha256"]
     if not path.is_file():

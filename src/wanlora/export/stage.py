@@ -25,6 +25,7 @@ from wanlora.export import formats
 from wanlora.export.imports import read_lora
 from wanlora.export.lineage import PREFIX, sidecar_names, tensors_sha256
 from wanlora.io import atomic_write_bytes, atomic_write_json, sha256_file
+from wanlora.pipeline import LORA
 
 STEP_FILE = re.compile(r"step_(\d+)\.safetensors\Z")
 EXPERTS = ("high", "low")
@@ -67,7 +68,7 @@ class Pick:
 def choose_steps(spec: str, checkpoints: dict[int, dict[str, Path]], best_path: Path) -> dict[str, Pick]:
     """The step each expert's file comes from; errors list the steps that exist."""
     if not checkpoints:
-        raise NoCheckpoints("no checkpoints in data/lora/{high,low}/: run the train stage first (`dvc repro`)")
+        raise NoCheckpoints(f"no checkpoints in {LORA}/{{high,low}}/: run the train stage first (`dvc repro`)")
     listing = ", ".join(map(str, checkpoints))
     experts = sorted({e for files in checkpoints.values() for e in files})
     if spec == "last":
@@ -129,11 +130,11 @@ def export_file(src: Path, fmt: str, dst: Path, output_name: str | None = None, 
     return dst
 
 
-def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
+def run_stage(params: Params, lora_dir: Path, best_path: Path, out_dir: Path) -> None:
     """Write each expert's chosen checkpoint in every configured format, plus `export.json`."""
-    workspace, out_dir = Path(workspace), Path(out_dir)
-    checkpoints = list_checkpoints(workspace / "data/lora")
-    picks = choose_steps(params.export.step, checkpoints, workspace / "data/eval/best.json")
+    out_dir = Path(out_dir)
+    checkpoints = list_checkpoints(lora_dir)
+    picks = choose_steps(params.export.step, checkpoints, best_path)
     written = []
     for fmt in params.export.formats:
         for expert, pick in sorted(picks.items()):

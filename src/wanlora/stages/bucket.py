@@ -1,7 +1,8 @@
 from wanlora.data.buckets import run_stage
+from wanlora.pipeline import BUCKETS, CLIPS
 from wanlora.stages._common import WORKSPACE, load
 
 
 def main() -> None:
     params = load()
-    run_stage(params.datasets, WORKSPACE / "data/trimmed/clips.jsonl", WORKSPACE / "data/buckets")
+    run_stage(params.datasets, WORKSPACE / CLIPS, WORKSPACE / BUCKETS)
