@@ -13,7 +13,8 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from wanlora.export.formats import LoraModule, save_safetensors, write_ours
+from wanlora.export.formats import LoraModule, write_ours
+from wanlora.tensorfiles import save as save_safetensors
 from wanlora.models.geometry import TINY
 
 ALL_TARGETS = [

@@ -226,7 +226,7 @@ def test_too_few_clips_fall_back_to_a_training_clip_loss_labelled_everywhere(tmp
     """Three clips cannot spare one (at most one in five is held out): the loss is on training
     clips, and metrics, best.json, the report, export.json and the export header all say so."""
     from wanlora.export.stage import run_stage as export
-    from wanlora.export.formats import read_header
+    from wanlora.tensorfiles import read_header
 
     ws = make_eval_workspace(tmp_path, steps=(2, 4), n_clips=3)
     params = load_params(ws / "params.yaml")

@@ -14,7 +14,8 @@ from tests._eval_helpers import (LINEAGE_PARAMS, forward, make_lineage_workspace
 from wanlora.config import DEFAULT_TARGETS, ParamsError, load_params, parse_params
 from wanlora.export.stage import run_stage
 from wanlora.export.audit import verify
-from wanlora.export.formats import LoraFormatError, load_safetensors, read_header, read_native, save_safetensors
+from wanlora.export.formats import LoraFormatError, read_native
+from wanlora.tensorfiles import load as load_safetensors, read_header, save as save_safetensors
 from wanlora.io import atomic_write_json
 from wanlora.pipeline import BEST, LORA
 

@@ -14,7 +14,7 @@ from wanlora.data.dataset import epoch_batches, small_buckets
 from wanlora.models.geometry import TINY, build_transformer
 from wanlora.train import checkpoint as ckpt
 from wanlora.train.experts import ExpertPlacer, ExpertSchedule, park_loaded, plan_placement
-from wanlora.io import safetensors_bytes
+from wanlora.tensorfiles import to_bytes as safetensors_bytes
 from wanlora.train.lora import Ema, add_lora, lora_disabled, lora_state_dict, set_lora_scale
 from wanlora.train.offload import BlockOffload
 from wanlora.train.optim import build_optimizer, lr_at

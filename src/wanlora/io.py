@@ -122,25 +122,6 @@ def dataset_file(workspace: str | Path, folder: str | Path, rel: str, where: str
     return path
 
 
-def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
-    """A safetensors file as bytes, with its JSON header's keys sorted.
-
-    safetensors keeps metadata in a hash map whose order changes from process to process, so two
-    runs that produce identical tensors would write different bytes: a resumed run could never
-    match an uninterrupted one, and DVC would see a change where there is none. Tensor offsets are
-    relative to the data section, so only the header is rewritten (space-padded to a multiple of 8,
-    as the format recommends).
-    """
-    from safetensors.torch import save
-
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata) if metadata else None)
-    n = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    text = header.encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + n:]
-
-
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks (clips can be gigabytes)."""
     h = hashlib.sha256()

@@ -97,7 +97,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "captions", "validate captions, inject the trigger, write DOP variants",
         deps=(CAPTION_INDEX, CLIPS, SAMPLES),
-        code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py"),
+        code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py", "src/wanlora/tensorfiles.py"),
         params=("job.trigger_word", "datasets.{ds}.folder", "datasets.{ds}.captions", "datasets.{ds}.on_error",
                 "train.dop.preservation_class", "train.unload_text_encoder", *MODEL_KEYS),
         outs=(CAPTIONS,),
@@ -111,7 +111,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "text_cache", "encode captions, DOP variants and prompts with UMT5 once",
         deps=(CAPTION_MANIFEST,),
-        code=("src/wanlora/models", "src/wanlora/data/captions.py"),
+        code=("src/wanlora/models", "src/wanlora/tensorfiles.py", "src/wanlora/data/captions.py"),
         params=(*MODEL_KEYS, "model.dtype", "quantization.text_encoder", "sample.prompts", "sample.negative_prompt",
                 "job.trigger_word", "train.dop.preservation_class", "job.device"),
         outs=(TEXT_CACHE,),
@@ -119,7 +119,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "latent_cache", "encode every sample window with the VAE once",
         deps=(MEDIA_INDEX, SAMPLES),
-        code=("src/wanlora/models", "src/wanlora/media"),
+        code=("src/wanlora/models", "src/wanlora/tensorfiles.py", "src/wanlora/media"),
         params=(*MODEL_KEYS, "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "train.latent_mode",
                 "job.device"),  # folder: sample paths must stay inside it (io.dataset_file)
         outs=(LATENT_CACHE,),
@@ -129,7 +129,7 @@ STAGES: tuple[Stage, ...] = (
         deps=(CAPTION_MANIFEST, SAMPLES, SPLIT_FILE, TEXT_CACHE, LATENT_CACHE),
         code=("src/wanlora/train", "src/wanlora/models", "src/wanlora/media", "src/wanlora/data/dataset.py",
               "src/wanlora/data/captions.py", "src/wanlora/data/split.py", "src/wanlora/export/lineage.py",
-              "src/wanlora/export/formats.py", "src/wanlora/lock.py"),
+              "src/wanlora/export/formats.py", "src/wanlora/lock.py", "src/wanlora/tensorfiles.py"),
         params=("job.seed", "job.trigger_word", "job.device", "model", "quantization", "multistage", "network",
                 "save", "train", "datasets.{ds}.cache_latents", "datasets.{ds}.folder"),
         outs=(LORA, TRAIN_LIVE, TRAIN_PERF),
@@ -141,7 +141,7 @@ STAGES: tuple[Stage, ...] = (
         deps=(LORA, TRAIN_LIVE, TEXT_CACHE, LATENT_CACHE, SAMPLES, HISTOGRAM, CLIPS, CAPTION_MANIFEST,
               CAPTION_PROBLEMS, SPLIT_FILE),
         code=("src/wanlora/evaluate", "src/wanlora/models", "src/wanlora/train", "src/wanlora/export",
-              "src/wanlora/data/split.py"),
+              "src/wanlora/data/split.py", "src/wanlora/tensorfiles.py"),
         params=("job.name", "job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.dtype",
                 "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "sample"),
         outs=(EVAL,), metrics=(METRICS,),
@@ -153,7 +153,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "export", "write the chosen checkpoint for ComfyUI and diffusers",
         deps=(LORA, BEST),
-        code=("src/wanlora/export",),
+        code=("src/wanlora/export", "src/wanlora/tensorfiles.py"),
         params=("export", "job.name"),
         outs=(EXPORTS,),
     ),

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from wanlora import tensorfiles
 from wanlora.export import formats
 from wanlora.export.formats import Lora, LoraFormatError
 from wanlora.io import sha256_file
@@ -74,7 +75,7 @@ def read_lora(path: Path, expert: Expert | None = None, foreign: bool = False) -
     """(Lora, header metadata, format) of any supported file: 'ours', 'native' or 'kohya'.
 
     `foreign`: made by another tool, so a peft-named file without alpha metadata means alpha = rank."""
-    sd, metadata = formats.load_safetensors(path)
+    sd, metadata = tensorfiles.load(path, formats.LoraFormatError)
     if not sd:
         raise LoraFormatError(f"{path}: holds no tensors")
     fmt = formats.detect_format(list(sd))
@@ -120,5 +121,5 @@ def import_lora(
 def import_to_file(src: Path, dst: Path, base_config: Mapping[str, Any], expert: Expert | None = None) -> Path:
     """`import_lora`, written as a wanlora/diffusers file at `dst` (what `wanlora import-lora` does)."""
     sd, meta = import_lora(Path(src), base_config, expert)
-    formats.save_safetensors(Path(dst), sd, meta)
+    tensorfiles.save(Path(dst), sd, meta)
     return Path(dst)

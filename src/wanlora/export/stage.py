@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
+from wanlora import tensorfiles
 from wanlora.config import Params
 from wanlora.errors import UserError
 from wanlora.export import formats
@@ -122,7 +123,7 @@ def export_file(src: Path, fmt: str, dst: Path, output_name: str | None = None, 
         tensors, extra = formats.write_ours(lora)
     else:
         raise ValueError(f"unknown export format {fmt!r}; use 'comfyui' or 'diffusers'")
-    formats.save_safetensors(dst, tensors, {**carried, **extra})
+    tensorfiles.save(dst, tensors, {**carried, **extra})
     for name in sidecar_names(meta):  # lineage too large for the header travels beside the file (checked name)
         if not (src.parent / name).is_file():
             raise FileNotFoundError(f"{src.parent / name}: lineage sidecar of {src.name} is missing")

@@ -46,7 +46,8 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from wanlora import __version__
-from wanlora.io import atomic_open, atomic_write_json, sha256_json
+from wanlora.io import atomic_write_json, sha256_json
+from wanlora.tensorfiles import save_streamed
 
 QuantMode = Literal["none", "float8", "qfloat8", "nf4", "uint4"]
 TextQuantMode = Literal["none", "float8", "qfloat8"]
@@ -479,35 +480,6 @@ def assert_not_fused(model: nn.Module) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- caching
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Stream tensors into a safetensors file through `wanlora.io.atomic_open`, one tensor's bytes
-    in host memory at a time (`safetensors.torch.save` would build the whole 7-14 GB file in RAM)."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for key, t in tensors.items():
-        if t.dtype not in _ST_DTYPES:
-            raise TypeError(f"{key}: dtype {t.dtype} cannot be stored in safetensors")
-        size = t.numel() * t.element_size()
-        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-    with atomic_open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for t in tensors.values():
-            if t.numel():
-                f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
-
-
 def _module_record(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, QuantizedLinear):
         return module.record()
@@ -586,7 +558,7 @@ def save_quantized(model: nn.Module, folder: str | Path, key: dict[str, Any]) ->
         records[name] = _module_record(module)
         for k, v in module.state_dict().items():
             tensors[f"{name}.{k}"] = v
-    write_safetensors(folder / "weights.safetensors", tensors, {"wanlora_quant": json.dumps(key, sort_keys=True)})
+    save_streamed(folder / "weights.safetensors", tensors, {"wanlora_quant": json.dumps(key, sort_keys=True)})
     atomic_write_json(folder / "quant.json", {"key": key, "modules": records})
     return folder
 
@@ -703,5 +675,5 @@ __all__ = [
     "DEFAULT_EXCLUDE", "Float8Linear", "FusionRefused", "QuantMode", "QuantizedLinear", "UInt4Linear",
     "assert_not_fused", "cache_key", "dequantized_weight", "enable_fp8_matmul", "forbid_fusion", "is_quantized",
     "load_quantized", "quant_kind", "quantize_cached", "quantize_module", "quantize_transformer",
-    "quantized_modules", "save_quantized", "select_linears", "weight_bytes", "write_safetensors",
+    "quantized_modules", "save_quantized", "select_linears", "weight_bytes",
 ]

@@ -52,8 +52,8 @@ from wanlora.models.quant import (
     is_quantized,
     quantize_cached,
     quantized_modules,
-    write_safetensors,
 )
+from wanlora.tensorfiles import save_streamed
 
 console = Console(stderr=True)
 
@@ -586,22 +586,15 @@ def weights_from_model(model: nn.Module) -> WeightLoader:
 
 def weights_from_safetensors(folder: str | Path) -> WeightLoader:
     """Original weights read lazily, one tensor at a time, from a diffusers transformer folder
-    (single file or sharded with `*.safetensors.index.json`)."""
+    (single file or sharded with its index: the files the loader reads, `loading.weight_files`)."""
     from safetensors import safe_open
 
+    from wanlora.models.loading import ModelError, weight_files
+    from wanlora.tensorfiles import MODEL_HEADER_BYTES, read_header
+
     folder = Path(folder)
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        mapping = json.loads(index[0].read_text(encoding="utf-8"))["weight_map"]
-        where = {k: folder / v for k, v in mapping.items()}
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no .safetensors weights; point at the transformer folder")
-        where = {}
-        for path in files:
-            with safe_open(str(path), "pt") as f:
-                where |= dict.fromkeys(f.keys(), path)
+    where = {key: path for path in weight_files(folder, "transformer")
+             for key in read_header(path, ModelError, MODEL_HEADER_BYTES, "a model shard's")[0]}
 
     def load(name: str) -> Tensor:
         key = f"{name}.weight"
@@ -635,7 +628,7 @@ def save_corrections(model: nn.Module, path: str | Path, key: dict[str, Any]) ->
     tensors = {}
     for name, corr in corrections(model).items():
         tensors[f"{name}.down"], tensors[f"{name}.up"] = corr.down, corr.up
-    write_safetensors(path, tensors, {"wanlora_recovery": json.dumps(key, sort_keys=True)})
+    save_streamed(path, tensors, {"wanlora_recovery": json.dumps(key, sort_keys=True)})
 
 
 def load_corrections(model: nn.Module, path: str | Path, key: dict[str, Any], ignore: Sequence[str] = ()) -> int:

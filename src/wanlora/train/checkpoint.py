@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load as safetensors_load
 
-from wanlora.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
+from wanlora.io import atomic_write_bytes, atomic_write_json
+from wanlora.tensorfiles import to_bytes as safetensors_bytes
 
 LATEST = "latest.json"
 

@@ -30,7 +30,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from wanlora.config import NetworkConfig
-from wanlora.io import safetensors_bytes
+from wanlora.tensorfiles import to_bytes as safetensors_bytes
 
 PREFIX = "transformer."
 ADAPTER = "default"
