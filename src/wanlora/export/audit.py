@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wanlora.config import ParamsError, load_params
+from wanlora.config import EXPERTS, ParamsError, load_params
 from wanlora.export.formats import LoraFormatError
 from wanlora.export.imports import read_lora
 from wanlora.export.lineage import (
@@ -285,7 +285,7 @@ def _digest(file: Path) -> str:
 def check_checkpoint(file: Path, fields: dict[str, str], workspace: Path) -> ManifestCheck:
     """The workspace's own checkpoint of this expert and step must hold the same tensors."""
     expert, step = fields.get("expert"), fields.get("step", "")
-    if expert not in ("high", "low") or not step.isdigit():
+    if expert not in EXPERTS or not step.isdigit():
         raise LineageError(f"expert {expert!r} / step {step!r} are not what wanlora writes")
     rel = f"{LORA}/{expert}/step_{int(step):06d}.safetensors"
     path = workspace / rel

@@ -14,16 +14,16 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from wanlora import tensorfiles
+from wanlora.config import Expert
 from wanlora.export import formats
 from wanlora.export.formats import Lora, LoraFormatError
 from wanlora.io import sha256_file
 
-Expert = Literal["high", "low"]
 _AITK_EXPERT = {"high": ".transformer_1.", "low": ".transformer_2."}
 #: Header keys of a foreign file that an import keeps (in `wanlora.imported_metadata`): what names
 #: the file's origin and shape. Everything else stays behind: trainers write dataset folders and

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from wanlora import __version__
-from wanlora.config import Params
+from wanlora.config import EXPERTS, Params
 from wanlora.export.formats import Lora, read_ours
 from wanlora.io import atomic_write_text, read_jsonl, sha256_file, sha256_text
 from wanlora.pipeline import CAPTION_MANIFEST, LORA, SAMPLES, stage_values
@@ -159,7 +159,7 @@ def lineage_metadata(
     sample list over 64 KB is written to `sidecar_dir` (default: data/lora/<expert>/, where the
     trainer saves) as `lineage-<hash>.json`; exports copy it along. `seal` adds the tensor hash.
     """
-    if expert not in ("high", "low"):
+    if expert not in EXPERTS:
         raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
     workspace = Path(workspace)
     samples_json = json.dumps(sample_records(workspace, set(trained), skipped), sort_keys=True,

@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from wanlora import tensorfiles
-from wanlora.config import Params
+from wanlora.config import EXPERTS, Params
 from wanlora.errors import UserError
 from wanlora.export import formats
 from wanlora.export.imports import read_lora
@@ -29,7 +29,6 @@ from wanlora.io import atomic_write_bytes, atomic_write_json, sha256_file
 from wanlora.pipeline import LORA
 
 STEP_FILE = re.compile(r"step_(\d+)\.safetensors\Z")
-EXPERTS = ("high", "low")
 console = Console(stderr=True)
 
 

@@ -33,7 +33,7 @@ import os
 import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # imported lazily at run time: a stage that needs the VAE ski
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
+from wanlora.config import Expert
 from wanlora.errors import UserError
 from wanlora.io import atomic_write_json, sha256_file, sha256_json
 from wanlora.tensorfiles import MODEL_HEADER_BYTES, is_pickle, read_header
@@ -358,7 +359,7 @@ def load_vae_config(root: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- loaders
 def load_transformer(
     root: str | Path,
-    expert: Literal["high", "low"],
+    expert: Expert,
     dtype: str | torch.dtype,
     device: str = "cpu",
     skip: Collection[str] = (),

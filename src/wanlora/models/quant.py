@@ -37,7 +37,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, get_args
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +46,10 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from wanlora import __version__
+from wanlora.config import TextEncoderQType, TransformerQType
 from wanlora.io import atomic_write_json, sha256_json
 from wanlora.tensorfiles import save_streamed
 
-QuantMode = Literal["none", "float8", "qfloat8", "nf4", "uint4"]
-TextQuantMode = Literal["none", "float8", "qfloat8"]
 
 #: Kept in full precision by default: the timestep/text conditioning and the final projection feed
 #: every block's modulation (AI Toolkit excludes `condition_embedder*` and `proj_out*` for Wan 2.2);
@@ -388,7 +387,7 @@ def _check_mode(mode: str, allowed: Sequence[str], what: str) -> None:
 # ---------------------------------------------------------------------------- entry points
 def quantize_transformer(
     model: nn.Module,
-    mode: QuantMode,
+    mode: TransformerQType,
     group_size: int = 64,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     device: str | torch.device | None = None,
@@ -402,7 +401,7 @@ def quantize_transformer(
     accuracy-recovery adapter covers); `exclude` keeps layers in full precision. Both take fnmatch
     patterns over qualified module names (`blocks.3.attn1.to_q`).
     """
-    _check_mode(mode, get_args(QuantMode), "quantization.transformer")
+    _check_mode(mode, get_args(TransformerQType), "quantization.transformer")
     if mode == "none":
         return
     if mode == "uint4" and (group_size < 2 or group_size % 2):
@@ -432,13 +431,13 @@ def quantize_transformer(
 
 def quantize_module(
     module: nn.Module,
-    mode: TextQuantMode,
+    mode: TextEncoderQType,
     exclude: Sequence[str] = (),
     device: str | torch.device | None = None,
 ) -> None:
     """Quantize a text encoder (UMT5) in place: only the 8-bit modes, which keep its embeddings
     faithful enough for cached prompts."""
-    _check_mode(mode, get_args(TextQuantMode), "quantization.text_encoder")
+    _check_mode(mode, get_args(TextEncoderQType), "quantization.text_encoder")
     quantize_transformer(module, mode, exclude=exclude, device=device)
 
 
@@ -605,7 +604,7 @@ def quantize_cached(
     model_loader: Callable[[], nn.Module],
     cache_dir: str | Path,
     key: dict[str, Any],
-    mode: QuantMode,
+    mode: TransformerQType,
     group_size: int = 64,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     include: Sequence[str] | None = None,
@@ -672,7 +671,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 __all__ = [
-    "DEFAULT_EXCLUDE", "Float8Linear", "FusionRefused", "QuantMode", "QuantizedLinear", "UInt4Linear",
+    "DEFAULT_EXCLUDE", "Float8Linear", "FusionRefused", "QuantizedLinear", "UInt4Linear",
     "assert_not_fused", "cache_key", "dequantized_weight", "enable_fp8_matmul", "forbid_fusion", "is_quantized",
     "load_quantized", "quant_kind", "quantize_cached", "quantize_module", "quantize_transformer",
     "quantized_modules", "save_quantized", "select_linears", "weight_bytes",

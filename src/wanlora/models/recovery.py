@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.progress import track
 from torch import Tensor, nn
 
+from wanlora.config import Expert
 from wanlora.io import sha256_json
 from wanlora.models.quant import (
     DEFAULT_EXCLUDE,
@@ -57,7 +58,6 @@ from wanlora.tensorfiles import save_streamed
 
 console = Console(stderr=True)
 
-Expert = Literal["high", "low"]
 #: AI Toolkit's DualWanTransformer3DModel names the high-noise expert transformer_1, the low transformer_2.
 AITK_EXPERT_PREFIX = {"high": "transformer_1.", "low": "transformer_2."}
 BlockInput = tuple[tuple[Any, ...], dict[str, Any]]

@@ -27,6 +27,7 @@ from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches
 from wanlora.data.split import HELD_OUT_REASON, SPLIT_FILE
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
+from wanlora.models.loading import DTYPES
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.pipeline import stage_values
 from wanlora.report import InputError, console, write_problems
@@ -49,7 +50,6 @@ from wanlora.train.sequence_parallel import check_model_degree, check_world, ena
 from wanlora.train.step import StepBatch
 from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEXT_DIR = "data/cache/text"
 # Where the run trains, not what it computes: a run resumes on another GPU count or device.
 PLACEMENT_KEYS = ("train.gpus", "job.device", "train.sequence_parallel")

@@ -28,15 +28,12 @@ band (the expert's share when experts are chosen in proportion to their bands).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from wanlora.config import Expert, TimestepBias, TimestepType
 from wanlora.train.flowmatch import NUM_TRAIN_TIMESTEPS, shift_sigma, unshift_sigma
 
-TimestepType = Literal["linear", "sigmoid", "shift", "weighted"]
-TimestepBias = Literal["balanced", "high_noise", "low_noise"]
-Expert = Literal["high", "low"]
 
 # Loss weight of the 'weighted' type at t = 1000, 900, ..., 0: knots read off AI Toolkit's
 # default_weighing_scheme (measured on Flex.1, seen on other flow-match models too), interpolated
