@@ -17,6 +17,7 @@ of cache files, which keeps each process free of a model folder and a text-cache
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -183,7 +184,7 @@ def scenario_expert_parallel(env: DistEnv, out: Path, results: dict) -> None:
     model, data = tiny_expert(EXPERT_SEEDS[expert]), SyntheticData()
     opt = build_optimizer(lora_params(model), CFG)
     cursor = Cursor()
-    steps = plan.steps_per_group(CFG.steps)
+    steps = math.ceil(CFG.steps / plan.step_increment)  # each group runs half the steps
     outs = run_steps(model, opt, data, cursor, range(steps), env, expert=expert, group=groups[expert],
                      group_rank=members.index(env.rank), group_world=len(members))
     save_parallel_checkpoint(out / "ep_state", env, plan, {expert: ExpertParts(model, opt)}, step=steps,

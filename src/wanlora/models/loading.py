@@ -341,13 +341,6 @@ def boundary_ratio(root: str | Path) -> float:
     return float(value)
 
 
-def load_scheduler_config(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise ModelError(f"{path}: missing. Fix: download scheduler/ of the model")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def load_vae_config(root: str | Path) -> dict[str, Any]:
     """vae/config.json: latents_mean / latents_std for (de)normalising without loading the VAE."""
     path = Path(root) / "vae" / "config.json"

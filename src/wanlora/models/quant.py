@@ -463,21 +463,6 @@ def forbid_fusion(model: nn.Module) -> int:
     return guarded
 
 
-def assert_not_fused(model: nn.Module) -> None:
-    """Raise if any LoRA has been merged into a quantized base (e.g. before `forbid_fusion`)."""
-    from peft.tuners.lora import LoraLayer
-
-    fused = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, LoraLayer) and m.merged_adapters and is_quantized(m.get_base_layer())
-    ]
-    if fused:
-        raise FusionRefused(
-            f"LoRA merged into {len(fused)} quantized layer(s), e.g. {fused[0]}: that update is lost; "
-            "unmerge it and keep the LoRA separate"
-        )
-
 
 def _module_record(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, QuantizedLinear):
@@ -668,11 +653,3 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(id(t))
             total += _tensor_bytes(t)
     return total
-
-
-__all__ = [
-    "DEFAULT_EXCLUDE", "Float8Linear", "FusionRefused", "QuantizedLinear", "UInt4Linear",
-    "assert_not_fused", "cache_key", "dequantized_weight", "enable_fp8_matmul", "forbid_fusion", "is_quantized",
-    "load_quantized", "quant_kind", "quantize_cached", "quantize_module", "quantize_transformer",
-    "quantized_modules", "save_quantized", "select_linears", "weight_bytes",
-]

@@ -857,12 +857,3 @@ def anisotropic(
     std = torch.arange(1, dim + 1, dtype=work, device=device).pow(-decay / 2)
     z = torch.randn(n, dim, generator=g, dtype=work, device=device)
     return ((z * std) @ basis.T).to(dtype)
-
-
-__all__ = [
-    "AdapterFile", "ErrorPair", "LowRankCorrection", "RecoveryReport", "Whitener", "adapter_targets", "aitk_module_name",
-    "anisotropic", "attach_correction", "block_report", "capture_block_inputs", "corrections",
-    "detach_correction", "distill_block", "fit_block", "fit_correction", "fit_correction_whitened", "fit_model",
-    "load_aitk_adapter", "load_corrections", "prepare_quantized_expert", "read_aitk_adapter", "recovery_report", "reference_block", "relative_error",
-    "resolve_adapter_source", "save_corrections", "set_recovery_enabled", "weights_from_model", "weights_from_safetensors",
-]

@@ -131,11 +131,6 @@ def lora_disabled(expert: torch.nn.Module) -> Iterator[None]:
         expert.enable_adapters()
 
 
-def set_lora_scale(expert: torch.nn.Module, scale: float) -> None:
-    """Multiply the adapter's update by `scale` (0 gives the base model's output)."""
-    expert.set_adapters([ADAPTER], weights=[scale])
-
-
 class Ema:
     """Exponential moving average of one expert's LoRA tensors (fp32 shadows on the same device).
 
