@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import Progress
 
 from wanlora.config import Params
@@ -32,10 +31,9 @@ from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curve
 from wanlora.evaluate.validation import ValItem, fixed_noise_losses
 from wanlora.export.stage import list_checkpoints
 from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, read_jsonl, sha256_file, sha256_json
-from wanlora.report import InputError
+from wanlora.report import InputError, console
 
 EVAL_FORMAT = 2  # bump when cached results would no longer match what this code writes
-console = Console(stderr=True)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 
 from wanlora import tensorfiles
 from wanlora.config import EXPERTS, Params
@@ -27,9 +26,9 @@ from wanlora.export.imports import read_lora
 from wanlora.export.lineage import PREFIX, sidecar_names, tensors_sha256
 from wanlora.io import atomic_write_bytes, atomic_write_json, sha256_file
 from wanlora.pipeline import LORA
+from wanlora.report import console
 
 STEP_FILE = re.compile(r"step_(\d+)\.safetensors\Z")
-console = Console(stderr=True)
 
 
 class NoSuchStep(UserError, ValueError):

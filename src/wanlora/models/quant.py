@@ -41,13 +41,13 @@ from typing import Any, ClassVar, get_args
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.progress import track
 from torch import Tensor, nn
 
 from wanlora import __version__
 from wanlora.config import TextEncoderQType, TransformerQType
 from wanlora.io import atomic_write_json, sha256_json
+from wanlora.report import console
 from wanlora.tensorfiles import save_streamed
 
 
@@ -70,8 +70,6 @@ _F32_EPS = torch.finfo(torch.float32).eps
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Bumped whenever the cache layout or any quantizer's rounding changes, so old caches miss.
 CACHE_FORMAT = 1
-
-console = Console(stderr=True)
 
 
 class FusionRefused(RuntimeError):
@@ -461,7 +459,6 @@ def forbid_fusion(model: nn.Module) -> int:
             m.merge = functools.partial(_refuse_merge, name)  # type: ignore[method-assign]
             guarded += 1
     return guarded
-
 
 
 def _module_record(module: nn.Module) -> dict[str, Any]:

@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.progress import track
 from torch import Tensor, nn
 
@@ -54,9 +53,9 @@ from wanlora.models.quant import (
     quantize_cached,
     quantized_modules,
 )
+from wanlora.report import console
 from wanlora.tensorfiles import save_streamed
 
-console = Console(stderr=True)
 
 #: AI Toolkit's DualWanTransformer3DModel names the high-noise expert transformer_1, the low transformer_2.
 AITK_EXPERT_PREFIX = {"high": "transformer_1.", "low": "transformer_2."}

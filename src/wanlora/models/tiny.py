@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from wanlora.models.geometry import TINY, build_transformer
+from wanlora.models.geometry import TINY, build_transformer, seeded
 
 #: T2V A14B's expert switch: the high-noise expert takes timesteps >= 875 of 1000.
 BOUNDARY_RATIO = 0.875
@@ -54,7 +54,6 @@ def tiny_tokenizer() -> T5Tokenizer:
 
 
 def tiny_text_encoder(vocab_size: int, seed: int) -> UMT5EncoderModel:
-    torch.manual_seed(seed)
     config = UMT5Config(
         vocab_size=vocab_size,
         d_model=TINY["text_dim"],
@@ -67,18 +66,19 @@ def tiny_text_encoder(vocab_size: int, seed: int) -> UMT5EncoderModel:
         pad_token_id=0,
         eos_token_id=1,
     )
-    return UMT5EncoderModel(config).eval()
+    with seeded(seed):
+        return UMT5EncoderModel(config).eval()
 
 
 def tiny_vae(seed: int) -> AutoencoderKLWan:
-    torch.manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=8,
-        z_dim=TINY["in_channels"],
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    ).eval()
+    with seeded(seed):
+        return AutoencoderKLWan(
+            base_dim=8,
+            z_dim=TINY["in_channels"],
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ).eval()
 
 
 def make_tiny(out_dir: Path, seed: int = 0) -> Path:
