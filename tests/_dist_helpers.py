@@ -34,6 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 from wanlora.config import NetworkConfig, TrainConfig
 from wanlora.data.dataset import epoch_batches
 from wanlora.io import atomic_write_bytes, atomic_write_json
+from wanlora.models.geometry import TINY
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
 from wanlora.train.dist_parallel import (
     StepOutcome, make_groups, optimizer_step, plan_parallel, reduce_gradients, world_metrics,
@@ -46,9 +47,7 @@ from wanlora.train.optim import build_optimizer
 from wanlora.train.step import StepBatch, training_step
 from wanlora.train.timesteps import TimestepDistribution, expert_band
 
-TINY_CFG = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-                text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+TINY_CFG = {**TINY, "rope_max_seq_len": 32}
 NET = NetworkConfig(rank=4, alpha=4)
 CFG = TrainConfig(optimizer="adamw", lr=1e-2, steps=4, batch_size=2, caption_dropout=0.0,
                   gradient_checkpointing=False, max_grad_norm=1.0)

@@ -15,27 +15,11 @@ from wanlora.io import atomic_write_bytes, atomic_write_json, read_jsonl, write_
 from wanlora.models.latents import sample_key
 from wanlora.models.loading import model_identity
 from wanlora.models.text import run_stage as text_cache
-from wanlora.models.geometry import TINY, build_transformer
 from wanlora.models.tiny import make_tiny
 from wanlora.pipeline import CAPTION_MANIFEST, SAMPLES, SPLIT_FILE
 
 BUCKET = "32x32x5"
 LATENT_SHAPE = (16, 2, 4, 4)  # 5 frames at 32x32 through the Wan VAE
-
-
-def tiny_model(folder: Path, patch: list[int] | None = None) -> Path:
-    """The project's tiny model; with `patch`, both experts rebuilt with that patch size.
-
-    The overfit test uses patch [1, 1, 1]: with the tiny width (32) a [1, 2, 2] patch (64 values)
-    cannot pass through the model, so no training could drive the loss near zero.
-    """
-    if not (folder / "model_index.json").is_file():
-        make_tiny(folder)
-        if patch is not None:
-            for seed, part in enumerate(("transformer", "transformer_2")):
-                shutil.rmtree(folder / part)
-                build_transformer({**TINY, "patch_size": patch}, torch.float32, "cpu", seed).save_pretrained(folder / part)
-    return folder
 
 
 def write_inputs(ws: Path, n_clips: int = 2, buckets: list[str] | None = None) -> None:
@@ -83,7 +67,7 @@ def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, s
 
 def make_workspace(ws: Path, model_dir: Path, n_clips: int = 2, patch: list[int] | None = None,
                    scale: float = 2.0, smooth: bool = False, buckets: list[str] | None = None) -> Path:
-    root = tiny_model(model_dir, patch)
+    root = model_dir if (model_dir / "model_index.json").is_file() else make_tiny(model_dir, patch=patch)
     ws.mkdir(parents=True, exist_ok=True)
     write_inputs(ws, n_clips, buckets)
     text_cache(root=root, captions_manifest=ws / "data/captions/captions.jsonl", prompts=[], trigger="sks",

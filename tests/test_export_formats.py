@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-from tests._eval_helpers import forward, merged, random_lora, save_ours, tiny_pipeline, tiny_transformer
+from _eval_helpers import forward, merged, random_lora, save_ours, tiny_pipeline, tiny_transformer
 from wanlora.config import DEFAULT_TARGETS
 from wanlora import tensorfiles
 from wanlora.export import formats

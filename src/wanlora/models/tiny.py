@@ -81,22 +81,25 @@ def tiny_vae(seed: int) -> AutoencoderKLWan:
         ).eval()
 
 
-def make_tiny(out_dir: Path, seed: int = 0) -> Path:
+def make_tiny(out_dir: Path, seed: int = 0, patch: list[int] | None = None) -> Path:
     """Write a tiny Wan 2.2 T2V model (two 2-layer experts, VAE, UMT5, tokenizer, UniPC
     scheduler, model_index.json with boundary_ratio 0.875) to `out_dir`; return `out_dir`.
 
     Every component gets its own seed offset so changing one part's size leaves the others'
     weights alone. Loadable by `wanlora.models.loading` and by `WanPipeline.from_pretrained`.
+    `patch` replaces the experts' patch size: with the tiny width (32) a [1, 2, 2] patch (64
+    values) cannot pass through the model, so a test that overfits uses [1, 1, 1].
     """
     out_dir = Path(out_dir)
+    expert = TINY if patch is None else {**TINY, "patch_size": patch}
     tokenizer = tiny_tokenizer()
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=tiny_text_encoder(len(tokenizer), seed + 3),
         vae=tiny_vae(seed + 2),
         scheduler=UniPCMultistepScheduler(**SCHEDULER),
-        transformer=build_transformer(TINY, torch.float32, "cpu", seed),
-        transformer_2=build_transformer(TINY, torch.float32, "cpu", seed + 1),
+        transformer=build_transformer(expert, torch.float32, "cpu", seed),
+        transformer_2=build_transformer(expert, torch.float32, "cpu", seed + 1),
         boundary_ratio=BOUNDARY_RATIO,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
