@@ -43,7 +43,7 @@ from wanlora.config import parse_params
 from wanlora.models.accel import AccelSettings, apply_accel
 from wanlora.models.geometry import build_transformer
 from wanlora.plan import clip_tokens
-from wanlora.train.dist_parallel import make_groups, optimizer_step, plan_parallel, world_throughput
+from wanlora.train.dist_parallel import make_groups, optimizer_step, plan_parallel, sum_over
 from wanlora.train.distributed import Cursor, distributed, rank_share, take_batches
 from wanlora.train.lora import add_lora
 from wanlora.train.optim import build_optimizer
@@ -54,6 +54,11 @@ from wanlora.train.timesteps import TimestepDistribution, expert_band
 S33 = Shape(33, 512, 512)
 TINY_SHAPE = Shape(5, 32, 32)
 BOUNDARY = 0.875
+
+
+def world_throughput(samples: int, seconds: float, env) -> float:
+    """Samples per second of all ranks together (each rank's own rate, summed)."""
+    return sum_over([samples / max(seconds, 1e-9)], None, env)[0]
 
 
 def main() -> None:

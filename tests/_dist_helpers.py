@@ -17,6 +17,7 @@ of cache files, which keeps each process free of a model folder and a text-cache
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -33,6 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 from wanlora.config import NetworkConfig, TrainConfig
 from wanlora.data.dataset import epoch_batches
 from wanlora.io import atomic_write_bytes, atomic_write_json
+from wanlora.models.geometry import TINY
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
 from wanlora.train.dist_parallel import (
     StepOutcome, make_groups, optimizer_step, plan_parallel, reduce_gradients, world_metrics,
@@ -45,9 +47,7 @@ from wanlora.train.optim import build_optimizer
 from wanlora.train.step import StepBatch, training_step
 from wanlora.train.timesteps import TimestepDistribution, expert_band
 
-TINY_CFG = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-                text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+TINY_CFG = {**TINY, "rope_max_seq_len": 32}
 NET = NetworkConfig(rank=4, alpha=4)
 CFG = TrainConfig(optimizer="adamw", lr=1e-2, steps=4, batch_size=2, caption_dropout=0.0,
                   gradient_checkpointing=False, max_grad_norm=1.0)
@@ -183,7 +183,7 @@ def scenario_expert_parallel(env: DistEnv, out: Path, results: dict) -> None:
     model, data = tiny_expert(EXPERT_SEEDS[expert]), SyntheticData()
     opt = build_optimizer(lora_params(model), CFG)
     cursor = Cursor()
-    steps = plan.steps_per_group(CFG.steps)
+    steps = math.ceil(CFG.steps / plan.step_increment)  # each group runs half the steps
     outs = run_steps(model, opt, data, cursor, range(steps), env, expert=expert, group=groups[expert],
                      group_rank=members.index(env.rank), group_world=len(members))
     save_parallel_checkpoint(out / "ep_state", env, plan, {expert: ExpertParts(model, opt)}, step=steps,

@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from wanlora.export.formats import LoraModule, save_safetensors, write_ours
+from wanlora.export.formats import LoraModule, write_ours
+from wanlora.tensorfiles import save as save_safetensors
 from wanlora.models.geometry import TINY
+from wanlora.models.tiny import tiny_vae
 
 ALL_TARGETS = [
     "to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2",
@@ -27,13 +29,6 @@ def tiny_transformer(seed: int, **overrides) -> WanTransformer3DModel:
     return WanTransformer3DModel(**{**TINY, "rope_max_seq_len": 32, **overrides}).eval()
 
 
-def tiny_vae(seed: int = 3) -> AutoencoderKLWan:
-    torch.manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
-
-
 def tiny_pipeline() -> WanPipeline:
     """Two experts (seeds 1 and 2), tiny VAE, shift-5 scheduler; no text encoder (embeddings are given)."""
     return WanPipeline(
@@ -41,7 +36,7 @@ def tiny_pipeline() -> WanPipeline:
         text_encoder=None,
         transformer=tiny_transformer(1),
         transformer_2=tiny_transformer(2),
-        vae=tiny_vae(),
+        vae=tiny_vae(3),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
         boundary_ratio=0.875,
     )
@@ -184,6 +179,7 @@ def make_eval_workspace(root: Path, steps=(2, 4), n_clips: int = 5) -> Path:
 
     from wanlora.config import dump_params, parse_params
     from wanlora.data.split import run_stage as split_stage
+    from wanlora.pipeline import CAPTION_MANIFEST, SAMPLES, SPLIT_FILE
     from wanlora.evaluate.media import write_mp4
     from wanlora.io import atomic_write_json, sha256_file, sha256_text, write_jsonl
     from wanlora.models import latents, text
@@ -212,7 +208,7 @@ def make_eval_workspace(root: Path, steps=(2, 4), n_clips: int = 5) -> Path:
     write_jsonl(root / "data/trimmed/clips.jsonl", clips)
     write_jsonl(root / "data/buckets/samples.jsonl", samples)
     write_jsonl(root / "data/captions/captions.jsonl", captions)
-    split_stage(params, root)
+    split_stage(params, root / SAMPLES, root / CAPTION_MANIFEST, root / SPLIT_FILE)
     atomic_write_json(root / "data/buckets/histogram.json", [{"bucket": "32x32x5", "count": n_clips}])
     atomic_write_json(root / "data/captions/problems.json", {"count": 1, "problems": [
         {"path": "data/raw/x.mp4", "reason": "no caption <file>", "fix": "write x.txt", "stage": "captions"}]})

@@ -5,20 +5,9 @@ from __future__ import annotations
 import torch
 from diffusers import WanTransformer3DModel
 
-TINY_CONFIG = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=16,
-    out_channels=16,
-    text_dim=32,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=32,
-)
+from wanlora.models.geometry import TINY
+
+TINY_CONFIG = {**TINY, "freq_dim": 32, "rope_max_seq_len": 32}  # the package's tiny expert, smaller tables
 
 
 def tiny_expert(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> WanTransformer3DModel:

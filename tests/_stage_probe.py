@@ -1,15 +1,20 @@
-"""Run one stage's entry point and record what it really reads: params leaves and wanlora files.
+"""Run one stage's entry point and record what it really reads: params leaves, wanlora files and
+workspace paths.
 
 Used by tests/test_stage_contract.py as `python tests/_stage_probe.py STAGE OUT.json` inside a
 workspace. Every params section object gets a dotted path; reading a leaf field of one (or dumping
 a section whole, which reads all its leaves) is recorded. After the stage ends, the wanlora source
-files in `sys.modules` are the code it imported, lazily imported modules included. The contract
-test compares both with the stage's `Stage` entry in `wanlora.pipeline`.
+files in `sys.modules` are the code it imported, lazily imported modules included. An audit hook
+(`sys.addaudithook`: Python's own file opens, renames and folder listings) records the workspace
+paths the stage opened to read, wrote (opened to write, or renamed onto) and listed. The contract
+test compares all of it with the stage's `Stage` entry in `wanlora.pipeline`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,37 @@ from wanlora.stages import _common
 READ: set[str] = set()
 PATHS: dict[int, str] = {}
 _KEEP: list[Any] = []  # keep mapped objects alive so an id is never reused by another object
+OPENED: dict[str, set[str]] = {"read": set(), "written": set(), "listed": set()}
+ATOMIC_TEMP = re.compile(r"\.(.+)\.[^./]+\.tmp\Z")  # `wanlora.io.atomic_open`'s temp file beside its target
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _workspace_path(path: Any) -> str | None:
+    """`path` relative to the workspace (the current folder), or None when it lies outside it."""
+    if isinstance(path, int) or path is None:
+        return None  # a file descriptor: its open was recorded
+    full = Path(os.fsdecode(path)).absolute()
+    try:
+        rel = Path(os.path.normpath(full.relative_to(Path.cwd())))
+    except ValueError:
+        return None
+    temp = ATOMIC_TEMP.match(rel.name)
+    return (rel.with_name(temp.group(1)) if temp else rel).as_posix()
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open":
+        path, mode, flags = args
+        kind = "written" if (mode and any(c in mode for c in "wax+")) or (flags or 0) & _WRITE_FLAGS else "read"
+    elif event == "os.rename":
+        path, kind = args[1], "written"
+    elif event in ("os.listdir", "os.scandir"):
+        path, kind = args[0], "listed"
+    else:
+        return
+    rel = _workspace_path(path)
+    if rel is not None:
+        OPENED[kind].add(rel)
 
 
 def _walk(node: Any, path: str) -> None:
@@ -80,6 +116,7 @@ def main(stage: str, out: Path) -> None:
     for method in ("model_dump", "model_dump_json", "model_copy"):
         setattr(BaseModel, method, _recording(method))
     module = __import__(f"wanlora.stages.{stage}", fromlist=["main"])
+    sys.addaudithook(_audit)
     code = 0
     try:
         _common.run(module.main)
@@ -93,7 +130,8 @@ def main(stage: str, out: Path) -> None:
         for m in list(sys.modules.values())
         if getattr(m, "__file__", None) and Path(m.__file__).resolve().is_relative_to(root.resolve())
     })
-    out.write_text(json.dumps({"exit": code, "read": sorted(READ), "files": files}, indent=1))
+    paths = {kind: sorted(found) for kind, found in OPENED.items()}
+    out.write_text(json.dumps({"exit": code, "read": sorted(READ), "files": files, "paths": paths}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from wanlora.models.text import run_stage as text_cache
 from wanlora.models.geometry import TINY_CONFIGS, build_transformer
 from wanlora.models.tiny import make_tiny
 from wanlora.models.variant import VARIANTS
+from wanlora.pipeline import CAPTION_MANIFEST, SAMPLES, SPLIT_FILE
 
 BUCKET = "32x32x5"
 LATENT_SHAPE = (16, 2, 4, 4)  # 5 frames at 32x32 through the Wan VAE
@@ -54,7 +55,7 @@ def write_inputs(ws: Path, n_clips: int = 2, buckets: list[str] | None = None) -
                         "bucket": buckets[i], "frame_indices": list(range(f)), "crop": [0, 0, w, h], "flip": False})
     write_jsonl(ws / "data/captions/captions.jsonl", captions)
     write_jsonl(ws / "data/buckets/samples.jsonl", samples)
-    split_stage(parse_params({"sample": {"validation_clips": 0}}), ws)  # nothing held out unless a test says so
+    split_stage(parse_params({"sample": {"validation_clips": 0}}), ws / SAMPLES, ws / CAPTION_MANIFEST, ws / SPLIT_FILE)  # nothing held out unless a test says so
 
 
 def write_latents(ws: Path, root: Path, vae: str | None = None, seed: int = 0, scale: float = 2.0,

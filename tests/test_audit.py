@@ -17,11 +17,12 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from tests._eval_helpers import make_lineage_workspace, save_checkpoint
+from _eval_helpers import make_lineage_workspace, save_checkpoint
 from wanlora.cli import app
 from wanlora.export import audit as audit_mod
 from wanlora.export.audit import audit, verify
-from wanlora.export.formats import LoraModule, load_safetensors, save_safetensors
+from wanlora.export.formats import LoraModule
+from wanlora.tensorfiles import load as load_safetensors, save as save_safetensors
 from wanlora.io import read_jsonl, sha256_file, write_jsonl
 
 LORA = {"blocks.0.attn1.to_q": LoraModule(torch.arange(8.0).reshape(2, 4), torch.ones(4, 2), 2.0)}

@@ -197,6 +197,10 @@ def test_orphan_captions_reported(tmp_path):
     (ws / "data/raw/sub/lost.txt").write_text("a cat")
     (ws / "data/raw/.hidden").mkdir()
     (ws / "data/raw/.hidden/x.txt").write_text("ignored")
+    index = read_jsonl(ws / "data/index/captions.jsonl")  # as the scan stage lists an orphan
+    write_jsonl(ws / "data/index/captions.jsonl",
+                index + [{"id": "main/sub/lost.txt", "dataset": "main", "path": "data/raw/sub/lost.txt", "sha256": "",
+                          "media": None}])
     records, problems = run(ws)
     assert list(records) == ["main/a.mp4"]
     assert [(p["path"], p["reason"]) for p in problems] == [

@@ -14,17 +14,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests._eval_helpers import add_checkpoint, make_eval_workspace
+from _eval_helpers import add_checkpoint, make_eval_workspace
 from wanlora.config import load_params
 from wanlora.evaluate import sampling, stage
 from wanlora.evaluate.stage import run_stage
+from wanlora.pipeline import BEST, LORA
+from wanlora.stages.evaluate import inputs
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     ws = make_eval_workspace(tmp_path_factory.mktemp("eval"))
     params = load_params(ws / "params.yaml")
-    run_stage(params, ws, ws / "data/eval")
+    run_stage(params, ws, inputs(ws), ws / "data/eval")
     return ws, params, ws / "data/eval"
 
 
@@ -163,7 +165,7 @@ def test_rerun_samples_nothing_and_a_new_checkpoint_only_itself(evaluated, monke
         raise AssertionError("the model was loaded although every result was cached")
 
     monkeypatch.setattr(stage, "load_models", no_model)
-    run_stage(params, ws, out)
+    run_stage(params, ws, inputs(ws), out)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     monkeypatch.undo()
@@ -183,7 +185,7 @@ def test_rerun_samples_nothing_and_a_new_checkpoint_only_itself(evaluated, monke
     monkeypatch.setattr(stage, "fixed_noise_losses", counting_val)
     add_checkpoint(ws, 6)
     try:
-        run_stage(params, ws, out)
+        run_stage(params, ws, inputs(ws), out)
     finally:
         for e in ("high", "low"):
             (ws / f"data/lora/{e}/step_000006.safetensors").unlink()
@@ -239,12 +241,12 @@ def test_too_few_clips_fall_back_to_a_training_clip_loss_labelled_everywhere(tmp
     """Three clips cannot spare one (at most one in five is held out): the loss is on training
     clips, and metrics, best.json, the report, export.json and the export header all say so."""
     from wanlora.export.stage import run_stage as export
-    from wanlora.export.formats import read_header
+    from wanlora.tensorfiles import read_header
 
     ws = make_eval_workspace(tmp_path, steps=(2, 4), n_clips=3)
     params = load_params(ws / "params.yaml")
     params.sample.prompts, params.sample.baseline = [], False
-    run_stage(params, ws, ws / "data/eval")
+    run_stage(params, ws, inputs(ws), ws / "data/eval")
     out = ws / "data/eval"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["basis"] == "training_clips" and metrics["held_out_clips"] == 0
@@ -257,7 +259,7 @@ def test_too_few_clips_fall_back_to_a_training_clip_loss_labelled_everywhere(tmp
     html = (out / "report.html").read_text()
     assert 'id="basis-warning"' in html and "Every loss on this page is on training clips" in html
     assert "fixed-noise loss (training clips only)" in html and "held-out:" not in html
-    export(params, ws, ws / "data/exports")
+    export(params, ws / LORA, ws / BEST, ws / "data/exports")
     summary = json.loads((ws / "data/exports/export.json").read_text())
     assert {p["basis"] for p in summary["experts"].values()} == {"training_clips"}
     _, meta = read_header(next((ws / "data/exports/comfyui").glob("*_high_noise.safetensors")))

@@ -11,8 +11,9 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-from tests._eval_helpers import forward, merged, random_lora, save_ours, tiny_pipeline, tiny_transformer
+from _eval_helpers import forward, merged, random_lora, save_ours, tiny_pipeline, tiny_transformer
 from wanlora.config import DEFAULT_TARGETS
+from wanlora import tensorfiles
 from wanlora.export import formats
 from wanlora.export.formats import MODULE_NAMES, LoraFormatError, LoraModule
 from wanlora.export.imports import import_lora, import_to_file, read_lora
@@ -97,7 +98,7 @@ def test_exported_files_load_in_diffusers_and_reproduce_the_lora(tmp_path: Path,
         if kind == "diffusers":
             save_ours(path, lora)
         else:
-            formats.save_safetensors(path, formats.write_comfy(lora), {})
+            tensorfiles.save(path, formats.write_comfy(lora), {})
         pipe.load_lora_weights(str(path), adapter_name=expert, load_into_transformer_2=expert == "low")
     got_high, got_low = forward(pipe.transformer), forward(pipe.transformer_2)
     assert (got_high - base_high).abs().max() > 1e-2  # the LoRA does something
@@ -111,7 +112,7 @@ def test_unknown_keys_are_listed_not_dropped(tmp_path: Path):
     comfy["diffusion_model.blocks.0.self_attn.norm_q.lora_up.weight"] = torch.zeros(32, 4)
     comfy["diffusion_model.blocks.0.mystery"] = torch.zeros(1)
     path = tmp_path / "odd.safetensors"
-    formats.save_safetensors(path, comfy, {})
+    tensorfiles.save(path, comfy, {})
     with pytest.raises(LoraFormatError) as err:
         read_lora(path)
     msg = str(err.value)
@@ -142,7 +143,7 @@ def test_pickle_files_are_refused_unopened(tmp_path: Path, monkeypatch, suffix: 
 def test_lora_for_another_base_model_is_rejected(tmp_path: Path):
     other = tiny_transformer(1, attention_head_dim=8)  # inner dim 16 instead of 32
     path = tmp_path / "other_high_noise.safetensors"
-    formats.save_safetensors(path, formats.write_comfy(random_lora(other, seed=2, targets=["to_q", "ffn.net.2"])), {})
+    tensorfiles.save(path, formats.write_comfy(random_lora(other, seed=2, targets=["to_q", "ffn.net.2"])), {})
     with pytest.raises(LoraFormatError) as err:
         import_lora(path, TINY)
     msg = str(err.value)
@@ -175,7 +176,7 @@ def test_ai_toolkit_files_import_with_alpha_equal_rank(tmp_path: Path):
             combined[f"diffusion_model.{marker}{native}.lora_A.weight"] = m.down
             combined[f"diffusion_model.{marker}{native}.lora_B.weight"] = m.up
     path = tmp_path / "my_lora_000001000.safetensors"
-    formats.save_safetensors(path, combined, {"name": "my_lora"})
+    tensorfiles.save(path, combined, {"name": "my_lora"})
     with pytest.raises(LoraFormatError, match="holds both experts"):
         import_lora(path, TINY)
     for expert, lora in (("high", high), ("low", low)):
@@ -191,7 +192,7 @@ def test_ai_toolkit_files_import_with_alpha_equal_rank(tmp_path: Path):
 def test_musubi_import_keeps_alpha(tmp_path: Path):
     lora = random_lora(tiny_transformer(2), seed=6, rank=4, alpha=1.0, targets=["to_k", "ffn.net.0.proj"])
     path = tmp_path / "wan22_low_noise.safetensors"
-    formats.save_safetensors(path, formats.write_musubi(lora), {"ss_network_module": "networks.lora_wan"})
+    tensorfiles.save(path, formats.write_musubi(lora), {"ss_network_module": "networks.lora_wan"})
     sd, meta = import_lora(path, TINY)
     assert meta["wanlora.imported_format"] == "musubi-tuner" and meta["wanlora.expert"] == "low"
     _same(lora, formats.read_ours(sd, meta))
@@ -213,7 +214,7 @@ def test_import_keeps_only_allowlisted_foreign_header_keys(tmp_path: Path):
                "ss_dataset_dirs": '{"/home/bob/private/clips": {"n_repeats": 1}}',
                "ss_tag_frequency": '{"1_sks": {"sks": 40}}', "ss_sd_model_name": "/home/bob/models/wan.safetensors",
                "wanlora.lineage_version": "2", "wanlora.samples": '[{"path": "data/raw/bob.mp4"}]'}
-    formats.save_safetensors(path, formats.write_musubi(lora), foreign)
+    tensorfiles.save(path, formats.write_musubi(lora), foreign)
     _, meta = import_lora(path, TINY)
     assert json.loads(meta["wanlora.imported_metadata"]) == {
         "name": "their_lora", "ss_base_model_version": "wan_2.2_14b", "ss_network_module": "networks.lora_wan",
@@ -226,7 +227,7 @@ def test_peft_named_file_without_alpha(tmp_path: Path):
     lora = random_lora(tiny_transformer(1), seed=8, rank=4, alpha=1.0, targets=["to_v"])
     sd, _ = formats.write_ours(lora)
     path = tmp_path / "plain_diffusers.safetensors"
-    formats.save_safetensors(path, sd, {})
+    tensorfiles.save(path, sd, {})
     with pytest.raises(LoraFormatError, match="names no LoRA alpha"):
         read_lora(path)
     sd2, meta = import_lora(path, TINY)
@@ -240,7 +241,7 @@ def _with_alpha_pattern(tmp_path: Path, pattern: dict) -> Path:
     sd, _ = formats.write_ours(lora)
     cfg = {"transformer.r": 4, "transformer.lora_alpha": 4.0, "transformer.alpha_pattern": pattern}
     path = tmp_path / "foreign.safetensors"
-    formats.save_safetensors(path, sd, {"lora_adapter_metadata": json.dumps(cfg)})
+    tensorfiles.save(path, sd, {"lora_adapter_metadata": json.dumps(cfg)})
     return path
 
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 from peft import LoraConfig, set_peft_model_state_dict
 
-from tests._eval_helpers import (LINEAGE_PARAMS, forward, make_lineage_workspace, random_lora, save_checkpoint,
+from _eval_helpers import (LINEAGE_PARAMS, forward, make_lineage_workspace, random_lora, save_checkpoint,
                                  tiny_pipeline)
 from wanlora.config import DEFAULT_TARGETS, ParamsError, load_params, parse_params
 from wanlora.export.stage import run_stage
 from wanlora.export.audit import verify
-from wanlora.export.formats import LoraFormatError, load_safetensors, read_header, read_native, save_safetensors
+from wanlora.export.formats import LoraFormatError, read_native
+from wanlora.tensorfiles import load as load_safetensors, read_header, save as save_safetensors
 from wanlora.io import atomic_write_json
+from wanlora.pipeline import BEST, LORA
 
 RANK, ALPHA = 4, 2.0  # alpha != rank: a wrong scale would show
 
@@ -57,7 +59,7 @@ def test_export_best_step_for_comfyui_and_diffusers(tmp_path: Path):
     ws, made = _trained_workspace(tmp_path)
     _best(ws, 2, 2)
     out = ws / "data/exports"
-    run_stage(made["params"], ws, out)
+    run_stage(made["params"], ws / LORA, ws / BEST, out)
 
     summary = json.loads((out / "export.json").read_text())
     assert summary["chosen_by"] == "best" and {e: p["step"] for e, p in summary["experts"].items()} == {
@@ -99,12 +101,12 @@ def test_last_and_numbered_steps(tmp_path: Path):
     ws, made = _trained_workspace(tmp_path, steps=(2, 4, 6))
     params = made["params"]
     params.export.step, params.export.formats = "last", ["diffusers"]
-    run_stage(params, ws, ws / "out")
+    run_stage(params, ws / LORA, ws / BEST, ws / "out")
     assert {e: p["step"] for e, p in json.loads((ws / "out/export.json").read_text())["experts"].items()} == {
         "high": 6, "low": 6}
     assert not (ws / "out/comfyui").exists()
     params.export.step = "4"
-    run_stage(params, ws, ws / "out4")
+    run_stage(params, ws / LORA, ws / BEST, ws / "out4")
     assert (ws / "out4/diffusers/cat_step000004_low_noise.safetensors").is_file()
 
 
@@ -112,13 +114,13 @@ def test_missing_step_lists_available_steps(tmp_path: Path):
     ws, made = _trained_workspace(tmp_path, steps=(2, 4))
     made["params"].export.step = "3"
     with pytest.raises(ValueError, match="no checkpoint for step 3; available steps: 2, 4"):
-        run_stage(made["params"], ws, ws / "out")
+        run_stage(made["params"], ws / LORA, ws / BEST, ws / "out")
     made["params"].export.step = "best"
     with pytest.raises(FileNotFoundError, match="best.json: missing.*one of: 2, 4"):
-        run_stage(made["params"], ws, ws / "out")
+        run_stage(made["params"], ws / LORA, ws / BEST, ws / "out")
     atomic_write_json(ws / "data/eval/best.json", {"basis": "none", "experts": {}})
     with pytest.raises(ValueError, match="no fixed-noise loss for the high-noise expert.*one of: 2, 4"):
-        run_stage(made["params"], ws, ws / "out")
+        run_stage(made["params"], ws / LORA, ws / BEST, ws / "out")
 
 
 def test_best_exports_each_expert_from_its_own_step_and_says_why(tmp_path: Path):
@@ -126,7 +128,7 @@ def test_best_exports_each_expert_from_its_own_step_and_says_why(tmp_path: Path)
     comes from its expert's best step, and its header and export.json say which and why."""
     ws, made = _trained_workspace(tmp_path, steps=(2, 4, 6))
     _best(ws, 4, 2)
-    run_stage(made["params"], ws, ws / "out")
+    run_stage(made["params"], ws / LORA, ws / BEST, ws / "out")
     names = sorted(p.name for p in (ws / "out/diffusers").glob("*.safetensors"))
     assert names == ["cat_step000002_low_noise.safetensors", "cat_step000004_high_noise.safetensors"]
     for expert, step in (("high", 4), ("low", 2)):
@@ -146,13 +148,13 @@ def test_best_exports_each_expert_from_its_own_step_and_says_why(tmp_path: Path)
 def test_no_checkpoints_says_run_train(tmp_path: Path):
     make_lineage_workspace(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoints in data/lora/.*run the train stage"):
-        run_stage(load_params(tmp_path / "params.yaml"), tmp_path, tmp_path / "out")
+        run_stage(load_params(tmp_path / "params.yaml"), tmp_path / LORA, tmp_path / BEST, tmp_path / "out")
 
 
 def test_lineage_sidecar_travels_with_exports(tmp_path: Path):
     ws, made = _trained_workspace(tmp_path, steps=(2,), n_clips=400)
     made["params"].export.step = "2"
-    run_stage(made["params"], ws, ws / "out")
+    run_stage(made["params"], ws / LORA, ws / BEST, ws / "out")
     exported = ws / "out/diffusers/cat_step000002_high_noise.safetensors"
     assert len(list((ws / "out/diffusers").glob("lineage-*.json"))) == 1
     assert verify(exported, ws).ok
@@ -168,7 +170,7 @@ def test_export_headers_carry_no_absolute_path(tmp_path: Path):
         "quantization": {"cache_dir": str(tmp_path / "home/alice/.cache/wanlora")},
         "sample": {"prompts": ["a private prompt"]}})
     made["params"].export.step = "2"
-    run_stage(made["params"], ws, ws / "data/exports")
+    run_stage(made["params"], ws / LORA, ws / BEST, ws / "data/exports")
     for path in sorted((ws / "data/exports").rglob("*.safetensors")):
         _, meta = read_header(path)
         text = json.dumps(meta)
@@ -201,4 +203,4 @@ def test_export_refuses_a_checkpoint_whose_tensors_do_not_match_its_header(tmp_p
     save_safetensors(path, sd, meta)
     made["params"].export.step = "2"
     with pytest.raises(LoraFormatError, match="do not match the hash its header recorded"):
-        run_stage(made["params"], ws, ws / "out")
+        run_stage(made["params"], ws / LORA, ws / BEST, ws / "out")

@@ -18,6 +18,8 @@ from _train_helpers import make_workspace, tiny_params, write_latents
 from wanlora.config import DEFAULT_TARGETS
 from wanlora.data import split
 from wanlora.io import read_jsonl, write_jsonl
+from wanlora.pipeline import CAPTION_MANIFEST, SAMPLES, SPLIT_FILE
+from wanlora.stages.evaluate import inputs
 from wanlora.train import loop
 
 
@@ -39,7 +41,7 @@ def test_held_out_clips_never_reach_a_training_step(tmp_path, monkeypatch):
     _windows(ws, root, windows=2)
     params = tiny_params(root, train={"steps": 30, "batch_size": 2}, sample={"validation_clips": 1},
                          save={"every": 30})
-    record = split.run_stage(params, ws)
+    record = split.run_stage(params, ws / SAMPLES, ws / CAPTION_MANIFEST, ws / SPLIT_FILE)
     held = set(record["held_out_clips"])
     assert len(held) == 1 and record["basis"] == "held_out"
     held_samples = {r["id"] for r in read_jsonl(ws / "data/buckets/samples.jsonl") if r["clip_id"] in held}
@@ -68,7 +70,7 @@ def test_held_out_clips_never_reach_a_training_step(tmp_path, monkeypatch):
     assert {rows[i]["reason"] for i in held_samples} == {split.HELD_OUT_REASON}
     # another split is another run: its resumable state is not reused
     key = loop.run_key(params, ws, tr.base_identity)
-    split.run_stage(tiny_params(root, sample={"validation_clips": 0}), ws)
+    split.run_stage(tiny_params(root, sample={"validation_clips": 0}), ws / SAMPLES, ws / CAPTION_MANIFEST, ws / SPLIT_FILE)
     assert loop.run_key(params, ws, tr.base_identity) != key
 
 
@@ -90,7 +92,7 @@ def test_overfitting_shows_and_best_is_not_the_last_step(tmp_path):
                          network={"rank": 16, "alpha": 16, "target_modules": [*DEFAULT_TARGETS, "proj_out"]},
                          save={"every": 20, "keep_last": 100}, multistage={"switch_every": 1},
                          sample={"prompts": [], "validation_clips": 1, "validation_timesteps": [100, 500, 900, 950]})
-    held = set(split.run_stage(params, ws)["held_out_clips"])
+    held = set(split.run_stage(params, ws / SAMPLES, ws / CAPTION_MANIFEST, ws / SPLIT_FILE)["held_out_clips"])
     look: list[torch.Tensor] = []
 
     def mean_of(rec: dict, g: torch.Generator) -> torch.Tensor:
@@ -100,7 +102,7 @@ def test_overfitting_shows_and_best_is_not_the_last_step(tmp_path):
 
     write_latents(ws, root, mean_of=mean_of)
     loop.train(loop.setup(params, ws))
-    evaluate(params, ws, ws / "data/eval")
+    evaluate(params, ws, inputs(ws), ws / "data/eval")
 
     rows = json.loads((ws / "data/eval/val_loss.json").read_text())  # step 0: the base model
     best = json.loads((ws / "data/eval/best.json").read_text())["experts"]

@@ -272,11 +272,12 @@ def test_exported_lora_in_wan_i2v_pipeline_reproduces_our_sampler(trained, model
 
     from wanlora.evaluate import sampling
     from wanlora.evaluate.stage import load_models, make_plan
+    from wanlora.stages.evaluate import inputs
 
     params = _eval_params(model)
-    plan = make_plan(params, trained)
+    plan = make_plan(params, trained, inputs(trained))
     assert plan.variant.name == "i2v-a14b" and plan.start_frames[0].shape == (32, 32, 3)
-    loaded = load_models(params, trained, plan)
+    loaded = load_models(params, trained, inputs(trained), plan)
     with sampling.lora_applied(loaded.pipe, plan.checkpoints[4], "step_4", plan.variant):
         ours = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample,
                                  plan.start_frames)[0]

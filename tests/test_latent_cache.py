@@ -306,8 +306,10 @@ def test_sample_path_leaving_the_dataset_folder_stops_the_stage(tmp_path_factory
                 [{"id": s["clip_id"], "caption": "sks", "caption_dop": None} for s in (good, bad)])
     from wanlora.config import parse_params
     from wanlora.data.split import run_stage as split_stage
+    from wanlora.pipeline import CAPTION_MANIFEST, SAMPLES, SPLIT_FILE
 
-    split_stage(parse_params({"sample": {"validation_clips": 0}}), workspace)  # the trainer reads the split
+    split_stage(parse_params({"sample": {"validation_clips": 0}}), workspace / SAMPLES,
+                workspace / CAPTION_MANIFEST, workspace / SPLIT_FILE)  # the trainer reads the split
     with pytest.raises(ManifestPathError, match="outside its dataset folder data/raw"):
         build_dataset(workspace, vae_config={}, expect_vae=None, cached_datasets=set(), folders={"main": "data/raw"},
                       encode=lambda record: {})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._eval_helpers import captioned_samples, make_lineage_workspace
+from _eval_helpers import captioned_samples, make_lineage_workspace
 from wanlora import __version__
 from wanlora.config import load_params, parse_params
 from wanlora.export import lineage

@@ -76,8 +76,39 @@ def _inert_init(path: str) -> bool:
     return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
 
 
+def _covered(path: str, declared) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in declared)
+
+
+def _stage_paths(records, stage, kind: str) -> tuple[list[str], list[str]]:
+    """The paths under data/ the stage touched this way: (outside the dataset folders, inside them)."""
+    params = load_params(Path(records["_params"]["path"]))
+    folders = [ds.folder for ds in params.datasets.values()]
+    touched = [p for p in records[stage.name]["paths"][kind] if p.startswith("data/")]
+    return ([p for p in touched if not _covered(p, folders)], [p for p in touched if _covered(p, folders)])
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_stage_reads_and_writes_only_declared_paths(records, stage):
+    """What a stage opens under data/ is a dep or one of its outs, and what it writes is an out:
+    a path typed in the code apart from the `Stage` entry would be read without DVC rerunning the
+    stage when it changes. Only stages that depend on the dataset folders list them (the others
+    read the files the scan stage indexed and hashed, as its index names them)."""
+    read, _ = _stage_paths(records, stage, "read")
+    listed, listed_raw = _stage_paths(records, stage, "listed")
+    written, written_raw = _stage_paths(records, stage, "written")
+    inputs = (*stage.deps, *stage.outs)
+    assert not [p for p in read + listed if not _covered(p, inputs)], f"stage {stage.name} reads undeclared paths"
+    assert not [p for p in written if not _covered(p, stage.outs)], f"stage {stage.name} writes undeclared paths"
+    assert not written_raw, f"stage {stage.name} writes into a dataset folder: {written_raw}"
+    assert stage.dataset_folders or not listed_raw, f"stage {stage.name} walks a dataset folder: {listed_raw}"
+
+
 def test_probe_records_reads(records):
     """The recorder itself sees reads (else the tests above pass vacuously)."""
     assert "train.lr" in records["train"]["read"]
     assert "datasets.main.trim.black_level" in records["trim"]["read"]
     assert "src/wanlora/train/loop.py" in records["train"]["files"]
+    assert "data/buckets/samples.jsonl" in records["split"]["paths"]["read"]
+    assert "data/split/validation.json" in records["split"]["paths"]["written"]
+    assert "data/raw" in records["scan"]["paths"]["listed"]

@@ -50,12 +50,13 @@ def test_exported_lora_in_diffusers_pipelines_reproduces_our_sampler(trained):
 
     from wanlora.evaluate import sampling
     from wanlora.evaluate.stage import load_models, make_plan
+    from wanlora.stages.evaluate import inputs
 
     ws, model = trained
     params = _eval_params(model, images=["start.png"])
-    plan = make_plan(params, ws)
+    plan = make_plan(params, ws, inputs(ws))
     assert plan.variant.name == "ti2v-5b" and list(plan.checkpoints[4]) == ["main"]
-    loaded = load_models(params, ws, plan)
+    loaded = load_models(params, ws, inputs(ws), plan)
     image_pipe = sampling.image_pipeline(loaded.pipe)
     args = (loaded.prompt_embeds, loaded.negative_embeds, params.sample)
     with sampling.lora_applied(loaded.pipe, plan.checkpoints[4], "step_4", plan.variant):
@@ -104,14 +105,15 @@ def test_a_t2v_lora_and_cache_are_refused_on_ti2v(trained, tmp_path_factory, tmp
     from _train_helpers import make_workspace
     from wanlora.evaluate import sampling
     from wanlora.evaluate.stage import load_models, make_plan
+    from wanlora.stages.evaluate import inputs
     from wanlora.io import atomic_write_json
     from wanlora.train import loop
 
     ws, model = trained
     t2v_ws = make_workspace(tmp_path_factory.mktemp("t2v") / "ws", tmp_path_factory.mktemp("t2v_model") / "model")
     params = _eval_params(model, images=["start.png"])
-    plan = make_plan(params, ws)
-    loaded = load_models(params, ws, plan)
+    plan = make_plan(params, ws, inputs(ws))
+    loaded = load_models(params, ws, inputs(ws), plan)
     src = plan.checkpoints[4]["main"]
     with safe_open(str(src), "pt") as f:
         meta = dict(f.metadata())

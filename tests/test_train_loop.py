@@ -127,11 +127,12 @@ def test_lora_and_exported_files_carry_ai_toolkits_catalogue_keys(ws, template, 
     'wan_2.2_14b') and ss_output_name (the job's name) into every LoRA it saves; LoRA catalogues
     read them. Ours: the version in the trained files, both in the exports (named after the job)."""
     from wanlora.export.stage import run_stage as export
+    from wanlora.pipeline import BEST, LORA
 
     params = tiny_params(template[1], job={"name": "harbour_boats"}, train={"steps": 1}, save={"every": 1},
                          multistage={"switch_every": 1}, export={"step": "last", "formats": ["comfyui"]})
     loop.run_stage(params, ws)
-    export(params, ws, tmp_path / "exports")
+    export(params, ws / LORA, ws / BEST, tmp_path / "exports")
     trained = ws / "data/lora/high/step_000001.safetensors"
     exported = tmp_path / "exports/comfyui/harbour_boats_step000001_high_noise.safetensors"
     for path, want in ((trained, {"ss_base_model_version": "wan_2.2_14b"}),

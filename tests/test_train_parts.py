@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as st_load
@@ -14,8 +12,8 @@ from wanlora.data.dataset import epoch_batches, small_buckets
 from wanlora.models.geometry import TINY, build_transformer
 from wanlora.train import checkpoint as ckpt
 from wanlora.train.experts import ExpertPlacer, ExpertSchedule, park_loaded, plan_placement
-from wanlora.io import safetensors_bytes
-from wanlora.train.lora import Ema, add_lora, lora_disabled, lora_state_dict, set_lora_scale
+from wanlora.tensorfiles import to_bytes as safetensors_bytes
+from wanlora.train.lora import Ema, add_lora, lora_disabled, lora_state_dict
 from wanlora.train.offload import BlockOffload
 from wanlora.train.optim import build_optimizer, lr_at
 from wanlora.train.step import StepBatch, training_step
@@ -111,9 +109,6 @@ def test_lora_at_scale_zero_is_the_base_model():
     with torch.no_grad():
         want = base(**x).sample
         assert not torch.allclose(model(**x).sample, want, atol=1e-4)  # the LoRA does change outputs
-        set_lora_scale(model, 0.0)
-        assert torch.equal(model(**x).sample, want)
-        set_lora_scale(model, 1.0)
         with lora_disabled(model):
             assert torch.equal(model(**x).sample, want)
 
@@ -287,18 +282,6 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(name, tmp_path
         m(x).pow(2).mean().backward()
         o.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-
-
-def test_rng_round_trip():
-    g = torch.Generator().manual_seed(9)
-    tensors, plain = ckpt.capture_rng(g)
-    want = (torch.rand(3, generator=g), torch.rand(3), np.random.rand(3), random.random())
-    g2 = torch.Generator()
-    torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    ckpt.restore_rng(g2, tensors, plain)
-    got = (torch.rand(3, generator=g2), torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
-    assert (want[2] == got[2]).all() and want[3] == got[3]
 
 
 def test_lr_schedule():

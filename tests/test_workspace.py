@@ -28,9 +28,9 @@ def test_check_stage_refuses_stage_outputs_committed_to_git(tmp_path: Path):
     subprocess.run(["git", "add", "-f", "data/index", "data/train_live"], cwd=tmp_path, check=True)
     with pytest.raises(UserError, match=r"git tracks stage outputs that DVC must own: data/index, data/train_live\. "
                                         r"Fix: `git rm -r -q --cached data/index data/train_live"):
-        check_stage(tmp_path)
+        check_stage(tmp_path, tmp_path / "data/check.json")
     subprocess.run(["git", "rm", "-r", "-q", "--cached", "data/index", "data/train_live"], cwd=tmp_path, check=True)
-    check_stage(tmp_path)
+    check_stage(tmp_path, tmp_path / "data/check.json")
     assert (tmp_path / "data/check.json").is_file()
 
 

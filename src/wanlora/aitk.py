@@ -44,12 +44,12 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import ValidationError
 
-from wanlora.config import Params, ParamsError, format_errors
+from wanlora.config import Optimizer, Params, ParamsError, TimestepType, format_errors
 from wanlora.models.variant import LEGACY_VARIANT, get_variant
 
 _MISSING = object()
@@ -106,10 +106,9 @@ _QTYPE_NEAREST = {"uint2": "uint4", "uint3": "uint4", "int4": "uint4", "qint4": 
                   "uint5": "float8", "uint6": "float8", "uint7": "float8", "uint8": "float8",
                   "int8": "float8", "qint8": "float8"}
 _DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32", "float32": "fp32"}
-_OPTIMIZERS = {"adamw8bit": "adamw8bit", "adamw": "adamw", "adafactor": "adafactor"}
+_OPTIMIZERS = get_args(Optimizer)  # AI Toolkit names ours as we do
 _DEFAULT_WEIGHT_DECAY = {"adamw8bit": 0.01, "adamw": 0.01, "adafactor": 0.0}  # the optimizers' own defaults
-_SCHEDULERS = {"constant", "cosine", "linear"}
-_TIMESTEP_TYPES = {"linear", "sigmoid", "shift", "weighted"}
+_TIMESTEP_TYPES = get_args(TimestepType)  # the same names in AI Toolkit
 _BIAS = {"balanced": "balanced", "content": "high_noise", "style": "low_noise"}
 _ATTENTION = {"native": "auto", "flash": "flash"}
 #: AI Toolkit's model.arch -> our variant (extensions_built_in/diffusion_models/wan22/: Wan2214bModel,
@@ -376,7 +375,7 @@ def _optimizer(imp: _Import) -> None:
         for k, v in params.items():
             imp.note(f"train.optimizer_params.{k}", v, f"belongs to {name}; kept wanlora's default")
         return
-    ours = _OPTIMIZERS[name.lower()]
+    ours = name.lower()
     imp.put("train.optimizer", ours, "train.optimizer")
     imp.put("train.lr", _float("train.lr", lr), "train.lr")
     decay = params.pop("weight_decay", None)

@@ -158,7 +158,9 @@ def plan(
     from wanlora.plan import epoch, render
     from wanlora.plan import plan as predict
 
-    samples = workspace / "data/buckets/samples.jsonl"
+    from wanlora.pipeline import SAMPLES
+
+    samples = workspace / SAMPLES
     epoch_plan = epoch(params, read_jsonl(samples)) if samples.is_file() else None
     try:
         result = predict(params, gpu_gib, gpus=gpus or params.train.gpus or 1)
@@ -222,14 +224,15 @@ def export(
     """
     from wanlora.config import parse_params
     from wanlora.export.stage import choose_steps, list_checkpoints, run_stage
+    from wanlora.pipeline import BEST, LORA
     from wanlora.workspace import dvc_repro, set_param
 
     params = _params(workspace)
     chosen = parse_params({**params.model_dump(mode="json"), "export": {**params.export.model_dump(), "step": step}},
                           "--step")
-    choose_steps(chosen.export.step, list_checkpoints(workspace / "data/lora"), workspace / "data/eval/best.json")
+    choose_steps(chosen.export.step, list_checkpoints(workspace / LORA), workspace / BEST)
     if out is not None:
-        run_stage(chosen, workspace, out)
+        run_stage(chosen, workspace / LORA, workspace / BEST, out)
         return
     if chosen.export.step != params.export.step:
         set_param(workspace / "params.yaml", ("export", "step"), chosen.export.step)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,17 @@ from wanlora.errors import UserError
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+# Value sets named once: the schema's fields below use them, and the code that branches on them
+# (quantization, the AI Toolkit importer, the experts) imports them from here.
+Expert = Literal["high", "low", "main"]  # transformer (t >= boundary), transformer_2; main: TI2V 5B's one transformer
+EXPERTS: tuple[Expert, ...] = get_args(Expert)
+Dtype = Literal["bf16", "fp16", "fp32"]
+TransformerQType = Literal["none", "float8", "qfloat8", "nf4", "uint4"]
+TextEncoderQType = Literal["none", "float8", "qfloat8"]
+Optimizer = Literal["adamw8bit", "adamw", "adafactor"]
+TimestepType = Literal["linear", "sigmoid", "shift", "weighted"]
+TimestepBias = Literal["balanced", "high_noise", "low_noise"]
 
 
 def nearest_4n1(n: int) -> int:
@@ -83,7 +94,7 @@ class ModelConfig(Section):
         "auto", description="Which Wan 2.2 model: auto reads it from the folder (model_index.json and the "
         "transformer config); a name is checked against the folder, and a mismatch stops naming both."
     )
-    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+    dtype: Dtype = Field(
         "bf16", description="Compute dtype of the base and of the LoRA matmul; LoRA weights, gradients "
         "and optimizer state stay float32.")
     flow_shift: float = Field(
@@ -112,7 +123,6 @@ class ModelConfig(Section):
 
 
 # ------------------------------------------------------------------------------ quantization
-TransformerQType = Literal["none", "float8", "qfloat8", "nf4", "uint4"]
 
 
 class RecoveryConfig(Section):
@@ -139,7 +149,7 @@ class QuantizationConfig(Section):
         "rounded to e4m3 per token; Ada/Hopper GPUs). Faster, slightly less exact."
     )
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
-    text_encoder: Literal["none", "float8", "qfloat8"] = Field(
+    text_encoder: TextEncoderQType = Field(
         "none", description="UMT5 weights while caching text embeddings."
     )
     cache_dir: str = Field(
@@ -219,7 +229,7 @@ class NetworkConfig(Section):
 
 # -------------------------------------------------------------------------------------- save
 class SaveConfig(Section):
-    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of saved LoRA tensors (training keeps float32 masters).")
+    dtype: Dtype = Field("bf16", description="dtype of saved LoRA tensors (training keeps float32 masters).")
     every: int = Field(250, ge=1, description="Save a checkpoint pair every this many steps.")
     keep_last: int = Field(4, ge=1, description="How many checkpoint pairs to keep.")
 
@@ -249,7 +259,7 @@ class TrainConfig(Section):
     batch_size: int = Field(1, ge=1, le=8, description="Samples per micro-step (same bucket).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     steps: int = Field(2000, ge=1, description="Optimizer steps in total, both experts together.")
-    optimizer: Literal["adamw8bit", "adamw", "adafactor"] = Field("adamw8bit", description="Optimizer.")
+    optimizer: Optimizer = Field("adamw8bit", description="Optimizer.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay.")
     betas: tuple[float, float] = Field(
@@ -265,10 +275,10 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
     loss: Literal["mse"] = Field("mse", description="Loss against the velocity target.")
-    timestep_type: Literal["linear", "sigmoid", "shift", "weighted"] = Field(
+    timestep_type: TimestepType = Field(
         "linear", description="Distribution of training timesteps (README has plots)."
     )
-    timestep_bias: Literal["balanced", "high_noise", "low_noise"] = Field(
+    timestep_bias: TimestepBias = Field(
         "balanced", description="Skew of the timestep draw."
     )
     last_frame: bool = Field(

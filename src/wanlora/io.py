@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,8 +22,6 @@ import yaml
 from wanlora.errors import UserError
 
 HASH_CHUNK = 1 << 20
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -39,9 +37,8 @@ def atomic_open(path: str | Path, mode: str = "wb", temp_dir: str | Path | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     where = Path(temp_dir) if temp_dir is not None else path.parent
     where.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=where)
+    fd, tmp = _new_temp(path, where)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like any other file
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f  # type: ignore[misc]
             f.flush()
@@ -51,6 +48,17 @@ def atomic_open(path: str | Path, mode: str = "wb", temp_dir: str | Path | None 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _new_temp(path: Path, where: Path) -> tuple[int, Path]:
+    """A new `.<name>.<random>.tmp` in `where`, created with mode 0666 less the umask, as any
+    other output is (`tempfile.mkstemp` makes 0600, and reading the umask means setting it)."""
+    while True:
+        tmp = where / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, temp_dir: str | Path | None = None) -> None:
@@ -141,25 +149,6 @@ def dataset_file(workspace: str | Path, folder: str | Path, rel: str, where: str
             "remotes others can write"
         )
     return path
-
-
-def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
-    """A safetensors file as bytes, with its JSON header's keys sorted.
-
-    safetensors keeps metadata in a hash map whose order changes from process to process, so two
-    runs that produce identical tensors would write different bytes: a resumed run could never
-    match an uninterrupted one, and DVC would see a change where there is none. Tensor offsets are
-    relative to the data section, so only the header is rewritten (space-padded to a multiple of 8,
-    as the format recommends).
-    """
-    from safetensors.torch import save
-
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata) if metadata else None)
-    n = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    text = header.encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def sha256_file(path: str | Path) -> str:

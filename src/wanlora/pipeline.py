@@ -25,9 +25,30 @@ from wanlora import __version__
 from wanlora.config import Params, SampleConfig
 from wanlora.io import atomic_write_text
 
-# Imported by every stage through its entry (`wanlora.stages.<name>` and `stages/_common.py`).
+# Imported by every stage through its entry (`wanlora.stages.<name>` and `stages/_common.py`); the
+# wiring takes its paths from this module.
 BASE_CODE = ("src/wanlora/__init__.py", "src/wanlora/config.py", "src/wanlora/errors.py", "src/wanlora/io.py",
-             "src/wanlora/report.py", "src/wanlora/stages/_common.py")
+             "src/wanlora/report.py", "src/wanlora/stages/_common.py", "src/wanlora/pipeline.py")
+
+# The files and folders the stages hand each other, each named once (workspace-relative): the Stage
+# entries below declare them to DVC, and the stage wiring (`wanlora.stages.<name>`) passes them to
+# the code as arguments, so what a stage reads is what DVC reruns it for.
+CHECK_MARKER = "data/check.json"  # what the check stage writes; scan depends on it, so it runs first
+INDEX = "data/index"
+MEDIA_INDEX, CAPTION_INDEX = f"{INDEX}/media.jsonl", f"{INDEX}/captions.jsonl"
+TRIMMED = "data/trimmed"
+CLIPS = f"{TRIMMED}/clips.jsonl"
+BUCKETS = "data/buckets"
+SAMPLES, HISTOGRAM = f"{BUCKETS}/samples.jsonl", f"{BUCKETS}/histogram.json"
+CAPTIONS = "data/captions"
+CAPTION_MANIFEST, CAPTION_PROBLEMS = f"{CAPTIONS}/captions.jsonl", f"{CAPTIONS}/problems.json"
+SPLIT = "data/split"
+SPLIT_FILE = f"{SPLIT}/validation.json"
+TEXT_CACHE, LATENT_CACHE = "data/cache/text", "data/cache/latents"
+LORA, TRAIN_LIVE, TRAIN_PERF = "data/lora", "data/train_live", "data/train_perf"
+EVAL = "data/eval"
+BEST, METRICS, VAL_LOSS = f"{EVAL}/best.json", f"{EVAL}/metrics.json", f"{EVAL}/val_loss.json"
+EXPORTS = "data/exports"
 
 
 @dataclass(frozen=True)
@@ -50,8 +71,6 @@ class Stage:
 MODEL_KEYS = ("model.name_or_path", "model.revision")
 # evaluate reads every sample key but the previews' (train's alone: an edit reruns no evaluation)
 EVAL_SAMPLE = tuple(f"sample.{k}" for k in SampleConfig.model_fields if not k.startswith("preview"))
-#: What the check stage writes; scan depends on it, so it runs before every other stage.
-CHECK_MARKER = "data/check.json"
 STAGES: tuple[Stage, ...] = (
     # DVC decides what to run from the params keys each stage lists, so a key no stage lists (a typo
     # such as train.learning_rate beside train.lr) would never reach a stage's validation. This stage
@@ -59,20 +78,20 @@ STAGES: tuple[Stage, ...] = (
     # anything else runs. Its output does not change with the values, so nothing else reruns for it.
     Stage(
         "check", "validate the whole params.yaml before any other stage runs",
-        deps=("params.yaml",), code=("src/wanlora/workspace.py", "src/wanlora/pipeline.py"), params=(),
+        deps=("params.yaml",), code=("src/wanlora/workspace.py",), params=(),
         outs=(CHECK_MARKER,),
     ),
     Stage(
         "scan", "index raw files and their hashes, media apart from captions",
         deps=(CHECK_MARKER,), code=("src/wanlora/data/scan.py", "src/wanlora/media/listing.py", "src/wanlora/media/probe.py"),
         params=("datasets.{ds}.folder", "datasets.{ds}.captions.extension", "datasets.{ds}.on_error"),
-        outs=("data/index",), dataset_folders=True,
+        outs=(INDEX,), dataset_folders=True,
     ),
     Stage(
         "trim", "find static intros/outros and letterbox bars",
-        deps=("data/index/media.jsonl",), code=("src/wanlora/media",),
+        deps=(MEDIA_INDEX,), code=("src/wanlora/media",),
         params=("datasets.{ds}.folder", "datasets.{ds}.trim", "datasets.{ds}.on_error"),
-        outs=("data/trimmed",),
+        outs=(TRIMMED,),
     ),
     Stage(
         "autocaption", "caption clips that have no caption file with a vision-language model",
@@ -85,28 +104,26 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "bucket", "choose resolution and frame buckets, place frame windows",
-        deps=("data/trimmed/clips.jsonl",), code=("src/wanlora/data/buckets.py", "src/wanlora/models/variant.py", "src/wanlora/models/loading.py"),
+        deps=(CLIPS,), code=("src/wanlora/data/buckets.py", "src/wanlora/models/variant.py", "src/wanlora/models/loading.py"),
         # the model: its variant sets the frame rate (bucket.fps null) and the side alignment (TI2V 5B: 32 px)
         params=("datasets.{ds}.bucket", "datasets.{ds}.flip_horizontal", "datasets.{ds}.on_error", *MODEL_KEYS,
                 "model.variant"),
-        outs=("data/buckets",),
-        plots=({"buckets": {"template": "bar_horizontal", "x": "count",
-                            "y": {"data/buckets/histogram.json": "bucket"}}},),
+        outs=(BUCKETS,),
+        plots=({"buckets": {"template": "bar_horizontal", "x": "count", "y": {HISTOGRAM: "bucket"}}},),
     ),
     Stage(
         "captions", "validate captions, inject the trigger, write DOP variants",
-        deps=("data/index/captions.jsonl", "data/trimmed/clips.jsonl", "data/buckets/samples.jsonl",
-              "data/autocaptions"),
-        code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py"),
+        deps=(CAPTION_INDEX, CLIPS, SAMPLES, "data/autocaptions"),
+        code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py", "src/wanlora/tensorfiles.py"),
         params=("job.trigger_word", "datasets.{ds}.folder", "datasets.{ds}.captions", "datasets.{ds}.on_error",
                 "train.dop.preservation_class", "train.unload_text_encoder", *MODEL_KEYS),
-        outs=("data/captions",),
+        outs=(CAPTIONS,),
     ),
     Stage(
         "split", "hold whole clips out of training for the validation loss",
-        deps=("data/buckets/samples.jsonl", "data/captions/captions.jsonl"), code=("src/wanlora/data/split.py",),
+        deps=(SAMPLES, CAPTION_MANIFEST), code=("src/wanlora/data/split.py",),
         params=("job.seed", "sample.validation_clips", "datasets.{ds}.role", "datasets.{ds}.cache_latents"),
-        outs=("data/split",),
+        outs=(SPLIT,),
     ),
     Stage(
         "review", "one offline page of every sample as trained, its caption and origin, every problem",
@@ -120,61 +137,59 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "text_cache", "encode captions, DOP variants and prompts with UMT5 once",
-        deps=("data/captions/captions.jsonl",),
-        code=("src/wanlora/models", "src/wanlora/data/captions.py"),
+        deps=(CAPTION_MANIFEST,),
+        code=("src/wanlora/models", "src/wanlora/tensorfiles.py", "src/wanlora/data/captions.py"),
         params=(*MODEL_KEYS, "model.dtype", "quantization.text_encoder", "sample.prompts", "sample.negative_prompt",
                 "job.trigger_word", "train.dop.preservation_class", "job.device"),
-        outs=("data/cache/text",),
+        outs=(TEXT_CACHE,),
     ),
     Stage(
         "latent_cache", "encode every sample window with the VAE once",
-        deps=("data/index/media.jsonl", "data/buckets/samples.jsonl"),
-        code=("src/wanlora/models", "src/wanlora/media"),
+        deps=(MEDIA_INDEX, SAMPLES),
+        code=("src/wanlora/models", "src/wanlora/tensorfiles.py", "src/wanlora/media"),
         params=(*MODEL_KEYS, "model.variant", "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "train.latent_mode",
                 "train.last_frame",
                 "job.device"),  # folder: sample paths must stay inside it (io.dataset_file)
-        outs=("data/cache/latents",),
+        outs=(LATENT_CACHE,),
     ),
     Stage(
         "train", "train the high-noise and low-noise LoRAs",
-        deps=("data/captions/captions.jsonl", "data/buckets/samples.jsonl", "data/split/validation.json",
-              "data/cache/text", "data/cache/latents"),
+        deps=(CAPTION_MANIFEST, SAMPLES, SPLIT_FILE, TEXT_CACHE, LATENT_CACHE),
         code=("src/wanlora/train", "src/wanlora/models", "src/wanlora/media", "src/wanlora/data/dataset.py",
               "src/wanlora/data/captions.py", "src/wanlora/data/split.py", "src/wanlora/export/lineage.py",
               "src/wanlora/export/formats.py", "src/wanlora/export/imports.py", "src/wanlora/evaluate/__init__.py",
               "src/wanlora/evaluate/sampling.py", "src/wanlora/evaluate/media.py", "src/wanlora/evaluate/report.py",
-              "src/wanlora/lock.py", "src/wanlora/pipeline.py"),
+              "src/wanlora/lock.py", "src/wanlora/tensorfiles.py"),
         params=("job.seed", "job.trigger_word", "job.device", "model", "quantization", "multistage", "network",
                 "save", "train", "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "datasets.{ds}.i2v_share"),
         watch=("sample.prompts", "sample.negative_prompt", "sample.seed", "sample.walk_seed", "sample.fps",
                "sample.preview", "sample.preview_every", "sample.preview_steps", "sample.preview_guidance_scale",
                "sample.preview_num_frames", "sample.preview_width", "sample.preview_height", "sample.preview_lora"),
-        outs=("data/lora", "data/train_live", "data/train_perf"), metrics=("data/train_perf/summary.json",),
-        plots=({"data/train_live/plots/metrics": {"x": "step"}},
-               {"data/train_perf/perf.json": {"x": "step", "y": ["step_time", "samples_per_s", "peak_mem"]}}),
+        outs=(LORA, TRAIN_LIVE, TRAIN_PERF), metrics=(f"{TRAIN_PERF}/summary.json",),
+        plots=({f"{TRAIN_LIVE}/plots/metrics": {"x": "step"}},
+               {f"{TRAIN_PERF}/perf.json": {"x": "step", "y": ["step_time", "samples_per_s", "peak_mem"]}}),
     ),
     Stage(
         "evaluate", "sample every checkpoint, validation loss, report page",
-        deps=("data/lora", "data/train_live", "data/cache/text", "data/cache/latents", "data/buckets/samples.jsonl",
-              "data/buckets/histogram.json", "data/trimmed/clips.jsonl", "data/captions/captions.jsonl",
-              "data/captions/problems.json", "data/split/validation.json"),
+        deps=(LORA, TRAIN_LIVE, TEXT_CACHE, LATENT_CACHE, SAMPLES, HISTOGRAM, CLIPS, CAPTION_MANIFEST,
+              CAPTION_PROBLEMS, SPLIT_FILE),
         code=("src/wanlora/evaluate", "src/wanlora/models", "src/wanlora/train", "src/wanlora/export",
-              "src/wanlora/data/split.py", "src/wanlora/pipeline.py"),
+              "src/wanlora/data/split.py", "src/wanlora/tensorfiles.py"),
         params=("job.name", "job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.variant", "model.dtype",
                 "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "train.last_frame",
                 *EVAL_SAMPLE),
-        outs=("data/eval",), metrics=("data/eval/metrics.json",),
+        outs=(EVAL,), metrics=(METRICS,),
         # per expert, the fixed-noise loss on training clips beside the held-out one: the gap is overfitting
         plots=tuple({f"fixed_noise_loss_{e}": {"x": "step", "title": f"{e}-noise expert: fixed-noise loss",
-                                                "y": {"data/eval/val_loss.json": [f"train_{e}", f"held_out_{e}"]}}}
+                                                "y": {VAL_LOSS: [f"train_{e}", f"held_out_{e}"]}}}
                     for e in ("high", "low")),
     ),
     Stage(
         "export", "write the chosen checkpoint for ComfyUI and diffusers",
-        deps=("data/lora", "data/eval/best.json"),
-        code=("src/wanlora/export", "src/wanlora/models/variant.py", "src/wanlora/pipeline.py"),
+        deps=(LORA, BEST),
+        code=("src/wanlora/export", "src/wanlora/models/variant.py", "src/wanlora/tensorfiles.py"),
         params=("export", "job.name"),
-        outs=("data/exports",),
+        outs=(EXPORTS,),
     ),
 )
 

@@ -19,6 +19,8 @@ from rich.markup import escape
 from wanlora.errors import UserError
 from wanlora.io import atomic_write_json
 
+#: The one console every stage and library module prints progress and warnings on (stderr: stdout
+#: stays for what a command returns, `wanlora.cli`).
 console = Console(stderr=True)
 
 

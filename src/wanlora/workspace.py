@@ -18,7 +18,7 @@ import yaml
 from wanlora.config import Params, load_params
 from wanlora.errors import UserError
 from wanlora.io import atomic_write_json, atomic_write_text
-from wanlora.pipeline import CHECK_MARKER, STAGES, ignored_outputs, is_repo_checkout, stale_files, sync
+from wanlora.pipeline import STAGES, ignored_outputs, is_repo_checkout, stale_files, sync
 
 #: Never versioned: resumable training state, downloaded or generated models, bytecode.
 GITIGNORE = ("/scratch/", "/models/", "__pycache__/")
@@ -129,7 +129,7 @@ def require(workspace: Path) -> Path:
                         "run `wanlora init` only to make a new workspace")
 
 
-def check_stage(workspace: Path) -> None:
+def check_stage(workspace: Path, out: Path) -> None:
     """The check stage, once params.yaml has loaded (validated whole): now the workspace itself.
 
     Stage outputs committed to git (a `git add -A` after a failed first run, before DVC ignored
@@ -144,7 +144,7 @@ def check_stage(workspace: Path) -> None:
             f"`git rm -r -q --cached {' '.join(tracked)} && git commit -m 'untrack stage outputs'`, then `dvc repro`"
         )
     _check_synced(workspace)
-    atomic_write_json(workspace / CHECK_MARKER, {"checked": ["params.yaml", "stage outputs not in git",
+    atomic_write_json(out, {"checked": ["params.yaml", "stage outputs not in git",
                                                              "dvc.yaml matches params.yaml"]})
 
 

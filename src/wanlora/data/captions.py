@@ -175,24 +175,6 @@ def build_caption(
     return Caption(text, dop_variant(text, trigger, preservation_class), warnings)
 
 
-def orphan_captions(folder: Path, extension: str, used: set[Path]) -> list[Path]:
-    """Caption files in `folder` (recursively, hidden entries skipped) that no clip claims."""
-    ext = "." + extension.lstrip(".")
-    found = (p for p in folder.rglob("*" + ext) if p.is_file())
-    return sorted(
-        p for p in found
-        if not any(part.startswith(".") for part in p.relative_to(folder).parts) and p.resolve() not in used
-    )
-
-
-def _relative(path: Path, workspace: Path) -> str:
-    """Workspace-relative posix path as manifests write it; absolute when the folder lies elsewhere."""
-    try:
-        return path.relative_to(workspace).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
 def _clip_caption(
     clip: dict, ds: DatasetConfig, job: JobConfig, dop: DopConfig, workspace: Path, count_tokens: Callable[[str], int],
     trigger_only: bool = False, auto: dict | None = None,
@@ -272,7 +254,8 @@ def run_stage(
     Both files are written before any dataset's on_error policy can stop the stage, so a failed
     run still leaves the report that says what to fix.
     """
-    pairs = {row["media"]: row["path"] for row in read_jsonl(caption_index)}
+    index = read_jsonl(caption_index)
+    pairs = {row["media"]: row["path"] for row in index if row["media"]}
     clips = {c["id"]: {**c, "caption_path": pairs.get(c["path"])} for c in read_jsonl(clips_manifest)}
     auto = {a["id"]: a for a in read_jsonl(autocaptions) if a["status"] == "ok"} if autocaptions else {}
     wanted = sorted({s["clip_id"] for s in read_jsonl(samples_manifest)})
@@ -304,17 +287,10 @@ def run_stage(
             where = clip.get("caption_path") or clip["path"]
             fix = err.fix.replace("datasets.<name>", f"datasets.{clip['dataset']}")
             problems[clip["dataset"]].append(Problem(where, str(err), fix, STAGE))
-    claimed = {(workspace / c["caption_path"]).resolve() for c in clips.values() if c.get("caption_path")}
-    for name, ds in datasets.items():
-        for path in orphan_captions(workspace / ds.folder, ds.captions.extension, claimed):
-            problems[name].append(
-                Problem(
-                    _relative(path, workspace),
-                    "caption file with no clip or image of the same name",
-                    "rename it to match its clip, add the clip, or delete it",
-                    STAGE,
-                )
-            )
+    for row in index:  # the scan stage's orphans: caption files no clip or image claims
+        if not row["media"] and row["dataset"] in problems:
+            problems[row["dataset"]].append(Problem(row["path"], "caption file with no clip or image of the same name",
+                                                    "rename it to match its clip, add the clip, or delete it", STAGE))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "captions.jsonl", records)
     write_problems(out_dir / "problems.json", [p for ps in problems.values() for p in ps])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from wanlora.data.split import read_split
+from wanlora.data.split import SPLIT_FILE, read_split
 from wanlora.io import dataset_file, read_jsonl
 from wanlora.models.condition import condition_input
 from wanlora.models.latents import INDEX, check_variant, draw_latent, load_latents, normalize_latents
@@ -146,7 +146,7 @@ def build_dataset(
             raise InputError(f"{path}: missing. Fix: run the {stage} stage first (`dvc repro {stage}`)")
     captions = {r["id"]: r for r in read_jsonl(captions_path)}
     latents = _latent_index(cache_dir, expect_vae, variant, last_frame)
-    held_clips = read_split(workspace).held_out_clips
+    held_clips = read_split(workspace / SPLIT_FILE).held_out_clips
     held_out: list[str] = []
     items: list[Item] = []
     problems: list[Problem] = []

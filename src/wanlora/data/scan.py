@@ -3,7 +3,8 @@
 Why a stage of its own: DVC cannot depend on "the videos in data/raw but not the captions beside
 them". Were trim to depend on the folder, editing one caption would rerun trim and everything
 after it. The index splits the folder in two files: `media.jsonl` (each clip or image and its
-hash) and `captions.jsonl` (each caption file, its hash and the media file it belongs to). Trim
+hash) and `captions.jsonl` (each caption file, its hash and the media file it belongs to, null
+for an orphan, so the captions stage reports orphans without walking the folder again). Trim
 depends on the first, captions on the second, so editing, adding or deleting a caption reruns
 only this cheap hashing pass and the stages downstream of captions: which clip has a caption is
 a fact of the caption chain alone, so it is recorded there and nowhere in the media chain.
@@ -56,13 +57,14 @@ def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path
                 "sha256": sha256_file(path),
                 "size": path.stat().st_size,
             })
-        for media, path in sorted(listing.captions.items(), key=lambda pair: pair[1]):
+        pairs: list[tuple[Path | None, Path]] = [*listing.captions.items(), *((None, p) for p in listing.orphans)]
+        for media, path in sorted(pairs, key=lambda pair: pair[1]):  # a caption two clips share: a row each
             caption_rows.append({
                 "id": f"{name}/{path.relative_to(folder).as_posix()}",
                 "dataset": name,
                 "path": path.relative_to(workspace).as_posix(),
                 "sha256": sha256_file(path),
-                "media": media.relative_to(workspace).as_posix(),
+                "media": media.relative_to(workspace).as_posix() if media else None,
             })
         by_dataset[name] = problems
     duplicates = duplicate_media(media_rows)  # a copy still trains: reported, never fatal

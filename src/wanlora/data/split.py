@@ -28,9 +28,9 @@ from pathlib import Path
 
 from wanlora.config import Params
 from wanlora.io import atomic_write_json, read_jsonl
+from wanlora.pipeline import SPLIT_FILE
 from wanlora.report import InputError
 
-SPLIT_FILE = "data/split/validation.json"
 MAX_HELD_SHARE = 5  # hold out at most one clip in this many
 HELD_OUT, TRAINING_CLIPS, NONE = "held_out", "training_clips", "none"
 HELD_OUT_REASON = f"held out for validation ({SPLIT_FILE})"  # what a LoRA's lineage says of these samples
@@ -100,21 +100,20 @@ def choose_split(samples: list[dict], captioned: set[str], params: Params) -> di
     }
 
 
-def run_stage(params: Params, workspace: Path) -> dict:
-    """DVC stage `split`: write data/split/validation.json from the samples and captions."""
-    workspace = Path(workspace)
-    samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
-    captioned = {r["id"] for r in read_jsonl(workspace / "data/captions/captions.jsonl")}
+def run_stage(params: Params, samples_manifest: Path, captions_manifest: Path, out: Path) -> dict:
+    """DVC stage `split`: write the split file `out` from the samples and captions manifests."""
+    samples = read_jsonl(samples_manifest)
+    captioned = {r["id"] for r in read_jsonl(captions_manifest)}
     record = choose_split(samples, captioned, params)
-    atomic_write_json(workspace / SPLIT_FILE, record)
+    atomic_write_json(out, record)
     return record
 
 
-def read_split(workspace: Path) -> Split:
+def read_split(path: Path) -> Split:
     """The split the train and evaluate stages share; missing is an error naming the stage."""
     import json
 
-    path = Path(workspace) / SPLIT_FILE
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: missing, so the held-out clips are unknown. Fix: run the split stage "
                          "(`dvc repro split`)")

@@ -115,15 +115,14 @@ def read_train_curves(live_dir: Path) -> dict[str, list[tuple[float, float]]]:
 
 
 # ---------------------------------------------------------------------------------- dataset
-def dataset_summary(workspace: Path) -> dict[str, Any]:
-    """Buckets, trimmed duration and caption problems from the stages' own outputs (absent: empty)."""
+def dataset_summary(hist: Path, clips: Path, problems: Path) -> dict[str, Any]:
+    """Buckets, trimmed duration and caption problems from the bucket, trim and captions stages'
+    outputs (absent: empty)."""
     import json
 
     out: dict[str, Any] = {"buckets": [], "clips": 0, "skipped": 0, "seconds": 0.0, "caption_problems": []}
-    hist = workspace / "data/buckets/histogram.json"
     if hist.is_file():
         out["buckets"] = json.loads(hist.read_text(encoding="utf-8"))
-    clips = workspace / "data/trimmed/clips.jsonl"
     if clips.is_file():
         for c in read_jsonl(clips):
             if c.get("status") == "ok":
@@ -131,7 +130,6 @@ def dataset_summary(workspace: Path) -> dict[str, Any]:
                 out["seconds"] += max(0.0, float(c.get("keep_end_s") or 0) - float(c.get("keep_start_s") or 0))
             else:
                 out["skipped"] += 1
-    problems = workspace / "data/captions/problems.json"
     if problems.is_file():
         out["caption_problems"] = json.loads(problems.read_text(encoding="utf-8")).get("problems", [])
     return out

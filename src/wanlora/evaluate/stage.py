@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import Progress
 
 from wanlora.config import Params
-from wanlora.data.split import BASIS_LABEL, HELD_OUT, SPLIT_FILE, Split, read_split
+from wanlora.data.split import BASIS_LABEL, HELD_OUT, Split, read_split
 from wanlora.evaluate import media
 from wanlora.evaluate.best import choose_best
 from wanlora.evaluate.sampling import prompt_texts
@@ -38,12 +37,27 @@ from wanlora.export.stage import list_checkpoints
 from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, read_jsonl, sha256_file, sha256_json
 from wanlora.models.condition import check_last_frame
 from wanlora.models.variant import LEGACY_VARIANT, Variant, resolve_variant
-from wanlora.report import InputError
+from wanlora.report import InputError, console
 from wanlora.train import ti2v
 
 EVAL_FORMAT = 2  # bump when cached results would no longer match what this code writes
-TEXT_DIR, LATENT_DIR = "data/cache/text", "data/cache/latents"
-console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the stage reads: the deps of its `Stage` entry, named by the wiring
+    (`wanlora.stages.evaluate.inputs`)."""
+
+    lora: Path  # the train stage's checkpoints
+    train_live: Path  # its curves
+    text_cache: Path
+    latent_cache: Path
+    samples: Path
+    captions: Path
+    split: Path
+    histogram: Path  # for the report page's dataset summary
+    clips: Path
+    caption_problems: Path
 
 
 def steps_to_sample(steps: list[int], every: int) -> list[int]:
@@ -109,15 +123,16 @@ class Plan:
         return sha256_json({"kind": "val", **self.base, "val": settings, "lora": self.lora_id(step)})[:20]
 
 
-def make_plan(params: Params, workspace: Path) -> Plan:
+def make_plan(params: Params, workspace: Path, inputs: Inputs) -> Plan:
+    """`workspace` roots the start images (`sample.images`, held-out clips' first frames)."""
     from wanlora.models.loading import boundary_ratio, model_identity, resolve_model
 
     root = resolve_model(params.model.name_or_path, params.model.revision)
     variant = resolve_variant(params.model.variant, root)
     check_last_frame(params.train.last_frame, variant)
-    checkpoints = list_checkpoints(workspace / "data/lora")
+    checkpoints = list_checkpoints(inputs.lora)
     if not checkpoints:
-        raise FileNotFoundError(f"{workspace / 'data/lora'}: no checkpoints; run the train stage first")
+        raise FileNotFoundError(f"{inputs.lora}: no checkpoints; run the train stage first")
     ms = params.multistage
     ti2v.check_params(params, variant)
     align = variant.bucket_align
@@ -135,17 +150,17 @@ def make_plan(params: Params, workspace: Path) -> Plan:
         "quant": {k: v for k, v in params.quantization.model_dump(mode="json").items()
                   if k not in ("cache_dir", "text_encoder")},  # mode, group, fp8 matmuls, recovery
         "boundary": boundary, "shift": params.model.flow_shift,
-        "text_cache": _hash_or_absent(workspace / TEXT_DIR / "index.json"),
-        "latent_cache": _hash_or_absent(workspace / LATENT_DIR / "index.json"),
-        "captions": _hash_or_absent(workspace / "data/captions/captions.jsonl"),
+        "text_cache": _hash_or_absent(inputs.text_cache / "index.json"),
+        "latent_cache": _hash_or_absent(inputs.latent_cache / "index.json"),
+        "captions": _hash_or_absent(inputs.captions),
         **({} if variant.name == LEGACY_VARIANT else {"variant": variant.name}),  # T2V keys stay as they were
     }
-    split = read_split(workspace)
+    split = read_split(inputs.split)
     frames = ends = None
     if (variant.image_condition or variant.expand_timesteps) and params.sample.prompts:  # TI2V 5B: both ways
         from wanlora.evaluate.start_images import start_frames
 
-        samples = {s["id"]: s for s in read_jsonl(workspace / "data/buckets/samples.jsonl")}
+        samples = {s["id"]: s for s in read_jsonl(inputs.samples)}
         frames = start_frames(params.sample, split, samples, workspace)
         if params.train.last_frame:
             ends = start_frames(params.sample, split, samples, workspace, last=True)
@@ -168,7 +183,7 @@ class Loaded:
     val_items: dict[str, list[ValItem]]  # "held_out" and "train": the split's scored samples
 
 
-def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
+def load_models(params: Params, workspace: Path, inputs: Inputs, plan: Plan) -> Loaded:
     """Both experts, the VAE, the prompts' cached embeddings and the scored samples."""
     import torch
 
@@ -192,7 +207,7 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
     if params.model.low_vram and str(device).startswith("cuda"):
         pipe.enable_model_cpu_offload(device=device)
 
-    text_dir, encoder = workspace / TEXT_DIR, encoder_identity(plan.root)
+    text_dir, encoder = inputs.text_cache, encoder_identity(plan.root)
     dtype = first.dtype
 
     def embed(text: str) -> torch.Tensor:
@@ -201,17 +216,17 @@ def load_models(params: Params, workspace: Path, plan: Plan) -> Loaded:
     prompt_embeds = [embed(t) for t in prompt_texts(params)]
     negative = embed(params.sample.negative_prompt)
 
-    samples = {s["id"]: s for s in read_jsonl(workspace / "data/buckets/samples.jsonl")}
-    captions = {c["id"]: c for c in read_jsonl(workspace / "data/captions/captions.jsonl")}
+    samples = {s["id"]: s for s in read_jsonl(inputs.samples)}
+    captions = {c["id"]: c for c in read_jsonl(inputs.captions)}
     vae_config, vae_id = load_vae_config(plan.root), model_identity(plan.root, "vae")
 
     def item(sid: str) -> ValItem:
         cap = captions.get(samples[sid]["clip_id"]) if sid in samples else None
         if cap is None:
-            raise InputError(f"{workspace / SPLIT_FILE}: sample {sid} is not in the samples or captions "
+            raise InputError(f"{inputs.split}: sample {sid} is not in the samples or captions "
                              "manifest. Fix: rerun the split stage (`dvc repro split`)")
         last = params.train.last_frame
-        cached = load_latents(workspace / LATENT_DIR, sid, vae_id, plan.variant, last)
+        cached = load_latents(inputs.latent_cache, sid, vae_id, plan.variant, last)
         z = cached["mean"] if "mean" in cached else cached["latent"]  # the mode: no random draw
         cond = None
         if plan.variant.image_condition:
@@ -299,17 +314,19 @@ def choose_experts(terms: dict[int, dict[str, dict[str, list[float]]]], split: S
     return out
 
 
-def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
-    """DVC stage `evaluate`: writes samples/, best.json, metrics.json, val_loss.json and report.html."""
+def run_stage(params: Params, workspace: Path, inputs: Inputs, out_dir: Path) -> None:
+    """DVC stage `evaluate`: writes samples/, best.json, metrics.json, val_loss.json and report.html.
+
+    `workspace` roots the base model's quantization cache and this stage's own `scratch/eval`."""
     workspace, out_dir = Path(workspace), Path(out_dir)
-    plan = make_plan(params, workspace)
+    plan = make_plan(params, workspace, inputs)
     scratch = workspace / "scratch/eval"
     holder: dict[str, Loaded] = {}
 
     def get() -> Loaded:
         if "x" not in holder:
             console.print("evaluate: loading the base model")
-            holder["x"] = load_models(params, workspace, plan)
+            holder["x"] = load_models(params, workspace, inputs, plan)
         return holder["x"]
 
     order: list[int | None] = [None, *plan.checkpoints]
@@ -342,7 +359,7 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
     atomic_write_json(out_dir / "best.json", {"basis": split.basis, "basis_label": BASIS_LABEL[split.basis],
                                               "split": split.reason, "held_out_clips": list(split.held_out_clips),
                                               "experts": best})
-    train = read_train_curves(workspace / "data/train_live")
+    train = read_train_curves(inputs.train_live)
     checkpoints = {r.step: r.losses for r in rows if r.step is not None}
     atomic_write_json(out_dir / "metrics.json",
                       run_summary(split.basis, len(split.held_out_clips), best, checkpoints, train))
@@ -354,9 +371,9 @@ def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
 
     curves = {"training loss (per step, random noise)": {k: v for k, v in train.items() if "loss" in k}}
     curves.update({k: {k: v} for k, v in train.items() if "loss" not in k})  # lr, grad norm, ...: own scales
-    live = workspace / "data/train_live/index.html"
+    live = inputs.train_live / "index.html"
     page = render_report(f"{params.job.name}: evaluation", column_labels(params, plan.variant), rows, split, best,
-                         curves, dataset_summary(workspace),
+                         curves, dataset_summary(inputs.histogram, inputs.clips, inputs.caption_problems),
                          previews=Path(os.path.relpath(live, out_dir)).as_posix() if live.is_file() else None)
     atomic_write_text(out_dir / "report.html", page)
     picks = ", ".join(f"{e} step {c['step']}" for e, c in best.items()) or "none"

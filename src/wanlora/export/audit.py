@@ -31,8 +31,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wanlora.config import ParamsError, load_params
-from wanlora.export.formats import LoraFormatError, read_header
+from wanlora.config import EXPERTS, ParamsError, load_params
+from wanlora.export.formats import LoraFormatError
 from wanlora.export.imports import read_lora
 from wanlora.export.lineage import (
     LINEAGE_VERSION,
@@ -45,6 +45,8 @@ from wanlora.export.lineage import (
     tensors_sha256,
 )
 from wanlora.io import read_jsonl, sha256_file, sha256_text
+from wanlora.pipeline import LORA
+from wanlora.tensorfiles import read_header
 
 UNCHANGED, CHANGED, MISSING, UNKNOWN, NONE = "unchanged", "changed", "missing", "unknown", "none"
 NOT_TRAINED = "not trained"
@@ -283,9 +285,9 @@ def _digest(file: Path) -> str:
 def check_checkpoint(file: Path, fields: dict[str, str], workspace: Path) -> ManifestCheck:
     """The workspace's own checkpoint of this expert and step must hold the same tensors."""
     expert, step = fields.get("expert"), fields.get("step", "")
-    if expert not in ("high", "low", "main") or not step.isdigit():
+    if expert not in EXPERTS or not step.isdigit():
         raise LineageError(f"expert {expert!r} / step {step!r} are not what wanlora writes")
-    rel = f"data/lora/{expert}/step_{int(step):06d}.safetensors"
+    rel = f"{LORA}/{expert}/step_{int(step):06d}.safetensors"
     path = workspace / rel
     recorded = fields["tensors_sha256"]
     if not path.is_file():
@@ -293,7 +295,7 @@ def check_checkpoint(file: Path, fields: dict[str, str], workspace: Path) -> Man
     if path.resolve() == file.resolve():
         return ManifestCheck("checkpoint", rel, recorded, UNCHANGED)
     try:
-        theirs = lineage_fields(read_header(path)[1]).get("tensors_sha256")
+        theirs = lineage_fields(read_header(path, LoraFormatError)[1]).get("tensors_sha256")
         same = theirs == recorded and _digest(path) == recorded
     except (LoraFormatError, LineageError, OSError):
         same = False
@@ -326,7 +328,7 @@ def carries_lineage(file: Path) -> bool:
     """Whether `file` has a readable header with wanlora lineage: only then is there a workspace to
     compare it with (a file that cannot be vouched for is reported as such wherever it is audited)."""
     try:
-        return has_lineage(read_header(Path(file))[1])
+        return has_lineage(read_header(Path(file), LoraFormatError)[1])
     except (LoraFormatError, OSError):
         return False
 
@@ -335,7 +337,7 @@ def verify(file: Path, workspace: Path) -> AuditResult:
     """The audit without printing (for tests and other callers)."""
     file, workspace = Path(file), Path(workspace)
     try:
-        _, metadata = read_header(file)
+        _, metadata = read_header(file, LoraFormatError)
     except (LoraFormatError, OSError) as err:
         return AuditResult(file, False, f"cannot read {file}: {err}")
     if not has_lineage(metadata):

@@ -27,10 +27,6 @@ from typing import Any
 import torch
 
 from wanlora.errors import UserError
-from wanlora.io import atomic_open, safetensors_bytes
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
-MAX_HEADER_BYTES = 4 * 1024 * 1024  # see read_header
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry for the peft LoraConfig
 OURS_PREFIX = "transformer."
 NATIVE_PREFIX = "diffusion_model."
@@ -126,66 +122,6 @@ def _from_native_name(native: str) -> str | None:
 
 def _from_kohya_name(name: str) -> str | None:
     return _translate(name, _FROM_KOHYA)
-
-
-# ------------------------------------------------------------------------------- safe files
-def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """(tensor table, metadata) of a safetensors file, reading only its JSON header.
-
-    Used by `audit` on files of unknown origin: the header is 8 bytes of length, then JSON. The
-    length is capped to what a LoRA header can be (ours are under 300 KB for a full A14B LoRA;
-    a forged 100 MB one took 2.7 GB of memory to parse), and deep nesting is refused, not a crash.
-    """
-    refuse_pickle(path)
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) != 8:
-            raise LoraFormatError(f"{path}: too short to be a safetensors file")
-        n = int.from_bytes(raw_len, "little")
-        if n > MAX_HEADER_BYTES:
-            raise LoraFormatError(f"{path}: header of {n} bytes is larger than a LoRA's can be "
-                                  f"({MAX_HEADER_BYTES >> 20} MiB); refused")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LoraFormatError(f"{path}: header is not JSON; not a safetensors file") from None
-        except RecursionError:
-            raise LoraFormatError(f"{path}: header JSON is nested too deeply; not a safetensors file") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        raise LoraFormatError(f"{path}: header is not a safetensors table; not a safetensors file")
-    metadata = header.pop("__metadata__", None) or {}
-    return header, metadata
-
-
-def refuse_pickle(path: Path) -> None:
-    """Stop before opening anything pickle-based: unpickling a downloaded file can run its code."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise LoraFormatError(
-            f"{path}: refused, '{path.suffix}' files are Python pickles that can run code when loaded. "
-            "Ask for a .safetensors version, or convert it yourself in a sandbox you trust."
-        )
-    if path.suffix.lower() != ".safetensors":
-        raise LoraFormatError(f"{path}: only .safetensors LoRA files are read (got '{path.suffix}')")
-
-
-def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a .safetensors file; anything else is refused unopened."""
-    from safetensors import SafetensorError, safe_open
-
-    refuse_pickle(path)
-    if not path.is_file():
-        raise LoraFormatError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except SafetensorError as err:
-        raise LoraFormatError(f"{path}: not a valid safetensors file ({err})") from None
-
-
-def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write atomically (outputs may be read-only DVC cache links: always a new file, renamed)."""
-    with atomic_open(path, "wb") as f:
-        f.write(safetensors_bytes(dict(tensors), dict(metadata)))
 
 
 # ------------------------------------------------------------------------------------ alpha

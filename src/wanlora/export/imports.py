@@ -14,16 +14,17 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from wanlora import tensorfiles
+from wanlora.config import Expert
 from wanlora.export import formats
 from wanlora.export.formats import Lora, LoraFormatError
 from wanlora.io import sha256_file
 from wanlora.models.variant import VARIANT_KEY, refuse_other_variant, variant_of_config
 
-Expert = Literal["high", "low"]
 _AITK_EXPERT = {"high": ".transformer_1.", "low": ".transformer_2."}
 #: Header keys of a foreign file that an import keeps (in `wanlora.imported_metadata`): what names
 #: the file's origin and shape. Everything else stays behind: trainers write dataset folders and
@@ -75,7 +76,7 @@ def read_lora(path: Path, expert: Expert | None = None, foreign: bool = False) -
     """(Lora, header metadata, format) of any supported file: 'ours', 'native' or 'kohya'.
 
     `foreign`: made by another tool, so a peft-named file without alpha metadata means alpha = rank."""
-    sd, metadata = formats.load_safetensors(path)
+    sd, metadata = tensorfiles.load(path, formats.LoraFormatError)
     if not sd:
         raise LoraFormatError(f"{path}: holds no tensors")
     fmt = formats.detect_format(list(sd))
@@ -127,5 +128,5 @@ def import_lora(
 def import_to_file(src: Path, dst: Path, base_config: Mapping[str, Any], expert: Expert | None = None) -> Path:
     """`import_lora`, written as a wanlora/diffusers file at `dst` (what `wanlora import-lora` does)."""
     sd, meta = import_lora(Path(src), base_config, expert)
-    formats.save_safetensors(Path(dst), sd, meta)
+    tensorfiles.save(Path(dst), sd, meta)
     return Path(dst)

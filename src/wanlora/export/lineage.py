@@ -33,21 +33,18 @@ from typing import Any
 import torch
 
 from wanlora import __version__
-from wanlora.config import Params
+from wanlora.config import EXPERTS, Params
 from wanlora.export.formats import Lora, read_ours
 from wanlora.io import atomic_write_text, read_jsonl, sha256_file, sha256_text
 from wanlora.models.variant import LEGACY_VARIANT
-from wanlora.pipeline import stage_values
+from wanlora.pipeline import CAPTION_MANIFEST, LORA, SAMPLES, stage_values
 
 PREFIX = "wanlora."
 LINEAGE_VERSION = "2"
 INLINE_LIMIT = 64 * 1024
 #: The manifests the train stage depends on (its other deps, the caches, are functions of these,
 #: the params and the base model, all recorded).
-MANIFESTS = {
-    "samples": "data/buckets/samples.jsonl",
-    "captions": "data/captions/captions.jsonl",
-}
+MANIFESTS = {"samples": SAMPLES, "captions": CAPTION_MANIFEST}
 #: Params that hold a path (or a hub id): recorded workspace-relative, see `portable_path`.
 PATH_KEYS = frozenset({"model.name_or_path", "quantization.recovery.source"})
 #: Params that say where caches go, not what is trained: left out of the record.
@@ -167,8 +164,8 @@ def lineage_metadata(
     `variant` (`wanlora.models.variant`) is the Wan 2.2 model it fits: evaluate, export and
     `import` refuse it on another one.
     """
-    if expert not in ("high", "low", "main"):
-        raise ValueError(f"expert must be 'high', 'low' or 'main' (TI2V 5B's one transformer), got {expert!r}")
+    if expert not in EXPERTS:
+        raise ValueError(f"expert must be one of {', '.join(EXPERTS)} (main: TI2V 5B's one transformer), got {expert!r}")
     workspace = Path(workspace)
     samples_json = json.dumps(sample_records(workspace, set(trained), skipped), sort_keys=True,
                               separators=(",", ":"))
@@ -193,7 +190,7 @@ def lineage_metadata(
     else:
         digest = sha256_text(samples_json)
         name = f"lineage-{digest[:16]}.json"
-        target = Path(sidecar_dir) if sidecar_dir else workspace / "data/lora" / expert
+        target = Path(sidecar_dir) if sidecar_dir else workspace / LORA / expert
         if not (target / name).is_file():
             atomic_write_text(target / name, samples_json)
         meta["samples_sidecar"] = name

@@ -18,17 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 
-from wanlora.config import Params
+from wanlora import tensorfiles
+from wanlora.config import EXPERTS, Params
 from wanlora.errors import UserError
 from wanlora.export import formats
 from wanlora.export.imports import read_lora
 from wanlora.export.lineage import PREFIX, sidecar_names, tensors_sha256
 from wanlora.io import atomic_write_bytes, atomic_write_json, sha256_file
+from wanlora.pipeline import LORA
+from wanlora.report import console
 
 STEP_FILE = re.compile(r"step_(\d+)\.safetensors\Z")
-EXPERTS = ("high", "low", "main")  # main: TI2V 5B's one transformer
 
 
 def expert_label(expert: str) -> str:
@@ -39,7 +40,6 @@ def expert_label(expert: str) -> str:
 def export_name(job: str, step: int, expert: str) -> str:
     """File name of an export: the loader slot it goes to (high / low noise) and its step."""
     return f"{job}_step{step:06d}" + ("" if expert == "main" else f"_{expert}_noise") + ".safetensors"
-console = Console(stderr=True)
 
 
 class NoSuchStep(UserError, ValueError):
@@ -78,7 +78,7 @@ class Pick:
 def choose_steps(spec: str, checkpoints: dict[int, dict[str, Path]], best_path: Path) -> dict[str, Pick]:
     """The step each expert's file comes from; errors list the steps that exist."""
     if not checkpoints:
-        raise NoCheckpoints("no checkpoints in data/lora/{high,low}/: run the train stage first (`dvc repro`)")
+        raise NoCheckpoints(f"no checkpoints in {LORA}/{{high,low}}/: run the train stage first (`dvc repro`)")
     listing = ", ".join(map(str, checkpoints))
     experts = sorted({e for files in checkpoints.values() for e in files})
     if spec == "last":
@@ -132,7 +132,7 @@ def export_file(src: Path, fmt: str, dst: Path, output_name: str | None = None, 
         tensors, extra = formats.write_ours(lora)
     else:
         raise ValueError(f"unknown export format {fmt!r}; use 'comfyui' or 'diffusers'")
-    formats.save_safetensors(dst, tensors, {**carried, **extra})
+    tensorfiles.save(dst, tensors, {**carried, **extra})
     for name in sidecar_names(meta):  # lineage too large for the header travels beside the file (checked name)
         if not (src.parent / name).is_file():
             raise FileNotFoundError(f"{src.parent / name}: lineage sidecar of {src.name} is missing")
@@ -140,11 +140,11 @@ def export_file(src: Path, fmt: str, dst: Path, output_name: str | None = None, 
     return dst
 
 
-def run_stage(params: Params, workspace: Path, out_dir: Path) -> None:
+def run_stage(params: Params, lora_dir: Path, best_path: Path, out_dir: Path) -> None:
     """Write each expert's chosen checkpoint in every configured format, plus `export.json`."""
-    workspace, out_dir = Path(workspace), Path(out_dir)
-    checkpoints = list_checkpoints(workspace / "data/lora")
-    picks = choose_steps(params.export.step, checkpoints, workspace / "data/eval/best.json")
+    out_dir = Path(out_dir)
+    checkpoints = list_checkpoints(lora_dir)
+    picks = choose_steps(params.export.step, checkpoints, best_path)
     written = []
     for fmt in params.export.formats:
         for expert, pick in sorted(picks.items()):

@@ -25,6 +25,7 @@ class Listing:
     media: list[Path]  # files to probe, in sorted order (path as found, links not resolved)
     captions: dict[Path, Path]  # media file -> its same-stem caption
     problems: list[Problem]  # links out of the folder, loops, unknown files, orphan captions
+    orphans: list[Path]  # caption files no media file claims (each also in `problems`)
 
 
 def list_dataset(folder: Path, caption_ext: str, show: Callable[[Path], str] = str) -> Listing:
@@ -70,17 +71,11 @@ def list_dataset(folder: Path, caption_ext: str, show: Callable[[Path], str] = s
     by_stem = {(p.parent, p.stem): p for p in caption_files}
     captions = {m: by_stem[(m.parent, m.stem)] for m in media if (m.parent, m.stem) in by_stem}
     used = set(captions.values())
-    for cap in caption_files:
-        if cap not in used:
-            problems.append(
-                Problem(
-                    show(cap),
-                    "caption without a matching clip or image",
-                    "rename it to the stem of its clip (e.g. clip.mp4 -> clip.txt) or delete it",
-                    STAGE,
-                )
-            )
-    return Listing(media, captions, problems)
+    orphans = [cap for cap in caption_files if cap not in used]
+    for cap in orphans:
+        problems.append(Problem(show(cap), "caption without a matching clip or image",
+                                "rename it to the stem of its clip (e.g. clip.mp4 -> clip.txt) or delete it", STAGE))
+    return Listing(media, captions, problems, orphans)
 
 
 def _link_problem(path: Path, root: Path) -> str | None:

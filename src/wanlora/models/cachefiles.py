@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 
 from wanlora.errors import UserError
-from wanlora.io import atomic_write_bytes, safetensors_bytes
+from wanlora.io import atomic_write_bytes
+from wanlora.tensorfiles import to_bytes
 
 INDEX = "index.json"
 
@@ -44,7 +45,7 @@ def is_valid(path: Path, **expected: str) -> bool:
 
 
 def write_item(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+    atomic_write_bytes(path, to_bytes(tensors, metadata))
 
 
 def restore(cache_dir: Path, store: Path | None, key: str, **expected: str) -> bool:

@@ -89,6 +89,16 @@ SPATIAL_FACTOR = 8
 
 
 @contextlib.contextmanager
+def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
+    """torch's global RNG seeded for building random weights, and put back afterwards: a helper
+    that makes a model must not change what its caller draws next."""
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=None if cuda else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -109,8 +119,7 @@ def build_transformer(
     peak memory is the bf16 expert itself. The rotary tables are computed in float64/float32 by
     diffusers regardless of the default dtype.
     """
-    torch.manual_seed(seed)
-    with torch.device(device), _default_dtype(dtype):
+    with seeded(seed, device), torch.device(device), _default_dtype(dtype):
         model = WanTransformer3DModel(**config)
     # diffusers keeps these (norms, time embedder, modulation tables) in fp32 when it loads a
     # checkpoint in half precision; match it so benchmarks measure what training runs.

@@ -31,10 +31,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,13 +41,14 @@ if TYPE_CHECKING:  # imported lazily at run time: a stage that needs the VAE ski
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
+from wanlora.config import Expert
 from wanlora.errors import UserError
 from wanlora.io import atomic_write_json, sha256_file, sha256_json
+from wanlora.tensorfiles import MODEL_HEADER_BYTES, is_pickle, read_header
 
 ALL_PARTS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
 MODEL_PARTS = {"transformer", "transformer_2", "vae", "text_encoder"}
 EXPERT_FOLDERS = {"high": "transformer", "low": "transformer_2", "main": "transformer"}  # main: TI2V 5B
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
@@ -172,32 +172,8 @@ def _hub_offline() -> bool:
 
 
 # ----------------------------------------------------------------------------------- layout
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, checked against the file size (catches truncated
-    and non-safetensors files) without reading the tensors. Raises ModelError naming the file."""
-    size = path.stat().st_size
-    fix = "Fix: download this file again (the folder is incomplete or corrupt)"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelError(f"{path}: not a safetensors file (only {size} bytes). {fix}")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise ModelError(f"{path}: corrupt safetensors header (claims {n} bytes). {fix}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelError(f"{path}: corrupt safetensors header (not JSON). {fix}") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if ends and max(ends) != size - 8 - n:
-        raise ModelError(
-            f"{path}: truncated or padded ({size} bytes; its header describes {8 + n + max(ends)}). {fix}"
-        )
-    return header
-
-
 def _refuse_pickles(folder: Path) -> None:
-    pickles = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
+    pickles = sorted(p.name for p in folder.iterdir() if is_pickle(p.name))
     if pickles:
         raise ModelError(
             f"{folder}: holds a pickle file ({pickles[0]}); wanlora loads safetensors only, because "
@@ -206,7 +182,7 @@ def _refuse_pickles(folder: Path) -> None:
         )
 
 
-def _weight_files(folder: Path, part: str) -> list[Path]:
+def weight_files(folder: Path, part: str) -> list[Path]:
     """Exactly the safetensors files `part`'s loader will open (see `_WEIGHTS_NAME`), each a plain
     name inside `folder`; refuses pickles, a second index, or an index under another name."""
     _refuse_pickles(folder)
@@ -304,8 +280,9 @@ def check_layout(root: str | Path, parts: Sequence[str]) -> None:
         if part == "tokenizer" and not any((folder / f).is_file() for f in ("tokenizer.json", "spiece.model")):
             raise ModelError(f"{folder}: neither tokenizer.json nor spiece.model. Fix: download tokenizer/ again")
         if part in MODEL_PARTS:
-            for w in _weight_files(folder, part):
-                read_safetensors_header(w)
+            for w in weight_files(folder, part):
+                read_header(w, ModelError, MODEL_HEADER_BYTES, "a model shard's",
+                            "Fix: download this file again (the folder is incomplete or corrupt)")
 
 
 # ------------------------------------------------------------------------------- identities
@@ -365,7 +342,7 @@ def model_identity(root: str | Path, part: str) -> str:
         elif rel.endswith("config.json"):
             config = json.loads(path.read_text(encoding="utf-8"))
             entries.append([rel, {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}])
-        elif not rel.endswith(PICKLE_SUFFIXES):
+        elif not is_pickle(rel):
             entries.append([rel, sha256_file(path)])
     if not entries:
         raise ModelError(f"{folder}: empty or missing. Fix: download {part}/")
@@ -384,13 +361,6 @@ def boundary_ratio(root: str | Path) -> float:
     return float(value)
 
 
-def load_scheduler_config(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise ModelError(f"{path}: missing. Fix: download scheduler/ of the model")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def load_vae_config(root: str | Path) -> dict[str, Any]:
     """vae/config.json: latents_mean / latents_std for (de)normalising without loading the VAE."""
     path = Path(root) / "vae" / "config.json"
@@ -402,7 +372,7 @@ def load_vae_config(root: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- loaders
 def load_transformer(
     root: str | Path,
-    expert: Literal["high", "low", "main"],
+    expert: Expert,
     dtype: str | torch.dtype,
     device: str = "cpu",
     skip: Collection[str] = (),
@@ -446,7 +416,7 @@ def _load_transformer_except(folder: Path, dtype: torch.dtype, device: torch.dev
         model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
     keep_fp32 = WanTransformer3DModel._keep_in_fp32_modules or []
     state = {}
-    for shard in _weight_files(folder, folder.name):
+    for shard in weight_files(folder, folder.name):
         with safe_open(str(shard), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if key.rpartition(".")[0] in skip:

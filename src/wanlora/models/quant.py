@@ -37,19 +37,19 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, get_args
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.progress import track
 from torch import Tensor, nn
 
 from wanlora import __version__
-from wanlora.io import atomic_open, atomic_write_json, sha256_json
+from wanlora.config import TextEncoderQType, TransformerQType
+from wanlora.io import atomic_write_json, sha256_json
+from wanlora.report import console
+from wanlora.tensorfiles import save_streamed
 
-QuantMode = Literal["none", "float8", "qfloat8", "nf4", "uint4"]
-TextQuantMode = Literal["none", "float8", "qfloat8"]
 
 #: Kept in full precision by default: the timestep/text conditioning and the final projection feed
 #: every block's modulation (AI Toolkit excludes `condition_embedder*` and `proj_out*` for Wan 2.2);
@@ -70,8 +70,6 @@ _F32_EPS = torch.finfo(torch.float32).eps
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Bumped whenever the cache layout or any quantizer's rounding changes, so old caches miss.
 CACHE_FORMAT = 1
-
-console = Console(stderr=True)
 
 
 class FusionRefused(RuntimeError):
@@ -387,7 +385,7 @@ def _check_mode(mode: str, allowed: Sequence[str], what: str) -> None:
 # ---------------------------------------------------------------------------- entry points
 def quantize_transformer(
     model: nn.Module,
-    mode: QuantMode,
+    mode: TransformerQType,
     group_size: int = 64,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     device: str | torch.device | None = None,
@@ -401,7 +399,7 @@ def quantize_transformer(
     accuracy-recovery adapter covers); `exclude` keeps layers in full precision. Both take fnmatch
     patterns over qualified module names (`blocks.3.attn1.to_q`).
     """
-    _check_mode(mode, get_args(QuantMode), "quantization.transformer")
+    _check_mode(mode, get_args(TransformerQType), "quantization.transformer")
     if mode == "none":
         return
     if mode == "uint4" and (group_size < 2 or group_size % 2):
@@ -431,13 +429,13 @@ def quantize_transformer(
 
 def quantize_module(
     module: nn.Module,
-    mode: TextQuantMode,
+    mode: TextEncoderQType,
     exclude: Sequence[str] = (),
     device: str | torch.device | None = None,
 ) -> None:
     """Quantize a text encoder (UMT5) in place: only the 8-bit modes, which keep its embeddings
     faithful enough for cached prompts."""
-    _check_mode(mode, get_args(TextQuantMode), "quantization.text_encoder")
+    _check_mode(mode, get_args(TextEncoderQType), "quantization.text_encoder")
     quantize_transformer(module, mode, exclude=exclude, device=device)
 
 
@@ -461,51 +459,6 @@ def forbid_fusion(model: nn.Module) -> int:
             m.merge = functools.partial(_refuse_merge, name)  # type: ignore[method-assign]
             guarded += 1
     return guarded
-
-
-def assert_not_fused(model: nn.Module) -> None:
-    """Raise if any LoRA has been merged into a quantized base (e.g. before `forbid_fusion`)."""
-    from peft.tuners.lora import LoraLayer
-
-    fused = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, LoraLayer) and m.merged_adapters and is_quantized(m.get_base_layer())
-    ]
-    if fused:
-        raise FusionRefused(
-            f"LoRA merged into {len(fused)} quantized layer(s), e.g. {fused[0]}: that update is lost; "
-            "unmerge it and keep the LoRA separate"
-        )
-
-
-# ----------------------------------------------------------------------------- caching
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Stream tensors into a safetensors file through `wanlora.io.atomic_open`, one tensor's bytes
-    in host memory at a time (`safetensors.torch.save` would build the whole 7-14 GB file in RAM)."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for key, t in tensors.items():
-        if t.dtype not in _ST_DTYPES:
-            raise TypeError(f"{key}: dtype {t.dtype} cannot be stored in safetensors")
-        size = t.numel() * t.element_size()
-        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-    with atomic_open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for t in tensors.values():
-            if t.numel():
-                f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _module_record(module: nn.Module) -> dict[str, Any]:
@@ -586,7 +539,7 @@ def save_quantized(model: nn.Module, folder: str | Path, key: dict[str, Any]) ->
         records[name] = _module_record(module)
         for k, v in module.state_dict().items():
             tensors[f"{name}.{k}"] = v
-    write_safetensors(folder / "weights.safetensors", tensors, {"wanlora_quant": json.dumps(key, sort_keys=True)})
+    save_streamed(folder / "weights.safetensors", tensors, {"wanlora_quant": json.dumps(key, sort_keys=True)})
     atomic_write_json(folder / "quant.json", {"key": key, "modules": records})
     return folder
 
@@ -633,7 +586,7 @@ def quantize_cached(
     model_loader: Callable[[], nn.Module],
     cache_dir: str | Path,
     key: dict[str, Any],
-    mode: QuantMode,
+    mode: TransformerQType,
     group_size: int = 64,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     include: Sequence[str] | None = None,
@@ -697,11 +650,3 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(id(t))
             total += _tensor_bytes(t)
     return total
-
-
-__all__ = [
-    "DEFAULT_EXCLUDE", "Float8Linear", "FusionRefused", "QuantMode", "QuantizedLinear", "UInt4Linear",
-    "assert_not_fused", "cache_key", "dequantized_weight", "enable_fp8_matmul", "forbid_fusion", "is_quantized",
-    "load_quantized", "quant_kind", "quantize_cached", "quantize_module", "quantize_transformer",
-    "quantized_modules", "save_quantized", "select_linears", "weight_bytes", "write_safetensors",
-]

@@ -36,14 +36,14 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.progress import track
 from torch import Tensor, nn
 
+from wanlora.config import Expert
 from wanlora.io import sha256_json
 from wanlora.models.quant import (
     DEFAULT_EXCLUDE,
@@ -52,12 +52,11 @@ from wanlora.models.quant import (
     is_quantized,
     quantize_cached,
     quantized_modules,
-    write_safetensors,
 )
+from wanlora.report import console
+from wanlora.tensorfiles import save_streamed
 
-console = Console(stderr=True)
 
-Expert = Literal["high", "low"]
 #: AI Toolkit's DualWanTransformer3DModel names the high-noise expert transformer_1, the low transformer_2.
 AITK_EXPERT_PREFIX = {"high": "transformer_1.", "low": "transformer_2."}
 BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
@@ -586,22 +585,15 @@ def weights_from_model(model: nn.Module) -> WeightLoader:
 
 def weights_from_safetensors(folder: str | Path) -> WeightLoader:
     """Original weights read lazily, one tensor at a time, from a diffusers transformer folder
-    (single file or sharded with `*.safetensors.index.json`)."""
+    (single file or sharded with its index: the files the loader reads, `loading.weight_files`)."""
     from safetensors import safe_open
 
+    from wanlora.models.loading import ModelError, weight_files
+    from wanlora.tensorfiles import MODEL_HEADER_BYTES, read_header
+
     folder = Path(folder)
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        mapping = json.loads(index[0].read_text(encoding="utf-8"))["weight_map"]
-        where = {k: folder / v for k, v in mapping.items()}
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no .safetensors weights; point at the transformer folder")
-        where = {}
-        for path in files:
-            with safe_open(str(path), "pt") as f:
-                where |= dict.fromkeys(f.keys(), path)
+    where = {key: path for path in weight_files(folder, "transformer")
+             for key in read_header(path, ModelError, MODEL_HEADER_BYTES, "a model shard's")[0]}
 
     def load(name: str) -> Tensor:
         key = f"{name}.weight"
@@ -635,7 +627,7 @@ def save_corrections(model: nn.Module, path: str | Path, key: dict[str, Any]) ->
     tensors = {}
     for name, corr in corrections(model).items():
         tensors[f"{name}.down"], tensors[f"{name}.up"] = corr.down, corr.up
-    write_safetensors(path, tensors, {"wanlora_recovery": json.dumps(key, sort_keys=True)})
+    save_streamed(path, tensors, {"wanlora_recovery": json.dumps(key, sort_keys=True)})
 
 
 def load_corrections(model: nn.Module, path: str | Path, key: dict[str, Any], ignore: Sequence[str] = ()) -> int:
@@ -864,12 +856,3 @@ def anisotropic(
     std = torch.arange(1, dim + 1, dtype=work, device=device).pow(-decay / 2)
     z = torch.randn(n, dim, generator=g, dtype=work, device=device)
     return ((z * std) @ basis.T).to(dtype)
-
-
-__all__ = [
-    "AdapterFile", "ErrorPair", "LowRankCorrection", "RecoveryReport", "Whitener", "adapter_targets", "aitk_module_name",
-    "anisotropic", "attach_correction", "block_report", "capture_block_inputs", "corrections",
-    "detach_correction", "distill_block", "fit_block", "fit_correction", "fit_correction_whitened", "fit_model",
-    "load_aitk_adapter", "load_corrections", "prepare_quantized_expert", "read_aitk_adapter", "recovery_report", "reference_block", "relative_error",
-    "resolve_adapter_source", "save_corrections", "set_recovery_enabled", "weights_from_model", "weights_from_safetensors",
-]

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from wanlora.models.geometry import TINY, TINY_CONFIGS, build_transformer
+from wanlora.models.geometry import TINY, TINY_CONFIGS, build_transformer, seeded
 from wanlora.models.variant import get_variant
 
 #: The real repo samples with UniPC in flow-prediction mode (AI Toolkit ships the same config).
@@ -58,7 +58,6 @@ def tiny_tokenizer() -> T5Tokenizer:
 
 
 def tiny_text_encoder(vocab_size: int, seed: int) -> UMT5EncoderModel:
-    torch.manual_seed(seed)
     config = UMT5Config(
         vocab_size=vocab_size,
         d_model=TINY["text_dim"],
@@ -71,18 +70,19 @@ def tiny_text_encoder(vocab_size: int, seed: int) -> UMT5EncoderModel:
         pad_token_id=0,
         eos_token_id=1,
     )
-    return UMT5EncoderModel(config).eval()
+    with seeded(seed):
+        return UMT5EncoderModel(config).eval()
 
 
 def tiny_vae(seed: int) -> AutoencoderKLWan:
-    torch.manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=8,
-        z_dim=TINY["in_channels"],
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    ).eval()
+    with seeded(seed):
+        return AutoencoderKLWan(
+            base_dim=8,
+            z_dim=TINY["in_channels"],
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ).eval()
 
 
 def tiny_vae_22(seed: int) -> AutoencoderKLWan:
@@ -93,22 +93,22 @@ def tiny_vae_22(seed: int) -> AutoencoderKLWan:
     g = torch.Generator().manual_seed(seed + 1000)
     mean = (torch.rand(48, generator=g) - 0.5).tolist()
     std = (0.5 + torch.rand(48, generator=g)).tolist()
-    torch.manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=8,
-        z_dim=TINY_CONFIGS["ti2v-5b"]["in_channels"],
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        is_residual=True,
-        in_channels=12,
-        out_channels=12,
-        patch_size=2,
-        scale_factor_spatial=16,
-        scale_factor_temporal=4,
-        latents_mean=[round(v, 4) for v in mean],
-        latents_std=[round(v, 4) for v in std],
-    ).eval()
+    with seeded(seed):
+        return AutoencoderKLWan(
+            base_dim=8,
+            z_dim=TINY_CONFIGS["ti2v-5b"]["in_channels"],
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_spatial=16,
+            scale_factor_temporal=4,
+            latents_mean=[round(v, 4) for v in mean],
+            latents_std=[round(v, 4) for v in std],
+        ).eval()
 
 
 def make_tiny(out_dir: Path, seed: int = 0, variant: str = "t2v-a14b") -> Path:

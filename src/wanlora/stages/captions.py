@@ -1,5 +1,6 @@
 from wanlora.data.captions import run_stage
 from wanlora.models.loading import make_token_counter, resolve_model
+from wanlora.pipeline import CAPTION_INDEX, CAPTIONS, CLIPS, SAMPLES
 from wanlora.stages._common import WORKSPACE, load
 
 
@@ -10,11 +11,11 @@ def main() -> None:
         job=params.job,
         datasets=params.datasets,
         dop=params.train.dop,
-        clips_manifest=WORKSPACE / "data/trimmed/clips.jsonl",
-        samples_manifest=WORKSPACE / "data/buckets/samples.jsonl",
-        caption_index=WORKSPACE / "data/index/captions.jsonl",
+        clips_manifest=WORKSPACE / CLIPS,
+        samples_manifest=WORKSPACE / SAMPLES,
+        caption_index=WORKSPACE / CAPTION_INDEX,
         workspace=WORKSPACE,
-        out_dir=WORKSPACE / "data/captions",
+        out_dir=WORKSPACE / CAPTIONS,
         count_tokens=make_token_counter(root),
         trigger_only=params.train.unload_text_encoder,
         autocaptions=WORKSPACE / "data/autocaptions/captions.jsonl",

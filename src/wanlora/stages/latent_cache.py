@@ -1,6 +1,7 @@
 from wanlora.models.latents import run_stage
 from wanlora.models.loading import resolve_model
 from wanlora.models.variant import resolve_variant
+from wanlora.pipeline import LATENT_CACHE, SAMPLES
 from wanlora.stages._common import WORKSPACE, load, resolve_device
 
 
@@ -9,9 +10,9 @@ def main() -> None:
     root = resolve_model(params.model.name_or_path, params.model.revision, parts=("vae",))
     run_stage(
         root=root,
-        samples_manifest=WORKSPACE / "data/buckets/samples.jsonl",
+        samples_manifest=WORKSPACE / SAMPLES,
         workspace=WORKSPACE,
-        out_dir=WORKSPACE / "data/cache/latents",
+        out_dir=WORKSPACE / LATENT_CACHE,
         mode=params.train.latent_mode,
         dtype="fp32",
         device=resolve_device(params.job.device),

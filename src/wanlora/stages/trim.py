@@ -1,7 +1,8 @@
 from wanlora.media.trim import run_stage
+from wanlora.pipeline import MEDIA_INDEX, TRIMMED
 from wanlora.stages._common import WORKSPACE, load
 
 
 def main() -> None:
     params = load()
-    run_stage(params.datasets, WORKSPACE, WORKSPACE / "data/trimmed", index=WORKSPACE / "data/index/media.jsonl")
+    run_stage(params.datasets, WORKSPACE, WORKSPACE / TRIMMED, index=WORKSPACE / MEDIA_INDEX)

@@ -17,17 +17,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load as safetensors_load
 
-from wanlora.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
+from wanlora.io import atomic_write_bytes, atomic_write_json
+from wanlora.tensorfiles import to_bytes as safetensors_bytes
 from wanlora.train.timesteps import EXPERTS
 
 LATEST = "latest.json"
@@ -74,32 +73,6 @@ def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str
 
 def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: Any) -> None:
     opt.load_state_dict(_decode(plain, tensors))
-
-
-# ----------------------------------------------------------------------------------- RNG
-def capture_rng(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every random stream a step can touch: ours, torch's, numpy's, Python's, CUDA's."""
-    tensors = {"rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    plain = {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-             "python": [py_version, list(py_state), py_gauss]}
-    return tensors, plain
-
-
-def restore_rng(generator: torch.Generator, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
-    generator.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-    kind, keys, pos, has_gauss, cached = plain["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, state, gauss = plain["python"]
-    random.setstate((version, tuple(state), gauss))
 
 
 # --------------------------------------------------------------------------------- state

@@ -31,7 +31,6 @@ average with the loss scaled by the group size sums over SP and averages over re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -74,10 +73,6 @@ class ParallelPlan:
     def leader(self, expert: Expert) -> int:
         """The rank that speaks for an expert's group (sends its state to rank 0)."""
         return self.groups[expert][0]
-
-    def steps_per_group(self, total_steps: int) -> int:
-        """Optimizer steps each group runs: all of them in data mode, half each in expert mode."""
-        return math.ceil(total_steps / self.step_increment)
 
     @property
     def step_increment(self) -> int:
@@ -173,11 +168,6 @@ def sum_over(values: list[float], group: Any, env: DistEnv) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t.tolist()
-
-
-def world_throughput(samples: int, seconds: float, env: DistEnv) -> float:
-    """Samples per second of all ranks together (each rank's own rate, summed)."""
-    return sum_over([samples / max(seconds, 1e-9)], None, env)[0]
 
 
 def world_metrics(plan: ParallelPlan, metrics: dict[Expert, dict[str, float]], samples: int, seconds: float,

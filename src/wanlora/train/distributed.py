@@ -13,7 +13,6 @@ by (job.seed, expert, epoch, position of that batch in the epoch): a pure functi
 batch it is, not of which rank or how many ranks run it. Hence N ranks with accumulation A compute
 exactly what 1 rank computes with accumulation N*A, and a checkpoint needs no RNG state of any
 rank: resuming with another rank count continues the same sequence from the global data cursor.
-`rank_seed` remains for anything that is per-process by nature (e.g. a rank's own sampling).
 """
 
 from __future__ import annotations
@@ -212,11 +211,6 @@ def derive_seed(seed: int, *keys: int | str) -> int:
     """A 63-bit seed that is a pure function of (seed, keys); distinct keys give unrelated streams."""
     digest = hashlib.sha256(json.dumps([seed, *keys]).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """Seed of one rank's own stream (job.seed and the rank): reproducible for a fixed launch."""
-    return derive_seed(seed, "rank", rank)
 
 
 def batch_generator(seed: int, expert: str, epoch: int, position: int) -> torch.Generator:

@@ -28,6 +28,7 @@ from wanlora.data.split import HELD_OUT_REASON, SPLIT_FILE
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.condition import check_last_frame, model_input
+from wanlora.models.loading import DTYPES
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.models.variant import Variant, resolve_variant
 from wanlora.pipeline import stage_values
@@ -53,7 +54,6 @@ from wanlora.train import ti2v
 from wanlora.train.step import StepBatch
 from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEXT_DIR = "data/cache/text"
 # Where the run trains, not what it computes: a run resumes on another GPU count or device.
 PLACEMENT_KEYS = ("train.gpus", "job.device", "train.sequence_parallel")

@@ -30,7 +30,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from wanlora.config import NetworkConfig
-from wanlora.io import safetensors_bytes
+from wanlora.tensorfiles import to_bytes as safetensors_bytes
 
 PREFIX = "transformer."
 ADAPTER = "default"
@@ -131,11 +131,6 @@ def lora_disabled(expert: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         expert.enable_adapters()
-
-
-def set_lora_scale(expert: torch.nn.Module, scale: float) -> None:
-    """Multiply the adapter's update by `scale` (0 gives the base model's output)."""
-    expert.set_adapters([ADAPTER], weights=[scale])
 
 
 class Ema:

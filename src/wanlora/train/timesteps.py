@@ -28,17 +28,12 @@ band (the expert's share when experts are chosen in proportion to their bands).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 
+from wanlora.config import EXPERTS, Expert, TimestepBias, TimestepType  # noqa: F401  (EXPERTS re-exported)
 from wanlora.train.flowmatch import NUM_TRAIN_TIMESTEPS, shift_sigma, unshift_sigma
-
-TimestepType = Literal["linear", "sigmoid", "shift", "weighted"]
-TimestepBias = Literal["balanced", "high_noise", "low_noise"]
-#: The A14B models' two experts, or TI2V 5B's single transformer ("main": every timestep).
-Expert = Literal["high", "low", "main"]
-EXPERTS: tuple[Expert, ...] = get_args(Expert)  # in order of noise, high first
 
 # Loss weight of the 'weighted' type at t = 1000, 900, ..., 0: knots read off AI Toolkit's
 # default_weighing_scheme (measured on Flex.1, seen on other flow-match models too), interpolated
