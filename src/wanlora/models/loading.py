@@ -518,8 +518,9 @@ def check_captioner(root: Path) -> None:
     if model_type not in CAPTIONER_TYPES:
         raise ModelError(f"{config}: model_type {model_type!r}; the captioner must be one of "
                          f"{', '.join(CAPTIONER_TYPES)}. Fix: use e.g. Qwen/Qwen3-VL-8B-Instruct")
-    for w in _weight_files(root, "captioner"):  # refuses pickles; names the missing shard
-        read_safetensors_header(w)
+    for w in weight_files(root, "captioner"):  # refuses pickles; names the missing shard
+        read_header(w, ModelError, MODEL_HEADER_BYTES, "a model shard's",
+                    "Fix: download this file again (the folder is incomplete or corrupt)")
     if not (root / "tokenizer.json").is_file():
         raise ModelError(f"{root}: no tokenizer.json. Fix: download the captioner's tokenizer files again")
 
@@ -535,7 +536,7 @@ def captioner_identity(root: str | Path) -> str:
         elif path.name.endswith("config.json"):
             config = json.loads(path.read_text(encoding="utf-8"))
             entries.append([path.name, {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}])
-        elif not path.name.endswith(PICKLE_SUFFIXES):
+        elif not is_pickle(path.name):
             entries.append([path.name, sha256_file(path)])
     return sha256_json(entries)[:16]
 
