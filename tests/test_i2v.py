@@ -350,7 +350,7 @@ def test_the_i2v_demo_runs_the_whole_pipeline(tmp_path):
 
     from safetensors import safe_open
 
-    from wanlora.data.split import read_split
+    from wanlora.data.split import SPLIT_FILE, read_split
     from wanlora.demo import make_demo
     from wanlora.evaluate.start_images import first_frame
     from wanlora.export.audit import verify
@@ -365,7 +365,7 @@ def test_the_i2v_demo_runs_the_whole_pipeline(tmp_path):
     assert index["variant"] == "i2v-a14b"
     with safe_open(str(ws / f"data/cache/latents/{next(iter(index['samples'].values()))}.safetensors"), "pt") as f:
         assert {"mean", "logvar", "condition"} <= set(f.keys())
-    split = read_split(ws)
+    split = read_split(ws / SPLIT_FILE)
     samples = {s["id"]: s for s in read_jsonl(ws / "data/buckets/samples.jsonl")}
     start = first_frame(samples[split.validation_samples[0]], ws, 64, 64)
     result = json.loads((ws / "data/eval/samples/baseline/result.json").read_text())
