@@ -60,9 +60,10 @@ def _cached_workspace(ws: Path, model: Path, last_frame: bool) -> Path:
     write_jsonl(ws / "data/buckets/samples.jsonl", [sample])
     write_jsonl(ws / "data/captions/captions.jsonl", [{"id": "main/a.mp4", "caption": "sks", "caption_dop": None}])
     from wanlora.data.split import run_stage as split_stage
+    from wanlora.pipeline import CAPTION_MANIFEST, SAMPLES, SPLIT_FILE
     from wanlora.config import parse_params
 
-    split_stage(parse_params({"sample": {"validation_clips": 0}}), ws)
+    split_stage(parse_params({"sample": {"validation_clips": 0}}), ws / SAMPLES, ws / CAPTION_MANIFEST, ws / SPLIT_FILE)
     latents.run_stage(model, ws / "data/buckets/samples.jsonl", ws, ws / "data/cache/latents", "distribution",
                       "fp32", "cpu", {"main"}, {"main": "data/raw"}, variant=I2V, last_frame=last_frame)
     return ws
@@ -252,7 +253,7 @@ def trained(tmp_path_factory, model) -> Path:
     Image.fromarray(clip_frames(1, 40, 30, seed=3)[0]).save(ws / "start.png")
     params = _eval_params(model)
     loop.run_stage(params, ws)
-    export_stage(params, ws, ws / "data/exports")
+    export_stage(params, ws / "data/lora", ws / "data/eval/best.json", ws / "data/exports")
     return ws
 
 
@@ -320,7 +321,7 @@ def test_a_t2v_lora_is_refused_by_the_i2v_sampler(trained, model, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from wanlora.evaluate import sampling
-    from wanlora.export.formats import read_header
+    from wanlora.tensorfiles import read_header
     from wanlora.models.variant import VariantError
 
     src = next((trained / "data/lora/high").glob("*.safetensors"))

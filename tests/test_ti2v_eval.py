@@ -36,7 +36,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     Image.fromarray(clip_frames(1, 80, 64, seed=3)[0]).save(ws / "start.png")
     params = _eval_params(base / "model", images=["start.png"])
     loop.run_stage(params, ws)
-    export_stage(params, ws, ws / "data/exports")
+    export_stage(params, ws / "data/lora", ws / "data/eval/best.json", ws / "data/exports")
     return ws, base / "model"
 
 
