@@ -95,9 +95,9 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "autocaption", "caption clips that have no caption file with a vision-language model",
-        deps=("data/trimmed/clips.jsonl", "data/index/captions.jsonl"),
+        deps=(CLIPS, CAPTION_INDEX),
         code=("src/wanlora/data/autocaption.py", "src/wanlora/data/captions.py", "src/wanlora/media",
-              "src/wanlora/models/captioner.py", "src/wanlora/models/loading.py"),
+              "src/wanlora/models/captioner.py", "src/wanlora/models/loading.py", "src/wanlora/tensorfiles.py"),
         params=("autocaption", "datasets.{ds}.folder", "datasets.{ds}.captions.extension",
                 "datasets.{ds}.captions.max_tokens", "job.device", *MODEL_KEYS),
         outs=("data/autocaptions",),
