@@ -104,7 +104,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "bucket", "choose resolution and frame buckets, place frame windows",
-        deps=(CLIPS,), code=("src/wanlora/data/buckets.py", "src/wanlora/models/variant.py", "src/wanlora/models/loading.py"),
+        deps=(CLIPS,), code=("src/wanlora/data/buckets.py", "src/wanlora/models/variant.py", "src/wanlora/models/loading.py",
+                             "src/wanlora/tensorfiles.py"),
         # the model: its variant sets the frame rate (bucket.fps null) and the side alignment (TI2V 5B: 32 px)
         params=("datasets.{ds}.bucket", "datasets.{ds}.flip_horizontal", "datasets.{ds}.on_error", *MODEL_KEYS,
                 "model.variant"),
@@ -131,7 +132,8 @@ STAGES: tuple[Stage, ...] = (
               "data/index/problems.json", "data/trimmed/problems.json", "data/autocaptions/problems.json",
               "data/buckets/report.json"),
         code=("src/wanlora/data/review.py", "src/wanlora/data/split.py", "src/wanlora/models/latents.py", "src/wanlora/models/cachefiles.py",
-              "src/wanlora/models/geometry.py", "src/wanlora/models/loading.py", "src/wanlora/media"),
+              "src/wanlora/models/geometry.py", "src/wanlora/models/loading.py", "src/wanlora/media",
+              "src/wanlora/models/condition.py", "src/wanlora/models/variant.py", "src/wanlora/tensorfiles.py"),
         params=(),
         outs=("data/review",),
     ),
@@ -177,7 +179,7 @@ STAGES: tuple[Stage, ...] = (
               "src/wanlora/data/split.py", "src/wanlora/tensorfiles.py"),
         params=("job.name", "job.seed", "job.device", "job.trigger_word", *MODEL_KEYS, "model.variant", "model.dtype",
                 "model.flow_shift", "model.low_vram", "quantization", "multistage.boundary_ratio", "train.last_frame",
-                *EVAL_SAMPLE),
+                "datasets.{ds}.i2v_share", *EVAL_SAMPLE),
         outs=(EVAL,), metrics=(METRICS,),
         # per expert, the fixed-noise loss on training clips beside the held-out one: the gap is overfitting
         plots=tuple({f"fixed_noise_loss_{e}": {"x": "step", "title": f"{e}-noise expert: fixed-noise loss",

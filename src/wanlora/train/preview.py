@@ -192,7 +192,7 @@ def render_preview(tr: Trainer, pv: Previewer) -> Path:
     entry = pv.store / f"step_{tr.step:06d}"
     files = []
     for i, v in enumerate(videos):
-        media.write_mp4(entry / f"prompt_{i:02d}.mp4", v, pv.cfg.fps)
+        media.write_mp4(entry / f"prompt_{i:02d}.mp4", v, pv.cfg.fps or tr.variant.fps)  # sample.fps null: the model's own
         media.write_png(entry / f"prompt_{i:02d}.png", v[0])
         files.append(f"prompt_{i:02d}.mp4")
     media.write_png(entry / "contact_sheet.png", media.contact_sheet(videos))
