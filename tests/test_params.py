@@ -189,3 +189,15 @@ def test_betas_must_be_below_one():
     msg = error_of({"train": {"betas": [0.9, 1.0]}})
     assert "train.betas: each beta must be in [0, 1); AdamW's default is [0.9, 0.999] (got [0.9, 1.0])" in msg
     assert parse_params({"train": {"betas": [0.8, 0.99]}}).train.betas == (0.8, 0.99)
+
+
+def test_autocaption_off_survives_a_dvc_exp_rewrite_of_params_yaml(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml with ruamel (YAML 1.2), which writes `mode: off`
+    unquoted; PyYAML (YAML 1.1) reads that as false. It must still mean off, and only there."""
+    import yaml
+
+    from wanlora.config import parse_params
+
+    data = yaml.safe_load("autocaption:\n  mode: off\n")
+    assert data["autocaption"]["mode"] is False
+    assert parse_params(data).autocaption.mode == "off"

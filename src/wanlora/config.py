@@ -491,6 +491,13 @@ class AutocaptionConfig(Section):
         "missing", description="missing: caption clips without a caption file; all: every clip (your files still "
         "win in the captions stage); off: no auto captions."
     )
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _off_survives_yaml_1_1(cls, v: object) -> object:
+        """`dvc exp run -S` rewrites params.yaml with YAML 1.2 (ruamel), which leaves `off` unquoted;
+        PyYAML reads that back as false (YAML 1.1). Only this field has `off` among its values."""
+        return "off" if v is False else v
+
     model: str = Field(DEFAULT_CAPTIONER, description="Hub id or local folder of a Qwen-VL-class captioner "
                        "(qwen2_5_vl, qwen3_vl), safetensors only.")
     revision: str = Field("main", description="Hub revision (branch, tag or commit) of the captioner to pin.")
