@@ -126,6 +126,8 @@ def test_a_params_typo_stops_the_first_repro_with_did_you_mean(tmp_path: Path):
     assert not (tmp_path / "my-lora/data/index").exists()
 
 
+@pytest.mark.xfail(strict=True, reason="issue 19, open: both experiments run and the summary columns are "
+                   "right, but `dvc exp show --csv` rows do not carry the names -n gave (Experiment column empty)")
 def test_readme_experiments_compare_on_the_summary_columns(tmp_path: Path):
     """The smoke block, then the experiments block as written: two `dvc exp run -S train.lr=...`
     in the workspace `wanlora init` made. `dvc exp show --csv` then lists the summary columns of
@@ -152,7 +154,8 @@ def test_readme_experiments_compare_on_the_summary_columns(tmp_path: Path):
     sections = set(yaml.safe_load((ws / "params.yaml").read_text(encoding="utf-8")))
     meta = {"Experiment", "rev", "typ", "Created", "parent"}
     # the rest are params (section.key) and deps (paths): what is left is every metrics column
-    metrics = {c for c in table[0] if c not in meta and "/" not in c and c.split(".")[0] not in sections}
+    metrics = {c for c in table[0] if c not in meta and "/" not in c and c.split(".")[0] not in sections
+               and not (ws / c).is_file()}  # params.yaml: the check stage's file dep
     assert metrics == {"basis", "held_out_clips", "last_step", "samples_per_s", "step_time_s", "peak_mem_gib", "train_s",
                        *(f"{k}_{e}" for e in ("high", "low") for k in ("best_step", "val_loss_best", "val_loss_last",
                                                                          "train_loss_smoothed"))}
