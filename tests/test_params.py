@@ -193,11 +193,13 @@ def test_betas_must_be_below_one():
 
 def test_autocaption_off_survives_a_dvc_exp_rewrite_of_params_yaml(tmp_path):
     """`dvc exp run -S` rewrites params.yaml with ruamel (YAML 1.2), which writes `mode: off`
-    unquoted; PyYAML (YAML 1.1) reads that as false. It must still mean off, and only there."""
+    unquoted; PyYAML's YAML 1.1 reads that as false. params.yaml is read as YAML 1.2, like DVC."""
     import yaml
 
-    from wanlora.config import parse_params
+    from wanlora.config import load_params
 
-    data = yaml.safe_load("autocaption:\n  mode: off\n")
-    assert data["autocaption"]["mode"] is False
-    assert parse_params(data).autocaption.mode == "off"
+    text = "autocaption:\n  mode: off\ndatasets:\n  main:\n    flip_horizontal: true\n"
+    assert yaml.safe_load(text)["autocaption"]["mode"] is False
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.autocaption.mode == "off" and params.datasets["main"].flip_horizontal is True

@@ -13,6 +13,7 @@ scalar, list or mapping: no class paths, no code.
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -491,13 +492,6 @@ class AutocaptionConfig(Section):
         "missing", description="missing: caption clips without a caption file; all: every clip (your files still "
         "win in the captions stage); off: no auto captions."
     )
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _off_survives_yaml_1_1(cls, v: object) -> object:
-        """`dvc exp run -S` rewrites params.yaml with YAML 1.2 (ruamel), which leaves `off` unquoted;
-        PyYAML reads that back as false (YAML 1.1). Only this field has `off` among its values."""
-        return "off" if v is False else v
-
     model: str = Field(DEFAULT_CAPTIONER, description="Hub id or local folder of a Qwen-VL-class captioner "
                        "(qwen2_5_vl, qwen3_vl), safetensors only.")
     revision: str = Field("main", description="Hub revision (branch, tag or commit) of the captioner to pin.")
@@ -704,13 +698,25 @@ def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
         raise ParamsError(format_errors(err, source)) from None
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans (true/false only), as DVC reads and writes params.yaml (ruamel): `dvc exp
+    run -S` rewrites `autocaption.mode: off` unquoted, and YAML 1.1 would read it back as false."""
+
+
+_ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; a missing or malformed file names itself in the error."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run `wanlora init` to write one")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamsLoader)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if data is not None and not isinstance(data, dict):
