@@ -31,6 +31,9 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry for 
 OURS_PREFIX = "transformer."
 NATIVE_PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
+#: AI Toolkit's DualWanTransformer3DModel names the high-noise expert transformer_1, the low
+#: transformer_2; a combined file (LoRA or recovery adapter) carries the name in each key.
+AITK_EXPERTS = {"high": "transformer_1", "low": "transformer_2"}
 
 # diffusers module name <-> native Wan module name (the names of ComfyUI's comfy/ldm/wan/model.py
 # and the original Wan code). Written from the rename table diffusers uses to load native Wan
@@ -116,7 +119,9 @@ def to_native_name(module: str) -> str:
     return native
 
 
-def _from_native_name(native: str) -> str | None:
+def from_native_name(native: str) -> str | None:
+    """diffusers name of a native Wan module, None for a name the table does not know. The one
+    native-to-diffusers translation: LoRA imports and AI Toolkit recovery adapters both read it."""
     return _translate(native, _FROM_NATIVE)
 
 
@@ -240,7 +245,7 @@ def read_native(sd: Mapping[str, torch.Tensor], prefix: str = NATIVE_PREFIX) -> 
     """
     ups, downs = (".lora_up.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_A.weight")
     groups, unknown = _group(list(sd), prefix, ups, downs)
-    return _build(groups, unknown, sd, _from_native_name, lambda m, r: float(r),
+    return _build(groups, unknown, sd, from_native_name, lambda m, r: float(r),
                   f"LoRA keys of native Wan layers '{prefix}<module>.lora_down/lora_up/alpha'")
 
 

@@ -25,7 +25,7 @@ from wanlora.export.formats import Lora, LoraFormatError
 from wanlora.io import sha256_file
 from wanlora.models.variant import VARIANT_KEY, refuse_other_variant, variant_of_config
 
-_AITK_EXPERT = {"high": ".transformer_1.", "low": ".transformer_2."}
+_AITK_EXPERT = {e: f".{name}." for e, name in formats.AITK_EXPERTS.items()}
 #: Header keys of a foreign file that an import keeps (in `wanlora.imported_metadata`): what names
 #: the file's origin and shape. Everything else stays behind: trainers write dataset folders and
 #: tag counts (`ss_dataset_dirs`, `ss_tag_frequency`), absolute model and output paths, prompts,

@@ -44,6 +44,7 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from wanlora.config import Expert
+from wanlora.export.formats import AITK_EXPERTS, from_native_name
 from wanlora.io import sha256_json
 from wanlora.models.quant import (
     DEFAULT_EXCLUDE,
@@ -57,8 +58,7 @@ from wanlora.report import console
 from wanlora.tensorfiles import save_streamed
 
 
-#: AI Toolkit's DualWanTransformer3DModel names the high-noise expert transformer_1, the low transformer_2.
-AITK_EXPERT_PREFIX = {"high": "transformer_1.", "low": "transformer_2."}
+AITK_EXPERT_PREFIX = {e: f"{name}." for e, name in AITK_EXPERTS.items()}
 BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
 WeightLoader = Callable[[str], Tensor]
 
@@ -250,33 +250,17 @@ def resolve_adapter_source(source: str) -> AdapterFile:
     return AdapterFile(path, f"{repo}@{commit}/{name}#{content_sha256(path)}")
 
 
-_NATIVE_ATTN = {"self_attn": "attn1", "cross_attn": "attn2"}
-_NATIVE_PROJ = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k_proj", "v_img": "add_v_proj"}
-
-
 def aitk_module_name(key_module: str) -> str:
     """diffusers module path for the module part of an AI Toolkit LoRA key, accepting both its
     saved form (`diffusion_model.blocks.0.self_attn.q`) and diffusers form
-    (`transformer.blocks.0.attn1.to_q`). The expert prefix (`transformer_1.`) is kept."""
-    parts = key_module.split(".")
-    if parts and parts[0] in ("diffusion_model", "transformer"):
-        parts = parts[1:]
-    out: list[str] = []
-    i = 0
-    while i < len(parts):
-        p = parts[i]
-        if p in _NATIVE_ATTN:
-            out.append(_NATIVE_ATTN[p])
-            if i + 1 < len(parts) and parts[i + 1] in _NATIVE_PROJ:
-                out.append(_NATIVE_PROJ[parts[i + 1]])
-                i += 1
-        elif p == "ffn" and i + 1 < len(parts) and parts[i + 1] in ("0", "2"):
-            out.append("ffn.net.0.proj" if parts[i + 1] == "0" else "ffn.net.2")
-            i += 1
-        else:
-            out.append(p)
-        i += 1
-    return ".".join(out)
+    (`transformer.blocks.0.attn1.to_q`). The expert prefix (`transformer_1.`) is kept. Native names
+    go through the LoRA importer's table (`formats.from_native_name`); any other name is kept as
+    it is, and `load_aitk_adapter` refuses it if the model has no such layer."""
+    head, _, rest = key_module.partition(".")
+    name = rest if head in ("diffusion_model", "transformer") else key_module
+    prefix = next((p for p in AITK_EXPERT_PREFIX.values() if name.startswith(p)), "")
+    module = name[len(prefix):]
+    return prefix + (from_native_name(module) or module)
 
 
 def read_aitk_adapter(state: dict[str, Tensor], expert: Expert | None, source: str = "adapter") -> dict[str, tuple[Tensor, Tensor]]:
