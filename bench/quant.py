@@ -9,9 +9,9 @@ with the hidden states replaced by samples whose covariance has eigenvalues k^-2
 random weights fed isotropic activations leave little to recover, real activations are
 anisotropic. Per-layer errors of the same run are written to --out.
 
-    python bench/quant.py --tiny                          # CPU, seconds
-    python bench/quant.py --modes uint4,nf4               # GPU, full-size expert
-    python bench/quant.py --modes float8,float8_mm,qfloat8 --layers 40   # float8_mm: fp8 matmuls too
+    python -m bench.quant --tiny                          # CPU, seconds
+    python -m bench.quant --modes uint4,nf4               # GPU, full-size expert
+    python -m bench.quant --modes float8,float8_mm,qfloat8 --layers 40   # float8_mm: fp8 matmuls too
 
 Imports of bitsandbytes / optimum-quanto happen only for the modes asked for.
 """
@@ -29,17 +29,11 @@ from pathlib import Path
 
 import torch
 
+from bench.recovery_report import anisotropic, block_report
 from wanlora.models.geometry import TINY, WAN22_A14B, build_transformer
 from wanlora.io import atomic_write_json
 from wanlora.models.quant import enable_fp8_matmul, quantize_cached, weight_bytes
-from wanlora.models.recovery import (
-    anisotropic,
-    block_report,
-    capture_block_inputs,
-    fit_block,
-    fit_correction,
-    weights_from_model,
-)
+from wanlora.models.recovery import capture_block_inputs, fit_block, fit_correction, weights_from_model
 
 
 def device_name(device: torch.device) -> str:

@@ -11,18 +11,17 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
+from bench.recovery_report import anisotropic, recovery_report
 from wanlora.config import DEFAULT_TARGETS
 from wanlora.models.quant import dequantized_weight, is_quantized, quantize_transformer, quantized_modules
 from wanlora.models.recovery import (
     adapter_targets,
-    anisotropic,
     corrections,
     distill_block,
     fit_correction,
     fit_model,
     load_aitk_adapter,
     read_aitk_adapter,
-    recovery_report,
     reference_block,
     weights_from_model,
 )
@@ -199,7 +198,7 @@ def test_fit_model_recovers_on_the_tiny_expert():
 def test_prepare_expert_with_aitk_adapter_then_cached(tmp_path, monkeypatch):
     from wanlora.config import QuantizationConfig
     from wanlora.models import quant
-    from wanlora.models.recovery import prepare_quantized_expert
+    from wanlora.models.expert import prepare_quantized_expert
 
     path = tmp_path / "ara.safetensors"
     _write_adapter(path)
@@ -218,26 +217,27 @@ def test_prepare_expert_with_aitk_adapter_then_cached(tmp_path, monkeypatch):
 def test_prepare_expert_fits_once_then_loads_corrections(tmp_path, monkeypatch):
     from wanlora.config import QuantizationConfig
     from wanlora.models import recovery
+    from wanlora.models.expert import prepare_quantized_expert
 
     cfg = QuantizationConfig(transformer="uint4", group_size=16, cache_dir=str(tmp_path / "q"),
                              recovery={"source": "fitted", "rank": 4, "calibration_samples": 2})
     ref = tiny_expert()
     calib = [tiny_inputs(seed=s) for s in (1, 2, 3)]
-    first = recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "tiny"},
-                                              weights=weights_from_model(ref), calib_inputs=calib)
+    first = prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "tiny"},
+                                     weights=weights_from_model(ref), calib_inputs=calib)
     assert len(corrections(first)) == 20
     monkeypatch.setattr(recovery, "fit_model", lambda *a, **k: pytest.fail("fitted corrections must be reused"))
-    second = recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "tiny"},
-                                               weights=weights_from_model(ref), calib_inputs=calib)
+    second = prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "tiny"},
+                                      weights=weights_from_model(ref), calib_inputs=calib)
     x = tiny_inputs(seed=9)
     assert torch.equal(first(**x)[0], second(**x)[0])
     with pytest.raises(ValueError, match="needs calibration inputs and the original weights"):
-        recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "other"})
+        prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "other"})
     # the sampler: no calibration data, the trainer's corrections reused as they are
-    sampled = recovery.prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "tiny"}, reuse_only=True)
+    sampled = prepare_quantized_expert(tiny_expert, cfg, "high", {"model": "tiny"}, reuse_only=True)
     assert torch.equal(first(**x)[0], sampled(**x)[0])
     other_rank = cfg.model_copy(update={"recovery": cfg.recovery.model_copy(update={"rank": 8})})
-    bare = recovery.prepare_quantized_expert(tiny_expert, other_rank, "high", {"model": "tiny"}, reuse_only=True)
+    bare = prepare_quantized_expert(tiny_expert, other_rank, "high", {"model": "tiny"}, reuse_only=True)
     assert corrections(bare) == {}  # none fitted for these settings: the plain quantized base, warned
 
 

@@ -22,19 +22,21 @@ Two sources:
    exact optimum of the objective plus ridge·||W - W_q - B·A||².
    Random weights fed isotropic inputs leave little to recover (the rounding error's spectrum is
    flat); real activations are strongly anisotropic, which is where whitening pays:
-   `recovery_report` measures both honestly.
+   `bench/recovery_report.py` measures both honestly.
+
+Which source applies to an expert, and the caches that keep its correction fitted once, are the
+quantization policy of `wanlora.models.expert` (`prepare_quantized_expert`).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +47,7 @@ from torch import Tensor, nn
 
 from wanlora.config import Expert
 from wanlora.export.formats import AITK_EXPERTS, from_native_name
-from wanlora.io import sha256_json
-from wanlora.models.quant import (
-    DEFAULT_EXCLUDE,
-    cache_key,
-    dequantized_weight,
-    is_quantized,
-    quantize_cached,
-    quantized_modules,
-)
+from wanlora.models.quant import dequantized_weight, is_quantized, quantized_modules
 from wanlora.report import console
 from wanlora.tensorfiles import save_streamed
 
@@ -118,14 +112,9 @@ def corrections(model: nn.Module) -> dict[str, LowRankCorrection]:
     }
 
 
-def set_recovery_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch every correction on or off (for before/after measurements)."""
-    for corr in corrections(model).values():
-        corr.enabled = enabled
-
 
 # ------------------------------------------------------------------------- closed form
-def _solve_dtype(device: torch.device) -> torch.dtype:
+def solve_dtype(device: torch.device) -> torch.dtype:
     """float64 on the CPU (exact, and cheap at the sizes the CPU sees); float32 on a GPU, where
     float64 eigensolvers of 5120-13824 wide matrices are ~10x slower and the leading rank-16
     directions we keep are far above float32's rounding."""
@@ -143,7 +132,7 @@ class Whitener:
 
     @classmethod
     def from_covariance(cls, cov: Tensor, ridge: float = 1e-6) -> Whitener:
-        cov = cov.to(_solve_dtype(cov.device))
+        cov = cov.to(solve_dtype(cov.device))
         evals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
         floor = ridge * float(evals.max().clamp(min=torch.finfo(evals.dtype).tiny))
         return cls(vecs, (evals.clamp(min=0) + floor).sqrt())
@@ -172,7 +161,7 @@ def fit_correction_whitened(error: Tensor, whitener: Whitener | None, rank: int)
     of the whitened problem mapped back; factors balanced)."""
     if rank < 1:
         raise ValueError(f"recovery rank must be at least 1, got {rank}")
-    e = error.to(_solve_dtype(error.device))
+    e = error.to(solve_dtype(error.device))
     if whitener is None:
         u, s, vh = _top_svd(e, rank)
         root = s.sqrt()
@@ -192,7 +181,7 @@ def fit_correction(
     X holds calibration inputs as columns, shape (in, n) (any leading layout reshapes to that:
     pass `x.reshape(-1, in).T`). None means isotropic inputs: the plain SVD optimum.
     """
-    dtype = _solve_dtype(W.device)
+    dtype = solve_dtype(W.device)
     error = W.to(dtype) - Wq.to(dtype)
     if X is None:
         return fit_correction_whitened(error, None, rank)
@@ -201,10 +190,6 @@ def fit_correction(
     x = X.to(dtype)
     return fit_correction_whitened(error, Whitener.from_covariance(x @ x.T, ridge), rank)
 
-
-def relative_error(reference: Tensor, approx: Tensor) -> float:
-    ref = reference.to(torch.float64)
-    return float((approx.to(torch.float64) - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 # -------------------------------------------------------------------- AI Toolkit adapters
@@ -369,14 +354,16 @@ def capture_block_inputs(model: nn.Module, inputs: Iterable[dict[str, Any]], blo
     return got
 
 
-def _with_hidden(inp: BlockInput, hidden: Tensor) -> BlockInput:
+def with_hidden(inp: BlockInput, hidden: Tensor) -> BlockInput:
+    """A block input with its hidden states replaced (the next block's input)."""
     args, kwargs = inp
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _run_block(block: nn.Module, inp: BlockInput) -> Tensor:
+def run_block(block: nn.Module, inp: BlockInput) -> Tensor:
+    """A block's hidden-state output for one captured input."""
     out = block(*inp[0], **inp[1])
     return out[0] if isinstance(out, tuple) else out
 
@@ -432,7 +419,7 @@ def _fit_layers(
             whiteners[owner] = None if cov is None else Whitener.from_covariance(cov, ridge)
         wq = dequantized_weight(module)
         w = weights(prefix + name).to(wq.device)
-        dt = _solve_dtype(wq.device)
+        dt = solve_dtype(wq.device)
         a, b = fit_correction_whitened(w.to(dt) - wq.to(dt), whiteners[owner], rank)
         dtype = getattr(module, "compute_dtype", None) or wq.dtype
         attach_correction(module, a.to(dtype), b.to(dtype))
@@ -488,7 +475,7 @@ def fit_model(
             for name, corr in corrections(block).items():
                 fitted[prefix + name] = (corr.down.float(), corr.up.float())
         with torch.no_grad():
-            captured = [_with_hidden(inp, _run_block(block, inp)) for inp in captured]
+            captured = [with_hidden(inp, run_block(block, inp)) for inp in captured]
     return fitted
 
 
@@ -505,7 +492,7 @@ def fit_block(
     try:
         with torch.no_grad():
             for inp in inputs:
-                _run_block(block, inp)
+                run_block(block, inp)
                 hooks.next_batch()
     finally:
         hooks.remove()
@@ -533,7 +520,7 @@ def distill_block(
     """Refine `qblock`'s corrections (Adam on fp32 copies) so the quantized block reproduces the
     reference block's outputs on `inputs`. Returns the relative output error before and after."""
     with torch.no_grad():
-        targets = [_run_block(ref_block, inp).float() for inp in inputs]
+        targets = [run_block(ref_block, inp).float() for inp in inputs]
     corrs = list(corrections(qblock).values())
     if not corrs:
         raise ValueError("distill_block: the block has no corrections to refine; fit them first")
@@ -544,7 +531,7 @@ def distill_block(
         for c, d, u in masters:
             c.down, c.up = d.to(c.down.dtype), u.to(c.up.dtype)
         total = sum(
-            ((_run_block(qblock, inp).float() - t).pow(2).sum() / t.pow(2).sum()) for inp, t in zip(inputs, targets)
+            ((run_block(qblock, inp).float() - t).pow(2).sum() / t.pow(2).sum()) for inp, t in zip(inputs, targets)
         )
         return total / len(inputs)
 
@@ -589,23 +576,7 @@ def weights_from_safetensors(folder: str | Path) -> WeightLoader:
     return load
 
 
-# ---------------------------------------------------------------------- one call for the trainer
-def _inputs_digest(inputs: Sequence[dict[str, Any]]) -> str:
-    """Content hash of calibration inputs (tensors by bytes, the rest by repr)."""
-    h = hashlib.sha256()
-    for kw in inputs:
-        for k in sorted(kw):
-            v = kw[k]
-            h.update(k.encode())
-            if torch.is_tensor(v):
-                t = v.detach().cpu().contiguous()
-                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            else:
-                h.update(repr(v).encode())
-    return h.hexdigest()
-
-
+# ------------------------------------------------------------------ fitted corrections on disk
 def save_corrections(model: nn.Module, path: str | Path, key: dict[str, Any]) -> None:
     """Fitted corrections as safetensors (`<layer>.down`, `<layer>.up`), the key in the header."""
     tensors = {}
@@ -629,214 +600,3 @@ def load_corrections(model: nn.Module, path: str | Path, key: dict[str, Any], ig
             device = next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
             attach_correction(module, f.get_tensor(f"{name}.down").to(device), f.get_tensor(f"{name}.up").to(device))
     return len(names)
-
-
-def prepare_quantized_expert(
-    loader: Callable[[], nn.Module],
-    cfg: Any,
-    expert: Expert,
-    source_key: dict[str, Any],
-    *,
-    weights: WeightLoader | None = None,
-    calib_inputs: Sequence[dict[str, Any]] | None = None,
-    device: str | torch.device | None = None,
-    home: str | torch.device | None = None,
-    partial_loader: Callable[[frozenset[str]], nn.Module] | None = None,
-    reuse_only: bool = False,
-) -> nn.Module:
-    """Load one expert and apply `quantization` params (a `QuantizationConfig`): quantize (cached),
-    then attach accuracy recovery where it applies. The trainer's single call.
-
-    - recovery.source = an AI Toolkit adapter: needs transformer: uint4; quantizes exactly the
-      layers the adapter covers (everything else stays bf16, as in AI Toolkit) and attaches it.
-    - recovery.source = fitted, 4-bit modes: fits rank-`recovery.rank` corrections on the first
-      `recovery.calibration_samples` of `calib_inputs` (forward kwargs of the expert, e.g. noised
-      cached latents at timesteps of its range) against `weights` (original weights by layer name),
-      with `recovery.distill_steps` of refinement; cached beside the quantized weights.
-    - recovery.source = none, or an 8-bit mode with fitted: quantization only.
-
-    `device` is where each linear is quantized (`quantize_transformer`); `home`, when given, is where
-    the quantized expert then moves, before a correction is fitted on inputs that live there.
-    `partial_loader` (see `quantize_cached`) lets a cache hit skip reading the bf16 weights.
-    `reuse_only` (sampling): never fit; attach the corrections fitted for these settings most
-    recently (the trainer's, whatever its calibration data), or none, with a warning.
-    """
-    mode, rec = cfg.transformer, cfg.recovery
-    if mode == "none":
-        return loader()
-    if rec.source not in ("fitted", "none"):
-        if mode != "uint4":
-            raise ValueError(
-                f"quantization.recovery.source={rec.source!r} is an AI Toolkit adapter, trained against "
-                f"uint4 weights; set quantization.transformer: uint4 (got {mode}) or recovery.source: fitted"
-            )
-        targets = adapter_targets(rec.source, expert)
-        key = {**source_key, "expert": expert, "adapter": resolve_adapter_source(rec.source).identity}
-        model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, exclude=(), include=targets,
-                                device=device, partial_loader=partial_loader)
-        model = model if home is None else model.to(home)
-        load_aitk_adapter(model, rec.source, expert)
-        return model
-    key = {**source_key, "expert": expert}
-    model = quantize_cached(loader, cfg.cache_dir, key, mode, cfg.group_size, device=device,
-                            partial_loader=partial_loader)
-    model = model if home is None else model.to(home)
-    if rec.source == "none" or mode not in ("nf4", "uint4"):
-        return model
-    settings = {"quant": cache_key(key, mode, cfg.group_size, DEFAULT_EXCLUDE, None),
-                "rank": rec.rank, "distill_steps": rec.distill_steps}
-    folder, stem = Path(cfg.cache_dir) / "recovery", sha256_json(settings)[:16]
-    if reuse_only:
-        fitted = sorted(folder.glob(f"{stem}-*.safetensors"), key=lambda p: p.stat().st_mtime)
-        if not fitted:
-            console.print(f"[yellow]{expert}: no fitted recovery for these settings in {folder}; the quantized "
-                          "base runs without its correction (run the train stage first)[/]")
-            return model
-        load_corrections(model, fitted[-1], settings, ignore=("calibration",))
-        return model
-    if weights is None or not calib_inputs:
-        raise ValueError(
-            "quantization.recovery.source=fitted needs calibration inputs and the original weights; "
-            "pass them, or set recovery.source: none"
-        )
-    calib = list(calib_inputs)[: rec.calibration_samples]
-    fit_key = {**settings, "calibration": _inputs_digest(calib)}
-    path = folder / f"{stem}-{sha256_json(fit_key)[:16]}.safetensors"
-    if path.is_file():
-        load_corrections(model, path, fit_key)
-        return model
-    fit_model(weights, model, calib, rec.rank, distill_steps=rec.distill_steps)
-    save_corrections(model, path, fit_key)
-    return model
-
-
-# ------------------------------------------------------------------------------ report
-@dataclass
-class ErrorPair:
-    before: float
-    after: float
-
-
-@dataclass
-class RecoveryReport:
-    """Relative output error vs bf16 (‖ŷ - y‖/‖y‖), without and with the corrections.
-
-    layers[name][split] and blocks[i][split] with split "calib" or "heldout". Each block is fed
-    the bf16 model's input to it, so block errors do not compound; `model` is end to end.
-    """
-
-    layers: dict[str, dict[str, ErrorPair]] = field(default_factory=dict)
-    blocks: list[dict[str, ErrorPair]] = field(default_factory=list)
-    model: dict[str, ErrorPair] = field(default_factory=dict)
-
-    def table(self) -> str:
-        rows = ["| scope | calib before | calib after | held-out before | held-out after |", "|---|---|---|---|---|"]
-
-        def row(label: str, d: dict[str, ErrorPair]) -> str:
-            c, h = d.get("calib"), d.get("heldout")
-            cells = [f"{p.before:.4f} | {p.after:.4f}" if p else "- | -" for p in (c, h)]
-            return f"| {label} | {cells[0]} | {cells[1]} |"
-
-        rows += [row(f"block {i}", b) for i, b in enumerate(self.blocks)]
-        if self.model:
-            rows.append(row("model output", self.model))
-        return "\n".join(rows)
-
-
-def _block_split_errors(
-    ref_block: nn.Module, q_block: nn.Module, inputs: Sequence[BlockInput]
-) -> tuple[dict[str, ErrorPair], ErrorPair, list[Tensor]]:
-    names = list(quantized_modules(q_block))
-    xs: dict[str, list[Tensor]] = {n: [] for n in names}
-    handles = [
-        ref_block.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: xs[n].append(a[0].detach()))
-        for n in names
-    ]
-    try:
-        with torch.no_grad():
-            ref_out = [_run_block(ref_block, inp) for inp in inputs]
-    finally:
-        for h in handles:
-            h.remove()
-    result: dict[str, list[float]] = {}
-    with torch.no_grad():
-        for enabled in (False, True):
-            set_recovery_enabled(q_block, enabled)
-            for n in names:
-                ref_lin, q_lin = ref_block.get_submodule(n), q_block.get_submodule(n)
-                y = torch.cat([ref_lin(x).reshape(-1) for x in xs[n]])
-                yq = torch.cat([q_lin(x).reshape(-1) for x in xs[n]])
-                result.setdefault(n, []).append(relative_error(y, yq))
-            out = torch.cat([_run_block(q_block, inp).reshape(-1) for inp in inputs])
-            result.setdefault("__block__", []).append(relative_error(torch.cat([r.reshape(-1) for r in ref_out]), out))
-    set_recovery_enabled(q_block, True)
-    layer = {n: ErrorPair(*result[n]) for n in names}
-    return layer, ErrorPair(*result["__block__"]), ref_out
-
-
-def block_report(
-    ref_block: nn.Module, q_block: nn.Module, splits: dict[str, Sequence[BlockInput]]
-) -> tuple[dict[str, dict[str, ErrorPair]], dict[str, ErrorPair]]:
-    """Per-layer and whole-block errors of one quantized block against its bf16 twin, per split."""
-    layers: dict[str, dict[str, ErrorPair]] = {}
-    block: dict[str, ErrorPair] = {}
-    for split, inputs in splits.items():
-        per_layer, whole, _ = _block_split_errors(ref_block, q_block, inputs)
-        for n, pair in per_layer.items():
-            layers.setdefault(n, {})[split] = pair
-        block[split] = whole
-    return layers, block
-
-
-def recovery_report(
-    ref_model: nn.Module,
-    q_model: nn.Module,
-    calib_inputs: Sequence[dict[str, Any]],
-    heldout_inputs: Sequence[dict[str, Any]],
-    blocks_attr: str = "blocks",
-) -> RecoveryReport:
-    """Measure what the corrections recover: every quantized layer and block of `q_model` against
-    `ref_model` (same architecture, bf16), on calibration and held-out model inputs."""
-    report = RecoveryReport()
-    ref_blocks, q_blocks = getattr(ref_model, blocks_attr), getattr(q_model, blocks_attr)
-    for split, model_inputs in (("calib", calib_inputs), ("heldout", heldout_inputs)):
-        inputs = capture_block_inputs(ref_model, model_inputs, blocks_attr)
-        for i, (rb, qb) in enumerate(zip(ref_blocks, q_blocks)):
-            per_layer, whole, outs = _block_split_errors(rb, qb, inputs)
-            for n, pair in per_layer.items():
-                report.layers.setdefault(f"{blocks_attr}.{i}.{n}", {})[split] = pair
-            if len(report.blocks) <= i:
-                report.blocks.append({})
-            report.blocks[i][split] = whole
-            inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, outs)]
-        with torch.no_grad():
-            ref_out = torch.cat([_first(ref_model(**kw)).reshape(-1) for kw in model_inputs])
-            pair = []
-            for enabled in (False, True):
-                set_recovery_enabled(q_model, enabled)
-                pair.append(relative_error(ref_out, torch.cat([_first(q_model(**kw)).reshape(-1) for kw in model_inputs])))
-            set_recovery_enabled(q_model, True)
-        report.model[split] = ErrorPair(*pair)
-    return report
-
-
-def _first(out: Any) -> Tensor:
-    if isinstance(out, tuple):
-        return out[0]
-    return out.sample if hasattr(out, "sample") else out
-
-
-def anisotropic(
-    n: int, dim: int, decay: float = 2.0, seed: int = 0, dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> Tensor:
-    """(n, dim) samples whose covariance has eigenvalues k^-decay (k = 1..dim) along a random
-    orthonormal basis: the documented anisotropic spectrum of our measurements (decay 2 by default).
-    Draw calibration and held-out samples in one call so they share the basis."""
-    device = torch.device(device)
-    work = _solve_dtype(device)
-    g = torch.Generator(device).manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=work, device=device))
-    std = torch.arange(1, dim + 1, dtype=work, device=device).pow(-decay / 2)
-    z = torch.randn(n, dim, generator=g, dtype=work, device=device)
-    return ((z * std) @ basis.T).to(dtype)
