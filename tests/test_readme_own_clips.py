@@ -126,13 +126,14 @@ def test_a_params_typo_stops_the_first_repro_with_did_you_mean(tmp_path: Path):
     assert not (tmp_path / "my-lora/data/index").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 19, open: both experiments run and the summary columns are "
-                   "right, but `dvc exp show --csv` rows do not carry the names -n gave (Experiment column empty)")
 def test_readme_experiments_compare_on_the_summary_columns(tmp_path: Path):
     """The smoke block, then the experiments block as written: two `dvc exp run -S train.lr=...`
-    in the workspace `wanlora init` made. `dvc exp show --csv` then lists the summary columns of
-    both metrics files, each experiment's own values in them, and no column that names a step;
-    `dvc plots diff` drew both; `dvc exp apply` brought the chosen one's params and metrics back."""
+    in the workspace `wanlora init` made. `dvc exp show --csv`, where the README compares, lists the
+    summary columns of both metrics files, each named experiment's own values in them, and no column
+    that names a step; after the commit that keeps one, the block's last line (`dvc exp show -n 2`)
+    still lists both names, which hang off the commit before (a plain `dvc exp show` shows only the
+    current commit's experiments); `dvc plots diff` drew both; `dvc exp apply` brought the chosen
+    one's params and metrics back."""
     import csv
     import io
     import json
@@ -142,8 +143,11 @@ def test_readme_experiments_compare_on_the_summary_columns(tmp_path: Path):
     smoke, _ = readme_blocks()
     (block,) = readme_blocks("Running and comparing experiments")
     assert sum(line.startswith("dvc exp run -n") for line in block) == 2
-    show = "dvc exp show --csv  # the test's own"
-    rc, out = _run([*smoke, *block, show], tmp_path)
+    assert block[-1].startswith("dvc exp show -n 2 ") and block[-2].startswith("git add -A && git commit")
+    at = next(i for i, line in enumerate(block) if line.startswith("dvc exp show"))
+    show = "dvc exp show --csv  # the test's own: the README's comparing line, as csv"
+    later = "dvc exp show -n 2 --csv  # the test's own: the README's last line, as csv"
+    rc, out = _run([*smoke, *block[: at + 1], show, *block[at + 1:], later], tmp_path)
     assert rc == 0, "".join(out.values())[-6000:]
     runs = [line for line in block if line.startswith("dvc exp run")]
     for line in runs:  # the caches and the index are kept: only what reads train.lr reruns (check always runs)
@@ -160,9 +164,12 @@ def test_readme_experiments_compare_on_the_summary_columns(tmp_path: Path):
                        *(f"{k}_{e}" for e in ("high", "low") for k in ("best_step", "val_loss_best", "val_loss_last",
                                                                          "train_loss_smoothed"))}
     by_name = {row["Experiment"]: row for row in table if row["Experiment"]}
-    assert {"lr-2e-4", "lr-5e-5"} <= set(by_name)
+    assert set(by_name) == {"lr-2e-4", "lr-5e-5"}
     assert float(by_name["lr-2e-4"]["train.lr"]) == 2e-4 and float(by_name["lr-5e-5"]["train.lr"]) == 5e-5
     assert by_name["lr-2e-4"]["val_loss_last_high"] != by_name["lr-5e-5"]["val_loss_last_high"]
+    after = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(out[later])) if row["Experiment"]}
+    assert {name: row["val_loss_last_high"] for name, row in after.items()} == {
+        name: row["val_loss_last_high"] for name, row in by_name.items()}
 
     page = (ws / "dvc_plots/index.html").read_text(encoding="utf-8")
     assert "lr-2e-4" in page and "lr-5e-5" in page

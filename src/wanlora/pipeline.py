@@ -24,11 +24,13 @@ from pydantic_core import to_jsonable_python
 from wanlora import __version__
 from wanlora.config import Params, SampleConfig
 from wanlora.io import atomic_write_text
+from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, expert_label
 
 # Imported by every stage through its entry (`wanlora.stages.<name>` and `stages/_common.py`); the
 # wiring takes its paths from this module.
 BASE_CODE = ("src/wanlora/__init__.py", "src/wanlora/config.py", "src/wanlora/errors.py", "src/wanlora/io.py",
-             "src/wanlora/report.py", "src/wanlora/stages/_common.py", "src/wanlora/pipeline.py")
+             "src/wanlora/report.py", "src/wanlora/stages/_common.py", "src/wanlora/pipeline.py",
+             "src/wanlora/models/__init__.py", "src/wanlora/models/variant.py")
 
 # The files and folders the stages hand each other, each named once (workspace-relative): the Stage
 # entries below declare them to DVC, and the stage wiring (`wanlora.stages.<name>`) passes them to
@@ -60,6 +62,7 @@ class Stage:
     params: tuple[str, ...]
     outs: tuple[str, ...]
     metrics: tuple[str, ...] = ()
+    # `{e}` in a plot's id stands for each expert of the workspace's model (`plotted_experts`)
     plots: tuple[dict[str, Any], ...] = field(default=())
     dataset_folders: bool = False  # the stage reads every dataset folder (deps on each)
     # Params the stage reads only to show its progress (the train stage's previews): declared to
@@ -104,7 +107,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "bucket", "choose resolution and frame buckets, place frame windows",
-        deps=(CLIPS,), code=("src/wanlora/data/buckets.py", "src/wanlora/models/variant.py", "src/wanlora/models/loading.py",
+        deps=(CLIPS,), code=("src/wanlora/data/buckets.py", "src/wanlora/models/loading.py",
                              "src/wanlora/tensorfiles.py"),
         # the model: its variant sets the frame rate (bucket.fps null) and the side alignment (TI2V 5B: 32 px)
         params=("datasets.{ds}.bucket", "datasets.{ds}.flip_horizontal", "datasets.{ds}.on_error", *MODEL_KEYS,
@@ -133,7 +136,7 @@ STAGES: tuple[Stage, ...] = (
               "data/buckets/report.json"),
         code=("src/wanlora/data/review.py", "src/wanlora/data/split.py", "src/wanlora/models/latents.py", "src/wanlora/models/cachefiles.py",
               "src/wanlora/models/geometry.py", "src/wanlora/models/loading.py", "src/wanlora/media",
-              "src/wanlora/models/condition.py", "src/wanlora/models/variant.py", "src/wanlora/tensorfiles.py"),
+              "src/wanlora/models/condition.py", "src/wanlora/tensorfiles.py"),
         params=(),
         outs=("data/review",),
     ),
@@ -182,14 +185,13 @@ STAGES: tuple[Stage, ...] = (
                 "datasets.{ds}.i2v_share", *EVAL_SAMPLE),
         outs=(EVAL,), metrics=(METRICS,),
         # per expert, the fixed-noise loss on training clips beside the held-out one: the gap is overfitting
-        plots=tuple({f"fixed_noise_loss_{e}": {"x": "step", "title": f"{e}-noise expert: fixed-noise loss",
-                                                "y": {VAL_LOSS: [f"train_{e}", f"held_out_{e}"]}}}
-                    for e in ("high", "low")),
+        plots=({"fixed_noise_loss_{e}": {"x": "step", "title": "{expert}: fixed-noise loss",
+                                         "y": {VAL_LOSS: ["train_{e}", "held_out_{e}"]}}},),
     ),
     Stage(
         "export", "write the chosen checkpoint for ComfyUI and diffusers",
         deps=(LORA, BEST),
-        code=("src/wanlora/export", "src/wanlora/models/variant.py", "src/wanlora/tensorfiles.py"),
+        code=("src/wanlora/export", "src/wanlora/tensorfiles.py"),
         params=("export", "job.name"),
         outs=(EXPORTS,),
     ),
@@ -242,6 +244,30 @@ def stage_script(stage: Stage) -> str:
     )
 
 
+def plotted_experts(params: Params) -> tuple[str, ...]:
+    """The experts whose curves dvc.yaml declares: those of `model.variant`, or with `auto` those of
+    the release `model.name_or_path` names by hub id, else T2V A14B's (the default model).
+
+    DVC skips a plot whose fields a file lacks, with a warning per revision, so declaring every
+    variant's experts would warn on each `dvc plots` call and one variant's alone would hide the
+    others' curves (TI2V 5B's `main` behind `high` and `low`). `auto` with a local folder cannot be
+    read here (dvc.yaml follows params.yaml alone); `wanlora init --variant` writes the name."""
+    name = params.model.variant
+    if name == "auto":
+        name = next((v.name for v in VARIANTS.values() if v.hub_id == params.model.name_or_path), LEGACY_VARIANT)
+    return VARIANTS[name].experts  # type: ignore[index]
+
+
+def _for_expert(plot: Any, expert: str) -> Any:
+    """A plot declaration with `{e}` replaced by the expert's name and `{expert}` by how messages
+    name it (`expert_label`), in every key and string."""
+    if isinstance(plot, dict):
+        return {_for_expert(k, expert): _for_expert(v, expert) for k, v in plot.items()}
+    if isinstance(plot, list):
+        return [_for_expert(v, expert) for v in plot]
+    return plot.replace("{e}", expert).replace("{expert}", expert_label(expert)) if isinstance(plot, str) else plot
+
+
 def dvc_yaml(params: Params, in_repo: bool) -> str:
     """dvc.yaml text for these params; `in_repo` adds the package files as code deps."""
     stages: dict[str, Any] = {}
@@ -260,7 +286,9 @@ def dvc_yaml(params: Params, in_repo: bool) -> str:
         }
         stages[stage.name] = entry
     # Metrics and plots live inside stage outs, so they are declared at the top level.
-    plots = [plot for stage in STAGES for plot in stage.plots]
+    experts = plotted_experts(params)
+    plots = [_for_expert(plot, e) for stage in STAGES for plot in stage.plots
+             for e in (experts if "{e}" in next(iter(plot)) else ("",))]
     metrics = [m for stage in STAGES for m in stage.metrics]
     header = ("# Generated by `wanlora sync` from src/wanlora/pipeline.py: edit that, then resync.\n" if in_repo else
               "# Generated by `wanlora sync` from wanlora's stage table and the datasets in params.yaml.\n"

@@ -150,11 +150,12 @@ def check_stage(workspace: Path, out: Path) -> None:
 
 def _check_synced(workspace: Path) -> None:
     """dvc.yaml lists params and folders per dataset: one added to params.yaml without `wanlora
-    sync` would be read by no stage's declared deps, and its clips would change nothing DVC sees."""
+    sync` would be read by no stage's declared deps, and its clips would change nothing DVC sees.
+    Its plots name the model's experts (`plotted_experts`), so another model.variant resyncs too."""
     stale = stale_files(workspace, load_params(workspace / "params.yaml"), is_repo_checkout(workspace))
     if workspace / "dvc.yaml" in stale:  # the stage scripts check their own version when they run
-        raise UserError("dvc.yaml no longer matches params.yaml (a dataset added or renamed?). "
-                        "Fix: run `wanlora sync`, then `dvc repro`")
+        raise UserError("dvc.yaml no longer matches params.yaml (a dataset added or renamed, or another "
+                        "model.variant?). Fix: run `wanlora sync`, then `dvc repro`")
 
 
 def check_model(name_or_path: str, workspace: Path) -> str:

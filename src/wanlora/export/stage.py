@@ -26,15 +26,11 @@ from wanlora.export import formats
 from wanlora.export.imports import read_lora
 from wanlora.export.lineage import PREFIX, sidecar_names, tensors_sha256
 from wanlora.io import atomic_write_bytes, atomic_write_json, sha256_file
+from wanlora.models.variant import expert_label
 from wanlora.pipeline import LORA
 from wanlora.report import console
 
 STEP_FILE = re.compile(r"step_(\d+)\.safetensors\Z")
-
-
-def expert_label(expert: str) -> str:
-    """How messages name an expert: 'high-noise expert', or 'transformer' for TI2V 5B's one."""
-    return "transformer" if expert == "main" else f"{expert}-noise expert"
 
 
 def export_name(job: str, step: int, expert: str) -> str:

@@ -111,6 +111,11 @@ VARIANTS: dict[VariantName, Variant] = {
 }
 
 
+def expert_label(expert: str) -> str:
+    """How messages name an expert: 'high-noise expert', or 'transformer' for TI2V 5B's one."""
+    return "transformer" if expert == "main" else f"{expert}-noise expert"
+
+
 def get_variant(name: str) -> Variant:
     """The variant of a params / CLI spelling; an unknown one is refused listing the three."""
     if name not in VARIANTS:
