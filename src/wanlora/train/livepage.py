@@ -3,7 +3,7 @@
 Open it in a browser while the run trains: it reloads itself every `RELOAD_S` seconds until the
 run has finished, newest preview first, each with its contact sheet (prompts in rows, frames in
 columns) and videos whose poster is the first frame; an image-to-video preview shows its start
-image beside the video it starts. Self-contained like the evaluate report
+image above the video it starts. Self-contained like the evaluate report
 (inline SVG plots drawn by `wanlora.evaluate.report.svg_plot`, relative links, no JavaScript),
 and everything user-written is escaped. No wall-clock figure appears on it, so a resumed run
 writes the same page as an uninterrupted one (preview times are in data/train_perf/previews.json).
