@@ -321,6 +321,10 @@ def test_preview_cost_follows_its_settings_and_is_flagged_when_large() -> None:
                           WAN22, compiled=True, fetch_s=0.0)
     assert two == pytest.approx(2 * one) and one > 0
     assert preview_seconds(params, WAN22, compiled=True, fetch_s=0.5) == pytest.approx(two + 0.5)
+    from wanlora.models.variant import VARIANTS  # TI2V 5B previews each prompt from text and from its image
+
+    assert preview_seconds(params, WAN22, compiled=True, fetch_s=0.0, variant=VARIANTS["ti2v-5b"]) == \
+        pytest.approx(2 * two)
     often = plan(parse_params({**base, "sample": {**base["sample"], "preview_every": 10}}), 141.0)
     assert often.previews.count == 250 and often.previews.share > 0.05
     assert any("sample.preview_every" in s for s in often.suggestions)

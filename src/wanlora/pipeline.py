@@ -164,10 +164,11 @@ STAGES: tuple[Stage, ...] = (
               "src/wanlora/data/captions.py", "src/wanlora/data/split.py", "src/wanlora/export/lineage.py",
               "src/wanlora/export/formats.py", "src/wanlora/export/imports.py", "src/wanlora/evaluate/__init__.py",
               "src/wanlora/evaluate/sampling.py", "src/wanlora/evaluate/media.py", "src/wanlora/evaluate/report.py",
-              "src/wanlora/lock.py", "src/wanlora/tensorfiles.py"),
+              "src/wanlora/evaluate/start_images.py", "src/wanlora/lock.py", "src/wanlora/tensorfiles.py"),
         params=("job.seed", "job.trigger_word", "job.device", "model", "quantization", "multistage", "network",
                 "save", "train", "datasets.{ds}.cache_latents", "datasets.{ds}.folder", "datasets.{ds}.i2v_share"),
         watch=("sample.prompts", "sample.negative_prompt", "sample.seed", "sample.walk_seed", "sample.fps",
+               "sample.images", "sample.last_images",  # image-to-video previews start from them
                "sample.preview", "sample.preview_every", "sample.preview_steps", "sample.preview_guidance_scale",
                "sample.preview_num_frames", "sample.preview_width", "sample.preview_height", "sample.preview_lora"),
         outs=(LORA, TRAIN_LIVE, TRAIN_PERF), metrics=(f"{TRAIN_PERF}/summary.json",),

@@ -253,9 +253,11 @@ def exchange_seconds(config: dict[str, Any], tokens: int, sp: int, checkpointing
     return sent * (2 if dop else 1) / (ALL_TO_ALL_GBPS * 1e9)
 
 
-def preview_seconds(params: Params, config: dict[str, Any], compiled: bool, fetch_s: float) -> float:
-    """Predicted seconds of one preview: per prompt, `preview_steps` forward passes of the model at
-    the preview's tokens (two with guidance above 1: the negative prompt too), at the step model's
+def preview_seconds(params: Params, config: dict[str, Any], compiled: bool, fetch_s: float,
+                    variant: Variant = VARIANTS[LEGACY_VARIANT]) -> float:
+    """Predicted seconds of one preview: per video (a prompt's; TI2V 5B renders each prompt twice,
+    from text and from its start image), `preview_steps` forward passes of the model at the
+    preview's tokens (two with guidance above 1: the negative prompt too), at the step model's
     forward rates, plus `fetch_s` for the expert it brings back. Derived from the calibrated
     constants, not measured on its own; the VAE decode of a short small clip is left out."""
     s = params.sample
@@ -264,20 +266,23 @@ def preview_seconds(params: Params, config: dict[str, Any], compiled: bool, fetc
     f = forward_flops(config, clip_tokens(s.preview_num_frames, s.preview_height, s.preview_width, config), TEXT_LEN)
     forward = f["video_linear"] / (LINEAR_TFLOPS["compiled" if compiled else "eager"] * 1e12) + \
         f["attention"] / (ATTENTION_TFLOPS * 1e12)
-    passes = len(s.prompts) * s.preview_steps * (2 if s.preview_guidance_scale > 1 else 1)
+    videos = len(s.prompts) * (2 if variant.expand_timesteps else 1)
+    passes = videos * s.preview_steps * (2 if s.preview_guidance_scale > 1 else 1)
     return passes * forward + fetch_s
 
 
-def _previews(params: Params, result: PlanResult, config: dict[str, Any], weights_gib: float) -> PreviewPlan | None:
+def _previews(params: Params, result: PlanResult, config: dict[str, Any], weights_gib: float,
+              variant: Variant) -> PreviewPlan | None:
     """How many previews the run renders (every `preview_every`, else `save.every`, and the last
-    step) and their share; None when there are none (off, no prompts, one expert trained)."""
+    step) and their share; None when there are none (off, no prompts, one A14B expert trained)."""
     ms, tr, s = params.multistage, params.train, params.sample
-    if not (s.preview and s.prompts and ms.train_high_noise and ms.train_low_noise):
+    both = len(variant.experts) == 1 or (ms.train_high_noise and ms.train_low_noise)  # TI2V 5B: its one
+    if not (s.preview and s.prompts and both):
         return None
     every = s.preview_every or params.save.every
     count = tr.steps // every + (1 if tr.steps % every else 0)
     fetch = weights_gib * FETCH_S_PER_GIB if result.resident == "one" else 0.0
-    each = preview_seconds(params, config, result.compiled, fetch)
+    each = preview_seconds(params, config, result.compiled, fetch, variant)
     training = tr.steps * tr.gradient_accumulation * result.s_per_step * (1 + result.switch_overhead)
     return PreviewPlan(count, each, count * each / (training + count * each))
 
@@ -402,7 +407,7 @@ def plan(params: Params, gpu_gib: float, checkpointing: Checkpointing | None = N
         suggestions.append(f"model.compile: true would take ~{faster:.2f} s/step (first step compiles, ~40 s)")
     replicas = gpus // sp
     rate = replicas / result.s_per_step * (PARALLEL_EFFICIENCY[mode] if mode != "one" else 1.0)
-    previews = _previews(params, result, config, result.experts[0].weights_gib) if gpus == 1 else None
+    previews = _previews(params, result, config, result.experts[0].weights_gib, variant) if gpus == 1 else None
     if previews is not None and previews.share > PREVIEW_SHARE:
         suggestions.append(f"previews take {100 * previews.share:.0f}% of the run: raise sample.preview_every, or "
                            "lower sample.preview_steps or its size (a step-distilled sample.preview_lora needs 4 steps)")

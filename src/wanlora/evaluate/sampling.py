@@ -9,6 +9,7 @@ prompts come from the text cache, padded as the pipeline pads them. LoRAs enter 
 so one loaded base serves every checkpoint and the baseline. I2V A14B samples through
 `WanImageToVideoPipeline` from a start image per prompt (`wanlora.evaluate.start_images`), with no
 image encoder (Wan 2.2 has none); a LoRA made for another variant is refused before it loads.
+`sample_videos` is what one LoRA state is shown by, in evaluate and in the train stage's previews.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def prompt_texts(params: Params) -> list[str]:
     from wanlora.models.text import TRIGGER_PLACEHOLDER
 
     return [p.replace(TRIGGER_PLACEHOLDER, params.job.trigger_word) for p in params.sample.prompts]
+
+
+def column_labels(params: Params, variant: Variant) -> list[str]:
+    """One label per video of `sample_videos`: the prompts; TI2V 5B samples each prompt twice, from
+    text alone and then from its start image (`wanlora.evaluate.start_images`), one model doing both."""
+    texts = prompt_texts(params)
+    return texts + [f"{t} (from its start image)" for t in texts] if variant.expand_timesteps else texts
 
 
 def prompt_seeds(cfg: SampleConfig) -> list[int]:
@@ -130,3 +138,16 @@ def generate(
         )[0]
         videos.append(np.asarray(out[0], dtype=np.float32))
     return videos
+
+
+def sample_videos(
+    pipe, variant: Variant, prompt_embeds: list[torch.Tensor], negative_embeds: torch.Tensor, cfg: SampleConfig,
+    images: list[np.ndarray] | None = None, last_images: list[np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """The videos that show one LoRA state, in `column_labels` order: each prompt from text (T2V),
+    from its start image and end image if any (I2V A14B), or TI2V 5B's both ways, from text alone
+    and then from its start image through `image_pipeline`. `pipe` is `build_pipeline`'s."""
+    if variant.expand_timesteps:
+        return (generate(pipe, prompt_embeds, negative_embeds, cfg)
+                + generate(image_pipeline(pipe), prompt_embeds, negative_embeds, cfg, images))
+    return generate(pipe, prompt_embeds, negative_embeds, cfg, images, last_images)

@@ -15,7 +15,6 @@ own samples, and when nothing is missing the base model is not even loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,8 @@ from wanlora.config import Params
 from wanlora.data.split import BASIS_LABEL, HELD_OUT, Split, read_split
 from wanlora.evaluate import media
 from wanlora.evaluate.best import choose_best
-from wanlora.evaluate.sampling import prompt_texts
+from wanlora.evaluate.sampling import column_labels, prompt_texts
+from wanlora.evaluate.start_images import frames_digest
 from wanlora.evaluate.report import ReportRow, dataset_summary, read_train_curves, render_report
 from wanlora.evaluate.summary import run_summary
 from wanlora.evaluate.validation import ValItem, fixed_noise_losses
@@ -73,13 +73,6 @@ def sample_fps(params: Params, variant: Variant) -> int:
     return params.sample.fps or variant.fps
 
 
-def column_labels(params: Params, variant: Variant) -> list[str]:
-    """One label per sampled video: the prompts; TI2V 5B samples each prompt twice, from text
-    alone and then from its start image (`wanlora.evaluate.start_images`), one model doing both."""
-    texts = prompt_texts(params)
-    return texts + [f"{t} (from its start image)" for t in texts] if variant.expand_timesteps else texts
-
-
 def _hash_or_absent(path: Path) -> str:
     return sha256_file(path) if path.is_file() else "absent"
 
@@ -113,7 +106,7 @@ class Plan:
                     "fps": sample_fps(params, self.variant), "seed": s.seed, "walk_seed": s.walk_seed}
         for name, frames in (("start_images", self.start_frames), ("end_images", self.end_frames)):
             if frames is not None:  # what each prompt starts (ends) with, by content
-                settings[name] = [hashlib.sha256(f.tobytes() + str(f.shape).encode()).hexdigest() for f in frames]
+                settings[name] = frames_digest(frames)
         return sha256_json({"kind": "samples", **self.base, "sample": settings, "lora": self.lora_id(step)})[:20]
 
     def val_key(self, params: Params, step: int | None) -> str:
@@ -158,12 +151,10 @@ def make_plan(params: Params, workspace: Path, inputs: Inputs) -> Plan:
     split = read_split(inputs.split)
     frames = ends = None
     if (variant.image_condition or variant.expand_timesteps) and params.sample.prompts:  # TI2V 5B: both ways
-        from wanlora.evaluate.start_images import start_frames
+        from wanlora.evaluate.start_images import prompt_frames
 
         samples = {s["id"]: s for s in read_jsonl(inputs.samples)}
-        frames = start_frames(params.sample, split, samples, workspace)
-        if params.train.last_frame:
-            ends = start_frames(params.sample, split, samples, workspace, last=True)
+        frames, ends = prompt_frames(params.sample, split, samples, workspace, params.train.last_frame)
     elif params.sample.images:
         raise InputError(f"sample.images lists start images, but {root} holds {variant.describe()}, which "
                          "samples from text alone. Fix: empty sample.images, or use an image-to-video model")
@@ -277,13 +268,8 @@ def _evaluate_one(params: Params, plan: Plan, step: int | None, get: Any, scratc
     files = {} if step is None else plan.checkpoints[step]
     with sampling.lora_applied(loaded.pipe, files, name, plan.variant):
         if s_entry is not None and not s_done:
-            if plan.variant.expand_timesteps:  # TI2V 5B: every prompt from text alone, then from its start image
-                videos = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample)
-                videos += sampling.generate(sampling.image_pipeline(loaded.pipe), loaded.prompt_embeds,
-                                            loaded.negative_embeds, params.sample, plan.start_frames)
-            else:
-                videos = sampling.generate(loaded.pipe, loaded.prompt_embeds, loaded.negative_embeds, params.sample,
-                                           plan.start_frames, plan.end_frames)
+            videos = sampling.sample_videos(loaded.pipe, plan.variant, loaded.prompt_embeds, loaded.negative_embeds,
+                                            params.sample, plan.start_frames, plan.end_frames)
             _write_samples(s_entry, videos, sample_fps(params, plan.variant))
         if v_entry is not None and not v_done:
             experts = dict(zip(plan.variant.experts, (loaded.pipe.transformer, loaded.pipe.transformer_2)))

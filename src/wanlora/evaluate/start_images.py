@@ -14,6 +14,7 @@ sample's last frame, or `sample.last_images[i]`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,16 @@ def start_frames(cfg: SampleConfig, split: Split, samples: Mapping[str, dict], w
                         "empty. Fix: list a last image per prompt in sample.last_images")
     return [first_frame(r, workspace, cfg.width, cfg.height, last)
             for r in start_records(cfg, split, samples, workspace, last)]
+
+
+def prompt_frames(cfg: SampleConfig, split: Split, samples: Mapping[str, dict], workspace: Path,
+                  last_frame: bool) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Each prompt's start frame at `cfg`'s size and, with `train.last_frame`, its end frame: what
+    evaluate samples from, and the train stage's previews at the preview size."""
+    ends = start_frames(cfg, split, samples, workspace, last=True) if last_frame else None
+    return start_frames(cfg, split, samples, workspace), ends
+
+
+def frames_digest(frames: Sequence[np.ndarray]) -> list[str]:
+    """sha256 of each frame's pixels and shape: what a cached sample started (ended) with, by content."""
+    return [hashlib.sha256(f.tobytes() + str(f.shape).encode()).hexdigest() for f in frames]

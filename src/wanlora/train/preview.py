@@ -2,12 +2,16 @@
 
 A long run shows what it is learning as it goes, as AI Toolkit's samples every N steps do: at
 every `sample.preview_every` steps (default: every `save.every`) the prompts go through the
-evaluate stage's sampler (`wanlora.evaluate.sampling.generate`, WanPipeline itself, so the
-boundary routes each timestep to its expert) with the experts already in memory: the expert
-being trained carries its live LoRA, the other its latest one. Seeds are the sample seeds, so
-successive previews differ only by training. Size, frames, steps and guidance are the preview_*
-params, small by default; `sample.preview_lora` stacks a user's step-distilled LoRA (a 4-step
-LightX2V file) as a second peft adapter for the preview only, removed before training goes on.
+evaluate stage's sampler (`wanlora.evaluate.sampling.sample_videos`, the variant's diffusers
+pipeline itself, so the boundary routes each timestep to its expert) with the experts already in
+memory: the expert being trained carries its live LoRA, the other its latest one. I2V A14B
+previews start from the start images evaluate uses (`sample.images`, else held-out clips' first
+frames: `wanlora.evaluate.start_images`) at the preview size, written beside the videos; TI2V 5B
+previews, like its evaluation, render each prompt from text alone and then from its start image,
+with its one transformer. Seeds are the sample seeds, so successive previews differ only by
+training. Size, frames, steps and guidance are the preview_* params, small by default;
+`sample.preview_lora` stacks a user's step-distilled LoRA (a 4-step LightX2V file) as a second
+peft adapter for the preview only, removed before training goes on.
 
 Training never sees a preview: the global torch RNG state is forked around it (the sampler draws
 from its own seeded generators anyway), the experts go back to train mode, and placement is put
@@ -32,10 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from wanlora.config import Params, SampleConfig
-from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, sha256_json, sweep_temps
+from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, read_jsonl, sha256_json, sweep_temps
 from wanlora.report import InputError, console
 from wanlora.train.monitor import PUBLISH_TEMP
 
@@ -47,10 +52,11 @@ TIMINGS = "timings"  # beside the previews in the state folder: wall-clock, so p
 
 
 def preview_config(params: Params) -> SampleConfig:
-    """The evaluate sampler's settings for a preview: the sample prompts and seeds at the preview
-    size, length, steps and guidance."""
+    """The evaluate sampler's settings for a preview: the sample prompts, start images and seeds at
+    the preview size, length, steps and guidance."""
     s = params.sample
     return SampleConfig(prompts=s.prompts, negative_prompt=s.negative_prompt, seed=s.seed, walk_seed=s.walk_seed,
+                        images=s.images, last_images=s.last_images,
                         steps=s.preview_steps, guidance_scale=s.preview_guidance_scale, fps=s.fps,
                         num_frames=s.preview_num_frames, width=s.preview_width, height=s.preview_height)
 
@@ -65,7 +71,8 @@ def preview_due(params: Params, previous: int, step: int) -> bool:
 @dataclass
 class Previewer:
     """What a preview needs beyond the trainer: the sampling pipeline around its experts (built at
-    the first preview), the prompts' cached embeddings and where results go."""
+    the first preview), the prompts' cached embeddings, their start (end) frames for an
+    image-to-video model, and where results go."""
 
     params: Params
     store: Path  # state folder of these preview settings
@@ -74,6 +81,9 @@ class Previewer:
     temp: Path  # temp files of the publishes (io.atomic_open's temp_dir), in the run's state
     cfg: SampleConfig
     prompts: list[str]
+    labels: list[str]  # one per video (`sampling.column_labels`): TI2V 5B renders each prompt twice
+    starts: list[np.ndarray] | None = None  # uint8 [H, W, 3] per prompt; None: text-to-video only
+    ends: list[np.ndarray] | None = None  # I2V with train.last_frame
     pipe: Any = None
     embeds: list[torch.Tensor] = field(default_factory=list)
     negative: torch.Tensor | None = None
@@ -81,38 +91,56 @@ class Previewer:
 
 def make_previewer(tr: Trainer) -> Previewer | None:
     """A previewer for this process, or None when previews are off or cannot run here: they need
-    both experts in this one process (a run training one expert, or split over ranks, has the
-    other expert nowhere to route to), and a text-to-video model (I2V and TI2V 5B previews would
-    need start images; not built yet)."""
-    from wanlora.evaluate.sampling import prompt_texts
+    every expert of the model in this one process (a run training one A14B expert, or split over
+    ranks, has the other expert nowhere to route to). Start images are read now, so a missing
+    one stops the run before it trains, not at the first preview."""
+    from wanlora.evaluate.sampling import column_labels, prompt_texts
 
     p = tr.params
     if not (p.sample.preview and p.sample.prompts):
         return None
-    if tr.variant.image_condition or tr.variant.expand_timesteps:  # previews render text-to-video only
-        console.print(f"[yellow]train:[/] no previews for {tr.variant.name} yet: they render text-to-video "
-                      "with WanPipeline; evaluate samples from start images after training")
-        return None
-    if set(tr.experts) != {"high", "low"} or tr.env.world > 1:
+    if set(tr.experts) != set(tr.variant.experts) or tr.env.world > 1:
         console.print("[yellow]train:[/] no previews: they need both experts in one process "
                       "(this run trains one expert, or runs on several ranks); evaluate samples after training")
         return None
     for e, f in p.sample.preview_lora.items():  # now, not hours in at the first preview
+        if e not in tr.variant.experts:
+            raise InputError(f"sample.preview_lora.{e}: {tr.variant.label} has no {e}-noise expert (one "
+                             "transformer). Fix: remove sample.preview_lora")
         if not (tr.workspace / f).is_file() or not f.endswith(".safetensors"):
             raise InputError(f"sample.preview_lora.{e}: {tr.workspace / f} is not a .safetensors file. "
                              "Fix: give the path of the step-distilled LoRA for that expert, or remove the key")
     cfg = preview_config(p)
+    starts, ends, digests = _start_frames(tr, cfg)
     key = sha256_json({"sample": cfg.model_dump(mode="json"), "lora": dict(p.sample.preview_lora),
-                       "prompts": prompt_texts(p)})[:16]
+                       "prompts": prompt_texts(p), **digests})[:16]
     temp = tr.state_dir / PUBLISH_TEMP
     sweep_temps(temp)
     return Previewer(p, tr.state_dir / "previews" / key, tr.workspace / "data/train_live",
-                     tr.workspace / "data/train_perf", temp, cfg, prompt_texts(p))
+                     tr.workspace / "data/train_perf", temp, cfg, prompt_texts(p), column_labels(p, tr.variant),
+                     starts, ends)
+
+
+def _start_frames(tr: Trainer, cfg: SampleConfig) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None,
+                                                            dict[str, list[str]]]:
+    """Start and end frames of the prompts at the preview size, as evaluate chooses them, and their
+    digests for the preview key (empty for a text-to-video model, whose key stays as it was)."""
+    if not (tr.variant.image_condition or tr.variant.expand_timesteps):
+        return None, None, {}
+    from wanlora.data.split import SPLIT_FILE, read_split
+    from wanlora.evaluate.start_images import frames_digest, prompt_frames
+    from wanlora.pipeline import SAMPLES
+
+    samples = {s["id"]: s for s in read_jsonl(tr.workspace / SAMPLES)}
+    starts, ends = prompt_frames(cfg, read_split(tr.workspace / SPLIT_FILE), samples, tr.workspace,
+                                 tr.params.train.last_frame)
+    digests = {"start_images": frames_digest(starts), **({"end_images": frames_digest(ends)} if ends else {})}
+    return starts, ends, digests
 
 
 def _pipeline(tr: Trainer, pv: Previewer) -> Any:
-    """WanPipeline around the trainer's own experts, the VAE (the trainer holds none) and the
-    prompts' embeddings from the text cache; built once."""
+    """The variant's pipeline around the trainer's own experts, the VAE (the trainer holds none)
+    and the prompts' embeddings from the text cache; built once."""
     if pv.pipe is None:
         from wanlora.evaluate.sampling import build_pipeline
         from wanlora.models.loading import boundary_ratio, load_vae, resolve_model
@@ -120,9 +148,11 @@ def _pipeline(tr: Trainer, pv: Previewer) -> Any:
 
         p = tr.params
         root = resolve_model(p.model.name_or_path, p.model.revision)
-        boundary = p.multistage.boundary_ratio if p.multistage.boundary_ratio is not None else boundary_ratio(root)
+        boundary = None if tr.variant.boundary is None else (
+            p.multistage.boundary_ratio if p.multistage.boundary_ratio is not None else boundary_ratio(root))
         vae = load_vae(root, "fp32", str(tr.device))
-        pv.pipe = build_pipeline(tr.experts["high"], tr.experts["low"], vae, boundary, p.model.flow_shift)
+        pv.pipe = build_pipeline(tr.experts[tr.variant.experts[0]], tr.experts.get("low"), vae, boundary,
+                                 p.model.flow_shift, tr.variant)
         text = tr.workspace / "data/cache/text"
 
         def embed(s: str) -> torch.Tensor:
@@ -185,7 +215,7 @@ def render_preview(tr: Trainer, pv: Previewer) -> Path:
         for m in tr.experts.values():
             m.eval()
         try:
-            videos = sampling.generate(pipe, pv.embeds, pv.negative, pv.cfg)
+            videos = sampling.sample_videos(pipe, tr.variant, pv.embeds, pv.negative, pv.cfg, pv.starts, pv.ends)
         finally:
             for m in tr.experts.values():
                 m.train()
@@ -196,10 +226,16 @@ def render_preview(tr: Trainer, pv: Previewer) -> Path:
         media.write_png(entry / f"prompt_{i:02d}.png", v[0])
         files.append(f"prompt_{i:02d}.mp4")
     media.write_png(entry / "contact_sheet.png", media.contact_sheet(videos))
+    result: dict[str, Any] = {"step": tr.step, "videos": files}
+    if pv.starts is not None:  # the last len(starts) videos start from them (TI2V 5B: the first ones from text)
+        for i, frame in enumerate(pv.starts):
+            media.write_png(entry / f"start_{i:02d}.png", frame)
+        names = [f"start_{i:02d}.png" for i in range(len(pv.starts))]
+        result["starts"] = [None] * (len(videos) - len(names)) + names
     seconds = time.perf_counter() - started
     timing = {"seconds": round(seconds, 3), "switches": moves[0]}
     atomic_write_json(pv.store / TIMINGS / f"{entry.name}.json", timing)
-    atomic_write_json(entry / "result.json", {"step": tr.step, "videos": files})
+    atomic_write_json(entry / "result.json", result)
     console.print(f"train: preview at step {tr.step} in {seconds:.1f}s ({moves[0]} expert moves): "
                   f"{pv.out / 'previews' / entry.name}")
     publish_previews(pv, tr.history)
@@ -232,4 +268,4 @@ def publish_previews(pv: Previewer, history: list[dict[str, float]]) -> None:
     atomic_write_json(pv.perf / "previews.json", timings, pv.temp)
     total = pv.params.train.steps
     step = int(history[-1]["step"]) if history else 0
-    atomic_write_text(pv.out / "index.html", render_live_page(pv.prompts, done, history, step, total), pv.temp)
+    atomic_write_text(pv.out / "index.html", render_live_page(pv.labels, done, history, step, total), pv.temp)
