@@ -1,4 +1,4 @@
-"""Helpers for the media tests: hashing a folder, reading a clip's manifest record, odd files."""
+"""Helpers shared by the tests: stage inputs built the way the pipeline builds them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ from pathlib import Path
 import av
 import numpy as np
 
+from wanlora.config import DatasetConfig
+from wanlora.data.scan import run_stage as scan_stage
 from wanlora.io import sha256_file
+from wanlora.pipeline import INDEX, MEDIA_INDEX
+
+
+def scan_index(datasets: dict[str, DatasetConfig], workspace: Path) -> Path:
+    """Run the scan stage into the workspace's data/index and return its media index: what the
+    trim stage reads (trim never walks a dataset folder itself)."""
+    scan_stage(datasets, workspace, workspace / INDEX)
+    return workspace / MEDIA_INDEX
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
