@@ -58,7 +58,7 @@ _without_dvclive()
 
 import torch  # noqa: E402
 
-from _train_helpers import copy_workspace, make_workspace, tiny_params  # noqa: E402
+from _helpers import copy_workspace, make_workspace, tiny_params  # noqa: E402
 from wanlora.errors import UserError  # noqa: E402
 from wanlora.train import loop  # noqa: E402
 from wanlora.train.distributed import init_distributed  # noqa: E402

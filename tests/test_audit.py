@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from _eval_helpers import make_lineage_workspace, save_checkpoint
+from _helpers import make_lineage_workspace, save_checkpoint
 from wanlora.cli import app
 from wanlora.export import audit as audit_mod
 from wanlora.export.audit import audit, verify

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _media_helpers import by_id
+from _helpers import by_id, scan_index
 from wanlora.config import BucketConfig, DatasetConfig
 from wanlora.data.buckets import (
     bucket_sizes,
@@ -252,7 +252,7 @@ def test_stale_dataset_name_is_a_clear_error(tmp_path: Path) -> None:
 def test_demo_dataset_through_trim_and_bucket(tmp_path: Path) -> None:
     make_demo_raw(tmp_path / "data" / "raw")
     ds = {"main": DatasetConfig(bucket=BucketConfig(resolutions=[64], num_frames=[9, 17, 33]))}
-    trim.run_stage(ds, tmp_path, tmp_path / "trimmed")
+    trim.run_stage(ds, tmp_path, tmp_path / "trimmed", index=scan_index(ds, tmp_path))
     run_stage(ds, tmp_path / "trimmed" / "clips.jsonl", tmp_path / "buckets")
     samples = by_id(read_jsonl(tmp_path / "buckets" / "samples.jsonl"))
     assert len(samples) == 8  # 6 clips + 2 images; too_short.mp4 is reported instead

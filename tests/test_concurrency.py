@@ -121,7 +121,7 @@ def test_torchrun_launch_holds_the_lock_and_its_workers_die_with_it(tmp_path: Pa
     """The README's `torchrun --nproc-per-node N stages/train.py`: a second trainer started by hand
     is refused while it runs, and SIGKILL to torchrun's process group also ends the workers, which
     torchrun puts in sessions of their own (torch/distributed/elastic/.../subprocess_handler.py)."""
-    from _train_helpers import make_workspace, tiny_params
+    from _helpers import make_workspace, tiny_params
     from wanlora.pipeline import sync
     from wanlora.presets import write_params
 

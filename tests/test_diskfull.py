@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import scan_index
 
 from wanlora.config import DatasetConfig
 from wanlora.io import atomic_write_bytes, read_jsonl, sha256_file, write_jsonl
@@ -79,16 +80,17 @@ def test_full_tmpfs_keeps_the_old_manifest_and_no_temp_file(small_fs: Path):
 def test_trim_stage_on_a_full_disk_then_rerun(small_fs: Path, tmp_path: Path):
     ws = tmp_path / "ws"
     datasets = _datasets(ws)
-    trim.run_stage(datasets, ws, tmp_path / "roomy")  # reference: the same stage with room
+    index = scan_index(datasets, ws)
+    trim.run_stage(datasets, ws, tmp_path / "roomy", index=index)  # reference: the same stage with room
     out = small_fs / "trimmed"
     filler = fill(small_fs, leave=0)
     with pytest.raises(OSError) as err:
-        trim.run_stage(datasets, ws, out)
+        trim.run_stage(datasets, ws, out, index=index)
     assert err.value.errno == errno.ENOSPC
     assert not out.exists() or not any(out.iterdir())  # nothing at a final name
     assert leftovers(small_fs) == []
     filler.unlink()
-    trim.run_stage(datasets, ws, out)
+    trim.run_stage(datasets, ws, out, index=index)
     for name in ("clips.jsonl", "problems.json", "report.md"):
         assert sha256_file(out / name) == sha256_file(tmp_path / "roomy" / name), name
 
@@ -121,6 +123,7 @@ def test_simulated_enospc_at_the_write_layer(tmp_path: Path, monkeypatch):
 
     ws = tmp_path / "ws"
     datasets = _datasets(ws)
+    index = scan_index(datasets, ws)  # before fsync fails: scan writes through the same layer
     out = tmp_path / "trimmed"
     atomic_write_bytes(out / "clips.jsonl", b"previous\n")
 
@@ -129,12 +132,12 @@ def test_simulated_enospc_at_the_write_layer(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(io.os, "fsync", full)
     with pytest.raises(OSError) as err:
-        trim.run_stage(datasets, ws, out)
+        trim.run_stage(datasets, ws, out, index=index)
     assert err.value.errno == errno.ENOSPC
     assert sorted(p.name for p in out.iterdir()) == ["clips.jsonl"]  # no temp file, no new file
     assert (out / "clips.jsonl").read_bytes() == b"previous\n"
     monkeypatch.undo()
-    trim.run_stage(datasets, ws, out)
+    trim.run_stage(datasets, ws, out, index=index)
     rows = read_jsonl(out / "clips.jsonl")
     assert [r["id"] for r in rows] == ["main/c0.mp4", "main/c1.mp4", "main/c2.mp4"]
     assert all(r["status"] == "ok" for r in rows)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _dist_helpers import launch
-from _train_helpers import copy_workspace, make_workspace, tiny_params
+from _helpers import copy_workspace, make_workspace, tiny_params
 from wanlora.train import loop
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _eval_helpers import add_checkpoint, make_eval_workspace
+from _helpers import add_checkpoint, make_eval_workspace
 from wanlora.config import load_params
 from wanlora.evaluate import sampling, stage
 from wanlora.evaluate.stage import run_stage

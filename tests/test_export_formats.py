@@ -11,13 +11,14 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-from _eval_helpers import forward, merged, random_lora, save_ours, tiny_pipeline, tiny_transformer
+from _helpers import forward, merged, random_lora, save_ours, tiny_pipeline
 from wanlora.config import DEFAULT_TARGETS
 from wanlora import tensorfiles
 from wanlora.export import formats
 from wanlora.export.formats import MODULE_NAMES, LoraFormatError, LoraModule
 from wanlora.export.imports import import_lora, import_to_file, read_lora
 from wanlora.models.geometry import TINY, WAN22_A14B
+from wanlora.models.tiny import tiny_expert
 
 
 def _same(a: dict[str, LoraModule], b: dict[str, LoraModule]) -> None:
@@ -36,7 +37,7 @@ def test_module_names_agree_with_diffusers_native_checkpoint_loader():
 
 
 def test_round_trip_ours_comfy_musubi_is_lossless():
-    lora = random_lora(tiny_transformer(1), seed=5, rank=4, alpha=2.0)
+    lora = random_lora(tiny_expert(1), seed=5, rank=4, alpha=2.0)
     comfy = formats.write_comfy(lora)
     assert "diffusion_model.blocks.1.self_attn.o.lora_down.weight" in comfy
     assert "diffusion_model.blocks.0.ffn.0.lora_up.weight" in comfy
@@ -61,7 +62,7 @@ def test_comfy_file_passes_comfyui_loader_key_check():
     `<x>.lora_down.weight`, `<x>.alpha` for each x in key_map and warns about any other key. So
     every key must be consumed, and each up@down must have the target weight's shape. The native
     weight names come from diffusers' native-checkpoint converter, independent of our table."""
-    model = tiny_transformer(1)
+    model = tiny_expert(1)
     weights = {k: v.shape for k, v in model.state_dict().items()}
     comfy = formats.write_comfy(random_lora(model, seed=1))
     modules = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.removesuffix(".alpha") for k in comfy}
@@ -107,7 +108,7 @@ def test_exported_files_load_in_diffusers_and_reproduce_the_lora(tmp_path: Path,
 
 
 def test_unknown_keys_are_listed_not_dropped(tmp_path: Path):
-    comfy = formats.write_comfy(random_lora(tiny_transformer(1), seed=1, targets=["to_q"]))
+    comfy = formats.write_comfy(random_lora(tiny_expert(1), seed=1, targets=["to_q"]))
     comfy["diffusion_model.blocks.0.self_attn.norm_q.lora_down.weight"] = torch.zeros(4, 32)
     comfy["diffusion_model.blocks.0.self_attn.norm_q.lora_up.weight"] = torch.zeros(32, 4)
     comfy["diffusion_model.blocks.0.mystery"] = torch.zeros(1)
@@ -141,7 +142,7 @@ def test_pickle_files_are_refused_unopened(tmp_path: Path, monkeypatch, suffix: 
 
 
 def test_lora_for_another_base_model_is_rejected(tmp_path: Path):
-    other = tiny_transformer(1, attention_head_dim=8)  # inner dim 16 instead of 32
+    other = tiny_expert(1, attention_head_dim=8)  # inner dim 16 instead of 32
     path = tmp_path / "other_high_noise.safetensors"
     tensorfiles.save(path, formats.write_comfy(random_lora(other, seed=2, targets=["to_q", "ffn.net.2"])), {})
     with pytest.raises(LoraFormatError) as err:
@@ -158,7 +159,7 @@ def test_lora_for_another_base_model_is_rejected(tmp_path: Path):
 
 def test_full_size_base_check_rejects_a_tiny_lora(tmp_path: Path):
     path = tmp_path / "tiny.safetensors"
-    save_ours(path, random_lora(tiny_transformer(1), seed=2, targets=["to_q"]))
+    save_ours(path, random_lora(tiny_expert(1), seed=2, targets=["to_q"]))
     msg = "blocks.0.attn1.to_q: LoRA takes 32 inputs to 32 outputs, the base layer 5120 to 5120"
     with pytest.raises(LoraFormatError, match=msg):
         import_lora(path, WAN22_A14B)
@@ -167,8 +168,8 @@ def test_full_size_base_check_rejects_a_tiny_lora(tmp_path: Path):
 def test_ai_toolkit_files_import_with_alpha_equal_rank(tmp_path: Path):
     """AI Toolkit: native names, peft spelling, no alpha; a combined file marks experts by
     `.transformer_1.` / `.transformer_2.`."""
-    high = random_lora(tiny_transformer(1), seed=3, targets=["to_q", "to_out.0"])
-    low = random_lora(tiny_transformer(2), seed=4, targets=["to_q", "to_out.0"])
+    high = random_lora(tiny_expert(1), seed=3, targets=["to_q", "to_out.0"])
+    low = random_lora(tiny_expert(2), seed=4, targets=["to_q", "to_out.0"])
     combined = {}
     for marker, lora in (("transformer_1.", high), ("transformer_2.", low)):
         for module, m in lora.items():
@@ -190,7 +191,7 @@ def test_ai_toolkit_files_import_with_alpha_equal_rank(tmp_path: Path):
 
 
 def test_musubi_import_keeps_alpha(tmp_path: Path):
-    lora = random_lora(tiny_transformer(2), seed=6, rank=4, alpha=1.0, targets=["to_k", "ffn.net.0.proj"])
+    lora = random_lora(tiny_expert(2), seed=6, rank=4, alpha=1.0, targets=["to_k", "ffn.net.0.proj"])
     path = tmp_path / "wan22_low_noise.safetensors"
     tensorfiles.save(path, formats.write_musubi(lora), {"ss_network_module": "networks.lora_wan"})
     sd, meta = import_lora(path, TINY)
@@ -207,7 +208,7 @@ def test_import_keeps_only_allowlisted_foreign_header_keys(tmp_path: Path):
     paths, tag counts, someone else's wanlora lineage) into ours. Only names, versions and shape
     information survive (cf. AI Toolkit's ui_scripts/merge_loras.py, which keeps version, format,
     ss_base_model_version and software)."""
-    lora = random_lora(tiny_transformer(2), seed=6, rank=4, alpha=1.0, targets=["to_k"])
+    lora = random_lora(tiny_expert(2), seed=6, rank=4, alpha=1.0, targets=["to_k"])
     path = tmp_path / "downloaded_low_noise.safetensors"
     foreign = {"ss_network_module": "networks.lora_wan", "ss_base_model_version": "wan_2.2_14b",
                "ss_output_name": "their_lora", "name": "their_lora", "software": "x" * 2000,
@@ -224,7 +225,7 @@ def test_import_keeps_only_allowlisted_foreign_header_keys(tmp_path: Path):
 
 def test_peft_named_file_without_alpha(tmp_path: Path):
     """Made elsewhere: diffusers' default alpha = rank; our own checkpoint: an error, not a guess."""
-    lora = random_lora(tiny_transformer(1), seed=8, rank=4, alpha=1.0, targets=["to_v"])
+    lora = random_lora(tiny_expert(1), seed=8, rank=4, alpha=1.0, targets=["to_v"])
     sd, _ = formats.write_ours(lora)
     path = tmp_path / "plain_diffusers.safetensors"
     tensorfiles.save(path, sd, {})
@@ -237,7 +238,7 @@ def test_peft_named_file_without_alpha(tmp_path: Path):
 
 def _with_alpha_pattern(tmp_path: Path, pattern: dict) -> Path:
     """A diffusers-format LoRA (peft keys) whose header's adapter config carries `pattern`."""
-    lora = random_lora(tiny_transformer(1), seed=3, rank=4, alpha=4.0, targets=["to_v"])
+    lora = random_lora(tiny_expert(1), seed=3, rank=4, alpha=4.0, targets=["to_v"])
     sd, _ = formats.write_ours(lora)
     cfg = {"transformer.r": 4, "transformer.lora_alpha": 4.0, "transformer.alpha_pattern": pattern}
     path = tmp_path / "foreign.safetensors"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, set_peft_model_state_dict
 
-from _eval_helpers import (LINEAGE_PARAMS, forward, make_lineage_workspace, random_lora, save_checkpoint,
+from _helpers import (LINEAGE_PARAMS, forward, make_lineage_workspace, random_lora, save_checkpoint,
                                  tiny_pipeline)
 from wanlora.config import DEFAULT_TARGETS, ParamsError, load_params, parse_params
 from wanlora.export.stage import run_stage

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _train_helpers import make_workspace, tiny_params, write_latents
+from _helpers import make_workspace, tiny_params, write_latents
 from wanlora.config import DEFAULT_TARGETS
 from wanlora.data import split
 from wanlora.io import read_jsonl, write_jsonl

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _model_helpers import clip_frames, write_clip
-from _train_helpers import tiny_model, tiny_params, write_inputs, write_latents
+from _helpers import clip_frames, tiny_model, tiny_params, write_clip, write_inputs, write_latents
 from wanlora.config import DEFAULT_TARGETS, NetworkConfig
 from wanlora.data.dataset import build_dataset
 from wanlora.io import write_jsonl
@@ -201,7 +200,7 @@ def test_tiny_i2v_overfits_and_reads_the_start_image(tmp_path):
     from wanlora.models.text import run_stage as text_cache
     from wanlora.train import loop
 
-    root = tiny_model(tmp_path / "model", patch=[1, 1, 1], variant="i2v-a14b")
+    root = tiny_model(tmp_path / "model", "i2v-a14b", patch_size=[1, 1, 1])
     ws = tmp_path / "ws"
     write_inputs(ws)
     caps = [json.loads(line) for line in (ws / "data/captions/captions.jsonl").read_text().splitlines()]
@@ -244,7 +243,7 @@ def trained(tmp_path_factory, model) -> Path:
     """A tiny I2V workspace trained 4 steps (both experts), exported in both formats, with a start image."""
     from PIL import Image
 
-    from _train_helpers import make_workspace
+    from _helpers import make_workspace
     from wanlora.export.stage import run_stage as export_stage
     from wanlora.train import loop
 

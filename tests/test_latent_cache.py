@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _model_helpers import clip_frames, tiny_model, write_clip
+from _helpers import clip_frames, shared_tiny_model, write_clip
 from PIL import Image
 
 from wanlora.io import write_jsonl
@@ -54,14 +54,14 @@ def test_latent_shape_rule():
 
 
 def test_vae_output_follows_the_shape_rule(tmp_path_factory):
-    vae = load_vae(tiny_model(tmp_path_factory), "fp32")
+    vae = load_vae(shared_tiny_model(tmp_path_factory), "fp32")
     for f, h, w in [(1, 16, 32), (5, 16, 32), (9, 32, 16)]:
         mean, logvar = encode_frames(vae, torch.zeros(3, f, h, w))
         assert tuple(mean.shape) == latent_shape(f, h, w) == tuple(logvar.shape)
 
 
 def test_frame_count_not_4n_plus_1_is_refused(tmp_path_factory, workspace):
-    vae = load_vae(tiny_model(tmp_path_factory), "fp32")
+    vae = load_vae(shared_tiny_model(tmp_path_factory), "fp32")
     with pytest.raises(ValueError, match="encode_frames: 6 frames, but the Wan VAE needs 4n\\+1.*use 5 frames"):
         encode_frames(vae, torch.zeros(3, 6, 16, 16))
     bad = _sample("main/a.mp4#0", "data/raw/a.mp4", [0, 1, 2, 3, 4, 5], [0, 0, 48, 40])
@@ -110,7 +110,7 @@ def counted(monkeypatch):
 
 
 def test_cache_equals_direct_encode_and_reruns_encode_nothing(tmp_path_factory, workspace, counted):
-    root = tiny_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory)
     samples = [
         _sample("main/a.mp4#0", "data/raw/a.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40], size=(32, 32)),
         _sample("main/a.mp4#0f", "data/raw/a.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40], size=(32, 32), flip=True),
@@ -150,7 +150,7 @@ def test_cache_equals_direct_encode_and_reruns_encode_nothing(tmp_path_factory, 
 
 
 def test_mode_stores_the_mean(tmp_path_factory, workspace):
-    root = tiny_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory)
     s = _sample("main/b.png#0", "data/raw/b.png", [0], [0, 0, 20, 12], size=(16, 16), kind="image")
     out = _stage(root, workspace, [s], mode="mode")
     cached = load_latents(out, s["id"])
@@ -167,7 +167,7 @@ def test_draw_latent_samples_the_stored_gaussian():
 
 
 def test_normalisation_matches_wan_pipeline_decode(tmp_path_factory):
-    cfg = load_vae_config(tiny_model(tmp_path_factory))
+    cfg = load_vae_config(shared_tiny_model(tmp_path_factory))
     z = torch.randn(2, 16, 3, 4, 4)
     n = normalize_latents(z, cfg)
     mean = torch.tensor(cfg["latents_mean"]).view(1, 16, 1, 1, 1)
@@ -211,7 +211,7 @@ def test_an_undecodable_sample_is_reported_and_skipped(tmp_path_factory, workspa
         _sample("main/a.mp4#0", "data/raw/a.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40], size=(32, 32)),
         _sample("main/b.png#0", "data/raw/b.png", [0], [0, 0, 20, 12], size=(16, 16), kind="image"),
     ]
-    out = _stage(tiny_model(tmp_path_factory), workspace, samples)
+    out = _stage(shared_tiny_model(tmp_path_factory), workspace, samples)
     assert list(json.loads((out / "index.json").read_text())["samples"]) == ["main/b.png#0"]
     problems = json.loads((out / "problems.json").read_text())["problems"]
     assert [p["path"] for p in problems] == ["data/raw/a.mp4"]
@@ -299,7 +299,7 @@ def test_sample_path_leaving_the_dataset_folder_stops_the_stage(tmp_path_factory
     bad = _sample("main/x.mp4#0", "data/raw/../../elsewhere.mp4", [0, 1, 2, 3, 4], [0, 0, 48, 40])
     with pytest.raises(ManifestPathError, match=r"sample main/x.mp4#0: path 'data/raw/../../elsewhere.mp4' lies "
                                                 r"outside its dataset folder data/raw"):
-        _stage(tiny_model(tmp_path_factory), workspace, [good, bad])
+        _stage(shared_tiny_model(tmp_path_factory), workspace, [good, bad])
     assert not (workspace / "cache/index.json").exists()
     write_jsonl(workspace / "data/buckets/samples.jsonl", [good, {**bad, "path": str(outside)}])
     write_jsonl(workspace / "data/captions/captions.jsonl",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from _eval_helpers import captioned_samples, make_lineage_workspace
+from _helpers import captioned_samples, make_lineage_workspace
 from wanlora import __version__
 from wanlora.config import load_params, parse_params
 from wanlora.export import lineage
@@ -132,7 +132,7 @@ def test_two_copies_of_a_workspace_train_byte_identical_loras(tmp_path: Path):
     configuration first. The tensors were identical and the files were not (`dvc_lock_sha256`,
     `git_commit`). Now the whole files are, and each one audits clean against its workspace; the
     sample training skipped (its clip has no caption) is recorded as not trained, with the reason."""
-    from _train_helpers import copy_workspace, make_workspace, tiny_params
+    from _helpers import copy_workspace, make_workspace, tiny_params
 
     from wanlora.config import dump_params
     from wanlora.export.audit import verify

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from _model_helpers import copy_model, tiny_model
+from _helpers import copy_model, shared_tiny_model
 from safetensors.torch import load_file, save_file
 
 from wanlora.models.loading import (
@@ -29,11 +29,11 @@ ALL = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "sche
 @pytest.fixture
 def model(tmp_path_factory, tmp_path):
     """A private copy of the tiny model that a test may damage."""
-    return copy_model(tiny_model(tmp_path_factory), tmp_path / "model")
+    return copy_model(shared_tiny_model(tmp_path_factory), tmp_path / "model")
 
 
 def test_local_folder_resolves_and_loads_each_expert(tmp_path_factory):
-    root = tiny_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory)
     assert resolve_model(str(root)) == root
     assert boundary_ratio(root) == 0.875
     high, low = load_transformer(root, "high", "bf16"), load_transformer(root, "low", "fp32")
@@ -50,7 +50,7 @@ def test_local_folder_resolves_and_loads_each_expert(tmp_path_factory):
 
 
 def test_token_counter_counts_eos_like_umt5(tmp_path_factory):
-    count = make_token_counter(tiny_model(tmp_path_factory))
+    count = make_token_counter(shared_tiny_model(tmp_path_factory))
     assert count("") == 1
     assert count("sks walking") == 3  # two whole-word pieces + </s>
     assert count("  sks   walking \n") == 3  # cleaned like WanPipeline
@@ -144,7 +144,7 @@ def test_hub_id_offline_uses_the_hub_cache(tmp_path_factory, monkeypatch, tmp_pa
     cache = tmp_path / "hub"
     repo = cache / "models--wanlora--tiny-wan"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(tiny_model(tmp_path_factory), repo / "snapshots" / commit)
+    shutil.copytree(shared_tiny_model(tmp_path_factory), repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs/main").write_text(commit)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -152,7 +152,7 @@ def test_hub_id_offline_uses_the_hub_cache(tmp_path_factory, monkeypatch, tmp_pa
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     root = resolve_model("wanlora/tiny-wan", revision="main", parts=("vae", "tokenizer"))
     assert root == repo / "snapshots" / commit
-    assert model_identity(root, "vae") == model_identity(tiny_model(tmp_path_factory), "vae")
+    assert model_identity(root, "vae") == model_identity(shared_tiny_model(tmp_path_factory), "vae")
     with pytest.raises(ModelError, match="wanlora/tiny-wan@v2: not in the local hub cache"):
         resolve_model("wanlora/tiny-wan", revision="v2", parts=("vae",))
 
@@ -191,7 +191,7 @@ def test_boundary_ratio_missing_is_an_error(model):
 def test_skipped_modules_are_never_read_and_the_rest_loads_as_diffusers_does(tmp_path_factory):
     """A quantized-cache hit loads an expert minus its linears: every other tensor, buffers
     included, must equal `from_pretrained`'s in value and dtype (fp32 modules stay fp32)."""
-    root = tiny_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory)
     full = load_transformer(root, "low", "bf16")
     skip = {n for n, m in full.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)}
     part = load_transformer(root, "low", "bf16", skip=skip)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from _train_helpers import copy_workspace, crash_at_step, make_workspace, tiny_params
+from _helpers import copy_workspace, crash_at_step, make_workspace, tiny_params
 from wanlora.config import NetworkConfig, TrainConfig
 from wanlora.models.geometry import TINY, build_transformer
 from wanlora.train import loop

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _media_helpers import write_audio_only
+from _helpers import scan_index, write_audio_only
 from wanlora.media.decode import iter_frames, read_frames
 from wanlora.media.probe import MediaError, normalise_rotation, probe
 from wanlora.media.synth import ClipSpec, make_clip, write_image, write_video
@@ -199,7 +199,8 @@ def test_image_bomb_is_skipped_by_the_trim_stage(tmp_path: Path) -> None:
     raw.mkdir()
     make_clip(raw / "good.mp4", ClipSpec(moving=24))
     _bomb_png(raw / "bomb.png", 20000, 10000)
-    trim.run_stage({"d": DatasetConfig(folder="raw", on_error="skip")}, tmp_path, tmp_path / "out")
+    ds = {"d": DatasetConfig(folder="raw", on_error="skip")}
+    trim.run_stage(ds, tmp_path, tmp_path / "out", index=scan_index(ds, tmp_path))
     clips = {c["id"]: c for c in read_jsonl(tmp_path / "out/clips.jsonl")}
     assert clips["d/good.mp4"]["status"] == "ok"
     assert clips["d/bomb.png"]["status"] == "skipped"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_helpers import copy_workspace, crash_at_step, make_workspace, tiny_params
+from _helpers import copy_workspace, crash_at_step, make_workspace, tiny_params
 from wanlora.io import atomic_write_yaml
 from wanlora.train import loop
 

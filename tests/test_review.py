@@ -20,6 +20,7 @@ from wanlora.media.decode import read_frames
 from wanlora.media.synth import ClipSpec, make_clip
 from wanlora.media.trim import run_stage as trim_stage
 from wanlora.models.latents import load_frames
+from wanlora.stages.review import inputs
 
 CHROMIUM = Path("/usr/bin/chromium")
 DS = {"main": DatasetConfig(folder="data/raw", captions={"default_caption": "a plain clip"},
@@ -64,7 +65,7 @@ def workspace(tmp_path_factory) -> Path:
     captions.run_stage(JobConfig(trigger_word="zqx"), DS, DopConfig(), ws / "data/trimmed/clips.jsonl",
                        ws / "data/buckets/samples.jsonl", ws / "data/index/captions.jsonl", ws, ws / "data/captions", lambda t: len(t.split()),
                        autocaptions=ws / "data/autocaptions/captions.jsonl")
-    review.run_stage(ws, ws / "data/review")
+    review.run_stage(ws, inputs(ws), ws / "data/review")
     return ws
 
 
@@ -87,7 +88,7 @@ def test_a_held_out_clip_is_shown_but_marked_not_trained(workspace, tmp_path):
     """The split stage's held-out clips reach no batch: the page shows their samples (their captions
     still matter to the validation loss) but says so, and does not count them as training samples."""
     samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
-    html = review.render(workspace, frozenset({"main/plain.mp4"}))
+    html = review.render(workspace, inputs(workspace), frozenset({"main/plain.mp4"}))
     held = sorted(re.findall(r"data-sample='([^']+)' data-held-out", html))
     assert held == sorted(s["id"] for s in samples if s["clip_id"] == "main/plain.mp4") and held
     assert sorted(re.findall(r"data-sample='([^']+)'", html)) == sorted(s["id"] for s in samples)

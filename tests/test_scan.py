@@ -97,6 +97,15 @@ def test_an_empty_dataset_stops_the_scan_with_the_fix(tmp_path: Path):
     assert not (tmp_path / "data/index").exists()
 
 
+def test_a_missing_dataset_folder_stops_the_scan_with_the_fix(tmp_path: Path):
+    """The first stage that reads the dataset folders says which one is missing (trim reads the index)."""
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match=r"dataset 'main': folder .*nope does not exist; create it or fix "
+                                                r"datasets\.main\.folder"):
+        run_stage(parse_params({"datasets": {"main": {"folder": "nope"}}}).datasets, tmp_path, tmp_path / "data/index")
+
+
 def test_stages_print_our_message_about_a_cut_video_without_ffmpegs_own_line(tmp_path: Path):
     import subprocess
     import sys

@@ -222,7 +222,7 @@ def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     saves every 2): one process; SP 2 on two ranks; SP 2 killed after its step-2 save and resumed
     in one process; one process killed there and resumed under SP 2; expert-parallel on two ranks,
     and on four as two SP groups of two."""
-    from _train_helpers import copy_workspace, crash_at_step, make_workspace, tiny_params
+    from _helpers import copy_workspace, crash_at_step, make_workspace, tiny_params
     from test_distributed_stage import _crash_at_step_2
 
     from wanlora.train import loop

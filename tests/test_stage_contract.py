@@ -112,3 +112,9 @@ def test_probe_records_reads(records):
     assert "data/buckets/samples.jsonl" in records["split"]["paths"]["read"]
     assert "data/split/validation.json" in records["split"]["paths"]["written"]
     assert "data/raw" in records["scan"]["paths"]["listed"]
+    # autocaption and review take every path from their Stage entry: the probe sees them used
+    assert {"data/trimmed/clips.jsonl", "data/index/captions.jsonl"} <= set(records["autocaption"]["paths"]["read"])
+    assert "data/autocaptions/captions.jsonl" in records["autocaption"]["paths"]["written"]
+    assert {"data/captions/captions.jsonl", "data/buckets/samples.jsonl", "data/index/problems.json",
+            "data/split/validation.json"} <= set(records["review"]["paths"]["read"])
+    assert "data/review/index.html" in records["review"]["paths"]["written"]

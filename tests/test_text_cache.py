@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from _model_helpers import tiny_model, write_captions
+from _helpers import shared_tiny_model, write_captions
 from diffusers import WanPipeline
 
 from wanlora.models import text
@@ -56,7 +56,7 @@ def first_run(tmp_path_factory):
     """The cache of CAPTIONS and PROMPTS, encoded once for the module: (texts encoded, folder)."""
     with pytest.MonkeyPatch.context() as mp:
         calls = _spy(mp)
-        out = _run(tiny_model(tmp_path_factory), tmp_path_factory.mktemp("text"))
+        out = _run(shared_tiny_model(tmp_path_factory), tmp_path_factory.mktemp("text"))
     return calls, out
 
 
@@ -68,7 +68,7 @@ def cached(first_run, tmp_path):
 
 
 def test_cache_equals_pipeline_encode_prompt_bitwise(tmp_path_factory, first_run):
-    root = tiny_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory)
     counted, out = first_run
     expected = sorted({
         "", "sks  walking through a park &amp; smiling", "person walking through a park &amp; smiling",
@@ -111,7 +111,7 @@ def test_dropout_texts_are_the_trigger_and_the_class_alone():
 
 
 def test_rerun_encodes_only_new_texts_and_removes_stale(tmp_path_factory, tmp_path, cached, counted):
-    root = tiny_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory)
     before = {p.name: p.stat().st_mtime_ns for p in cached.glob("*.safetensors")}
     out = _run(root, tmp_path)
     assert counted == []  # nothing encoded again
@@ -128,13 +128,13 @@ def test_rerun_encodes_only_new_texts_and_removes_stale(tmp_path_factory, tmp_pa
 def test_torn_file_is_reencoded(tmp_path_factory, tmp_path, cached, counted):
     key = json.loads((cached / "index.json").read_text())["texts"]["sks holding a red cat"]
     (cached / f"{key}.safetensors").write_bytes(b"\x08\x00")
-    out = _run(tiny_model(tmp_path_factory), tmp_path)
+    out = _run(shared_tiny_model(tmp_path_factory), tmp_path)
     assert counted == ["sks holding a red cat"]
     assert load_text_embeds(out, "sks holding a red cat").shape[1] == 32
 
 
 def test_other_encoder_is_detected(tmp_path_factory, tmp_path, cached, counted):
-    root, other = tiny_model(tmp_path_factory), tiny_model(tmp_path_factory, seed=1)
+    root, other = shared_tiny_model(tmp_path_factory), shared_tiny_model(tmp_path_factory, seed=1)
     assert encoder_identity(root) != encoder_identity(other)
     out = cached
     with pytest.raises(CacheError, match=r"made with text encoder .*dvc repro -f -s text_cache`, then run `dvc repro`"):
@@ -175,7 +175,7 @@ def test_pad_embeds_zero_pads_to_512():
 def test_quantized_encoder_gets_its_own_files(tmp_path_factory, tmp_path, cached, counted):
     """quantization.text_encoder goes through wanlora.models.quant; its embeddings are close to
     the full-precision ones but never mixed with them."""
-    root = tiny_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory)
     manifest = write_captions(tmp_path / "captions.jsonl", CAPTIONS)
     run_stage(root, manifest, PROMPTS, "sks", cached, dtype="fp32", quant="float8", device="cpu",
               dropout=("sks", "person"))

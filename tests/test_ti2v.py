@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _model_helpers import tiny_ti2v_model
+from _helpers import shared_tiny_model
 from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 
 from wanlora.models.geometry import TINY_TI2V_5B, latent_shape
@@ -58,7 +58,7 @@ def test_training_step_feeds_what_the_pipelines_feed(tmp_path_factory, dtype, i2
     text-to-video, WanImageToVideoPipeline(expand_timesteps) with the clip's first frame as the
     start image for image-to-video. float32 exactly; bf16 (rounded in a different order: the
     pipeline mixes in float32, the step in the compute dtype) to bf16 precision."""
-    root = tiny_ti2v_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory, variant="ti2v-5b")
     vae, model = _parts(root, dtype)
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(3, 9, 64, 96, generator=g) * 2 - 1  # 9 frames -> 3 latent frames of 4x6

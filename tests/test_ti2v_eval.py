@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _model_helpers import clip_frames
-from _ti2v_helpers import ti2v_params, ti2v_workspace
+from _helpers import clip_frames, ti2v_params, ti2v_workspace
 from safetensors import safe_open
 
 from wanlora.models.variant import VariantError
@@ -102,7 +101,7 @@ def test_a_t2v_lora_and_cache_are_refused_on_ti2v(trained, tmp_path_factory, tmp
 
     from safetensors.torch import load_file, save_file
 
-    from _train_helpers import make_workspace
+    from _helpers import make_workspace
     from wanlora.evaluate import sampling
     from wanlora.evaluate.stage import load_models, make_plan
     from wanlora.stages.evaluate import inputs

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _ti2v_helpers import ti2v_params, ti2v_workspace
-from _train_helpers import tiny_params
+from _helpers import ti2v_params, ti2v_workspace, tiny_params
 from safetensors import safe_open
 
 from wanlora.config import DEFAULT_TARGETS, ParamsError
@@ -72,7 +71,7 @@ def test_multistage_settings_are_refused(template, tmp_path):
 def test_i2v_share_is_refused_on_two_expert_models(tmp_path):
     """Only TI2V 5B takes a clean start frame by per-token timesteps; a share set for T2V A14B
     would be silently ignored, so it stops instead."""
-    from _train_helpers import make_workspace
+    from _helpers import make_workspace
 
     ws = make_workspace(tmp_path / "ws", tmp_path / "model")
     params = tiny_params(tmp_path / "model", datasets={"main": {"i2v_share": 1.0}})

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _model_helpers import tiny_model, tiny_ti2v_model
+from _helpers import shared_tiny_model
 from diffusers import UniPCMultistepScheduler, WanPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,7 +32,7 @@ def _files(root):
 
 
 def test_layout_and_determinism(tmp_path_factory, tmp_path):
-    root = tiny_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory)
     files = _files(root)
     assert set(files) == LAYOUT
     assert _files(make_tiny(tmp_path / "again", seed=0)) == files  # same seed, same bytes
@@ -58,7 +58,7 @@ def test_tiny_captioner_is_qwen3_vl_and_captions_through_the_loader(tmp_path_fac
     from wanlora.config import DEFAULT_CAPTIONER
     from wanlora.models.captioner import Captioner, Decoding
 
-    root = tiny_model(tmp_path_factory) / "captioner"
+    root = shared_tiny_model(tmp_path_factory) / "captioner"
     config = json.loads((root / "config.json").read_text())
     assert config["model_type"] == "qwen3_vl" and "Qwen3-VL" in DEFAULT_CAPTIONER
     captioner = Captioner(root, "fp32", "cpu", 64, Decoding(8, 1, 1.3))
@@ -72,7 +72,7 @@ def test_tiny_captioner_is_qwen3_vl_and_captions_through_the_loader(tmp_path_fac
 
 
 def test_diffusers_pipeline_loads_and_generates(tmp_path_factory):
-    pipe = WanPipeline.from_pretrained(tiny_model(tmp_path_factory), torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(shared_tiny_model(tmp_path_factory), torch_dtype=torch.float32)
     assert isinstance(pipe.scheduler, UniPCMultistepScheduler) and pipe.transformer_2 is not None
     run = dict(num_inference_steps=2, num_frames=5, height=32, width=32, output_type="np")
     a = pipe("sks walking in a park", generator=torch.Generator().manual_seed(0), **run).frames
@@ -145,7 +145,7 @@ LAYOUT_TI2V = {f for f in LAYOUT if not f.startswith("transformer_2/")}
 def test_ti2v_layout_and_determinism(tmp_path_factory, tmp_path):
     """The real Wan2.2-TI2V-5B-Diffusers layout: one transformer, no boundary, expand_timesteps,
     the Wan 2.2 VAE (48 channels, residual, 2x2 pixel patch, 16x spatial)."""
-    root = tiny_ti2v_model(tmp_path_factory)
+    root = shared_tiny_model(tmp_path_factory, variant="ti2v-5b")
     files = _files(root)
     assert set(files) == LAYOUT_TI2V
     assert _files(make_tiny(tmp_path / "again", seed=0, variant="ti2v-5b")) == files
@@ -164,7 +164,7 @@ def test_ti2v_layout_and_determinism(tmp_path_factory, tmp_path):
 def test_ti2v_pipeline_loads_and_generates(tmp_path_factory):
     """WanPipeline.from_pretrained reads expand_timesteps from the folder and samples with a
     timestep per token (32 px per token: 64x96 is 2x3 tokens a latent frame)."""
-    pipe = WanPipeline.from_pretrained(tiny_ti2v_model(tmp_path_factory), torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(shared_tiny_model(tmp_path_factory, variant="ti2v-5b"), torch_dtype=torch.float32)
     assert pipe.config.expand_timesteps and pipe.transformer_2 is None and pipe.vae_scale_factor_spatial == 16
     seen = []
     pipe.transformer.register_forward_hook(lambda m, a, kw, out: seen.append(kw["timestep"].shape), with_kwargs=True)

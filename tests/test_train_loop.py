@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from _train_helpers import BUCKET, copy_workspace, make_workspace, tiny_params, write_latents
+from _helpers import BUCKET, copy_workspace, make_workspace, tiny_params, write_latents
 from wanlora.config import DEFAULT_TARGETS, ParamsError, parse_params
 from wanlora.errors import UserError
 from wanlora.models.loading import model_identity

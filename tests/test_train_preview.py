@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from _train_helpers import copy_workspace, make_workspace, tiny_params
+from _helpers import copy_workspace, make_workspace, tiny_params
 from wanlora.evaluate import sampling
 from wanlora.models.text import run_stage as text_cache
 from wanlora.report import InputError
@@ -169,7 +169,7 @@ def test_a_preview_lora_shows_in_previews_only(runs, template, tmp_path):
     """A stacked `sample.preview_lora` changes what the previews show and nothing that is trained
     or saved: the LoRA files match the run without previews byte for byte (had the stacking left
     the training adapter inactive or frozen, the steps after the first preview would differ)."""
-    from _eval_helpers import random_lora, save_ours
+    from _helpers import random_lora, save_ours
     from wanlora.models.loading import load_transformer
 
     (off, _), (on, _) = runs
@@ -186,7 +186,7 @@ def test_a_preview_lora_shows_in_previews_only(runs, template, tmp_path):
         assert not any("preview" in k for k in f.keys())  # nothing stacked is saved with the trained LoRA
 
     # Stacked, not swapped: the preview is the base with both LoRAs merged in by plain math.
-    from _eval_helpers import merged
+    from _helpers import merged
     from wanlora.evaluate.media import to_uint8
     from wanlora.export.imports import read_lora
     from wanlora.models.loading import boundary_ratio, load_vae
@@ -239,7 +239,7 @@ KILLER = """
 import json, os, signal, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])  # tests/: the helpers
-from _train_helpers import tiny_params
+from _helpers import tiny_params
 from wanlora.train import loop
 ws, real, count, k, where = Path(sys.argv[1]), os.replace, [0], int(sys.argv[3]), sys.argv[6]
 def replace(src, dst):

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from _media_helpers import by_id, folder_hashes, write_audio_only
+from _helpers import by_id, folder_hashes, scan_index, write_audio_only
 from wanlora.config import DatasetConfig, TrimConfig
 from wanlora.io import read_jsonl
 from wanlora.media import trim
@@ -185,7 +185,7 @@ def test_fade_of_a_still_picture_is_static() -> None:
 # ---------------------------------------------------------------------------- the stage
 def _run(tmp_path: Path, datasets: dict[str, DatasetConfig]) -> tuple[dict, dict]:
     out = tmp_path / "data" / "trimmed"
-    trim.run_stage(datasets, tmp_path, out)
+    trim.run_stage(datasets, tmp_path, out, index=scan_index(datasets, tmp_path))
     return by_id(read_jsonl(out / "clips.jsonl")), json.loads((out / "problems.json").read_text())
 
 
@@ -222,10 +222,12 @@ def test_stage_on_demo_dataset(tmp_path: Path) -> None:
     assert reasons["data/raw/truncated.mp4"].startswith("incomplete MP4")
     assert "cannot be decoded" in reasons["data/raw/notes.mp4"]
     assert reasons["data/raw/sub/music.mp4"] == "audio-only file"
-    assert reasons["data/raw/orphan.txt"] == "caption without a matching clip or image"
-    assert reasons["data/raw/escape.mp4"].startswith("symlink points outside the dataset folder")
-    assert reasons["data/raw/loop_a.mp4"] == "symlink loop"
-    assert problems["count"] == 8
+    assert problems["count"] == 4
+    # what the folder walk finds is the scan stage's to report: trim reads its index, never the folder
+    listed = {p["path"]: p["reason"] for p in json.loads((tmp_path / "data/index/problems.json").read_text())["problems"]}
+    assert listed["data/raw/orphan.txt"] == "caption without a matching clip or image"
+    assert listed["data/raw/escape.mp4"].startswith("symlink points outside the dataset folder")
+    assert listed["data/raw/loop_a.mp4"] == "symlink loop"
     for bad in ("empty.mp4", "truncated.mp4", "notes.mp4", "sub/music.mp4"):
         rec = clips[f"main/{bad}"]
         assert rec["status"] == "skipped" and rec["reason"] and rec["fix"]
@@ -256,8 +258,9 @@ def test_on_error_fail_stops_and_lists_every_bad_file(tmp_path: Path) -> None:
     make_clip(raw / "good.mp4", ClipSpec(moving=24))
     (raw / "zero.mp4").write_bytes(b"")
     (raw / "fake.mp4").write_text("hello")
+    index = scan_index({"d": DatasetConfig(folder="raw")}, tmp_path)  # skip: else scan stops first, on zero.mp4
     with pytest.raises(InputError) as err:
-        trim.run_stage({"d": DatasetConfig(folder="raw", on_error="fail")}, tmp_path, tmp_path / "out")
+        trim.run_stage({"d": DatasetConfig(folder="raw", on_error="fail")}, tmp_path, tmp_path / "out", index=index)
     msg = str(err.value)
     assert "raw/zero.mp4: empty file (0 bytes)" in msg and "raw/fake.mp4: cannot be decoded" in msg
     assert "2 bad input(s)" in msg
@@ -265,35 +268,28 @@ def test_on_error_fail_stops_and_lists_every_bad_file(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "problems.json").read_text())["count"] == 2
 
 
-def test_missing_dataset_folder_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="dataset folder not found"):
-        trim.run_stage({"d": DatasetConfig(folder="nope", on_error="fail")}, tmp_path, tmp_path / "out")
-
-
 def test_manifest_is_deterministic(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     make_demo_raw(raw)
     ds = {"d": DatasetConfig(folder="raw")}
-    trim.run_stage(ds, tmp_path, tmp_path / "a")
-    trim.run_stage(ds, tmp_path, tmp_path / "b")
+    index = scan_index(ds, tmp_path)
+    trim.run_stage(ds, tmp_path, tmp_path / "a", index=index)
+    trim.run_stage(ds, tmp_path, tmp_path / "b", index=index)
     for name in ("clips.jsonl", "problems.json", "report.md"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-def test_stage_reads_the_scan_index_when_given(tmp_path: Path) -> None:
-    """With the scan stage's index, trim takes its media list, hashes and captions from it."""
-    from wanlora.data.scan import run_stage as scan
-
+def test_stage_takes_media_and_hashes_from_the_scan_index(tmp_path: Path) -> None:
+    """Trim's media list and hashes are the scan index's rows: it walks and hashes nothing again."""
     raw = tmp_path / "data" / "raw"
     make_clip(raw / "a.mp4", ClipSpec(intro="black", intro_frames=6, seed=1))
     make_clip(raw / "b.mp4", ClipSpec(seed=2))
     (raw / "a.txt").write_text("[trigger] a\n")
     ds = {"main": DatasetConfig(folder="data/raw")}
-    scan(ds, tmp_path, tmp_path / "data" / "index")
-    trim.run_stage(ds, tmp_path, tmp_path / "walked")
-    trim.run_stage(ds, tmp_path, tmp_path / "indexed", index=tmp_path / "data" / "index" / "media.jsonl")
-    assert (tmp_path / "walked" / "clips.jsonl").read_bytes() == (tmp_path / "indexed" / "clips.jsonl").read_bytes()
+    index = scan_index(ds, tmp_path)
+    trim.run_stage(ds, tmp_path, tmp_path / "indexed", index=index)
     clips = by_id(read_jsonl(tmp_path / "indexed" / "clips.jsonl"))
+    assert [(c["id"], c["sha256"]) for c in clips.values()] == [(r["id"], r["sha256"]) for r in read_jsonl(index)]
     assert clips["main/a.mp4"]["keep_start"] == 6
 
 

@@ -103,7 +103,7 @@ def test_files_without_a_variant_were_made_for_t2v():
 def test_a_t2v_latent_cache_is_refused_by_an_i2v_trainer(tmp_path, tiny_i2v):
     """I2V A14B has T2V's VAE, so the VAE identity alone would accept a T2V cache, which lacks
     the start-image condition latents: the index's variant refuses it, naming the fix."""
-    from _train_helpers import write_inputs, write_latents
+    from _helpers import write_inputs, write_latents
 
     from wanlora.data.dataset import CacheMismatch, build_dataset
     from wanlora.models.latents import CacheError
@@ -120,7 +120,7 @@ def test_a_t2v_latent_cache_is_refused_by_an_i2v_trainer(tmp_path, tiny_i2v):
 
 
 def test_train_refuses_a_variant_the_folder_does_not_hold(tmp_path, tiny_t2v):
-    from _train_helpers import tiny_params
+    from _helpers import tiny_params
 
     from wanlora.train.loop import setup
 
@@ -130,7 +130,7 @@ def test_train_refuses_a_variant_the_folder_does_not_hold(tmp_path, tiny_t2v):
 
 
 def test_the_lora_header_names_the_variant(tmp_path):
-    from _train_helpers import write_inputs
+    from _helpers import write_inputs
 
     from wanlora.export import lineage
 
@@ -144,14 +144,14 @@ def test_import_lora_refuses_a_lora_recorded_for_another_variant(tmp_path):
     """A T2V LoRA has every layer shape of the I2V experts (only the patch embedding differs), so the
     shape check passes it; the variant its header records stops it, and an import records the
     variant it was checked against."""
-    from _eval_helpers import random_lora, save_ours, tiny_transformer
-
-    from wanlora.export.imports import import_lora
-    from wanlora.models.geometry import TINY, TINY_I2V
+    from _helpers import random_lora, save_ours
 
     from wanlora.config import DEFAULT_TARGETS
+    from wanlora.export.imports import import_lora
+    from wanlora.models.geometry import TINY, TINY_I2V
+    from wanlora.models.tiny import tiny_expert
 
-    model = tiny_transformer(0)
+    model = tiny_expert(0)
     lora = random_lora(model, seed=1, targets=DEFAULT_TARGETS)  # a LoRA on patch_embedding would not fit
     t2v_file = save_ours(tmp_path / "t2v_high_noise.safetensors", lora, {"wanlora.variant": "t2v-a14b"})
     with pytest.raises(VariantError) as err:

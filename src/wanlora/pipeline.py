@@ -37,15 +37,18 @@ BASE_CODE = ("src/wanlora/__init__.py", "src/wanlora/config.py", "src/wanlora/er
 # the code as arguments, so what a stage reads is what DVC reruns it for.
 CHECK_MARKER = "data/check.json"  # what the check stage writes; scan depends on it, so it runs first
 INDEX = "data/index"
-MEDIA_INDEX, CAPTION_INDEX = f"{INDEX}/media.jsonl", f"{INDEX}/captions.jsonl"
+MEDIA_INDEX, CAPTION_INDEX, INDEX_PROBLEMS = f"{INDEX}/media.jsonl", f"{INDEX}/captions.jsonl", f"{INDEX}/problems.json"
 TRIMMED = "data/trimmed"
-CLIPS = f"{TRIMMED}/clips.jsonl"
+CLIPS, TRIM_PROBLEMS = f"{TRIMMED}/clips.jsonl", f"{TRIMMED}/problems.json"
+AUTOCAPTIONS = "data/autocaptions"
+AUTOCAPTION_MANIFEST, AUTOCAPTION_PROBLEMS = f"{AUTOCAPTIONS}/captions.jsonl", f"{AUTOCAPTIONS}/problems.json"
 BUCKETS = "data/buckets"
-SAMPLES, HISTOGRAM = f"{BUCKETS}/samples.jsonl", f"{BUCKETS}/histogram.json"
+SAMPLES, HISTOGRAM, BUCKET_REPORT = f"{BUCKETS}/samples.jsonl", f"{BUCKETS}/histogram.json", f"{BUCKETS}/report.json"
 CAPTIONS = "data/captions"
 CAPTION_MANIFEST, CAPTION_PROBLEMS = f"{CAPTIONS}/captions.jsonl", f"{CAPTIONS}/problems.json"
 SPLIT = "data/split"
 SPLIT_FILE = f"{SPLIT}/validation.json"
+REVIEW = "data/review"
 TEXT_CACHE, LATENT_CACHE = "data/cache/text", "data/cache/latents"
 LORA, TRAIN_LIVE, TRAIN_PERF = "data/lora", "data/train_live", "data/train_perf"
 EVAL = "data/eval"
@@ -103,7 +106,7 @@ STAGES: tuple[Stage, ...] = (
               "src/wanlora/models/captioner.py", "src/wanlora/models/loading.py", "src/wanlora/tensorfiles.py"),
         params=("autocaption", "datasets.{ds}.folder", "datasets.{ds}.captions.extension",
                 "datasets.{ds}.captions.max_tokens", "job.device", *MODEL_KEYS),
-        outs=("data/autocaptions",),
+        outs=(AUTOCAPTIONS,),
     ),
     Stage(
         "bucket", "choose resolution and frame buckets, place frame windows",
@@ -117,7 +120,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "captions", "validate captions, inject the trigger, write DOP variants",
-        deps=(CAPTION_INDEX, CLIPS, SAMPLES, "data/autocaptions"),
+        deps=(CAPTION_INDEX, CLIPS, SAMPLES, AUTOCAPTIONS),
         code=("src/wanlora/data/captions.py", "src/wanlora/models/loading.py", "src/wanlora/tensorfiles.py"),
         params=("job.trigger_word", "datasets.{ds}.folder", "datasets.{ds}.captions", "datasets.{ds}.on_error",
                 "train.dop.preservation_class", "train.unload_text_encoder", *MODEL_KEYS),
@@ -131,14 +134,12 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "review", "one offline page of every sample as trained, its caption and origin, every problem",
-        deps=("data/trimmed/clips.jsonl", "data/buckets/samples.jsonl", "data/captions", "data/split/validation.json",
-              "data/index/problems.json", "data/trimmed/problems.json", "data/autocaptions/problems.json",
-              "data/buckets/report.json"),
+        deps=(CLIPS, SAMPLES, CAPTIONS, SPLIT_FILE, INDEX_PROBLEMS, TRIM_PROBLEMS, AUTOCAPTION_PROBLEMS, BUCKET_REPORT),
         code=("src/wanlora/data/review.py", "src/wanlora/data/split.py", "src/wanlora/models/latents.py", "src/wanlora/models/cachefiles.py",
               "src/wanlora/models/geometry.py", "src/wanlora/models/loading.py", "src/wanlora/media",
               "src/wanlora/models/condition.py", "src/wanlora/tensorfiles.py"),
         params=(),
-        outs=("data/review",),
+        outs=(REVIEW,),
     ),
     Stage(
         "text_cache", "encode captions, DOP variants and prompts with UMT5 once",

@@ -30,7 +30,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from tests._media_helpers import write_audio_only
+from tests._helpers import write_audio_only
 from wanlora.io import atomic_write_bytes, atomic_write_text
 from wanlora.media.synth import ClipSpec, clip_frames, make_clip, write_video
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Collection
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
@@ -25,9 +26,6 @@ from wanlora.io import atomic_write_text, read_jsonl
 from wanlora.models.latents import load_frames
 from wanlora.report import problems_html
 
-#: Problems reports of the data stages, in pipeline order.
-PROBLEM_REPORTS = ("data/index/problems.json", "data/trimmed/problems.json", "data/autocaptions/problems.json",
-                   "data/buckets/report.json", "data/captions/problems.json")
 FRAMES_SHOWN = 3
 ORIGINS = {"file": "your caption file", "auto": "auto caption", "default": "default caption",
            "trigger_only": "trigger word only"}
@@ -46,6 +44,17 @@ td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 .caption{font-size:15px;margin:6px 0}.warn{color:#b7791f}
 .held{border-style:dashed;background:#f3f3f3}.held-note{color:#2c5282;font-weight:bold}
 """
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the page shows: deps of the stage's `Stage` entry, named by the wiring
+    (`wanlora.stages.review.inputs`)."""
+
+    clips: Path
+    captions: Path
+    samples: Path
+    problem_reports: tuple[Path, ...]  # of the data stages, in pipeline order; a missing one is skipped
 
 
 def _png(rgb: np.ndarray) -> str:
@@ -77,22 +86,21 @@ def _timeline(clip: dict, sample: dict) -> str:
             f'{len(indices)} frames from {indices[0]} to {indices[-1]}</div>')
 
 
-def _problems(workspace: Path) -> list[dict]:
+def _problems(reports: tuple[Path, ...]) -> list[dict]:
     rows = []
-    for rel in PROBLEM_REPORTS:
-        path = workspace / rel
+    for path in reports:
         if path.is_file():
             rows += json.loads(path.read_text(encoding="utf-8"))["problems"]
     return rows
 
 
-def render(workspace: Path, held_out: Collection[str] = ()) -> str:
+def render(workspace: Path, inputs: Inputs, held_out: Collection[str] = ()) -> str:
     """The review page for the workspace's current data manifests; `held_out` are the clip ids the
     split stage keeps out of training (their samples are shown, marked, and not counted as trained)."""
-    clips = {c["id"]: c for c in read_jsonl(workspace / "data/trimmed/clips.jsonl")}
-    captions = {c["id"]: c for c in read_jsonl(workspace / "data/captions/captions.jsonl")}
-    samples = read_jsonl(workspace / "data/buckets/samples.jsonl")
-    problems = _problems(workspace)
+    clips = {c["id"]: c for c in read_jsonl(inputs.clips)}
+    captions = {c["id"]: c for c in read_jsonl(inputs.captions)}
+    samples = read_jsonl(inputs.samples)
+    problems = _problems(inputs.problem_reports)
     shown = [s for s in samples if s["clip_id"] in captions]
     trained = [s for s in shown if s["clip_id"] not in held_out]
     clip_ids = {s["clip_id"] for s in trained}
@@ -136,6 +144,6 @@ def render(workspace: Path, held_out: Collection[str] = ()) -> str:
     return "\n".join(h) + "\n"
 
 
-def run_stage(workspace: Path, out_dir: Path, held_out: Collection[str] = ()) -> None:
+def run_stage(workspace: Path, inputs: Inputs, out_dir: Path, held_out: Collection[str] = ()) -> None:
     """Write out_dir/index.html."""
-    atomic_write_text(out_dir / "index.html", render(workspace, frozenset(held_out)))
+    atomic_write_text(out_dir / "index.html", render(workspace, inputs, frozenset(held_out)))

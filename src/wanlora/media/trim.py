@@ -12,7 +12,6 @@ reached by seeking. Motion itself is judged in `wanlora.media.motion`.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,10 @@ import numpy as np
 from rich.progress import track
 
 from wanlora.config import DatasetConfig, TrimConfig
-from wanlora.io import atomic_write_text, dataset_file, read_jsonl, sha256_file, write_jsonl
+from wanlora.io import atomic_write_text, dataset_file, read_jsonl, write_jsonl
 from wanlora.media.decode import iter_frames, keyframe_near
 from wanlora.media.letterbox import detect_crop
-from wanlora.media.listing import STAGE, list_dataset
+from wanlora.media.listing import STAGE
 from wanlora.media.motion import Analysed, StaticPrefix, StillParams, analyse, analysis_size, static_prefix
 from wanlora.media.probe import REENCODE_FIX, MediaError, MediaInfo, probe
 from wanlora.report import Problem, console, settle, write_problems
@@ -187,26 +186,22 @@ def analyse_file(path: Path, ds: DatasetConfig, base: dict) -> ClipOutcome:
         return ClipOutcome(record, Problem(base["path"], err.reason, fix, STAGE))
 
 
-def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path, index: Path | None = None) -> None:
-    """Write out_dir/clips.jsonl, report.md and problems.json for every dataset's raw folder.
+def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path, index: Path) -> None:
+    """Write out_dir/clips.jsonl, report.md and problems.json for the media the scan stage indexed.
 
-    With `index` (the scan stage's data/index/media.jsonl) the media list and hashes come from
-    it, so trim depends only on what DVC tracks and hashes nothing twice; without
-    it, each dataset folder is walked here (standalone use, benchmarks).
+    The media list and hashes come from `index` (the scan stage's data/index/media.jsonl), so trim
+    depends only on what DVC tracks, and walks and hashes nothing twice: listing problems (orphan
+    captions, unsafe links) are scan's to report.
     """
     workspace = Path(workspace)
-    rows = read_jsonl(index) if index is not None else None
+    rows = read_jsonl(index)
     records: list[dict] = []
     outcomes: dict[str, list[ClipOutcome]] = {}
     problems: dict[str, list[Problem]] = {}
     for name, ds in datasets.items():
-        if rows is None:
-            entries, problems[name] = _walk_entries(name, ds, workspace)
-        else:
-            entries = [(dataset_file(workspace, ds.folder, r["path"], f"{index}: {r['id']}"), _identity(r))
-                       for r in rows if r["dataset"] == name]
-            problems[name] = []
-        outcomes[name] = []
+        entries = [(dataset_file(workspace, ds.folder, r["path"], f"{index}: {r['id']}"), _identity(r))
+                   for r in rows if r["dataset"] == name]
+        outcomes[name], problems[name] = [], []
         for path, base in track(entries, description=f"trim {name}", console=console, transient=True):
             outcome = analyse_file(path, ds, base)
             outcomes[name].append(outcome)
@@ -225,28 +220,6 @@ def run_stage(datasets: dict[str, DatasetConfig], workspace: Path, out_dir: Path
 def _identity(row: dict) -> dict:
     """The identity fields of a clips.jsonl record, from a scan index row."""
     return {k: row[k] for k in ("id", "dataset", "path", "sha256")}
-
-
-def _walk_entries(name: str, ds: DatasetConfig, workspace: Path) -> tuple[list[tuple[Path, dict]], list[Problem]]:
-    """(path, identity) of each media file in the dataset folder, and the listing's problems."""
-
-    def show(p: Path) -> str:
-        return Path(os.path.relpath(p, workspace)).as_posix()
-
-    folder = workspace / ds.folder
-    if not folder.is_dir():
-        fix = f"create it or fix datasets.{name}.folder in params.yaml"
-        return [], [Problem(show(folder), "dataset folder not found", fix, STAGE)]
-    listing = list_dataset(folder, ds.captions.extension, show)
-    entries = []
-    for path in listing.media:
-        entries.append((path, {
-            "id": f"{name}/{path.relative_to(folder).as_posix()}",
-            "dataset": name,
-            "path": show(path),
-            "sha256": sha256_file(path),
-        }))  # fmt: skip
-    return entries, list(listing.problems)
 
 
 def render_report(outcomes: dict[str, list[ClipOutcome]], problems: dict[str, list[Problem]]) -> str:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
+                       WanTransformer3DModel)
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from wanlora.models.geometry import TINY, TINY_CONFIGS, build_transformer, seeded
@@ -111,8 +113,15 @@ def tiny_vae_22(seed: int) -> AutoencoderKLWan:
         ).eval()
 
 
-def make_tiny(out_dir: Path, seed: int = 0, variant: str = "t2v-a14b") -> Path:
+def tiny_expert(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> WanTransformer3DModel:
+    """One tiny T2V expert in memory (`TINY`, `overrides` on top) with the weights `make_tiny`
+    gives an expert of that seed: for tests that need a transformer and no model folder."""
+    return build_transformer({**TINY, **overrides}, dtype, "cpu", seed)
+
+
+def make_tiny(out_dir: Path, seed: int = 0, variant: str = "t2v-a14b", expert: dict[str, Any] | None = None) -> Path:
     """Write a tiny Wan 2.2 model of `variant` (`wanlora.models.variant`) to `out_dir`; return it.
+    `expert` overrides the transformers' config (a test that must overfit wants patch [1, 1, 1]).
 
     t2v-a14b: two 2-layer experts, VAE, UMT5, tokenizer, UniPC scheduler, model_index.json with
     boundary_ratio 0.875, loadable by `WanPipeline.from_pretrained`. i2v-a14b: the same parts with
@@ -127,7 +136,7 @@ def make_tiny(out_dir: Path, seed: int = 0, variant: str = "t2v-a14b") -> Path:
     v = get_variant(variant)
     if v.name not in TINY_CONFIGS:
         raise ValueError(f"make-tiny: no tiny {v.name} yet; use one of {', '.join(TINY_CONFIGS)}")
-    config = TINY_CONFIGS[v.name]
+    config = {**TINY_CONFIGS[v.name], **(expert or {})}
     tokenizer = tiny_tokenizer()
     parts = dict(tokenizer=tokenizer, text_encoder=tiny_text_encoder(len(tokenizer), seed + 3),
                  transformer=build_transformer(config, torch.float32, "cpu", seed))

@@ -2,6 +2,7 @@ from wanlora.data.autocaption import run_stage
 from wanlora.media.decode import read_frames
 from wanlora.models.captioner import Captioner, Decoding
 from wanlora.models.loading import captioner_identity, make_token_counter, resolve_captioner, resolve_model
+from wanlora.pipeline import AUTOCAPTIONS, CAPTION_INDEX, CLIPS
 from wanlora.stages._common import WORKSPACE, load, resolve_device
 
 
@@ -12,12 +13,12 @@ def main() -> None:
     wan = resolve_model(params.model.name_or_path, params.model.revision, parts=("tokenizer",))
     decoding = Decoding(cfg.max_new_tokens, cfg.num_beams, cfg.repetition_penalty)
     run_stage(
-        clips_manifest=WORKSPACE / "data/trimmed/clips.jsonl",
-        caption_index=WORKSPACE / "data/index/captions.jsonl",
+        clips_manifest=WORKSPACE / CLIPS,
+        caption_index=WORKSPACE / CAPTION_INDEX,
         datasets=params.datasets,
         cfg=cfg,
         workspace=WORKSPACE,
-        out_dir=WORKSPACE / "data/autocaptions",
+        out_dir=WORKSPACE / AUTOCAPTIONS,
         store=WORKSPACE / "scratch/autocaptions",
         model=f"{cfg.model}@{cfg.revision}",
         identity=captioner_identity(root) if root else "",

@@ -1,6 +1,6 @@
 from wanlora.data.captions import run_stage
 from wanlora.models.loading import make_token_counter, resolve_model
-from wanlora.pipeline import CAPTION_INDEX, CAPTIONS, CLIPS, SAMPLES
+from wanlora.pipeline import AUTOCAPTION_MANIFEST, CAPTION_INDEX, CAPTIONS, CLIPS, SAMPLES
 from wanlora.stages._common import WORKSPACE, load
 
 
@@ -18,5 +18,5 @@ def main() -> None:
         out_dir=WORKSPACE / CAPTIONS,
         count_tokens=make_token_counter(root),
         trigger_only=params.train.unload_text_encoder,
-        autocaptions=WORKSPACE / "data/autocaptions/captions.jsonl",
+        autocaptions=WORKSPACE / AUTOCAPTION_MANIFEST,
     )
