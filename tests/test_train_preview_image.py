@@ -12,9 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _model_helpers import clip_frames, write_clip
-from _train_helpers import copy_workspace, make_workspace, tiny_params
-from _ti2v_helpers import ti2v_params, ti2v_workspace
+from _helpers import clip_frames, copy_workspace, make_workspace, ti2v_params, ti2v_workspace, tiny_params, write_clip
 from PIL import Image
 
 from wanlora.evaluate import sampling
