@@ -36,6 +36,7 @@ import torch
 
 from wanlora.config import Params, SampleConfig
 from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, sha256_json, sweep_temps
+from wanlora.pipeline import TEXT_CACHE, TRAIN_LIVE, TRAIN_PERF
 from wanlora.report import InputError, console
 from wanlora.train.monitor import PUBLISH_TEMP
 
@@ -106,8 +107,8 @@ def make_previewer(tr: Trainer) -> Previewer | None:
                        "prompts": prompt_texts(p)})[:16]
     temp = tr.state_dir / PUBLISH_TEMP
     sweep_temps(temp)
-    return Previewer(p, tr.state_dir / "previews" / key, tr.workspace / "data/train_live",
-                     tr.workspace / "data/train_perf", temp, cfg, prompt_texts(p))
+    return Previewer(p, tr.state_dir / "previews" / key, tr.workspace / TRAIN_LIVE, tr.workspace / TRAIN_PERF,
+                     temp, cfg, prompt_texts(p))
 
 
 def _pipeline(tr: Trainer, pv: Previewer) -> Any:
@@ -123,7 +124,7 @@ def _pipeline(tr: Trainer, pv: Previewer) -> Any:
         boundary = p.multistage.boundary_ratio if p.multistage.boundary_ratio is not None else boundary_ratio(root)
         vae = load_vae(root, "fp32", str(tr.device))
         pv.pipe = build_pipeline(tr.experts["high"], tr.experts["low"], vae, boundary, p.model.flow_shift)
-        text = tr.workspace / "data/cache/text"
+        text = tr.workspace / TEXT_CACHE
 
         def embed(s: str) -> torch.Tensor:
             return pad_embeds([load_text_embeds(text, s, tr.expect_encoder)]).to(tr.dtype)
