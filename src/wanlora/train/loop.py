@@ -3,9 +3,10 @@
 One `Trainer` (a plain dataclass, no hierarchy) holds everything a step touches; the helpers
 beside the loop are small and named. Per optimizer step: the schedule names the expert of each
 of its `gradient_accumulation` micro-batches (both experts when a turn ends inside the step);
-per expert, its weights come to the device, its micro-batches run through `training_step` and
-its own optimizer steps at the scheduled learning rate; every
-`save.every` steps both LoRA files and the full training state are written. A run that finds a
+per expert, its weights come to the device and `optimizer_step` (`wanlora.train.step`, one
+screen) runs its micro-batches and steps its own optimizer at the scheduled learning rate, then
+the next expert's weights are queued; every `save.every` steps both LoRA files and the full
+training state are written. A run that finds a
 state for the same resolved params and inputs in `scratch/train/<key>/` continues from it and
 produces the same losses and the same LoRA bytes as a run that was never interrupted.
 """
