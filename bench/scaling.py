@@ -12,7 +12,7 @@ One configuration per launch; the launcher sets the GPU count, rank 0 appends on
     # CPU dry run of the harness (gloo, tiny model):
     torchrun --nproc-per-node 2 -m bench.scaling --tiny --mode data
 
-The step is the train stage's code path through `wanlora.train.dist_parallel.optimizer_step`:
+The step is the train stage's code path through `wanlora.train.step.optimizer_step`:
 random full-size experts (`wanlora.models.geometry.build_transformer`), `add_lora`, `apply_accel`
 (selective checkpointing, regional compile on CUDA), params' optimizer, `training_step` per
 micro-batch, the fp32 bucketed all-reduce of LoRA gradients, clipping, the optimizer step. Each
@@ -43,7 +43,7 @@ from wanlora.config import parse_params
 from wanlora.models.accel import AccelSettings, apply_accel
 from wanlora.models.geometry import build_transformer
 from wanlora.plan import clip_tokens
-from wanlora.train.dist_parallel import make_groups, optimizer_step, plan_parallel, sum_over
+from wanlora.train.dist_parallel import make_groups, plan_parallel, sum_over
 from wanlora.train.distributed import Cursor, distributed, rank_share, take_batches
 from wanlora.train.lora import add_lora
 from wanlora.train.optim import build_optimizer

@@ -197,12 +197,12 @@ def build(name: str, bc: BenchConfig, tiny: bool):
         out = training_step(model, _batch(cfg, bc.shape, e, i, device, dtype, clean), dtype=dtype)
         losses.append(out.total)  # a non-finite loss skips backward: such a step times a forward only
         schedule.record(1)
-        if (upcoming := schedule.upcoming()) is not None:
-            placer.prepare(upcoming)  # as the train loop: overlap the copy with the optimizer step
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(lora[e], max_norm)
         optims[e].step()
         optims[e].zero_grad(set_to_none=True)
+        if (upcoming := schedule.upcoming()) is not None:
+            placer.prepare(upcoming)  # as the train loop: the copy queued after the optimizer step
 
     return cfg, device, step, losses
 

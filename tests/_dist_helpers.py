@@ -36,15 +36,13 @@ from wanlora.data.dataset import epoch_batches
 from wanlora.io import atomic_write_bytes, atomic_write_json
 from wanlora.models.geometry import TINY
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
-from wanlora.train.dist_parallel import (
-    StepOutcome, make_groups, optimizer_step, plan_parallel, reduce_gradients, world_metrics,
-)
+from wanlora.train.dist_parallel import make_groups, plan_parallel, reduce_gradients, world_metrics
 from wanlora.train.distributed import (
     Cursor, DistEnv, barrier, batch_generator, distributed, gather_objects, rank_share, shard, take_batches,
 )
 from wanlora.train.lora import add_lora, lora_file_bytes, lora_state_dict
 from wanlora.train.optim import build_optimizer
-from wanlora.train.step import StepBatch, training_step
+from wanlora.train.step import StepBatch, StepOutcome, optimizer_step, training_step
 from wanlora.train.timesteps import TimestepDistribution, expert_band
 
 TINY_CFG = {**TINY, "rope_max_seq_len": 32}

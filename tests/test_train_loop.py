@@ -19,7 +19,8 @@ from wanlora.config import DEFAULT_TARGETS, ParamsError, parse_params
 from wanlora.errors import UserError
 from wanlora.models.loading import model_identity
 from wanlora.report import InputError
-from wanlora.train import dist_parallel, loop
+from wanlora.train import loop
+from wanlora.train import step as step_module
 from wanlora.train.distributed import DistEnv
 from wanlora.train.lora import lora_state_dict
 
@@ -99,7 +100,7 @@ def test_switch_every_counts_micro_batches_in_the_loop(ws, template, monkeypatch
     then low, high, low; every optimizer step updates both experts, each with its own optimizer on
     the mean of its own micro-batches (gradient scale 1/2 or 1), and logs both losses."""
     seen: list[tuple[int, str, float, float]] = []
-    real = dist_parallel.training_step
+    real = step_module.training_step
 
     def spy(model, batch, **kw):
         out = real(model, batch, **kw)
@@ -109,7 +110,7 @@ def test_switch_every_counts_micro_batches_in_the_loop(ws, template, monkeypatch
     params = tiny_params(template[1], train={"steps": 2, "gradient_accumulation": 3}, multistage={"switch_every": 1},
                          save={"every": 10})
     tr = loop.setup(params, ws)
-    monkeypatch.setattr(dist_parallel, "training_step", spy)
+    monkeypatch.setattr(step_module, "training_step", spy)
     loop.train(tr)
     order = [[e for s, e, _, _ in seen if s == step] for step in (0, 1)]
     assert sorted(order[0]) == ["high", "high", "low"] and sorted(order[1]) == ["high", "low", "low"]
@@ -295,7 +296,7 @@ def test_each_expert_sees_only_its_band_in_the_loop(ws, template, monkeypatch):
     """Proportional choice, high-noise-biased shift schedule: every timestep the high expert
     trains on is >= 875, every one of the low expert's is below; DOP is logged beside the loss."""
     seen: list[tuple[str, float]] = []
-    real = dist_parallel.training_step
+    real = step_module.training_step
 
     def spy(model, batch, **kw):
         name = next(e for e, m in tr.experts.items() if m is model)
@@ -306,7 +307,7 @@ def test_each_expert_sees_only_its_band_in_the_loop(ws, template, monkeypatch):
                                              "dop": {"enabled": True}},
                          multistage={"expert_choice": "proportional"})
     tr = loop.setup(params, ws)
-    monkeypatch.setattr(dist_parallel, "training_step", spy)
+    monkeypatch.setattr(step_module, "training_step", spy)
     loop.train(tr)
     high = [t for e, t in seen if e == "high"]
     low = [t for e, t in seen if e == "low"]
@@ -453,8 +454,8 @@ def test_batches_of_two_never_mix_clips_and_images(template, tmp_path, monkeypat
     latents of one shape, the image trains alone, and its too-small bucket is reported."""
     ws = make_workspace(tmp_path / "ws", template[1], n_clips=4, buckets=[BUCKET, BUCKET, BUCKET, "32x32x1"])
     shapes: list[tuple[int, ...]] = []
-    real = dist_parallel.training_step
-    monkeypatch.setattr(dist_parallel, "training_step", lambda m, b, **kw: shapes.append(tuple(b.latents.shape)) or real(m, b, **kw))
+    real = step_module.training_step
+    monkeypatch.setattr(step_module, "training_step", lambda m, b, **kw: shapes.append(tuple(b.latents.shape)) or real(m, b, **kw))
     tr = loop.setup(tiny_params(template[1], train={"steps": 6, "batch_size": 2}), ws)
     loop.train(tr)
     assert set(shapes) <= {(2, 16, 2, 4, 4), (1, 16, 2, 4, 4), (1, 16, 1, 4, 4)} and (2, 16, 2, 4, 4) in shapes

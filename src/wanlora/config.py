@@ -175,6 +175,9 @@ class QuantizationConfig(Section):
 
 
 # -------------------------------------------------------------------------------- multistage
+NO_EXPERT = "train_high_noise and train_low_noise are both false: nothing to train; set at least one to true"
+
+
 class MultistageConfig(Section):
     train_high_noise: bool = Field(True, description="Train a LoRA for the high-noise expert.")
     train_low_noise: bool = Field(True, description="Train a LoRA for the low-noise expert.")
@@ -192,13 +195,16 @@ class MultistageConfig(Section):
         None, gt=0, lt=1, description="Expert boundary as a share of 1000 steps; null reads model_index.json."
     )
 
+    @property
+    def experts(self) -> tuple[Expert, ...]:
+        """The A14B experts these settings train, high-noise first; never empty (`_one_expert`)."""
+        return tuple(e for e, on in (("high", self.train_high_noise), ("low", self.train_low_noise)) if on)
+
     @model_validator(mode="after")
     def _one_expert(self) -> "MultistageConfig":
-        if not (self.train_high_noise or self.train_low_noise):
-            raise ValueError(
-                "train_high_noise and train_low_noise are both false: nothing to train; "
-                "set at least one to true"
-            )
+        """The one place that refuses a run with no expert: the trainer's parts rely on it."""
+        if not self.experts:
+            raise ValueError(NO_EXPERT)
         return self
 
 

@@ -293,9 +293,7 @@ def _predict(params: Params, gpu_gib: float, config: dict[str, Any], checkpointi
     """One GPU's memory and step time; with `sp` GPUs sharing each sample's tokens, and at most
     `experts_per_gpu` experts on it (1 under expert-parallel); TI2V 5B: its one transformer."""
     ms, tr = params.multistage, params.train
-    names = [e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on][:experts_per_gpu]
-    if len(variant.experts) == 1:
-        names = list(variant.experts)
+    names = list(variant.experts if len(variant.experts) == 1 else ms.experts[:experts_per_gpu])  # as train's setup
     tokens = clip_tokens(*clip, config, variant.spatial_factor) * tr.batch_size
     compiled = params.model.compile
     w = weight_gib(config, quant)

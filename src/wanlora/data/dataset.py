@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-from wanlora.data.split import SPLIT_FILE, read_split
+from wanlora.data.split import read_split
 from wanlora.io import dataset_file, read_jsonl
 from wanlora.models.condition import condition_input
 from wanlora.models.latents import INDEX, check_variant, draw_latent, load_latents, normalize_latents
 from wanlora.models.variant import LEGACY_VARIANT, VARIANTS, Variant
+from wanlora.pipeline import CAPTION_MANIFEST, LATENT_CACHE, SAMPLES, SPLIT_FILE
 from wanlora.errors import rebuild_fix
 from wanlora.report import InputError, Problem
 
@@ -138,9 +139,7 @@ def build_dataset(
     another VAE is a `CacheMismatch` naming the file and the stage to rerun. Samples of a dataset in `cached_datasets` need a cache file;
     the others are encoded on the fly by `encode`.
     """
-    samples_path = workspace / "data/buckets/samples.jsonl"
-    captions_path = workspace / "data/captions/captions.jsonl"
-    cache_dir = workspace / "data/cache/latents"
+    samples_path, captions_path, cache_dir = workspace / SAMPLES, workspace / CAPTION_MANIFEST, workspace / LATENT_CACHE
     for path, stage in ((samples_path, "bucket"), (captions_path, "captions")):
         if not path.is_file():
             raise InputError(f"{path}: missing. Fix: run the {stage} stage first (`dvc repro {stage}`)")

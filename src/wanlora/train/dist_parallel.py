@@ -1,4 +1,4 @@
-"""Data- and expert-parallel training: who trains what, gradient averaging, one optimizer step.
+"""Data- and expert-parallel training: who trains what, and the reductions of a step.
 
 Data-parallel: every rank holds the active expert(s); each optimizer step takes the next
 A*N batches of the global order (A = train.gradient_accumulation, N ranks), rank r runs batches
@@ -22,6 +22,9 @@ for accumulation and no "parameter marked ready twice" failure when DOP runs two
 one backward. Gradients are summed in fp32, the LoRA's master dtype (`wanlora.train.lora`).
 Expert-parallel groups of one rank skip the reduction entirely.
 
+The optimizer step itself (`wanlora.train.step.optimizer_step`) calls `reduce_gradients` and
+`sum_over`; this module holds no training code.
+
 Sequence-parallel (`train.sequence_parallel: S`, `wanlora.train.sequence_parallel`): S contiguous
 ranks run one replica, the same micro-batches with the same random draws, each on 1/S of the
 tokens; the plans above then count replicas (world = replicas x S) and an expert's group holds all
@@ -31,23 +34,19 @@ average with the loss scaled by the group size sums over SP and averages over re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
-from wanlora.config import TrainConfig
-from wanlora.train.distributed import DistEnv, DistributedError, GlobalBatch, batch_generator
+from wanlora.train.distributed import DistEnv, DistributedError
 from wanlora.train.experts import ORDER
-from wanlora.train.optim import lr_at, set_lr
-from wanlora.train.step import StepBatch, training_step
 from wanlora.train.timesteps import Expert
 
 Mode = Literal["auto", "data", "expert"]
 BUCKET_BYTES = 64 << 20
-MakeBatch = Callable[[list[int], Expert, torch.Generator], StepBatch]
 
 
 @dataclass(frozen=True)
@@ -90,9 +89,7 @@ def plan_parallel(world: int, active: Iterable[Expert], mode: Mode = "auto", sp:
 
     auto: expert-parallel when both experts train and the replicas split evenly, else data-parallel.
     """
-    experts = tuple(e for e in ORDER if e in set(active))
-    if not experts:
-        raise DistributedError("no expert to train: set multistage.train_high_noise or train_low_noise to true")
+    experts = tuple(e for e in ORDER if e in set(active))  # never empty: params refuse it (`MultistageConfig`)
     everyone = tuple(range(world))
     replicas = world // sp
     can_split = len(experts) == 2 and replicas >= 2 and replicas % 2 == 0
@@ -194,82 +191,3 @@ def world_metrics(plan: ParallelPlan, metrics: dict[Expert, dict[str, float]], s
     logged = {f"{n}_{e}": summed[width * k + 1 + j] for k, e in enumerate(experts) if summed[width * k] > 0.5
               for j, n in enumerate(names)}
     return logged, summed[-2], summed[-1] > 0
-
-
-@dataclass
-class StepOutcome:
-    """One optimizer step as every rank of the group sees it (identical on all of them)."""
-
-    loss: float
-    main: float
-    preservation: float
-    finite: bool
-    grad_norm: float
-    samples: int
-    lr: float
-
-
-def optimizer_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: list[GlobalBatch],
-    make_batch: MakeBatch,
-    *,
-    expert: Expert,
-    step: int,
-    cfg: TrainConfig,
-    seed: int,
-    dtype: torch.dtype,
-    env: DistEnv,
-    group: Any = None,
-    before_update: Callable[[], None] | None = None,
-    micro_batches: int | None = None,
-    sp: int = 1,
-) -> StepOutcome:
-    """This rank's micro-batches of optimizer step `step`, the group's gradient average, the step.
-
-    Each micro-batch's randomness comes from `batch_generator(seed, expert, epoch, position)`.
-    `micro_batches` is how many global micro-batches this expert has in the step (all ranks
-    together; by default every rank's `len(batches)`): when the step also holds the other
-    expert's micro-batches, ranks may run unequal numbers of this one's, and the gradient is
-    still the mean over all of them. Losses (total, main, DOP term) are means over the same
-    micro-batches. If any rank met a non-finite loss, every rank skips the update (the flag is
-    reduced with the loss), so the LoRAs never diverge. `before_update` runs between the last
-    backward and the optimizer step (the trainer starts the next expert's weight copy there, to
-    overlap it with the update). `sp`: ranks per sequence-parallel replica in `group`; they run
-    the same micro-batches, their losses are counted once and their gradients summed: with the
-    loss scaled by n/count (n ranks, count micro-batches of all replicas) the group mean is
-    (1/n) * sum over replicas of (n/count) * (its gradient, summed over its SP ranks), the mean
-    over micro-batches as with one rank per replica.
-    """
-    lr = lr_at(step, cfg)
-    set_lr(optimizer, lr)
-    n = group_size(group, env)
-    count = micro_batches if micro_batches is not None else len(batches) * n // sp
-    loss, main, preservation, bad, samples = 0.0, 0.0, 0.0, 0, 0
-    for b in batches:
-        out = training_step(
-            model, make_batch(b.indices, expert, batch_generator(seed, expert, b.epoch, b.position)), dtype=dtype,
-            dop_multiplier=cfg.dop.multiplier if cfg.dop.enabled else 0.0,
-            guidance_scale=cfg.differential_guidance.scale if cfg.differential_guidance.enabled else None,
-            loss_scale=n / count,  # reduce_gradients then divides by n: the mean over all `count`
-        )
-        loss += out.total / count
-        main += out.main / count
-        preservation += (out.preservation or 0.0) / count
-        bad += not out.finite
-        samples += len(b.indices)
-    loss_sum, main_sum, pres_sum, bad_sum, samples_sum = (
-        v / sp for v in sum_over([loss, main, preservation, bad, samples], group, env))
-    finite = bad_sum == 0
-    if before_update is not None:
-        before_update()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if finite:
-        reduce_gradients(params, group, env)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-        optimizer.step()
-    else:
-        norm = float("nan")
-    optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss_sum, main_sum, pres_sum, finite, norm, int(samples_sum), lr)

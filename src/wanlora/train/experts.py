@@ -15,12 +15,12 @@ Placement. On a CPU device both experts simply stay where they are. On a GPU, wh
 host memory. At a switch the outgoing expert's frozen tensors point back at their pinned host
 mirror (`wanlora.models.accel.park_frozen`: no device-to-host copy after the first time) and the
 incoming one is copied to the GPU from pinned memory (`non_blocking`: the host does not wait),
-queued right after the outgoing expert's last backward. The copy runs on the compute stream, not
-a side stream: the incoming expert only fits once the outgoing one's memory is free, so there is
-nothing to overlap it with but the optimizer step, and on one stream (a) the new tensors reuse
-the blocks the parked expert just freed (a side stream has its own pool and would make the
-allocator free and re-reserve 27 GB) and (b) the copy cannot overwrite weights that queued
-backward kernels still read. Only frozen base weights travel; the small LoRA parameters and
+queued right after the outgoing expert's optimizer step, so the host prepares the next
+micro-batch while it runs. The copy runs on the compute stream, not a side stream: the incoming
+expert only fits once the outgoing one's memory is free, so there is no compute to overlap it
+with, and on one stream (a) the new tensors reuse the blocks the parked expert just freed (a side
+stream has its own pool and would make the allocator free and re-reserve 27 GB) and (b) the copy
+cannot overwrite weights that queued kernels still read. Only frozen base weights travel; the small LoRA parameters and
 their optimizer state stay on the GPU, so the optimizer's references remain valid.
 """
 
@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from wanlora.config import Params
+from wanlora.config import NO_EXPERT, Params
 from wanlora.models.accel import park_frozen
 from wanlora.train.timesteps import EXPERTS, Expert
 
@@ -52,10 +52,8 @@ class ExpertSchedule:
     done: int = 0
 
     def __post_init__(self) -> None:
-        if not self.active:
-            raise ValueError(
-                "no expert selected: set multistage.train_high_noise or multistage.train_low_noise to true"
-            )
+        if not self.active:  # params refuse this (`MultistageConfig`); a schedule built by hand may not
+            raise ValueError(f"no expert selected: multistage.{NO_EXPERT}")
         self.active = tuple(e for e in ORDER if e in self.active)
 
     def take(self, micro_batches: int, generator: torch.Generator) -> list[Expert]:

@@ -3,9 +3,10 @@
 One `Trainer` (a plain dataclass, no hierarchy) holds everything a step touches; the helpers
 beside the loop are small and named. Per optimizer step: the schedule names the expert of each
 of its `gradient_accumulation` micro-batches (both experts when a turn ends inside the step);
-per expert, its weights come to the device, its micro-batches run through `training_step` and
-its own optimizer steps at the scheduled learning rate; every
-`save.every` steps both LoRA files and the full training state are written. A run that finds a
+per expert, its weights come to the device and `optimizer_step` (`wanlora.train.step`, one
+screen) runs its micro-batches and steps its own optimizer at the scheduled learning rate, then
+the next expert's weights are queued; every `save.every` steps both LoRA files and the full
+training state are written. A run that finds a
 state for the same resolved params and inputs in `scratch/train/<key>/` continues from it and
 produces the same losses and the same LoRA bytes as a run that was never interrupted.
 """
@@ -24,20 +25,19 @@ import torch
 from wanlora.config import Params
 from wanlora.data.captions import dropout_texts
 from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches, small_buckets
-from wanlora.data.split import HELD_OUT_REASON, SPLIT_FILE
+from wanlora.data.split import HELD_OUT_REASON
 from wanlora.errors import UserError, rebuild_fix
 from wanlora.io import sha256_file, sha256_json
 from wanlora.models.condition import check_last_frame, model_input
 from wanlora.models.loading import DTYPES
 from wanlora.models.text import encoder_identity, load_text_embeds, pad_embeds
 from wanlora.models.variant import Variant, resolve_variant
-from wanlora.pipeline import stage_values
+from wanlora.pipeline import CAPTION_MANIFEST, LORA, SAMPLES, SPLIT_FILE, TRAIN_LIVE, TRAIN_PERF, stage_values
+from wanlora.pipeline import TEXT_CACHE as TEXT_DIR
 from wanlora.report import InputError, console, write_problems
 from wanlora.train import checkpoint as ckpt
 from wanlora.train.dist_checkpoint import ExpertParts, load_parallel_checkpoint, save_parallel_checkpoint
-from wanlora.train.dist_parallel import (
-    ParallelPlan, StepOutcome, make_groups, optimizer_step, plan_parallel, world_metrics,
-)
+from wanlora.train.dist_parallel import ParallelPlan, make_groups, plan_parallel, world_metrics
 from wanlora.train.distributed import (
     Cursor, DistEnv, DistributedError, GlobalBatch, derive_seed, distributed, init_distributed, rank_share,
     shard, take_batches,
@@ -51,10 +51,9 @@ from wanlora.train.optim import build_optimizer
 from wanlora.train.preview import make_previewer, preview_due, publish_previews, render_preview
 from wanlora.train.sequence_parallel import check_model_degree, check_world, enable_sequence_parallel, make_sequence_group
 from wanlora.train import ti2v
-from wanlora.train.step import StepBatch
+from wanlora.train.step import StepBatch, StepOutcome, optimizer_step
 from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
 
-TEXT_DIR = "data/cache/text"
 # Where the run trains, not what it computes: a run resumes on another GPU count or device.
 PLACEMENT_KEYS = ("train.gpus", "job.device", "train.sequence_parallel")
 
@@ -100,7 +99,7 @@ def run_key(params: Params, workspace: Path, base: Mapping[str, str]) -> str:
     expert trained (new weights at the same path start a new run)."""
     read = {k: v for k, v in stage_values("train", params).items() if k not in PLACEMENT_KEYS}
     inputs = {f: sha256_file(workspace / f)
-              for f in ("data/buckets/samples.jsonl", "data/captions/captions.jsonl", SPLIT_FILE)}
+              for f in (SAMPLES, CAPTION_MANIFEST, SPLIT_FILE)}
     return sha256_json({"params": read, "inputs": inputs, "base": dict(sorted(base.items()))})[:16]
 
 
@@ -241,22 +240,43 @@ def make_batch(tr: Trainer, indices: list[int], expert: Expert, g: torch.Generat
 
 # ---------------------------------------------------------------------------- lifecycle
 def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Trainer:
-    """Load data, the experts this rank trains (of the active ones), LoRAs and optimizers."""
-    from wanlora.models.loading import EXPERT_FOLDERS, boundary_ratio, model_identity, resolve_model
+    """Everything one rank trains with, in named parts: the model folder and its variant, the
+    parallel plan, the data, the timestep laws, this rank's experts (of the active ones) with their
+    LoRAs and placement, the optimizers. Each part refuses what it cannot run before the next one
+    spends minutes loading weights."""
+    from wanlora.models.loading import EXPERT_FOLDERS, model_identity, resolve_model
 
     workspace = Path(workspace)
-    ms = params.multistage
     root = resolve_model(params.model.name_or_path, params.model.revision)
     variant = resolve_variant(params.model.variant, root)  # before minutes of loading the wrong model
     check_last_frame(params.train.last_frame, variant)
     ti2v.check_params(params, variant)
-    active: tuple[Expert, ...] = tuple(e for e, on in (("high", ms.train_high_noise), ("low", ms.train_low_noise)) if on)
-    if len(variant.experts) == 1:
-        active = variant.experts  # TI2V 5B: its one transformer, every timestep
-    if not active:
-        raise InputError("multistage: train_high_noise and train_low_noise are both false. "
-                         "Fix: set at least one of them to true in params.yaml")
+    active = variant.experts if len(variant.experts) == 1 else params.multistage.experts  # TI2V 5B: one, always
     env = env if env is not None else init_distributed(params.job.device)  # cuda:N, never a bare "cuda"
+    plan, groups, sequence = _parallel_plan(params, env, active)
+    mine = plan.experts_of(env.rank)
+    data = _load_data(params, workspace, root, env, variant, mine)
+    dists, high_mass = _timestep_laws(params, root, variant, active)
+    expect_encoder = encoder_identity(root)
+    base_identity = {e: model_identity(root, EXPERT_FOLDERS[e]) for e in active}
+    experts, placer, offloads = _load_experts(params, workspace, root, env, mine, data, dists, expect_encoder,
+                                              groups, sequence)
+    optimizers, emas = _optimizers(params, experts)
+    key = run_key(params, workspace, {**base_identity, **_adapter(params)})
+    tr = Trainer(
+        params=params, workspace=workspace, device=env.device, dtype=DTYPES[params.model.dtype], data=data,
+        experts=experts, optimizers=optimizers, emas=emas, dists=dists,
+        schedule=ExpertSchedule(mine, params.multistage.switch_every, params.multistage.expert_choice, high_mass),
+        placer=placer, offloads=offloads, state_dir=workspace / "scratch/train" / key, base_identity=base_identity,
+        expect_encoder=expect_encoder, variant=variant, env=env, plan=plan, groups=groups,
+    )
+    _check_shapes(tr)
+    return tr
+
+
+def _parallel_plan(params: Params, env: DistEnv, active: tuple[Expert, ...]) -> tuple[ParallelPlan, dict, object]:
+    """Which ranks train which expert (`plan_parallel`), the experts' process groups and this rank's
+    sequence-parallel group; refuses what the plan cannot run before anything loads."""
     sp = params.train.sequence_parallel
     check_world(env.world, sp)
     plan = plan_parallel(env.world, active, params.train.parallel, sp)
@@ -271,31 +291,56 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     if params.train.sharded_base and len(mine) > 1:
         raise DistributedError("train.sharded_base shards one expert per rank group, but this rank holds both: "
                                "launch an even number of processes with train.parallel: auto or expert")
-    device, dtype = env.device, DTYPES[params.model.dtype]
-    if params.quantization.transformer == "qfloat8" and len(mine) > 1 and device.type != "cpu":
+    if params.quantization.transformer == "qfloat8" and len(mine) > 1 and env.device.type != "cpu":
         from wanlora.models.accel import QFLOAT8_MOVES
 
         raise UserError(QFLOAT8_MOVES)  # before minutes of loading and quantizing: placing them would fail
+    return plan, groups, sequence
+
+
+def _load_data(params: Params, workspace: Path, root: Path, env: DistEnv, variant: Variant,
+               mine: tuple[Expert, ...]) -> TrainData:
+    """The cached (or on-the-fly encoded) samples; rank 0 reports the ones left out."""
+    from wanlora.models.loading import model_identity
+
     vae_config = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
     data = build_dataset(workspace, vae_config=vae_config, expect_vae=model_identity(root, "vae"),
                          cached_datasets={n for n, d in params.datasets.items() if d.cache_latents},
                          folders={n: d.folder for n, d in params.datasets.items()},
-                         encode=_vae_encoder(root, params, workspace, device, variant), variant=variant,
+                         encode=_vae_encoder(root, params, workspace, env.device, variant), variant=variant,
                          last_frame=params.train.last_frame)
-    check_model_degree(sp, root, mine, data.buckets(), vae_config)
+    check_model_degree(params.train.sequence_parallel, root, mine, data.buckets(), vae_config)
     problems = data.problems + small_buckets(data.buckets(), params.train.batch_size)
     if env.is_main:
         for p in problems:
             console.print(f"[yellow]train:[/] {p.line()}")
-        write_problems(workspace / "data/train_live/data_problems.json", problems)
+        write_problems(workspace / TRAIN_LIVE / "data_problems.json", problems)
+    return data
 
+
+def _timestep_laws(params: Params, root: Path, variant: Variant,
+                   active: tuple[Expert, ...]) -> tuple[dict[Expert, TimestepDistribution], float]:
+    """Each active expert's timestep law on its band of the boundary, and the high-noise band's
+    probability mass (what the `proportional` schedule picks it with; 1 for one transformer)."""
+    from wanlora.models.loading import boundary_ratio
+
+    ms, cfg = params.multistage, params.train
     boundary = None if variant.boundary is None else (
         ms.boundary_ratio if ms.boundary_ratio is not None else boundary_ratio(root))
-    cfg = params.train
-    dists = {e: TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band(e, boundary),
-                                     params.model.flow_shift) for e in active}
-    expect_encoder = encoder_identity(root)
-    base_identity = {e: model_identity(root, EXPERT_FOLDERS[e]) for e in active}
+
+    def law(e: Expert) -> TimestepDistribution:
+        return TimestepDistribution(cfg.timestep_type, cfg.timestep_bias, expert_band(e, boundary),
+                                    params.model.flow_shift)
+
+    return {e: law(e) for e in active}, 1.0 if boundary is None else law("high").band_mass()
+
+
+def _load_experts(params: Params, workspace: Path, root: Path, env: DistEnv, mine: tuple[Expert, ...],
+                  data: TrainData, dists: dict[Expert, TimestepDistribution], expect_encoder: str,
+                  groups: dict[Expert, object], sequence: object,
+                  ) -> tuple[dict[Expert, torch.nn.Module], ExpertPlacer, list[BlockOffload]]:
+    """This rank's experts with their LoRAs, and the placer that keeps the first one on the device."""
+    device, dtype = env.device, DTYPES[params.model.dtype]
     experts, offloads, where = {}, [], {}
     for e in mine:
         calib = _calibration_inputs(data, dists[e], workspace, params, expect_encoder, device, dtype)
@@ -318,23 +363,15 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     mover = make_mover(device, {id(b) for off in offloads for b in off.blocks})
     placer = ExpertPlacer(experts, device, both_fit(params, experts, device), mover, where)
     placer.prepare(mine[0])
-    trainable = {e: [p for p in m.parameters() if p.requires_grad] for e, m in experts.items()}
-    high_mass = 1.0 if boundary is None else TimestepDistribution(
-        cfg.timestep_type, cfg.timestep_bias, expert_band("high", boundary), params.model.flow_shift).band_mass()
-    tr = Trainer(
-        params=params, workspace=workspace, device=device, dtype=dtype, data=data, experts=experts,
-        optimizers={e: build_optimizer(trainable[e], cfg) for e in mine},
-        emas={e: Ema(m, cfg.ema.decay) for e, m in experts.items()} if cfg.ema.enabled else {},
-        dists=dists,
-        schedule=ExpertSchedule(mine, ms.switch_every, ms.expert_choice, high_mass),
-        placer=placer, offloads=offloads,
-        state_dir=workspace / "scratch/train" / run_key(params, workspace, {**base_identity, **_adapter(params)}),
-        base_identity=base_identity,
-        expect_encoder=expect_encoder, variant=variant,
-        env=env, plan=plan, groups=groups,
-    )
-    _check_shapes(tr)
-    return tr
+    return experts, placer, offloads
+
+
+def _optimizers(params: Params, experts: dict[Expert, torch.nn.Module],
+                ) -> tuple[dict[Expert, torch.optim.Optimizer], dict[Expert, Ema]]:
+    """Each expert's optimizer over its LoRA parameters, and its EMA when `train.ema` is on."""
+    cfg = params.train
+    optimizers = {e: build_optimizer([p for p in m.parameters() if p.requires_grad], cfg) for e, m in experts.items()}
+    return optimizers, {e: Ema(m, cfg.ema.decay) for e, m in experts.items()} if cfg.ema.enabled else {}
 
 
 def _check_shapes(tr: Trainer) -> None:
@@ -353,21 +390,19 @@ def _check_shapes(tr: Trainer) -> None:
 
 def step_experts(tr: Trainer, parts: list[tuple[Expert, list[GlobalBatch], int]]) -> dict[Expert, StepOutcome]:
     """One optimizer step of each expert of `parts` (`next_batches`), in turn, each on its own
-    micro-batches and optimizer; the next expert's weights are fetched while the current one's
-    optimizer steps, and an expert's EMA follows each finite update."""
+    micro-batches and optimizer. Once an expert has stepped, the weights of the one that trains
+    next (later in this step, or at the next turn: `ExpertSchedule.upcoming`) start their copy to
+    the device, and its EMA follows a finite update."""
     outs: dict[Expert, StepOutcome] = {}
     for k, (expert, mine, count) in enumerate(parts):
-        following = parts[k + 1][0] if k + 1 < len(parts) else tr.schedule.upcoming()
         model = tr.placer.activate(expert) if mine else tr.experts[expert]  # no batch here: no need to fetch it
-
-        def prefetch(following: Expert | None = following) -> None:
-            if following is not None:
-                tr.placer.prepare(following)
-
         out = outs[expert] = optimizer_step(
             model, tr.optimizers[expert], mine, lambda idx, e, g: make_batch(tr, idx, e, g), expert=expert,
             step=tr.step, cfg=tr.params.train, seed=tr.params.job.seed, dtype=tr.dtype, env=tr.env,
-            group=tr.groups[expert], before_update=prefetch, micro_batches=count, sp=tr.plan.sp)
+            group=tr.groups[expert], micro_batches=count, sp=tr.plan.sp)
+        following = parts[k + 1][0] if k + 1 < len(parts) else tr.schedule.upcoming()
+        if following is not None:
+            tr.placer.prepare(following)
         if out.finite and expert in tr.emas:
             tr.emas[expert].update(model)
         for off in tr.offloads:  # an offloaded block left on the device goes home before the next expert runs
@@ -376,7 +411,7 @@ def step_experts(tr: Trainer, parts: list[tuple[Expert, list[GlobalBatch], int]]
 
 
 def _monitor(tr: Trainer) -> Monitor:
-    return Monitor(tr.workspace / "data/train_live", tr.workspace / "data/train_perf", tr.state_dir / "live",
+    return Monitor(tr.workspace / TRAIN_LIVE, tr.workspace / TRAIN_PERF, tr.state_dir / "live",
                    tr.params.train.steps, tr.step, tr.history)
 
 
@@ -452,7 +487,7 @@ def save_checkpoint(tr: Trainer) -> None:
                              extra={"bad_steps": tr.bad_steps, "schedule": tr.schedule.state_dict(),
                                     "history": tr.history})
     if tr.env.is_main:
-        ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
+        ckpt.publish_loras(tr.state_dir, tr.workspace / LORA)
 
 
 def load_checkpoint(tr: Trainer) -> bool:
@@ -477,7 +512,7 @@ def run_stage(params: Params, workspace: Path) -> None:
         if tr.step < params.train.steps:
             train(tr)
         elif env.is_main:
-            ckpt.publish_loras(tr.state_dir, tr.workspace / "data/lora")
+            ckpt.publish_loras(tr.state_dir, tr.workspace / LORA)
             _monitor(tr).close()
             if (preview := make_previewer(tr)) is not None:
                 publish_previews(preview, tr.history)

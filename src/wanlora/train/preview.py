@@ -41,6 +41,7 @@ import torch
 
 from wanlora.config import Params, SampleConfig
 from wanlora.io import atomic_write_json, atomic_write_text, copy_tree, read_jsonl, sha256_json, sweep_temps
+from wanlora.pipeline import SAMPLES, SPLIT_FILE, TEXT_CACHE, TRAIN_LIVE, TRAIN_PERF
 from wanlora.report import InputError, console
 from wanlora.train.monitor import PUBLISH_TEMP
 
@@ -116,8 +117,8 @@ def make_previewer(tr: Trainer) -> Previewer | None:
                        "prompts": prompt_texts(p), **digests})[:16]
     temp = tr.state_dir / PUBLISH_TEMP
     sweep_temps(temp)
-    return Previewer(p, tr.state_dir / "previews" / key, tr.workspace / "data/train_live",
-                     tr.workspace / "data/train_perf", temp, cfg, prompt_texts(p), column_labels(p, tr.variant),
+    return Previewer(p, tr.state_dir / "previews" / key, tr.workspace / TRAIN_LIVE, tr.workspace / TRAIN_PERF,
+                     temp, cfg, prompt_texts(p), column_labels(p, tr.variant),
                      starts, ends)
 
 
@@ -127,9 +128,8 @@ def _start_frames(tr: Trainer, cfg: SampleConfig) -> tuple[list[np.ndarray] | No
     digests for the preview key (empty for a text-to-video model, whose key stays as it was)."""
     if not (tr.variant.image_condition or tr.variant.expand_timesteps):
         return None, None, {}
-    from wanlora.data.split import SPLIT_FILE, read_split
+    from wanlora.data.split import read_split
     from wanlora.evaluate.start_images import frames_digest, prompt_frames
-    from wanlora.pipeline import SAMPLES
 
     samples = {s["id"]: s for s in read_jsonl(tr.workspace / SAMPLES)}
     starts, ends = prompt_frames(cfg, read_split(tr.workspace / SPLIT_FILE), samples, tr.workspace,
@@ -153,7 +153,7 @@ def _pipeline(tr: Trainer, pv: Previewer) -> Any:
         vae = load_vae(root, "fp32", str(tr.device))
         pv.pipe = build_pipeline(tr.experts[tr.variant.experts[0]], tr.experts.get("low"), vae, boundary,
                                  p.model.flow_shift, tr.variant)
-        text = tr.workspace / "data/cache/text"
+        text = tr.workspace / TEXT_CACHE
 
         def embed(s: str) -> torch.Tensor:
             return pad_embeds([load_text_embeds(text, s, tr.expect_encoder)]).to(tr.dtype)

@@ -22,7 +22,7 @@ How, per Wan expert (`enable_sequence_parallel`):
 Gradients: the gather's backward keeps only this rank's slice (every rank computed the same loss
 from the same full output), and the split's backward is zero outside the slice, so each rank's
 LoRA gradient is its share of the full gradient: the ranks' gradients *sum* to one process's.
-`dist_parallel.optimizer_step` averages over all DP x SP ranks with the loss scaled by the group
+`step.optimizer_step` averages over all DP x SP ranks with the loss scaled by the group
 size, which is that sum for SP and the usual mean for DP (see `optimizer_step`).
 
 Why our own processor and not diffusers' context parallelism (`enable_parallelism`,

@@ -1,8 +1,11 @@
-"""One micro-step of one expert: noise, predict, loss (+ DOP), backward. No I/O, no state.
+"""One optimizer step of one expert, and the micro-step it repeats. No I/O.
 
-The GPU benchmark calls `training_step` with full-size random experts; the loop calls it with
-real batches. Everything random (timesteps, noise, caption dropout) is drawn by the caller and
-passed in, so the step itself is deterministic and the caller owns reproducibility.
+`optimizer_step` is the whole step on one screen: learning rate, this rank's micro-batches
+(`training_step`: noise, predict, loss (+ DOP), backward), the gradient average over the expert's
+rank group (`wanlora.train.dist_parallel`: a no-op on one process), clipping, the update and
+zero-grad. The loop and the GPU benchmark call it alike. Everything random (timesteps, noise,
+caption dropout) is drawn by the caller's `make_batch` from the generator the step passes it, so
+the step itself is deterministic and the caller owns reproducibility.
 
 Differential guidance replaces the target by pred + scale * (target - pred), computed without
 gradient. Its gradient is exactly `scale` times the plain MSE gradient. With Adam-type
@@ -16,15 +19,22 @@ often, and (b) the balance with the DOP term, whose weight relative to the main 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from wanlora.config import TrainConfig
 from wanlora.models.activation_offload import offload_context
 from wanlora.models.condition import model_input
 from wanlora.train import flowmatch as fm
 from wanlora.train import ti2v
+from wanlora.train.dist_parallel import group_size, reduce_gradients, sum_over
+from wanlora.train.distributed import DistEnv, GlobalBatch, batch_generator
 from wanlora.train.lora import lora_disabled
+from wanlora.train.optim import lr_at, set_lr
+from wanlora.train.timesteps import Expert
 
 
 @dataclass
@@ -135,3 +145,59 @@ def training_step(
     if finite:
         (total * loss_scale).backward()
     return StepLosses(float(total.detach()), float(main.detach()), preservation, finite)
+
+
+MakeBatch = Callable[[list[int], Expert, torch.Generator], StepBatch]
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step as every rank of the group sees it (identical on all of them)."""
+
+    loss: float
+    main: float
+    preservation: float
+    finite: bool
+    grad_norm: float
+    samples: int
+    lr: float
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[GlobalBatch],
+                   make_batch: MakeBatch, *, expert: Expert, step: int, cfg: TrainConfig, seed: int,
+                   dtype: torch.dtype, env: DistEnv, group: Any = None, micro_batches: int | None = None,
+                   sp: int = 1) -> StepOutcome:
+    """Optimizer step `step` of `expert`: this rank's micro-batches, the group's average, the update.
+
+    Each micro-batch draws from `batch_generator(seed, expert, epoch, position)`. `micro_batches`:
+    the expert's global micro-batches in this step (all ranks; by default every rank's
+    `len(batches)`), so the gradient and the losses are means over all of them even when ranks
+    ran unequal numbers. `sp` ranks of a replica run the same micro-batches: their losses count
+    once and their gradients sum (loss scale n/count, then the group mean: see dist_parallel).
+    A non-finite loss on any rank skips the update on every rank, so the LoRAs never diverge.
+    """
+    lr = lr_at(step, cfg)
+    set_lr(optimizer, lr)
+    n = group_size(group, env)
+    count = micro_batches if micro_batches is not None else len(batches) * n // sp
+    loss, main, preservation, bad, samples = 0.0, 0.0, 0.0, 0, 0
+    for b in batches:
+        out = training_step(
+            model, make_batch(b.indices, expert, batch_generator(seed, expert, b.epoch, b.position)), dtype=dtype,
+            dop_multiplier=cfg.dop.multiplier if cfg.dop.enabled else 0.0,
+            guidance_scale=cfg.differential_guidance.scale if cfg.differential_guidance.enabled else None,
+            loss_scale=n / count,  # reduce_gradients then divides by n: the mean over all `count`
+        )
+        loss, main = loss + out.total / count, main + out.main / count
+        preservation += (out.preservation or 0.0) / count
+        bad, samples = bad + (not out.finite), samples + len(b.indices)
+    loss, main, preservation, bad, samples = (v / sp for v in sum_over([loss, main, preservation, bad, samples],
+                                                                        group, env))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = float("nan")
+    if bad == 0:
+        reduce_gradients(params, group, env)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss, main, preservation, bad == 0, norm, int(samples), lr)
