@@ -48,7 +48,7 @@ from wanlora.train.distributed import Cursor, distributed, rank_share, take_batc
 from wanlora.train.lora import add_lora
 from wanlora.train.optim import build_optimizer
 from wanlora.train.sequence_parallel import check_degree, enable_sequence_parallel, make_sequence_group
-from wanlora.train.step import StepBatch
+from wanlora.train.step import StepBatch, optimizer_step
 from wanlora.train.timesteps import TimestepDistribution, expert_band
 
 S33 = Shape(33, 512, 512)

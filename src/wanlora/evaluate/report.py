@@ -19,9 +19,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from wanlora.config import EXPERTS
 from wanlora.data.split import BASIS_LABEL, HELD_OUT, TRAINING_CLIPS, Split
 from wanlora.io import read_jsonl
-from wanlora.train.timesteps import EXPERTS
 from wanlora.report import problems_html
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")

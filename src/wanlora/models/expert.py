@@ -19,13 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from wanlora.config import Params, QuantizationConfig
+from wanlora.config import Expert, Params, QuantizationConfig
 from wanlora.io import sha256_json
 from wanlora.models import recovery
 from wanlora.models.quant import DEFAULT_EXCLUDE, cache_key, quantize_cached
 from wanlora.models.recovery import WeightLoader
 from wanlora.report import console
-from wanlora.train.timesteps import Expert
 
 #: Modes whose rounding a fitted correction is worth fitting for; 8-bit modes run without one.
 FITTED_MODES = ("nf4", "uint4")

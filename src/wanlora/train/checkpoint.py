@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 
+from wanlora.config import EXPERTS
 from wanlora.io import atomic_write_bytes, atomic_write_json
 from wanlora.tensorfiles import to_bytes as safetensors_bytes
-from wanlora.train.timesteps import EXPERTS
 
 LATEST = "latest.json"
 

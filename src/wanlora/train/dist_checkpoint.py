@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wanlora.config import Expert
 from wanlora.train import checkpoint as ckpt
 from wanlora.train.dist_parallel import ParallelPlan, is_sharded
 from wanlora.train.distributed import Cursor, DistEnv, DistributedError, barrier, gather_objects
 from wanlora.train.experts import ORDER
 from wanlora.train.lora import Ema, load_lora_state_dict, lora_state_dict
-from wanlora.train.timesteps import Expert
 
 #: expert -> LoRA file bytes, e.g. a closure over `wanlora.train.lora.lora_file_bytes` and lineage.
 LoraFiles = Callable[[dict[Expert, dict[str, torch.Tensor]]], dict[Expert, bytes]]

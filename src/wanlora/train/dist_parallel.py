@@ -41,9 +41,9 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from wanlora.config import Expert
 from wanlora.train.distributed import DistEnv, DistributedError
 from wanlora.train.experts import ORDER
-from wanlora.train.timesteps import Expert
 
 Mode = Literal["auto", "data", "expert"]
 BUCKET_BYTES = 64 << 20

@@ -32,9 +32,8 @@ from typing import Literal
 
 import torch
 
-from wanlora.config import NO_EXPERT, Params
+from wanlora.config import EXPERTS, NO_EXPERT, Expert, Params
 from wanlora.models.accel import park_frozen
-from wanlora.train.timesteps import EXPERTS, Expert
 
 Choice = Literal["alternate", "proportional"]
 ORDER: tuple[Expert, ...] = EXPERTS

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from wanlora.config import Params
+from wanlora.config import Expert, Params
 from wanlora.data.captions import dropout_texts
 from wanlora.data.dataset import Encode, TrainData, build_dataset, epoch_batches, small_buckets
 from wanlora.data.split import HELD_OUT_REASON
@@ -52,7 +52,7 @@ from wanlora.train.preview import make_previewer, preview_due, publish_previews,
 from wanlora.train.sequence_parallel import check_model_degree, check_world, enable_sequence_parallel, make_sequence_group
 from wanlora.train import ti2v
 from wanlora.train.step import StepBatch, StepOutcome, optimizer_step
-from wanlora.train.timesteps import Expert, TimestepDistribution, expert_band
+from wanlora.train.timesteps import TimestepDistribution, expert_band
 
 # Where the run trains, not what it computes: a run resumes on another GPU count or device.
 PLACEMENT_KEYS = ("train.gpus", "job.device", "train.sequence_parallel")

@@ -32,9 +32,9 @@ import torch
 from dvclive import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from wanlora.config import EXPERTS
 from wanlora.io import atomic_write_json, copy_tree, sweep_temps
 from wanlora.report import console
-from wanlora.train.timesteps import EXPERTS
 
 SUMMARY_EVERY = 50
 METRICS = (*(f"{m}_{e}" for m in ("loss", "dop") for e in EXPERTS), "lr", "grad_norm")  # main: TI2V 5B

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from wanlora.config import TrainConfig
+from wanlora.config import Expert, TrainConfig
 from wanlora.models.activation_offload import offload_context
 from wanlora.models.condition import model_input
 from wanlora.train import flowmatch as fm
@@ -34,7 +34,6 @@ from wanlora.train.dist_parallel import group_size, reduce_gradients, sum_over
 from wanlora.train.distributed import DistEnv, GlobalBatch, batch_generator
 from wanlora.train.lora import lora_disabled
 from wanlora.train.optim import lr_at, set_lr
-from wanlora.train.timesteps import Expert
 
 
 @dataclass

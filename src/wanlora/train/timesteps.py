@@ -28,11 +28,10 @@ band (the expert's share when experts are chosen in proportion to their bands).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from wanlora.config import EXPERTS, Expert, TimestepBias, TimestepType  # noqa: F401  (EXPERTS re-exported)
+from wanlora.config import Expert, TimestepBias, TimestepType
 from wanlora.train.flowmatch import NUM_TRAIN_TIMESTEPS, shift_sigma, unshift_sigma
 
 # Loss weight of the 'weighted' type at t = 1000, 900, ..., 0: knots read off AI Toolkit's
