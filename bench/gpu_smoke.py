@@ -110,7 +110,7 @@ def sampling(low_vram: bool) -> tuple[tuple[int, ...], dict]:
     """The evaluate stage's pipeline and validation loss on a bf16 base, resident or offloaded."""
     from wanlora.config import parse_params
     from wanlora.evaluate import sampling as s
-    from wanlora.evaluate.validation import ValItem, validation_loss
+    from wanlora.evaluate.validation import ValItem, fixed_noise_losses
     from wanlora.models.loading import load_transformer, load_vae
     from wanlora.models.text import load_text_embeds, pad_embeds
     from wanlora.stages._common import resolve_device
@@ -126,8 +126,9 @@ def sampling(low_vram: bool) -> tuple[tuple[int, ...], dict]:
     neg = pad_embeds([load_text_embeds(text, "")]).to(torch.bfloat16)
     cfg = parse_params({"sample": {"prompts": ["a"], "num_frames": 5, "width": 32, "height": 32, "steps": 2}}).sample
     video = s.generate(pipe, [emb], neg, cfg)[0]
-    val = validation_loss({"high": pipe.transformer, "low": pipe.transformer_2},
-                          [ValItem("x", torch.randn(16, 2, 4, 4), emb[0])], [100, 900], 0.875, 1)
+    terms = fixed_noise_losses({"high": pipe.transformer, "low": pipe.transformer_2},
+                               [ValItem("x", torch.randn(16, 2, 4, 4), emb[0])], [100, 900], 0.875, 1)
+    val = {e: sum(v) / len(v) for e, v in terms.items()}
     assert video.shape == (5, 32, 32, 3) and all(0 < v < 100 for v in val.values()), (video.shape, val)
     return video.shape, val
 

