@@ -174,6 +174,21 @@ def test_params_that_select_no_expert():
         parse_params({"multistage": {"train_high_noise": False, "train_low_noise": False}})
 
 
+def test_adamw8bit_without_bitsandbytes_stops_before_the_experts_load(ws, template, monkeypatch):
+    """Found on an H200 without bitsandbytes: the optimizer error came after ~10 minutes of
+    quantizing and fitting both experts. Setup now asks for the optimizer's library first."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as when it is not installed
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the experts were loaded before the optimizer was checked")
+
+    monkeypatch.setattr(loop, "_load_experts", loaded)
+    with pytest.raises(RuntimeError, match="bitsandbytes cannot be loaded.*set train.optimizer: adamw"):
+        loop.setup(tiny_params(template[1], train={"optimizer": "adamw8bit"}), ws)
+
+
 def test_dataset_with_no_valid_samples(ws, template):
     for f in (ws / "data/cache/latents").iterdir():
         f.unlink()

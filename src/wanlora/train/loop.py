@@ -47,7 +47,7 @@ from wanlora.train.lora import Ema, add_lora, base_model_version, lora_file_byte
 from wanlora.train.monitor import Monitor, peak_memory_gib
 from wanlora.train.offload import BlockOffload
 from wanlora.train.flowmatch import add_noise
-from wanlora.train.optim import build_optimizer
+from wanlora.train.optim import build_optimizer, check_optimizer
 from wanlora.train.preview import make_previewer, preview_due, publish_previews, render_preview
 from wanlora.train.sequence_parallel import check_model_degree, check_world, enable_sequence_parallel, make_sequence_group
 from wanlora.train import ti2v
@@ -250,6 +250,7 @@ def setup(params: Params, workspace: Path, env: DistEnv | None = None) -> Traine
     root = resolve_model(params.model.name_or_path, params.model.revision)
     variant = resolve_variant(params.model.variant, root)  # before minutes of loading the wrong model
     check_last_frame(params.train.last_frame, variant)
+    check_optimizer(params.train)  # bitsandbytes before minutes of quantizing
     ti2v.check_params(params, variant)
     active = variant.experts if len(variant.experts) == 1 else params.multistage.experts  # TI2V 5B: one, always
     env = env if env is not None else init_distributed(params.job.device)  # cuda:N, never a bare "cuda"

@@ -18,6 +18,7 @@ floor of Adam's denominator, so it damps the update of every element whose gradi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -36,6 +37,16 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
         # explicit LR (our schedule drives it), no relative step / warm-up init of its own
         return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
+    bnb = check_optimizer(cfg)
+    return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def check_optimizer(cfg: TrainConfig) -> Any:
+    """bitsandbytes for adamw8bit (None for the others), or the fix. Setup calls this before it
+    loads and quantizes the experts: on the 24 GB tier that is ~10 minutes, spent for nothing when
+    the optimizer then cannot be built (measured on an H200 without bitsandbytes)."""
+    if cfg.optimizer != "adamw8bit":
+        return None
     try:
         import bitsandbytes as bnb
     except Exception as err:  # ImportError, or a broken native library
@@ -43,7 +54,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
             f"train.optimizer is adamw8bit but bitsandbytes cannot be loaded ({err}); "
             "install it (pip install bitsandbytes) or set train.optimizer: adamw"
         ) from None
-    return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return bnb
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
