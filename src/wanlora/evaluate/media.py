@@ -38,7 +38,12 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": "18", "preset": "medium"}
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            # Converted here, not left to `stream.encode`: with encode converting, the same frames gave
+            # other bytes now and then once the heap had churned (after a TI2V 5B preview; after many
+            # mallocs and frees), though the yuv420p pixels it converts to are the same; the cause is
+            # somewhere in PyAV 18's encode path, not pinned down. Converting first always gave one result.
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            for packet in stream.encode(yuv):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
