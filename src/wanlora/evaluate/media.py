@@ -41,7 +41,8 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
             # Converted here, not left to `stream.encode`: with encode converting, the same frames gave
             # other bytes now and then once the heap had churned (after a TI2V 5B preview; after many
             # mallocs and frees), though the yuv420p pixels it converts to are the same; the cause is
-            # somewhere in PyAV 18's encode path, not pinned down. Converting first always gave one result.
+            # somewhere in PyAV 18's encode path, not pinned down. Converting first cured every case we could
+            # reproduce alone, but the full test suite still saw it once (test_train_preview_image): open.
             yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
             for packet in stream.encode(yuv):
                 container.mux(packet)
