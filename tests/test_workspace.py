@@ -109,3 +109,24 @@ def test_track_raw_refuses_a_link_even_to_a_file_inside_the_folder(tmp_path: Pat
     with pytest.raises(UserError, match=r"holds symlinks .*\n  data/raw/copy.mp4\nFix: replace each link"):
         track_raw(tmp_path, params)
     assert (tmp_path / "data/raw/copy.mp4").is_symlink() and not (tmp_path / "data/raw.dvc").exists()
+
+
+def test_stages_silence_the_bitsandbytes_kernel_fetch_warning(tmp_path):
+    """On AVX-512 BF16 CPUs bitsandbytes' CPU backend logs, at import, that it could not fetch a
+    Hub kernel (`backends/cpu/ops.py`); every model stage printed it. The logger name must be the
+    one bitsandbytes uses, and a stage run through `_common.run` must not print the line."""
+    import subprocess
+    import sys
+
+    import bitsandbytes.backends.cpu.ops as bnb_cpu
+
+    from wanlora.stages import _common
+
+    assert bnb_cpu.logger.name == _common.BNB_CPU_LOGGER
+    emit = ("import logging\nlogging.getLogger('bitsandbytes.backends.cpu.ops')"
+            ".warning('Failed to load CPU gemm_4bit_forward')\n")
+    staged = "from wanlora.stages._common import run\ndef main():\n    " + emit.replace("\n", "\n    ") + "\nrun(main)\n"
+    for code, printed in ((emit, True), (staged, False)):
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert ("gemm_4bit_forward" in done.stderr) is printed, done.stderr
