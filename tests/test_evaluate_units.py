@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import statistics
 
 import av
@@ -126,6 +127,47 @@ def test_mp4_bytes_depend_only_on_the_frames():
         for round_ in range(8):
             _churn_heap(round_)
             assert media.encode_mp4(frames, fps=8) == first, (seed, round_)
+
+
+def test_yuv420p_matches_swscale():
+    """Our integer BT.601 conversion against swscale's (PyAV `reformat`), the converter it replaced:
+    equal planes for flat colours, luma within one level on a gradient, and the decoded RGB as close
+    to the source as swscale's."""
+    for colour in ((200, 30, 90), (0, 0, 0), (255, 255, 255), (255, 0, 0), (10, 250, 128)):
+        flat = np.broadcast_to(np.array(colour, np.uint8), (32, 48, 3)).copy()
+        sws = av.VideoFrame.from_ndarray(flat, format="rgb24").reformat(format="yuv420p").to_ndarray()
+        assert np.array_equal(media.yuv420p(flat), sws), colour
+    yy, xx = np.mgrid[0:96, 0:128]
+    grad = np.stack([xx * 2, yy * 2, xx + yy], -1).clip(0, 255).astype(np.uint8)
+    sws = av.VideoFrame.from_ndarray(grad, format="rgb24").reformat(format="yuv420p").to_ndarray()
+    ours = media.yuv420p(grad)
+    assert ours.shape == sws.shape == (144, 128)
+    assert np.abs(ours[:96].astype(int) - sws[:96]).max() <= 1
+
+    def error(planes):
+        back = av.VideoFrame.from_ndarray(planes, format="yuv420p").to_ndarray(format="rgb24")
+        return np.abs(back.astype(int) - grad).mean()
+
+    assert error(ours) <= error(sws) + 0.1
+    with pytest.raises(ValueError, match="even sides"):
+        media.yuv420p(grad[:95])
+
+
+def test_mp4_bytes_do_not_depend_on_the_core_count(tmp_path):
+    """x264 picks its slice count from the CPUs it may use unless told; the same frames encoded
+    on one core and on every core must give the same bytes (they did not before X264_THREADS)."""
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs and sched_setaffinity")
+    np.save(tmp_path / "frames.npy", np.random.default_rng(3).random((5, 128, 128, 3), dtype=np.float32))
+    code = ("import os, sys, numpy as np\nfrom wanlora.evaluate import media\n"
+            "if sys.argv[1] == 'one': os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "sys.stdout.buffer.write(media.encode_mp4(np.load('frames.npy'), fps=8))\n")
+    one, every = (subprocess.run([sys.executable, "-c", code, cores], cwd=tmp_path, capture_output=True,
+                                 check=True).stdout for cores in ("one", "every"))
+    assert len(one) > 1000 and one == every
 
 
 def test_contact_sheet_columns_and_layout():

@@ -26,8 +26,45 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+#: BT.601 limited-range RGB -> Y'CbCr rows (Y, Cb, Cr) in 16-bit fixed point: swscale's default
+#: matrix for yuv420p, so the videos look as they did when swscale converted them.
+_BT601 = np.rint(np.array([[65.481, 128.553, 24.966],
+                           [-37.797, -74.203, 112.0],
+                           [112.0, -93.786, -18.214]]) / 255 * (1 << 16)).astype(np.int64)
+
+#: x264 slices (PyAV asks for slice threads); fixed so the bytes do not depend on the core count
+#: (x264 lowers it for short frames as a function of the height alone).
+X264_THREADS = "8"
+
+
+def yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 RGB -> the [H * 3 / 2, W] yuv420p planes PyAV takes, in integers.
+
+    Done here rather than by swscale so the encoder's input is exact integer arithmetic on any
+    CPU. Both ways swscale converted (inside `stream.encode`, then through `reformat`) gave other
+    mp4 bytes for the same frames now and then within one process, the second only in the full
+    test suite on CI; the cause was not pinned down, and x264 alone, given the same planes, was
+    repeatable under valgrind, heap churn and load. Chroma is the rounded mean of each 2x2 block;
+    flat colours come back as swscale's did.
+    """
+    h, w, _ = rgb.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"yuv420p needs even sides, got {w}x{h}")
+    rgb = rgb.astype(np.int64)
+    half = 1 << 15
+    y = (rgb @ _BT601[0] + (16 << 16) + half) >> 16
+    quad = rgb.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))  # four times each block's mean
+    cb = (quad @ _BT601[1] + (128 << 18) + (half << 2)) >> 18
+    cr = (quad @ _BT601[2] + (128 << 18) + (half << 2)) >> 18
+    return np.concatenate([y, cb.reshape(h // 4, w), cr.reshape(h // 4, w)]).clip(0, 255).astype(np.uint8)
+
+
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """H.264 mp4 bytes of [F, H, W, 3] uint8 frames."""
+    """H.264 mp4 bytes of [F, H, W, 3] frames: same frames, same bytes on one machine.
+
+    Not across CPUs: x264's output depends on the SIMD it finds (its C code alone gave other bytes
+    for an 81-frame 832x480 clip than its AVX2 code), while the pixels agree to the codec's error.
+    """
     import av
 
     frames = to_uint8(frames)
@@ -36,15 +73,9 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=int(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "18", "preset": "medium"}
+        stream.options = {"crf": "18", "preset": "medium", "threads": X264_THREADS}
         for frame in frames:
-            # Converted here, not left to `stream.encode`: with encode converting, the same frames gave
-            # other bytes now and then once the heap had churned (after a TI2V 5B preview; after many
-            # mallocs and frees), though the yuv420p pixels it converts to are the same; the cause is
-            # somewhere in PyAV 18's encode path, not pinned down. Converting first cured every case we could
-            # reproduce alone, but the full test suite still saw it once (test_train_preview_image): open.
-            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
-            for packet in stream.encode(yuv):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(yuv420p(frame), format="yuv420p")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
