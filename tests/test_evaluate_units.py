@@ -118,9 +118,10 @@ def _churn_heap(seed: int) -> None:
 
 
 def test_mp4_bytes_depend_only_on_the_frames():
-    """Same frames, same bytes, whatever the process did before: with `stream.encode` converting
-    RGB to yuv420p itself, a churned heap (or a TI2V 5B preview run before) gave other bytes for
-    some arrays now and then; this loop failed on that code."""
+    """Same frames, same bytes, whatever the process did before: with swscale converting RGB to
+    yuv420p inside `stream.encode`, a churned heap (or a TI2V 5B preview run before) gave other
+    bytes for some arrays now and then on an AVX-512 machine; this loop failed on that code there
+    (it passes on CPUs without AVX-512 either way; `media.yuv420p` has no swscale in the path)."""
     for seed in range(8):
         frames = np.random.default_rng(seed).random((5, 64, 64, 3), dtype=np.float32)
         first = media.encode_mp4(frames, fps=8)
