@@ -152,6 +152,8 @@ def test_yuv420p_matches_swscale():
     assert error(ours) <= error(sws) + 0.1
     with pytest.raises(ValueError, match="even sides"):
         media.yuv420p(grad[:95])
+    with pytest.raises(ValueError, match="divisible by 4"):  # even, but the chroma rows would not fill
+        media.yuv420p(grad[:94])
 
 
 def test_mp4_bytes_do_not_depend_on_the_core_count(tmp_path):

@@ -42,21 +42,21 @@ def yuv420p(rgb: np.ndarray) -> np.ndarray:
 
     Done here rather than by swscale so the encoder's input is exact integer arithmetic on any
     CPU. Both ways swscale converted (inside `stream.encode`, then through `reformat`) gave other
-    mp4 bytes for the same frames now and then within one process, the second only in the full
-    test suite on CI; the cause was not pinned down, and x264 alone, given the same planes, was
+    mp4 bytes for the same frames now and then within one process, the second only in full
+    test-suite runs; the cause was not pinned down, and x264 alone, given the same planes, was
     repeatable under valgrind, heap churn and load. Chroma is the rounded mean of each 2x2 block;
     flat colours come back as swscale's did.
     """
     h, w, _ = rgb.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"yuv420p needs even sides, got {w}x{h}")
+    if h % 4 or w % 2:  # each chroma plane fills h / 4 rows of width w
+        raise ValueError(f"yuv420p needs even sides and a height divisible by 4, got {w}x{h}")
     rgb = rgb.astype(np.int64)
     half = 1 << 15
     y = (rgb @ _BT601[0] + (16 << 16) + half) >> 16
     quad = rgb.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))  # four times each block's mean
     cb = (quad @ _BT601[1] + (128 << 18) + (half << 2)) >> 18
-    cr = (quad @ _BT601[2] + (128 << 18) + (half << 2)) >> 18
-    return np.concatenate([y, cb.reshape(h // 4, w), cr.reshape(h // 4, w)]).clip(0, 255).astype(np.uint8)
+    cr = (quad @ _BT601[2] + (128 << 18) + (half << 2)) >> 18  # limited range: 16..240, no clip
+    return np.concatenate([y, cb.reshape(h // 4, w), cr.reshape(h // 4, w)]).astype(np.uint8)
 
 
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
