@@ -5,7 +5,11 @@ to_q, to_k, to_v, to_out.0, ffn.net.0.proj, ffn.net.2, diffusers' `enable_gradie
 (full recomputation), PyTorch's default SDPA choice, `torch.optim.AdamW`, a flow-matching MSE step
 written inline. Nothing of wanlora's training code is used, on purpose.
 
-    python bench/baseline_naive.py --frames 33 --height 512 --width 512 [--tiny] [--profile]
+    python bench/baseline_naive.py --frames 33 --height 512 --width 512 [--variant i2v-a14b] [--tiny] [--profile]
+
+With `--variant i2v-a14b` the expert takes the 20 condition channels beside the noisy latent
+(concatenated, as WanImageToVideoPipeline does); with `ti2v-5b` it is the 5B transformer, given
+the step's timestep on every token (its `expand_timesteps` input, text-to-video).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from peft import LoraConfig
 
 from bench.common import (
     Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row,
-    random_batch, reset_peak, step_counts, time_steps, write_profile,
+    random_batch, reset_peak, step_counts, time_steps, variant_of, write_profile,
 )
-from wanlora.models.geometry import build_transformer
+from wanlora.models.geometry import build_transformer, tokens
+from wanlora.models.variant import VARIANT_NAMES
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
@@ -52,15 +57,17 @@ def setup(description: str):
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
+    p.add_argument("--variant", default="t2v-a14b", choices=VARIANT_NAMES)
     args = p.parse_args()
     device, dtype = device_and_dtype(args.tiny)
     shape = Shape(args.frames, args.height, args.width) if not args.tiny else Shape(5, 32, 32)
-    return args, geometry(args.tiny), device, dtype, shape
+    return args, geometry(args.tiny, args.variant), device, dtype, shape
 
 
 def main() -> None:
     args, cfg, device, dtype, shape = setup(__doc__.splitlines()[0])
-    name = "naive diffusers+peft (1 expert, full ckpt)"
+    v = variant_of(cfg)
+    name = "naive diffusers+peft (1 expert, full ckpt)" + ("" if v.name == "t2v-a14b" else f", {v.label}")
     try:
         model = build_transformer(cfg, dtype, device)
         model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS))
@@ -68,10 +75,16 @@ def main() -> None:
         model.train()
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
 
-        def predict(noisy, t, text):
-            return model(hidden_states=noisy, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        batch = random_batch(cfg, shape, device, dtype)
+        cond = batch.get("condition")
+        n = tokens(shape.frames, shape.height, shape.width, tuple(cfg["patch_size"]), v.spatial_factor)
 
-        step = naive_step_fn(predict, random_batch(cfg, shape, device, dtype), opt)
+        def predict(noisy, t, text):
+            x = noisy if cond is None else torch.cat([noisy, cond], dim=1)
+            t = t.expand(1, n) if v.expand_timesteps else t
+            return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+        step = naive_step_fn(predict, batch, opt)
         reset_peak(device)
         times = time_steps(step, *step_counts(args), device)
         row = make_row(name, cfg, shape, times, device)

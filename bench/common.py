@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from wanlora.io import atomic_write_text
-from wanlora.models.geometry import TINY, WAN22_A14B, latent_shape, tokens, train_flops
+from wanlora.models.geometry import CONFIGS, TINY_CONFIGS, latent_shape, tokens, train_flops
+from wanlora.models.variant import VARIANTS, Variant
 
 PEAK_TFLOPS = 790.0
 TEXT_LEN = 512
@@ -51,9 +52,14 @@ class Shape:
         return f"{self.frames}f_{self.width}x{self.height}"
 
 
-def geometry(tiny: bool) -> dict[str, Any]:
-    """The expert config: full Wan 2.2 A14B, or the two-layer test model for CPU dry runs."""
-    return TINY if tiny else WAN22_A14B
+def geometry(tiny: bool, variant: str = "t2v-a14b") -> dict[str, Any]:
+    """The expert config of a Wan 2.2 variant: full size, or the two-layer test model for CPU dry runs."""
+    return (TINY_CONFIGS if tiny else CONFIGS)[variant]
+
+
+def variant_of(cfg: dict[str, Any]) -> Variant:
+    """The variant whose transformer takes `cfg`'s input channels (16 T2V, 36 I2V, 48 TI2V 5B)."""
+    return next(v for v in VARIANTS.values() if v.in_channels == cfg["in_channels"])
 
 
 def device_and_dtype(tiny: bool) -> tuple[torch.device, torch.dtype]:
@@ -73,12 +79,18 @@ def random_batch(
     The text is `text_tokens` random embeddings zero-padded to 512, which is what WanPipeline and
     our text cache feed the expert (real tokens, then padding), never an all-zero input.
     """
+    v = variant_of(config)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    c, f, h, w = latent_shape(shape.frames, shape.height, shape.width)
+    c, f, h, w = latent_shape(shape.frames, shape.height, shape.width, v.latent_channels, v.spatial_factor)
     latent = torch.randn(1, c, f, h, w, generator=g)
     text = torch.zeros(1, TEXT_LEN, config["text_dim"])
     text[:, :text_tokens] = torch.randn(1, text_tokens, config["text_dim"], generator=g)
-    return {"latent": latent.to(device, dtype), "text": text.to(device, dtype)}
+    batch = {"latent": latent.to(device, dtype), "text": text.to(device, dtype)}
+    if v.condition_channels:  # I2V A14B: frame mask and the start image's latent, as the latent cache holds them
+        from wanlora.models.condition import condition_input
+
+        batch["condition"] = condition_input(torch.randn(c, f, h, w, generator=g))[None].to(device, dtype)
+    return batch
 
 
 def sync(device: torch.device) -> None:
@@ -179,9 +191,10 @@ def make_row(
     config: str, cfg: dict[str, Any], shape: Shape, times: list[float], device: torch.device,
     note: str = "", experts_per_step: float = 1.0, extra: dict[str, Any] | None = None,
 ) -> Row:
-    n = tokens(shape.frames, shape.height, shape.width, tuple(cfg["patch_size"]))
+    v = variant_of(cfg)
+    n = tokens(shape.frames, shape.height, shape.width, tuple(cfg["patch_size"]), v.spatial_factor)
     s = statistics.median(times) if times else None
-    flops = train_flops(cfg, n, TEXT_LEN) * experts_per_step
+    flops = train_flops(cfg, n, TEXT_LEN, v.expand_timesteps) * experts_per_step
     alloc, reserved = peak_gib(device)
     mfu = flops / (s * PEAK_TFLOPS * 1e12) if s and device.type == "cuda" else None
     return Row(config, shape.label, n, s, alloc, reserved, mfu, device_name(device), note, times, extra or {})
@@ -189,7 +202,7 @@ def make_row(
 
 def failed_row(config: str, cfg: dict[str, Any], shape: Shape, device: torch.device, err: BaseException) -> Row:
     """A row for a configuration that did not run (out of memory, say), with the reason."""
-    n = tokens(shape.frames, shape.height, shape.width, tuple(cfg["patch_size"]))
+    n = tokens(shape.frames, shape.height, shape.width, tuple(cfg["patch_size"]), variant_of(cfg).spatial_factor)
     alloc, reserved = peak_gib(device)
     reason = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}" if str(err) else type(err).__name__
     return Row(config, shape.label, n, None, alloc, reserved, None, device_name(device), reason)

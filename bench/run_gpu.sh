@@ -3,7 +3,7 @@
 #
 #   bench/run_gpu.sh [ITEM ...]
 # ITEM is a bench/train_step.py configuration (`python -m bench.train_step --list`),
-# naive:FRAMES:HEIGHT:WIDTH for the hand-wired diffusers+peft baseline, peer:FRAMES:HEIGHT:WIDTH for
+# naive:FRAMES:HEIGHT:WIDTH[:VARIANT] for the hand-wired diffusers+peft baseline (VARIANT: i2v-a14b, ti2v-5b), peer:FRAMES:HEIGHT:WIDTH for
 # DiffSynth-Studio's Wan model (bench/peer_diffsynth.py), `smoke` (bench/gpu_smoke.py) or `fp8attn`
 # (bench/fp8_attention.py, kernel-level FP8 attention numerics and speed); append +profile to also
 # write a torch.profiler summary of one step, and @SECONDS to give it its own time limit (default
@@ -44,9 +44,9 @@ for spec in "${ITEMS[@]}"; do
     cmd=("$PY" -m bench.peer_diffsynth --frames "$f" --height "$h" --width "$w" --out "$OUT" "${extra[@]}" "${BENCH_ARGS[@]}")
     log="$OUT/log_peer_${f}f_${w}x${h}.txt"
   elif [[ $name == naive:* ]]; then
-    IFS=: read -r _ f h w <<<"$name"
-    cmd=("$PY" -m bench.baseline_naive --frames "$f" --height "$h" --width "$w" --out "$OUT" "${extra[@]}" "${BENCH_ARGS[@]}")
-    log="$OUT/log_naive_${f}f_${w}x${h}.txt"
+    IFS=: read -r _ f h w v <<<"$name"
+    cmd=("$PY" -m bench.baseline_naive --frames "$f" --height "$h" --width "$w" --variant "${v:-t2v-a14b}" --out "$OUT" "${extra[@]}" "${BENCH_ARGS[@]}")
+    log="$OUT/log_naive_${f}f_${w}x${h}${v:+_$v}.txt"
   else
     cmd=("$PY" -m bench.train_step "$name" --out "$OUT" "${extra[@]}" "${BENCH_ARGS[@]}")
     log="$OUT/log_${name}.txt"

@@ -25,7 +25,7 @@ import torch
 
 from bench.common import (
     Shape, append_row, common_args, device_and_dtype, failed_row, geometry, make_row,
-    random_batch, reset_peak, step_counts, sync, time_steps, write_profile,
+    random_batch, reset_peak, step_counts, sync, time_steps, variant_of, write_profile,
 )
 from wanlora.config import parse_params
 from wanlora.models.accel import AccelSettings, apply_accel, park_frozen
@@ -56,6 +56,8 @@ class BenchConfig:
     activation_offloading: bool = False
     lora: str = "masters"  # `lora_variant`: the product's float32 masters, or bf16 / peft_fp32 to compare
     attention_backend: str = "auto"
+    variant: str = "t2v-a14b"  # i2v-a14b: 36 input channels; ti2v-5b: the one 5B transformer ("main")
+    i2v_5b: bool = False  # TI2V 5B trained image-to-video (first latent frame clean, out of the loss)
     warmup: int | None = None
     steps: int | None = None
     note: str = ""
@@ -64,6 +66,7 @@ class BenchConfig:
 S33 = Shape(33, 512, 512)
 S81 = Shape(81, 480, 832)
 S81_1024 = Shape(81, 1024, 1024)
+S121_720P = Shape(121, 704, 1280)  # TI2V 5B's own size: 27,280 tokens through its 16x VAE
 
 CONFIGS: dict[str, BenchConfig] = {
     # the naive baseline's setting with our step and levers: one expert, apples to apples
@@ -115,6 +118,16 @@ CONFIGS: dict[str, BenchConfig] = {
     "81f_1024_float8_sel_offload": BenchConfig(S81_1024, experts=("high",), quant="float8", optimizer="adamw",
                                                activation_offloading=True, warmup=1, steps=2,
                                                note="selective ckpt, activations in host memory"),
+    # issue 20, part 4: the other variants (naive baseline: bench/baseline_naive.py --variant)
+    "33f_i2v_bf16_1expert_adamw": BenchConfig(S33, experts=("high",), optimizer="adamw", variant="i2v-a14b"),
+    "33f_i2v_bf16_both_sw1_adamw": BenchConfig(S33, optimizer="adamw", variant="i2v-a14b",
+                                               note="both resident, switch_every 1"),
+    "81f_i2v_fp8mm_1expert_adamw": BenchConfig(S81, experts=("high",), quant="float8", fp8_matmul=True,
+                                               optimizer="adamw", variant="i2v-a14b", warmup=2, steps=3),
+    "121f_5b_bf16_adamw": BenchConfig(S121_720P, experts=("main",), optimizer="adamw", variant="ti2v-5b",
+                                      warmup=2, steps=3, note="TI2V 5B text-to-video, a timestep per token"),
+    "121f_5b_bf16_adamw_i2v": BenchConfig(S121_720P, experts=("main",), optimizer="adamw", variant="ti2v-5b",
+                                          i2v_5b=True, warmup=2, steps=3, note="TI2V 5B image-to-video: first latent frame clean"),
 }
 
 
@@ -144,26 +157,32 @@ def lora_variant(model: torch.nn.Module, params: list[torch.nn.Parameter], mode:
 
 
 def _batch(cfg: dict, shape: Shape, expert: str, step: int, device: torch.device, dtype: torch.dtype,
-           clean: dict[str, torch.Tensor]) -> StepBatch:
-    """Fresh noise and an in-band timestep each step, drawn on the device (no host round trip)."""
+           clean: dict[str, torch.Tensor], i2v_5b: bool = False) -> StepBatch:
+    """Fresh noise and an in-band timestep each step, drawn on the device (no host round trip).
+    I2V A14B's condition channels come with `clean`; TI2V 5B gets a timestep per token
+    (`clean_first`: its image-to-video mode when `i2v_5b`)."""
     g = torch.Generator(device=device).manual_seed(1000 + step)
     lo, hi = expert_band(expert, BOUNDARY)  # type: ignore[arg-type]
     t = lo + (hi - lo) * torch.rand(1, device=device, generator=g)
     noise = torch.randn(clean["latent"].shape, device=device, dtype=dtype, generator=g)
-    return StepBatch(latents=clean["latent"], noise=noise, timesteps=t, embeds=clean["text"])
+    first = torch.tensor([i2v_5b], device=device) if variant_of(cfg).expand_timesteps else None
+    return StepBatch(latents=clean["latent"], noise=noise, timesteps=t, embeds=clean["text"],
+                     condition=clean.get("condition"), clean_first=first)
 
 
 def build(name: str, bc: BenchConfig, tiny: bool):
     """Experts with LoRA and levers, their optimizers, schedule and placer; and the step function."""
-    cfg = geometry(tiny)
+    cfg = geometry(tiny, bc.variant)
     device, dtype = device_and_dtype(tiny)
+    multistage = {} if bc.experts == ("main",) else {  # TI2V 5B: one transformer, no multistage keys
+        "train_high_noise": "high" in bc.experts, "train_low_noise": "low" in bc.experts,
+        "switch_every": bc.switch_every}
     params = parse_params({
         "model": {"low_vram": bc.low_vram, "compile": bc.compile and device.type == "cuda",
                   "activation_offloading": bc.activation_offloading},
         "quantization": {"transformer": bc.quant, "fp8_matmul": bc.fp8_matmul},
         "train": {"optimizer": bc.optimizer},
-        "multistage": {"train_high_noise": "high" in bc.experts, "train_low_noise": "low" in bc.experts,
-                       "switch_every": bc.switch_every},
+        "multistage": multistage,
     })
     settings = AccelSettings(checkpointing=bc.checkpointing, compile=params.model.compile,  # type: ignore[arg-type]
                              activation_offloading=params.model.activation_offloading,
@@ -194,7 +213,8 @@ def build(name: str, bc: BenchConfig, tiny: bool):
     def step(i: int) -> None:
         e = schedule.next_expert(gen)
         model = placer.activate(e)
-        out = training_step(model, _batch(cfg, bc.shape, e, i, device, dtype, clean), dtype=dtype)
+        out = training_step(model, _batch(cfg, bc.shape, e, i, device, dtype, clean, bc.i2v_5b),
+                            dtype=dtype)
         losses.append(out.total)  # a non-finite loss skips backward: such a step times a forward only
         schedule.record(1)
         if max_norm > 0:
@@ -208,7 +228,7 @@ def build(name: str, bc: BenchConfig, tiny: bool):
 
 
 def run(name: str, bc: BenchConfig, args) -> None:
-    cfg = geometry(args.tiny)
+    cfg = geometry(args.tiny, bc.variant)
     device, _ = device_and_dtype(args.tiny)
     shape = bc.shape if not args.tiny else Shape(5, 32, 32)
     bc = replace(bc, shape=shape)
