@@ -82,11 +82,17 @@ def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return dot / (na * nb) if na > 0 and nb > 0 else float("nan")
 
 
-def run(kind: str, steps: int, tiny: bool) -> list[dict]:
+def run(kind: str, steps: int, tiny: bool, peak: float = 1.0, against: str = "fp8") -> list[dict]:
+    """`steps` steps on `kind` inputs; `peak` scales every block's q and k norm weights by its
+    square root (attention logits x peak: softmax concentrated as in trained models); `against`:
+    fp8, or bf16 to measure the floor (the same bf16 step twice)."""
     cfg = geometry(tiny)
     device, dtype = torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.bfloat16
     params = parse_params({"train": {"optimizer": "adamw"}})
     model = build_transformer(cfg, dtype, device)
+    for b in model.blocks:
+        for norm in (b.attn1.norm_q, b.attn1.norm_k):
+            norm.weight.data *= peak**0.5
     lora = add_lora(model, params.network)
     apply_accel(model, AccelSettings(checkpointing="selective", compile=False))
     model.train()
@@ -94,7 +100,7 @@ def run(kind: str, steps: int, tiny: bool) -> list[dict]:
     ids = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     block_of = [int(ids[id(p)].split("blocks.")[1].split(".")[0]) for p in lora]
     bf16_procs = {i: b.attn1.processor for i, b in enumerate(model.blocks)}
-    fp8_procs = {i: Fp8SelfAttention(fa.fresh_state(device)) for i in bf16_procs}
+    fp8_procs = {i: Fp8SelfAttention(fa.fresh_state(device)) for i in bf16_procs} if against == "fp8" else bf16_procs
     clean = random_batch(cfg, Shape(33, 512, 512) if not tiny else Shape(5, 32, 32), device, dtype)
     lo, hi = expert_band("high", 0.875)
     rows = []
@@ -114,7 +120,7 @@ def run(kind: str, steps: int, tiny: bool) -> list[dict]:
         for start in range(0, len(model.blocks), GROUP):
             pick = [k for k, blk in enumerate(block_of) if start <= blk < start + GROUP]
             groups[f"blocks {start}-{start + GROUP - 1}"] = cosine([gb[k] for k in pick], [gf[k] for k in pick])
-        row = {"input": kind, "step": step, "loss_bf16": lb, "loss_fp8": lf, "rel_loss": abs(lf - lb) / abs(lb),
+        row = {"input": kind if peak == 1 and against == "fp8" else f"{kind}, logits x{peak:g}, {against}", "step": step, "loss_bf16": lb, "loss_fp8": lf, "rel_loss": abs(lf - lb) / abs(lb),
                "cos_all": cosine(gb, gf), "cos_groups": groups}
         print("CHECK " + json.dumps(row), flush=True)
         rows.append(row)
@@ -145,15 +151,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--inputs", nargs="+", default=["random", "smooth"])
+    p.add_argument("--peak", type=float, default=1.0, help="attention logits x this (q, k norm weights x its root)")
+    p.add_argument("--against", choices=["fp8", "bf16"], default="fp8", help="bf16: the floor, bf16 twice")
     p.add_argument("--tiny", action="store_true", help="two-layer model (still needs a Hopper GPU)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
     args = p.parse_args()
     fa.check_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for kind in args.inputs:
-        rows += run(kind, args.steps, args.tiny)
+        rows += run(kind, args.steps, args.tiny, args.peak, args.against)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fp8_e2e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (args.out / f"fp8_e2e_{args.against}_x{args.peak:g}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     print(summary(rows))
 
 
