@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from wanlora.io import atomic_write_text
+from wanlora.models.condition import condition_input
 from wanlora.models.geometry import CONFIGS, TINY_CONFIGS, latent_shape, tokens, train_flops
 from wanlora.models.variant import VARIANTS, Variant
 
@@ -87,8 +88,6 @@ def random_batch(
     text[:, :text_tokens] = torch.randn(1, text_tokens, config["text_dim"], generator=g)
     batch = {"latent": latent.to(device, dtype), "text": text.to(device, dtype)}
     if v.condition_channels:  # I2V A14B: frame mask and the start image's latent, as the latent cache holds them
-        from wanlora.models.condition import condition_input
-
         batch["condition"] = condition_input(torch.randn(c, f, h, w, generator=g))[None].to(device, dtype)
     return batch
 

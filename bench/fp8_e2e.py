@@ -68,6 +68,7 @@ def smooth_latent(like: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def lora_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The LoRA gradients in float32, taken off the parameters so the next run starts from none."""
     out = [p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
            for p in params]
     for p in params:
@@ -76,6 +77,7 @@ def lora_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
 
 
 def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Cosine similarity of two gradient lists taken as one flat vector each (NaN if either is zero)."""
     dot = sum(float((x * y).sum()) for x, y in zip(a, b))
     na = sum(float(x.pow(2).sum()) for x in a) ** 0.5
     nb = sum(float(y.pow(2).sum()) for y in b) ** 0.5
@@ -120,7 +122,8 @@ def run(kind: str, steps: int, tiny: bool, peak: float = 1.0, against: str = "fp
         for start in range(0, len(model.blocks), GROUP):
             pick = [k for k, blk in enumerate(block_of) if start <= blk < start + GROUP]
             groups[f"blocks {start}-{start + GROUP - 1}"] = cosine([gb[k] for k in pick], [gf[k] for k in pick])
-        row = {"input": kind if peak == 1 and against == "fp8" else f"{kind}, logits x{peak:g}, {against}", "step": step, "loss_bf16": lb, "loss_fp8": lf, "rel_loss": abs(lf - lb) / abs(lb),
+        label = kind if peak == 1 and against == "fp8" else f"{kind}, logits x{peak:g}, {against}"
+        row = {"input": label, "step": step, "loss_bf16": lb, "loss_fp8": lf, "rel_loss": abs(lf - lb) / abs(lb),
                "cos_all": cosine(gb, gf), "cos_groups": groups}
         print("CHECK " + json.dumps(row), flush=True)
         rows.append(row)
@@ -142,8 +145,9 @@ def summary(rows: list[dict]) -> str:
         rel = [r["rel_loss"] for r in rs]
         cos = [r["cos_all"] for r in rs]
         worst = min(((g, c) for r in rs for g, c in r["cos_groups"].items()), key=lambda x: x[1])
-        lines.append(f"| {kind} | {len(rs)} (of {len(rs) + 1}) | {100 * statistics.median(rel):.2f}% / "
-                     f"{100 * max(rel):.2f}% | {statistics.median(cos):.4f} / {min(cos):.4f} | {worst[0]}: {worst[1]:.4f} |")
+        lines.append(f"| {kind} | {len(rs)} (of {len(rs) + 1}) | {100 * statistics.median(rel):.4f}% / "
+                     f"{100 * max(rel):.4f}% | {statistics.median(cos):.6f} / {min(cos):.6f} | "
+                     f"{worst[0]}: {worst[1]:.6f} |")
     return "\n".join(lines)
 
 
