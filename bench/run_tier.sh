@@ -14,7 +14,8 @@
 # 3. `dvc repro` with every stage capped at VRAM GiB of GPU memory and measured (bench/tier/sitecustomize.py:
 #    wall, peak GPU allocated/reserved, peak RSS), nvidia-smi sampling the card's memory twice a second.
 #
-# Results: $TIER_OUT (default /root/tier_out; the last lines of the log and the stage table are printed).
+# Results: $TIER_OUT (default /root/tier_out; the last lines of the log, the stage table and the preview
+# cost at the recipe's own cadence are printed).
 # A CPU dry run of the whole script on the tiny model (no GPU): TIER_TINY=1 PY=python bash bench/run_tier.sh.
 set -u
 source "$(dirname "$0")/gpu_env.sh" >/dev/null
@@ -95,6 +96,7 @@ rc=${PIPESTATUS[0]}
 echo "REPRO rc=$rc in $(( $(date +%s) - t0 )) s ($(stamp))"
 [ -n "$smi" ] && kill "$smi"
 cp params.yaml dvc.lock "$TIER_OUT/" 2>/dev/null
+cp data/train_perf/summary.json data/train_perf/previews.json "$TIER_OUT/" 2>/dev/null  # step and preview times
 ls -la data/exports "$TIER_OUT" 2>/dev/null | head -20
-"$PY" "$REPO/bench/tier/table.py" "$TIER_OUT"
+"$PY" "$REPO/bench/tier/table.py" "$TIER_OUT" "$VRAM"
 exit "$rc"
