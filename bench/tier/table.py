@@ -3,8 +3,8 @@ stages.jsonl and, on a GPU, smi.csv: the card's memory in use, sampled every 0.5
 previews cost (DIR's summary.json and previews.json, the train stage's measurements).
 
 Why the preview share is computed, not timed: the shortened run previews once in 20 steps; the
-character recipe of the VRAM tier previews at every save (`save.every` steps), so its share is one
-preview's seconds over that many steps at the run's median step time plus the preview.
+character recipe of the VRAM tier previews every `Params.preview_every` steps (at every save), so its
+share is one preview's seconds over that many steps at the run's median step time plus the preview.
 """
 
 import json
@@ -41,11 +41,11 @@ def preview_share(folder: Path, vram: int) -> None:
     """Each preview's time and moves, and the share of run time at the recipe's own cadence."""
     step_s = json.loads((folder / "summary.json").read_text())["step_time_s"]
     previews = json.loads((folder / "previews.json").read_text())
-    every = make_params("character", vram).save.every  # type: ignore[arg-type]
+    every = make_params("character", vram).preview_every  # type: ignore[arg-type]
     for p in previews:
         share = p["seconds"] / (every * step_s + p["seconds"])
         print(f"preview at step {p['step']}: {p['seconds']:.1f} s ({p['switches']} expert moves); "
-              f"median step {step_s:.2f} s; one preview per {every} steps (the recipe's save.every) "
+              f"median step {step_s:.2f} s; one preview per {every} steps (the recipe's cadence) "
               f"is {100 * share:.2f}% of run time")
 
 

@@ -632,6 +632,11 @@ class Params(Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
+    @property
+    def preview_every(self) -> int:
+        """Steps between training previews: `sample.preview_every`, 0 meaning at every save."""
+        return self.sample.preview_every or self.save.every
+
     @field_validator("datasets")
     @classmethod
     def _some_dataset(cls, v: dict[str, DatasetConfig]) -> dict[str, DatasetConfig]:

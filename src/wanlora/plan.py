@@ -279,7 +279,7 @@ def _previews(params: Params, result: PlanResult, config: dict[str, Any], weight
     both = len(variant.experts) == 1 or (ms.train_high_noise and ms.train_low_noise)  # TI2V 5B: its one
     if not (s.preview and s.prompts and both):
         return None
-    every = s.preview_every or params.save.every
+    every = params.preview_every
     count = tr.steps // every + (1 if tr.steps % every else 0)
     fetch = weights_gib * FETCH_S_PER_GIB if result.resident == "one" else 0.0
     each = preview_seconds(params, config, result.compiled, fetch, variant)

@@ -64,8 +64,7 @@ def preview_config(params: Params) -> SampleConfig:
 
 def preview_due(params: Params, previous: int, step: int) -> bool:
     """Whether the optimizer step that went from `previous` to `step` ends at a preview."""
-    s = params.sample
-    every = s.preview_every or params.save.every
+    s, every = params.sample, params.preview_every
     return s.preview and bool(s.prompts) and (step // every > previous // every or step >= params.train.steps)
 
 
